@@ -1,0 +1,19 @@
+"""fastdrag: DragDiffusion point-based image editing on Stable Diffusion 1.x, fast and deployable."""
+from . import _quiet  # noqa: F401  (first: silences xformers at import)
+from .config import DenoiseConfig, DragConfig, EditConfig, InversionConfig, LoraConfig
+from .errors import ConfigError, FastDragError, InputError, ModelLoadError, OutputExistsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DragEditor", "EditResult", "EditConfig", "LoraConfig", "InversionConfig", "DragConfig", "DenoiseConfig",
+    "FastDragError", "InputError", "ModelLoadError", "OutputExistsError", "ConfigError",
+]
+
+
+def __getattr__(name):
+    # The editor pulls in torch/diffusers; import it on first use so `fastdrag --help` stays fast.
+    if name in ("DragEditor", "EditResult"):
+        from . import editor
+        return getattr(editor, name)
+    raise AttributeError(name)

@@ -1,0 +1,42 @@
+"""Atomic file writes: a temporary file in the destination folder, then a rename."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+from .errors import OutputExistsError
+
+
+def check_writable(path: Union[str, Path], overwrite: bool) -> Path:
+    """Refuse an existing output unless `overwrite`; create the parent folder."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_image(image, path: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write a PIL image atomically, refusing to replace an existing file unless `overwrite`."""
+    path = check_writable(path, overwrite)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+    return path

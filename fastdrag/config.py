@@ -1,0 +1,126 @@
+"""Dataclass configs for the four stages, holding the published DragDiffusion defaults."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Stage 1: identity-preserving LoRA fine-tuning of the UNet on the input image."""
+
+    lora_rank: int = 16
+    lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_lr: float = 5e-4
+    lora_steps: int = 80
+    lora_batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Stage 2: DDIM inversion; the schedule is shared with the drag and denoising stages."""
+
+    num_inference_steps: int = 50
+    inversion_strength: float = 0.7
+    guidance_scale: float = 1.0
+
+    @property
+    def num_inversion_steps(self) -> int:
+        """Steps walked by inversion and by denoising (35 at the defaults)."""
+        return int(round(self.num_inference_steps * self.inversion_strength))
+
+
+@dataclass(frozen=True)
+class DragConfig:
+    """Stage 3: latent optimisation by motion supervision and point tracking."""
+
+    feature_block: int = 2          # index into unet.up_blocks whose output is the feature map
+    sup_res: Optional[Tuple[int, int]] = None  # (h, w); None = half the working image size
+    r_m: int = 1
+    r_p: int = 3
+    drag_lr: float = 0.01
+    drag_steps: int = 80
+    lam: float = 0.1
+    reach_distance: float = 2.0
+    mixed_precision: bool = True    # autocast in the UNet dtype on CUDA (fp32 on the CPU)
+
+
+@dataclass(frozen=True)
+class DenoiseConfig:
+    """Stage 4: reference-controlled denoising (self-attention K/V swap)."""
+
+    start_step: int = 0     # first denoising step with the K/V swap
+    start_layer: int = 10   # first transformer block (forward order) with the K/V swap
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Everything one edit uses; `replace(**overrides)` takes any stage field by name."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    drag: DragConfig = field(default_factory=DragConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
+    seed: int = 42
+    size: Optional[Tuple[int, int]] = None  # working (width, height); None = rounded to 64
+
+    STAGES = ("lora", "inversion", "drag", "denoise")
+
+    def replace(self, **overrides: Any) -> "EditConfig":
+        """A copy with fields replaced; names are stage fields (e.g. `drag_steps`) or top-level."""
+        stage_changes: dict = {name: {} for name in self.STAGES}
+        top: dict = {}
+        for key, value in overrides.items():
+            owner = stage_of_field(key)
+            if owner is None:
+                raise ConfigError(f"unknown edit option {key!r}; known: {', '.join(sorted(field_names()))}")
+            if owner == "":
+                top[key] = value
+            else:
+                stage_changes[owner][key] = value
+        for name, changes in stage_changes.items():
+            if changes:
+                top[name] = dataclasses.replace(getattr(self, name), **changes)
+        result = dataclasses.replace(self, **top)
+        result.validate()
+        return result
+
+    def validate(self) -> None:
+        """Raise ConfigError for values the method cannot run with."""
+        checks = [
+            (self.lora.lora_rank >= 1, "lora_rank must be >= 1"),
+            (self.lora.lora_steps >= 0, "lora_steps must be >= 0"),
+            (self.lora.lora_batch_size >= 1, "lora_batch_size must be >= 1"),
+            (self.inversion.num_inference_steps >= 1, "num_inference_steps must be >= 1"),
+            (0.0 < self.inversion.inversion_strength <= 1.0, "inversion_strength must be in (0, 1]"),
+            (self.inversion.num_inversion_steps >= 1, "inversion_strength * num_inference_steps must give at least one step"),
+            (self.drag.r_m >= 0 and self.drag.r_p >= 0, "r_m and r_p must be >= 0"),
+            (self.drag.drag_steps >= 0, "drag_steps must be >= 0"),
+            (self.denoise.start_step >= 0, "start_step must be >= 0"),
+            (self.denoise.start_layer >= 0, "start_layer must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.size is not None and (len(self.size) != 2 or any(int(s) < 64 or int(s) % 8 for s in self.size)):
+            raise ConfigError(f"size must be (width, height), each a multiple of 8 and >= 64; got {self.size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_names() -> dict:
+    """Map every overridable field name to its stage ('' for top-level fields)."""
+    names = {f.name: "" for f in dataclasses.fields(EditConfig) if f.name not in EditConfig.STAGES}
+    for stage in EditConfig.STAGES:
+        stage_type = {f.name: f for f in dataclasses.fields(EditConfig)}[stage].default_factory
+        for f in dataclasses.fields(stage_type):
+            names[f.name] = stage
+    return names
+
+
+def stage_of_field(name: str) -> Optional[str]:
+    return field_names().get(name)

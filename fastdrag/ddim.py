@@ -1,0 +1,75 @@
+"""DDIM schedule arithmetic shared by inversion, the drag loop and denoising (DESIGN.md stage 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from diffusers import DDIMScheduler
+
+
+@dataclass(frozen=True)
+class DdimSchedule:
+    """The fixed timesteps of an edit and the alphas each DDIM step needs.
+
+    `timesteps` are in sampling order (981, 961, ..., 1 for 50 steps); the edit inverts to
+    `drag_timestep = timesteps[num_inference_steps - num_inversion_steps]` and denoises from there.
+    """
+
+    timesteps: List[int]
+    step_size: int
+    alphas_cumprod: torch.Tensor   # (1000,) float64 on the CPU
+    final_alpha_cumprod: float
+    num_inversion_steps: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_inference_steps: int, num_inversion_steps: int) -> "DdimSchedule":
+        scheduler.set_timesteps(num_inference_steps)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        return cls(
+            timesteps=timesteps,
+            step_size=scheduler.config.num_train_timesteps // num_inference_steps,
+            alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64).cpu(),
+            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            num_inversion_steps=min(num_inversion_steps, num_inference_steps),
+        )
+
+    @property
+    def drag_timestep(self) -> int:
+        return self.timesteps[len(self.timesteps) - self.num_inversion_steps]
+
+    @property
+    def denoise_timesteps(self) -> List[int]:
+        """Sampling-order timesteps from the drag timestep down (35 at the defaults)."""
+        return self.timesteps[len(self.timesteps) - self.num_inversion_steps:]
+
+    @property
+    def inversion_timesteps(self) -> List[int]:
+        """Timesteps inversion predicts at, in order (1, 21, ..., 681 at the defaults)."""
+        return list(reversed(self.denoise_timesteps))
+
+    def alpha(self, t: int) -> float:
+        """alphas_cumprod[t], or the final alpha for a negative t."""
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+    def step_coefficients(self, t: int) -> tuple:
+        """(alpha at t, alpha at t - step_size): what a DDIM step between them needs."""
+        return self.alpha(t), self.alpha(t - self.step_size)
+
+
+def ddim_move(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+    """Deterministic DDIM map of `x` (at `alpha_from`) to `alpha_to`, given the predicted noise."""
+    x0 = (x - (1.0 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5
+    return alpha_to ** 0.5 * x0 + (1.0 - alpha_to) ** 0.5 * eps
+
+
+def ddim_step(schedule: DdimSchedule, x: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """One denoising step from t to t - step_size."""
+    a_t, a_prev = schedule.step_coefficients(t)
+    return ddim_move(x, eps, a_t, a_prev)
+
+
+def ddim_inversion_step(schedule: DdimSchedule, x: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """One inversion step from t - step_size up to t (eps predicted at t on the current latent)."""
+    a_t, a_prev = schedule.step_coefficients(t)
+    return ddim_move(x, eps, a_prev, a_t)

@@ -1,0 +1,192 @@
+"""DragEditor: models loaded once, edits run through the four stages on demand."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from PIL import Image
+
+from .attention import self_attention_processor_names
+from .config import EditConfig
+from .ddim import DdimSchedule
+from .denoise import denoise_pair
+from .denoiser import TorchDenoiser
+from .drag import drag
+from .errors import InputError
+from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
+from .inversion import invert
+from .lora import LoraCache, install_adapter, load_adapter_state, adapter_state, lora_key, train_lora
+from .models import Components, load_components
+from .vae import decode, encode_posterior, encode_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditResult:
+    """What an edit returns: the edited image, where the handles ended up, and how long each stage took."""
+
+    image: Image.Image
+    handles: List[Tuple[float, float]]   # final handle positions, image (x, y) pixels
+    targets: List[Tuple[float, float]]
+    timings: Dict[str, float]            # seconds per stage
+    config: EditConfig
+    drag_steps: int = 0
+    lora_cached: bool = False
+    lora_key: str = ""
+
+
+@dataclass
+class PreparedImage:
+    """What an edit derives from the image and prompt before the drag: reusable across drags."""
+
+    inputs: EditInputs
+    text_embeddings: torch.Tensor
+    posterior: object
+    lora_key: str
+    lora_cached: bool
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _parse_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+class DragEditor:
+    """Holds a model warm and runs DragDiffusion edits with it."""
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
+                 config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
+                 progress: bool = True):
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.config = config or EditConfig()
+        self.cache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
+        self.progress = progress
+        self.denoiser = TorchDenoiser(components.unet)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
+                        dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
+                        cache_dir: Optional[Union[str, Path]] = None, progress: bool = True) -> "DragEditor":
+        """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _parse_dtype(dtype, device)
+        if device.type == "cpu" and dtype != torch.float32:
+            raise InputError("half precision runs on CUDA only; use dtype float32 on the CPU")
+        components = load_components(name_or_path, device=device, dtype=dtype)
+        return cls(components, device, dtype, config=config, cache_dir=cache_dir, progress=progress)
+
+    def _schedule(self, config: EditConfig) -> DdimSchedule:
+        inv = config.inversion
+        return DdimSchedule.from_scheduler(self.components.scheduler, inv.num_inference_steps, inv.num_inversion_steps)
+
+    def _timed(self, timings: Dict[str, float], name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        _synchronize(self.device)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+    def prepare(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
+                config: Optional[EditConfig] = None) -> PreparedImage:
+        """Validate inputs, encode prompt and image, and train or load the image's LoRA."""
+        config = config or self.config
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string; got {type(prompt).__name__}")
+        if not prompt.strip():
+            logger.info("empty prompt: the edit is conditioned on the empty text")
+        sup_res = config.drag.sup_res
+        inputs = prepare_inputs(image, points, mask, config.size, sup_res)
+        self._check_sizes(inputs, config)
+        c = self.components
+        timings: Dict[str, float] = {}
+        text = self._timed(timings, "text", encode_prompt, c.tokenizer, c.text_encoder, prompt)
+        posterior = self._timed(timings, "vae_encode", encode_posterior, c.vae, inputs.image)
+        key, cached = self._timed(timings, "lora", self._lora, inputs.image, prompt, text, posterior, config)
+        return PreparedImage(inputs, text, posterior, key, cached, timings)
+
+    def _check_sizes(self, inputs: EditInputs, config: EditConfig) -> None:
+        width, height = inputs.working_size
+        scale = self.components.vae_scale
+        down = 2 ** (len(self.components.unet.config.block_out_channels) - 1)
+        if width % (scale * down) or height % (scale * down):
+            raise InputError(f"working size {width}x{height} must be a multiple of {scale * down} for this model")
+        self_attention_processor_names(self.components.unet, config.denoise.start_layer)
+
+    def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
+        c = self.components
+        key = lora_key(c.identity, image, prompt, config.lora, config.seed)
+        state = self.cache.load(key)
+        if state is not None:
+            install_adapter(c.unet, config.lora, config.seed)
+            load_adapter_state(c.unet, state)
+            logger.info("LoRA loaded from the cache (%s)", self.cache.path(key))
+            return key, True
+        losses = train_lora(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
+                            progress=self.progress)
+        self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
+                                                     "final_loss": f"{losses[-1]:.6f}" if losses else ""})
+        return key, False
+
+    def train_lora(self, image: ImageLike, prompt: str, **overrides) -> Tuple[str, bool]:
+        """Train (or find in the cache) the LoRA of an image; returns (key, was cached)."""
+        config = self.config.replace(**overrides)
+        picture = load_image(image)
+        size = working_size(picture.size, config.size)
+        if size != picture.size:
+            picture = picture.resize(size, Image.BICUBIC)
+        c = self.components
+        text = encode_prompt(c.tokenizer, c.text_encoder, prompt)
+        posterior = encode_posterior(c.vae, picture)
+        return self._lora(picture, prompt, text, posterior, config)
+
+    def edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
+             **overrides) -> EditResult:
+        """Move the content under each handle to its target; points are `[((hx, hy), (tx, ty)), ...]`."""
+        config = self.config.replace(**overrides)
+        total_start = time.perf_counter()
+        prepared = self.prepare(image, prompt, points, mask, config)
+        inputs, timings = prepared.inputs, dict(prepared.timings)
+        c = self.components
+        schedule = self._schedule(config)
+        latents = (prepared.posterior.mean * c.scaling_factor).float()
+        z_t = self._timed(timings, "inversion", invert, self.denoiser, latents, prepared.text_embeddings, schedule,
+                          progress=self.progress)
+        result = self._timed(timings, "drag", drag, c.unet, z_t, schedule.drag_timestep, prepared.text_embeddings,
+                             inputs.handles, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
+                             progress=self.progress)
+        pair = self._timed(timings, "denoise", denoise_pair, self.denoiser, z_t, result.latent,
+                           prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
+        edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor)
+        if edited.size != inputs.original_size:
+            edited = edited.resize(inputs.original_size, Image.BICUBIC)
+        timings["total"] = time.perf_counter() - total_start
+        return EditResult(
+            image=edited,
+            handles=sup_to_image(result.handles.cpu(), inputs.sup_res, inputs.original_size),
+            targets=sup_to_image(inputs.targets, inputs.sup_res, inputs.original_size),
+            timings=timings,
+            config=config,
+            drag_steps=result.steps,
+            lora_cached=prepared.lora_cached,
+            lora_key=prepared.lora_key,
+        )

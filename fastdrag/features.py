@@ -1,0 +1,27 @@
+"""UNet features for the drag loop, captured by a forward hook on one up block."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List
+
+import torch
+
+
+@contextlib.contextmanager
+def capture_up_block(unet: torch.nn.Module, index: int) -> Iterator[List[torch.Tensor]]:
+    """Collect the output of `unet.up_blocks[index]` of every forward inside the block."""
+    if not 0 <= index < len(unet.up_blocks):
+        raise IndexError(f"feature_block {index} out of range: the UNet has {len(unet.up_blocks)} up blocks")
+    captured: List[torch.Tensor] = []
+    handle = unet.up_blocks[index].register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def unet_with_features(unet, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, block: int):
+    """(eps, features of up block `block`) from one UNet forward."""
+    with capture_up_block(unet, block) as captured:
+        eps = unet(latents, timestep, encoder_hidden_states=text_embeddings).sample
+    return eps, captured[-1]

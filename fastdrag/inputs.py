@@ -1,0 +1,160 @@
+"""Validate an edit's image, points and mask and bring them to the working size.
+
+Resize policy: the working size is the image size rounded to the nearest multiple of 64 (at
+least 64), or the `size` the caller gives; points and mask are scaled with the image, and the
+edited image is resized back to the input's size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray]
+Point = Tuple[float, float]
+Points = Sequence[Tuple[Point, Point]]
+
+
+@dataclass
+class EditInputs:
+    """An edit's inputs at working size; points in supervision `(row, col)` coordinates."""
+
+    image: Image.Image              # RGB at the working size
+    original_size: Tuple[int, int]  # (width, height) of the input
+    handles: torch.Tensor           # (N, 2) float
+    targets: torch.Tensor           # (N, 2) float
+    mask: Optional[torch.Tensor]    # (1, 1, H, W) float at working size, 1 = editable; None = no mask term
+    sup_res: Tuple[int, int]        # (h, w) of the supervision map
+
+    @property
+    def working_size(self) -> Tuple[int, int]:
+        return self.image.size
+
+
+def load_image(image: ImageLike, what: str = "image") -> Image.Image:
+    """An RGB PIL image from a path, a PIL image or an HxWx3 uint8 array."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"{what} array must be HxWx3; got shape {image.shape}")
+        return Image.fromarray(np.asarray(image, dtype=np.uint8))
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{what} file {path} is not a readable image: {exc}") from exc
+
+
+def working_size(size: Tuple[int, int], requested: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """(width, height) the model works at: `requested`, or each side rounded to a multiple of 64."""
+    if requested is not None:
+        return int(requested[0]), int(requested[1])
+    return tuple(max(64, 64 * int(round(side / 64))) for side in size)  # type: ignore[return-value]
+
+
+def parse_points(points: Points, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Handles and targets as (N, 2) arrays of image `(x, y)`, validated against the image size."""
+    width, height = size
+    if points is None or len(points) == 0:
+        raise InputError("no drag points given: pass at least one (handle, target) pair")
+    handles, targets = [], []
+    for index, pair in enumerate(points):
+        try:
+            handle, target = pair
+            handle = (float(handle[0]), float(handle[1]))
+            target = (float(target[0]), float(target[1]))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InputError(f"drag pair {index} is not a (handle, target) pair of (x, y) points: {pair!r}") from exc
+        for name, (x, y) in (("handle", handle), ("target", target)):
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise InputError(f"{name} of drag pair {index} is not finite: ({x}, {y})")
+            if not (0 <= x <= width - 1 and 0 <= y <= height - 1):
+                raise InputError(f"{name} ({x:g}, {y:g}) of drag pair {index} is outside the {width}x{height} image")
+        if handle == target:
+            raise InputError(f"drag pair {index} has its handle equal to its target ({handle[0]:g}, {handle[1]:g})")
+        handles.append(handle)
+        targets.append(target)
+    return np.array(handles, dtype=np.float64), np.array(targets, dtype=np.float64)
+
+
+def load_mask(mask: Optional[ImageLike], size: Tuple[int, int]) -> Optional[np.ndarray]:
+    """The editable-region mask as an HxW float array of 0/1, or None when there is none or it is empty."""
+    if mask is None:
+        return None
+    if isinstance(mask, (str, Path)):
+        path = Path(mask)
+        if not path.is_file():
+            raise InputError(f"mask file {path} does not exist")
+        try:
+            with Image.open(path) as opened:
+                array = np.asarray(opened.convert("L"), dtype=np.float64) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"mask file {path} is not a readable image: {exc}") from exc
+    elif isinstance(mask, Image.Image):
+        array = np.asarray(mask.convert("L"), dtype=np.float64) / 255.0
+    else:
+        array = np.asarray(mask, dtype=np.float64)
+        if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+            array = array[..., 0]
+        if array.max(initial=0) > 1:
+            array = array / 255.0
+    if array.ndim != 2 or (array.shape[1], array.shape[0]) != tuple(size):
+        shape = f"{array.shape[1]}x{array.shape[0]}" if array.ndim == 2 else str(array.shape)
+        raise InputError(f"mask size {shape} differs from the image size {size[0]}x{size[1]}")
+    binary = (array > 0.5).astype(np.float64)
+    if not binary.any():
+        logger.info("the mask is empty: no mask term (the whole image may change)")
+        return None
+    return binary
+
+
+def prepare_inputs(
+    image: ImageLike,
+    points: Points,
+    mask: Optional[ImageLike] = None,
+    size: Optional[Tuple[int, int]] = None,
+    sup_res: Optional[Tuple[int, int]] = None,
+) -> EditInputs:
+    """Validate everything an edit takes and convert it to the working size and supervision coordinates."""
+    picture = load_image(image)
+    original = picture.size
+    handles_xy, targets_xy = parse_points(points, original)
+    mask_array = load_mask(mask, original)
+    work_w, work_h = working_size(original, size)
+    if work_w % 8 or work_h % 8:
+        raise InputError(f"working size {work_w}x{work_h} is not a multiple of 8")
+    if (work_w, work_h) != original:
+        logger.info("working at %dx%d (input %dx%d); points and mask are scaled", work_w, work_h, *original)
+        picture = picture.resize((work_w, work_h), Image.BICUBIC)
+    sup_h, sup_w = sup_res if sup_res is not None else (work_h // 2, work_w // 2)
+
+    def to_sup(points_xy: np.ndarray) -> torch.Tensor:
+        rows = np.clip(np.round(points_xy[:, 1] * sup_h / original[1]), 0, sup_h - 1)
+        cols = np.clip(np.round(points_xy[:, 0] * sup_w / original[0]), 0, sup_w - 1)
+        return torch.tensor(np.stack([rows, cols], axis=1), dtype=torch.float32)
+
+    mask_tensor = None
+    if mask_array is not None:
+        resized = Image.fromarray((mask_array * 255).astype(np.uint8)).resize((work_w, work_h), Image.NEAREST)
+        mask_tensor = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)[None, None]
+    return EditInputs(picture, original, to_sup(handles_xy), to_sup(targets_xy), mask_tensor, (sup_h, sup_w))
+
+
+def sup_to_image(points: torch.Tensor, sup_res: Tuple[int, int], size: Tuple[int, int]) -> list:
+    """Supervision `(row, col)` points back to image `(x, y)` pixels of an image of `size`."""
+    scale_y, scale_x = size[1] / sup_res[0], size[0] / sup_res[1]
+    return [(float(col) * scale_x, float(row) * scale_y) for row, col in points.tolist()]

@@ -1,0 +1,172 @@
+"""Stage 1: identity-preserving LoRA fine-tuning of the UNet on the input image, and its cache."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path
+from .config import LoraConfig
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "fastdrag"
+
+
+def default_cache_dir() -> Path:
+    """`$FASTDRAG_CACHE/lora`, else `$XDG_CACHE_HOME/fastdrag/lora`, else `~/.cache/fastdrag/lora`."""
+    if os.environ.get("FASTDRAG_CACHE"):
+        return Path(os.environ["FASTDRAG_CACHE"]) / "lora"
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "fastdrag" / "lora"
+
+
+def lora_key(model_identity: str, image: Image.Image, prompt: str, config: LoraConfig, seed: int) -> str:
+    """Hash of everything that determines the trained adapter."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({
+        "model": model_identity,
+        "image_size": list(image.size),
+        "prompt": prompt,
+        "lora": dataclasses.asdict(config),
+        "seed": seed,
+    }, sort_keys=True).encode())
+    digest.update(np.asarray(image.convert("RGB")).tobytes())
+    return digest.hexdigest()[:32]
+
+
+class LoraCache:
+    """Trained adapters as `<dir>/<key>.safetensors`."""
+
+    def __init__(self, directory: Optional[Path] = None):
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def load(self, key: str) -> Optional[Dict[str, torch.Tensor]]:
+        path = self.path(key)
+        return load_file(str(path)) if path.is_file() else None
+
+    def save(self, key: str, state: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> Path:
+        path = self.path(key)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        return path
+
+
+def peft_config(config: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights=True,
+                          target_modules=list(config.lora_targets))
+
+
+def lora_layers(unet: torch.nn.Module) -> List[LoraLayer]:
+    return [module for module in unet.modules() if isinstance(module, LoraLayer) and ADAPTER in module.lora_A]
+
+
+def lora_parameters(unet: torch.nn.Module) -> List[torch.nn.Parameter]:
+    return [p for name, p in unet.named_parameters() if f".{ADAPTER}." in name and "lora_" in name]
+
+
+def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> None:
+    """Give the UNet a freshly initialised adapter (LoRA B = 0, so the model output is unchanged).
+
+    The adapter is added once and re-initialised for each image; it is rebuilt only when the
+    rank or targets change. LoRA weights are kept in fp32 (the master weights).
+    """
+    installed = getattr(unet, "_fastdrag_lora_config", None)
+    if installed is not None and (installed.lora_rank, installed.lora_targets) != (config.lora_rank, config.lora_targets):
+        unet.delete_adapters(ADAPTER)
+        installed = None
+    with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if installed is None:
+            unet.add_adapter(peft_config(config), adapter_name=ADAPTER)
+        else:
+            for layer in lora_layers(unet):
+                layer.reset_lora_parameters(ADAPTER, True)
+    for param in lora_parameters(unet):
+        param.data = param.data.float()
+    unet.requires_grad_(False)
+    unet._fastdrag_lora_config = config
+
+
+def adapter_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+
+
+def load_adapter_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    device = unet.device
+    result = set_peft_model_state_dict(unet, {k: v.to(device) for k, v in state.items()}, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"cached adapter does not fit this model: unexpected keys {unexpected[:3]}")
+
+
+def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              text_embeddings: torch.Tensor, scheduler) -> torch.Tensor:
+    """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
+    with torch.autocast(unet.device.type, dtype=unet.dtype, enabled=autocast):
+        prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
+    return F.mse_loss(prediction.float(), noise.float())
+
+
+def train_lora(
+    unet,
+    scheduler,
+    posterior,
+    text_embeddings: torch.Tensor,
+    scaling_factor: float,
+    config: LoraConfig,
+    seed: int,
+    progress: bool = True,
+) -> List[float]:
+    """Fine-tune a fresh adapter on one image; returns the loss of every step.
+
+    `posterior` is the VAE posterior of the image, computed once; each step samples it afresh
+    for the batch. Only the LoRA weights train.
+    """
+    install_adapter(unet, config, seed)
+    params = lora_parameters(unet)
+    for param in params:
+        param.requires_grad_(True)
+    device = unet.device
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=config.lora_lr, fused=fused or None, foreach=None if fused else True)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batch = config.lora_batch_size
+    mean, std = posterior.mean.float(), posterior.std.float()
+    text = text_embeddings.expand(batch, -1, -1)
+    losses = []
+    unet.train()
+    try:
+        for _ in tqdm(range(config.lora_steps), desc="LoRA", disable=not progress, leave=False):
+            sample = mean + std * torch.randn((batch, *mean.shape[1:]), generator=generator, device=device)
+            latents = sample * scaling_factor
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+            loss = lora_loss(unet, latents, noise, timesteps, text, scheduler)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+    finally:
+        unet.eval()
+        unet.requires_grad_(False)
+    return [float(v) for v in losses]

@@ -1,0 +1,219 @@
+"""Load the Stable Diffusion components: built-in tiny model, diffusers folder, single file, hub id."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .errors import ModelLoadError
+from .tokenizer_files import write_byte_tokenizer
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("tiny",)
+SD_SCALING_FACTOR = 0.18215
+
+
+@dataclass
+class Components:
+    """The pieces of an SD 1.x model that an edit needs, plus an identity string for caching."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    identity: str
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", SD_SCALING_FACTOR))
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: Union[str, torch.device], dtype: torch.dtype) -> "Components":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def ddim_scheduler() -> DDIMScheduler:
+    """The DDIM scheduler of DESIGN.md: SD 1.x betas, no clipping, final alpha not forced to one."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def tokenizer_folder() -> Path:
+    """Folder holding the built-in byte-level tokenizer files (written on first use)."""
+    folder = Path(os.environ.get("FASTDRAG_CACHE", Path.home() / ".cache" / "fastdrag")) / "tokenizer-bytes-v1"
+    if not (folder / "vocab.json").exists() or not (folder / "merges.txt").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="tok-", dir=folder.parent if folder.parent.exists() else None))
+        write_byte_tokenizer(tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process wrote it first
+            pass
+    return folder
+
+
+def build_tiny(seed: int = 0) -> Components:
+    """An SD-shaped model small enough to edit a 64x64 image on a CPU in seconds.
+
+    Same block arrangement as SD 1.x (3 cross-attention down blocks + 1 plain, 1 plain up block
+    + 3 cross-attention up blocks, 2 layers per block: 16 transformer blocks), so `start_layer`
+    and `up_blocks[2]` features mean what they mean in SD. Random weights drawn from `seed`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=SD_SCALING_FACTOR,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=514,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=512,
+                eos_token_id=513,
+                pad_token_id=513,
+            )
+        )
+    folder = tokenizer_folder()
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity=f"builtin:tiny:seed={seed}")
+
+
+def _fingerprint(folder: Path) -> str:
+    """Identity of a local model: its path and the size and mtime of its weight files."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _from_diffusers(source: str, **kwargs) -> Components:
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity="")
+
+
+def _load_folder(folder: Path) -> Components:
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / name).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model folder {folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/")
+    try:
+        components = _from_diffusers(str(folder))
+    except Exception as exc:  # noqa: BLE001 - any library failure becomes one clear error
+        raise ModelLoadError(f"could not load the model folder {folder}: {exc}") from exc
+    components.identity = f"folder:{_fingerprint(folder)}"
+    return components
+
+
+def _load_single_file(path: Path, config: Optional[str]) -> Components:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        kwargs = {"config": config} if config else {}
+        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"could not load the single-file checkpoint {path}: {exc}. "
+            "A single file needs the model's configuration: from the hub (network) or a local diffusers folder "
+            "given as `single_file_config`."
+        ) from exc
+    stat = path.stat()
+    identity = f"file:{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:16]}"
+    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(), identity=identity)
+
+
+def _load_hub(repo_id: str) -> Components:
+    try:
+        components = _from_diffusers(repo_id)
+    except Exception as exc:  # noqa: BLE001
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load {repo_id!r} from the Hugging Face hub ({reason}). "
+            "Check the id and the network, or pass a local diffusers folder or a .safetensors/.ckpt file."
+        ) from exc
+    components.identity = f"hub:{repo_id}"
+    return components
+
+
+def load_components(
+    name_or_path: str,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    single_file_config: Optional[str] = None,
+) -> Components:
+    """Load a model by built-in name (`tiny`), local diffusers folder, single file, or hub id."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        components = build_tiny()
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            components = _load_folder(path)
+        elif path.suffix in (".safetensors", ".ckpt"):
+            if not path.is_file():
+                raise ModelLoadError(f"model file {path} does not exist")
+            components = _load_single_file(path, single_file_config)
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a diffusers folder nor a .safetensors/.ckpt file")
+        elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            components = _load_hub(name)
+        else:
+            raise ModelLoadError(
+                f"model {name!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                "an existing folder or file, or a hub id of the form 'owner/name'"
+            )
+    return components.to(device, dtype)

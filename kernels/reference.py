@@ -1,0 +1,118 @@
+"""Pure-PyTorch references of the drag-loop kernels: the CPU path, the fallback and the test oracle.
+
+Coordinates are supervision-map `(row, col)` floats. When `size=(H', W')` is given, `feat` is first
+resized to it exactly like `F.interpolate(mode="bilinear", align_corners=False)`.
+Every function is vectorised over points and keeps everything on the feature map's device, so
+the drag loop never waits for the host.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def resize(feat: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """The feature map at supervision resolution (no-op when `size` is None or already matches)."""
+    if size is None or tuple(feat.shape[-2:]) == tuple(size):
+        return feat
+    return F.interpolate(feat, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def window_offsets(radius: int, device: torch.device) -> torch.Tensor:
+    """The (2r+1)^2 integer offsets of a square window, in row-major order, as (K, 2) floats."""
+    span = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    rows, cols = torch.meshgrid(span, span, indexing="ij")
+    return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)
+
+
+def gather(feat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Features of `feat (1, C, H, W)` at integer positions `(..., 2)`, clamped to the map: (..., C)."""
+    _, channels, height, width = feat.shape
+    rows = positions[..., 0].long().clamp(0, height - 1)
+    cols = positions[..., 1].long().clamp(0, width - 1)
+    flat = feat.reshape(channels, height * width)
+    return flat[:, (rows * width + cols).reshape(-1)].T.reshape(*positions.shape[:-1], channels)
+
+
+def bilinear(feat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of `feat (1, C, H, W)` at fractional positions `(..., 2)`: (..., C).
+
+    Positions outside the map read the border (as `grid_sample(padding_mode="border")`).
+    """
+    _, _, height, width = feat.shape
+    rows = positions[..., 0].clamp(0, height - 1)
+    cols = positions[..., 1].clamp(0, width - 1)
+    row0, col0 = rows.floor(), cols.floor()
+    wr, wc = (rows - row0).unsqueeze(-1), (cols - col0).unsqueeze(-1)
+    row1, col1 = (row0 + 1).clamp(max=height - 1), (col0 + 1).clamp(max=width - 1)
+    top = gather(feat, torch.stack([row0, col0], -1)) * (1 - wc) + gather(feat, torch.stack([row0, col1], -1)) * wc
+    bottom = gather(feat, torch.stack([row1, col0], -1)) * (1 - wc) + gather(feat, torch.stack([row1, col1], -1)) * wc
+    return top * (1 - wr) + bottom * wr
+
+
+def active_pairs(handles: torch.Tensor, targets: torch.Tensor, reach_distance: float = 2.0) -> torch.Tensor:
+    """(N,) bool: pairs whose handle is still at least `reach_distance` from its target."""
+    return (targets - handles).norm(dim=-1) >= reach_distance
+
+
+def motion_supervision_loss(
+    feat: torch.Tensor,
+    handles: torch.Tensor,
+    targets: torch.Tensor,
+    r_m: int = 1,
+    size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Sum over pairs of `(2r_m+1)^2 * mean |sg(F[q]) - F[q + d_i]|` over the patch around each handle.
+
+    `q` runs over the integer positions of the `(2r_m+1)^2` patch around handle `h_i`, clipped to
+    the map; `d_i` is the unit direction to the target. Pairs closer than 2 contribute 0.
+    """
+    feat = resize(feat, size).float()
+    _, channels, height, width = feat.shape
+    handles, targets = handles.float(), targets.float()
+    delta = targets - handles
+    distance = delta.norm(dim=-1, keepdim=True)
+    direction = delta / distance.clamp_min(1e-12)
+    patch = handles.round().unsqueeze(1) + window_offsets(r_m, feat.device).unsqueeze(0)  # (N, K, 2)
+    inside = ((patch[..., 0] >= 0) & (patch[..., 0] <= height - 1) & (patch[..., 1] >= 0) & (patch[..., 1] <= width - 1)).float()
+    fixed = gather(feat.detach(), patch)                              # (N, K, C), stop-gradient side
+    moved = bilinear(feat, patch + direction.unsqueeze(1))            # (N, K, C)
+    per_position = (fixed - moved).abs().sum(-1) * inside             # (N, K)
+    count = inside.sum(-1) * channels
+    per_pair = (2 * r_m + 1) ** 2 * per_position.sum(-1) / count
+    return (per_pair * active_pairs(handles, targets).float()).sum()
+
+
+def track_points(
+    feat: torch.Tensor,
+    handle_feats: torch.Tensor,
+    handles: torch.Tensor,
+    r_p: int = 3,
+    size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """New handle positions `(N, 2)`: the nearest feature (L1) to `handle_feats` in each window.
+
+    The window of radius `r_p` around each handle is clipped to the map; ties go to the first
+    minimum in row-major order.
+    """
+    with torch.no_grad():
+        feat = resize(feat, size).float()
+        _, _, height, width = feat.shape
+        window = handles.round().float().unsqueeze(1) + window_offsets(r_p, feat.device).unsqueeze(0)  # (N, P, 2)
+        inside = (window[..., 0] >= 0) & (window[..., 0] <= height - 1) & (window[..., 1] >= 0) & (window[..., 1] <= width - 1)
+        distance = (gather(feat, window) - handle_feats.float().unsqueeze(1)).abs().sum(-1)
+        distance = distance.masked_fill(~inside, float("inf"))
+        best = distance.argmin(dim=1)
+        return window[torch.arange(window.shape[0], device=feat.device), best].to(handles.dtype)
+
+
+def masked_l1(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`sum |(x - x0) * (1 - mask)|`: how far `x` moved from `x0` outside the editable mask."""
+    return ((x.float() - x0.float()) * (1.0 - mask.float())).abs().sum()
+
+
+def point_features(feat: torch.Tensor, points: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Features `(N, C)` of the resized map at integer `points (N, 2)`."""
+    return gather(resize(feat, size).float(), points.round())

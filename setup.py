@@ -1,0 +1,30 @@
+"""fastdrag: DragDiffusion point-based image editing, fast and deployable."""
+from setuptools import setup
+
+setup(
+    name="fastdrag",
+    version="0.1.0",
+    description="DragDiffusion point-based image editing on Stable Diffusion 1.x, fast and deployable",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastdrag", "fastdrag.kernels", "fastdrag.export"],
+    package_dir={"fastdrag": "fastdrag", "fastdrag.kernels": "kernels", "fastdrag.export": "export"},
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "peft>=0.12",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["triton>=3.0", "xformers>=0.0.28"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],
+        "tensorrt": ["tensorrt>=10.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],
+    },
+    entry_points={"console_scripts": ["fastdrag = fastdrag.cli:main"]},
+)
