@@ -1,0 +1,233 @@
+"""The `fastdrag` command: edit, demo, lora, info."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .config import EditConfig, field_names
+from .errors import FastDragError, InputError
+
+logger = logging.getLogger("fastdrag")
+
+
+def _parse_size(text: str) -> tuple:
+    try:
+        first, second = text.lower().split("x")
+        return int(first), int(second)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected AxB (e.g. 512x512), got {text!r}") from exc
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _stage_fields():
+    """(name, default, help) for every overridable config field."""
+    defaults = EditConfig()
+    for name, stage in field_names().items():
+        holder = getattr(defaults, stage) if stage else defaults
+        yield name, getattr(holder, name), stage
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config field (`--drag-steps`, `--lora-lr`, ...); unset options keep the defaults."""
+    group = parser.add_argument_group("method parameters (defaults: DragDiffusion's published values)")
+    for name, default, stage in _stage_fields():
+        flag = "--" + name.replace("_", "-")
+        where = f"{stage} stage" if stage else "edit"
+        if name == "size":
+            group.add_argument(flag, type=_parse_size, default=None, metavar="WxH",
+                               help="working size (default: image size rounded to a multiple of 64)")
+        elif name == "sup_res":
+            group.add_argument(flag, type=_parse_size, default=None, metavar="HxW",
+                               help="supervision resolution (default: half the working size)")
+        elif name == "lora_targets":
+            group.add_argument(flag, type=lambda s: tuple(p for p in s.split(",") if p), default=None,
+                               metavar="A,B", help=f"LoRA target modules (default: {','.join(default)})")
+        elif isinstance(default, bool):
+            group.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=f"{where} (default: {default})")
+        else:
+            group.add_argument(flag, type=type(default), default=None, help=f"{where} (default: {default})")
+
+
+def config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    return {name: getattr(args, name) for name in field_names() if getattr(args, name, None) is not None}
+
+
+def parse_drag(text: str):
+    """`HX,HY:TX,TY` to ((hx, hy), (tx, ty))."""
+    try:
+        handle, target = text.split(":")
+        hx, hy = (float(v) for v in handle.split(","))
+        tx, ty = (float(v) for v in target.split(","))
+    except ValueError as exc:
+        raise InputError(f"--drag {text!r} is not of the form HX,HY:TX,TY") from exc
+    return (hx, hy), (tx, ty)
+
+
+def load_points_file(path: str):
+    """Points from JSON: `[[[hx, hy], [tx, ty]], ...]` or `{"handles": [...], "targets": [...]}`."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"points file {file} does not exist")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"points file {file} is not valid JSON: {exc}") from exc
+    if isinstance(data, dict):
+        handles, targets = data.get("handles"), data.get("targets")
+        if not isinstance(handles, list) or not isinstance(targets, list):
+            raise InputError(f"points file {file} needs lists 'handles' and 'targets'")
+        if len(handles) != len(targets):
+            raise InputError(f"points file {file} has {len(handles)} handles but {len(targets)} targets: points must be paired")
+        return list(zip(handles, targets))
+    if isinstance(data, list):
+        for index, pair in enumerate(data):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise InputError(f"points file {file}: entry {index} is not a [handle, target] pair")
+        return data
+    raise InputError(f"points file {file} must hold a list of pairs or handles/targets lists")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="built-in name (tiny), diffusers folder, .safetensors/.ckpt file or hub id")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--cache-dir", default=None, help="LoRA cache folder (default: ~/.cache/fastdrag/lora)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdrag", description="DragDiffusion point-based image editing")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    edit = commands.add_parser("edit", help="drag points of an image to new positions")
+    edit.add_argument("image", help="input image file")
+    edit.add_argument("--prompt", required=True, help="text describing the image")
+    edit.add_argument("--drag", action="append", default=[], metavar="HX,HY:TX,TY", help="a handle and its target (repeatable)")
+    edit.add_argument("--points", help="JSON file of point pairs instead of --drag")
+    edit.add_argument("--mask", help="mask image of the editable region (white = may change)")
+    edit.add_argument("--output", help="edited image path (default: IMAGE-edited.png beside the input)")
+    edit.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_common(edit)
+    add_config_options(edit)
+
+    demo = commands.add_parser("demo", help="edit a synthetic picture and write a side-by-side view")
+    demo.add_argument("--output", default="fastdrag-demo", help="output folder (default: fastdrag-demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace existing pictures")
+    _add_common(demo)
+    add_config_options(demo)
+
+    lora = commands.add_parser("lora", help="train and cache the LoRA of an image (no edit)")
+    lora.add_argument("image", help="input image file")
+    lora.add_argument("--prompt", required=True, help="text describing the image")
+    _add_common(lora)
+    add_config_options(lora)
+
+    commands.add_parser("info", help="versions, device and which optional backends are usable")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fastdrag").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _editor(args):
+    from .editor import DragEditor
+
+    return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                                      progress=not args.quiet)
+
+
+def cmd_edit(args) -> int:
+    from .atomic import check_writable, save_image
+
+    points: List = [parse_drag(text) for text in args.drag]
+    if args.points:
+        points += load_points_file(args.points)
+    if not points:
+        raise InputError("no drag points: give --drag HX,HY:TX,TY or --points FILE")
+    image_path = Path(args.image)
+    output = Path(args.output) if args.output else image_path.with_name(f"{image_path.stem}-edited.png")
+    check_writable(output, args.overwrite)
+    editor = _editor(args)
+    result = editor.edit(args.image, args.prompt, points, mask=args.mask, **config_overrides(args))
+    save_image(result.image, output, args.overwrite)
+    summary = {
+        "output": str(output),
+        "handles": [[round(x, 2), round(y, 2)] for x, y in result.handles],
+        "targets": [[round(x, 2), round(y, 2)] for x, y in result.targets],
+        "drag_steps": result.drag_steps,
+        "lora_cached": result.lora_cached,
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    paths, result = run_demo(Path(args.output), model=args.model, overwrite=args.overwrite, progress=not args.quiet,
+                             **config_overrides(args))
+    print(f"wrote {paths['input']}, {paths['edited']} and {paths['side_by_side']} "
+          f"in {result.timings['total']:.1f} s ({result.drag_steps} drag steps)")
+    return 0
+
+
+def cmd_lora(args) -> int:
+    editor = _editor(args)
+    key, cached = editor.train_lora(args.image, args.prompt, **config_overrides(args))
+    state = "found in the cache" if cached else "trained and cached"
+    print(f"LoRA {key} {state}: {editor.cache.path(key)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .backends import _version, all_backends
+
+    lines = [f"fastdrag {_version('fastdrag') or 'source'} on Python {platform.python_version()} ({platform.machine()})"]
+    for package in ("torch", "diffusers", "transformers", "peft"):
+        lines.append(f"  {package:<13} {_version(package) or 'not installed'}")
+    if torch.cuda.is_available():
+        lines.append(f"device: cuda ({torch.cuda.get_device_name(0)}), default dtype fp16")
+    else:
+        lines.append("device: cpu (no CUDA GPU), default dtype fp32")
+    lines.append("optional backends:")
+    for status in all_backends():
+        state = "usable" if status.usable else "not usable"
+        lines.append(f"  {status.name:<12} {status.version or '-':<10} {state}: {status.reason}")
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "info": cmd_info}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return COMMANDS[args.command](args)
+    except FastDragError as exc:
+        print(f"fastdrag: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

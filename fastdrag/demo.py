@@ -1,0 +1,58 @@
+"""The demo: a synthetic picture, a drag on the built-in model, and a side-by-side picture of it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .atomic import check_writable, save_image
+from .visualize import side_by_side
+
+DEMO_PROMPT = "a red ball on a blue and yellow background"
+
+
+@dataclass
+class DemoCase:
+    image: Image.Image
+    prompt: str
+    points: List[Tuple[Tuple[float, float], Tuple[float, float]]]
+    mask: np.ndarray
+
+
+def demo_case(size: int = 64) -> DemoCase:
+    """A gradient background with a red disc; drag the disc right and down, mask around its path."""
+    ys, xs = np.mgrid[0:size, 0:size] / (size - 1)
+    top, bottom = np.array([250, 220, 90]), np.array([60, 110, 200])
+    background = (top * (1 - ys[..., None]) + bottom * ys[..., None]) * (0.85 + 0.15 * xs[..., None])
+    image = Image.fromarray(background.astype(np.uint8))
+    radius = size * 0.16
+    cx, cy = size * 0.35, size * 0.4
+    ImageDraw.Draw(image).ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(210, 40, 40))
+    target = (cx + size * 0.22, cy + size * 0.1)
+    mask = np.zeros((size, size))
+    margin = radius * 1.6
+    mask[int(max(0, cy - margin)):int(min(size, target[1] + margin)), int(max(0, cx - margin)):int(min(size, target[0] + margin))] = 1
+    return DemoCase(image, DEMO_PROMPT, [((cx, cy), target)], mask)
+
+
+def run_demo(output_dir: Path, model: str = "tiny", overwrite: bool = False, progress: bool = True,
+             **overrides) -> Tuple[Dict[str, Path], "EditResult"]:
+    """Edit the demo case and write input, output and side-by-side pictures into `output_dir`."""
+    from .editor import DragEditor
+
+    output_dir = Path(output_dir)
+    paths = {name: output_dir / f"{name}.png" for name in ("input", "edited", "side_by_side")}
+    for path in paths.values():
+        check_writable(path, overwrite)
+    case = demo_case()
+    editor = DragEditor.from_pretrained(model, progress=progress)
+    result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, **overrides)
+    picture = side_by_side(case.image, result.image, [p[0] for p in case.points], [p[1] for p in case.points],
+                           result.handles, case.mask)
+    save_image(case.image, paths["input"], overwrite)
+    save_image(result.image, paths["edited"], overwrite)
+    save_image(picture, paths["side_by_side"], overwrite)
+    return paths, result
