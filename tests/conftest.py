@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny model built once, small fast edit settings, a synthetic picture."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Settings that keep an edit on the tiny model to a second or two on a CPU.
+FAST = dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep every test's caches (LoRA, tokenizer files) out of the user's home folder."""
+    os.environ["FASTDRAG_CACHE"] = str(tmp_path_factory.mktemp("fastdrag-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from fastdrag.models import build_tiny
+
+    components = build_tiny()
+    return components.to("cpu", torch.float32)
+
+
+@pytest.fixture()
+def editor(tiny, tmp_path):
+    from fastdrag import DragEditor
+
+    return DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "lora", progress=False)
+
+
+@pytest.fixture()
+def picture():
+    from fastdrag.demo import demo_case
+
+    return demo_case()
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(1234)

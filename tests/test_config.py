@@ -1,0 +1,43 @@
+import pytest
+
+from fastdrag.config import DenoiseConfig, DragConfig, EditConfig, InversionConfig, LoraConfig
+from fastdrag.errors import ConfigError
+from fastdrag.models import ddim_scheduler
+
+
+def test_defaults_are_the_published_method():
+    config = EditConfig()
+    assert config.lora == LoraConfig(16, ("to_q", "to_k", "to_v", "to_out.0"), 5e-4, 80, 4)
+    assert (config.inversion.num_inference_steps, config.inversion.inversion_strength) == (50, 0.7)
+    assert config.inversion.guidance_scale == 1.0
+    assert config.inversion.num_inversion_steps == 35
+    drag = config.drag
+    assert (drag.feature_block, drag.sup_res, drag.r_m, drag.r_p) == (2, None, 1, 3)
+    assert (drag.drag_lr, drag.drag_steps, drag.lam, drag.reach_distance) == (0.01, 80, 0.1, 2.0)
+    assert drag.mixed_precision is True
+    assert config.denoise == DenoiseConfig(start_step=0, start_layer=10)
+    assert config.seed == 42
+
+
+def test_scheduler_is_sd_ddim():
+    cfg = ddim_scheduler().config
+    assert (cfg.beta_start, cfg.beta_end, cfg.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+    assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.steps_offset) == (False, False, 1)
+
+
+def test_replace_routes_fields_to_their_stage():
+    config = EditConfig().replace(drag_steps=7, lora_rank=4, start_layer=12, seed=3)
+    assert config.drag.drag_steps == 7 and config.lora.lora_rank == 4
+    assert config.denoise.start_layer == 12 and config.seed == 3
+    assert EditConfig().drag.drag_steps == 80  # the original is untouched
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(drag_stepz=3), "unknown edit option 'drag_stepz'"),
+    (dict(inversion_strength=0.0), "inversion_strength"),
+    (dict(lora_rank=0), "lora_rank"),
+    (dict(size=(100, 64)), "multiple of 8"),
+])
+def test_bad_values_are_named(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        EditConfig().replace(**overrides)

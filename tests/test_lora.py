@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from fastdrag.config import LoraConfig
+from fastdrag.lora import adapter_state, install_adapter, lora_loss, lora_parameters, train_lora
+from fastdrag.vae import encode_posterior, encode_prompt
+
+
+def fixed_batch_loss(tiny, posterior, text):
+    """The fine-tuning loss on one fixed draw of samples, noise and timesteps."""
+    generator = torch.Generator().manual_seed(99)
+    latents = (posterior.mean + posterior.std * torch.randn((8, *posterior.mean.shape[1:]), generator=generator)) * tiny.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (8,), generator=generator)
+    with torch.no_grad():
+        return lora_loss(tiny.unet, latents, noise, timesteps, text.expand(8, -1, -1), tiny.scheduler).item()
+
+
+def test_lora_lowers_the_loss_and_changes_only_lora_weights(tiny, picture):
+    posterior = encode_posterior(tiny.vae, picture.image)
+    text = encode_prompt(tiny.tokenizer, tiny.text_encoder, picture.prompt)
+    install_adapter(tiny.unet, LoraConfig(), seed=0)
+    frozen = {n: p.detach().clone() for n, p in tiny.unet.named_parameters() if "lora_" not in n}
+    before = fixed_batch_loss(tiny, posterior, text)
+    losses = train_lora(tiny.unet, tiny.scheduler, posterior, text, tiny.scaling_factor,
+                        LoraConfig(lora_steps=20), seed=0, progress=False)
+    after = fixed_batch_loss(tiny, posterior, text)
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert after < before * 0.97, (before, after)
+    for name, param in tiny.unet.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    assert any(p.abs().sum() > 0 for n, p in adapter_state(tiny.unet).items() if "lora_B" in n)
+    assert not any(p.requires_grad for p in tiny.unet.parameters())
+
+
+def test_adapter_is_reset_per_image_and_starts_as_identity(tiny):
+    x, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    config = LoraConfig(lora_rank=4)
+    install_adapter(tiny.unet, config, seed=0)
+    with torch.no_grad():
+        for p in lora_parameters(tiny.unet):
+            p.add_(0.1)
+        trained = tiny.unet(x, 10, text).sample
+        install_adapter(tiny.unet, config, seed=0)
+        fresh = tiny.unet(x, 10, text).sample
+        tiny.unet.disable_adapters()
+        base = tiny.unet(x, 10, text).sample
+        tiny.unet.enable_adapters()
+    assert not torch.allclose(trained, fresh)
+    torch.testing.assert_close(fresh, base)
+    assert all(p.dtype == torch.float32 for p in lora_parameters(tiny.unet))
+    assert lora_parameters(tiny.unet)[0].shape[0] == 4 or lora_parameters(tiny.unet)[0].shape[1] == 4
+
+
+def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, monkeypatch):
+    key, cached = editor.train_lora(picture.image, picture.prompt, lora_steps=3)
+    assert not cached and editor.cache.path(key).is_file()
+    first = {k: v.clone() for k, v in adapter_state(editor.components.unet).items()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training ran although the adapter was cached")
+
+    monkeypatch.setattr("fastdrag.editor.train_lora", no_training)
+    install_adapter(editor.components.unet, LoraConfig(lora_steps=3), seed=7)  # scramble what is loaded
+    key_again, cached = editor.train_lora(picture.image, picture.prompt, lora_steps=3)
+    assert key_again == key and cached
+    second = adapter_state(editor.components.unet)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # a different prompt is a different identity
+    with pytest.raises(AssertionError, match="training ran"):
+        editor.train_lora(picture.image, picture.prompt + " at dusk", lora_steps=3)
