@@ -4,7 +4,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import tempfile
+import urllib.parse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -140,6 +143,13 @@ def _fingerprint(folder: Path) -> str:
 
 
 def _from_diffusers(source: str, **kwargs) -> Components:
+    with warnings.catch_warnings():
+        # diffusers passes an argument huggingface_hub has deprecated; the warning is not the user's concern
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        return _from_diffusers_folders(source, **kwargs)
+
+
+def _from_diffusers_folders(source: str, **kwargs) -> Components:
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
@@ -150,7 +160,7 @@ def _from_diffusers(source: str, **kwargs) -> Components:
 def _load_folder(folder: Path) -> Components:
     missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / name).is_dir()]
     if missing:
-        raise ModelLoadError(f"model folder {folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/")
+        raise ModelLoadError(f"model folder {folder} is not a diffusers Stable Diffusion folder: missing {', '.join(m + '/' for m in missing)}")
     try:
         components = _from_diffusers(str(folder))
     except Exception as exc:  # noqa: BLE001 - any library failure becomes one clear error
@@ -176,15 +186,37 @@ def _load_single_file(path: Path, config: Optional[str]) -> Components:
     return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(), identity=identity)
 
 
-def _load_hub(repo_id: str) -> Components:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection (quickly, instead of the client's long retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
-        components = _from_diffusers(repo_id)
-    except Exception as exc:  # noqa: BLE001
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"could not load {repo_id!r} from the Hugging Face hub ({reason}). "
-            "Check the id and the network, or pass a local diffusers folder or a .safetensors/.ckpt file."
-        ) from exc
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(repo_id: str) -> Components:
+    """A hub model from the local cache, else downloaded; a clear error when neither works."""
+    try:
+        components = _from_diffusers(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: download below
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"could not load {repo_id!r} from the Hugging Face hub: the hub is not reachable from this machine "
+                "(or HF_HUB_OFFLINE is set) and the model is not in the local cache. "
+                "Pass a local diffusers folder or a .safetensors/.ckpt file instead."
+            ) from None
+        try:
+            components = _from_diffusers(repo_id)
+        except Exception as exc:  # noqa: BLE001
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"could not load {repo_id!r} from the Hugging Face hub ({reason}). "
+                "Check the id, or pass a local diffusers folder or a .safetensors/.ckpt file."
+            ) from exc
     components.identity = f"hub:{repo_id}"
     return components
 

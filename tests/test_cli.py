@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastdrag.cli import main
+
+FAST_ARGS = ["--lora-steps", "3", "--num-inference-steps", "10", "--drag-steps", "5", "--quiet"]
+
+
+@pytest.fixture()
+def image_file(tmp_path, picture):
+    path = tmp_path / "in.png"
+    picture.image.save(path)
+    return path
+
+
+def test_demo_writes_both_pictures(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == 0
+    for name in ("input", "edited", "side_by_side"):
+        assert Image.open(out / f"{name}.png").size[0] >= 64
+    side = Image.open(out / "side_by_side.png")
+    assert side.size[0] > 2 * side.size[1]
+    # existing pictures are not replaced without --overwrite
+    assert main(["demo", "--output", str(out)] + FAST_ARGS) == 2
+    assert main(["demo", "--output", str(out), "--overwrite", "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == 0
+
+
+def test_edit_end_to_end(tmp_path, image_file, picture, capsys):
+    mask = tmp_path / "mask.png"
+    Image.fromarray((picture.mask * 255).astype(np.uint8)).save(mask)
+    output = tmp_path / "out.png"
+    (h, t), = picture.points
+    args = ["edit", str(image_file), "--prompt", picture.prompt, "--drag", f"{h[0]},{h[1]}:{t[0]},{t[1]}",
+            "--mask", str(mask), "--output", str(output), "--cache-dir", str(tmp_path / "c"), "--seed", "3"] + FAST_ARGS
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["output"] == str(output) and len(summary["handles"]) == 1
+    assert Image.open(output).size == picture.image.size
+    before = output.read_bytes()
+    assert main(args) == 2                      # no overwrite without --overwrite
+    assert "exists" in capsys.readouterr().err
+    assert output.read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
+    assert output.read_bytes() == before        # same seed, same bytes (LoRA from the cache)
+    assert not list(tmp_path.glob(".out.png*"))  # no temporary files left behind
+
+
+def test_points_file_and_its_errors(tmp_path, image_file, capsys):
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"handles": [[10, 10], [30, 30]], "targets": [[20, 20]]}))
+    assert main(["edit", str(image_file), "--prompt", "x", "--points", str(points)] + FAST_ARGS) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 handles but 1 targets" in err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--drag", "10,10:100,20"], "outside the 64x64 image"),
+    (["--drag", "10,10"], "not of the form HX,HY:TX,TY"),
+    (["--drag", "10,10:20,20", "--mask", "/no/mask.png"], "mask file /no/mask.png does not exist"),
+    (["--drag", "10,10:20,20", "--model", "/no/model"], "not found"),
+    (["--drag", "10,10:20,20", "--start-layer", "99"], "start_layer 99 is past"),
+])
+def test_cli_bad_input_is_one_line(image_file, tmp_path, capsys, extra, words):
+    code = main(["edit", str(image_file), "--prompt", "x", "--cache-dir", str(tmp_path / "c"),
+                 "--output", str(tmp_path / "o.png")] + extra + FAST_ARGS)
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_console_script_info_runs():
+    done = subprocess.run([sys.executable, "-m", "fastdrag.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("torch", "triton", "xformers", "onnxruntime", "tensorrt"):
+        assert name in done.stdout
+    assert "WARNING" not in done.stderr  # no xformers noise at import
+
+
+def test_lora_command_trains_then_finds_the_cache(image_file, tmp_path, capsys):
+    args = ["lora", str(image_file), "--prompt", "a ball", "--cache-dir", str(tmp_path / "c"), "--lora-steps", "2", "--quiet"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "trained and cached" in first
+    assert main(args) == 0
+    assert "found in the cache" in capsys.readouterr().out
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST
+from fastdrag.errors import ConfigError, InputError
+
+
+def test_edit_returns_image_handles_timings_and_config(editor, picture):
+    result = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **FAST)
+    assert result.image.size == picture.image.size and result.image.mode == "RGB"
+    assert len(result.handles) == 1 and all(0 <= v <= 64 for v in result.handles[0])
+    assert set(result.timings) >= {"lora", "inversion", "drag", "denoise", "vae_decode", "total"}
+    assert result.config.drag.drag_steps == FAST["drag_steps"] and result.config.lora.lora_steps == FAST["lora_steps"]
+    assert not result.lora_cached
+    again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **FAST)
+    assert again.lora_cached
+
+
+def test_same_seed_gives_the_same_bytes(editor, picture, tmp_path):
+    from fastdrag import DragEditor
+
+    first = editor.edit(picture.image, picture.prompt, picture.points, **FAST)
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
+    second = fresh.edit(picture.image, picture.prompt, picture.points, **FAST)
+    assert not second.lora_cached  # trained again from scratch, not read back
+    assert np.asarray(first.image).tobytes() == np.asarray(second.image).tobytes()
+    other_seed = fresh.edit(picture.image, picture.prompt, picture.points, seed=7, **FAST)
+    assert np.asarray(other_seed.image).tobytes() != np.asarray(first.image).tobytes()
+
+
+def test_odd_sized_image_comes_back_at_its_size(editor):
+    image = (np.random.default_rng(3).random((50, 70, 3)) * 255).astype(np.uint8)
+    result = editor.edit(image, "noise", [((30, 20), (45, 30))], **FAST)
+    assert result.image.size == (70, 50)
+
+
+def test_bad_options_are_named(editor, picture):
+    with pytest.raises(ConfigError, match="start_layer 40 is past"):
+        editor.edit(picture.image, picture.prompt, picture.points, start_layer=40, **FAST)
+    with pytest.raises(InputError, match="prompt must be a string"):
+        editor.edit(picture.image, None, picture.points, **FAST)
+    with pytest.raises(InputError, match="half precision runs on CUDA only"):
+        from fastdrag import DragEditor
+        DragEditor.from_pretrained("tiny", device="cpu", dtype="fp16")

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from fastdrag.errors import ModelLoadError
+from fastdrag.models import build_tiny, load_components
+
+
+def test_tiny_is_deterministic_and_sd_shaped():
+    first, second = build_tiny(), build_tiny()
+    for a, b in zip(first.unet.parameters(), second.unet.parameters()):
+        assert torch.equal(a, b)
+    unet = first.unet
+    cross_up = [b for b in unet.up_blocks if getattr(b, "has_cross_attention", False)]
+    assert len(cross_up) == 3
+    assert first.vae_scale == 8 and first.scaling_factor == pytest.approx(0.18215)
+    ids = first.tokenizer("a red ball", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and ids[0, 0] == 512 and ids[0, 1] != 513
+
+
+def test_diffusers_folder_round_trip(tmp_path, tiny):
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        getattr(tiny, name).save_pretrained(tmp_path / name)
+    loaded = load_components(str(tmp_path))
+    x, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unet(x, 10, text).sample, tiny.unet(x, 10, text).sample)
+    assert loaded.identity.startswith("folder:")
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+
+
+@pytest.mark.parametrize("name, words", [
+    ("/no/such/folder", "model '/no/such/folder' not found"),
+    ("missing.safetensors", "model file missing.safetensors does not exist"),
+])
+def test_missing_models(name, words):
+    with pytest.raises(ModelLoadError, match=words):
+        load_components(name)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="missing vae/, text_encoder/, tokenizer/"):
+        load_components(str(tmp_path))
+
+
+def test_corrupt_single_file(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="could not load the single-file checkpoint"):
+        load_components(str(bad))
+
+
+def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="could not load 'someone/some-model' from the Hugging Face hub"):
+        load_components("someone/some-model")
