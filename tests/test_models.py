@@ -17,7 +17,8 @@ def test_tiny_is_deterministic_and_sd_shaped():
     assert ids.shape == (1, 77) and ids[0, 0] == 512 and ids[0, 1] != 513
 
 
-def test_diffusers_folder_round_trip(tmp_path, tiny):
+def test_diffusers_folder_round_trip(tmp_path):
+    tiny = build_tiny()  # fresh: the shared fixture may carry a LoRA adapter from other tests
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         getattr(tiny, name).save_pretrained(tmp_path / name)
     loaded = load_components(str(tmp_path))
