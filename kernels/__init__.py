@@ -1,8 +1,60 @@
 """Drag-loop kernels, dispatched by device (imported as `fastdrag.kernels`).
 
-Today every name is the PyTorch reference of `reference.py`; GPU kernels plug in behind the same
-names and contracts.
+CUDA tensors run the Triton kernels; CPU tensors run the PyTorch references of `reference.py`.
+`FASTDRAG_FORCE_TRITON=1` sends CPU tensors to Triton too (with `TRITON_INTERPRET=1`, for tests).
+Both paths share one contract: supervision `(row, col)` coordinates, an optional `size` at which
+`feat` is read as if resized bilinearly (`align_corners=False`), fp32 accumulation.
 """
-from .reference import active_pairs, masked_l1, motion_supervision_loss, point_features, track_points
+import importlib.util
+import os
+from typing import Optional, Tuple
 
-__all__ = ["active_pairs", "masked_l1", "motion_supervision_loss", "point_features", "track_points"]
+import torch
+
+from . import reference
+from .reference import active_pairs
+
+__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "active_pairs", "uses_triton"]
+
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def uses_triton(tensor: torch.Tensor) -> bool:
+    """Whether the kernels take the Triton path for tensors like `tensor`."""
+    if not _HAVE_TRITON:
+        return False
+    return tensor.is_cuda or os.environ.get("FASTDRAG_FORCE_TRITON", "") == "1"
+
+
+def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int = 1,
+                            size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Sum over pairs of `(2r_m+1)^2 * mean |sg(F[q]) - F[q + d_i]|` (DESIGN.md stage 3, step 4)."""
+    if uses_triton(feat):
+        from .motion_supervision import motion_supervision_loss as fused
+        return fused(feat, handles, targets, r_m, size)
+    return reference.motion_supervision_loss(feat, handles, targets, r_m, size)
+
+
+def track_points(feat: torch.Tensor, handle_feats: torch.Tensor, handles: torch.Tensor, r_p: int = 3,
+                 size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """New handle positions `(N, 2)`: nearest feature to `handle_feats` in each window (step 2)."""
+    if uses_triton(feat):
+        from .point_tracking import track_points as fused
+        return fused(feat, handle_feats, handles, r_p, size)
+    return reference.track_points(feat, handle_feats, handles, r_p, size)
+
+
+def point_features(feat: torch.Tensor, points: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Features `(N, C)` of the (resized) map at integer points."""
+    if uses_triton(feat):
+        from .point_tracking import point_features as fused
+        return fused(feat, points, size)
+    return reference.point_features(feat, points, size)
+
+
+def masked_l1(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`sum |(x - x0) * (1 - mask)|` (the mask term of step 5)."""
+    if uses_triton(x):
+        from .mask_term import masked_l1 as fused
+        return fused(x, x0, mask)
+    return reference.masked_l1(x, x0, mask)

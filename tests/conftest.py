@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU only under the interpreter; set before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Settings that keep an edit on the tiny model to a second or two on a CPU.
 FAST = dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)

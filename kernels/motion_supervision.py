@@ -1,0 +1,152 @@
+"""Fused motion-supervision loss: on-the-fly bilinear resize + patch sampling + L1, forward and backward.
+
+Per pair i with handle h_i at least `reach` from its target g_i and d_i = (g_i - h_i)/|g_i - h_i|:
+`L_i = (2r_m+1)^2 * mean_{q in patch, c} |sg(R[c, q]) - R[c, q + d_i]|`, R the resized map,
+the patch the (2r_m+1)^2 integer positions around h_i clipped to the map. The resized map is
+never materialised; the backward scatters into the native map's gradient.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .sampling import resized_at, sample_at, scatter_sample
+
+
+@triton.jit
+def _pair_geometry(handles_ptr, targets_ptr, i, reach):
+    hr = tl.load(handles_ptr + 2 * i).to(tl.float32)
+    hc = tl.load(handles_ptr + 2 * i + 1).to(tl.float32)
+    dr = tl.load(targets_ptr + 2 * i).to(tl.float32) - hr
+    dc = tl.load(targets_ptr + 2 * i + 1).to(tl.float32) - hc
+    dist = tl.sqrt(dr * dr + dc * dc)
+    inv = 1.0 / tl.maximum(dist, 1e-12)
+    return hr, hc, dr * inv, dc * inv, dist >= reach
+
+
+@triton.jit
+def _patch_count(hr, hc, H, W, R_M: tl.constexpr):
+    side: tl.constexpr = 2 * R_M + 1
+    rows = tl.minimum(hr + R_M, H - 1.0) - tl.maximum(hr - R_M, 0.0) + 1.0
+    cols = tl.minimum(hc + R_M, W - 1.0) - tl.maximum(hc - R_M, 0.0) + 1.0
+    return tl.maximum(rows, 0.0) * tl.maximum(cols, 0.0)
+
+
+@triton.jit
+def _motion_loss_forward(
+    feat_ptr, handles_ptr, targets_ptr, partial_ptr,
+    C, h, w, H, W, scale_h, scale_w, reach,
+    R_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i = tl.program_id(0)
+    block = tl.program_id(1)
+    c_off = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_off < C
+    stride_c = h * w
+    hr, hc, dr, dc, active = _pair_geometry(handles_ptr, targets_ptr, i, reach)
+    side: tl.constexpr = 2 * R_M + 1
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k in tl.static_range(side * side):
+        # positions as channel-wide vectors, so every mask below is a vector (scalar & vector
+        # masks do not combine under the interpreter)
+        qr = hr + (k // side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
+        qc = hc + (k % side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
+        inside = (qr >= 0) & (qr <= H - 1) & (qc >= 0) & (qc <= W - 1)
+        mask = c_mask & inside
+        qr_i = tl.minimum(tl.maximum(qr, 0.0), H - 1.0).to(tl.int32)
+        qc_i = tl.minimum(tl.maximum(qc, 0.0), W - 1.0).to(tl.int32)
+        fixed = resized_at(feat_ptr, c_off, mask, qr_i, qc_i, h, w, scale_h, scale_w, stride_c)
+        moved = sample_at(feat_ptr, c_off, mask, qr + dr, qc + dc, H, W, h, w, scale_h, scale_w, stride_c)
+        acc += tl.where(mask, tl.abs(fixed - moved), 0.0)
+    count = _patch_count(hr, hc, H, W, R_M)
+    weight = tl.where(active, (side * side) / (count * C), 0.0)
+    tl.store(partial_ptr + i * tl.num_programs(1) + block, tl.sum(acc, axis=0) * weight)
+
+
+@triton.jit
+def _motion_loss_backward(
+    feat_ptr, handles_ptr, targets_ptr, grad_out_ptr, grad_ptr,
+    C, h, w, H, W, scale_h, scale_w, reach,
+    R_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i = tl.program_id(0)
+    block = tl.program_id(1)
+    c_off = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_off < C
+    stride_c = h * w
+    hr, hc, dr, dc, active = _pair_geometry(handles_ptr, targets_ptr, i, reach)
+    side: tl.constexpr = 2 * R_M + 1
+    count = _patch_count(hr, hc, H, W, R_M)
+    weight = tl.where(active, (side * side) / (count * C), 0.0) * tl.load(grad_out_ptr).to(tl.float32)
+    for k in tl.static_range(side * side):
+        # positions as channel-wide vectors, so every mask below is a vector (scalar & vector
+        # masks do not combine under the interpreter)
+        qr = hr + (k // side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
+        qc = hc + (k % side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
+        inside = (qr >= 0) & (qr <= H - 1) & (qc >= 0) & (qc <= W - 1)
+        mask = c_mask & inside & (qr * 0.0 + active.to(tl.float32) > 0.5)
+        qr_i = tl.minimum(tl.maximum(qr, 0.0), H - 1.0).to(tl.int32)
+        qc_i = tl.minimum(tl.maximum(qc, 0.0), W - 1.0).to(tl.int32)
+        fixed = resized_at(feat_ptr, c_off, mask, qr_i, qc_i, h, w, scale_h, scale_w, stride_c)
+        moved = sample_at(feat_ptr, c_off, mask, qr + dr, qc + dc, H, W, h, w, scale_h, scale_w, stride_c)
+        diff = moved - fixed  # d|fixed - moved| / d moved = sign(moved - fixed)
+        g = tl.where(diff > 0, weight, tl.where(diff < 0, -weight, 0.0))
+        scatter_sample(grad_ptr, c_off, mask, qr + dr, qc + dc, g, H, W, h, w, scale_h, scale_w, stride_c)
+
+
+def _launch_settings(channels: int) -> Tuple[int, int]:
+    block = min(128, triton.next_power_of_2(channels))
+    return block, triton.cdiv(channels, block)
+
+
+def _geometry(feat: torch.Tensor, size: Optional[Tuple[int, int]]):
+    _, _, h, w = feat.shape
+    H, W = (h, w) if size is None else (int(size[0]), int(size[1]))
+    return h, w, H, W, h / H, w / W
+
+
+def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.Tensor:
+    channels = feat.shape[1]
+    h, w, H, W, scale_h, scale_w = _geometry(feat, size)
+    block, blocks = _launch_settings(channels)
+    partial = torch.empty((handles.shape[0], blocks), dtype=torch.float32, device=feat.device)
+    _motion_loss_forward[(handles.shape[0], blocks)](
+        feat, handles, targets, partial, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_C=block,
+    )
+    return partial.sum()
+
+
+def motion_loss_backward(feat, handles, targets, grad_out, r_m, size, reach=2.0) -> torch.Tensor:
+    channels = feat.shape[1]
+    h, w, H, W, scale_h, scale_w = _geometry(feat, size)
+    block, blocks = _launch_settings(channels)
+    grad = torch.zeros(feat.shape, dtype=torch.float32, device=feat.device)
+    _motion_loss_backward[(handles.shape[0], blocks)](
+        feat, handles, targets, grad_out, grad, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_C=block,
+    )
+    return grad.to(feat.dtype)
+
+
+class MotionSupervisionLoss(torch.autograd.Function):
+    """Autograd wrapper: gradient flows to `feat` only (handles and targets are positions)."""
+
+    @staticmethod
+    def forward(ctx, feat, handles, targets, r_m, size):
+        feat = feat.contiguous()
+        handles = handles.detach().float().round().contiguous()
+        targets = targets.detach().float().contiguous()
+        ctx.save_for_backward(feat, handles, targets)
+        ctx.r_m, ctx.size = r_m, size
+        return motion_loss_forward(feat, handles, targets, r_m, size)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feat, handles, targets = ctx.saved_tensors
+        grad = motion_loss_backward(feat, handles, targets, grad_out.float().contiguous(), ctx.r_m, ctx.size)
+        return grad, None, None, None, None
+
+
+def motion_supervision_loss(feat, handles, targets, r_m: int = 1, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Fused Triton version of `reference.motion_supervision_loss` (same contract)."""
+    return MotionSupervisionLoss.apply(feat, handles, targets, r_m, None if size is None else tuple(size))
