@@ -12,8 +12,6 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU only under the interpreter; set before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Settings that keep an edit on the tiny model to a second or two on a CPU.
-FAST = dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,3 +45,9 @@ def picture():
 @pytest.fixture()
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture()
+def fast():
+    """Edit settings that keep an edit on the tiny model to a second or two on a CPU."""
+    return dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)

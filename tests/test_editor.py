@@ -2,44 +2,43 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST
 from fastdrag.errors import ConfigError, InputError
 
 
-def test_edit_returns_image_handles_timings_and_config(editor, picture):
-    result = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **FAST)
+def test_edit_returns_image_handles_timings_and_config(editor, picture, fast):
+    result = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert result.image.size == picture.image.size and result.image.mode == "RGB"
     assert len(result.handles) == 1 and all(0 <= v <= 64 for v in result.handles[0])
     assert set(result.timings) >= {"lora", "inversion", "drag", "denoise", "vae_decode", "total"}
-    assert result.config.drag.drag_steps == FAST["drag_steps"] and result.config.lora.lora_steps == FAST["lora_steps"]
+    assert result.config.drag.drag_steps == fast["drag_steps"] and result.config.lora.lora_steps == fast["lora_steps"]
     assert not result.lora_cached
-    again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **FAST)
+    again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert again.lora_cached
 
 
-def test_same_seed_gives_the_same_bytes(editor, picture, tmp_path):
+def test_same_seed_gives_the_same_bytes(editor, picture, tmp_path, fast):
     from fastdrag import DragEditor
 
-    first = editor.edit(picture.image, picture.prompt, picture.points, **FAST)
+    first = editor.edit(picture.image, picture.prompt, picture.points, **fast)
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
-    second = fresh.edit(picture.image, picture.prompt, picture.points, **FAST)
+    second = fresh.edit(picture.image, picture.prompt, picture.points, **fast)
     assert not second.lora_cached  # trained again from scratch, not read back
     assert np.asarray(first.image).tobytes() == np.asarray(second.image).tobytes()
-    other_seed = fresh.edit(picture.image, picture.prompt, picture.points, seed=7, **FAST)
+    other_seed = fresh.edit(picture.image, picture.prompt, picture.points, seed=7, **fast)
     assert np.asarray(other_seed.image).tobytes() != np.asarray(first.image).tobytes()
 
 
-def test_odd_sized_image_comes_back_at_its_size(editor):
+def test_odd_sized_image_comes_back_at_its_size(editor, fast):
     image = (np.random.default_rng(3).random((50, 70, 3)) * 255).astype(np.uint8)
-    result = editor.edit(image, "noise", [((30, 20), (45, 30))], **FAST)
+    result = editor.edit(image, "noise", [((30, 20), (45, 30))], **fast)
     assert result.image.size == (70, 50)
 
 
-def test_bad_options_are_named(editor, picture):
+def test_bad_options_are_named(editor, picture, fast):
     with pytest.raises(ConfigError, match="start_layer 40 is past"):
-        editor.edit(picture.image, picture.prompt, picture.points, start_layer=40, **FAST)
+        editor.edit(picture.image, picture.prompt, picture.points, start_layer=40, **fast)
     with pytest.raises(InputError, match="prompt must be a string"):
-        editor.edit(picture.image, None, picture.points, **FAST)
+        editor.edit(picture.image, None, picture.points, **fast)
     with pytest.raises(InputError, match="half precision runs on CUDA only"):
         from fastdrag import DragEditor
         DragEditor.from_pretrained("tiny", device="cpu", dtype="fp16")

@@ -1,0 +1,68 @@
+"""Drag-loop kernels: fused Triton vs the PyTorch reference at the SD 1.5 shape.
+
+C = 640 features at 64x64 read at 256x256, 1 to 8 pairs; forward + backward of the motion loss,
+and point tracking. Peak memory is recorded on CUDA. The fused kernels run only on a GPU (the
+interpreter is no speed path), so on the CPU only the reference runs.
+"""
+import pytest
+import torch
+
+from fastdrag.kernels import reference
+
+SIZE = (256, 256)
+
+
+def inputs(device, dtype, pairs):
+    generator = torch.Generator().manual_seed(pairs)
+    feat = torch.randn(1, 640, 64, 64, generator=generator).to(device, dtype).requires_grad_(True)
+    handles = (torch.rand(pairs, 2, generator=generator) * 200 + 28).round().to(device)
+    targets = (handles + torch.tensor([9.0, -12.0], device=device)).clamp(0, 255)
+    return feat, handles, targets
+
+
+def implementation(kind, device):
+    if kind == "reference":
+        return reference.motion_supervision_loss, reference.track_points
+    if device.type != "cuda":
+        pytest.skip("the fused Triton kernels are benchmarked on a CUDA GPU only (none here)")
+    from fastdrag.kernels.motion_supervision import motion_supervision_loss
+    from fastdrag.kernels.point_tracking import track_points
+    return motion_supervision_loss, track_points
+
+
+def measure(benchmark, device, synchronize, fn):
+    def run():
+        fn()
+        synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        benchmark.extra_info["peak_extra_MiB"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    benchmark(run)
+
+
+@pytest.mark.parametrize("pairs", [1, 8])
+@pytest.mark.parametrize("kind", ["reference", "fused"])
+def test_motion_loss_forward_backward(benchmark, device, dtype, synchronize, kind, pairs):
+    loss_fn, _ = implementation(kind, device)
+    feat, handles, targets = inputs(device, dtype, pairs)
+    benchmark.group = f"motion loss fwd+bwd, {pairs} pairs"
+
+    def step():
+        loss = loss_fn(feat, handles, targets, 1, SIZE)
+        loss.backward()
+        feat.grad = None
+
+    measure(benchmark, device, synchronize, step)
+
+
+@pytest.mark.parametrize("pairs", [1, 8])
+@pytest.mark.parametrize("kind", ["reference", "fused"])
+def test_track_points(benchmark, device, dtype, synchronize, kind, pairs):
+    _, track_fn = implementation(kind, device)
+    feat, handles, _ = inputs(device, dtype, pairs)
+    feat = feat.detach()
+    handle_feats = reference.point_features(feat, handles, SIZE)
+    benchmark.group = f"track points, {pairs} pairs"
+    measure(benchmark, device, synchronize, lambda: track_fn(feat, handle_feats, handles, 3, SIZE))
