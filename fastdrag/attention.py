@@ -3,12 +3,18 @@
 The batch holds consecutive (source, edited) pairs: `[source, edited]` at guidance scale 1, or
 `[uncond source, uncond edited, cond source, cond edited]` with classifier-free guidance. In the
 selected self-attention layers every row's queries attend to the keys and values of the source
-row of its pair; keys and values are projected for the source rows only.
+row of its pair. Keys and values are projected for the source rows only, and the two rows of a
+pair are viewed as one query sequence of twice the length (a free view of the contiguous
+batch), so no K/V copy and no query concatenation is ever made. The attention itself runs on
+xformers' memory-efficient kernel where it works, else on PyTorch SDPA.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional
+import functools
+import importlib.util
+import logging
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +22,64 @@ from diffusers.models.attention_processor import Attention
 
 from .errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "xformers")
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, Lq, H, d) x (B, Lk, H, d) -> (B, Lq, H, d) with PyTorch SDPA."""
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+def _xformers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, Lq, H, d) x (B, Lk, H, d) -> (B, Lq, H, d) with xformers' memory-efficient attention."""
+    import xformers.ops
+
+    return xformers.ops.memory_efficient_attention(query, key, value, scale=scale)
+
+
+ATTENTION = {"sdpa": _sdpa, "xformers": _xformers}
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_support(device_type: str, dtype: torch.dtype) -> Tuple[bool, str]:
+    """(usable, why) for xformers attention on this device type and dtype; probed once by a tiny call."""
+    if importlib.util.find_spec("xformers") is None:
+        return False, "xformers is not installed"
+    if device_type != "cuda":
+        return False, f"xformers has no kernels for {device_type} tensors"
+    try:
+        q = torch.randn(1, 8, 1, 40, device=device_type, dtype=dtype)
+        _xformers(q, q[:, :4], q[:, :4], 40 ** -0.5)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not usable here
+        return False, f"xformers failed on {dtype}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return True, f"xformers works on cuda {dtype}"
+
+
+def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, str]:
+    """(backend, reason): 'xformers' where it works, else 'sdpa'; a forced but unusable xformers is an error."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {requested!r}")
+    if requested == "sdpa":
+        return "sdpa", "requested"
+    usable, why = xformers_support(device.type, dtype)
+    if usable:
+        return "xformers", why
+    if requested == "xformers":
+        raise ConfigError(f"attention_backend 'xformers' is not usable here: {why}")
+    return "sdpa", why
+
 
 class ReferenceAttnProcessor:
-    """Self-attention where both rows of each (source, edited) pair use the source's K/V (PyTorch SDPA)."""
+    """Self-attention where both rows of each (source, edited) pair use the source row's K/V."""
+
+    def __init__(self, backend: str = "sdpa"):
+        if backend not in ATTENTION:
+            raise ConfigError(f"unknown attention backend {backend!r}; use one of {', '.join(ATTENTION)}")
+        self.backend = backend
+        self.attention = ATTENTION[backend]
 
     def __call__(
         self,
@@ -47,23 +108,21 @@ class ReferenceAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        source_states = hidden_states[0::2]
+        pairs, heads = batch // 2, attn.heads
         query = attn.to_q(hidden_states)
-        key = attn.to_k(source_states)
-        value = attn.to_v(source_states)
-        heads = attn.heads
+        source = hidden_states[0::2]
+        key, value = attn.to_k(source), attn.to_v(source)
         head_dim = query.shape[-1] // heads
-        pairs = batch // 2
-        # (pairs, 2, heads, L, d) queries against (pairs, 1, heads, L, d) source keys/values.
-        query = query.view(pairs, 2, length, heads, head_dim).transpose(2, 3)
-        key = key.view(pairs, 1, length, heads, head_dim).transpose(2, 3)
-        value = value.view(pairs, 1, length, heads, head_dim).transpose(2, 3)
+        # the pair's two rows are adjacent in memory: one query sequence of length 2L per pair
+        query = query.reshape(pairs, 2 * length, heads, head_dim)
+        key = key.reshape(pairs, length, heads, head_dim)
+        value = value.reshape(pairs, length, heads, head_dim)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key.expand_as(query), value.expand_as(query), scale=attn.scale)
-        out = out.transpose(2, 3).reshape(batch, length, heads * head_dim).to(query.dtype)
+        out = self.attention(query, key, value, attn.scale)
+        out = out.reshape(batch, length, heads * head_dim).to(query.dtype)
 
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -97,11 +156,13 @@ def self_attention_processor_names(unet: torch.nn.Module, start_layer: int) -> L
 
 
 @contextlib.contextmanager
-def reference_control(unet: torch.nn.Module, start_layer: int, processor: Optional[object] = None) -> Iterator[List[str]]:
+def reference_control(unet: torch.nn.Module, start_layer: int, backend: str = "auto") -> Iterator[List[str]]:
     """Install the K/V-swap processor on the chosen self-attention layers; restore the originals on exit."""
     chosen = self_attention_processor_names(unet, start_layer)
+    resolved, why = choose_backend(backend, unet.device, unet.dtype)
+    logger.debug("reference attention on %s (%s)", resolved, why)
     original: Dict[str, object] = dict(unet.attn_processors)
-    swap = processor if processor is not None else ReferenceAttnProcessor()
+    swap = ReferenceAttnProcessor(resolved)
     unet.set_attn_processor({name: (swap if name in chosen else proc) for name, proc in original.items()})
     try:
         yield chosen

@@ -45,9 +45,12 @@ def xformers_status() -> BackendStatus:
         return BackendStatus("xformers", version, False, f"import failed: {exc}")
     if not torch.cuda.is_available():
         return BackendStatus("xformers", version, False, "no CUDA GPU: attention uses PyTorch SDPA")
-    if XFORMERS_LOAD_ERRORS:
-        return BackendStatus("xformers", version, False, f"kernels not loadable: {XFORMERS_LOAD_ERRORS[0]}")
-    return BackendStatus("xformers", version, True, "CUDA kernels loaded")
+    from .attention import xformers_support
+
+    usable, why = xformers_support("cuda", torch.float16)
+    if not usable and XFORMERS_LOAD_ERRORS:
+        why = f"{why} ({XFORMERS_LOAD_ERRORS[0]})"
+    return BackendStatus("xformers", version, usable, why)
 
 
 def onnxruntime_status() -> BackendStatus:

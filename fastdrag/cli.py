@@ -207,6 +207,11 @@ def cmd_info(args) -> int:
         lines.append(f"device: cuda ({torch.cuda.get_device_name(0)}), default dtype fp16")
     else:
         lines.append("device: cpu (no CUDA GPU), default dtype fp32")
+    from .attention import choose_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend, why = choose_backend("auto", device, torch.float16 if device.type == "cuda" else torch.float32)
+    lines.append(f"reference attention of an edit here: {backend} ({why})")
     lines.append("optional backends:")
     for status in all_backends():
         state = "usable" if status.usable else "not usable"

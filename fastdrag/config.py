@@ -54,6 +54,7 @@ class DenoiseConfig:
 
     start_step: int = 0     # first denoising step with the K/V swap
     start_layer: int = 10   # first transformer block (forward order) with the K/V swap
+    attention_backend: str = "auto"  # auto (xformers where it works, else SDPA), sdpa or xformers
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class EditConfig:
             (self.drag.drag_steps >= 0, "drag_steps must be >= 0"),
             (self.denoise.start_step >= 0, "start_step must be >= 0"),
             (self.denoise.start_layer >= 0, "start_layer must be >= 0"),
+            (self.denoise.attention_backend in ("auto", "sdpa", "xformers"), "attention_backend must be auto, sdpa or xformers"),
         ]
         for ok, message in checks:
             if not ok:

@@ -23,7 +23,7 @@ def denoise_pair(denoiser: Denoiser, source: torch.Tensor, edited: torch.Tensor,
     with contextlib.ExitStack() as stack:
         for index, t in enumerate(tqdm(schedule.denoise_timesteps, desc="denoise", disable=not progress, leave=False)):
             if index == config.start_step:
-                stack.enter_context(denoiser.reference_control(config.start_layer))
+                stack.enter_context(denoiser.reference_control(config.start_layer, config.attention_backend))
             eps = denoiser(x, t, text)
             x = ddim_step(schedule, x, eps, t)
     return x

@@ -17,7 +17,7 @@ from .attention import reference_control
 class Denoiser(Protocol):
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor: ...
 
-    def reference_control(self, start_layer: int) -> contextlib.AbstractContextManager: ...
+    def reference_control(self, start_layer: int, backend: str = "auto") -> contextlib.AbstractContextManager: ...
 
 
 class TorchDenoiser:
@@ -33,6 +33,6 @@ class TorchDenoiser:
         return eps.to(latents.dtype)
 
     @contextlib.contextmanager
-    def reference_control(self, start_layer: int) -> Iterator[None]:
-        with reference_control(self.unet, start_layer):
+    def reference_control(self, start_layer: int, backend: str = "auto") -> Iterator[None]:
+        with reference_control(self.unet, start_layer, backend):
             yield

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from PIL import Image
 
-from .attention import self_attention_processor_names
+from .attention import choose_backend, self_attention_processor_names
 from .config import EditConfig
 from .ddim import DdimSchedule
 from .denoise import denoise_pair
@@ -131,6 +131,7 @@ class DragEditor:
         if width % (scale * down) or height % (scale * down):
             raise InputError(f"working size {width}x{height} must be a multiple of {scale * down} for this model")
         self_attention_processor_names(self.components.unet, config.denoise.start_layer)
+        choose_backend(config.denoise.attention_backend, self.device, self.dtype)
 
     def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
         c = self.components

@@ -21,7 +21,7 @@ from .tokenizer_files import write_byte_tokenizer
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("tiny",)
+BUILTIN_MODELS = ("tiny", "sd15-random")
 SD_SCALING_FACTOR = 0.18215
 
 
@@ -132,6 +132,39 @@ def build_tiny(seed: int = 0) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity=f"builtin:tiny:seed={seed}")
 
 
+def build_sd15_random(seed: int = 0, device: Union[str, torch.device] = "cpu") -> Components:
+    """The Stable Diffusion 1.5 architecture with random weights: for benchmarks (speed does not
+    depend on weight values), built from its configuration with no download."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            scaling_factor=SD_SCALING_FACTOR,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+            bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        ))
+    folder = tokenizer_folder()
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity=f"builtin:sd15-random:seed={seed}")
+
+
 def _fingerprint(folder: Path) -> str:
     """Identity of a local model: its path and the size and mtime of its weight files."""
     digest = hashlib.sha256(str(folder.resolve()).encode())
@@ -229,8 +262,10 @@ def load_components(
 ) -> Components:
     """Load a model by built-in name (`tiny`), local diffusers folder, single file, or hub id."""
     name = str(name_or_path)
-    if name in BUILTIN_MODELS:
+    if name == "tiny":
         components = build_tiny()
+    elif name == "sd15-random":
+        components = build_sd15_random(device=device)
     else:
         path = Path(name).expanduser()
         if path.is_dir():

@@ -113,3 +113,82 @@ def test_processors_restored_after_an_exception(tiny):
         with reference_control(unet, 10):
             raise RuntimeError("boom")
     assert all(unet.attn_processors[name] is proc for name, proc in before.items())
+
+
+def test_backend_choice_here():
+    from fastdrag.attention import choose_backend
+
+    backend, why = choose_backend("auto", torch.device("cpu"), torch.float32)
+    assert backend == "sdpa" and "xformers" in why
+    assert choose_backend("sdpa", torch.device("cpu"), torch.float32)[0] == "sdpa"
+    with pytest.raises(ConfigError, match="'xformers' is not usable here"):
+        choose_backend("xformers", torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match="attention_backend must be one of"):
+        choose_backend("flash", torch.device("cpu"), torch.float32)
+
+
+def test_lora_present_and_merged_give_the_same_reference_attention(tiny):
+    from fastdrag.config import LoraConfig
+    from fastdrag.lora import install_adapter, lora_layers, lora_parameters
+
+    unet = tiny.unet
+    install_adapter(unet, LoraConfig(lora_rank=4), seed=3)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in lora_parameters(unet):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    x, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        with reference_control(unet, 10):
+            unmerged = unet(x, 300, text).sample
+        unet.disable_adapters()
+        with reference_control(unet, 10):
+            base = unet(x, 300, text).sample
+        unet.enable_adapters()
+        for layer in lora_layers(unet):
+            layer.merge(adapter_names=["fastdrag"])
+        try:
+            with reference_control(unet, 10):
+                merged = unet(x, 300, text).sample
+        finally:
+            for layer in lora_layers(unet):
+                layer.unmerge()
+    assert not torch.allclose(unmerged, base, atol=1e-3)  # the adapter matters ...
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)  # ... and merging changes nothing
+
+
+def test_stage4_source_branch_is_plain_ddim_denoising(tiny):
+    from fastdrag.config import DenoiseConfig
+    from fastdrag.ddim import DdimSchedule, ddim_step
+    from fastdrag.denoise import denoise_pair
+    from fastdrag.denoiser import TorchDenoiser
+
+    denoiser = TorchDenoiser(tiny.unet)
+    schedule = DdimSchedule.from_scheduler(tiny.scheduler, 20, 14)
+    generator = torch.Generator().manual_seed(5)
+    source, edited = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, 32, generator=generator)
+    pair = denoise_pair(denoiser, source, edited, text, schedule, DenoiseConfig(), progress=False)
+    plain = source
+    for t in schedule.denoise_timesteps:
+        plain = ddim_step(schedule, plain, denoiser(plain, t, text), t)
+    torch.testing.assert_close(pair[:1], plain, rtol=1e-4, atol=1e-5)
+    # the edited branch is steered by the source's keys and values: not what denoising it alone gives
+    alone = edited
+    for t in schedule.denoise_timesteps:
+        alone = ddim_step(schedule, alone, denoiser(alone, t, text), t)
+    assert not torch.allclose(pair[1:], alone, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers has no CPU kernels: needs a CUDA GPU (none here)")
+def test_xformers_matches_sdpa_in_fp16():
+    from fastdrag.attention import xformers_support
+
+    usable, why = xformers_support("cuda", torch.float16)
+    if not usable:
+        pytest.skip(why)
+    attn = make_attention(6).cuda().half()
+    hidden = torch.randn(4, 1024, 40, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(ReferenceAttnProcessor("xformers")(attn, hidden), ReferenceAttnProcessor("sdpa")(attn, hidden),
+                                   rtol=1e-2, atol=1e-2)
