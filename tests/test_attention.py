@@ -153,6 +153,7 @@ def test_lora_present_and_merged_give_the_same_reference_attention(tiny):
         finally:
             for layer in lora_layers(unet):
                 layer.unmerge()
+            unet.requires_grad_(False)  # peft's enable_adapters makes the adapter trainable again
     assert not torch.allclose(unmerged, base, atol=1e-3)  # the adapter matters ...
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)  # ... and merging changes nothing
 
