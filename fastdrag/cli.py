@@ -135,12 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(lora)
     add_config_options(lora)
 
+    export = commands.add_parser("export", help="export the image's LoRA-merged denoiser to ONNX (and TensorRT)")
+    export.add_argument("image", help="input image file")
+    export.add_argument("--prompt", required=True, help="text describing the image")
+    export.add_argument("--output", required=True, help="folder for the graphs, engines and manifest.json")
+    export.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"), help="onnx, or onnx plus TensorRT engines")
+    export.add_argument("--fp16", action="store_true", help="write the UNet graphs in fp16")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_common(export)
+    add_config_options(export)
+
     commands.add_parser("info", help="versions, device and which optional backends are usable")
     return parser
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastdrag").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
@@ -195,6 +205,15 @@ def cmd_lora(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    editor = _editor(args)
+    manifest = editor.export(args.image, args.prompt, args.output, fmt=args.format, fp16=args.fp16,
+                             overwrite=args.overwrite, **config_overrides(args))
+    files = ", ".join(entry["file"] for entry in manifest.data["artifacts"].values())
+    print(f"wrote {manifest.folder}: manifest.json, {files} ({manifest.data['export_seconds']} s)")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -220,7 +239,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "info": cmd_info}
+COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -67,6 +67,7 @@ class EditConfig:
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     seed: int = 42
     size: Optional[Tuple[int, int]] = None  # working (width, height); None = rounded to 64
+    backend: str = "torch"  # denoiser of stages 2 and 4: torch, onnxruntime or tensorrt (exported graphs)
 
     STAGES = ("lora", "inversion", "drag", "denoise")
 
@@ -107,6 +108,8 @@ class EditConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.backend not in ("torch", "onnxruntime", "tensorrt"):
+            raise ConfigError(f"backend must be torch, onnxruntime or tensorrt; got {self.backend!r}")
         if self.size is not None and (len(self.size) != 2 or any(int(s) < 64 or int(s) % 8 for s in self.size)):
             raise ConfigError(f"size must be (width, height), each a multiple of 8 and >= 64; got {self.size}")
 

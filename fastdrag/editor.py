@@ -82,6 +82,7 @@ class DragEditor:
         self.cache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
         self.progress = progress
         self.denoiser = TorchDenoiser(components.unet)
+        self._graph_denoisers: Dict[Path, object] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
@@ -160,6 +161,51 @@ class DragEditor:
         posterior = encode_posterior(c.vae, picture)
         return self._lora(picture, prompt, text, posterior, config)
 
+    def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
+               overwrite: bool = False, **overrides):
+        """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`."""
+        from .export.pipeline import check_output, export_loaded
+
+        config = self.config.replace(**overrides)
+        check_output(Path(output), overwrite)
+        picture = load_image(image)
+        size = working_size(picture.size, config.size)
+        key, _ = self.train_lora(picture, prompt, **overrides)
+        text = encode_prompt(self.components.tokenizer, self.components.text_encoder, prompt)
+        return export_loaded(self.components, key, config.lora, size, text, config, Path(output), fmt, fp16, overwrite)
+
+    def merged_unet_for(self, lora_key: str, **overrides) -> torch.nn.Module:
+        """A LoRA-merged copy of the UNet with the cached adapter `lora_key` (e.g. to refit an engine)."""
+        from .export.merge import merged_unet
+
+        config = self.config.replace(**overrides)
+        state = self.cache.require(lora_key)
+        install_adapter(self.components.unet, config.lora, config.seed)
+        load_adapter_state(self.components.unet, state)
+        return merged_unet(self.components.unet)
+
+    def _exported_denoiser(self, prepared: PreparedImage, config: EditConfig):
+        """The exported-graph denoiser of this image's LoRA, exporting it on first use (cached beside the LoRA)."""
+        from .export import load_manifest
+        from .export.pipeline import export_loaded
+        from .export.runtime import load_denoiser
+
+        fmt = "tensorrt" if config.backend == "tensorrt" else "onnx"
+        fp16 = self.dtype == torch.float16
+        width, height = prepared.inputs.working_size
+        folder = self.cache.directory / "exports" / (
+            f"{prepared.lora_key}-{width}x{height}-L{config.denoise.start_layer}-{fmt}-{'fp16' if fp16 else 'fp32'}")
+        if folder not in self._graph_denoisers:
+            if (folder / "manifest.json").is_file():
+                manifest = load_manifest(folder)
+            else:
+                logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
+                manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
+                                         prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True)
+            manifest.check_size(width, height)
+            self._graph_denoisers[folder] = load_denoiser(config.backend, manifest)
+        return self._graph_denoisers[folder]
+
     def edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
              **overrides) -> EditResult:
         """Move the content under each handle to its target; points are `[((hx, hy), (tx, ty)), ...]`."""
@@ -170,12 +216,15 @@ class DragEditor:
         c = self.components
         schedule = self._schedule(config)
         latents = (prepared.posterior.mean * c.scaling_factor).float()
-        z_t = self._timed(timings, "inversion", invert, self.denoiser, latents, prepared.text_embeddings, schedule,
+        denoiser = self.denoiser
+        if config.backend != "torch":
+            denoiser = self._timed(timings, "export", self._exported_denoiser, prepared, config)
+        z_t = self._timed(timings, "inversion", invert, denoiser, latents, prepared.text_embeddings, schedule,
                           progress=self.progress)
         result = self._timed(timings, "drag", drag, c.unet, z_t, schedule.drag_timestep, prepared.text_embeddings,
                              inputs.handles, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
                              progress=self.progress)
-        pair = self._timed(timings, "denoise", denoise_pair, self.denoiser, z_t, result.latent,
+        pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
                            prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
         edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor)
         if edited.size != inputs.original_size:

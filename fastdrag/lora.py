@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .config import LoraConfig
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,13 @@ class LoraCache:
     def load(self, key: str) -> Optional[Dict[str, torch.Tensor]]:
         path = self.path(key)
         return load_file(str(path)) if path.is_file() else None
+
+    def require(self, key: str) -> Dict[str, torch.Tensor]:
+        """The adapter stored under `key`; a clear error when there is none."""
+        state = self.load(key)
+        if state is None:
+            raise InputError(f"LoRA key {key!r} is not in the cache at {self.directory}: run `fastdrag lora` for that image first")
+        return state
 
     def save(self, key: str, state: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> Path:
         path = self.path(key)

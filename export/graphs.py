@@ -1,0 +1,158 @@
+"""One description per exported graph (names, shapes, dtypes, the module and an example input),
+read alike by the export, the manifest and the runtime backends; and the ONNX export itself."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from ..attention import reference_control
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_DATA_BYTES = 512 * 2**20  # weights above this go to a side file (protobuf caps a file at 2 GB)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str  # numpy name: float32 / float16
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], tuple(int(s) for s in data["shape"]), data["dtype"])
+
+
+@dataclass
+class GraphSpec:
+    """What one exported graph takes and gives."""
+
+    name: str
+    inputs: List[TensorSpec]
+    outputs: List[TensorSpec]
+    file: str = ""
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "format": "onnx", "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs], **self.extra}
+
+
+class UNetEps(torch.nn.Module):
+    """(latents, timestep, text embeddings) -> predicted noise."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents, timestep, text):
+        return self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+
+class VaeDecode(torch.nn.Module):
+    """Unscaled latents (latent / scaling_factor) -> image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+class VaeEncodeMean(torch.nn.Module):
+    """Image in [-1, 1] -> posterior mean (unscaled)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.mean
+
+
+@dataclass
+class GraphJob:
+    """A graph to export: its description, the module and example inputs, and what to hold during export."""
+
+    spec: GraphSpec
+    module: torch.nn.Module
+    example: Tuple[torch.Tensor, ...]
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def _np_dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float16: "float16"}[dtype]
+
+
+def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: int,
+               unet_dtype: torch.dtype, vae_dtype: torch.dtype) -> List[GraphJob]:
+    """The four graphs of an export at a fixed image size: inversion UNet (batch 1), reference
+    UNet (batch 2, K/V swap from `start_layer` inside the graph), VAE decoder and encoder."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = (vae.config.latent_channels, height // scale, width // scale)
+    ud, vd = _np_dtype(unet_dtype), _np_dtype(vae_dtype)
+    generator = torch.Generator().manual_seed(0)
+    rand = lambda *shape, dtype: torch.randn(*shape, generator=generator).to(dtype)
+
+    def unet_job(name: str, batch: int, context) -> GraphJob:
+        spec = GraphSpec(
+            name,
+            inputs=[TensorSpec("latents", (batch, *latent), ud), TensorSpec("timestep", (1,), "float32"),
+                    TensorSpec("text_embeddings", (batch, 77, text_dim), ud)],
+            outputs=[TensorSpec("eps", (batch, *latent), ud)],
+        )
+        example = (rand(batch, *latent, dtype=unet_dtype), torch.tensor([500.0]), rand(batch, 77, text_dim, dtype=unet_dtype))
+        return GraphJob(spec, UNetEps(unet), example, context)
+
+    jobs = [
+        unet_job("unet_inversion", 1, contextlib.nullcontext),
+        unet_job("unet_reference", 2, lambda: reference_control(unet, start_layer, "sdpa")),
+        GraphJob(GraphSpec("vae_decoder", [TensorSpec("latents", (1, *latent), vd)], [TensorSpec("image", (1, 3, height, width), vd)]),
+                 VaeDecode(vae), (rand(1, *latent, dtype=vae_dtype),)),
+        GraphJob(GraphSpec("vae_encoder", [TensorSpec("image", (1, 3, height, width), vd)], [TensorSpec("latent_mean", (1, *latent), vd)]),
+                 VaeEncodeMean(vae), (rand(1, 3, height, width, dtype=vae_dtype).clamp(-1, 1),)),
+    ]
+    jobs[1].spec.extra["reference_control"] = {"start_layer": start_layer}
+    return jobs
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs every optional op set it skips (torchvision, ...); keep that out of the user's terminal."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(job: GraphJob, path: Path) -> int:
+    """Export one graph to `path` (cleaned: constant folding, dead nodes removed); returns the opset."""
+    import onnx
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in job.module.parameters())
+    with job.context(), warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
+        program = torch.onnx.export(
+            job.module, job.example, dynamo=True, verbose=False,
+            input_names=[t.name for t in job.spec.inputs], output_names=[t.name for t in job.spec.outputs],
+        )
+        program.optimize()
+        program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))

@@ -1,0 +1,100 @@
+"""Export an image's edit denoiser: merge its LoRA, write the graphs, the engines and the manifest."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from ..ddim import DdimSchedule
+from ..errors import ConfigError, OutputExistsError
+from .graphs import export_onnx, graph_jobs
+from .manifest import Manifest, load_manifest, save_manifest, schedule_entries, write_tensor
+from .merge import merged_unet
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def check_output(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{folder} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+def export_loaded(components, lora_key: str, lora_config, image_size, text_embeddings: torch.Tensor, config,
+                  output: Path, fmt: str = "onnx", fp16: bool = False, overwrite: bool = False) -> Manifest:
+    """Export the UNet of `components` with its loaded LoRA merged in, for `image_size` (width, height).
+
+    Everything is written into a temporary folder beside `output` and moved there at the end, so a
+    failed export leaves nothing half-written.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
+    output = Path(output)
+    check_output(output, overwrite)
+    width, height = image_size
+    started = time.perf_counter()
+    unet = merged_unet(components.unet)
+    unet_dtype = torch.float16 if fp16 else torch.float32
+    vae = components.vae
+    vae_dtype = torch.float32 if (not fp16 or getattr(vae.config, "force_upcast", True)) else torch.float16
+    unet = unet.to(unet_dtype)
+    original_vae_dtype = vae.dtype
+    if vae_dtype != original_vae_dtype:
+        vae.to(vae_dtype)
+    text_dim = int(text_embeddings.shape[-1])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        artifacts: Dict[str, object] = {}
+        opset = None
+        for job in graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype):
+            job.spec.file = f"{job.spec.name}.onnx"
+            logger.info("exporting %s", job.spec.name)
+            opset = export_onnx(job, staging / job.spec.file)
+            artifacts[job.spec.name] = job.spec.to_dict()
+        artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
+        schedule = DdimSchedule.from_scheduler(components.scheduler, config.inversion.num_inference_steps,
+                                               config.inversion.num_inversion_steps)
+        data = {
+            "created_by": "fastdrag",
+            "model": {"identity": components.identity, "scaling_factor": components.scaling_factor,
+                      "vae_scale_factor": components.vae_scale},
+            "lora": {"key": lora_key, "config": dataclasses.asdict(lora_config)},
+            "image": {"width": width, "height": height},
+            "latent_shape": [1, vae.config.latent_channels, height // components.vae_scale, width // components.vae_scale],
+            "precision": {"unet": "fp16" if fp16 else "fp32", "vae": "fp16" if vae_dtype == torch.float16 else "fp32"},
+            "opset": opset,
+            "reference_control": {"start_layer": config.denoise.start_layer, "start_step": config.denoise.start_step},
+            "schedule": schedule_entries(schedule),
+            "artifacts": artifacts,
+        }
+        if fmt == "tensorrt":
+            from .tensorrt import BuildSettings, build_engine
+
+            settings = BuildSettings(fp16=True)
+            data["engines"] = {}
+            for name in ("unet_inversion", "unet_reference", "vae_decoder", "vae_encoder"):
+                build_started = time.perf_counter()
+                build_engine(staging / f"{name}.onnx", staging / f"{name}.plan", settings)
+                data["engines"][name] = {"file": f"{name}.plan", "flags": settings.flags(),
+                                         "build_seconds": round(time.perf_counter() - build_started, 2)}
+        data["export_seconds"] = round(time.perf_counter() - started, 2)
+        save_manifest(staging, data)
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(staging, output)
+    finally:
+        if vae.dtype != original_vae_dtype:
+            vae.to(original_vae_dtype)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return load_manifest(output)

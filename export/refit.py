@@ -1,0 +1,69 @@
+"""Which ONNX initializers hold which UNet weights, so an engine can be refitted with a new LoRA.
+
+A LoRA changes only the weights of its target projections (`to_q`, `to_k`, `to_v`, `to_out.0`).
+The exporter may rename or transpose a weight while folding constants, so the map is found by
+value: each target weight of the merged UNet is matched to the initializer holding it (as is or
+transposed). The same graph refitted with another image's merged weights is that image's model.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Tuple
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class RefitEntry:
+    initializer: str   # ONNX initializer (and TensorRT weight) name
+    transposed: bool   # the initializer holds the weight transposed
+    dtype: str
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def target_weights(unet: torch.nn.Module, targets: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """Weights of the modules a LoRA with these `targets` changes, by parameter name."""
+    targets = tuple(targets)
+    return {f"{name}.weight": module.weight for name, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.endswith(targets) and ".attn" in name}
+
+
+def refit_map(onnx_model, unet: torch.nn.Module, targets: Iterable[str]) -> Dict[str, List[RefitEntry]]:
+    """For every LoRA-target weight of `unet` (the merged model the graph was exported from), the
+    initializers of `onnx_model` that hold it. Raises if one is missing: such a graph cannot be refitted."""
+    from onnx import numpy_helper
+
+    by_digest: Dict[str, List[Tuple[str, str]]] = {}
+    for initializer in onnx_model.graph.initializer:
+        array = numpy_helper.to_array(initializer)
+        if array.ndim == 2:
+            by_digest.setdefault(_digest(array), []).append((initializer.name, array.dtype.name))
+    mapping: Dict[str, List[RefitEntry]] = {}
+    missing = []
+    for name, weight in target_weights(unet, targets).items():
+        array = weight.detach().cpu().numpy()
+        found = [RefitEntry(n, False, d) for n, d in by_digest.get(_digest(array), [])]
+        found += [RefitEntry(n, True, d) for n, d in by_digest.get(_digest(array.T), [])]
+        if not found:
+            missing.append(name)
+        mapping[name] = found
+    if missing:
+        raise ValueError(f"{len(missing)} LoRA-target weights are not initializers of the graph (e.g. {missing[0]}): "
+                         "it cannot be refitted")
+    return mapping
+
+
+def refit_arrays(mapping: Dict[str, List[RefitEntry]], unet: torch.nn.Module) -> Dict[str, np.ndarray]:
+    """Initializer name -> new value, from a newly merged UNet, laid out as the graph holds it."""
+    weights = dict(unet.named_parameters())
+    arrays = {}
+    for name, entries in mapping.items():
+        value = weights[name].detach().cpu().numpy()
+        for entry in entries:
+            arrays[entry.initializer] = np.ascontiguousarray(value.T if entry.transposed else value).astype(entry.dtype)
+    return arrays

@@ -1,0 +1,51 @@
+"""Run the exported inversion loop from the export folder alone: the model for a C++ service.
+
+Reads only `manifest.json`, the ONNX graphs and the text-embedding file (numpy + onnxruntime; no
+fastdrag, tokenizer or diffusers):
+
+    python export/standalone.py EXPORT_DIR IMAGE.npy OUT.npy
+
+IMAGE.npy is a (1, 3, H, W) float32 image in [-1, 1] at the export's size; OUT.npy receives the
+latent z_t at the drag timestep. A service runs the denoising loop the same way with the
+`unet_reference` graph and `schedule.denoise`, then `vae_decoder` on latent / scaling_factor.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def read_tensor(folder: Path, entry: dict) -> np.ndarray:
+    data = np.frombuffer((folder / entry["file"]).read_bytes(), dtype=np.dtype(entry["dtype"]).newbyteorder("<"))
+    return data.reshape(entry["shape"])
+
+
+def ddim(x: np.ndarray, eps: np.ndarray, alpha_from: float, alpha_to: float) -> np.ndarray:
+    x0 = (x - np.sqrt(1.0 - alpha_from) * eps) / np.sqrt(alpha_from)
+    return np.sqrt(alpha_to) * x0 + np.sqrt(1.0 - alpha_to) * eps
+
+
+def invert(folder: Path, image: np.ndarray) -> np.ndarray:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    artifacts = manifest["artifacts"]
+    session = lambda name: ort.InferenceSession(str(folder / artifacts[name]["file"]), providers=["CPUExecutionProvider"])
+    dtype = lambda name, tensor: np.dtype(next(t["dtype"] for t in artifacts[name]["inputs"] if t["name"] == tensor))
+    encoder, unet = session("vae_encoder"), session("unet_inversion")
+    (mean,) = encoder.run(None, {"image": image.astype(dtype("vae_encoder", "image"))})
+    x = mean.astype(np.float64) * manifest["model"]["scaling_factor"]
+    text = read_tensor(folder, artifacts["text_embedding"]).astype(dtype("unet_inversion", "text_embeddings"))
+    for step in manifest["schedule"]["inversion"]:
+        feed = {"latents": x.astype(dtype("unet_inversion", "latents")),
+                "timestep": np.array([step["t"]], dtype=np.float32), "text_embeddings": text}
+        (eps,) = unet.run(None, feed)
+        x = ddim(x, eps.astype(np.float64), step["alpha_from"], step["alpha_to"])
+    return x.astype(np.float32)
+
+
+if __name__ == "__main__":
+    folder, image_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    np.save(out_path, invert(folder, np.load(image_path)))
+    assert not any(name.split(".")[0] in ("fastdrag", "torch", "diffusers", "transformers") for name in sys.modules), \
+        "the standalone loop must not need the Python stack"

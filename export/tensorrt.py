@@ -1,0 +1,117 @@
+"""TensorRT engines from the exported ONNX graphs: build (fp16, static shapes, refittable, timing
+cache on disk), refit with another image's LoRA-merged weights, run with torch CUDA tensors.
+
+Written against the TensorRT 10 Python API; `tensorrt` is imported only when used.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from ..errors import FastDragError
+
+logger = logging.getLogger(__name__)
+
+
+class TensorRTUnavailable(FastDragError):
+    """TensorRT or a CUDA GPU is missing."""
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailable("TensorRT is not installed (pip install 'fastdrag[tensorrt]')") from exc
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("TensorRT engines need a CUDA GPU; none is available")
+    return trt
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How an engine is built; recorded in the manifest."""
+
+    fp16: bool = True
+    refittable: bool = True
+    workspace_bytes: int = 8 * 2**30
+    timing_cache: str = "timing.cache"
+
+    def flags(self) -> list:
+        return [name for name, on in (("FP16", self.fp16), ("REFIT", self.refittable)) if on]
+
+
+def build_engine(onnx_path: Path, engine_path: Path, settings: BuildSettings) -> Path:
+    """Build a static-shape engine from an ONNX graph, reusing and updating the timing cache."""
+    trt = require_tensorrt()
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise FastDragError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    for flag in settings.flags():
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    cache_path = engine_path.parent / settings.timing_cache
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise FastDragError(f"TensorRT failed to build an engine from {onnx_path}")
+    engine_path.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return engine_path
+
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
+
+
+class Engine:
+    """A deserialised engine with its execution context; outputs allocated once and reused."""
+
+    def __init__(self, engine_path: Path):
+        trt = require_tensorrt()
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.context = self.engine.create_execution_context()
+        self.inputs, self.outputs = {}, {}
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            dtype = _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self.inputs[name] = (shape, dtype)
+            else:
+                self.outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+
+    def infer(self, feed: Dict[str, torch.Tensor], stream: Optional[torch.cuda.Stream] = None) -> Dict[str, torch.Tensor]:
+        """Run on CUDA tensors (bound by address; no copies); returns the engine's output buffers."""
+        for name, (shape, dtype) in self.inputs.items():
+            tensor = feed[name]
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_cuda:
+                raise FastDragError(f"input {name} must be a CUDA {dtype} tensor of shape {shape}; "
+                                    f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+            self.context.set_tensor_address(name, tensor.contiguous().data_ptr())
+        for name, tensor in self.outputs.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        stream = stream or torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise FastDragError("TensorRT execution failed")
+        return self.outputs
+
+    def refit(self, arrays: Dict[str, np.ndarray]) -> None:
+        """Replace named weights (ONNX initializer names) and update the engine in place, without a rebuild."""
+        refitter = self.trt.Refitter(self.engine, self.logger)
+        for name, array in arrays.items():
+            if not refitter.set_named_weights(name, self.trt.Weights(np.ascontiguousarray(array))):
+                raise FastDragError(f"engine has no refittable weight named {name}")
+        if not refitter.refit_cuda_engine():
+            raise FastDragError("TensorRT refit failed")

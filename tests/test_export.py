@@ -1,0 +1,238 @@
+"""Export: merge, ONNX graphs under ONNX Runtime, manifest, standalone loop, refit map, bad input."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+
+from fastdrag.attention import reference_control
+from fastdrag.errors import InputError, OutputExistsError
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = dict(lora_steps=2)
+
+
+def ort_session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """One export of the demo picture's LoRA; the merged UNet it came from, for comparisons."""
+    from fastdrag import DragEditor
+    from fastdrag.demo import demo_case
+    from fastdrag.export import merged_unet
+
+    folder = tmp_path_factory.mktemp("export")
+    editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=folder / "cache", progress=False)
+    case = demo_case()
+    manifest = editor.export(case.image, case.prompt, folder / "out", **LORA)
+    return editor, manifest, merged_unet(tiny.unet), case
+
+
+def test_merge_equals_unmerged(tiny):
+    from fastdrag.config import LoraConfig
+    from fastdrag.export import merged_unet
+    from fastdrag.lora import install_adapter, lora_parameters
+
+    install_adapter(tiny.unet, LoraConfig(), seed=1)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in lora_parameters(tiny.unet):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        merged = merged_unet(tiny.unet)
+        x, text = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+        with_adapter = tiny.unet(x, 400, text).sample
+        tiny.unet.disable_adapters()
+        base = tiny.unet(x, 400, text).sample
+        tiny.unet.enable_adapters()
+        tiny.unet.requires_grad_(False)
+        torch.testing.assert_close(merged(x, 400, text).sample, with_adapter, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_adapter, base, atol=1e-3)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_graphs_match_torch(exported):
+    editor, manifest, merged, _ = exported
+    vae = editor.components.vae
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, 32, generator=generator)
+    t = np.array([421.0], dtype=np.float32)
+    with torch.no_grad():
+        plain = merged(latents[:1], 421, text[:1]).sample
+        with reference_control(merged, manifest.data["reference_control"]["start_layer"], "sdpa"):
+            swapped = merged(latents, 421, text).sample
+        image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+        decoded = vae.decode(latents[:1]).sample
+        mean = vae.encode(image).latent_dist.mean
+    (eps1,) = ort_session(manifest.path("unet_inversion")).run(None, {"latents": latents[:1].numpy(), "timestep": t, "text_embeddings": text[:1].numpy()})
+    (eps2,) = ort_session(manifest.path("unet_reference")).run(None, {"latents": latents.numpy(), "timestep": t, "text_embeddings": text.numpy()})
+    (pixels,) = ort_session(manifest.path("vae_decoder")).run(None, {"latents": latents[:1].numpy()})
+    (encoded,) = ort_session(manifest.path("vae_encoder")).run(None, {"image": image.numpy()})
+    assert relative_error(eps1, plain) < 1e-4
+    assert relative_error(eps2, swapped) < 1e-4
+    assert relative_error(pixels, decoded) < 1e-4
+    assert relative_error(encoded, mean) < 1e-4
+    # the batch-2 graph differs from the batch-1 graph exactly as the K/V swap does:
+    (eps_edit_alone,) = ort_session(manifest.path("unet_inversion")).run(None, {"latents": latents[1:].numpy(), "timestep": t, "text_embeddings": text[1:].numpy()})
+    assert relative_error(eps2[:1], eps1) < 1e-4            # the source branch is plain attention
+    assert relative_error(eps2[1:], eps_edit_alone) > 1e-3   # the edited branch attends to the source
+
+
+def test_manifest_round_trip(exported):
+    from fastdrag.export import load_manifest
+    from fastdrag.vae import encode_prompt
+
+    editor, manifest, _, case = exported
+    again = load_manifest(manifest.folder)
+    assert again.data == json.loads((manifest.folder / "manifest.json").read_text())
+    assert again.data["schema_version"] == 1 and again.image_size == (64, 64)
+    assert again.data["schedule"]["drag_timestep"] == 681 and len(again.data["schedule"]["denoise"]) == 35
+    assert again.data["lora"]["key"] and again.data["opset"] >= 17
+    spec = again.graphs["unet_reference"]
+    assert [t.name for t in spec.inputs] == ["latents", "timestep", "text_embeddings"] and spec.inputs[0].shape == (2, 4, 8, 8)
+    text = encode_prompt(editor.components.tokenizer, editor.components.text_encoder, case.prompt)
+    np.testing.assert_array_equal(again.text_embedding(), text.numpy())
+    first = again.data["schedule"]["inversion"][0]
+    assert first["t"] == 1 and first["alpha_from"] == pytest.approx(again.data["schedule"]["final_alpha_cumprod"])
+
+
+def test_standalone_numpy_loop_reproduces_inversion(exported, tmp_path):
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.inversion import invert
+    from fastdrag.vae import encode_posterior, image_to_tensor
+
+    editor, manifest, merged, case = exported
+    image = image_to_tensor(case.image, "cpu", torch.float32)
+    np.save(tmp_path / "image.npy", image.numpy())
+    done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), str(manifest.folder),
+                           str(tmp_path / "image.npy"), str(tmp_path / "zt.npy")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    z0 = encode_posterior(editor.components.vae, case.image).mean * editor.components.scaling_factor
+    expected = invert(TorchDenoiser(merged), z0, torch.from_numpy(manifest.text_embedding().copy()), schedule, progress=False)
+    assert relative_error(np.load(tmp_path / "zt.npy"), expected) < 1e-4
+
+
+def test_refit_map_covers_every_lora_weight_and_refits_to_another_image(exported):
+    """Replacing the mapped initializers with another LoRA's merged weights gives that LoRA's model."""
+    import onnx
+    from onnx import numpy_helper
+
+    from fastdrag.config import LoraConfig
+    from fastdrag.export import merged_unet
+    from fastdrag.export.refit import refit_arrays, refit_map, target_weights
+    from fastdrag.lora import install_adapter, lora_parameters
+
+    editor, manifest, merged, _ = exported
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    model = onnx.load(str(manifest.path("unet_inversion")))
+    mapping = refit_map(model, merged, targets)
+    assert len(mapping) == len(target_weights(merged, targets)) == 16 * 2 * 4
+    assert all(mapping.values())
+
+    unet = editor.components.unet
+    install_adapter(unet, LoraConfig(), seed=9)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for param in lora_parameters(unet):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    other = merged_unet(unet)
+    arrays = refit_arrays(mapping, other)
+    for initializer in model.graph.initializer:
+        if initializer.name in arrays:
+            initializer.CopyFrom(numpy_helper.from_array(arrays[initializer.name], initializer.name))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, text = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    (eps,) = session.run(None, {"latents": x.numpy(), "timestep": np.array([300.0], np.float32), "text_embeddings": text.numpy()})
+    with torch.no_grad():
+        assert relative_error(eps, other(x, 300, text).sample) < 1e-4
+        assert relative_error(eps, merged(x, 300, text).sample) > 1e-3
+
+
+def test_edit_on_onnxruntime_matches_torch(editor, picture, fast):
+    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    on_ort = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime", **fast)
+    assert "export" in on_ort.timings and on_ort.lora_cached
+    difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(on_ort.image, dtype=np.int16))
+    assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
+    assert on_torch.handles == on_ort.handles
+    again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime", **fast)
+    assert "export" in again.timings and again.timings["export"] < on_ort.timings["export"] / 5  # reused, not re-exported
+
+
+def test_bad_export_input(exported, tmp_path):
+    from fastdrag.export import ManifestError, load_manifest
+
+    editor, manifest, _, case = exported
+    with pytest.raises(OutputExistsError, match="exists and is not empty"):
+        editor.export(case.image, case.prompt, manifest.folder, **LORA)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = json.loads((manifest.folder / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(ManifestError, match="schema version 99; this fastdrag reads version 1"):
+        load_manifest(broken)
+    with pytest.raises(ManifestError, match="are for 64x64 images, not 128x64"):
+        manifest.check_size(128, 64)
+    with pytest.raises(ManifestError, match="lacks artifact files"):
+        (broken / "manifest.json").write_text(json.dumps(data))
+        load_manifest(broken)
+    with pytest.raises(InputError, match="LoRA key 'feedbeef' is not in the cache"):
+        editor.merged_unet_for("feedbeef")
+
+
+def test_fp16_export(exported, tmp_path):
+    from fastdrag.export import export_loaded
+    from fastdrag.vae import encode_prompt
+
+    editor, manifest, merged, case = exported
+    text = encode_prompt(editor.components.tokenizer, editor.components.text_encoder, case.prompt)
+    half = export_loaded(editor.components, "k", editor.config.lora, (64, 64), text, editor.config, tmp_path / "fp16", fp16=True)
+    specs = half.graphs
+    assert specs["unet_inversion"].inputs[0].dtype == "float16" and specs["unet_reference"].outputs[0].dtype == "float16"
+    assert specs["vae_decoder"].inputs[0].dtype == "float32"  # SD's VAE is kept in fp32 (force_upcast)
+    assert half.data["precision"] == {"unet": "fp16", "vae": "fp32"}
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(half.path("unet_inversion"))).graph.initializer]
+    large = [w for w in weights if w.size >= 256 and w.dtype.kind == "f"]
+    assert large and all(w.dtype == np.float16 for w in large)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
+def test_tensorrt_build_run_and_refit(exported, tmp_path):
+    from fastdrag.export.refit import refit_arrays, refit_map
+    from fastdrag.export.tensorrt import BuildSettings, Engine, build_engine
+    import onnx
+
+    _, manifest, merged, _ = exported
+    settings = BuildSettings(fp16=False)
+    path = build_engine(manifest.path("unet_inversion"), tmp_path / "unet.plan", settings)
+    assert (tmp_path / settings.timing_cache).is_file()
+    engine = Engine(path)
+    x, text = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 77, 32, device="cuda")
+    out = engine.infer({"latents": x, "timestep": torch.tensor([300.0], device="cuda"), "text_embeddings": text})["eps"]
+    with torch.no_grad():
+        expected = merged.cuda()(x, 300, text).sample
+    assert relative_error(out.cpu(), expected.cpu()) < 1e-3
+    engine.refit(refit_arrays(refit_map(onnx.load(str(manifest.path("unet_inversion"))), merged.cpu(), ("to_q", "to_k", "to_v", "to_out.0")), merged.cpu()))
