@@ -46,7 +46,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
     unet_dtype = torch.float16 if fp16 else torch.float32
     vae = components.vae
     vae_dtype = torch.float32 if (not fp16 or getattr(vae.config, "force_upcast", True)) else torch.float16
-    unet = unet.to(unet_dtype)
+    if fp16:
+        unet = unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
     original_vae_dtype = vae.dtype
     if vae_dtype != original_vae_dtype:
         vae.to(vae_dtype)
