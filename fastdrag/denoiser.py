@@ -29,7 +29,8 @@ class TorchDenoiser:
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.dtype
-        eps = self.unet(latents.to(dtype), timestep, encoder_hidden_states=text_embeddings.to(dtype)).sample
+        t = torch.full((), timestep, device=latents.device, dtype=torch.long)  # a fill, not a host-to-device copy
+        eps = self.unet(latents.to(dtype), t, encoder_hidden_states=text_embeddings.to(dtype)).sample
         return eps.to(latents.dtype)
 
     @contextlib.contextmanager

@@ -74,6 +74,72 @@ def sync_debug(device: torch.device) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
+class DragLoop:
+    """The drag loop's state on the device and one iteration at a time (DESIGN.md stage 3).
+
+    Construction does the work before the loop: `F_0`, `x_prev_0` and the original handles'
+    features from one forward. `step(k)` runs iteration k and says whether the host has seen
+    every handle arrive. Only the latent is a leaf: the UNet's weights must be frozen.
+    """
+
+    def __init__(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
+                 targets: torch.Tensor, mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig,
+                 sup_res: Tuple[int, int], check_every: int = 4):
+        if any(p.requires_grad for p in unet.parameters()):
+            raise RuntimeError("the UNet has trainable weights; freeze them before the drag loop")
+        device = z_t.device
+        self.unet, self.schedule, self.config, self.sup_res = unet, schedule, config, sup_res
+        self.timestep = timestep
+        self.dtype = unet.dtype
+        self.autocast = config.mixed_precision and device.type == "cuda" and self.dtype != torch.float32
+        self.text = text_embeddings.to(self.dtype)
+        self.t = torch.full((), timestep, device=device, dtype=torch.long)
+        self.handles = handles.to(device=device, dtype=torch.float32)
+        self.targets = targets.to(device=device, dtype=torch.float32)
+        self.mask = latent_mask(mask.to(device) if mask is not None else None, z_t.shape)
+        with torch.no_grad():
+            eps0, feat0 = unet_with_features(unet, z_t.to(self.dtype), self.t, self.text, config.feature_block)
+            self.x_prev0 = ddim_step(schedule, z_t.float(), eps0.float(), timestep)
+            self.handle_feats = kernels.point_features(feat0, self.handles, sup_res)
+        self.latent = z_t.detach().float().clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.latent], lr=config.drag_lr, fused=True if device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast and self.dtype == torch.float16)
+        self.done = torch.zeros((), dtype=torch.bool, device=device)
+        self.steps_run = torch.zeros((), dtype=torch.long, device=device)
+        self.losses = torch.zeros(max(config.drag_steps, 1), device=device)
+        self.watch = ArrivalWatch(device, check_every)
+
+    def step(self, index: int) -> bool:
+        """Iteration `index`: forward, tracking, arrival test, loss, one Adam step (frozen once arrived)."""
+        config = self.config
+        with torch.autocast("cuda", dtype=self.dtype) if self.autocast else contextlib.nullcontext():
+            eps, feat = unet_with_features(self.unet, self.latent.to(self.dtype), self.t, self.text, config.feature_block)
+        if index > 0:
+            tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
+            self.handles = torch.where(self.done, self.handles, tracked)
+        self.steps_run += (~self.done).long()
+        self.done = self.done | ((self.targets - self.handles).norm(dim=-1) < config.reach_distance).all()
+        if self.watch.arrived(index, self.done):
+            return True
+        loss = kernels.motion_supervision_loss(feat, self.handles, self.targets, config.r_m, size=self.sup_res)
+        if self.mask is not None:
+            x_prev = ddim_step(self.schedule, self.latent, eps.float(), self.timestep)
+            loss = loss + config.lam * kernels.masked_l1(x_prev, self.x_prev0, self.mask)
+        before = self.latent.detach().clone()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.latent.copy_(torch.where(self.done, before, self.latent))
+            self.losses[min(index, self.losses.numel() - 1)] = torch.where(self.done, torch.zeros_like(loss), loss.detach())
+        return False
+
+    def result(self) -> DragResult:
+        steps = int(self.steps_run)  # the one host sync, after the loop
+        return DragResult(self.latent.detach(), self.handles, steps, self.losses[:steps])
+
+
 def drag(
     unet,
     z_t: torch.Tensor,
@@ -88,55 +154,10 @@ def drag(
     check_every: int = 4,
     progress: bool = True,
 ) -> DragResult:
-    """Optimise the latent so the content under each handle moves to its target.
-
-    Only the latent is a leaf: the UNet's weights must be frozen (`requires_grad_(False)`).
-    """
-    if any(p.requires_grad for p in unet.parameters()):
-        raise RuntimeError("the UNet has trainable weights; freeze them before the drag loop")
-    device = z_t.device
-    dtype = unet.dtype
-    autocast = config.mixed_precision and device.type == "cuda" and dtype != torch.float32
-    text = text_embeddings.to(dtype)
-    t = torch.full((), timestep, device=device, dtype=torch.long)
-    handles = handles.to(device=device, dtype=torch.float32)
-    targets = targets.to(device=device, dtype=torch.float32)
-    mask = latent_mask(mask.to(device) if mask is not None else None, z_t.shape)
-
-    with torch.no_grad():
-        eps0, feat0 = unet_with_features(unet, z_t.to(dtype), t, text, config.feature_block)
-        x_prev0 = ddim_step(schedule, z_t.float(), eps0.float(), timestep)
-        handle_feats = kernels.point_features(feat0, handles, sup_res)
-
-    latent = z_t.detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([latent], lr=config.drag_lr, fused=True if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast and dtype == torch.float16)
-    done = torch.zeros((), dtype=torch.bool, device=device)
-    steps_run = torch.zeros((), dtype=torch.long, device=device)
-    losses = torch.zeros(config.drag_steps, device=device)
-    watch = ArrivalWatch(device, check_every)
-    with sync_debug(device):
-        for step in tqdm(range(config.drag_steps), desc="drag", disable=not progress, leave=False):
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                eps, feat = unet_with_features(unet, latent.to(dtype), t, text, config.feature_block)
-            if step > 0:
-                tracked = kernels.track_points(feat.detach(), handle_feats, handles, config.r_p, size=sup_res)
-                handles = torch.where(done, handles, tracked)
-            steps_run += (~done).long()
-            done = done | ((targets - handles).norm(dim=-1) < config.reach_distance).all()
-            if watch.arrived(step, done):
+    """Optimise the latent so the content under each handle moves to its target."""
+    loop = DragLoop(unet, z_t, timestep, text_embeddings, handles, targets, mask, schedule, config, sup_res, check_every)
+    with sync_debug(z_t.device):
+        for index in tqdm(range(config.drag_steps), desc="drag", disable=not progress, leave=False):
+            if loop.step(index):
                 break
-            loss = kernels.motion_supervision_loss(feat, handles, targets, config.r_m, size=sup_res)
-            if mask is not None:
-                x_prev = ddim_step(schedule, latent, eps.float(), timestep)
-                loss = loss + config.lam * kernels.masked_l1(x_prev, x_prev0, mask)
-            before = latent.detach().clone()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                latent.copy_(torch.where(done, before, latent))
-                losses[step] = torch.where(done, torch.zeros_like(loss), loss.detach())
-    steps = int(steps_run)
-    return DragResult(latent.detach(), handles, steps, losses[:steps])
+    return loop.result()

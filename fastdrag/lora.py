@@ -1,6 +1,7 @@
 """Stage 1: identity-preserving LoRA fine-tuning of the UNet on the input image, and its cache."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -130,9 +131,54 @@ def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
-    with torch.autocast(unet.device.type, dtype=unet.dtype, enabled=autocast):
+    with torch.autocast("cuda", dtype=unet.dtype) if autocast else contextlib.nullcontext():
         prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
     return F.mse_loss(prediction.float(), noise.float())
+
+
+class LoraTrainer:
+    """Fine-tunes a fresh adapter on one image, one step at a time.
+
+    `posterior` is the VAE posterior of the image, computed once per edit; each step samples it
+    afresh for the whole batch, which runs as one forward. Only the LoRA weights train (AdamW,
+    fused on CUDA); frozen weights get no gradients.
+    """
+
+    def __init__(self, unet, scheduler, posterior, text_embeddings: torch.Tensor, scaling_factor: float,
+                 config: LoraConfig, seed: int):
+        install_adapter(unet, config, seed)
+        self.unet, self.scheduler, self.scaling_factor = unet, scheduler, scaling_factor
+        self.params = lora_parameters(unet)
+        for param in self.params:
+            param.requires_grad_(True)
+        device = unet.device
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lora_lr, fused=fused or None,
+                                           foreach=None if fused else True)
+        # (no generator on the meta device, where FLOP budgets are counted at full size)
+        self.generator = torch.Generator(device=device).manual_seed(seed) if device.type != "meta" else None
+        self.mean, self.std = posterior.mean.float(), posterior.std.float()
+        self.batch = config.lora_batch_size
+        self.text = text_embeddings.expand(self.batch, -1, -1)
+        unet.train()
+
+    def step(self) -> torch.Tensor:
+        """One optimiser step on a fresh batch; returns the loss (a device tensor)."""
+        device = self.mean.device
+        shape = (self.batch, *self.mean.shape[1:])
+        latents = (self.mean + self.std * torch.randn(shape, generator=self.generator, device=device)) * self.scaling_factor
+        noise = torch.randn(shape, generator=self.generator, device=device)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (self.batch,),
+                                  generator=self.generator, device=device)
+        loss = lora_loss(self.unet, latents, noise, timesteps, self.text, self.scheduler)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def finish(self) -> None:
+        self.unet.eval()
+        self.unet.requires_grad_(False)
 
 
 def train_lora(
@@ -145,36 +191,10 @@ def train_lora(
     seed: int,
     progress: bool = True,
 ) -> List[float]:
-    """Fine-tune a fresh adapter on one image; returns the loss of every step.
-
-    `posterior` is the VAE posterior of the image, computed once; each step samples it afresh
-    for the batch. Only the LoRA weights train.
-    """
-    install_adapter(unet, config, seed)
-    params = lora_parameters(unet)
-    for param in params:
-        param.requires_grad_(True)
-    device = unet.device
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=config.lora_lr, fused=fused or None, foreach=None if fused else True)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    batch = config.lora_batch_size
-    mean, std = posterior.mean.float(), posterior.std.float()
-    text = text_embeddings.expand(batch, -1, -1)
-    losses = []
-    unet.train()
+    """Fine-tune a fresh adapter on one image; returns the loss of every step."""
+    trainer = LoraTrainer(unet, scheduler, posterior, text_embeddings, scaling_factor, config, seed)
     try:
-        for _ in tqdm(range(config.lora_steps), desc="LoRA", disable=not progress, leave=False):
-            sample = mean + std * torch.randn((batch, *mean.shape[1:]), generator=generator, device=device)
-            latents = sample * scaling_factor
-            noise = torch.randn(latents.shape, generator=generator, device=device)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
-            loss = lora_loss(unet, latents, noise, timesteps, text, scheduler)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        losses = [trainer.step() for _ in tqdm(range(config.lora_steps), desc="LoRA", disable=not progress, leave=False)]
     finally:
-        unet.eval()
-        unet.requires_grad_(False)
+        trainer.finish()
     return [float(v) for v in losses]

@@ -1,0 +1,84 @@
+"""FLOP budgets (torch's FLOP counter): every stage does the least work the method allows.
+
+LoRA step at the SD 1.5 shape on the meta device (no memory, no time); the drag iteration and the
+denoising step on the tiny model; the image is VAE-encoded once per edit.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastdrag.config import DenoiseConfig, DragConfig, LoraConfig
+
+
+def count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def forward_and_input_backward(unet, batch, latent, text_dim, device):
+    x = torch.randn(batch, 4, latent, latent, device=device, requires_grad=True)
+    text = torch.randn(batch, 77, text_dim, device=device)
+
+    def run():
+        unet(x, torch.full((batch,), 500, device=device), encoder_hidden_states=text).sample.float().sum().backward()
+
+    return count(run)
+
+
+def test_lora_step_costs_four_forward_and_input_backward_passes_at_sd15_shape():
+    from fastdrag.lora import LoraTrainer
+    from fastdrag.models import build_sd15_random
+
+    components = build_sd15_random(device="meta")
+    unet = components.unet
+    posterior = SimpleNamespace(mean=torch.zeros(1, 4, 64, 64, device="meta"), std=torch.ones(1, 4, 64, 64, device="meta"))
+    trainer = LoraTrainer(unet, components.scheduler, posterior, torch.zeros(1, 77, 768, device="meta"),
+                          components.scaling_factor, LoraConfig(), seed=0)
+    step = count(trainer.step)
+    trainer.finish()
+    reference = forward_and_input_backward(unet, 1, 64, 768, "meta")  # adapter present, frozen
+    assert reference > 1e12  # SD 1.5 scale: about 1.7 TFLOP
+    assert step <= 1.05 * 4 * reference, step / (4 * reference)
+    assert step >= 0.95 * 4 * reference  # and it really is four samples in one pass
+
+
+def test_drag_iteration_costs_one_forward_and_input_backward(tiny, picture):
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.drag import DragLoop
+    from fastdrag.inputs import prepare_inputs
+
+    inputs = prepare_inputs(picture.image, picture.points, picture.mask)
+    schedule = DdimSchedule.from_scheduler(tiny.scheduler, 50, 35)
+    text = torch.randn(1, 77, 32)
+    loop = DragLoop(tiny.unet, torch.randn(1, 4, 8, 8), schedule.drag_timestep, text, inputs.handles, inputs.targets,
+                    inputs.mask, schedule, DragConfig(drag_steps=5), inputs.sup_res)
+    iteration = count(lambda: loop.step(1))
+    reference = forward_and_input_backward(tiny.unet, 1, 8, 32, "cpu")
+    assert not any(p.grad is not None for p in tiny.unet.parameters())
+    assert 0.95 * reference <= iteration <= 1.05 * reference, iteration / reference
+
+
+def test_denoising_step_is_one_batch_two_forward(tiny):
+    from fastdrag.denoiser import TorchDenoiser
+
+    denoiser = TorchDenoiser(tiny.unet)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    plain = count(lambda: denoiser(x, 421, text))
+    with denoiser.reference_control(DenoiseConfig().start_layer):
+        swapped = count(lambda: denoiser(x, 421, text))
+    assert 0.9 * plain <= swapped <= plain  # K/V projected for the source rows only
+
+
+def test_the_image_is_encoded_once_per_edit(editor, picture, fast):
+    calls = []
+    hook = editor.components.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        editor.edit(picture.image, picture.prompt, picture.points, **fast)
+        assert len(calls) == 1
+        editor.edit(picture.image, picture.prompt, picture.points, **fast)  # LoRA from the cache
+        assert len(calls) == 2
+    finally:
+        hook.remove()
