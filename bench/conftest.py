@@ -9,6 +9,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("fastdrag benchmarks")
     group.addoption("--device", default=None, help="cpu or cuda (default: cuda if available)")
     group.addoption("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    group.addoption("--model", default="tiny", choices=("tiny", "sd15"),
+                    help="tiny, or sd15: the SD 1.5 architecture with random weights (no download)")
+    group.addoption("--size", type=int, default=None, help="image side in pixels (default: 64 for tiny, 512 for sd15)")
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +32,16 @@ def synchronize(device):
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """A table of FLOPs and achieved TFLOP/s next to the times, for benchmarks that counted them."""
+    session = getattr(config, "_benchmarksession", None)
+    rows = [b for b in getattr(session, "benchmarks", []) if b and "TFLOP" in b.extra_info]
+    if not rows:
+        return
+    terminalreporter.section("FLOPs and achieved rate")
+    terminalreporter.write_line(f"{'benchmark':<40} {'mean ms':>10} {'TFLOP':>10} {'TFLOP/s':>9}")
+    for bench in rows:
+        info = bench.extra_info
+        terminalreporter.write_line(f"{bench.name:<40} {bench.stats.mean * 1e3:>10.2f} {info['TFLOP']:>10.4f} {info['TFLOP/s']:>9.3f}")

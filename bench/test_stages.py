@@ -1,0 +1,117 @@
+"""Per-stage benchmarks and the whole edit, each with its FLOP count and achieved TFLOP/s.
+
+    pytest bench/test_stages.py --benchmark-only [--model tiny|sd15] [--size 512] [--device cuda] [--dtype fp16]
+
+Stages: one LoRA step (batch 4), one inversion step, one drag iteration, one reference-controlled
+denoising step (batch 2), VAE encode and decode; then a first edit (LoRA trained) and a repeated
+edit of the same image (LoRA from the cache) at the default steps.
+"""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastdrag import DragEditor
+from fastdrag.config import LoraConfig
+from fastdrag.ddim import DdimSchedule, ddim_inversion_step, ddim_step
+from fastdrag.demo import demo_case
+from fastdrag.drag import DragLoop
+from fastdrag.inputs import prepare_inputs
+from fastdrag.lora import LoraTrainer
+from fastdrag.vae import decode, encode_posterior, encode_prompt
+
+
+@pytest.fixture(scope="module")
+def setup(request, device, dtype, tmp_path_factory):
+    model = {"tiny": "tiny", "sd15": "sd15-random"}[request.config.getoption("--model")]
+    size = request.config.getoption("--size") or (64 if model == "tiny" else 512)
+    editor = DragEditor.from_pretrained(model, device=device, dtype=dtype, cache_dir=tmp_path_factory.mktemp("lora"),
+                                        progress=False)
+    case = demo_case(size)
+    inputs = prepare_inputs(case.image, case.points, case.mask)
+    c = editor.components
+    text = encode_prompt(c.tokenizer, c.text_encoder, case.prompt)
+    posterior = encode_posterior(c.vae, inputs.image)
+    schedule = DdimSchedule.from_scheduler(c.scheduler, 50, 35)
+    z0 = (posterior.mean * c.scaling_factor).float()
+    return editor, case, inputs, text, posterior, schedule, z0
+
+
+def measure(benchmark, synchronize, fn, name, **pedantic):
+    """Count FLOPs of one call, then time it; record both and the achieved rate."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    synchronize()
+    flops = counter.get_total_flops()
+
+    def run():
+        fn()
+        synchronize()
+
+    benchmark.group = name
+    if pedantic:
+        benchmark.pedantic(run, **pedantic)
+    else:
+        benchmark(run)
+    benchmark.extra_info["TFLOP"] = flops / 1e12
+    benchmark.extra_info["TFLOP/s"] = flops / 1e12 / benchmark.stats.stats.mean
+
+
+def test_lora_step(benchmark, setup, synchronize):
+    editor, _, _, text, posterior, _, _ = setup
+    c = editor.components
+    trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, LoraConfig(), seed=0)
+    try:
+        measure(benchmark, synchronize, trainer.step, "stage 1: LoRA step (batch 4)")
+    finally:
+        trainer.finish()
+
+
+def test_inversion_step(benchmark, setup, synchronize):
+    editor, _, _, text, _, schedule, z0 = setup
+    measure(benchmark, synchronize, lambda: ddim_inversion_step(schedule, z0, editor.denoiser(z0, 341, text), 341),
+            "stage 2: inversion step")
+
+
+def test_drag_iteration(benchmark, setup, synchronize):
+    editor, _, inputs, text, _, schedule, z0 = setup
+    far = inputs.targets.clone()
+    far[:, 1] = inputs.sup_res[1] - 1  # keep the handle from arriving while timing
+    loop = DragLoop(editor.components.unet, z0, schedule.drag_timestep, text, inputs.handles, far, inputs.mask,
+                    schedule, editor.config.drag, inputs.sup_res, check_every=10**9)
+    measure(benchmark, synchronize, lambda: loop.step(1), "stage 3: drag iteration")
+
+
+def test_denoising_step(benchmark, setup, synchronize):
+    editor, _, _, text, _, schedule, z0 = setup
+    pair, text2 = torch.cat([z0, z0 + 0.1]), text.expand(2, -1, -1)
+    with editor.denoiser.reference_control(editor.config.denoise.start_layer):
+        measure(benchmark, synchronize, lambda: ddim_step(schedule, pair, editor.denoiser(pair, 341, text2), 341),
+                "stage 4: denoising step (batch 2, K/V swap)")
+
+
+def test_vae_encode(benchmark, setup, synchronize):
+    editor, _, inputs, *_ = setup
+    measure(benchmark, synchronize, lambda: encode_posterior(editor.components.vae, inputs.image), "VAE encode")
+
+
+def test_vae_decode(benchmark, setup, synchronize):
+    editor, *_, z0 = setup
+    measure(benchmark, synchronize, lambda: decode(editor.components.vae, z0, editor.components.scaling_factor), "VAE decode")
+
+
+def test_first_edit(benchmark, setup, synchronize, tmp_path):
+    editor, case, *_ = setup
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path, progress=False)
+    counter = iter(range(10**6))
+
+    def edit():  # a new seed each round: a new LoRA key, so stage 1 runs every time
+        fresh.edit(case.image, case.prompt, case.points, mask=case.mask, seed=next(counter))
+
+    measure(benchmark, synchronize, edit, "edit at the defaults", rounds=2, iterations=1)
+
+
+def test_repeated_edit(benchmark, setup, synchronize):
+    editor, case, *_ = setup
+    editor.edit(case.image, case.prompt, case.points, mask=case.mask)  # trains and caches the LoRA
+    measure(benchmark, synchronize, lambda: editor.edit(case.image, case.prompt, case.points, mask=case.mask),
+            "edit at the defaults", rounds=3, iterations=1)
