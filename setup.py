@@ -8,8 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastdrag", "fastdrag.kernels", "fastdrag.export"],
+    packages=["fastdrag", "fastdrag.toy", "fastdrag.kernels", "fastdrag.export"],
     package_dir={"fastdrag": "fastdrag", "fastdrag.kernels": "kernels", "fastdrag.export": "export"},
+    package_data={"fastdrag.toy": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",

@@ -1,4 +1,4 @@
-"""The `fastdrag` command: edit, demo, lora, info."""
+"""The `fastdrag` command: edit, demo, lora, export, toy, info."""
 from __future__ import annotations
 
 import argparse
@@ -123,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(edit)
     add_config_options(edit)
 
-    demo = commands.add_parser("demo", help="edit a synthetic picture and write a side-by-side view")
+    demo = commands.add_parser("demo", help="drag a shape in a toy scene (model `toy`) and write a side-by-side view")
     demo.add_argument("--output", default="fastdrag-demo", help="output folder (default: fastdrag-demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing pictures")
     _add_common(demo)
+    demo.set_defaults(model="toy")
     add_config_options(demo)
 
     lora = commands.add_parser("lora", help="train and cache the LoRA of an image (no edit)")
@@ -144,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     _add_common(export)
     add_config_options(export)
+
+    toy = commands.add_parser("toy", help="the toy world: train its model, score edits against the truth")
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    train = toy_commands.add_parser("train", help="train the toy model (resumable; GPU when there is one)")
+    train.add_argument("--out", required=True, help="folder for checkpoints and the trained weights")
+    train.add_argument("--vae-steps", type=int, default=None, help="VAE training steps")
+    train.add_argument("--unet-steps", type=int, default=None, help="UNet training steps")
+    train.add_argument("--scenes", type=int, default=None, help="scenes encoded for UNet training")
+    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate = toy_commands.add_parser("eval", help="edit toy drag cases and print the quality table")
+    evaluate.add_argument("--cases", type=int, default=16, help="number of drag cases (default 16)")
+    evaluate.add_argument("--case-seed", type=int, default=0, help="seed of the drag cases (default 0)")
+    evaluate.add_argument("--out", default="toy-quality", help="results folder (JSON, Markdown, contact sheet)")
+    _add_common(evaluate)
+    evaluate.set_defaults(model="toy")
+    add_config_options(evaluate)
 
     commands.add_parser("info", help="versions, device and which optional backends are usable")
     return parser
@@ -214,6 +232,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_toy(args) -> int:
+    if args.toy_command == "train":
+        from .toy.train import TrainConfig, train_toy
+
+        defaults = TrainConfig()
+        config = TrainConfig(vae_steps=args.vae_steps or defaults.vae_steps, unet_steps=args.unet_steps or defaults.unet_steps,
+                             scenes=args.scenes or defaults.scenes)
+        timings = train_toy(Path(args.out), config, device=args.device, progress=not args.quiet)
+        print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")
+        return 0
+    from .toy.quality import evaluate
+
+    report = evaluate(_editor(args), cases=args.cases, seed=args.case_seed, out=Path(args.out),
+                      title=f"{args.model}: {args.cases} toy drag cases", **config_overrides(args))
+    print(report["markdown"])
+    print(f"wrote {args.out}/quality.json, quality.md and contact_sheet.png")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -239,7 +276,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "info": cmd_info}
+COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "toy": cmd_toy, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

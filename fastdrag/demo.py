@@ -38,7 +38,17 @@ def demo_case(size: int = 64) -> DemoCase:
     return DemoCase(image, DEMO_PROMPT, [((cx, cy), target)], mask)
 
 
-def run_demo(output_dir: Path, model: str = "tiny", overwrite: bool = False, progress: bool = True,
+def toy_demo_case() -> DemoCase:
+    """A toy-world scene with one shape and its drag (the cases the toy model was trained on)."""
+    import numpy as np
+
+    from .toy.world import make_drag_case
+
+    case = make_drag_case(np.random.default_rng(7))
+    return DemoCase(case.scene.image, case.scene.prompt, case.points, case.mask)
+
+
+def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, progress: bool = True,
              **overrides) -> Tuple[Dict[str, Path], "EditResult"]:
     """Edit the demo case and write input, output and side-by-side pictures into `output_dir`."""
     from .editor import DragEditor
@@ -47,7 +57,7 @@ def run_demo(output_dir: Path, model: str = "tiny", overwrite: bool = False, pro
     paths = {name: output_dir / f"{name}.png" for name in ("input", "edited", "side_by_side")}
     for path in paths.values():
         check_writable(path, overwrite)
-    case = demo_case()
+    case = toy_demo_case() if model == "toy" else demo_case()
     editor = DragEditor.from_pretrained(model, progress=progress)
     result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, **overrides)
     picture = side_by_side(case.image, result.image, [p[0] for p in case.points], [p[1] for p in case.points],

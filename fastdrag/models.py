@@ -21,7 +21,7 @@ from .tokenizer_files import write_byte_tokenizer
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("tiny", "sd15-random")
+BUILTIN_MODELS = ("tiny", "toy", "sd15-random")
 SD_SCALING_FACTOR = 0.18215
 
 
@@ -264,6 +264,10 @@ def load_components(
     name = str(name_or_path)
     if name == "tiny":
         components = build_tiny()
+    elif name == "toy":
+        from .toy.model import load_toy
+
+        components = load_toy()
     elif name == "sd15-random":
         components = build_sd15_random(device=device)
     else:

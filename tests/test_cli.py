@@ -20,14 +20,14 @@ def image_file(tmp_path, picture):
 
 def test_demo_writes_both_pictures(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == 0
+    assert main(["demo", "--model", "tiny", "--output", str(out), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == 0
     for name in ("input", "edited", "side_by_side"):
         assert Image.open(out / f"{name}.png").size[0] >= 64
     side = Image.open(out / "side_by_side.png")
     assert side.size[0] > 2 * side.size[1]
     # existing pictures are not replaced without --overwrite
-    assert main(["demo", "--output", str(out)] + FAST_ARGS) == 2
-    assert main(["demo", "--output", str(out), "--overwrite", "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == 0
+    assert main(["demo", "--model", "tiny", "--output", str(out)] + FAST_ARGS) == 2
+    assert main(["demo", "--model", "tiny", "--output", str(out), "--overwrite", "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == 0
 
 
 def test_edit_end_to_end(tmp_path, image_file, picture, capsys):

@@ -1,0 +1,73 @@
+"""The toy model: SD 1.x's structure in miniature (VAE x8 with 4 latent channels; a UNet with SD's
+block arrangement and 16 transformer blocks; a CLIP text encoder), trained on the toy world."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..errors import ModelLoadError
+from ..models import Components, ddim_scheduler, tokenizer_folder
+
+WEIGHTS = Path(__file__).parent / "weights"
+PARTS = ("vae", "unet", "text_encoder")
+
+
+def toy_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+        sample_size=128,
+    )
+
+
+def toy_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 48, 64, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+    )
+
+
+def toy_text_encoder(seed: int = 0) -> CLIPTextModel:
+    """A small CLIP text encoder, kept at its seeded random weights: a fixed, distinct code per prompt."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        ))
+
+
+def tokenizer() -> CLIPTokenizer:
+    folder = tokenizer_folder()
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def save_part(module: torch.nn.Module, folder: Path, name: str, extra: dict = None) -> None:
+    """Weights in fp16 safetensors (small enough to commit) and the config beside them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(folder / f"{name}.safetensors"))
+    config = dict(module.config) if hasattr(module, "config") and not isinstance(module, CLIPTextModel) else {}
+    (folder / f"{name}.json").write_text(json.dumps({**{k: v for k, v in config.items() if not k.startswith("_")}, **(extra or {})},
+                                                    default=list, indent=1))
+
+
+def load_toy(folder: Path = WEIGHTS) -> Components:
+    """The trained toy model (built-in name `toy`)."""
+    missing = [p for p in PARTS if not (folder / f"{p}.safetensors").is_file()]
+    if missing:
+        raise ModelLoadError(f"the toy model's weights are missing from {folder} ({', '.join(missing)}): "
+                             "train them with `fastdrag toy train --out DIR`")
+    vae, unet, text = toy_vae(), toy_unet(), toy_text_encoder()
+    for name, module in zip(PARTS, (vae, unet, text)):
+        state = {k: v.float() for k, v in load_file(str(folder / f"{name}.safetensors")).items()}
+        module.load_state_dict(state)
+    meta = json.loads((folder / "vae.json").read_text())
+    vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    return Components(unet, vae, text, tokenizer(), ddim_scheduler(), identity=f"builtin:toy:{meta.get('version', 1)}")

@@ -1,0 +1,72 @@
+"""The toy world and its quality measures, checked against scenes whose truth is known."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastdrag.toy.quality import psnr, score, segment
+from fastdrag.toy.world import _draw, make_drag_case, make_scene
+
+
+def test_scenes_hold_one_to_three_shapes_of_the_right_size():
+    rng = np.random.default_rng(0)
+    counts = set()
+    for _ in range(40):
+        scene = make_scene(rng)
+        counts.add(len(scene.shapes))
+        assert scene.image.size == (128, 128)
+        for shape in scene.shapes:
+            ys, xs = np.nonzero(shape.mask)
+            across = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+            assert 18 <= across <= 52
+            inside = np.asarray(scene.image)[shape.mask]
+            assert (np.abs(inside.astype(int) - shape.colour).max(axis=1) <= 1).mean() > 0.95  # flat colour
+        masks = [s.mask for s in scene.shapes]
+        assert sum(m.sum() for m in masks) == np.logical_or.reduce(masks).sum()  # no overlaps
+        assert scene.prompt.count(" and ") == len(scene.shapes) - 1
+    assert counts == {1, 2, 3}
+
+
+def test_drag_cases_move_a_shape_8_to_16_px_inside_the_mask():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        case = make_drag_case(rng)
+        shape = case.scene.shapes[case.shape_index]
+        assert case.handle == shape.centre
+        assert 8 <= np.hypot(case.target[0] - case.handle[0], case.target[1] - case.handle[1]) <= 16
+        assert case.mask[shape.mask].all()
+        tx, ty = (int(round(v)) for v in case.target)
+        assert case.mask[ty, tx] == 1 and case.mask.mean() < 0.6
+
+
+def moved_scene(case):
+    """The truth: the scene with the dragged shape drawn at its target instead."""
+    shape = case.scene.shapes[case.shape_index]
+    image = np.asarray(case.scene.image).copy()
+    image[shape.mask] = case.scene.background[shape.mask]
+    canvas = Image.fromarray(image)
+    dx, dy = case.target[0] - case.handle[0], case.target[1] - case.handle[1]
+    _draw(shape.kind, (shape.centre[0] + dx, shape.centre[1] + dy), shape.size, canvas, shape.colour)
+    return np.asarray(canvas)
+
+
+def test_measures_score_the_truth_and_no_edit():
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        case = make_drag_case(rng)
+        truth = score(case, moved_scene(case))
+        assert truth.moved == pytest.approx(1.0, abs=0.08) and truth.md < 1.5
+        assert truth.area_ratio == pytest.approx(1.0, abs=0.1) and truth.if_psnr == 99.0
+        unchanged = score(case, np.asarray(case.scene.image))
+        assert abs(unchanged.moved) < 0.05 and unchanged.area_ratio == pytest.approx(1.0)
+        vanished = score(case, case.scene.background)
+        assert vanished.moved == 0.0 and vanished.area_ratio == 0.0
+
+
+def test_segment_and_psnr():
+    background = np.full((4, 4, 3), 100, dtype=np.uint8)
+    image = background.copy()
+    image[1:3, 1:3] = (220, 40, 40)
+    assert segment(image, background, (220, 40, 40)).sum() == 4
+    assert psnr(image, image) == 99.0
+    noisy = image.astype(int) + 10
+    assert psnr(image, noisy) == pytest.approx(10 * np.log10(255 ** 2 / 100), rel=1e-6)
