@@ -34,6 +34,23 @@ def _patch_count(hr, hc, H, W, R_M: tl.constexpr):
 
 
 @triton.jit
+def _patch_values(feat_ptr, c_off, c_mask, hr, hc, dr, dc, k, C, h, w, H, W, scale_h, scale_w,
+                  R_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Patch position k around the handle: (fixed value, moved value, moved position, lane mask)."""
+    side: tl.constexpr = 2 * R_M + 1
+    # positions as channel-wide vectors, so every mask is a vector (scalar & vector masks do not
+    # combine under the interpreter)
+    qr = hr + (k // side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
+    qc = hc + (k % side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
+    mask = c_mask & (qr >= 0) & (qr <= H - 1) & (qc >= 0) & (qc <= W - 1)
+    qr_i = tl.minimum(tl.maximum(qr, 0.0), H - 1.0).to(tl.int32)
+    qc_i = tl.minimum(tl.maximum(qc, 0.0), W - 1.0).to(tl.int32)
+    fixed = resized_at(feat_ptr, c_off, mask, qr_i, qc_i, h, w, scale_h, scale_w, h * w)
+    moved = sample_at(feat_ptr, c_off, mask, qr + dr, qc + dc, H, W, h, w, scale_h, scale_w, h * w)
+    return fixed, moved, qr + dr, qc + dc, mask
+
+
+@triton.jit
 def _motion_loss_forward(
     feat_ptr, handles_ptr, targets_ptr, partial_ptr,
     C, h, w, H, W, scale_h, scale_w, reach,
@@ -43,21 +60,12 @@ def _motion_loss_forward(
     block = tl.program_id(1)
     c_off = block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_off < C
-    stride_c = h * w
     hr, hc, dr, dc, active = _pair_geometry(handles_ptr, targets_ptr, i, reach)
     side: tl.constexpr = 2 * R_M + 1
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for k in tl.static_range(side * side):
-        # positions as channel-wide vectors, so every mask below is a vector (scalar & vector
-        # masks do not combine under the interpreter)
-        qr = hr + (k // side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
-        qc = hc + (k % side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
-        inside = (qr >= 0) & (qr <= H - 1) & (qc >= 0) & (qc <= W - 1)
-        mask = c_mask & inside
-        qr_i = tl.minimum(tl.maximum(qr, 0.0), H - 1.0).to(tl.int32)
-        qc_i = tl.minimum(tl.maximum(qc, 0.0), W - 1.0).to(tl.int32)
-        fixed = resized_at(feat_ptr, c_off, mask, qr_i, qc_i, h, w, scale_h, scale_w, stride_c)
-        moved = sample_at(feat_ptr, c_off, mask, qr + dr, qc + dc, H, W, h, w, scale_h, scale_w, stride_c)
+        fixed, moved, _, _, mask = _patch_values(feat_ptr, c_off, c_mask, hr, hc, dr, dc, k, C, h, w, H, W,
+                                                 scale_h, scale_w, R_M, BLOCK_C)
         acc += tl.where(mask, tl.abs(fixed - moved), 0.0)
     count = _patch_count(hr, hc, H, W, R_M)
     weight = tl.where(active, (side * side) / (count * C), 0.0)
@@ -74,25 +82,17 @@ def _motion_loss_backward(
     block = tl.program_id(1)
     c_off = block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_off < C
-    stride_c = h * w
     hr, hc, dr, dc, active = _pair_geometry(handles_ptr, targets_ptr, i, reach)
     side: tl.constexpr = 2 * R_M + 1
     count = _patch_count(hr, hc, H, W, R_M)
     weight = tl.where(active, (side * side) / (count * C), 0.0) * tl.load(grad_out_ptr).to(tl.float32)
+    active_lanes = c_mask & (tl.zeros([BLOCK_C], dtype=tl.float32) + active.to(tl.float32) > 0.5)
     for k in tl.static_range(side * side):
-        # positions as channel-wide vectors, so every mask below is a vector (scalar & vector
-        # masks do not combine under the interpreter)
-        qr = hr + (k // side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
-        qc = hc + (k % side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
-        inside = (qr >= 0) & (qr <= H - 1) & (qc >= 0) & (qc <= W - 1)
-        mask = c_mask & inside & (qr * 0.0 + active.to(tl.float32) > 0.5)
-        qr_i = tl.minimum(tl.maximum(qr, 0.0), H - 1.0).to(tl.int32)
-        qc_i = tl.minimum(tl.maximum(qc, 0.0), W - 1.0).to(tl.int32)
-        fixed = resized_at(feat_ptr, c_off, mask, qr_i, qc_i, h, w, scale_h, scale_w, stride_c)
-        moved = sample_at(feat_ptr, c_off, mask, qr + dr, qc + dc, H, W, h, w, scale_h, scale_w, stride_c)
+        fixed, moved, mr, mc, mask = _patch_values(feat_ptr, c_off, active_lanes, hr, hc, dr, dc, k, C, h, w, H, W,
+                                                   scale_h, scale_w, R_M, BLOCK_C)
         diff = moved - fixed  # d|fixed - moved| / d moved = sign(moved - fixed)
         g = tl.where(diff > 0, weight, tl.where(diff < 0, -weight, 0.0))
-        scatter_sample(grad_ptr, c_off, mask, qr + dr, qc + dc, g, H, W, h, w, scale_h, scale_w, stride_c)
+        scatter_sample(grad_ptr, c_off, mask, mr, mc, g, H, W, h, w, scale_h, scale_w, h * w)
 
 
 def _launch_settings(channels: int) -> Tuple[int, int]:
