@@ -83,6 +83,7 @@ class DragEditor:
         self.progress = progress
         self.denoiser = TorchDenoiser(components.unet)
         self._graph_denoisers: Dict[Path, object] = {}
+        self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
@@ -137,16 +138,21 @@ class DragEditor:
     def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
         c = self.components
         key = lora_key(c.identity, image, prompt, config.lora, config.seed)
+        if key == self._loaded_key and self.cache.path(key).is_file():
+            return key, True
+        self._loaded_key = None
         state = self.cache.load(key)
         if state is not None:
             install_adapter(c.unet, config.lora, config.seed)
             load_adapter_state(c.unet, state)
             logger.info("LoRA loaded from the cache (%s)", self.cache.path(key))
+            self._loaded_key = key
             return key, True
         losses = train_lora(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
                             progress=self.progress)
         self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
                                                      "final_loss": f"{losses[-1]:.6f}" if losses else ""})
+        self._loaded_key = key
         return key, False
 
     def train_lora(self, image: ImageLike, prompt: str, **overrides) -> Tuple[str, bool]:
@@ -182,6 +188,7 @@ class DragEditor:
         state = self.cache.require(lora_key)
         install_adapter(self.components.unet, config.lora, config.seed)
         load_adapter_state(self.components.unet, state)
+        self._loaded_key = lora_key
         return merged_unet(self.components.unet)
 
     def _exported_denoiser(self, prepared: PreparedImage, config: EditConfig):

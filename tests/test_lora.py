@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastdrag import DragEditor
 from fastdrag.config import LoraConfig
 from fastdrag.lora import adapter_state, install_adapter, lora_loss, lora_parameters, train_lora
 from fastdrag.vae import encode_posterior, encode_prompt
@@ -64,10 +65,11 @@ def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, mo
 
     monkeypatch.setattr("fastdrag.editor.train_lora", no_training)
     install_adapter(editor.components.unet, LoraConfig(lora_steps=3), seed=7)  # scramble what is loaded
-    key_again, cached = editor.train_lora(picture.image, picture.prompt, lora_steps=3)
+    restarted = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=editor.cache.directory, progress=False)
+    key_again, cached = restarted.train_lora(picture.image, picture.prompt, lora_steps=3)
     assert key_again == key and cached
     second = adapter_state(editor.components.unet)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # a different prompt is a different identity
     with pytest.raises(AssertionError, match="training ran"):
-        editor.train_lora(picture.image, picture.prompt + " at dusk", lora_steps=3)
+        restarted.train_lora(picture.image, picture.prompt + " at dusk", lora_steps=3)
