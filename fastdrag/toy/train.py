@@ -27,12 +27,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    vae_steps: int = 2000
+    vae_steps: int = 4000
     vae_batch: int = 16
     vae_crop: int = 64
     vae_lr: float = 4e-4
     kl_weight: float = 1e-6
-    unet_steps: int = 2500
+    decoder_steps: int = 400    # then the decoder alone on whole 128 px scenes (GroupNorm sees the full image)
+    decoder_batch: int = 8
+    decoder_lr: float = 1e-4
+    unet_steps: int = 2000
     unet_batch: int = 32
     unet_lr: float = 3e-4
     scenes: int = 3000          # scenes encoded once for UNet training
@@ -106,6 +109,7 @@ def train_vae(out: Path, config: TrainConfig, device: torch.device, progress: bo
         return F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels) + config.kl_weight * posterior.kl().mean()
 
     _loop("vae", config.vae_steps, vae, optimizer, loss_fn, out, config.checkpoint_every, progress)
+    finetune_decoder(vae, out, config, device, progress)
     with torch.no_grad():
         rng_eval = np.random.default_rng(10_000 + config.seed)
         latents = torch.cat([vae.encode(_pixels([make_scene(rng_eval).image for _ in range(16)]).to(device)).latent_dist.mean
@@ -113,6 +117,31 @@ def train_vae(out: Path, config: TrainConfig, device: torch.device, progress: bo
     scaling_factor = float(1.0 / latents.std())
     save_part(vae, out, "vae", {"scaling_factor": scaling_factor, "version": 1})
     return vae, scaling_factor
+
+
+def finetune_decoder(vae, out: Path, config: TrainConfig, device: torch.device, progress: bool = True) -> None:
+    """Fine-tune the decoder on whole scenes with the encoder frozen.
+
+    Crops make training cheap, but GroupNorm and the mid-block attention then see statistics of a
+    64 px crop, and whole 128 px images come back with shifted colours; the latent space (the
+    encoder) stays as it is, so a UNet trained on it stays valid.
+    """
+    rng = np.random.default_rng(config.seed + 2)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    optimizer = _optimizer(vae.decoder, config.decoder_lr)
+    optimizer.add_param_group({"params": list(vae.post_quant_conv.parameters()), "lr": config.decoder_lr,
+                               "initial_lr": config.decoder_lr})
+
+    def loss_fn(step: int) -> torch.Tensor:
+        pixels = _pixels([make_scene(rng).image for _ in range(config.decoder_batch)]).to(device)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample()
+        recon = vae.decode(latents).sample
+        return F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels)
+
+    _loop("decoder", config.decoder_steps, vae, optimizer, loss_fn, out, config.checkpoint_every, progress)
+    vae.requires_grad_(True)
 
 
 def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, device: torch.device, progress: bool = True):
