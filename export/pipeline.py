@@ -61,6 +61,9 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             job.spec.file = f"{job.spec.name}.onnx"
             logger.info("exporting %s", job.spec.name)
             opset = export_onnx(job, staging / job.spec.file)
+            data_file = staging / f"{job.spec.file}.data"
+            if data_file.exists():  # weights as ONNX external data: ship the side file with the graph
+                job.spec.extra["external_data"] = data_file.name
             artifacts[job.spec.name] = job.spec.to_dict()
         artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
         schedule = DdimSchedule.from_scheduler(components.scheduler, config.inversion.num_inference_steps,
