@@ -102,6 +102,7 @@ class DragLoop:
             self.x_prev0 = ddim_step(schedule, z_t.float(), eps0.float(), timestep)
             self.handle_feats = kernels.point_features(feat0, self.handles, sup_res)
         self.latent = z_t.detach().float().clone().requires_grad_(True)
+        self.before = torch.empty_like(self.latent, requires_grad=False)  # the latent before each step, reused
         self.optimizer = torch.optim.Adam([self.latent], lr=config.drag_lr, fused=True if device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast and self.dtype == torch.float16)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
@@ -125,13 +126,13 @@ class DragLoop:
         if self.mask is not None:
             x_prev = ddim_step(self.schedule, self.latent, eps.float(), self.timestep)
             loss = loss + config.lam * kernels.masked_l1(x_prev, self.x_prev0, self.mask)
-        before = self.latent.detach().clone()
+        self.before.copy_(self.latent.detach())
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            self.latent.copy_(torch.where(self.done, before, self.latent))
+            self.latent.copy_(torch.where(self.done, self.before, self.latent))
             self.losses[min(index, self.losses.numel() - 1)] = torch.where(self.done, torch.zeros_like(loss), loss.detach())
         return False
 
