@@ -1,5 +1,4 @@
 """Options of the benchmark suites: `pytest bench/ --benchmark-only [--device cuda] [--dtype fp16]`."""
-import os
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ published-default edit and for the no-drag baseline, with the time per stage; wr
 """
 import argparse
 import sys
-from pathlib import Path
 
 
 def test_toy_quality(benchmark, device, dtype, tmp_path):

@@ -8,9 +8,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
-import numpy as np
 import torch
 
 from ..ddim import DdimSchedule

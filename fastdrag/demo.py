@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import check_writable, save_image
 from .visualize import side_by_side
+
+if TYPE_CHECKING:
+    from .editor import EditResult
 
 DEMO_PROMPT = "a red ball on a blue and yellow background"
 
@@ -49,7 +52,7 @@ def toy_demo_case() -> DemoCase:
 
 
 def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, progress: bool = True,
-             **overrides) -> Tuple[Dict[str, Path], "EditResult"]:
+             **overrides) -> Tuple[Dict[str, Path], EditResult]:
     """Edit the demo case and write input, output and side-by-side pictures into `output_dir`."""
     from .editor import DragEditor
 

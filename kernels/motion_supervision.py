@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import resized_at, sample_at, scatter_sample
+from .sampling import geometry, resized_at, sample_at, scatter_sample
 
 
 @triton.jit
@@ -27,7 +27,6 @@ def _pair_geometry(handles_ptr, targets_ptr, i, reach):
 
 @triton.jit
 def _patch_count(hr, hc, H, W, R_M: tl.constexpr):
-    side: tl.constexpr = 2 * R_M + 1
     rows = tl.minimum(hr + R_M, H - 1.0) - tl.maximum(hr - R_M, 0.0) + 1.0
     cols = tl.minimum(hc + R_M, W - 1.0) - tl.maximum(hc - R_M, 0.0) + 1.0
     return tl.maximum(rows, 0.0) * tl.maximum(cols, 0.0)
@@ -100,15 +99,9 @@ def _launch_settings(channels: int) -> Tuple[int, int]:
     return block, triton.cdiv(channels, block)
 
 
-def _geometry(feat: torch.Tensor, size: Optional[Tuple[int, int]]):
-    _, _, h, w = feat.shape
-    H, W = (h, w) if size is None else (int(size[0]), int(size[1]))
-    return h, w, H, W, h / H, w / W
-
-
 def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
-    h, w, H, W, scale_h, scale_w = _geometry(feat, size)
+    h, w, H, W, scale_h, scale_w = geometry(feat, size)
     block, blocks = _launch_settings(channels)
     partial = torch.empty((handles.shape[0], blocks), dtype=torch.float32, device=feat.device)
     _motion_loss_forward[(handles.shape[0], blocks)](
@@ -119,7 +112,7 @@ def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.T
 
 def motion_loss_backward(feat, handles, targets, grad_out, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
-    h, w, H, W, scale_h, scale_w = _geometry(feat, size)
+    h, w, H, W, scale_h, scale_w = geometry(feat, size)
     block, blocks = _launch_settings(channels)
     grad = torch.zeros(feat.shape, dtype=torch.float32, device=feat.device)
     _motion_loss_backward[(handles.shape[0], blocks)](

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import resized_at
+from .sampling import geometry, resized_at
 
 
 @triton.jit
@@ -59,12 +59,6 @@ def _point_features_kernel(
     tl.store(out_ptr + i * C + c_off, values, mask=c_mask)
 
 
-def _geometry(feat: torch.Tensor, size: Optional[Tuple[int, int]]):
-    _, _, h, w = feat.shape
-    H, W = (h, w) if size is None else (int(size[0]), int(size[1]))
-    return h, w, H, W, h / H, w / W
-
-
 def _clamped(points: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """Rounded integer positions inside the map (scalar clamps: no host-to-device copy)."""
     points = points.detach().float().round()
@@ -74,7 +68,7 @@ def _clamped(points: torch.Tensor, H: int, W: int) -> torch.Tensor:
 def track_points(feat, handle_feats, handles, r_p: int = 3, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Triton version of `reference.track_points` (same contract)."""
     feat = feat.detach().contiguous()
-    h, w, H, W, scale_h, scale_w = _geometry(feat, size)
+    h, w, H, W, scale_h, scale_w = geometry(feat, size)
     channels = feat.shape[1]
     out = torch.empty((handles.shape[0], 2), dtype=torch.float32, device=feat.device)
     block_p = triton.next_power_of_2((2 * r_p + 1) ** 2)
@@ -89,7 +83,7 @@ def track_points(feat, handle_feats, handles, r_p: int = 3, size: Optional[Tuple
 def point_features(feat, points, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Triton version of `reference.point_features`: (N, C) fp32 features of the resized map."""
     feat = feat.detach().contiguous()
-    h, w, H, W, scale_h, scale_w = _geometry(feat, size)
+    h, w, H, W, scale_h, scale_w = geometry(feat, size)
     channels = feat.shape[1]
     out = torch.empty((points.shape[0], channels), dtype=torch.float32, device=feat.device)
     block = min(128, triton.next_power_of_2(channels))

@@ -7,8 +7,17 @@ PyTorch's arithmetic; `sample_at` bilinearly samples that resized map at fractio
 All position arguments broadcast against the channel offsets, so the same helpers serve one
 position and a channel vector, or a tile of positions by channels.
 """
+from typing import Optional, Tuple
+
 import triton
 import triton.language as tl
+
+
+def geometry(feat, size: Optional[Tuple[int, int]]):
+    """(h, w, H, W, scale_h, scale_w): native size, read size, and F.interpolate's source scales."""
+    _, _, h, w = feat.shape
+    H, W = (h, w) if size is None else (int(size[0]), int(size[1]))
+    return h, w, H, W, h / H, w / W
 
 
 @triton.jit

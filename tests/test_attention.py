@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from fastdrag.attention import ReferenceAttnProcessor, reference_control, self_attention_processor_names, transformer_blocks

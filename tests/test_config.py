@@ -1,6 +1,6 @@
 import pytest
 
-from fastdrag.config import DenoiseConfig, DragConfig, EditConfig, InversionConfig, LoraConfig
+from fastdrag.config import DenoiseConfig, EditConfig, LoraConfig
 from fastdrag.errors import ConfigError
 from fastdrag.models import ddim_scheduler
 

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from fastdrag.ddim import DdimSchedule, ddim_inversion_step, ddim_step

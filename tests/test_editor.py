@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from fastdrag.errors import ConfigError, InputError
 

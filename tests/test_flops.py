@@ -5,7 +5,6 @@ denoising step on the tiny model; the image is VAE-encoded once per edit.
 """
 from types import SimpleNamespace
 
-import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -77,7 +77,6 @@ def score(case: DragCase, output: np.ndarray) -> CaseScore:
 
 def vae_quality(components, case: DragCase) -> tuple:
     """(PSNR of the VAE's reconstruction, worst colour drift of a shape's interior in [0, 1])."""
-    import torch
 
     from ..vae import decode, encode_posterior
 
