@@ -40,7 +40,9 @@ def pytest_terminal_summary(terminalreporter, config):
     if not rows:
         return
     terminalreporter.section("FLOPs and achieved rate")
-    terminalreporter.write_line(f"{'benchmark':<40} {'mean ms':>10} {'TFLOP':>10} {'TFLOP/s':>9}")
+    terminalreporter.write_line(f"{'benchmark':<48} {'mean ms':>10} {'TFLOP':>10} {'TFLOP/s':>9} {'peak GiB':>9}")
     for bench in rows:
         info = bench.extra_info
-        terminalreporter.write_line(f"{bench.name:<40} {bench.stats.mean * 1e3:>10.2f} {info['TFLOP']:>10.4f} {info['TFLOP/s']:>9.3f}")
+        peak = f"{info['peak_GiB']:>9.2f}" if "peak_GiB" in info else f"{'':>9}"
+        terminalreporter.write_line(f"{bench.name:<48} {bench.stats.mean * 1e3:>10.2f} {info['TFLOP']:>10.4f} "
+                                    f"{info['TFLOP/s']:>9.3f} {peak}")

@@ -3,7 +3,7 @@
 - processor overhead: one self-attention layer at the tiny model's shape (batch 2), plain SDPA
   attention vs the K/V-swap processor on SDPA (and on xformers where it works);
 - stage-4 step: one batch-2 UNet forward with reference control at the SD 1.5 shape (64x64
-  latent), SDPA vs xformers; CUDA only (the SD 1.5 UNet is too slow to time on this CPU).
+  latent), SDPA vs xformers, contiguous vs channels-last weights; CUDA only (the SD 1.5 UNet is too slow to time on this CPU).
 """
 import pytest
 import torch
@@ -44,17 +44,24 @@ def sd15_unet(device, dtype):
     return build_sd15_random(device=device).unet.to(dtype).eval()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
 @pytest.mark.parametrize("backend", ["sdpa", "xformers"])
-def test_stage4_step_sd15(benchmark, device, dtype, synchronize, sd15_unet, backend):
+def test_stage4_step_sd15(benchmark, device, dtype, synchronize, sd15_unet, backend, layout):
     _backend_or_skip(backend, device, dtype)
     latents = torch.randn(2, 4, 64, 64, device=device, dtype=dtype)
     text = torch.randn(2, 77, 768, device=device, dtype=dtype)
     benchmark.group = "stage-4 step, SD 1.5, batch 2, 64x64 latent"
+    memory_format = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+    sd15_unet.to(memory_format=memory_format)
+    latents = latents.to(memory_format=memory_format)
 
     def step():
         with torch.no_grad():
             sd15_unet(latents, 500, text)
         synchronize()
 
-    with reference_control(sd15_unet, 10, backend):
-        benchmark(step)
+    try:
+        with reference_control(sd15_unet, 10, backend):
+            benchmark(step)
+    finally:
+        sd15_unet.to(memory_format=torch.contiguous_format)

@@ -14,6 +14,7 @@ from fastdrag import DragEditor
 from fastdrag.config import LoraConfig
 from fastdrag.ddim import DdimSchedule, ddim_inversion_step, ddim_step
 from fastdrag.demo import demo_case
+from fastdrag.denoiser import TorchDenoiser
 from fastdrag.drag import DragLoop
 from fastdrag.inputs import prepare_inputs
 from fastdrag.lora import LoraTrainer
@@ -36,10 +37,19 @@ def setup(request, device, dtype, tmp_path_factory):
     return editor, case, inputs, text, posterior, schedule, z0
 
 
-def measure(benchmark, synchronize, fn, name, **pedantic):
-    """Count FLOPs of one call, then time it; record both and the achieved rate."""
+GRAPHS = [pytest.param(False, id="eager"), pytest.param(True, id="cuda-graphs")]
+
+
+def needs_cuda_for(graphs, device):
+    if graphs and device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA GPU (none here)")
+
+
+def measure(benchmark, synchronize, fn, name, count=None, **pedantic):
+    """Count FLOPs of one call (of `count` where given: graph replays are invisible to the counter),
+    then time it; record both, the achieved rate and, on CUDA, the peak memory of the timed calls."""
     with FlopCounterMode(display=False) as counter:
-        fn()
+        (count or fn)()
     synchronize()
     flops = counter.get_total_flops()
 
@@ -48,12 +58,17 @@ def measure(benchmark, synchronize, fn, name, **pedantic):
         synchronize()
 
     benchmark.group = name
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if pedantic:
         benchmark.pedantic(run, **pedantic)
     else:
         benchmark(run)
     benchmark.extra_info["TFLOP"] = flops / 1e12
     benchmark.extra_info["TFLOP/s"] = flops / 1e12 / benchmark.stats.stats.mean
+    if cuda:
+        benchmark.extra_info["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
 
 
 def test_lora_step(benchmark, setup, synchronize):
@@ -66,27 +81,43 @@ def test_lora_step(benchmark, setup, synchronize):
         trainer.finish()
 
 
-def test_inversion_step(benchmark, setup, synchronize):
+@pytest.mark.parametrize("graphs", GRAPHS)
+def test_inversion_step(benchmark, setup, synchronize, device, graphs):
+    needs_cuda_for(graphs, device)
     editor, _, _, text, _, schedule, z0 = setup
-    measure(benchmark, synchronize, lambda: ddim_inversion_step(schedule, z0, editor.denoiser(z0, 341, text), 341),
-            "stage 2: inversion step")
+    denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
+    measure(benchmark, synchronize, lambda: ddim_inversion_step(schedule, z0, denoiser(z0, 341, text), 341),
+            "stage 2: inversion step", count=lambda: eager(z0, 341, text))
 
 
-def test_drag_iteration(benchmark, setup, synchronize):
+@pytest.mark.parametrize("graphs", GRAPHS)
+def test_drag_iteration(benchmark, setup, synchronize, device, graphs):
+    needs_cuda_for(graphs, device)
     editor, _, inputs, text, _, schedule, z0 = setup
     far = inputs.targets.clone()
     far[:, 1] = inputs.sup_res[1] - 1  # keep the handle from arriving while timing
-    loop = DragLoop(editor.components.unet, z0, schedule.drag_timestep, text, inputs.handles, far, inputs.mask,
-                    schedule, editor.config.drag, inputs.sup_res, check_every=10**9)
-    measure(benchmark, synchronize, lambda: loop.step(1), "stage 3: drag iteration")
+
+    def new_loop(cuda_graph):
+        return DragLoop(editor.components.unet, z0, schedule.drag_timestep, text, inputs.handles, far, inputs.mask,
+                        schedule, editor.config.drag, inputs.sup_res, check_every=10**9, cuda_graph=cuda_graph)
+
+    loop, counted = new_loop(graphs), new_loop(False)
+    for index in range(DragLoop.GRAPH_WARMUP + 1):  # past warm-up and capture
+        loop.step(index)
+    synchronize()
+    measure(benchmark, synchronize, lambda: loop.step(5), "stage 3: drag iteration", count=lambda: counted.step(1))
 
 
-def test_denoising_step(benchmark, setup, synchronize):
+@pytest.mark.parametrize("graphs", GRAPHS)
+def test_denoising_step(benchmark, setup, synchronize, device, graphs):
+    needs_cuda_for(graphs, device)
     editor, _, _, text, _, schedule, z0 = setup
+    denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
     pair, text2 = torch.cat([z0, z0 + 0.1]), text.expand(2, -1, -1)
-    with editor.denoiser.reference_control(editor.config.denoise.start_layer):
-        measure(benchmark, synchronize, lambda: ddim_step(schedule, pair, editor.denoiser(pair, 341, text2), 341),
-                "stage 4: denoising step (batch 2, K/V swap)")
+    start_layer = editor.config.denoise.start_layer
+    with denoiser.reference_control(start_layer), eager.reference_control(start_layer):
+        measure(benchmark, synchronize, lambda: ddim_step(schedule, pair, denoiser(pair, 341, text2), 341),
+                "stage 4: denoising step (batch 2, K/V swap)", count=lambda: eager(pair, 341, text2))
 
 
 def test_vae_encode(benchmark, setup, synchronize):
@@ -99,19 +130,40 @@ def test_vae_decode(benchmark, setup, synchronize):
     measure(benchmark, synchronize, lambda: decode(editor.components.vae, z0, editor.components.scaling_factor), "VAE decode")
 
 
-def test_first_edit(benchmark, setup, synchronize, tmp_path):
+def record_stages(benchmark, result):
+    """Seconds per stage of the last timed edit, beside the benchmark's own numbers."""
+    for stage, seconds in result.timings.items():
+        benchmark.extra_info[f"{stage}_s"] = round(seconds, 4)
+    benchmark.extra_info["drag_steps_run"] = result.drag_steps
+
+
+@pytest.mark.parametrize("graphs", GRAPHS)
+def test_first_edit(benchmark, setup, synchronize, tmp_path, device, graphs):
+    needs_cuda_for(graphs, device)
     editor, case, *_ = setup
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path, progress=False)
     counter = iter(range(10**6))
+    results = []
 
-    def edit():  # a new seed each round: a new LoRA key, so stage 1 runs every time
-        fresh.edit(case.image, case.prompt, case.points, mask=case.mask, seed=next(counter))
+    def edit(cuda_graphs):  # a new seed each round: a new LoRA key, so stage 1 runs every time
+        results.append(fresh.edit(case.image, case.prompt, case.points, mask=case.mask, seed=next(counter),
+                                  cuda_graphs=cuda_graphs))
 
-    measure(benchmark, synchronize, edit, "edit at the defaults", rounds=2, iterations=1)
+    measure(benchmark, synchronize, lambda: edit(graphs), "edit at the defaults", count=lambda: edit(False),
+            rounds=2, iterations=1)
+    record_stages(benchmark, results[-1])
 
 
-def test_repeated_edit(benchmark, setup, synchronize):
+@pytest.mark.parametrize("graphs", GRAPHS)
+def test_repeated_edit(benchmark, setup, synchronize, device, graphs):
+    needs_cuda_for(graphs, device)
     editor, case, *_ = setup
-    editor.edit(case.image, case.prompt, case.points, mask=case.mask)  # trains and caches the LoRA
-    measure(benchmark, synchronize, lambda: editor.edit(case.image, case.prompt, case.points, mask=case.mask),
-            "edit at the defaults", rounds=3, iterations=1)
+    results = []
+
+    def edit(cuda_graphs):
+        results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, cuda_graphs=cuda_graphs))
+
+    edit(graphs)  # trains and caches the LoRA (and inverts the image)
+    measure(benchmark, synchronize, lambda: edit(graphs), "edit at the defaults", count=lambda: edit(False),
+            rounds=3, iterations=1)
+    record_stages(benchmark, results[-1])

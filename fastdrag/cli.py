@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vae-steps", type=int, default=None, help="VAE training steps")
     train.add_argument("--unet-steps", type=int, default=None, help="UNet training steps")
     train.add_argument("--scenes", type=int, default=None, help="scenes encoded for UNet training")
+    train.add_argument("--unet-batch", type=int, default=None, help="UNet batch size")
+    train.add_argument("--unet-lr", type=float, default=None, help="UNet peak learning rate")
+    train.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                       help="fit the UNet steps into this many seconds (rate measured on the first steps)")
+    train.add_argument("--vae-from", default=None, metavar="DIR",
+                       help="reuse the VAE of a weights folder ('toy': the built-in model) instead of training one")
+    train.add_argument("--unet-from", default=None, metavar="DIR",
+                       help="start the UNet from a weights folder's UNet ('toy': the built-in model)")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate = toy_commands.add_parser("eval", help="edit toy drag cases and print the quality table")
@@ -235,9 +243,10 @@ def cmd_toy(args) -> int:
     if args.toy_command == "train":
         from .toy.train import TrainConfig, train_toy
 
-        defaults = TrainConfig()
-        config = TrainConfig(vae_steps=args.vae_steps or defaults.vae_steps, unet_steps=args.unet_steps or defaults.unet_steps,
-                             scenes=args.scenes or defaults.scenes)
+        chosen = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "scenes": args.scenes,
+                  "unet_batch": args.unet_batch, "unet_lr": args.unet_lr, "unet_time_budget_s": args.time_budget,
+                  "vae_from": args.vae_from, "unet_from": args.unet_from}
+        config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None})
         timings = train_toy(Path(args.out), config, device=args.device, progress=not args.quiet)
         print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")
         return 0

@@ -68,6 +68,7 @@ class EditConfig:
     seed: int = 42
     size: Optional[Tuple[int, int]] = None  # working (width, height); None = rounded to 64
     backend: str = "torch"  # denoiser of stages 2 and 4: torch, onnxruntime or tensorrt (exported graphs)
+    cuda_graphs: bool = False  # CUDA only: replay the drag iteration and the UNet forwards as captured CUDA graphs
 
     STAGES = ("lora", "inversion", "drag", "denoise")
 

@@ -7,7 +7,7 @@ switches it to the K/V-swap mode of stage 4 for a batch of (source, edited) pair
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Protocol
+from typing import Dict, Iterator, Optional, Protocol, Tuple
 
 import torch
 
@@ -21,19 +21,82 @@ class Denoiser(Protocol):
 
 
 class TorchDenoiser:
-    """The UNet itself, run in its own dtype under `torch.no_grad`."""
+    """The UNet itself, run in its own dtype under `torch.no_grad`.
 
-    def __init__(self, unet: torch.nn.Module):
+    With `cuda_graphs` set (CUDA only) each forward replays a CUDA graph captured once per input
+    shape and attention mode, so a 35-step loop launches 35 graphs instead of thousands of kernels.
+    Call `reset()` when the UNet's weights change storage (a new adapter): graphs read weights by address.
+    """
+
+    def __init__(self, unet: torch.nn.Module, cuda_graphs: bool = False):
         self.unet = unet
+        self.cuda_graphs = cuda_graphs
+        self.mode: Optional[Tuple[int, str]] = None   # the K/V-swap mode now on, part of a graph's key
+        self.graphs: Dict[tuple, _CapturedForward] = {}
+        self.pool = None
+
+    def reset(self) -> None:
+        """Drop captured graphs (and their memory)."""
+        self.graphs.clear()
+        self.pool = None
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs and latents.is_cuda:
+            return self._replay(latents, timestep, text_embeddings)
         dtype = self.unet.dtype
         t = torch.full((), timestep, device=latents.device, dtype=torch.long)  # a fill, not a host-to-device copy
         eps = self.unet(latents.to(dtype), t, encoder_hidden_states=text_embeddings.to(dtype)).sample
         return eps.to(latents.dtype)
 
+    def _replay(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
+        key = (tuple(latents.shape), tuple(text_embeddings.shape), latents.device, self.mode)
+        captured = self.graphs.get(key)
+        if captured is None:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at the same time
+            captured = self.graphs[key] = _CapturedForward(self.unet, latents, text_embeddings, self.pool)
+        return captured(latents, timestep, text_embeddings).to(latents.dtype, copy=True)
+
     @contextlib.contextmanager
     def reference_control(self, start_layer: int, backend: str = "auto") -> Iterator[None]:
         with reference_control(self.unet, start_layer, backend):
-            yield
+            self.mode = (start_layer, backend)
+            try:
+                yield
+            finally:
+                self.mode = None
+
+
+class _CapturedForward:
+    """One UNet forward captured as a CUDA graph over static input, timestep and text buffers."""
+
+    WARMUP = 2
+
+    def __init__(self, unet: torch.nn.Module, latents: torch.Tensor, text_embeddings: torch.Tensor, pool):
+        dtype = unet.dtype
+        self.x = latents.to(dtype, copy=True)
+        self.text = text_embeddings.to(dtype, copy=True)
+        self.t = torch.zeros((), device=latents.device, dtype=torch.long)
+        run = lambda: unet(self.x, self.t, encoder_hidden_states=self.text).sample
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)  # capture synchronises once; the replays never do
+        try:
+            side = torch.cuda.Stream(latents.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.eps = run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+    def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(latents)
+        self.text.copy_(text_embeddings)
+        self.t.fill_(timestep)
+        self.graph.replay()
+        return self.eps

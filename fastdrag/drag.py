@@ -80,11 +80,17 @@ class DragLoop:
     Construction does the work before the loop: `F_0`, `x_prev_0` and the original handles'
     features from one forward. `step(k)` runs iteration k and says whether the host has seen
     every handle arrive. Only the latent is a leaf: the UNet's weights must be frozen.
+
+    Every tensor an iteration touches is allocated once and updated in place, so with
+    `cuda_graph=True` (CUDA only) iterations from `GRAPH_WARMUP` on replay one captured CUDA
+    graph: forward, tracking, loss, backward and the Adam step without a kernel launch from Python.
     """
+
+    GRAPH_WARMUP = 3  # eager iterations before capture (the first has no tracking; lazy inits settle)
 
     def __init__(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig,
-                 sup_res: Tuple[int, int], check_every: int = 4):
+                 sup_res: Tuple[int, int], check_every: int = 4, cuda_graph: bool = False):
         if any(p.requires_grad for p in unet.parameters()):
             raise RuntimeError("the UNet has trainable weights; freeze them before the drag loop")
         device = z_t.device
@@ -94,7 +100,7 @@ class DragLoop:
         self.autocast = config.mixed_precision and device.type == "cuda" and self.dtype != torch.float32
         self.text = text_embeddings.to(self.dtype)
         self.t = torch.full((), timestep, device=device, dtype=torch.long)
-        self.handles = handles.to(device=device, dtype=torch.float32)
+        self.handles = handles.to(device=device, dtype=torch.float32).clone()
         self.targets = targets.to(device=device, dtype=torch.float32)
         self.mask = latent_mask(mask.to(device) if mask is not None else None, z_t.shape)
         with torch.no_grad():
@@ -103,25 +109,51 @@ class DragLoop:
             self.handle_feats = kernels.point_features(feat0, self.handles, sup_res)
         self.latent = z_t.detach().float().clone().requires_grad_(True)
         self.before = torch.empty_like(self.latent, requires_grad=False)  # the latent before each step, reused
-        self.optimizer = torch.optim.Adam([self.latent], lr=config.drag_lr, fused=True if device.type == "cuda" else None)
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.optimizer = torch.optim.Adam([self.latent], lr=config.drag_lr, fused=True if device.type == "cuda" else None,
+                                          capturable=self.cuda_graph)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast and self.dtype == torch.float16)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
         self.steps_run = torch.zeros((), dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)  # the last iteration's loss (0 once arrived)
         self.losses = torch.zeros(max(config.drag_steps, 1), device=device)
         self.watch = ArrivalWatch(device, check_every)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.capturing = False
+        self.side_stream = torch.cuda.Stream(device) if self.cuda_graph else None
 
     def step(self, index: int) -> bool:
-        """Iteration `index`: forward, tracking, arrival test, loss, one Adam step (frozen once arrived)."""
-        config = self.config
-        with torch.autocast("cuda", dtype=self.dtype) if self.autocast else contextlib.nullcontext():
-            eps, feat = unet_with_features(self.unet, self.latent.to(self.dtype), self.t, self.text, config.feature_block)
-        if index > 0:
-            tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
-            self.handles = torch.where(self.done, self.handles, tracked)
-        self.steps_run += (~self.done).long()
-        self.done = self.done | ((self.targets - self.handles).norm(dim=-1) < config.reach_distance).all()
+        """Iteration `index` (forward, tracking, arrival test, loss, one Adam step, frozen once arrived).
+
+        Returns True, without running it, once the host has seen every handle arrive.
+        """
         if self.watch.arrived(index, self.done):
             return True
+        if not self.cuda_graph:
+            self._iteration(track=index > 0)
+        elif self.graph is not None:
+            self.graph.replay()
+        elif index < self.GRAPH_WARMUP:
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                self._iteration(track=index > 0)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+        else:
+            self._capture()
+            self.graph.replay()
+        self.losses[min(index, self.losses.numel() - 1)] = self.loss
+        return False
+
+    def _iteration(self, track: bool) -> None:
+        """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
+        config = self.config
+        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False) if self.autocast else contextlib.nullcontext():
+            eps, feat = unet_with_features(self.unet, self.latent.to(self.dtype), self.t, self.text, config.feature_block)
+        if track:
+            tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
+            self.handles.copy_(torch.where(self.done, self.handles, tracked))
+        self.steps_run.add_((~self.done).long())
+        self.done.logical_or_(((self.targets - self.handles).norm(dim=-1) < config.reach_distance).all())
         loss = kernels.motion_supervision_loss(feat, self.handles, self.targets, config.r_m, size=self.sup_res)
         if self.mask is not None:
             x_prev = ddim_step(self.schedule, self.latent, eps.float(), self.timestep)
@@ -130,15 +162,30 @@ class DragLoop:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.capturing:
+            self.optimizer.zero_grad(set_to_none=True)  # a captured backward writes the same grad buffer each replay
         with torch.no_grad():
             self.latent.copy_(torch.where(self.done, self.before, self.latent))
-            self.losses[min(index, self.losses.numel() - 1)] = torch.where(self.done, torch.zeros_like(loss), loss.detach())
-        return False
+            self.loss.copy_(torch.where(self.done, torch.zeros_like(loss), loss.detach()))
+
+    def _capture(self) -> None:
+        """Capture one tracking iteration as a CUDA graph (a one-off host sync, allowed even under sync debug)."""
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            self.capturing = True
+            with torch.cuda.graph(graph):
+                self._iteration(track=True)
+            self.graph = graph
+        finally:
+            self.capturing = False
+            torch.cuda.set_sync_debug_mode(previous)
 
     def result(self) -> DragResult:
         steps = int(self.steps_run)  # the one host sync, after the loop
-        return DragResult(self.latent.detach(), self.handles, steps, self.losses[:steps])
+        return DragResult(self.latent.detach().clone(), self.handles.clone(), steps, self.losses[:steps].clone())
 
 
 def drag(
@@ -154,9 +201,14 @@ def drag(
     sup_res: Tuple[int, int],
     check_every: int = 4,
     progress: bool = True,
+    cuda_graph: bool = False,
 ) -> DragResult:
-    """Optimise the latent so the content under each handle moves to its target."""
-    loop = DragLoop(unet, z_t, timestep, text_embeddings, handles, targets, mask, schedule, config, sup_res, check_every)
+    """Optimise the latent so the content under each handle moves to its target.
+
+    `cuda_graph=True` replays the iterations as one captured CUDA graph (CUDA only; ignored elsewhere).
+    """
+    loop = DragLoop(unet, z_t, timestep, text_embeddings, handles, targets, mask, schedule, config, sup_res, check_every,
+                    cuda_graph)
     with sync_debug(z_t.device):
         for index in tqdm(range(config.drag_steps), desc="drag", disable=not progress, leave=False):
             if loop.step(index):

@@ -84,6 +84,7 @@ class DragEditor:
         self.denoiser = TorchDenoiser(components.unet)
         self._graph_denoisers: Dict[Path, object] = {}
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
+        self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
@@ -141,6 +142,8 @@ class DragEditor:
         if key == self._loaded_key and self.cache.path(key).is_file():
             return key, True
         self._loaded_key = None
+        self._inverted = None
+        self.denoiser.reset()  # captured graphs read the old adapter's weights
         state = self.cache.load(key)
         if state is not None:
             install_adapter(c.unet, config.lora, config.seed)
@@ -189,6 +192,8 @@ class DragEditor:
         install_adapter(self.components.unet, config.lora, config.seed)
         load_adapter_state(self.components.unet, state)
         self._loaded_key = lora_key
+        self._inverted = None
+        self.denoiser.reset()
         return merged_unet(self.components.unet)
 
     def _exported_denoiser(self, prepared: PreparedImage, config: EditConfig):
@@ -213,6 +218,16 @@ class DragEditor:
             self._graph_denoisers[folder] = load_denoiser(config.backend, manifest)
         return self._graph_denoisers[folder]
 
+    def _invert(self, denoiser, latents: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule,
+                config: EditConfig) -> torch.Tensor:
+        """z_t of the image; a repeated edit of the same image, prompt and adapter reuses the last one."""
+        key = (prepared.lora_key, prepared.inputs.working_size, tuple(schedule.inversion_timesteps), config.backend)
+        if self._inverted is not None and self._inverted[0] == key:
+            return self._inverted[1]
+        z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self.progress)
+        self._inverted = (key, z_t)
+        return z_t
+
     def edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
              **overrides) -> EditResult:
         """Move the content under each handle to its target; points are `[((hx, hy), (tx, ty)), ...]`."""
@@ -224,13 +239,13 @@ class DragEditor:
         schedule = self._schedule(config)
         latents = (prepared.posterior.mean * c.scaling_factor).float()
         denoiser = self.denoiser
+        denoiser.cuda_graphs = config.cuda_graphs
         if config.backend != "torch":
             denoiser = self._timed(timings, "export", self._exported_denoiser, prepared, config)
-        z_t = self._timed(timings, "inversion", invert, denoiser, latents, prepared.text_embeddings, schedule,
-                          progress=self.progress)
+        z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
         result = self._timed(timings, "drag", drag, c.unet, z_t, schedule.drag_timestep, prepared.text_embeddings,
                              inputs.handles, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
-                             progress=self.progress)
+                             progress=self.progress, cuda_graph=config.cuda_graphs)
         pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
                            prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
         edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor)

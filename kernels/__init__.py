@@ -1,7 +1,8 @@
 """Drag-loop kernels, dispatched by device (imported as `fastdrag.kernels`).
 
 CUDA tensors run the Triton kernels; CPU tensors run the PyTorch references of `reference.py`.
-`FASTDRAG_FORCE_TRITON=1` sends CPU tensors to Triton too (with `TRITON_INTERPRET=1`, for tests).
+`FASTDRAG_FORCE_TRITON=1` sends CPU tensors to Triton too (with `TRITON_INTERPRET=1`, for tests);
+`FASTDRAG_KERNELS=reference` sends every tensor to the references (to A/B the kernels on a GPU).
 Both paths share one contract: supervision `(row, col)` coordinates, an optional `size` at which
 `feat` is read as if resized bilinearly (`align_corners=False`), fp32 accumulation.
 """
@@ -21,9 +22,15 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 def uses_triton(tensor: torch.Tensor) -> bool:
     """Whether the kernels take the Triton path for tensors like `tensor`."""
-    if not _HAVE_TRITON:
+    if not _HAVE_TRITON or os.environ.get("FASTDRAG_KERNELS", "") == "reference":
         return False
-    return tensor.is_cuda or os.environ.get("FASTDRAG_FORCE_TRITON", "") == "1"
+    if tensor.is_cuda:
+        return True
+    if os.environ.get("FASTDRAG_FORCE_TRITON", "") != "1":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "") != "1":
+        raise RuntimeError("FASTDRAG_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 (set before the kernels load)")
+    return True
 
 
 def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int = 1,

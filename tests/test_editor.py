@@ -41,3 +41,20 @@ def test_bad_options_are_named(editor, picture, fast):
     with pytest.raises(InputError, match="half precision runs on CUDA only"):
         from fastdrag import DragEditor
         DragEditor.from_pretrained("tiny", device="cpu", dtype="fp16")
+
+
+def test_repeated_edit_reuses_the_inversion_and_matches_a_fresh_one(editor, picture, tmp_path, fast, monkeypatch):
+    from fastdrag import DragEditor, editor as editor_module
+
+    calls = []
+    real_invert = editor_module.invert
+    monkeypatch.setattr(editor_module, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    moved = [((x + 3, y), target) for (x, y), target in picture.points]  # another drag on the same image
+    again = editor.edit(picture.image, picture.prompt, moved, **fast)
+    assert len(calls) == 1
+    editor.edit(picture.image, picture.prompt + " changed", picture.points, **fast)  # new prompt, new inversion
+    assert len(calls) == 2
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
+    reference = fresh.edit(picture.image, picture.prompt, moved, **fast)
+    assert np.asarray(again.image).tobytes() == np.asarray(reference.image).tobytes()

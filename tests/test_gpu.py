@@ -38,3 +38,95 @@ def test_edit_in_half_precision(picture, tmp_path):
                          lora_steps=4, num_inference_steps=10, drag_steps=6)
     assert result.image.size == picture.image.size
     assert all(p.dtype == torch.float32 for n, p in editor.components.unet.named_parameters() if "lora_" in n)
+
+
+def _drag_setting(components, picture, dtype):
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.inputs import prepare_inputs
+
+    inputs = prepare_inputs(picture.image, picture.points, picture.mask)
+    schedule = DdimSchedule.from_scheduler(components.scheduler, 50, 35)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    z_t = torch.randn(1, 4, 8, 8, device="cuda", generator=generator)
+    text = torch.randn(1, 77, 32, device="cuda", generator=generator).to(dtype)
+    return inputs, schedule, z_t, text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, monkeypatch):
+    from fastdrag.config import DragConfig
+    from fastdrag.drag import drag
+    from fastdrag.models import build_tiny
+
+    components = build_tiny().to("cuda", dtype)
+    inputs, schedule, z_t, text = _drag_setting(components, picture, dtype)
+    far = inputs.targets.clone()
+    far[:, 1] = inputs.sup_res[1] - 1  # far enough that no handle arrives within the steps
+    runs = {}
+    monkeypatch.setenv("FASTDRAG_SYNC_DEBUG", "error")  # the replays must not sync either
+    for graph in (False, True):
+        runs[graph] = drag(components.unet, z_t, schedule.drag_timestep, text, inputs.handles.cuda(), far.cuda(),
+                           inputs.mask.cuda(), schedule, DragConfig(drag_steps=10), inputs.sup_res, progress=False,
+                           cuda_graph=graph)
+    eager, graphed = runs[False], runs[True]
+    assert graphed.steps == eager.steps == 10
+    assert torch.isfinite(graphed.latent).all() and not torch.equal(graphed.latent, z_t)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(graphed.latent, eager.latent, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(graphed.losses, eager.losses, rtol=tolerance, atol=tolerance)
+    assert torch.equal(graphed.handles, eager.handles)
+
+
+def test_cuda_graph_drag_loop_stops_when_handles_arrive(picture):
+    from fastdrag.config import DragConfig
+    from fastdrag.drag import drag
+    from fastdrag.models import build_tiny
+
+    components = build_tiny().to("cuda", torch.float32)
+    inputs, schedule, z_t, text = _drag_setting(components, picture, torch.float32)
+    near = inputs.handles.cuda() + torch.tensor([[1.0, 1.0]], device="cuda")
+    result = drag(components.unet, z_t, schedule.drag_timestep, text, inputs.handles.cuda(), near, None, schedule,
+                  DragConfig(drag_steps=20), inputs.sup_res, progress=False, cuda_graph=True)
+    assert result.steps == 1 and torch.equal(result.latent, z_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graphed_denoiser_matches_the_eager_one(dtype):
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.models import build_tiny
+
+    unet = build_tiny().to("cuda", dtype).unet
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    eager, graphed = TorchDenoiser(unet), TorchDenoiser(unet, cuda_graphs=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    for batch in (1, 2):
+        for t in (981, 341):
+            x = torch.randn(batch, 4, 8, 8, device="cuda", generator=generator)
+            text = torch.randn(batch, 77, 32, device="cuda", generator=generator)
+            torch.testing.assert_close(graphed(x, t, text), eager(x, t, text), rtol=tolerance, atol=tolerance)
+    pair = torch.randn(2, 4, 8, 8, device="cuda", generator=generator)
+    text = torch.randn(1, 77, 32, device="cuda", generator=generator).expand(2, -1, -1)
+    with eager.reference_control(10, "sdpa"), graphed.reference_control(10, "sdpa"):
+        swapped = graphed(pair, 501, text)
+        torch.testing.assert_close(swapped, eager(pair, 501, text), rtol=tolerance, atol=tolerance)
+    assert not torch.allclose(swapped, graphed(pair, 501, text), atol=tolerance)  # plain graph: another key
+    assert len(graphed.graphs) == 3
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1.0)  # in place: a replay sees it
+    torch.testing.assert_close(graphed(pair, 501, text), eager(pair, 501, text), rtol=tolerance, atol=tolerance)
+    graphed.reset()
+    assert not graphed.graphs
+
+
+def test_edit_with_cuda_graphs_matches_the_eager_edit(picture, tmp_path):
+    import numpy as np
+    from fastdrag import DragEditor
+
+    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path, progress=False)
+    settings = dict(lora_steps=4, num_inference_steps=10, drag_steps=6)
+    eager = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **settings)
+    editor._inverted = None  # run the inversion again, through graphs
+    graphed = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, cuda_graphs=True, **settings)
+    difference = np.abs(np.asarray(eager.image, dtype=np.float32) - np.asarray(graphed.image, dtype=np.float32))
+    assert difference.mean() < 1.0 and difference.max() <= 8, (difference.mean(), difference.max())
+    assert graphed.handles == pytest.approx(eager.handles, abs=0.6)

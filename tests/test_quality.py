@@ -5,6 +5,8 @@ The shipped toy model does not yet move shapes reliably (mean moved 0.24 over 16
 bench/RESULTS.md), so there is no "the edit moves shapes" threshold here yet: only that the edit
 differs from the no-drag baseline, and that fast paths do not change the measures.
 """
+import os
+
 import pytest
 
 from fastdrag.toy.model import WEIGHTS
@@ -42,6 +44,8 @@ def _same_measures(report, reference):
             assert abs(case["edit"][key] - expected["edit"][key]) <= tolerance, (key, case["edit"], expected["edit"])
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the CPU toy editor runs Triton only under the interpreter (GPU runs: tests/test_gpu.py)")
 def test_triton_kernels_score_the_same(toy_editor, reference, monkeypatch):
     from fastdrag.toy.quality import evaluate
 

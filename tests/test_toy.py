@@ -70,3 +70,32 @@ def test_segment_and_psnr():
     assert psnr(image, image) == 99.0
     noisy = image.astype(int) + 10
     assert psnr(image, noisy) == pytest.approx(10 * np.log10(255 ** 2 / 100), rel=1e-6)
+
+
+def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_path):
+    import torch
+    from fastdrag.toy.model import load_toy
+    from fastdrag.toy.train import CALIBRATION_STEPS, TrainConfig, train_toy
+
+    config = TrainConfig(vae_steps=2, vae_batch=2, decoder_steps=1, decoder_batch=1, unet_steps=3, unet_batch=2,
+                         scenes=60, checkpoint_every=2)
+    train_toy(tmp_path / "fresh", config, device="cpu", progress=False)
+    fresh = load_toy(tmp_path / "fresh")
+    assert fresh.scaling_factor > 0 and torch.isfinite(next(fresh.unet.parameters())).all()
+    assert torch.load(tmp_path / "fresh" / "unet-checkpoint.pt", weights_only=False)["step"] == 3
+
+    # reuse the built-in VAE, start from the built-in UNet; a tiny budget stops right after calibration
+    budget = TrainConfig(unet_steps=10_000, unet_batch=2, scenes=60, vae_from="toy", unet_from="toy",
+                         unet_time_budget_s=1e-6)
+    train_toy(tmp_path / "tuned", budget, device="cpu", progress=False)
+    state = torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=False)
+    assert state["step"] == state["total"] == CALIBRATION_STEPS
+    tuned, builtin = load_toy(tmp_path / "tuned"), load_toy()
+    assert tuned.scaling_factor == builtin.scaling_factor
+    vae_equal = all(torch.equal(a, b) for a, b in zip(tuned.vae.state_dict().values(), builtin.vae.state_dict().values()))
+    assert vae_equal
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), builtin.unet.state_dict().values())]
+    assert any(changed)
+    # a second run resumes at the end and trains nothing more
+    train_toy(tmp_path / "tuned", budget, device="cpu", progress=False)
+    assert torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=False)["step"] == CALIBRATION_STEPS

@@ -5,21 +5,27 @@ the output folder and picked up on the next run. Runs on the GPU when there is o
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import multiprocessing
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..errors import ModelLoadError
 from ..models import ddim_scheduler
 from ..vae import encode_prompt
-from .model import save_part, tokenizer, toy_text_encoder, toy_unet, toy_vae
+from .model import WEIGHTS, save_part, tokenizer, toy_text_encoder, toy_unet, toy_vae
 from .world import SIZE, make_scene
 
 logger = logging.getLogger(__name__)
@@ -41,6 +47,9 @@ class TrainConfig:
     scenes: int = 3000          # scenes encoded once for UNet training
     checkpoint_every: int = 250
     seed: int = 0
+    unet_time_budget_s: Optional[float] = None  # fit the UNet steps into this many seconds (measured rate)
+    vae_from: Optional[str] = None   # reuse a trained VAE from this weights folder ("toy": the built-in one)
+    unet_from: Optional[str] = None  # start the UNet from this weights folder's UNet ("toy": the built-in one)
 
 
 def _pixels(images) -> torch.Tensor:
@@ -48,29 +57,40 @@ def _pixels(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2)
 
 
-def _resume(path: Path, module, optimizer) -> int:
+def _resume(path: Path, module, optimizer, steps: int) -> Tuple[int, int]:
+    """(step reached, total steps) from the checkpoint at `path`, else (0, `steps`)."""
     if not path.is_file():
-        return 0
+        return 0, steps
     state = torch.load(path, map_location="cpu", weights_only=False)
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     logger.info("resuming %s at step %d", path.name, state["step"])
-    return int(state["step"])
+    return int(state["step"]), int(state.get("total", steps))
 
 
-def _checkpoint(path: Path, module, optimizer, step: int) -> None:
+def _checkpoint(path: Path, module, optimizer, step: int, total: int) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "total": total}, tmp)
     tmp.replace(path)
 
 
+CALIBRATION_STEPS = 30
+
+
 def _loop(name: str, steps: int, module, optimizer, loss_fn: Callable[[int], torch.Tensor], out: Path,
-          every: int, progress: bool) -> None:
+          every: int, progress: bool, time_budget_s: Optional[float] = None) -> int:
+    """Train `steps` steps on a cosine schedule (resumable); returns the steps reached.
+
+    With `time_budget_s`, a fresh run times its first steps and shortens `steps` to fit the budget,
+    so the schedule still decays to zero at the end.
+    """
     path = out / f"{name}-checkpoint.pt"
-    start = _resume(path, module, optimizer)
+    start, steps = _resume(path, module, optimizer, steps)
     module.train()
-    bar = tqdm(range(start, steps), desc=f"train {name}", disable=not progress, initial=start, total=steps)
-    for step in bar:
+    bar = tqdm(total=steps, desc=f"train {name}", disable=not progress, initial=start)
+    began = time.perf_counter()
+    step = start
+    while step < steps:
         lr_scale = 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine decay to 0
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_scale
@@ -79,10 +99,20 @@ def _loop(name: str, steps: int, module, optimizer, loss_fn: Callable[[int], tor
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % every == 0 or step + 1 == steps:
-            _checkpoint(path, module, optimizer, step + 1)
+        step += 1
+        if time_budget_s is not None and start == 0 and step == CALIBRATION_STEPS:
+            per_step = (time.perf_counter() - began) / step
+            steps = max(step, min(steps, int(time_budget_s / per_step)))
+            bar.total = steps
+            logger.info("%s: %.1f ms per step, %d steps fit %.0f s", name, per_step * 1e3, steps, time_budget_s)
+        bar.update(1)
+        if step % 50 == 0 or step == steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % every == 0 or step == steps:
+            _checkpoint(path, module, optimizer, step, steps)
+    bar.close()
     module.eval()
+    return steps
 
 
 def _optimizer(module, lr):
@@ -144,23 +174,43 @@ def finetune_decoder(vae, out: Path, config: TrainConfig, device: torch.device, 
     vae.requires_grad_(True)
 
 
+def _scene_chunk(args: Tuple[int, int, int]) -> List[Tuple[np.ndarray, str]]:
+    seed, chunk, count = args
+    rng = np.random.default_rng([seed, chunk])
+    return [(np.asarray(scene.image), scene.prompt) for scene in (make_scene(rng) for _ in range(count))]
+
+
+def _scenes(count: int, seed: int, chunk: int = 50) -> List[Tuple[np.ndarray, str]]:
+    """`count` scenes (image array, prompt), made in worker processes: deterministic per (seed, chunk)."""
+    jobs = [(seed, index, min(chunk, count - start)) for index, start in enumerate(range(0, count, chunk))]
+    workers = min(len(jobs), os.cpu_count() or 1, 16)
+    if workers <= 1 or count < 2000:
+        return [item for job in jobs for item in _scene_chunk(job)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # workers run numpy and PIL only
+        return [item for part in pool.map(_scene_chunk, jobs) for item in part]
+
+
 def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, device: torch.device, progress: bool = True):
     text_encoder = toy_text_encoder().to(device).eval()
     tok = tokenizer()
-    rng = np.random.default_rng(config.seed + 1)
+    scenes = _scenes(config.scenes, config.seed + 1)
     latents, texts = [], []
     cache: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for start in tqdm(range(0, config.scenes, 50), desc="encode scenes", disable=not progress):
-            scenes = [make_scene(rng) for _ in range(min(50, config.scenes - start))]
-            latents.append(vae.encode(_pixels([s.image for s in scenes]).to(device)).latent_dist.mean * scaling_factor)
-            for scene in scenes:
-                if scene.prompt not in cache:
-                    cache[scene.prompt] = encode_prompt(tok, text_encoder, scene.prompt)[0]
-                texts.append(cache[scene.prompt])
+        for start in tqdm(range(0, len(scenes), 50), desc="encode scenes", disable=not progress):
+            chunk = scenes[start:start + 50]
+            pixels = torch.from_numpy(np.stack([image for image, _ in chunk]).astype(np.float32) / 127.5 - 1.0)
+            latents.append(vae.encode(pixels.permute(0, 3, 1, 2).to(device)).latent_dist.mean * scaling_factor)
+            for _, prompt in chunk:
+                if prompt not in cache:
+                    cache[prompt] = encode_prompt(tok, text_encoder, prompt)[0]
+                texts.append(cache[prompt])
     latents = torch.cat(latents)
     texts = torch.stack(texts)
-    unet = toy_unet().to(device)
+    unet = toy_unet()
+    if config.unet_from:
+        unet.load_state_dict(_weights(config.unet_from, "unet"))
+    unet = unet.to(device)
     optimizer = _optimizer(unet, config.unet_lr)
     scheduler = ddim_scheduler()
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -172,21 +222,52 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
         t = torch.randint(0, 1000, (config.unet_batch,), generator=generator, device=device)
         return F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample, noise)
 
-    _loop("unet", config.unet_steps, unet, optimizer, loss_fn, out, config.checkpoint_every, progress)
+    _loop("unet", config.unet_steps, unet, optimizer, loss_fn, out, config.checkpoint_every, progress,
+          config.unet_time_budget_s)
     save_part(unet, out, "unet")
     save_part(text_encoder, out, "text_encoder")
     return unet
+
+
+def _folder(name: str) -> Path:
+    return WEIGHTS if name == "toy" else Path(name)
+
+
+def _weights(folder: str, part: str) -> Dict[str, torch.Tensor]:
+    path = _folder(folder) / f"{part}.safetensors"
+    if not path.is_file():
+        raise ModelLoadError(f"no {part} weights at {path}")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def _trained_vae(folder: str, out: Path, device: torch.device):
+    """A VAE trained before (its weights copied into `out`, so the folder is a whole model)."""
+    vae = toy_vae()
+    vae.load_state_dict(_weights(folder, "vae"))
+    meta = json.loads((_folder(folder) / "vae.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        source = _folder(folder) / f"vae{suffix}"
+        if source.resolve() != (out / f"vae{suffix}").resolve():
+            shutil.copyfile(source, out / f"vae{suffix}")
+    return vae.to(device).eval(), float(meta["scaling_factor"])
 
 
 def train_toy(out: Path, config: Optional[TrainConfig] = None, device: Optional[str] = None, progress: bool = True) -> Dict[str, float]:
     """Train VAE then UNet into `out` (weights `vae/unet/text_encoder.safetensors` + configs)."""
     config = config or TrainConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     start = time.perf_counter()
-    vae, scaling_factor = train_vae(out, config, device, progress)
+    if config.vae_from:
+        vae, scaling_factor = _trained_vae(config.vae_from, out, device)
+    else:
+        vae, scaling_factor = train_vae(out, config, device, progress)
     timings["vae_s"] = time.perf_counter() - start
     start = time.perf_counter()
     train_unet(out, vae, scaling_factor, config, device, progress)
