@@ -1,6 +1,8 @@
 """Image <-> latent conversions through the VAE and the text encoding of the prompt."""
 from __future__ import annotations
 
+from typing import List, Union
+
 import numpy as np
 import torch
 from PIL import Image
@@ -36,8 +38,8 @@ def decode(vae, latents: torch.Tensor, scaling_factor: float) -> Image.Image:
 
 
 @torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
-    """CLIP text embeddings (1, 77, D) of the prompt."""
+def encode_prompt(tokenizer, text_encoder, prompt: Union[str, List[str]]) -> torch.Tensor:
+    """CLIP text embeddings (1, 77, D) of the prompt ((B, 77, D) of a list of B prompts)."""
     tokens = tokenizer(
         prompt,
         padding="max_length",

@@ -194,19 +194,18 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
     text_encoder = toy_text_encoder().to(device).eval()
     tok = tokenizer()
     scenes = _scenes(config.scenes, config.seed + 1)
-    latents, texts = [], []
-    cache: Dict[str, torch.Tensor] = {}
+    prompts = sorted({prompt for _, prompt in scenes})
+    prompt_index = {prompt: i for i, prompt in enumerate(prompts)}
+    latents = []
     with torch.no_grad():
+        table = torch.cat([encode_prompt(tok, text_encoder, prompts[start:start + 256])
+                           for start in range(0, len(prompts), 256)])
         for start in tqdm(range(0, len(scenes), 50), desc="encode scenes", disable=not progress):
             chunk = scenes[start:start + 50]
             pixels = torch.from_numpy(np.stack([image for image, _ in chunk]).astype(np.float32) / 127.5 - 1.0)
             latents.append(vae.encode(pixels.permute(0, 3, 1, 2).to(device)).latent_dist.mean * scaling_factor)
-            for _, prompt in chunk:
-                if prompt not in cache:
-                    cache[prompt] = encode_prompt(tok, text_encoder, prompt)[0]
-                texts.append(cache[prompt])
     latents = torch.cat(latents)
-    texts = torch.stack(texts)
+    text_of_scene = torch.tensor([prompt_index[prompt] for _, prompt in scenes], device=device)
     unet = toy_unet()
     if config.unet_from:
         unet.load_state_dict(_weights(config.unet_from, "unet"))
@@ -217,7 +216,7 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
 
     def loss_fn(step: int) -> torch.Tensor:
         index = torch.randint(0, latents.shape[0], (config.unet_batch,), generator=generator, device=device)
-        x0, text = latents[index], texts[index]
+        x0, text = latents[index], table[text_of_scene[index]]
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t = torch.randint(0, 1000, (config.unet_batch,), generator=generator, device=device)
         return F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample, noise)
