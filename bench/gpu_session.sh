@@ -2,6 +2,7 @@
 # The GPU checks of one lent-device session, in two parts that each fit one call.
 #
 #   bash bench/gpu_session.sh checks OUT [TOY_SECONDS]   # GPU tests + kernel benchmarks (+ toy UNet training meanwhile)
+#   bash bench/gpu_session.sh tests OUT                  # the GPU tests alone (per-test timeout, durations)
 #   bash bench/gpu_session.sh stages OUT                 # SD 1.5 stage/edit and attention benchmarks
 #
 # Run from the repository root on a CUDA machine. Expects diffusers/xformers either installed or
@@ -52,6 +53,11 @@ EOF
     timeout 150 python3 -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-only \
         --benchmark-json "$out/bench_kernels.json" >>"$log" 2>&1
     echo "kernel benchmarks exit $?" >>"$log"
+    ;;
+tests)
+    timeout 200 python3 -m pytest -v -rfs --tb=short --timeout 60 --durations 12 -p no:cacheprovider tests/test_gpu.py \
+        tests/test_kernels_triton.py >>"$log" 2>&1
+    echo "gpu tests exit $?" >>"$log"
     ;;
 stages)
     timeout 420 python3 -m pytest -q -p no:cacheprovider bench/test_stages.py bench/test_attention.py --benchmark-only \
