@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from typing import List
 
@@ -32,7 +33,10 @@ def triton_status() -> BackendStatus:
         return BackendStatus("triton", "", False, "not installed (pip install 'fastdrag[gpu]')")
     if not torch.cuda.is_available():
         return BackendStatus("triton", version, False, "no CUDA GPU: the PyTorch reference kernels run instead")
-    return BackendStatus("triton", version, True, "CUDA GPU present")
+    if os.environ.get("FASTDRAG_KERNELS", "reference") != "triton":
+        return BackendStatus("triton", version, False, "opt-in: set FASTDRAG_KERNELS=triton (not yet verified on a GPU, "
+                                                       "see kernels/__init__.py); the PyTorch reference kernels run")
+    return BackendStatus("triton", version, True, "CUDA GPU present, FASTDRAG_KERNELS=triton")
 
 
 def xformers_status() -> BackendStatus:

@@ -1,5 +1,9 @@
 """Triton kernels against the PyTorch references (on the CPU under TRITON_INTERPRET=1)."""
 import importlib.util
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -64,15 +68,32 @@ def test_motion_loss_value_and_gradient(channels, native, size, n):
     expected = reference.motion_supervision_loss(feat, handles, targets, 1, size)
     value = motion_supervision_loss(feat, handles, targets, 1, size)
     assert torch.isfinite(value) and value > 0
-    assert relative_error(value, expected) <= 1e-5
+    assert relative_error(value, expected) <= 1e-5, (value.item(), expected.item())
     (grad_expected,) = torch.autograd.grad(expected, feat)
     (grad,) = torch.autograd.grad(value, feat)
     assert torch.isfinite(grad).all()
-    assert relative_error(grad, grad_expected) <= 1e-5
+    worst = (grad - grad_expected).abs().flatten().argmax().item()
+    assert relative_error(grad, grad_expected) <= 1e-5, (relative_error(grad, grad_expected), worst,
+                                                         grad.flatten()[worst].item(), grad_expected.flatten()[worst].item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_motion_loss_half_precision_maps(dtype):
+    if DEVICE == "cuda" and dtype == torch.bfloat16:
+        # this case never finished on the first H100 run (Triton 3.6): run it where a hang fails the
+        # test instead of stopping the suite
+        code = f"import runpy, torch; runpy.run_path({__file__!r})['half_precision_case'](torch.bfloat16)"
+        env = {**os.environ, "FASTDRAG_FORCE_TRITON": "1"}
+        try:
+            run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the bf16 motion loss did not finish in 180 s on this GPU")
+        assert run.returncode == 0, run.stderr[-3000:]
+        return
+    half_precision_case(dtype)
+
+
+def half_precision_case(dtype):
     motion_supervision_loss, *_ = fused()
     generator = torch.Generator().manual_seed(7)
     feat = torch.randn(1, 37, 13, 17, generator=generator).to(DEVICE, dtype).requires_grad_(True)
@@ -154,9 +175,15 @@ def test_masked_l1_value_and_gradient(mask_kind):
 
 def test_dispatch(monkeypatch):
     cpu = torch.zeros(1)
-    assert kernels.uses_triton(cpu)
+    cuda_half, cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.float16), SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert kernels.uses_triton(cpu) and kernels.uses_triton(cuda_bf16)  # forced: everything
     monkeypatch.delenv("FASTDRAG_FORCE_TRITON")
-    assert not kernels.uses_triton(cpu)
+    assert not any(kernels.uses_triton(t) for t in (cpu, cuda_half, cuda_bf16))  # default: the references
+    monkeypatch.setenv("FASTDRAG_KERNELS", "triton")
+    assert kernels.uses_triton(cuda_half) and not kernels.uses_triton(cuda_bf16) and not kernels.uses_triton(cpu)
+    monkeypatch.setenv("FASTDRAG_KERNELS", "fast")
+    with pytest.raises(ValueError, match="FASTDRAG_KERNELS must be reference or triton"):
+        kernels.uses_triton(cuda_half)
 
 
 def test_whole_drag_gives_the_same_handles(tiny, picture, monkeypatch):
