@@ -1,9 +1,9 @@
 """Edit quality as a regression test: every fast path scores the same as the PyTorch reference
 path on the trained toy model (Triton kernels under the interpreter, the ONNX Runtime backend).
 
-The shipped toy model does not yet move shapes reliably (mean moved 0.24 over 16 cases, see
-bench/RESULTS.md), so there is no "the edit moves shapes" threshold here yet: only that the edit
-differs from the no-drag baseline, and that fast paths do not change the measures.
+The shipped toy model moves shapes part of the way (mean moved 0.45 over the 16 benchmark cases,
+0.30 over the first two that run here, against 0.00 for the no-drag baseline; bench/RESULTS.md),
+so the threshold asks for a mean moved at least MOVED_MARGIN above the baseline on those two.
 """
 import os
 
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet.safetensors").is_file(),
                                 reason="the toy model's weights are not in fastdrag/toy/weights")
 
 CASES = 2
+MOVED_MARGIN = 0.2  # measured: 0.30 edit vs 0.00 baseline on these cases with the shipped weights
 TOLERANCE = {"moved": 0.1, "area_ratio": 0.1, "if_psnr": 1.0}
 
 
@@ -32,10 +33,11 @@ def reference(toy_editor):
     return evaluate(toy_editor, cases=CASES)
 
 
-def test_the_edit_changes_the_image_and_the_baseline_does_not_move(reference):
+def test_the_edit_moves_shapes_and_the_baseline_does_not(reference):
     summary = reference["summary"]
     assert abs(summary["baseline_moved"]) < 0.05, summary           # reconstruction keeps shapes in place
     assert summary["baseline_if_psnr"] > summary["edit_if_psnr"], summary  # the drag changed the picture
+    assert summary["edit_moved"] >= summary["baseline_moved"] + MOVED_MARGIN, summary
 
 
 def _same_measures(report, reference):
