@@ -12,7 +12,8 @@ def cuda_tiny():
     return build_tiny().to("cuda", torch.float16)
 
 
-def test_drag_loop_never_syncs_with_the_host(cuda_tiny, picture, monkeypatch):
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_drag_loop_never_syncs_with_the_host(cuda_tiny, picture, monkeypatch, kernels):
     from fastdrag.config import DragConfig
     from fastdrag.ddim import DdimSchedule
     from fastdrag.drag import drag
@@ -24,6 +25,7 @@ def test_drag_loop_never_syncs_with_the_host(cuda_tiny, picture, monkeypatch):
     text = torch.randn(1, 77, 32, device="cuda", dtype=torch.float16)
     handles, targets, mask = inputs.handles.cuda(), inputs.targets.cuda(), inputs.mask.cuda()
     monkeypatch.setenv("FASTDRAG_SYNC_DEBUG", "error")  # any sync inside the loop raises
+    monkeypatch.setenv("FASTDRAG_KERNELS", kernels)
     result = drag(cuda_tiny.unet, z_t, schedule.drag_timestep, text, handles, targets, mask, schedule,
                   DragConfig(drag_steps=12), inputs.sup_res, progress=False)
     assert result.latent.dtype == torch.float32 and torch.isfinite(result.latent).all()
