@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fit the UNet steps into this many seconds (rate measured on the first steps)")
     train.add_argument("--vae-from", default=None, metavar="DIR",
                        help="reuse the VAE of a weights folder ('toy': the built-in model) instead of training one")
+    train.add_argument("--decoder-steps", type=int, default=None,
+                       help="whole-scene decoder fine-tuning steps (also for a VAE reused with --vae-from)")
     train.add_argument("--unet-from", default=None, metavar="DIR",
                        help="start the UNet from a weights folder's UNet ('toy': the built-in model)")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -245,7 +247,8 @@ def cmd_toy(args) -> int:
 
         chosen = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "scenes": args.scenes,
                   "unet_batch": args.unet_batch, "unet_lr": args.unet_lr, "unet_time_budget_s": args.time_budget,
-                  "vae_from": args.vae_from, "unet_from": args.unet_from}
+                  "vae_from": args.vae_from, "unet_from": args.unet_from, "decoder_steps": args.decoder_steps,
+                  "decoder_steps_on_reuse": args.decoder_steps}
         config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None})
         timings = train_toy(Path(args.out), config, device=args.device, progress=not args.quiet)
         print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")

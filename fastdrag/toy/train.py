@@ -5,6 +5,7 @@ the output folder and picked up on the next run. Runs on the GPU when there is o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     unet_time_budget_s: Optional[float] = None  # fit the UNet steps into this many seconds (measured rate)
     vae_from: Optional[str] = None   # reuse a trained VAE from this weights folder ("toy": the built-in one)
+    decoder_steps_on_reuse: int = 0  # whole-scene decoder steps for a reused VAE (the latent space stays)
     unet_from: Optional[str] = None  # start the UNet from this weights folder's UNet ("toy": the built-in one)
 
 
@@ -265,6 +267,11 @@ def train_toy(out: Path, config: Optional[TrainConfig] = None, device: Optional[
     start = time.perf_counter()
     if config.vae_from:
         vae, scaling_factor = _trained_vae(config.vae_from, out, device)
+        if config.decoder_steps_on_reuse:
+            finetune_decoder(vae, out, dataclasses.replace(config, decoder_steps=config.decoder_steps_on_reuse),
+                             device, progress)
+            vae.eval()
+            save_part(vae, out, "vae", {"scaling_factor": scaling_factor, "version": 1})
     else:
         vae, scaling_factor = train_vae(out, config, device, progress)
     timings["vae_s"] = time.perf_counter() - start
