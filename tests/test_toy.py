@@ -101,3 +101,20 @@ def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_pat
     # a second run resumes at the end and trains nothing more
     train_toy(tmp_path / "tuned", budget, device="cpu", progress=False)
     assert torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=False)["step"] == CALIBRATION_STEPS
+
+
+def test_decoder_fine_tuning_of_a_reused_vae_keeps_the_latent_space(tmp_path):
+    import torch
+    from fastdrag.toy.model import load_toy
+    from fastdrag.toy.train import TrainConfig, train_toy
+
+    config = TrainConfig(vae_from="toy", decoder_steps_on_reuse=2, decoder_batch=1, unet_steps=1, unet_batch=2, scenes=4)
+    train_toy(tmp_path, config, device="cpu", progress=False)
+    tuned, builtin = load_toy(tmp_path), load_toy()
+    for (name, a), b in zip(tuned.vae.state_dict().items(), builtin.vae.state_dict().values()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for name, a, b in
+               zip(tuned.vae.state_dict(), tuned.vae.state_dict().values(), builtin.vae.state_dict().values())
+               if name.startswith("decoder."))
+    assert tuned.scaling_factor == builtin.scaling_factor
