@@ -94,18 +94,21 @@ def _motion_loss_backward(
         scatter_sample(grad_ptr, c_off, mask, mr, mc, g, H, W, h, w, scale_h, scale_w, h * w)
 
 
-def _launch_settings(channels: int) -> Tuple[int, int]:
-    block = min(128, triton.next_power_of_2(channels))
-    return block, triton.cdiv(channels, block)
+def _launch_settings(channels: int) -> Tuple[int, int, int]:
+    """(channels per program, programs per pair, warps): one warp per 32 channels, so no thread holds
+    a replica of another's lane (replicated lanes and atomic adds are a combination to avoid)."""
+    block = max(32, min(128, triton.next_power_of_2(channels)))
+    return block, triton.cdiv(channels, block), block // 32
 
 
 def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
     h, w, H, W, scale_h, scale_w = geometry(feat, size)
-    block, blocks = _launch_settings(channels)
+    block, blocks, warps = _launch_settings(channels)
     partial = torch.empty((handles.shape[0], blocks), dtype=torch.float32, device=feat.device)
     _motion_loss_forward[(handles.shape[0], blocks)](
         feat, handles, targets, partial, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_C=block,
+        num_warps=warps,
     )
     return partial.sum()
 
@@ -113,10 +116,11 @@ def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.T
 def motion_loss_backward(feat, handles, targets, grad_out, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
     h, w, H, W, scale_h, scale_w = geometry(feat, size)
-    block, blocks = _launch_settings(channels)
+    block, blocks, warps = _launch_settings(channels)
     grad = torch.zeros(feat.shape, dtype=torch.float32, device=feat.device)
     _motion_loss_backward[(handles.shape[0], blocks)](
         feat, handles, targets, grad_out, grad, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_C=block,
+        num_warps=warps,
     )
     return grad.to(feat.dtype)
 
