@@ -81,9 +81,10 @@ class DragLoop:
     features from one forward. `step(k)` runs iteration k and says whether the host has seen
     every handle arrive. Only the latent is a leaf: the UNet's weights must be frozen.
 
-    Every tensor an iteration touches is allocated once and updated in place, so with
-    `cuda_graph=True` (CUDA only) iterations from `GRAPH_WARMUP` on replay one captured CUDA
-    graph: forward, tracking, loss, backward and the Adam step without a kernel launch from Python.
+    The loop's state (latent, handles, flags, loss, optimiser state) lives in tensors allocated once
+    and updated in place, so with `cuda_graph=True` (CUDA only) iterations from `GRAPH_WARMUP` on
+    replay one captured CUDA graph: forward, tracking, loss, backward and the Adam step without a
+    kernel launch from Python (the graph's temporaries come from its private memory pool).
     """
 
     GRAPH_WARMUP = 3  # eager iterations before capture (the first has no tracking; lazy inits settle)
