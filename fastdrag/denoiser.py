@@ -12,6 +12,7 @@ from typing import Dict, Iterator, Optional, Protocol, Tuple
 import torch
 
 from .attention import reference_control
+from .cuda_graph import capture, on_side_stream
 
 
 class Denoiser(Protocol):
@@ -79,20 +80,12 @@ class _CapturedForward:
         self.text = text_embeddings.to(dtype, copy=True)
         self.t = torch.zeros((), device=latents.device, dtype=torch.long)
         run = lambda: unet(self.x, self.t, encoder_hidden_states=self.text).sample
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)  # capture synchronises once; the replays never do
-        try:
-            side = torch.cuda.Stream(latents.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.WARMUP):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.eps = run()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
+        with on_side_stream(torch.cuda.Stream(latents.device)):
+            for _ in range(self.WARMUP):
+                run()
+        self.graph = torch.cuda.CUDAGraph()
+        with capture(self.graph, pool):
+            self.eps = run()
 
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
         self.x.copy_(latents)

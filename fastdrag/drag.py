@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import kernels
 from .config import DragConfig
+from .cuda_graph import capture, on_side_stream
 from .ddim import DdimSchedule, ddim_step
 from .features import unet_with_features
 
@@ -135,10 +136,8 @@ class DragLoop:
         elif self.graph is not None:
             self.graph.replay()
         elif index < self.GRAPH_WARMUP:
-            self.side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side_stream):
+            with on_side_stream(self.side_stream):
                 self._iteration(track=index > 0)
-            torch.cuda.current_stream().wait_stream(self.side_stream)
         else:
             self._capture()
             self.graph.replay()
@@ -170,19 +169,16 @@ class DragLoop:
             self.loss.copy_(torch.where(self.done, torch.zeros_like(loss), loss.detach()))
 
     def _capture(self) -> None:
-        """Capture one tracking iteration as a CUDA graph (a one-off host sync, allowed even under sync debug)."""
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)
+        """Capture one tracking iteration as a CUDA graph."""
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        self.capturing = True
         try:
-            self.optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            self.capturing = True
-            with torch.cuda.graph(graph):
+            with capture(graph):
                 self._iteration(track=True)
-            self.graph = graph
         finally:
             self.capturing = False
-            torch.cuda.set_sync_debug_mode(previous)
+        self.graph = graph
 
     def result(self) -> DragResult:
         steps = int(self.steps_run)  # the one host sync, after the loop

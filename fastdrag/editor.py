@@ -136,14 +136,18 @@ class DragEditor:
         self_attention_processor_names(self.components.unet, config.denoise.start_layer)
         choose_backend(config.denoise.attention_backend, self.device, self.dtype)
 
+    def _forget_adapter(self) -> None:
+        """The UNet's adapter is about to change: drop what was derived from the old one."""
+        self._loaded_key = None
+        self._inverted = None      # z_t was inverted with the old adapter
+        self.denoiser.reset()      # captured graphs read the old adapter's weights
+
     def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
         c = self.components
         key = lora_key(c.identity, image, prompt, config.lora, config.seed)
         if key == self._loaded_key and self.cache.path(key).is_file():
             return key, True
-        self._loaded_key = None
-        self._inverted = None
-        self.denoiser.reset()  # captured graphs read the old adapter's weights
+        self._forget_adapter()
         state = self.cache.load(key)
         if state is not None:
             install_adapter(c.unet, config.lora, config.seed)
@@ -189,11 +193,10 @@ class DragEditor:
 
         config = self.config.replace(**overrides)
         state = self.cache.require(lora_key)
+        self._forget_adapter()
         install_adapter(self.components.unet, config.lora, config.seed)
         load_adapter_state(self.components.unet, state)
         self._loaded_key = lora_key
-        self._inverted = None
-        self.denoiser.reset()
         return merged_unet(self.components.unet)
 
     def _exported_denoiser(self, prepared: PreparedImage, config: EditConfig):

@@ -6,7 +6,6 @@ the output folder and picked up on the next run. Runs on the GPU when there is o
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
@@ -20,13 +19,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..errors import ModelLoadError
 from ..models import ddim_scheduler
 from ..vae import encode_prompt
-from .model import WEIGHTS, save_part, tokenizer, toy_text_encoder, toy_unet, toy_vae
+from .model import WEIGHTS, load_toy, save_part, tokenizer, toy_text_encoder, toy_unet, toy_vae
 from .world import SIZE, make_scene
 
 logger = logging.getLogger(__name__)
@@ -203,14 +200,11 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
         table = torch.cat([encode_prompt(tok, text_encoder, prompts[start:start + 256])
                            for start in range(0, len(prompts), 256)])
         for start in tqdm(range(0, len(scenes), 50), desc="encode scenes", disable=not progress):
-            chunk = scenes[start:start + 50]
-            pixels = torch.from_numpy(np.stack([image for image, _ in chunk]).astype(np.float32) / 127.5 - 1.0)
-            latents.append(vae.encode(pixels.permute(0, 3, 1, 2).to(device)).latent_dist.mean * scaling_factor)
+            pixels = _pixels([image for image, _ in scenes[start:start + 50]]).to(device)
+            latents.append(vae.encode(pixels).latent_dist.mean * scaling_factor)
     latents = torch.cat(latents)
     text_of_scene = torch.tensor([prompt_index[prompt] for _, prompt in scenes], device=device)
-    unet = toy_unet()
-    if config.unet_from:
-        unet.load_state_dict(_weights(config.unet_from, "unet"))
+    unet = load_toy(_folder(config.unet_from)).unet if config.unet_from else toy_unet()
     unet = unet.to(device)
     optimizer = _optimizer(unet, config.unet_lr)
     scheduler = ddim_scheduler()
@@ -234,24 +228,15 @@ def _folder(name: str) -> Path:
     return WEIGHTS if name == "toy" else Path(name)
 
 
-def _weights(folder: str, part: str) -> Dict[str, torch.Tensor]:
-    path = _folder(folder) / f"{part}.safetensors"
-    if not path.is_file():
-        raise ModelLoadError(f"no {part} weights at {path}")
-    return {k: v.float() for k, v in load_file(str(path)).items()}
-
-
 def _trained_vae(folder: str, out: Path, device: torch.device):
     """A VAE trained before (its weights copied into `out`, so the folder is a whole model)."""
-    vae = toy_vae()
-    vae.load_state_dict(_weights(folder, "vae"))
-    meta = json.loads((_folder(folder) / "vae.json").read_text())
+    trained = load_toy(_folder(folder))
     out.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".json"):
         source = _folder(folder) / f"vae{suffix}"
         if source.resolve() != (out / f"vae{suffix}").resolve():
             shutil.copyfile(source, out / f"vae{suffix}")
-    return vae.to(device).eval(), float(meta["scaling_factor"])
+    return trained.vae.to(device).eval(), trained.scaling_factor
 
 
 def train_toy(out: Path, config: Optional[TrainConfig] = None, device: Optional[str] = None, progress: bool = True) -> Dict[str, float]:
