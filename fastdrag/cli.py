@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--unet-batch", type=int, default=None, help="UNet batch size")
     train.add_argument("--unet-lr", type=float, default=None, help="UNet peak learning rate")
     train.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                       help="fit the UNet steps into this many seconds (rate measured on the first steps)")
+                       help="fit the UNet steps into this many seconds (rate measured on the first steps); "
+                            "without --unet-steps the budget alone sets the step count")
     train.add_argument("--vae-from", default=None, metavar="DIR",
                        help="reuse the VAE of a weights folder ('toy': the built-in model) instead of training one")
     train.add_argument("--decoder-steps", type=int, default=None,
@@ -241,16 +242,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+BUDGETED_STEP_CAP = 1_000_000  # with --time-budget and no --unet-steps, the budget alone sets the step count
+
+
+def train_config(args):
+    """The toy TrainConfig the `toy train` options ask for (unset options keep the defaults)."""
+    from .toy.train import TrainConfig
+
+    unet_steps = args.unet_steps
+    if unet_steps is None and args.time_budget is not None:
+        unet_steps = BUDGETED_STEP_CAP
+    chosen = {"vae_steps": args.vae_steps, "unet_steps": unet_steps, "scenes": args.scenes,
+              "unet_batch": args.unet_batch, "unet_lr": args.unet_lr, "unet_time_budget_s": args.time_budget,
+              "vae_from": args.vae_from, "unet_from": args.unet_from, "decoder_steps": args.decoder_steps,
+              "decoder_steps_on_reuse": args.decoder_steps}
+    return TrainConfig(**{name: value for name, value in chosen.items() if value is not None})
+
+
 def cmd_toy(args) -> int:
     if args.toy_command == "train":
-        from .toy.train import TrainConfig, train_toy
+        from .toy.train import train_toy
 
-        chosen = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "scenes": args.scenes,
-                  "unet_batch": args.unet_batch, "unet_lr": args.unet_lr, "unet_time_budget_s": args.time_budget,
-                  "vae_from": args.vae_from, "unet_from": args.unet_from, "decoder_steps": args.decoder_steps,
-                  "decoder_steps_on_reuse": args.decoder_steps}
-        config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None})
-        timings = train_toy(Path(args.out), config, device=args.device, progress=not args.quiet)
+        timings = train_toy(Path(args.out), train_config(args), device=args.device, progress=not args.quiet)
         print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")
         return 0
     from .toy.quality import evaluate

@@ -89,3 +89,15 @@ def test_lora_command_trains_then_finds_the_cache(image_file, tmp_path, capsys):
     assert main(args) == 0
     assert "found in the cache" in capsys.readouterr().out
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
+
+
+def test_toy_train_time_budget_sets_the_step_count_unless_capped():
+    from fastdrag.cli import BUDGETED_STEP_CAP, build_parser, train_config
+    from fastdrag.toy.train import TrainConfig
+
+    parse = build_parser().parse_args
+    assert train_config(parse(["toy", "train", "--out", "x"])).unet_steps == TrainConfig().unet_steps
+    budgeted = train_config(parse(["toy", "train", "--out", "x", "--time-budget", "600"]))
+    assert budgeted.unet_steps == BUDGETED_STEP_CAP and budgeted.unet_time_budget_s == 600
+    capped = train_config(parse(["toy", "train", "--out", "x", "--time-budget", "600", "--unet-steps", "300"]))
+    assert capped.unet_steps == 300
