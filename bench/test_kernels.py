@@ -66,3 +66,38 @@ def test_track_points(benchmark, device, dtype, synchronize, kind, pairs):
     handle_feats = reference.point_features(feat, handles, SIZE)
     benchmark.group = f"track points, {pairs} pairs"
     measure(benchmark, device, synchronize, lambda: track_fn(feat, handle_feats, handles, 3, SIZE))
+
+
+def drag_step(loss_fn, track_fn, feat, handles, targets, handle_feats):
+    """What one drag iteration asks of the kernels: loss forward + backward, then tracking."""
+    def step():
+        loss_fn(feat, handles, targets, 1, SIZE).backward()
+        feat.grad = None
+        return track_fn(feat.detach(), handle_feats, handles, 3, SIZE)
+    return step
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graph"])
+@pytest.mark.parametrize("kind", ["reference", "fused"])
+def test_loss_and_tracking(benchmark, device, dtype, synchronize, kind, graphed):
+    """Loss fwd+bwd and tracking of 8 pairs together; replayed from a CUDA graph, the host's launch
+    cost drops out and the device time is left (as in the graphed drag loop)."""
+    loss_fn, track_fn = implementation(kind, device)
+    if graphed and device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA GPU (none here)")
+    feat, handles, targets = inputs(device, dtype, 8)
+    handle_feats = reference.point_features(feat.detach(), handles, SIZE)
+    step = drag_step(loss_fn, track_fn, feat, handles, targets, handle_feats)
+    benchmark.group = "loss + tracking, 8 pairs"
+    if graphed:
+        from fastdrag.cuda_graph import capture, on_side_stream
+
+        with on_side_stream(torch.cuda.Stream(device)):
+            for _ in range(3):
+                step()
+        graph = torch.cuda.CUDAGraph()
+        with capture(graph):
+            step()
+        measure(benchmark, device, synchronize, graph.replay)
+    else:
+        measure(benchmark, device, synchronize, step)
