@@ -3,7 +3,8 @@
 Per pair i with handle h_i at least `reach` from its target g_i and d_i = (g_i - h_i)/|g_i - h_i|:
 `L_i = (2r_m+1)^2 * mean_{q in patch, c} |sg(R[c, q]) - R[c, q + d_i]|`, R the resized map,
 the patch the (2r_m+1)^2 integer positions around h_i clipped to the map. The resized map is
-never materialised; the backward scatters into the native map's gradient.
+never materialised; the backward scatters into the native map's gradient. A tie (|fixed - moved|
+within rounding, see `reference.TIE_TOLERANCE`) gets the zero subgradient, as in the reference.
 """
 from typing import Optional, Tuple
 
@@ -11,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import TIE_TOLERANCE
 from .sampling import geometry, resized_at, sample_at, scatter_sample
 
 
@@ -75,7 +77,7 @@ def _motion_loss_forward(
 def _motion_loss_backward(
     feat_ptr, handles_ptr, targets_ptr, grad_out_ptr, grad_ptr,
     C, h, w, H, W, scale_h, scale_w, reach,
-    R_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    R_M: tl.constexpr, BLOCK_C: tl.constexpr, TIE: tl.constexpr,
 ):
     i = tl.program_id(0)
     block = tl.program_id(1)
@@ -89,8 +91,9 @@ def _motion_loss_backward(
     for k in tl.static_range(side * side):
         fixed, moved, mr, mc, mask = _patch_values(feat_ptr, c_off, active_lanes, hr, hc, dr, dc, k, C, h, w, H, W,
                                                    scale_h, scale_w, R_M, BLOCK_C)
-        diff = moved - fixed  # d|fixed - moved| / d moved = sign(moved - fixed)
-        g = tl.where(diff > 0, weight, tl.where(diff < 0, -weight, 0.0))
+        diff = moved - fixed  # d|fixed - moved| / d moved = sign(moved - fixed); 0 at a tie
+        tie = tl.abs(diff) <= TIE * (tl.abs(fixed) + tl.abs(moved))
+        g = tl.where(tie, 0.0, tl.where(diff > 0, weight, -weight))
         scatter_sample(grad_ptr, c_off, mask, mr, mc, g, H, W, h, w, scale_h, scale_w, h * w)
 
 
@@ -120,7 +123,7 @@ def motion_loss_backward(feat, handles, targets, grad_out, r_m, size, reach=2.0)
     grad = torch.zeros(feat.shape, dtype=torch.float32, device=feat.device)
     _motion_loss_backward[(handles.shape[0], blocks)](
         feat, handles, targets, grad_out, grad, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_C=block,
-        num_warps=warps,
+        TIE=TIE_TOLERANCE, num_warps=warps,
     )
     return grad.to(feat.dtype)
 

@@ -52,6 +52,27 @@ def bilinear(feat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return top * (1 - wr) + bottom * wr
 
 
+# |fixed - moved| below this fraction of |fixed| + |moved| is a tie. Ties are structural, not rare:
+# upsampling with align_corners=False repeats the border rows and columns (4x: two of each), so a
+# patch at the border can compare a value with itself. |x| has no slope at 0 and rounding (FMA on a
+# GPU, another summation order) decides the sign of a tie's difference; every path therefore gives
+# ties the zero subgradient, and the gradient does not depend on rounding.
+TIE_TOLERANCE = 1e-5
+
+
+def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs; fp64 stays fp64 (a high-precision oracle in tests)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def tie_safe_abs(fixed: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """`|fixed - moved|`, with zero gradient where the two are equal up to rounding (see TIE_TOLERANCE)."""
+    diff = fixed - moved
+    tie = diff.abs() <= TIE_TOLERANCE * (fixed.abs() + moved.abs()).detach()
+    slope = torch.where(tie, torch.zeros_like(diff), diff.sign()).detach()
+    return diff * slope + (diff.abs() - diff * slope).detach()
+
+
 def active_pairs(handles: torch.Tensor, targets: torch.Tensor, reach_distance: float = 2.0) -> torch.Tensor:
     """(N,) bool: pairs whose handle is still at least `reach_distance` from its target."""
     return (targets - handles).norm(dim=-1) >= reach_distance
@@ -69,17 +90,18 @@ def motion_supervision_loss(
     `q` runs over the integer positions of the `(2r_m+1)^2` patch around handle `h_i`, clipped to
     the map; `d_i` is the unit direction to the target. Pairs closer than 2 contribute 0.
     """
-    feat = resize(feat, size).float()
+    feat = resize(feat, size)
+    feat = feat.to(accumulation_dtype(feat))
     _, channels, height, width = feat.shape
-    handles, targets = handles.float(), targets.float()
+    handles, targets = handles.to(feat.dtype), targets.to(feat.dtype)
     delta = targets - handles
     distance = delta.norm(dim=-1, keepdim=True)
     direction = delta / distance.clamp_min(1e-12)
-    patch = handles.round().unsqueeze(1) + window_offsets(r_m, feat.device).unsqueeze(0)  # (N, K, 2)
-    inside = ((patch[..., 0] >= 0) & (patch[..., 0] <= height - 1) & (patch[..., 1] >= 0) & (patch[..., 1] <= width - 1)).float()
+    patch = handles.round().unsqueeze(1) + window_offsets(r_m, feat.device).to(feat.dtype).unsqueeze(0)  # (N, K, 2)
+    inside = ((patch[..., 0] >= 0) & (patch[..., 0] <= height - 1) & (patch[..., 1] >= 0) & (patch[..., 1] <= width - 1)).to(feat.dtype)
     fixed = gather(feat.detach(), patch)                              # (N, K, C), stop-gradient side
     moved = bilinear(feat, patch + direction.unsqueeze(1))            # (N, K, C)
-    per_position = (fixed - moved).abs().sum(-1) * inside             # (N, K)
+    per_position = tie_safe_abs(fixed, moved).sum(-1) * inside        # (N, K)
     count = inside.sum(-1) * channels
     per_pair = (2 * r_m + 1) ** 2 * per_position.sum(-1) / count
     return (per_pair * active_pairs(handles, targets).float()).sum()

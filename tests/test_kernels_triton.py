@@ -77,6 +77,26 @@ def test_motion_loss_value_and_gradient(channels, native, size, n):
                                                          grad.flatten()[worst].item(), grad_expected.flatten()[worst].item())
 
 
+def test_motion_loss_gradient_does_not_depend_on_rounding(monkeypatch):
+    """At 4x upsampling the border rows and columns repeat, so border patches hold exact ties where
+    rounding alone (FMA on a GPU, fp64 here) would pick the sign of |x|'s slope. Ties get slope 0 on
+    every path: the fp32 kernel and the fp32 reference match an fp64 reference."""
+    motion_supervision_loss, *_ = fused()
+    generator = torch.Generator().manual_seed(8 * 31 + 8)
+    feat = torch.randn(1, 8, 64, 64, generator=generator).to(DEVICE).requires_grad_(True)
+    handles, targets = edge_points(8, 256, 256, generator)
+    exact = feat.detach().double().requires_grad_(True)
+    (oracle,) = torch.autograd.grad(reference.motion_supervision_loss(exact, handles, targets, 1, (256, 256)), exact)
+    for loss_fn in (motion_supervision_loss, reference.motion_supervision_loss):
+        (grad,) = torch.autograd.grad(loss_fn(feat, handles, targets, 1, (256, 256)), feat)
+        assert relative_error(grad, oracle) <= 1e-5, loss_fn
+    # the case does hold ties: with a plain |x| the reference disagrees with itself across precisions
+    monkeypatch.setattr(reference, "tie_safe_abs", lambda fixed, moved: (fixed - moved).abs())
+    (plain32,) = torch.autograd.grad(reference.motion_supervision_loss(feat, handles, targets, 1, (256, 256)), feat)
+    (plain64,) = torch.autograd.grad(reference.motion_supervision_loss(exact, handles, targets, 1, (256, 256)), exact)
+    assert relative_error(plain32, plain64) > 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_motion_loss_half_precision_maps(dtype):
     if DEVICE == "cuda" and dtype == torch.bfloat16:
