@@ -1,8 +1,8 @@
 """Edit quality as a regression test: every fast path scores the same as the PyTorch reference
 path on the trained toy model (Triton kernels under the interpreter, the ONNX Runtime backend).
 
-The shipped toy model moves shapes part of the way (mean moved 0.49 over the 16 benchmark cases,
-0.26 over the first two that run here, against 0.00 for the no-drag baseline; bench/RESULTS.md),
+The shipped toy model moves shapes part of the way (mean moved 0.54 over the 16 benchmark cases,
+0.57 over the first two that run here, against 0.00 for the no-drag baseline; bench/RESULTS.md),
 so the threshold asks for a mean moved at least MOVED_MARGIN above the baseline on those two.
 """
 import os
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet.safetensors").is_file(),
                                 reason="the toy model's weights are not in fastdrag/toy/weights")
 
 CASES = 2
-MOVED_MARGIN = 0.15  # measured: 0.26 edit vs 0.00 baseline on these two cases with the shipped weights
+MOVED_MARGIN = 0.3  # measured: 0.57 edit vs 0.00 baseline on these two cases with the shipped weights
 TOLERANCE = {"moved": 0.1, "area_ratio": 0.1, "if_psnr": 1.0}
 
 
