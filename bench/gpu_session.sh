@@ -58,7 +58,7 @@ state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
 print("unet steps", state["step"], "of", state["total"])
 EOF
     tar -C /tmp/toy -cf "$out/toy_unet.tar" unet.safetensors unet.json 2>>"$log"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-only \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-only \
         --benchmark-json "$out/bench_kernels.json" >>"$log" 2>&1
     echo "kernel benchmarks exit $?" >>"$log"
     ;;
