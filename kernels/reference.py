@@ -68,7 +68,7 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
 def tie_safe_abs(fixed: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
     """`|fixed - moved|`, with zero gradient where the two are equal up to rounding (see TIE_TOLERANCE)."""
     diff = fixed - moved
-    tie = diff.abs() <= TIE_TOLERANCE * (fixed.abs() + moved.abs()).detach()
+    tie = diff.abs() <= TIE_TOLERANCE * (fixed.abs() + moved.abs())
     slope = torch.where(tie, torch.zeros_like(diff), diff.sign()).detach()
     return diff * slope + (diff.abs() - diff * slope).detach()
 
