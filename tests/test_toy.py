@@ -118,3 +118,23 @@ def test_decoder_fine_tuning_of_a_reused_vae_keeps_the_latent_space(tmp_path):
                zip(tuned.vae.state_dict(), tuned.vae.state_dict().values(), builtin.vae.state_dict().values())
                if name.startswith("decoder."))
     assert tuned.scaling_factor == builtin.scaling_factor
+
+
+def test_colour_error_measures_the_mean_colour_of_shape_interiors():
+    import torch
+
+    from fastdrag.toy.train import _colour_error, _pixels
+    from fastdrag.toy.world import interior
+
+    scenes = [make_scene(np.random.default_rng(seed)) for seed in (3, 4)]
+    exact = _pixels([scene.image for scene in scenes])
+    assert float(_colour_error(exact, scenes)) < 1e-6
+    shifted = exact.clone()
+    offset = torch.tensor([0.1, -0.05, 0.0])[:, None]
+    for image, scene in zip(shifted, scenes):
+        for shape in scene.shapes:
+            inner = torch.from_numpy(interior(shape.mask))
+            image[:, inner] += offset                     # interiors off by a known colour
+            image[:, torch.from_numpy(shape.mask) & ~inner] -= 0.5  # edges are not part of the measure
+    assert float(_colour_error(shifted, scenes)) == pytest.approx(0.05, abs=1e-5)
+    assert float(_colour_error(exact.flip(-1), scenes)) > 0.01  # shapes not where the scenes have them

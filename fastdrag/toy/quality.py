@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..atomic import atomic_path
-from .world import DragCase, make_drag_case
+from .world import DragCase, interior, make_drag_case
 
 
 @dataclass
@@ -84,9 +84,7 @@ def vae_quality(components, case: DragCase) -> tuple:
     recon = np.asarray(decode(components.vae, posterior.mean * components.scaling_factor, components.scaling_factor))
     drift = 0.0
     for shape in case.scene.shapes:
-        inner = shape.mask.copy()
-        for _ in range(3):  # erode: the interior, away from blurred edges
-            inner = inner & np.roll(inner, 1, 0) & np.roll(inner, -1, 0) & np.roll(inner, 1, 1) & np.roll(inner, -1, 1)
+        inner = interior(shape.mask)
         if inner.any():
             drift = max(drift, float(np.abs(recon[inner].mean(0) - np.array(shape.colour)).max() / 255.0))
     return psnr(np.asarray(case.scene.image), recon), drift

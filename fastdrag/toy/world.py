@@ -119,6 +119,14 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def interior(mask: np.ndarray, margin: int = 3) -> np.ndarray:
+    """`mask` eroded by `margin` pixels: a shape's flat interior, away from its blurred edge."""
+    inner = mask.copy()
+    for _ in range(margin):
+        inner = inner & np.roll(inner, 1, 0) & np.roll(inner, -1, 0) & np.roll(inner, 1, 1) & np.roll(inner, -1, 1)
+    return inner
+
+
 def make_drag_case(rng: np.random.Generator, size: int = SIZE) -> DragCase:
     """A scene and a drag of one of its shapes by 8-16 px (at 128 px) in any direction; the mask
     covers the shape at its start and end positions with a margin."""
