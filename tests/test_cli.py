@@ -101,3 +101,7 @@ def test_toy_train_time_budget_sets_the_step_count_unless_capped():
     assert budgeted.unet_steps == BUDGETED_STEP_CAP and budgeted.unet_time_budget_s == 600
     capped = train_config(parse(["toy", "train", "--out", "x", "--time-budget", "600", "--unet-steps", "300"]))
     assert capped.unet_steps == 300
+    decoder = train_config(parse(["toy", "train", "--out", "x", "--vae-from", "toy", "--decoder-steps", "600",
+                                  "--colour-weight", "4", "--seed", "5"]))
+    assert (decoder.decoder_steps_on_reuse, decoder.colour_weight, decoder.seed) == (600, 4.0, 5)
+    assert train_config(parse(["toy", "train", "--out", "x"])).colour_weight == TrainConfig().colour_weight
