@@ -190,6 +190,11 @@ def _from_diffusers_folders(source: str, **kwargs) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity="")
 
 
+def _is_toy_folder(folder: Path) -> bool:
+    """A folder written by `fastdrag toy train` (vae/unet/text_encoder .safetensors side by side)."""
+    return all((folder / f"{part}.safetensors").is_file() for part in ("vae", "unet", "text_encoder"))
+
+
 def _load_folder(folder: Path) -> Components:
     missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / name).is_dir()]
     if missing:
@@ -260,7 +265,8 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     single_file_config: Optional[str] = None,
 ) -> Components:
-    """Load a model by built-in name (`tiny`), local diffusers folder, single file, or hub id."""
+    """Load a model by built-in name (`tiny`, `toy`, `sd15-random`), local diffusers folder, toy weights
+    folder (written by `fastdrag toy train`), single file, or hub id."""
     name = str(name_or_path)
     if name == "tiny":
         components = build_tiny()
@@ -272,7 +278,11 @@ def load_components(
         components = build_sd15_random(device=device)
     else:
         path = Path(name).expanduser()
-        if path.is_dir():
+        if path.is_dir() and _is_toy_folder(path):
+            from .toy.model import load_toy
+
+            components = load_toy(path)
+        elif path.is_dir():
             components = _load_folder(path)
         elif path.suffix in (".safetensors", ".ckpt"):
             if not path.is_file():

@@ -94,6 +94,8 @@ def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_pat
     assert tuned.scaling_factor == builtin.scaling_factor
     assert len({tuned.identity, builtin.identity, fresh.identity}) == 3  # LoRA caches keyed by weights
     assert load_toy().identity == builtin.identity
+    from fastdrag.models import load_components  # what `--model DIR` loads: the trained folder itself
+    assert load_components(str(tmp_path / "tuned")).identity == tuned.identity
     vae_equal = all(torch.equal(a, b) for a, b in zip(tuned.vae.state_dict().values(), builtin.vae.state_dict().values()))
     assert vae_equal
     changed = [not torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), builtin.unet.state_dict().values())]
