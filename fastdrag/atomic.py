@@ -19,6 +19,15 @@ def check_writable(path: Union[str, Path], overwrite: bool) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_NEW_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's files are 0600
+
+
 @contextlib.contextmanager
 def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
@@ -28,6 +37,7 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _NEW_FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
