@@ -20,6 +20,7 @@ def check_writable(path: Union[str, Path], overwrite: bool) -> Path:
 
 
 def _umask() -> int:
+    """The process umask (read once at import: setting it to read it is not thread-safe later)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -100,7 +100,9 @@ def load_points_file(path: str):
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="built-in name (tiny, toy, sd15-random), diffusers folder, toy weights folder (from `fastdrag toy train`), .safetensors/.ckpt file or hub id")
+    parser.add_argument("--model", default="tiny",
+                        help="built-in name (tiny, toy, sd15-random), diffusers folder, toy weights folder "
+                             "(from `fastdrag toy train`), .safetensors/.ckpt file or hub id")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--cache-dir", default=None, help="LoRA cache folder (default: ~/.cache/fastdrag/lora)")
