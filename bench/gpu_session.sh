@@ -47,7 +47,7 @@ case "$part" in
 checks)
     # toy UNet training (GPU) while the tests run; the tests only check numbers, so sharing the GPU is harmless
     (timeout $((toy_seconds + 120)) python3 -m fastdrag.cli toy train --out /tmp/toy --vae-from toy --unet-from toy \
-        --unet-steps 100000 --unet-batch 128 --scenes 30000 --time-budget "$toy_seconds" --quiet \
+        --unet-batch 128 --scenes 30000 --seed 1 --time-budget "$toy_seconds" --quiet \
         >"$out/toy_train.txt" 2>&1; echo "toy train exit $?" >>"$out/toy_train.txt") &
     toy=$!
     run_gpu_tests
