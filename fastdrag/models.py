@@ -190,11 +190,6 @@ def _from_diffusers_folders(source: str, **kwargs) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity="")
 
 
-def _is_toy_folder(folder: Path) -> bool:
-    """A folder written by `fastdrag toy train` (vae/unet/text_encoder .safetensors side by side)."""
-    return all((folder / f"{part}.safetensors").is_file() for part in ("vae", "unet", "text_encoder"))
-
-
 def _load_folder(folder: Path) -> Components:
     missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / name).is_dir()]
     if missing:
@@ -278,12 +273,10 @@ def load_components(
         components = build_sd15_random(device=device)
     else:
         path = Path(name).expanduser()
-        if path.is_dir() and _is_toy_folder(path):
-            from .toy.model import load_toy
+        if path.is_dir():
+            from .toy.model import load_toy, missing_parts  # a folder written by `fastdrag toy train`?
 
-            components = load_toy(path)
-        elif path.is_dir():
-            components = _load_folder(path)
+            components = _load_folder(path) if missing_parts(path) else load_toy(path)
         elif path.suffix in (".safetensors", ".ckpt"):
             if not path.is_file():
                 raise ModelLoadError(f"model file {path} does not exist")

@@ -59,9 +59,14 @@ def save_part(module: torch.nn.Module, folder: Path, name: str, extra: dict = No
                                                     default=list, indent=1))
 
 
+def missing_parts(folder: Path) -> list:
+    """The toy model's weight files that `folder` lacks (none: a folder `fastdrag toy train` wrote)."""
+    return [p for p in PARTS if not (folder / f"{p}.safetensors").is_file()]
+
+
 def load_toy(folder: Path = WEIGHTS) -> Components:
     """The trained toy model (built-in name `toy`)."""
-    missing = [p for p in PARTS if not (folder / f"{p}.safetensors").is_file()]
+    missing = missing_parts(folder)
     if missing:
         raise ModelLoadError(f"the toy model's weights are missing from {folder} ({', '.join(missing)}): "
                              "train them with `fastdrag toy train --out DIR`")
