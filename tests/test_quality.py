@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet.safetensors").is_file(),
 
 CASES = 2
 MOVED_MARGIN = 0.3  # measured: 0.57 edit vs 0.00 baseline on these two cases with the shipped weights
+TRACKED_MIN = 0.5   # measured: the drag loop's tracking says 0.89 and 0.77 of the way on these two cases
 TOLERANCE = {"moved": 0.1, "area_ratio": 0.1, "if_psnr": 1.0}
 
 
@@ -38,6 +39,20 @@ def test_the_edit_moves_shapes_and_the_baseline_does_not(reference):
     assert abs(summary["baseline_moved"]) < 0.05, summary           # reconstruction keeps shapes in place
     assert summary["baseline_if_psnr"] > summary["edit_if_psnr"], summary  # the drag changed the picture
     assert summary["edit_moved"] >= summary["baseline_moved"] + MOVED_MARGIN, summary
+    assert summary["edit_tracked"] >= TRACKED_MIN, summary          # the drag loop's tracking moved the handle
+
+
+def test_tracked_fraction_projects_the_final_handle_on_the_wanted_move():
+    from types import SimpleNamespace
+
+    from fastdrag.toy.quality import tracked_fraction
+
+    case = SimpleNamespace(handle=(10.0, 20.0), target=(22.0, 11.0))   # wanted (12, -9), length 15
+    assert tracked_fraction(case, (10.0, 20.0)) == 0.0
+    assert tracked_fraction(case, (22.0, 11.0)) == pytest.approx(1.0)
+    assert tracked_fraction(case, (16.0, 15.5)) == pytest.approx(0.5)
+    assert tracked_fraction(case, (13.0, 24.0)) == pytest.approx(0.0)   # sideways: no progress
+    assert tracked_fraction(case, (4.0, 24.5)) == pytest.approx(-0.5)   # backwards
 
 
 def _same_measures(report, reference):

@@ -3,7 +3,10 @@
 Per case: *moved* (centroid displacement of the dragged shape projected on the wanted one, as a
 fraction: 1 = arrived), *MD* (final centroid to target, px), *area ratio* (shape area after /
 before), *IF* (PSNR between input and output outside the editable mask), for the edit and for the
-no-drag baseline (inversion + reconstruction); plus the VAE's reconstruction PSNR and colour drift.
+no-drag baseline (inversion + reconstruction); plus the VAE's reconstruction PSNR and colour drift,
+and *tracked*: how far the drag loop's point tracking says the handle got, on the same scale as
+*moved* — a case with tracked near 1 and moved near 0 is one where the latent's features moved but
+the content did not follow.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class CaseResult:
     baseline: CaseScore
     vae_psnr: float
     colour_drift: float
+    tracked: float = float("nan")
     timings: Dict[str, float] = field(default_factory=dict)
 
 
@@ -73,6 +77,13 @@ def score(case: DragCase, output: np.ndarray) -> CaseScore:
     moved = float(np.dot(end - start, wanted) / np.dot(wanted, wanted))
     return CaseScore(moved, float(np.linalg.norm(end - goal)), float(after.sum() / max(before.sum(), 1)),
                      psnr(source, output, ~region))
+
+
+def tracked_fraction(case: DragCase, final_handle) -> float:
+    """The drag loop's final handle position projected on the wanted displacement (1 = at the target)."""
+    wanted = np.array(case.target, dtype=np.float64) - np.array(case.handle, dtype=np.float64)
+    travelled = np.array(final_handle, dtype=np.float64) - np.array(case.handle, dtype=np.float64)
+    return float(np.dot(travelled, wanted) / np.dot(wanted, wanted))
 
 
 def vae_quality(components, case: DragCase) -> tuple:
@@ -112,6 +123,7 @@ def summarise(results: List[CaseResult]) -> Dict[str, float]:
     for branch in ("edit", "baseline"):
         for key in ("moved", "md", "area_ratio", "if_psnr"):
             summary[f"{branch}_{key}"] = mean([getattr(getattr(r, branch), key) for r in results])
+    summary["edit_tracked"] = mean([r.tracked for r in results])
     summary["vae_psnr"] = mean([r.vae_psnr for r in results])
     summary["colour_drift_max"] = max([r.colour_drift for r in results], default=float("nan"))
     for stage in ("lora", "inversion", "drag", "denoise", "total"):
@@ -120,13 +132,13 @@ def summarise(results: List[CaseResult]) -> Dict[str, float]:
 
 
 def markdown(results: List[CaseResult], summary: Dict[str, float], title: str) -> str:
-    lines = [f"## {title}", "", "| case | moved | MD px | area ratio | IF PSNR dB | baseline moved | baseline IF dB | VAE PSNR dB | s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"## {title}", "", "| case | moved | tracked | MD px | area ratio | IF PSNR dB | baseline moved | baseline IF dB "
+             "| VAE PSNR dB | s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r.index} | {r.edit.moved:.2f} | {r.edit.md:.1f} | {r.edit.area_ratio:.2f} | {r.edit.if_psnr:.1f} | "
+        lines.append(f"| {r.index} | {r.edit.moved:.2f} | {r.tracked:.2f} | {r.edit.md:.1f} | {r.edit.area_ratio:.2f} | {r.edit.if_psnr:.1f} | "
                      f"{r.baseline.moved:.2f} | {r.baseline.if_psnr:.1f} | {r.vae_psnr:.1f} | {r.timings.get('total', 0):.1f} |")
     s = summary
-    lines.append(f"| **mean** | **{s['edit_moved']:.2f}** | **{s['edit_md']:.1f}** | **{s['edit_area_ratio']:.2f}** | "
+    lines.append(f"| **mean** | **{s['edit_moved']:.2f}** | {s['edit_tracked']:.2f} | **{s['edit_md']:.1f}** | **{s['edit_area_ratio']:.2f}** | "
                  f"**{s['edit_if_psnr']:.1f}** | {s['baseline_moved']:.2f} | {s['baseline_if_psnr']:.1f} | {s['vae_psnr']:.1f} | "
                  f"{s['seconds_total']:.1f} |")
     lines += ["", f"colour drift of shape interiors after the VAE (max, 0-1): {s['colour_drift_max']:.3f}",
@@ -152,7 +164,7 @@ def evaluate(editor, cases: int = 16, seed: int = 0, out: Optional[Path] = None,
         timings = dict(edited.timings)
         timings["case_total"] = time.perf_counter() - started
         results.append(CaseResult(index, case.scene.prompt, score(case, output), score(case, np.asarray(plain.image)),
-                                  vae_psnr, drift, timings))
+                                  vae_psnr, drift, tracked_fraction(case, edited.handles[0]), timings))
     summary = summarise(results)
     report = {"summary": summary, "cases": [asdict(r) for r in results], "overrides": overrides, "seed": seed}
     if out is not None:
