@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(model="toy")
     add_config_options(evaluate)
 
+    compare = toy_commands.add_parser("compare", help="paired differences between two quality reports of the same cases")
+    compare.add_argument("base", help="quality.json (or its folder) of the model to compare against")
+    compare.add_argument("new", help="quality.json (or its folder) of the candidate")
+
     commands.add_parser("info", help="versions, device and which optional backends are usable")
     return parser
 
@@ -270,6 +274,13 @@ def cmd_toy(args) -> int:
 
         timings = train_toy(Path(args.out), train_config(args), device=args.device, progress=not args.quiet)
         print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")
+        return 0
+    if args.toy_command == "compare":
+        from .toy.compare import load_report, markdown, paired_differences
+
+        differences = paired_differences(load_report(args.base), load_report(args.new))
+        name = lambda path: Path(path).resolve().parent.name if Path(path).name == "quality.json" else Path(path).name
+        print(markdown(differences, name(args.base), name(args.new)), end="")
         return 0
     from .toy.quality import evaluate
 

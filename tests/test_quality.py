@@ -74,3 +74,64 @@ def test_onnxruntime_backend_scores_the_same(toy_editor, reference):
     from fastdrag.toy.quality import evaluate
 
     _same_measures(evaluate(toy_editor, cases=1, backend="onnxruntime"), reference)
+
+
+def _report(moved, tracked=None, seed=0, prompts=None):
+    cases = []
+    for index, value in enumerate(moved):
+        case = {"index": index, "prompt": (prompts or {}).get(index, f"scene {index}"),
+                "edit": {"moved": value, "md": 10 - 5 * value, "area_ratio": 1.0, "if_psnr": 30.0}}
+        if tracked is not None:
+            case["tracked"] = tracked[index]
+        cases.append(case)
+    return {"seed": seed, "cases": cases, "summary": {}}
+
+
+def test_paired_comparison_of_two_reports():
+    import math
+
+    from fastdrag.toy.compare import paired_differences
+
+    base = _report([0.2, 0.5, 0.9, 0.4], tracked=[0.8, 0.9, 1.0, 0.7])
+    new = _report([0.3, 0.5, 1.1, 0.6, 0.8])     # one case more, and written before 'tracked' existed
+    by_measure = {d.measure: d for d in paired_differences(base, new)}
+    moved = by_measure["moved"]
+    deltas = [0.1, 0.0, 0.2, 0.2]
+    mean = sum(deltas) / 4
+    assert moved.cases == 4 and moved.difference == pytest.approx(mean)
+    assert moved.standard_error == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in deltas) / 3 / 4))
+    assert moved.base == pytest.approx(0.5) and moved.new == pytest.approx(0.625)
+    assert by_measure["md"].difference == pytest.approx(-5 * mean)
+    assert by_measure["if_psnr"].difference == 0 and by_measure["if_psnr"].standard_error == 0
+    assert "tracked" not in by_measure                 # only one report has it
+
+
+def test_paired_comparison_refuses_different_cases(tmp_path):
+    from fastdrag.errors import InputError
+    from fastdrag.toy.compare import load_report, paired_differences
+
+    with pytest.raises(InputError, match="case seed"):
+        paired_differences(_report([0.1, 0.2]), _report([0.1, 0.2], seed=1))
+    with pytest.raises(InputError, match="case 1 differs"):
+        paired_differences(_report([0.1, 0.2]), _report([0.1, 0.2], prompts={1: "another scene"}))
+    with pytest.raises(InputError, match="share 1 case"):
+        paired_differences(_report([0.1]), _report([0.1, 0.2]))
+    with pytest.raises(InputError, match="does not exist"):
+        load_report(tmp_path / "missing")
+    (tmp_path / "quality.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="not a quality report"):
+        load_report(tmp_path)
+
+
+def test_toy_compare_command_prints_the_paired_table(tmp_path, capsys):
+    import json
+
+    from fastdrag.cli import main
+
+    for name, moved in (("old", [0.2, 0.4, 0.6]), ("new", [0.4, 0.5, 0.9])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quality.json").write_text(json.dumps(_report(moved)))
+    assert main(["toy", "compare", str(tmp_path / "old"), str(tmp_path / "new" / "quality.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| moved | 0.400 | 0.600 | +0.200 ± 0.058 | 3 |" in table, table
+    assert main(["toy", "compare", str(tmp_path / "old"), str(tmp_path / "none")]) == 2
