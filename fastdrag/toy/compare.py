@@ -44,7 +44,7 @@ def load_report(path: Union[str, Path]) -> Dict:
 
 
 def _value(case: Dict, measure: str) -> float:
-    value = case.get("tracked") if measure == "tracked" else case["edit"].get(measure)
+    value = case.get("tracked") if measure == "tracked" else case.get("edit", {}).get(measure)
     return float("nan") if value is None else float(value)
 
 
