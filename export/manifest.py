@@ -16,6 +16,7 @@ import numpy as np
 
 from ..ddim import DdimSchedule
 from ..errors import FastDragError
+from ..jsonfile import read_json
 from .graphs import GraphSpec, TensorSpec
 
 SCHEMA_VERSION = 1
@@ -109,10 +110,7 @@ def load_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST} in {folder}: not an export folder")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    data = read_json(path, "export manifest", ManifestError)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ManifestError(f"{path} has schema version {version!r}; this fastdrag reads version {SCHEMA_VERSION}")

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .config import EditConfig, field_names
 from .errors import FastDragError, InputError
+from .jsonfile import read_json
 
 logger = logging.getLogger("fastdrag")
 
@@ -78,12 +79,7 @@ def parse_drag(text: str):
 def load_points_file(path: str):
     """Points from JSON: `[[[hx, hy], [tx, ty]], ...]` or `{"handles": [...], "targets": [...]}`."""
     file = Path(path)
-    if not file.is_file():
-        raise InputError(f"points file {file} does not exist")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"points file {file} is not valid JSON: {exc}") from exc
+    data = read_json(file, "points file")
     if isinstance(data, dict):
         handles, targets = data.get("handles"), data.get("targets")
         if not isinstance(handles, list) or not isinstance(targets, list):

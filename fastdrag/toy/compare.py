@@ -6,13 +6,14 @@ adopt/reject decision should rest on the mean per-case difference and its standa
 """
 from __future__ import annotations
 
-import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Union
 
 from ..errors import InputError
+from ..jsonfile import read_json
 
 MEASURES = ("moved", "tracked", "md", "area_ratio", "if_psnr")
 
@@ -32,12 +33,7 @@ def load_report(path: Union[str, Path]) -> Dict:
     file = Path(path)
     if file.is_dir():
         file = file / "quality.json"
-    if not file.is_file():
-        raise InputError(f"quality report {file} does not exist (write one with `fastdrag toy eval --out DIR`)")
-    try:
-        report = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"quality report {file} is not valid JSON: {exc}") from exc
+    report = read_json(file, "quality report", hint=" (write one with `fastdrag toy eval --out DIR`)")
     if not isinstance(report, dict) or not isinstance(report.get("cases"), list):
         raise InputError(f"{file} is not a quality report: it has no list of cases")
     return report
@@ -67,11 +63,9 @@ def paired_differences(base: Dict, new: Dict) -> List[PairedDifference]:
         if len(pairs) < 2:
             continue  # e.g. 'tracked' is missing from reports written before it existed
         deltas = [b - a for a, b in pairs]
-        mean_delta = sum(deltas) / len(deltas)
-        variance = sum((d - mean_delta) ** 2 for d in deltas) / (len(deltas) - 1)
-        differences.append(PairedDifference(measure, sum(a for a, _ in pairs) / len(pairs),
-                                            sum(b for _, b in pairs) / len(pairs), mean_delta,
-                                            math.sqrt(variance / len(deltas)), len(pairs)))
+        differences.append(PairedDifference(measure, statistics.fmean(a for a, _ in pairs),
+                                            statistics.fmean(b for _, b in pairs), statistics.fmean(deltas),
+                                            statistics.stdev(deltas) / math.sqrt(len(deltas)), len(pairs)))
     return differences
 
 

@@ -40,7 +40,7 @@ class CaseResult:
     baseline: CaseScore
     vae_psnr: float
     colour_drift: float
-    tracked: float = float("nan")
+    tracked: float
     timings: Dict[str, float] = field(default_factory=dict)
 
 
