@@ -24,6 +24,17 @@ def _parse_size(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected AxB (e.g. 512x512), got {text!r}") from exc
 
 
+def _world_size(text: str) -> int:
+    """A toy-world side in px: a multiple of 64 (the model's working size), at least 64."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a size in px (e.g. 256), got {text!r}") from exc
+    if value < 64 or value % 64:
+        raise argparse.ArgumentTypeError(f"the toy world's size must be a multiple of 64 px and at least 64, got {value}")
+    return value
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -151,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--unet-steps", type=int, default=None, help="UNet training steps")
     train.add_argument("--scenes", type=int, default=None, help="scenes encoded for UNet training")
     train.add_argument("--unet-batch", type=int, default=None, help="UNet batch size")
+    train.add_argument("--scene-size", type=_world_size, default=None, metavar="PX",
+                       help="side of the UNet's training scenes (default 128; the VAE trains at 128 either way)")
     train.add_argument("--unet-lr", type=float, default=None, help="UNet peak learning rate")
     train.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                        help="fit the UNet steps into this many seconds (rate measured on the first steps); "
@@ -170,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cases", type=int, default=16, help="number of drag cases (default 16)")
     evaluate.add_argument("--case-seed", type=int, default=0, help="seed of the drag cases (default 0)")
     evaluate.add_argument("--out", default="toy-quality", help="results folder (JSON, Markdown, contact sheet)")
+    evaluate.add_argument("--world-size", type=_world_size, default=128, metavar="PX",
+                          help="render the cases at this size: the same scenes, shapes and drags scaled (default 128)")
     _add_common(evaluate)
     evaluate.set_defaults(model="toy")
     add_config_options(evaluate)
@@ -260,7 +275,8 @@ def train_config(args):
     chosen = {"vae_steps": args.vae_steps, "unet_steps": unet_steps, "scenes": args.scenes,
               "unet_batch": args.unet_batch, "unet_lr": args.unet_lr, "unet_time_budget_s": args.time_budget,
               "vae_from": args.vae_from, "unet_from": args.unet_from, "decoder_steps": args.decoder_steps,
-              "decoder_steps_on_reuse": args.decoder_steps, "colour_weight": args.colour_weight, "seed": args.seed}
+              "decoder_steps_on_reuse": args.decoder_steps, "colour_weight": args.colour_weight, "seed": args.seed,
+              "scene_size": args.scene_size}
     return TrainConfig(**{name: value for name, value in chosen.items() if value is not None})
 
 
@@ -272,16 +288,20 @@ def cmd_toy(args) -> int:
         print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")
         return 0
     if args.toy_command == "compare":
-        from .toy.compare import load_report, markdown, paired_differences
+        from .toy.compare import load_report, markdown, paired_differences, world_size
 
-        differences = paired_differences(load_report(args.base), load_report(args.new))
+        base, new = load_report(args.base), load_report(args.new)
+        sizes = (world_size(base), world_size(new))
+        note = "" if sizes[0] == sizes[1] else \
+            f"world sizes differ ({sizes[0]} vs {sizes[1]} px): MD, in pixels, is left out; the other measures are scale-free"
         name = lambda path: Path(path).resolve().parent.name if Path(path).name == "quality.json" else Path(path).name
-        print(markdown(differences, name(args.base), name(args.new)), end="")
+        print(markdown(paired_differences(base, new), name(args.base), name(args.new), note), end="")
         return 0
     from .toy.quality import evaluate
 
     report = evaluate(_editor(args), cases=args.cases, seed=args.case_seed, out=Path(args.out),
-                      title=f"{args.model}: {args.cases} toy drag cases", **config_overrides(args))
+                      title=f"{args.model}: {args.cases} toy drag cases at {args.world_size} px",
+                      world_size=args.world_size, **config_overrides(args))
     print(report["markdown"])
     print(f"wrote {args.out}/quality.json, quality.md and contact_sheet.png")
     return 0

@@ -76,7 +76,20 @@ def test_onnxruntime_backend_scores_the_same(toy_editor, reference):
     _same_measures(evaluate(toy_editor, cases=1, backend="onnxruntime"), reference)
 
 
-def _report(moved, tracked=None, seed=0, prompts=None):
+def test_evaluation_at_another_world_size(toy_editor, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from fastdrag.toy.quality import evaluate
+
+    evaluate(toy_editor, cases=1, out=tmp_path, world_size=64, lora_steps=0, drag_steps=2)
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert report["world_size"] == 64 and report["overrides"] == {"lora_steps": 0, "drag_steps": 2}
+    assert Image.open(tmp_path / "contact_sheet.png").size == (2 * 3 * 64, 2 * 64)  # input | overlay | output, x2
+
+
+def _report(moved, tracked=None, seed=0, prompts=None, world_size=None):
     cases = []
     for index, value in enumerate(moved):
         case = {"index": index, "prompt": (prompts or {}).get(index, f"scene {index}"),
@@ -84,7 +97,10 @@ def _report(moved, tracked=None, seed=0, prompts=None):
         if tracked is not None:
             case["tracked"] = tracked[index]
         cases.append(case)
-    return {"seed": seed, "cases": cases, "summary": {}}
+    report = {"seed": seed, "cases": cases, "summary": {}}
+    if world_size is not None:  # reports written before the option have none: 128
+        report["world_size"] = world_size
+    return report
 
 
 def test_paired_comparison_of_two_reports():
@@ -134,4 +150,23 @@ def test_toy_compare_command_prints_the_paired_table(tmp_path, capsys):
     assert main(["toy", "compare", str(tmp_path / "old"), str(tmp_path / "new" / "quality.json")]) == 0
     table = capsys.readouterr().out
     assert "| moved | 0.400 | 0.600 | +0.200 ± 0.058 | 3 |" in table, table
+    assert "world sizes differ" not in table
     assert main(["toy", "compare", str(tmp_path / "old"), str(tmp_path / "none")]) == 2
+
+
+def test_reports_at_different_world_sizes_compare_on_scale_free_measures(tmp_path, capsys):
+    import json
+
+    from fastdrag.cli import main
+    from fastdrag.toy.compare import paired_differences
+
+    base, big = _report([0.2, 0.4, 0.6]), _report([0.4, 0.5, 0.9], world_size=256)
+    assert [d.measure for d in paired_differences(base, big)] == ["moved", "area_ratio", "if_psnr"]
+    assert "md" in [d.measure for d in paired_differences(base, _report([0.4, 0.5, 0.9], world_size=128))]
+    for name, report in (("small", base), ("big", big)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quality.json").write_text(json.dumps(report))
+    assert main(["toy", "compare", str(tmp_path / "small"), str(tmp_path / "big")]) == 0
+    table = capsys.readouterr().out
+    assert "| moved | 0.400 | 0.600 | +0.200 ± 0.058 | 3 |" in table and "| md |" not in table, table
+    assert "world sizes differ (128 vs 256 px)" in table

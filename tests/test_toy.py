@@ -38,6 +38,17 @@ def test_drag_cases_move_a_shape_8_to_16_px_inside_the_mask():
         assert case.mask[ty, tx] == 1 and case.mask.mean() < 0.6
 
 
+def test_a_larger_world_renders_the_same_cases_scaled():
+    small_rng, large_rng = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(20):
+        small, large = make_drag_case(small_rng), make_drag_case(large_rng, 256)
+        assert large.scene.image.size == (256, 256) and large.mask.shape == (256, 256)
+        assert large.scene.prompt == small.scene.prompt
+        assert np.allclose(large.handle, np.multiply(small.handle, 2)) and np.allclose(large.target, np.multiply(small.target, 2))
+        for a, b in zip(small.scene.shapes, large.scene.shapes):
+            assert b.size == pytest.approx(2 * a.size) and b.mask.sum() == pytest.approx(4 * a.mask.sum(), rel=0.2)  # rasterised edges
+
+
 def moved_scene(case):
     """The truth: the scene with the dragged shape drawn at its target instead."""
     shape = case.scene.shapes[case.shape_index]
@@ -110,8 +121,13 @@ def test_decoder_fine_tuning_of_a_reused_vae_keeps_the_latent_space(tmp_path):
     from fastdrag.toy.model import load_toy
     from fastdrag.toy.train import TrainConfig, train_toy
 
-    config = TrainConfig(vae_from="toy", decoder_steps_on_reuse=2, decoder_batch=1, unet_steps=1, unet_batch=2, scenes=4)
+    config = TrainConfig(vae_from="toy", decoder_steps_on_reuse=2, decoder_batch=1, unet_steps=1, unet_batch=2, scenes=4,
+                         scene_size=64)
     train_toy(tmp_path, config, device="cpu", progress=False)
+    import json
+    assert json.loads((tmp_path / "unet.json").read_text())["scene_size"] == 64  # what the UNet was trained at
+    from fastdrag.toy.train import _scenes
+    assert {image.shape for image, _ in _scenes(3, 0, 64)} == {(64, 64, 3)}
     tuned, builtin = load_toy(tmp_path), load_toy()
     for (name, a), b in zip(tuned.vae.state_dict().items(), builtin.vae.state_dict().values()):
         if name.startswith(("encoder.", "quant_conv.")):

@@ -14,8 +14,10 @@ from typing import Dict, List, Union
 
 from ..errors import InputError
 from ..jsonfile import read_json
+from .world import SIZE
 
 MEASURES = ("moved", "tracked", "md", "area_ratio", "if_psnr")
+SCALE_FREE = ("moved", "tracked", "area_ratio", "if_psnr")  # comparable across world sizes; MD is in pixels
 
 
 @dataclass
@@ -39,13 +41,19 @@ def load_report(path: Union[str, Path]) -> Dict:
     return report
 
 
+def world_size(report: Dict) -> int:
+    """The side in px at which the report's cases were rendered (reports before the option: 128)."""
+    return int(report.get("world_size", SIZE))
+
+
 def _value(case: Dict, measure: str) -> float:
     value = case.get("tracked") if measure == "tracked" else case.get("edit", {}).get(measure)
     return float("nan") if value is None else float(value)
 
 
 def paired_differences(base: Dict, new: Dict) -> List[PairedDifference]:
-    """Per measure: the mean of each report over the cases both scored, and the mean paired difference."""
+    """Per measure: the mean of each report over the cases both scored, and the mean paired difference.
+    Reports of the same cases at different world sizes compare on the scale-free measures only."""
     if base.get("seed") != new.get("seed"):
         raise InputError(f"the reports scored different cases: case seed {base.get('seed')} vs {new.get('seed')}")
     base_cases = {case["index"]: case for case in base["cases"]}
@@ -57,7 +65,7 @@ def paired_differences(base: Dict, new: Dict) -> List[PairedDifference]:
     if len(shared) < 2:
         raise InputError(f"the reports share {len(shared)} case(s); a paired comparison needs at least 2")
     differences = []
-    for measure in MEASURES:
+    for measure in MEASURES if world_size(base) == world_size(new) else SCALE_FREE:
         pairs = [(_value(old, measure), _value(fresh, measure)) for old, fresh in shared]
         pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
         if len(pairs) < 2:
@@ -69,9 +77,11 @@ def paired_differences(base: Dict, new: Dict) -> List[PairedDifference]:
     return differences
 
 
-def markdown(differences: List[PairedDifference], base_name: str, new_name: str) -> str:
+def markdown(differences: List[PairedDifference], base_name: str, new_name: str, note: str = "") -> str:
     lines = [f"| measure | {base_name} | {new_name} | paired difference ± standard error | cases |",
              "| --- | --- | --- | --- | --- |"]
     for d in differences:
         lines.append(f"| {d.measure} | {d.base:.3f} | {d.new:.3f} | {d.difference:+.3f} ± {d.standard_error:.3f} | {d.cases} |")
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..atomic import atomic_path
-from .world import DragCase, interior, make_drag_case
+from .world import SIZE, DragCase, interior, make_drag_case
 
 
 @dataclass
@@ -147,11 +147,12 @@ def markdown(results: List[CaseResult], summary: Dict[str, float], title: str) -
 
 
 def evaluate(editor, cases: int = 16, seed: int = 0, out: Optional[Path] = None, title: str = "toy edit quality",
-             **overrides) -> Dict[str, object]:
+             world_size: int = SIZE, **overrides) -> Dict[str, object]:
     """Edit `cases` drag cases (fixed seed) and score each against the truth; write JSON, Markdown and a
-    contact sheet into `out` when given."""
+    contact sheet into `out` when given. `world_size` renders the same cases at another size (shapes
+    and drags scale with it, so *moved* and *area ratio* stay comparable; *MD* is in its pixels)."""
     rng = np.random.default_rng(seed)
-    drag_cases = [make_drag_case(rng) for _ in range(cases)]
+    drag_cases = [make_drag_case(rng, world_size) for _ in range(cases)]
     results, outputs = [], []
     for index, case in enumerate(drag_cases):
         started = time.perf_counter()
@@ -166,7 +167,8 @@ def evaluate(editor, cases: int = 16, seed: int = 0, out: Optional[Path] = None,
         results.append(CaseResult(index, case.scene.prompt, score(case, output), score(case, np.asarray(plain.image)),
                                   vae_psnr, drift, tracked_fraction(case, edited.handles[0]), timings))
     summary = summarise(results)
-    report = {"summary": summary, "cases": [asdict(r) for r in results], "overrides": overrides, "seed": seed}
+    report = {"summary": summary, "cases": [asdict(r) for r in results], "overrides": overrides, "seed": seed,
+              "world_size": world_size}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ class TrainConfig:
     unet_batch: int = 32
     unet_lr: float = 3e-4
     scenes: int = 3000          # scenes encoded once for UNet training
+    scene_size: int = SIZE      # side of the UNet's training scenes in px (shapes and drags scale with it)
     checkpoint_every: int = 250
     seed: int = 0
     unet_time_budget_s: Optional[float] = None  # fit the UNet steps into this many seconds (measured rate)
@@ -192,15 +193,16 @@ def _colour_error(recon: torch.Tensor, scenes) -> torch.Tensor:
     return torch.stack(errors).mean() if errors else recon.new_zeros(())
 
 
-def _scene_chunk(args: Tuple[int, int, int]) -> List[Tuple[np.ndarray, str]]:
-    seed, chunk, count = args
+def _scene_chunk(args: Tuple[int, int, int, int]) -> List[Tuple[np.ndarray, str]]:
+    seed, chunk, count, size = args
     rng = np.random.default_rng([seed, chunk])
-    return [(np.asarray(scene.image), scene.prompt) for scene in (make_scene(rng) for _ in range(count))]
+    return [(np.asarray(scene.image), scene.prompt) for scene in (make_scene(rng, size) for _ in range(count))]
 
 
-def _scenes(count: int, seed: int, chunk: int = 50) -> List[Tuple[np.ndarray, str]]:
-    """`count` scenes (image array, prompt), made in worker processes: deterministic per (seed, chunk)."""
-    jobs = [(seed, index, min(chunk, count - start)) for index, start in enumerate(range(0, count, chunk))]
+def _scenes(count: int, seed: int, size: int = SIZE, chunk: int = 50) -> List[Tuple[np.ndarray, str]]:
+    """`count` scenes of `size` px (image array, prompt), made in worker processes: deterministic per
+    (seed, chunk)."""
+    jobs = [(seed, index, min(chunk, count - start), size) for index, start in enumerate(range(0, count, chunk))]
     workers = min(len(jobs), os.cpu_count() or 1, 16)
     if workers <= 1 or count < 2000:
         return [item for job in jobs for item in _scene_chunk(job)]
@@ -211,7 +213,7 @@ def _scenes(count: int, seed: int, chunk: int = 50) -> List[Tuple[np.ndarray, st
 def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, device: torch.device, progress: bool = True):
     text_encoder = toy_text_encoder().to(device).eval()
     tok = tokenizer()
-    scenes = _scenes(config.scenes, config.seed + 1)
+    scenes = _scenes(config.scenes, config.seed + 1, config.scene_size)
     prompts = sorted({prompt for _, prompt in scenes})
     prompt_index = {prompt: i for i, prompt in enumerate(prompts)}
     latents = []
@@ -238,7 +240,7 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
 
     _loop("unet", config.unet_steps, unet, optimizer, loss_fn, out, config.checkpoint_every, progress,
           config.unet_time_budget_s)
-    save_part(unet, out, "unet")
+    save_part(unet, out, "unet", {"scene_size": config.scene_size})
     save_part(text_encoder, out, "text_encoder")
     return unet
 

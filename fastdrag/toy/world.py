@@ -97,7 +97,7 @@ def make_scene(rng: np.random.Generator, size: int = SIZE, max_shapes: int = 3) 
             break
         kind = KINDS[rng.integers(len(KINDS))]
         across = rng.uniform(20, 50) * scale
-        margin = across / 2 + 2
+        margin = across / 2 + 2 * scale
         centre = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
         mask = shape_mask(kind, centre, across, size)
         if (mask & occupied).any():
@@ -137,7 +137,7 @@ def make_drag_case(rng: np.random.Generator, size: int = SIZE) -> DragCase:
         distance = rng.uniform(8, 16) * size / 128
         angle = rng.uniform(0, 2 * math.pi)
         target = (shape.centre[0] + distance * math.cos(angle), shape.centre[1] + distance * math.sin(angle))
-        half = shape.size / 2 + 2
+        half = shape.size / 2 + 2 * size / 128
         if not (half <= target[0] <= size - 1 - half and half <= target[1] <= size - 1 - half):
             continue
         moved = shape_mask(shape.kind, target, shape.size, size)
