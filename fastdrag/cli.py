@@ -288,14 +288,11 @@ def cmd_toy(args) -> int:
         print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")
         return 0
     if args.toy_command == "compare":
-        from .toy.compare import load_report, markdown, paired_differences, world_size
+        from .toy.compare import load_report, markdown, paired_differences, size_note
 
         base, new = load_report(args.base), load_report(args.new)
-        sizes = (world_size(base), world_size(new))
-        note = "" if sizes[0] == sizes[1] else \
-            f"world sizes differ ({sizes[0]} vs {sizes[1]} px): MD, in pixels, is left out; the other measures are scale-free"
         name = lambda path: Path(path).resolve().parent.name if Path(path).name == "quality.json" else Path(path).name
-        print(markdown(paired_differences(base, new), name(args.base), name(args.new), note), end="")
+        print(markdown(paired_differences(base, new), name(args.base), name(args.new), size_note(base, new)), end="")
         return 0
     from .toy.quality import evaluate
 

@@ -117,16 +117,16 @@ def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_pat
 
 
 def test_decoder_fine_tuning_of_a_reused_vae_keeps_the_latent_space(tmp_path):
+    import json
+
     import torch
     from fastdrag.toy.model import load_toy
-    from fastdrag.toy.train import TrainConfig, train_toy
+    from fastdrag.toy.train import TrainConfig, _scenes, train_toy
 
     config = TrainConfig(vae_from="toy", decoder_steps_on_reuse=2, decoder_batch=1, unet_steps=1, unet_batch=2, scenes=4,
                          scene_size=64)
     train_toy(tmp_path, config, device="cpu", progress=False)
-    import json
     assert json.loads((tmp_path / "unet.json").read_text())["scene_size"] == 64  # what the UNet was trained at
-    from fastdrag.toy.train import _scenes
     assert {image.shape for image, _ in _scenes(3, 0, 64)} == {(64, 64, 3)}
     tuned, builtin = load_toy(tmp_path), load_toy()
     for (name, a), b in zip(tuned.vae.state_dict().items(), builtin.vae.state_dict().values()):

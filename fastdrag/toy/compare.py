@@ -46,6 +46,14 @@ def world_size(report: Dict) -> int:
     return int(report.get("world_size", SIZE))
 
 
+def size_note(base: Dict, new: Dict) -> str:
+    """The line saying why MD is missing when the reports' world sizes differ ('' when they agree)."""
+    sizes = world_size(base), world_size(new)
+    if sizes[0] == sizes[1]:
+        return ""
+    return f"world sizes differ ({sizes[0]} vs {sizes[1]} px): MD, in pixels, is left out; the other measures are scale-free"
+
+
 def _value(case: Dict, measure: str) -> float:
     value = case.get("tracked") if measure == "tracked" else case.get("edit", {}).get(measure)
     return float("nan") if value is None else float(value)
