@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh stages OUT                 # SD 1.5 stage/edit and attention benchmarks
 #
 # Run from the repository root on a CUDA machine. Expects diffusers/xformers either installed or
-# as wheels in .whl/ (the device machine has no package index). Writes at most a few files to OUT:
+# as wheels in .whl/ (the device machine has no package index: fetch them here with
+# `bash bench/fetch_wheels.sh` and carry .whl). Writes at most a few files to OUT:
 # log.txt, *.json (pytest-benchmark), toy_train.txt and toy_unet.tar.
 set -u
 part=${1:?checks or stages}
@@ -21,6 +22,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         >>"$log" 2>&1 || echo "wheel install failed" >>"$log"
     export PYTHONPATH=/tmp/site
 fi
+if ls .whl/cudart12/*.whl >/dev/null 2>&1; then
+    # xformers 0.0.35 is built for CUDA 12.8 (bench/fetch_wheels.sh): its libcudart.so.12 beside the image's CUDA 13
+    python3 - .whl/cudart12/*.whl >>"$log" 2>&1 <<'EOF'
+import sys, zipfile
+for wheel in sys.argv[1:]:
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall("/tmp/cudart12", [n for n in archive.namelist() if "/lib/" in n])
+EOF
+    export LD_LIBRARY_PATH="/tmp/cudart12/nvidia/cuda_runtime/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 # the package without installing it: kernels/ and export/ are fastdrag.kernels and fastdrag.export
 [ -e fastdrag/kernels ] || ln -s ../kernels fastdrag/kernels
 [ -e fastdrag/export ] || ln -s ../export fastdrag/export
@@ -31,6 +42,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
     python3 -m fastdrag.cli info
+    python3 -c "import torch, xformers.ops as x; q = torch.randn(1, 64, 8, 40, device='cuda', dtype=torch.half); \
+print('xformers attention ok', float((x.memory_efficient_attention(q, q, q) - torch.nn.functional.scaled_dot_product_attention(\
+q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2)).transpose(1, 2)).abs().max()))"
 } >>"$log" 2>&1
 
 run_gpu_tests() {
