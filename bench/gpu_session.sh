@@ -46,10 +46,13 @@ for wheel in sys.argv[1:]:
 EOF
     export LD_LIBRARY_PATH="/tmp/cudart12/nvidia/cuda_runtime/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-# the package without installing it: kernels/ and export/ are fastdrag.kernels and fastdrag.export
-[ -e fastdrag/kernels ] || ln -s ../kernels fastdrag/kernels
-[ -e fastdrag/export ] || ln -s ../export fastdrag/export
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the package without installing it (the device machine): kernels/ and export/ are fastdrag.kernels and
+# fastdrag.export; an installed checkout (pip install -e .) already maps them
+if ! python3 -c "import fastdrag.kernels, fastdrag.export" 2>/dev/null; then
+    [ -e fastdrag/kernels ] || ln -s ../kernels fastdrag/kernels
+    [ -e fastdrag/export ] || ln -s ../export fastdrag/export
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 {
     date -u
@@ -143,4 +146,4 @@ for name in "${names[@]}"; do
     esac
 done
 finish_toy
-nvidia-smi --query-gpu=memory.used --format=csv >>"$log" 2>&1
+nvidia-smi --query-gpu=memory.used --format=csv >>"$log" 2>&1 || true
