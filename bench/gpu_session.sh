@@ -5,7 +5,7 @@
 #
 # GROUPS is a comma-separated list of these, run in the order given:
 #   kernel-tests     tests/test_kernels_triton.py: Triton vs references (decides the CUDA default, #3)
-#   gpu-tests        tests/test_gpu.py: no host sync in the drag loop, CUDA graphs, fp16/bf16 edits
+#   gpu-tests        tests/test_gpu.py: no host sync in the drag loop, CUDA graphs, an fp16 edit
 #   attention-tests  tests/test_attention.py: SDPA and xformers reference-attention processors
 #   kernel-bench     bench/test_kernels.py: fused vs reference at the SD shape (the >= 10x target)
 #   stage-bench      bench/test_stages.py -k "not edit" --model sd15: one step of each stage
