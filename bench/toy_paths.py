@@ -79,8 +79,9 @@ def swapped_eps(unet, latent, timestep, text, paths, source_paths, skips: bool, 
 
 def analyse_case(editor, case, **overrides) -> Dict[str, float]:
     """Both measures for one drag case (see the module docstring)."""
+    from fastdrag.ddim import ddim_move
     from fastdrag.drag import drag
-    from fastdrag.features import unet_with_features
+    from fastdrag.features import capture_up_block
     from fastdrag.toy.quality import score
     from fastdrag.vae import decode
 
@@ -94,17 +95,17 @@ def analyse_case(editor, case, **overrides) -> Dict[str, float]:
     dragged = drag(parts.unet, z_t, t, text, inputs.handles, inputs.targets, inputs.mask, schedule, config.drag,
                    inputs.sup_res, progress=False).latent
     with torch.no_grad():
-        _, feat = unet_with_features(parts.unet, z_t, t, text, config.drag.feature_block)
-        features = F.interpolate(feat.float(), size=inputs.sup_res, mode="bilinear", align_corners=False)[0]
+        with capture_up_block(parts.unet, config.drag.feature_block) as captured:  # the source's features, same forward
+            source = unet_paths(parts.unet, z_t, t, text)
+        edited = unet_paths(parts.unet, dragged, t, text)
+        features = F.interpolate(captured[-1].float(), size=inputs.sup_res, mode="bilinear", align_corners=False)[0]
         shape = _grow(_pool(case.scene.shapes[case.shape_index].mask) > 0.5, -1)
         every_shape = _pool(np.any([s.mask for s in case.scene.shapes], axis=0)) > 0
         near, ring = feature_distinctness(features, tuple(int(v) for v in inputs.handles[0]), shape,
                                           ~_grow(every_shape, 2))
-        source, edited = unet_paths(parts.unet, z_t, t, text), unet_paths(parts.unet, dragged, t, text)
-        alpha = parts.scheduler.alphas_cumprod[int(t)].float()
 
         def moved(eps: torch.Tensor) -> float:
-            x0 = (dragged - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+            x0 = ddim_move(dragged, eps, schedule.alpha(t), 1.0)  # the one-step x0 prediction
             return score(case, np.asarray(decode(parts.vae, x0, parts.scaling_factor))).moved
 
         return {"near": near, "ring": ring, "full": moved(edited[0]), "latent": moved(source[0]),
