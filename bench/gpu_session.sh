@@ -7,6 +7,8 @@
 #   kernel-tests     tests/test_kernels_triton.py: Triton vs references (decides the CUDA default, #3)
 #   gpu-tests        tests/test_gpu.py: no host sync in the drag loop, CUDA graphs, an fp16 edit
 #   attention-tests  tests/test_attention.py: SDPA and xformers reference-attention processors
+#   parallel-tests   the three test groups above at once, each into its own file (tests_*.txt), a
+#                    summary in the log: correctness only, so they may share the GPU and save minutes
 #   kernel-bench     bench/test_kernels.py: fused vs reference at the SD shape (the >= 10x target)
 #   stage-bench      bench/test_stages.py -k "not edit" --model sd15: one step of each stage
 #   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets)
@@ -14,8 +16,10 @@
 #   toy              starts the toy UNet's 256-px training in the background (TOY_SECONDS, default 180);
 #                    name it before test groups only: benchmarks wait for it to finish
 # or an alias for several: all (every group but toy, in the order above), tests (the three test
-# groups), checks (toy + tests + kernel-bench), stages (the three SD 1.5 benchmark groups).
-# E.g. `TOY_SECONDS=150 bash bench/gpu_session.sh toy,all "$OUT" 540`.
+# groups), checks (toy + tests + kernel-bench), stages (the three SD 1.5 benchmark groups),
+# lease (parallel-tests, kernel-bench, then the SD 1.5 edits before the single steps).
+# E.g. `bash bench/gpu_session.sh lease "$OUT" 540`. Benchmarks run with FASTDRAG_KERNELS=triton
+# unless it is set: the fast path is what they are for.
 #
 # SECONDS (default 540) bounds the whole run: each group gets its own limit or what is left, and a
 # group that cannot get 30 s is skipped with a line in the log. Run from the repository root on a
@@ -104,7 +108,28 @@ run() {
 # one pytest per file, each test under a thread-method timeout: a hang (a GPU kernel that never returns
 # cannot be interrupted by a signal) costs one file, not the session
 test_file=(python3 -m pytest -v -rfs --tb=short --durations=5 --timeout 100 --timeout-method thread -p no:cacheprovider)
-bench_file=(python3 -m pytest -q -p no:cacheprovider --benchmark-only)
+bench_file=(env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 -m pytest -q -p no:cacheprovider --benchmark-only)
+
+# the three test files at once, each into its own file under OUT; their summaries into the log
+parallel_tests() {
+    local left=$((deadline - SECONDS - 10)) limit=150 file pids=()
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 30 ]; then
+        echo "== parallel-tests skipped: $left s left" >>"$log"
+        return
+    fi
+    echo "== parallel-tests (limit $limit s)" >>"$log"
+    for file in kernels_triton gpu attention; do
+        (timeout "$limit" "${test_file[@]}" "tests/test_$file.py" >"$out/tests_$file.txt" 2>&1
+            echo "== tests/test_$file.py exit $?" >>"$out/tests_$file.txt") &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    for file in kernels_triton gpu attention; do
+        tail -n 2 "$out/tests_$file.txt" >>"$log"
+    done
+    echo "== parallel-tests done after $((SECONDS - group_start)) s" >>"$log"
+}
 
 expand() {
     case "$1" in
@@ -112,6 +137,7 @@ expand() {
     tests) echo kernel-tests gpu-tests attention-tests ;;
     checks) echo toy kernel-tests gpu-tests attention-tests kernel-bench ;;
     stages) echo stage-bench edit-bench attention-bench ;;
+    lease) echo parallel-tests kernel-bench edit-bench stage-bench attention-bench ;;
     *) echo "$1" ;;
     esac
 }
@@ -129,6 +155,7 @@ for name in "${names[@]}"; do
     kernel-tests) run "$name" 240 "${test_file[@]}" tests/test_kernels_triton.py ;;
     gpu-tests) run "$name" 200 "${test_file[@]}" tests/test_gpu.py ;;
     attention-tests) run "$name" 120 "${test_file[@]}" tests/test_attention.py ;;
+    parallel-tests) parallel_tests ;;
     *-bench)
         finish_toy
         case "$name" in
