@@ -43,6 +43,15 @@ def _xformers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
 ATTENTION = {"sdpa": _sdpa, "xformers": _xformers}
 
 
+def attention_function(backend: str, head_dim: int):
+    """The attention call for `backend` at this head size: xformers' kernels (0.0.35) take head sizes
+    that are multiples of 8 only (SD's 40, 80 and 160 are), so other sizes, e.g. a tiny test model's,
+    run on SDPA."""
+    if backend == "xformers" and head_dim % 8:
+        return _sdpa
+    return ATTENTION[backend]
+
+
 @functools.lru_cache(maxsize=None)
 def xformers_support(device_type: str, dtype: torch.dtype) -> Tuple[bool, str]:
     """(usable, why) for xformers attention on this device type and dtype; probed once by a tiny call."""
@@ -79,7 +88,6 @@ class ReferenceAttnProcessor:
         if backend not in ATTENTION:
             raise ConfigError(f"unknown attention backend {backend!r}; use one of {', '.join(ATTENTION)}")
         self.backend = backend
-        self.attention = ATTENTION[backend]
 
     def __call__(
         self,
@@ -121,7 +129,7 @@ class ReferenceAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = self.attention(query, key, value, attn.scale)
+        out = attention_function(self.backend, head_dim)(query, key, value, attn.scale)
         out = out.reshape(batch, length, heads * head_dim).to(query.dtype)
 
         out = attn.to_out[0](out)

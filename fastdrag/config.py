@@ -68,7 +68,9 @@ class EditConfig:
     seed: int = 42
     size: Optional[Tuple[int, int]] = None  # working (width, height); None = rounded to 64
     backend: str = "torch"  # denoiser of stages 2 and 4: torch, onnxruntime or tensorrt (exported graphs)
-    cuda_graphs: bool = False  # CUDA only: replay the drag iteration and the UNet forwards as captured CUDA graphs
+    # CUDA only (ignored elsewhere): replay the drag iteration and the UNet forwards as captured CUDA
+    # graphs; on an H200 at SD 1.5 / 512 px they made a repeated edit 3.5x faster (bench/RESULTS.md)
+    cuda_graphs: bool = True
 
     STAGES = ("lora", "inversion", "drag", "denoise")
 

@@ -1,13 +1,14 @@
 """Drag-loop kernels, dispatched by device (imported as `fastdrag.kernels`).
 
 Which path runs (`FASTDRAG_KERNELS`):
-- unset or `reference`: the PyTorch references of `reference.py`, on every device. This is the
-  default on CUDA too for now: on the first H100 run (2026-11-25, Triton 3.6) the compiled motion
-  loss failed its comparison with the reference at the SD geometry (64x64 read at 256x256) and
-  the bf16 test never finished, so the Triton path is opt-in until a GPU run clears both;
-- `triton`: the Triton kernels for CUDA tensors (bf16 maps still take the reference: see above).
-`FASTDRAG_FORCE_TRITON=1` sends every tensor to Triton, bf16 included (CPU tensors need
-`TRITON_INTERPRET=1`): the tests' switch.
+- unset or `triton`: the Triton kernels for CUDA tensors, the PyTorch references of `reference.py`
+  for every other tensor. On an H200 (2026-11-26, Triton 3.6) the compiled motion loss matched
+  the reference in fp32 at every tested geometry (the SD one, 64x64 read at 256x256, included),
+  and for fp16 and bf16 maps; the no-sync drag loop ran on them; together with tracking they
+  were 21x faster than the reference (CUDA graphs on both sides; bench/RESULTS.md);
+- `reference`: the references on every device (the way back if a GPU disagrees).
+`FASTDRAG_FORCE_TRITON=1` sends every tensor to Triton (CPU tensors need `TRITON_INTERPRET=1`):
+the tests' switch.
 Both paths share one contract: supervision `(row, col)` coordinates, an optional `size` at which
 `feat` is read as if resized bilinearly (`align_corners=False`), fp32 accumulation.
 """
@@ -33,10 +34,10 @@ def uses_triton(tensor: torch.Tensor) -> bool:
         if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "") != "1":
             raise RuntimeError("FASTDRAG_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 (set before the kernels load)")
         return True
-    choice = os.environ.get("FASTDRAG_KERNELS", "reference")
+    choice = os.environ.get("FASTDRAG_KERNELS", "triton")
     if choice not in ("reference", "triton"):
         raise ValueError(f"FASTDRAG_KERNELS must be reference or triton; got {choice!r}")
-    return choice == "triton" and tensor.is_cuda and tensor.dtype != torch.bfloat16
+    return choice == "triton" and tensor.is_cuda
 
 
 def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int = 1,

@@ -126,6 +126,14 @@ def test_backend_choice_here():
         choose_backend("flash", torch.device("cpu"), torch.float32)
 
 
+def test_xformers_is_asked_only_for_head_sizes_it_has_kernels_for():
+    from fastdrag.attention import _sdpa, _xformers, attention_function
+
+    assert attention_function("xformers", 40) is _xformers and attention_function("xformers", 160) is _xformers
+    assert attention_function("xformers", 4) is _sdpa and attention_function("xformers", 36) is _sdpa
+    assert attention_function("sdpa", 40) is _sdpa
+
+
 def test_lora_present_and_merged_give_the_same_reference_attention(tiny):
     from fastdrag.config import LoraConfig
     from fastdrag.lora import install_adapter, lora_layers, lora_parameters

@@ -198,9 +198,12 @@ def test_dispatch(monkeypatch):
     cuda_half, cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.float16), SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
     assert kernels.uses_triton(cpu) and kernels.uses_triton(cuda_bf16)  # forced: everything
     monkeypatch.delenv("FASTDRAG_FORCE_TRITON")
-    assert not any(kernels.uses_triton(t) for t in (cpu, cuda_half, cuda_bf16))  # default: the references
+    monkeypatch.delenv("FASTDRAG_KERNELS", raising=False)
+    assert kernels.uses_triton(cuda_half) and kernels.uses_triton(cuda_bf16) and not kernels.uses_triton(cpu)  # default
+    monkeypatch.setenv("FASTDRAG_KERNELS", "reference")
+    assert not any(kernels.uses_triton(t) for t in (cpu, cuda_half, cuda_bf16))
     monkeypatch.setenv("FASTDRAG_KERNELS", "triton")
-    assert kernels.uses_triton(cuda_half) and not kernels.uses_triton(cuda_bf16) and not kernels.uses_triton(cpu)
+    assert kernels.uses_triton(cuda_half) and not kernels.uses_triton(cpu)
     monkeypatch.setenv("FASTDRAG_KERNELS", "fast")
     with pytest.raises(ValueError, match="FASTDRAG_KERNELS must be reference or triton"):
         kernels.uses_triton(cuda_half)
