@@ -1,12 +1,19 @@
-"""Seconds of a first edit (LoRA trained) and of repeated edits (LoRA cached), stage by stage, and the
-peak GPU memory, outside the benchmark harness: `python bench/edit_timing.py [--model sd15-random]
-[--repeats 2] [--cuda-graphs] [--json FILE]`. A quick check of the performance targets; the
-pytest-benchmark suite (`bench/test_stages.py`) is the full measure.
+"""Seconds of whole edits at the defaults, stage by stage, and peak GPU memory, outside the
+benchmark harness (a lease-sized check of the performance targets; `bench/test_stages.py` is the
+full suite with FLOP counts).
+
+    python bench/edit_timing.py [--model sd15-random] [--repeats 2] [--variant NAME[:KEY=VALUE,...]] [--json FILE]
+
+Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-graph:cuda_graph_lora=true`;
+default: one with the package defaults) runs a warm-up first edit (Triton compilation, cuDNN's first
+calls), a first edit on a new LoRA key, and `--repeats` repeated edits (LoRA and inversion cached).
+The model loads once for all variants.
 """
 import argparse
 import json
 import tempfile
 import time
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -14,40 +21,63 @@ from fastdrag import DragEditor
 from fastdrag.demo import demo_case
 
 
+def parse_variant(text: str) -> Tuple[str, Dict[str, Any]]:
+    """`name:key=value,key=value` -> (name, settings); values are booleans, numbers or text."""
+    name, _, settings = text.partition(":")
+    parsed = {}
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {text!r}: expected KEY=VALUE, got {item!r}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            parsed[key] = lowered == "true"
+        else:
+            try:
+                parsed[key] = json.loads(value)
+            except ValueError:
+                parsed[key] = value
+    return name, parsed
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-random")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
+    parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant] or [("defaults", {})]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
     editor = DragEditor.from_pretrained(args.model, device=device, dtype=dtype, cache_dir=tempfile.mkdtemp(),
                                         progress=False)
-    rows = [{"edit": "load", "total_s": time.perf_counter() - start}]
+    rows = [{"variant": "", "edit": "load", "total_s": time.perf_counter() - start}]
     case = demo_case(args.size)
-    for index in range(1 + 1 + args.repeats):  # a warm-up first edit (new seed), a first edit, repeats
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, seed=min(index, 1),
-                             cuda_graphs=args.cuda_graphs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        row = {"edit": ["warm-up first", "first", *["repeated"] * args.repeats][index],
-               "total_s": time.perf_counter() - start, **{f"{k}_s": v for k, v in result.timings.items()},
-               "drag_steps": result.drag_steps}
-        if device.type == "cuda":
-            row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(row)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
+    seed = 0
+    for name, settings in variants:
+        kinds = ["warm-up first", "first", *["repeated"] * args.repeats]
+        for index, kind in enumerate(kinds):
+            seed += index < 2  # a new LoRA key for the two first edits, the last one's for the repeats
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, seed=seed, **settings)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row = {"variant": name, "edit": kind, "total_s": time.perf_counter() - start,
+                   **{f"{stage}_s": seconds for stage, seconds in result.timings.items()},
+                   "drag_steps": result.drag_steps}
+            if device.type == "cuda":
+                row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            if args.json:  # after every edit: a run cut short by a time limit keeps what it measured
+                with open(args.json, "w") as handle:
+                    json.dump(rows, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@
 #                    summary in the log: correctness only, so they may share the GPU and save minutes
 #   kernel-bench     bench/test_kernels.py: fused vs reference at the SD shape (the >= 10x target)
 #   stage-bench      bench/test_stages.py -k "not edit" --model sd15: one step of each stage
-#   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets)
+#   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets;
+#                    with its FLOP counts it did not fit 240 s on an H200)
+#   edit-timing      bench/edit_timing.py on SD 1.5: the same targets in about 3 minutes, for three variants
+#                    (the defaults, LoRA step graphed too, no CUDA graphs)
 #   attention-bench  bench/test_attention.py --model sd15
 #   toy              starts the toy UNet's 256-px training in the background (TOY_SECONDS, default 180);
 #                    name it before test groups only: benchmarks wait for it to finish
 # or an alias for several: all (every group but toy, in the order above), tests (the three test
 # groups), checks (toy + tests + kernel-bench), stages (the three SD 1.5 benchmark groups),
-# lease (parallel-tests, kernel-bench, then the SD 1.5 edits before the single steps).
+# lease (parallel-tests, kernel-bench, edit-timing, stage-bench, attention-bench).
 # E.g. `bash bench/gpu_session.sh lease "$OUT" 540`. Benchmarks run with FASTDRAG_KERNELS=triton
 # unless it is set: the fast path is what they are for.
 #
@@ -137,7 +140,7 @@ expand() {
     tests) echo kernel-tests gpu-tests attention-tests ;;
     checks) echo toy kernel-tests gpu-tests attention-tests kernel-bench ;;
     stages) echo stage-bench edit-bench attention-bench ;;
-    lease) echo parallel-tests kernel-bench edit-bench stage-bench attention-bench ;;
+    lease) echo parallel-tests kernel-bench edit-timing stage-bench attention-bench ;;
     *) echo "$1" ;;
     esac
 }
@@ -156,7 +159,7 @@ for name in "${names[@]}"; do
     gpu-tests) run "$name" 200 "${test_file[@]}" tests/test_gpu.py ;;
     attention-tests) run "$name" 120 "${test_file[@]}" tests/test_attention.py ;;
     parallel-tests) parallel_tests ;;
-    *-bench)
+    *-bench | edit-timing)
         finish_toy
         case "$name" in
         kernel-bench) run "$name" 200 "${bench_file[@]}" bench/test_kernels.py --benchmark-json "$out/bench_kernels.json" ;;
@@ -166,6 +169,9 @@ for name in "${names[@]}"; do
             --benchmark-json "$out/bench_edits.json" ;;
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
+        edit-timing) run "$name" 240 env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 bench/edit_timing.py \
+            --variant defaults --variant lora-graph:cuda_graph_lora=true --variant eager:cuda_graphs=false \
+            --json "$out/edit_timing.json" ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac
         ;;

@@ -77,12 +77,17 @@ def measure(benchmark, synchronize, fn, name, count=None, flops_key=None, **peda
         benchmark.extra_info["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
 
 
-def test_lora_step(benchmark, setup, synchronize):
+@pytest.mark.parametrize("graphs", GRAPHS)
+def test_lora_step(benchmark, setup, synchronize, device, graphs):
+    needs_cuda_for(graphs, device)
     editor, _, _, text, posterior, _, _ = setup
     c = editor.components
-    trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, LoraConfig(), seed=0)
+    trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, LoraConfig(), seed=0,
+                          cuda_graph=graphs)
+    # graphed: untimed warm-up steps past the eager ones and the capture (the FLOPs are counted on an eager step)
+    pedantic = dict(rounds=20, warmup_rounds=LoraTrainer.GRAPH_WARMUP + 1) if graphs else {}
     try:
-        measure(benchmark, synchronize, trainer.step, "stage 1: LoRA step (batch 4)")
+        measure(benchmark, synchronize, trainer.step, "stage 1: LoRA step (batch 4)", flops_key="lora step", **pedantic)
     finally:
         trainer.finish()
 

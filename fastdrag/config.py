@@ -71,6 +71,9 @@ class EditConfig:
     # CUDA only (ignored elsewhere): replay the drag iteration and the UNet forwards as captured CUDA
     # graphs; on an H200 at SD 1.5 / 512 px they made a repeated edit 3.5x faster (bench/RESULTS.md)
     cuda_graphs: bool = True
+    # CUDA only: also replay the LoRA training step (forward, backward, AdamW) as a CUDA graph; off
+    # until a GPU run shows it matches the eager step and pays
+    cuda_graph_lora: bool = False
 
     STAGES = ("lora", "inversion", "drag", "denoise")
 

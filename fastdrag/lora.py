@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .config import LoraConfig
+from .cuda_graph import capture, on_side_stream
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -126,12 +127,21 @@ def load_adapter_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
         raise RuntimeError(f"cached adapter does not fit this model: unexpected keys {unexpected[:3]}")
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+           alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The forward process at `timesteps` (the scheduler's `add_noise`, with `alphas_cumprod` already
+    on the device, so nothing is copied from the host: a CUDA graph can hold it)."""
+    alpha = alphas_cumprod[timesteps].view(-1, *[1] * (latents.dim() - 1))
+    return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+
 def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-              text_embeddings: torch.Tensor, scheduler) -> torch.Tensor:
+              text_embeddings: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = noised(latents, noise, timesteps, alphas_cumprod)
     autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
-    with torch.autocast("cuda", dtype=unet.dtype) if autocast else contextlib.nullcontext():
+    # no weight-cast cache: each LoRA weight is used once per forward, and a graph must not keep casts
+    with torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False) if autocast else contextlib.nullcontext():
         prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
     return F.mse_loss(prediction.float(), noise.float())
 
@@ -141,42 +151,86 @@ class LoraTrainer:
 
     `posterior` is the VAE posterior of the image, computed once per edit; each step samples it
     afresh for the whole batch, which runs as one forward. Only the LoRA weights train (AdamW,
-    fused on CUDA); frozen weights get no gradients.
+    fused on CUDA); frozen weights get no gradients. With `cuda_graph` (CUDA only) the step —
+    forward, backward, AdamW — is captured after `GRAPH_WARMUP` eager steps and replayed; the
+    random draws stay outside the graph, in buffers it reads, so both paths train on the same
+    batches.
     """
 
+    GRAPH_WARMUP = 3
+
     def __init__(self, unet, scheduler, posterior, text_embeddings: torch.Tensor, scaling_factor: float,
-                 config: LoraConfig, seed: int):
+                 config: LoraConfig, seed: int, cuda_graph: bool = False):
         install_adapter(unet, config, seed)
-        self.unet, self.scheduler, self.scaling_factor = unet, scheduler, scaling_factor
+        self.unet, self.scaling_factor = unet, scaling_factor
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.params = lora_parameters(unet)
         for param in self.params:
             param.requires_grad_(True)
         device = unet.device
         fused = device.type == "cuda"
+        self.cuda_graph = cuda_graph and fused
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lora_lr, fused=fused or None,
-                                           foreach=None if fused else True)
+                                           foreach=None if fused else True, capturable=self.cuda_graph)
         # (no generator on the meta device, where FLOP budgets are counted at full size)
         self.generator = torch.Generator(device=device).manual_seed(seed) if device.type != "meta" else None
         self.mean, self.std = posterior.mean.float(), posterior.std.float()
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.batch = config.lora_batch_size
         self.text = text_embeddings.expand(self.batch, -1, -1)
+        shape = (self.batch, *self.mean.shape[1:])
+        self.sample_noise = torch.empty(shape, device=device)  # draws of one step, refilled in place
+        self.noise = torch.empty(shape, device=device)
+        self.timesteps = torch.empty(self.batch, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.steps_done = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.capturing = False
+        self.side_stream = torch.cuda.Stream(device) if self.cuda_graph else None
         unet.train()
 
     def step(self) -> torch.Tensor:
         """One optimiser step on a fresh batch; returns the loss (a device tensor)."""
-        device = self.mean.device
-        shape = (self.batch, *self.mean.shape[1:])
-        latents = (self.mean + self.std * torch.randn(shape, generator=self.generator, device=device)) * self.scaling_factor
-        noise = torch.randn(shape, generator=self.generator, device=device)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (self.batch,),
-                                  generator=self.generator, device=device)
-        loss = lora_loss(self.unet, latents, noise, timesteps, self.text, self.scheduler)
+        self.sample_noise.normal_(generator=self.generator)
+        self.noise.normal_(generator=self.generator)
+        self.timesteps.random_(0, self.num_train_timesteps, generator=self.generator)
+        if not self.cuda_graph:
+            self._compute()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.steps_done < self.GRAPH_WARMUP:
+            with on_side_stream(self.side_stream):
+                self._compute()
+        else:
+            self._capture()
+            self.graph.replay()
+        self.steps_done += 1
+        return self.loss.clone()
+
+    def _compute(self) -> None:
+        """One step on the trainer's own buffers, in place: what a CUDA graph captures."""
+        latents = (self.mean + self.std * self.sample_noise) * self.scaling_factor
+        loss = lora_loss(self.unet, latents, self.noise, self.timesteps, self.text, self.alphas_cumprod)
         loss.backward()
         self.optimizer.step()
+        if not self.capturing:
+            self.optimizer.zero_grad(set_to_none=True)  # a captured backward writes the same grad buffers each replay
+        self.loss.copy_(loss.detach())
+
+    def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        graph = torch.cuda.CUDAGraph()
+        self.capturing = True
+        try:
+            with capture(graph):
+                self._compute()
+        finally:
+            self.capturing = False
+        self.graph = graph
 
     def finish(self) -> None:
+        self.graph = None  # frees the graph's memory pool for the stages after
+        self.optimizer.zero_grad(set_to_none=True)
         self.unet.eval()
         self.unet.requires_grad_(False)
 
@@ -190,9 +244,10 @@ def train_lora(
     config: LoraConfig,
     seed: int,
     progress: bool = True,
+    cuda_graph: bool = False,
 ) -> List[float]:
     """Fine-tune a fresh adapter on one image; returns the loss of every step."""
-    trainer = LoraTrainer(unet, scheduler, posterior, text_embeddings, scaling_factor, config, seed)
+    trainer = LoraTrainer(unet, scheduler, posterior, text_embeddings, scaling_factor, config, seed, cuda_graph)
     try:
         losses = [trainer.step() for _ in tqdm(range(config.lora_steps), desc="LoRA", disable=not progress, leave=False)]
     finally:

@@ -5,7 +5,8 @@ Which path runs (`FASTDRAG_KERNELS`):
   for every other tensor. On an H200 (2026-11-26, Triton 3.6) the compiled motion loss matched
   the reference in fp32 at every tested geometry (the SD one, 64x64 read at 256x256, included),
   and for fp16 and bf16 maps; the no-sync drag loop ran on them; together with tracking they
-  were 21x faster than the reference (CUDA graphs on both sides; bench/RESULTS.md);
+  were 21x faster than the reference (CUDA graphs on both sides; bench/RESULTS.md). Not yet
+  compared on a GPU: patch radius 2, tracking, point features, the mask term;
 - `reference`: the references on every device (the way back if a GPU disagrees).
 `FASTDRAG_FORCE_TRITON=1` sends every tensor to Triton (CPU tensors need `TRITON_INTERPRET=1`):
 the tests' switch.

@@ -15,7 +15,8 @@ def fixed_batch_loss(tiny, posterior, text):
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (8,), generator=generator)
     with torch.no_grad():
-        return lora_loss(tiny.unet, latents, noise, timesteps, text.expand(8, -1, -1), tiny.scheduler).item()
+        return lora_loss(tiny.unet, latents, noise, timesteps, text.expand(8, -1, -1),
+                         tiny.scheduler.alphas_cumprod).item()
 
 
 def test_lora_lowers_the_loss_and_changes_only_lora_weights(tiny, picture):
@@ -73,3 +74,25 @@ def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, mo
     # a different prompt is a different identity
     with pytest.raises(AssertionError, match="training ran"):
         restarted.train_lora(picture.image, picture.prompt + " at dusk", lora_steps=3)
+
+
+def test_noising_matches_the_scheduler(tiny):
+    from fastdrag.lora import noised
+
+    generator = torch.Generator().manual_seed(7)
+    latents, noise = torch.randn(5, 4, 6, 7, generator=generator), torch.randn(5, 4, 6, 7, generator=generator)
+    timesteps = torch.tensor([0, 1, 499, 998, 999])
+    torch.testing.assert_close(noised(latents, noise, timesteps, tiny.scheduler.alphas_cumprod),
+                               tiny.scheduler.add_noise(latents, noise, timesteps), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_graph_switch_is_ignored_off_cuda(tiny, picture):
+    posterior = encode_posterior(tiny.vae, picture.image)
+    text = encode_prompt(tiny.tokenizer, tiny.text_encoder, picture.prompt)
+    runs = []
+    for cuda_graph in (False, True):
+        losses = train_lora(tiny.unet, tiny.scheduler, posterior, text, tiny.scaling_factor, LoraConfig(lora_steps=4),
+                            seed=2, progress=False, cuda_graph=cuda_graph)
+        runs.append((losses, {k: v.clone() for k, v in adapter_state(tiny.unet).items()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
