@@ -13,8 +13,8 @@
 #   stage-bench      bench/test_stages.py -k "not edit" --model sd15: one step of each stage
 #   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets;
 #                    with its FLOP counts it did not fit 240 s on an H200)
-#   edit-timing      bench/edit_timing.py on SD 1.5: the same targets in about 3 minutes, for three variants
-#                    (the defaults, LoRA step graphed too, no CUDA graphs)
+#   edit-timing      bench/edit_timing.py on SD 1.5: the same targets in about 4 minutes, for four variants
+#                    (the defaults, LoRA step graphed too, that with channels-last weights, no CUDA graphs)
 #   attention-bench  bench/test_attention.py --model sd15
 #   toy              starts the toy UNet's 256-px training in the background (TOY_SECONDS, default 180);
 #                    name it before test groups only: benchmarks wait for it to finish
@@ -170,7 +170,8 @@ for name in "${names[@]}"; do
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) run "$name" 240 env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 bench/edit_timing.py \
-            --variant defaults --variant lora-graph:cuda_graph_lora=true --variant eager:cuda_graphs=false \
+            --variant defaults --variant lora-graph:cuda_graph_lora=true \
+            --variant lora-graph-nhwc:cuda_graph_lora=true,channels_last=true --variant eager:cuda_graphs=false \
             --json "$out/edit_timing.json" ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac

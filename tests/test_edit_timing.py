@@ -1,0 +1,39 @@
+"""bench/edit_timing.py, the lease's check of the edit-time targets, works here on the tiny model: its
+variants, its first and repeated edits (the repeats hit the LoRA and inversion caches) and its JSON."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from edit_timing import parse_variant  # noqa: E402
+
+
+def test_variants_parse():
+    assert parse_variant("plain") == ("plain", {})
+    assert parse_variant("x:cuda_graphs=false,drag_steps=3,lr=0.5,name=abc") == (
+        "x", {"cuda_graphs": False, "drag_steps": 3, "lr": 0.5, "name": "abc"})
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        parse_variant("x:cuda_graphs")
+
+
+def test_first_and_repeated_edits_are_timed(tmp_path):
+    quick = "lora_steps=2,drag_steps=2,num_inference_steps=5"
+    out = tmp_path / "timing.json"
+    subprocess.run([sys.executable, "bench/edit_timing.py", "--model", "tiny", "--size", "64", "--repeats", "1",
+                    "--variant", f"a:{quick}", "--variant", f"b:channels_last=true,{quick}", "--json", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["edit"]) for r in rows] == [
+        ("", "load"), ("a", "warm-up first"), ("a", "first"), ("a", "repeated"),
+        ("b", "warm-up first"), ("b", "first"), ("b", "repeated")]
+    for row in rows[1:]:
+        assert row["drag_steps"] <= 2 and row["total_s"] > 0
+        if row["edit"] == "repeated":
+            assert row["lora_s"] < 0.05 and row["inversion_s"] < 0.05  # from the caches
+        else:
+            assert row["lora_s"] > 0 and row["inversion_s"] > 0  # a new LoRA key: trained and inverted
