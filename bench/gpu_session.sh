@@ -7,8 +7,9 @@
 #   kernel-tests     tests/test_kernels_triton.py: Triton vs references (decides the CUDA default, #3)
 #   gpu-tests        tests/test_gpu.py: no host sync in the drag loop, CUDA graphs, an fp16 edit
 #   attention-tests  tests/test_attention.py: SDPA and xformers reference-attention processors
-#   parallel-tests   the three test groups above at once, each into its own file (tests_*.txt), a
-#                    summary in the log: correctness only, so they may share the GPU and save minutes
+#   parallel-tests   the three test groups above at once (tests.txt), and beside them the toy quality
+#                    benchmark on the fast and the reference path with their paired comparison
+#                    (toy_quality.txt): correctness only, so they may share the GPU and save minutes
 #   kernel-bench     bench/test_kernels.py: fused vs reference at the SD shape (the >= 10x target)
 #   stage-bench      bench/test_stages.py -k "not edit" --model sd15: one step of each stage
 #   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets;
@@ -20,7 +21,7 @@
 #                    name it before test groups only: benchmarks wait for it to finish
 # or an alias for several: all (every group but toy, in the order above), tests (the three test
 # groups), checks (toy + tests + kernel-bench), stages (the three SD 1.5 benchmark groups),
-# lease (parallel-tests, kernel-bench, edit-timing, stage-bench, attention-bench).
+# lease (parallel-tests, edit-timing, kernel-bench, stage-bench, attention-bench).
 # E.g. `bash bench/gpu_session.sh lease "$OUT" 540`. Benchmarks run with FASTDRAG_KERNELS=triton
 # unless it is set: the fast path is what they are for.
 #
@@ -28,7 +29,8 @@
 # group that cannot get 30 s is skipped with a line in the log. Run from the repository root on a
 # CUDA machine. Expects diffusers/xformers installed or as wheels in .whl/ (the device machine has
 # no package index: fetch them here with `bash bench/fetch_wheels.sh` and carry .whl). Writes to
-# OUT: log.txt, bench_*.json (pytest-benchmark), toy_train.txt and toy_unet.tar.
+# OUT: log.txt, tests.txt, toy_quality.txt, edit_timing.json, bench_*.json (pytest-benchmark), and for the
+# toy group toy_train.txt and toy_unet.tar. TOY_CASES (default 8) sets parallel-tests' toy cases.
 set -u
 groups=${1:?groups, e.g. all}
 out=${2:?output folder}
@@ -113,9 +115,13 @@ run() {
 test_file=(python3 -m pytest -v -rfs --tb=short --durations=5 --timeout 100 --timeout-method thread -p no:cacheprovider)
 bench_file=(env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 -m pytest -q -p no:cacheprovider --benchmark-only)
 
-# the three test files at once, each into its own file under OUT; their summaries into the log
+# correctness checks that may share the GPU, at once: the three test files, and the toy quality
+# benchmark (TOY_CASES cases, default 8) on the fast path (the defaults: fp16, CUDA graphs, Triton,
+# xformers) and on the reference path (fp32, eager, reference kernels, SDPA), then their paired
+# comparison. Outputs: tests.txt, toy_quality.txt under OUT (the device brings back 8 files at most);
+# summaries in the log.
 parallel_tests() {
-    local left=$((deadline - SECONDS - 10)) limit=150 file pids=()
+    local left=$((deadline - SECONDS - 10)) limit=180 file pids=() parts=()
     [ "$limit" -le "$left" ] || limit=$left
     if [ "$limit" -lt 30 ]; then
         echo "== parallel-tests skipped: $left s left" >>"$log"
@@ -127,10 +133,30 @@ parallel_tests() {
             echo "== tests/test_$file.py exit $?" >>"$out/tests_$file.txt") &
         pids+=($!)
     done
+    rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/lora-fast /tmp/lora-reference  # each path trains its own LoRA
+    (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-8}" --quiet --cache-dir /tmp/lora-fast \
+        --out /tmp/toy-fast >"$out/toy_fast.txt" 2>&1
+        echo "== toy eval, fast path, exit $?" >>"$out/toy_fast.txt") &
+    pids+=($!)
+    (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-8}" --quiet --dtype fp32 \
+        --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference --out /tmp/toy-reference >"$out/toy_reference.txt" 2>&1
+        echo "== toy eval, reference path, exit $?" >>"$out/toy_reference.txt") &
+    pids+=($!)
     wait "${pids[@]}"
     for file in kernels_triton gpu attention; do
         tail -n 2 "$out/tests_$file.txt" >>"$log"
+        parts+=("$out/tests_$file.txt")
     done
+    cat "${parts[@]}" >"$out/tests.txt" && rm -f "${parts[@]}"
+    {
+        cat "$out/toy_fast.txt" "$out/toy_reference.txt"
+        echo "== fast path against the reference path, paired:"
+        python3 -m fastdrag.cli toy compare /tmp/toy-reference /tmp/toy-fast
+        echo "== fast path against the shipped CPU results (bench/results/toy), paired:"
+        python3 -m fastdrag.cli toy compare bench/results/toy /tmp/toy-fast
+    } >"$out/toy_quality.txt" 2>&1
+    rm -f "$out/toy_fast.txt" "$out/toy_reference.txt"
+    grep "^== toy eval" "$out/toy_quality.txt" >>"$log"
     echo "== parallel-tests done after $((SECONDS - group_start)) s" >>"$log"
 }
 
@@ -140,7 +166,7 @@ expand() {
     tests) echo kernel-tests gpu-tests attention-tests ;;
     checks) echo toy kernel-tests gpu-tests attention-tests kernel-bench ;;
     stages) echo stage-bench edit-bench attention-bench ;;
-    lease) echo parallel-tests kernel-bench edit-timing stage-bench attention-bench ;;
+    lease) echo parallel-tests edit-timing kernel-bench stage-bench attention-bench ;;
     *) echo "$1" ;;
     esac
 }
