@@ -86,6 +86,7 @@ def test_evaluation_at_another_world_size(toy_editor, tmp_path):
     evaluate(toy_editor, cases=1, out=tmp_path, world_size=64, lora_steps=0, drag_steps=2)
     report = json.loads((tmp_path / "quality.json").read_text())
     assert report["world_size"] == 64 and report["overrides"] == {"lora_steps": 0, "drag_steps": 2}
+    assert 1 <= report["cases"][0]["drag_steps"] <= 2  # the iterations the edit ran
     assert Image.open(tmp_path / "contact_sheet.png").size == (2 * 3 * 64, 2 * 64)  # input | overlay | output, x2
 
 

@@ -42,6 +42,7 @@ class CaseResult:
     colour_drift: float
     tracked: float
     timings: Dict[str, float] = field(default_factory=dict)
+    drag_steps: int = 0  # drag iterations run (fewer than drag_steps: the tracked handles arrived early)
 
 
 def segment(image: np.ndarray, background: np.ndarray, colour, region: Optional[np.ndarray] = None) -> np.ndarray:
@@ -165,7 +166,8 @@ def evaluate(editor, cases: int = 16, seed: int = 0, out: Optional[Path] = None,
         timings = dict(edited.timings)
         timings["case_total"] = time.perf_counter() - started
         results.append(CaseResult(index, case.scene.prompt, score(case, output), score(case, np.asarray(plain.image)),
-                                  vae_psnr, drift, tracked_fraction(case, edited.handles[0]), timings))
+                                  vae_psnr, drift, tracked_fraction(case, edited.handles[0]), timings,
+                                  edited.drag_steps))
     summary = summarise(results)
     report = {"summary": summary, "cases": [asdict(r) for r in results], "overrides": overrides, "seed": seed,
               "world_size": world_size}
