@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="whole-scene decoder fine-tuning steps (also for a VAE reused with --vae-from)")
     train.add_argument("--colour-weight", type=float, default=None,
                        help="weight of the shape-colour term in decoder fine-tuning (default 2.0)")
+    train.add_argument("--feature-weight", type=float, default=None,
+                       help="weight of an auxiliary loss making the drag's features predict the clean latent "
+                            "(an experiment; default 0: off)")
     train.add_argument("--seed", type=int, default=None, help="seed of scenes and sampling (default 0)")
     train.add_argument("--unet-from", default=None, metavar="DIR",
                        help="start the UNet from a weights folder's UNet ('toy': the built-in model)")
@@ -276,7 +279,7 @@ def train_config(args):
               "unet_batch": args.unet_batch, "unet_lr": args.unet_lr, "unet_time_budget_s": args.time_budget,
               "vae_from": args.vae_from, "unet_from": args.unet_from, "decoder_steps": args.decoder_steps,
               "decoder_steps_on_reuse": args.decoder_steps, "colour_weight": args.colour_weight, "seed": args.seed,
-              "scene_size": args.scene_size}
+              "scene_size": args.scene_size, "feature_weight": args.feature_weight}
     return TrainConfig(**{name: value for name, value in chosen.items() if value is not None})
 
 

@@ -138,6 +138,23 @@ def test_decoder_fine_tuning_of_a_reused_vae_keeps_the_latent_space(tmp_path):
     assert tuned.scaling_factor == builtin.scaling_factor
 
 
+def test_feature_loss_changes_what_the_unet_learns_and_leaves_no_head(tmp_path):
+    import torch
+    from fastdrag.toy.model import load_toy
+    from fastdrag.toy.train import TrainConfig, train_toy
+
+    trained = {}
+    for weight in (0.0, 1.0):
+        config = TrainConfig(vae_from="toy", unet_from="toy", unet_steps=2, unet_batch=2, scenes=4, feature_weight=weight)
+        train_toy(tmp_path / str(weight), config, device="cpu", progress=False)
+        trained[weight] = load_toy(tmp_path / str(weight)).unet.state_dict()  # loads: the head was not saved
+    builtin = load_toy().unet.state_dict()
+    changed = lambda a, b: any(not torch.equal(a[name], b[name]) for name in a)
+    assert changed(trained[0.0], builtin) and changed(trained[1.0], builtin)
+    assert changed(trained[1.0], trained[0.0])  # same batches and seed: only the feature loss differs
+    assert trained[1.0].keys() == builtin.keys()
+
+
 def test_colour_error_measures_the_mean_colour_of_shape_interiors():
     import torch
 

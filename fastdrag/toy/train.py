@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config import DragConfig
+from ..features import unet_with_features
 from ..models import ddim_scheduler
 from ..vae import encode_prompt
 from .model import WEIGHTS, load_toy, save_part, tokenizer, toy_text_encoder, toy_unet, toy_vae
 from .world import SIZE, interior, make_scene
 
 logger = logging.getLogger(__name__)
+
+FEATURE_BLOCK = DragConfig().feature_block  # the up block whose output the drag reads
 
 
 @dataclass
@@ -51,6 +55,9 @@ class TrainConfig:
     vae_from: Optional[str] = None   # reuse a trained VAE from this weights folder ("toy": the built-in one)
     decoder_steps_on_reuse: int = 0  # whole-scene decoder steps for a reused VAE (the latent space stays)
     unet_from: Optional[str] = None  # start the UNet from this weights folder's UNet ("toy": the built-in one)
+    # weight of an auxiliary loss that makes the drag's features (up block 2) predict the clean latent
+    # through a 1x1 convolution (dropped after training): features bound to content (an experiment, 0 = off)
+    feature_weight: float = 0.0
 
 
 def _pixels(images) -> torch.Tensor:
@@ -227,7 +234,12 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
     text_of_scene = torch.tensor([prompt_index[prompt] for _, prompt in scenes], device=device)
     unet = load_toy(_folder(config.unet_from)).unet if config.unet_from else toy_unet()
     unet = unet.to(device)
-    optimizer = _optimizer(unet, config.unet_lr)
+    trained = unet  # what the optimiser and the checkpoints hold: the UNet, and the head when there is one
+    if config.feature_weight > 0:
+        feature_channels = unet.config.block_out_channels[-1 - FEATURE_BLOCK]
+        head = torch.nn.Conv2d(feature_channels, unet.config.in_channels, 1).to(device)
+        trained = torch.nn.ModuleDict({"unet": unet, "head": head})
+    optimizer = _optimizer(trained, config.unet_lr)
     scheduler = ddim_scheduler()
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
@@ -236,9 +248,16 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
         x0, text = latents[index], table[text_of_scene[index]]
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t = torch.randint(0, 1000, (config.unet_batch,), generator=generator, device=device)
-        return F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample, noise)
+        noisy = scheduler.add_noise(x0, noise, t)
+        if config.feature_weight <= 0:
+            return F.mse_loss(unet(noisy, t, encoder_hidden_states=text).sample, noise)
+        eps, features = unet_with_features(unet, noisy, t, text, FEATURE_BLOCK)
+        content = head(features)
+        if content.shape[-2:] != x0.shape[-2:]:
+            content = F.interpolate(content, size=x0.shape[-2:], mode="bilinear", align_corners=False)
+        return F.mse_loss(eps, noise) + config.feature_weight * F.mse_loss(content, x0)
 
-    _loop("unet", config.unet_steps, unet, optimizer, loss_fn, out, config.checkpoint_every, progress,
+    _loop("unet", config.unet_steps, trained, optimizer, loss_fn, out, config.checkpoint_every, progress,
           config.unet_time_budget_s)
     save_part(unet, out, "unet", {"scene_size": config.scene_size})
     save_part(text_encoder, out, "text_encoder")
