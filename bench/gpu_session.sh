@@ -138,8 +138,9 @@ parallel_tests() {
         --out /tmp/toy-fast >"$out/toy_fast.txt" 2>&1
         echo "== toy eval, fast path, exit $?" >>"$out/toy_fast.txt") &
     pids+=($!)
-    (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-8}" --quiet --dtype fp32 \
-        --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference --out /tmp/toy-reference >"$out/toy_reference.txt" 2>&1
+    (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-8}" --quiet \
+        --dtype fp32 --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference \
+        --out /tmp/toy-reference >"$out/toy_reference.txt" 2>&1
         echo "== toy eval, reference path, exit $?" >>"$out/toy_reference.txt") &
     pids+=($!)
     wait "${pids[@]}"
