@@ -7,12 +7,15 @@ switches it to the K/V-swap mode of stage 4 for a batch of (source, edited) pair
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Dict, Iterator, Optional, Protocol, Tuple
 
 import torch
 
 from .attention import reference_control
 from .cuda_graph import capture, on_side_stream
+
+logger = logging.getLogger(__name__)
 
 
 class Denoiser(Protocol):
@@ -27,7 +30,11 @@ class TorchDenoiser:
     With `cuda_graphs` set (CUDA only) each forward replays a CUDA graph captured once per input
     shape and attention mode, so a 35-step loop launches 35 graphs instead of thousands of kernels.
     Call `reset()` when the UNet's weights change storage (a new adapter): graphs read weights by address.
+    At most `MAX_GRAPHS` are kept: a server that sees many image sizes drops them all and recaptures,
+    rather than holding graph memory for every size it has seen.
     """
+
+    MAX_GRAPHS = 8  # an edit needs 2 (inversion; denoising with the K/V swap)
 
     def __init__(self, unet: torch.nn.Module, cuda_graphs: bool = False):
         self.unet = unet
@@ -54,6 +61,9 @@ class TorchDenoiser:
         key = (tuple(latents.shape), tuple(text_embeddings.shape), latents.device, self.mode)
         captured = self.graphs.get(key)
         if captured is None:
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                logger.info("%d CUDA graphs captured: dropping them before capturing another", len(self.graphs))
+                self.reset()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at the same time
             captured = self.graphs[key] = _CapturedForward(self.unet, latents, text_embeddings, self.pool)

@@ -53,3 +53,31 @@ def test_inversion_then_denoising_returns_to_the_latent(tiny):
     assert moved > 0.5              # inversion really noised the latent ...
     assert error_50 < 0.1           # ... and denoising brought it back
     assert error_200 < error_50 / 2  # DDIM inversion error shrinks with the step size
+
+
+def test_graph_cache_is_bounded(monkeypatch):
+    """A server seeing many image sizes keeps at most MAX_GRAPHS captured UNet forwards (the capture is
+    faked: the bookkeeping is what is tested; real captures are in tests/test_gpu.py)."""
+    import fastdrag.denoiser as denoiser_module
+
+    captured = []
+
+    class FakeCapture:
+        def __init__(self, unet, latents, text_embeddings, pool):
+            captured.append(tuple(latents.shape))
+
+        def __call__(self, latents, timestep, text_embeddings):
+            return latents * 0
+
+    monkeypatch.setattr(denoiser_module, "_CapturedForward", FakeCapture)
+    monkeypatch.setattr(denoiser_module.torch.cuda, "graph_pool_handle", lambda: object())
+    denoiser = TorchDenoiser(torch.nn.Identity(), cuda_graphs=True)
+    text = torch.randn(1, 77, 8)
+    limit = TorchDenoiser.MAX_GRAPHS
+    for side in range(8, 8 + limit):
+        denoiser._replay(torch.randn(1, 4, side, side), 500, text)
+    denoiser._replay(torch.randn(1, 4, 8, 8), 400, text)  # seen: replayed, not captured again
+    assert len(captured) == limit and len(denoiser.graphs) == limit
+    denoiser._replay(torch.randn(1, 4, 99, 99), 500, text)  # one size more: the old graphs go
+    assert len(captured) == limit + 1
+    assert list(denoiser.graphs) == [((1, 4, 99, 99), (1, 77, 8), torch.device("cpu"), None)]
