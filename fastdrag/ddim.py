@@ -57,6 +57,14 @@ class DdimSchedule:
         return self.alpha(t), self.alpha(t - self.step_size)
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+           alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The forward process at `timesteps` (the scheduler's `add_noise`, with `alphas_cumprod` already
+    on the device, so nothing is copied from the host: a CUDA graph can hold it)."""
+    alpha = alphas_cumprod[timesteps].view(-1, *[1] * (latents.dim() - 1))
+    return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+
 def ddim_move(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
     """Deterministic DDIM map of `x` (at `alpha_from`) to `alpha_to`, given the predicted noise."""
     x0 = (x - (1.0 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path
 from .config import LoraConfig
 from .cuda_graph import capture, on_side_stream
+from .ddim import noised
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -125,14 +126,6 @@ def load_adapter_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"cached adapter does not fit this model: unexpected keys {unexpected[:3]}")
-
-
-def noised(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-           alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The forward process at `timesteps` (the scheduler's `add_noise`, with `alphas_cumprod` already
-    on the device, so nothing is copied from the host: a CUDA graph can hold it)."""
-    alpha = alphas_cumprod[timesteps].view(-1, *[1] * (latents.dim() - 1))
-    return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
 
 
 def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,

@@ -81,3 +81,13 @@ def test_graph_cache_is_bounded(monkeypatch):
     denoiser._replay(torch.randn(1, 4, 99, 99), 500, text)  # one size more: the old graphs go
     assert len(captured) == limit + 1
     assert list(denoiser.graphs) == [((1, 4, 99, 99), (1, 77, 8), torch.device("cpu"), None)]
+
+
+def test_noising_matches_the_scheduler(tiny):
+    from fastdrag.ddim import noised
+
+    generator = torch.Generator().manual_seed(7)
+    latents, noise = torch.randn(5, 4, 6, 7, generator=generator), torch.randn(5, 4, 6, 7, generator=generator)
+    timesteps = torch.tensor([0, 1, 499, 998, 999])
+    torch.testing.assert_close(noised(latents, noise, timesteps, tiny.scheduler.alphas_cumprod),
+                               tiny.scheduler.add_noise(latents, noise, timesteps), rtol=1e-6, atol=1e-6)

@@ -76,16 +76,6 @@ def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, mo
         restarted.train_lora(picture.image, picture.prompt + " at dusk", lora_steps=3)
 
 
-def test_noising_matches_the_scheduler(tiny):
-    from fastdrag.lora import noised
-
-    generator = torch.Generator().manual_seed(7)
-    latents, noise = torch.randn(5, 4, 6, 7, generator=generator), torch.randn(5, 4, 6, 7, generator=generator)
-    timesteps = torch.tensor([0, 1, 499, 998, 999])
-    torch.testing.assert_close(noised(latents, noise, timesteps, tiny.scheduler.alphas_cumprod),
-                               tiny.scheduler.add_noise(latents, noise, timesteps), rtol=1e-6, atol=1e-6)
-
-
 def test_cuda_graph_switch_is_ignored_off_cuda(tiny, picture):
     posterior = encode_posterior(tiny.vae, picture.image)
     text = encode_prompt(tiny.tokenizer, tiny.text_encoder, picture.prompt)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import DragConfig
+from ..ddim import noised
 from ..features import unet_with_features
 from ..models import ddim_scheduler
 from ..vae import encode_prompt
@@ -240,7 +241,7 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
         head = torch.nn.Conv2d(feature_channels, unet.config.in_channels, 1).to(device)
         trained = torch.nn.ModuleDict({"unet": unet, "head": head})
     optimizer = _optimizer(trained, config.unet_lr)
-    scheduler = ddim_scheduler()
+    alphas_cumprod = ddim_scheduler().alphas_cumprod.to(device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -248,14 +249,11 @@ def train_unet(out: Path, vae, scaling_factor: float, config: TrainConfig, devic
         x0, text = latents[index], table[text_of_scene[index]]
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t = torch.randint(0, 1000, (config.unet_batch,), generator=generator, device=device)
-        noisy = scheduler.add_noise(x0, noise, t)
+        noisy = noised(x0, noise, t, alphas_cumprod)
         if config.feature_weight <= 0:
             return F.mse_loss(unet(noisy, t, encoder_hidden_states=text).sample, noise)
-        eps, features = unet_with_features(unet, noisy, t, text, FEATURE_BLOCK)
-        content = head(features)
-        if content.shape[-2:] != x0.shape[-2:]:
-            content = F.interpolate(content, size=x0.shape[-2:], mode="bilinear", align_corners=False)
-        return F.mse_loss(eps, noise) + config.feature_weight * F.mse_loss(content, x0)
+        eps, features = unet_with_features(unet, noisy, t, text, FEATURE_BLOCK)  # up block 2: latent resolution
+        return F.mse_loss(eps, noise) + config.feature_weight * F.mse_loss(head(features), x0)
 
     _loop("unet", config.unet_steps, trained, optimizer, loss_fn, out, config.checkpoint_every, progress,
           config.unet_time_budget_s)
