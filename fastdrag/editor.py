@@ -156,7 +156,7 @@ class DragEditor:
             self._loaded_key = key
             return key, True
         losses = train_lora(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
-                            progress=self.progress, cuda_graph=config.cuda_graph_lora)
+                            progress=self.progress, cuda_graph=config.cuda_graphs and config.cuda_graph_lora)
         self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
                                                      "final_loss": f"{losses[-1]:.6f}" if losses else ""})
         self._loaded_key = key

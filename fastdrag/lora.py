@@ -103,13 +103,14 @@ def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> Non
     if installed is not None and (installed.lora_rank, installed.lora_targets) != (config.lora_rank, config.lora_targets):
         unet.delete_adapters(ADAPTER)
         installed = None
+    if installed is None:
+        unet.add_adapter(peft_config(config), adapter_name=ADAPTER)
+    # initialised here, not by add_adapter (whose layer construction draws first): the same seed
+    # gives the same adapter whether or not one was installed before
     with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        if installed is None:
-            unet.add_adapter(peft_config(config), adapter_name=ADAPTER)
-        else:
-            for layer in lora_layers(unet):
-                layer.reset_lora_parameters(ADAPTER, True)
+        for layer in lora_layers(unet):
+            layer.reset_lora_parameters(ADAPTER, True)
     for param in lora_parameters(unet):
         param.data = param.data.float()
     unet.requires_grad_(False)

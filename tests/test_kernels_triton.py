@@ -196,7 +196,12 @@ def test_masked_l1_value_and_gradient(mask_kind):
 def test_dispatch(monkeypatch):
     cpu = torch.zeros(1)
     cuda_half, cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.float16), SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
-    assert kernels.uses_triton(cpu) and kernels.uses_triton(cuda_bf16)  # forced: everything
+    assert kernels.uses_triton(cuda_bf16)  # forced: everything
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert kernels.uses_triton(cpu)
+    else:  # (a GPU run compiles the kernels: CPU tensors cannot be forced there)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            kernels.uses_triton(cpu)
     monkeypatch.delenv("FASTDRAG_FORCE_TRITON")
     monkeypatch.delenv("FASTDRAG_KERNELS", raising=False)
     assert kernels.uses_triton(cuda_half) and kernels.uses_triton(cuda_bf16) and not kernels.uses_triton(cpu)  # default
@@ -235,4 +240,13 @@ def test_whole_drag_gives_the_same_handles(tiny, picture, monkeypatch):
     with_reference = run()
     assert with_triton.steps == with_reference.steps
     assert torch.equal(with_triton.handles, with_reference.handles)
-    assert relative_error(with_triton.latent - z_t, with_reference.latent - z_t) < 1e-3
+    error = relative_error(with_triton.latent - z_t, with_reference.latent - z_t)
+    # On the CPU every run is bit-reproducible. On a GPU the UNet's and the interpolation's backward
+    # passes add in a varying order, and Adam's first steps (about lr * sign(grad)) turn that rounding
+    # into lr-sized changes where a gradient is near zero: an H100 put the Triton and reference
+    # latents 5e-2 apart. There the bound is the reference against itself, run again.
+    run_to_run = 0.0
+    if DEVICE == "cuda":
+        run_to_run = relative_error(run().latent - z_t, with_reference.latent - z_t)
+    print(f"drag latent change, Triton vs reference: {error:.2e}; reference vs itself: {run_to_run:.2e}")
+    assert error < max(1e-3, 3 * run_to_run)

@@ -56,6 +56,22 @@ def test_adapter_is_reset_per_image_and_starts_as_identity(tiny):
     assert lora_parameters(tiny.unet)[0].shape[0] == 4 or lora_parameters(tiny.unet)[0].shape[1] == 4
 
 
+def test_same_seed_gives_the_same_adapter_on_a_fresh_or_a_used_model():
+    from fastdrag.models import build_tiny
+
+    config = LoraConfig(lora_rank=4)
+    fresh_model, used_model = build_tiny().unet, build_tiny().unet
+    install_adapter(used_model, config, seed=1)
+    torch.manual_seed(123)  # the global generator's state must not matter either
+    install_adapter(used_model, config, seed=7)
+    install_adapter(fresh_model, config, seed=7)
+    fresh, used = adapter_state(fresh_model), adapter_state(used_model)
+    assert fresh.keys() == used.keys()
+    for name in fresh:
+        assert torch.equal(fresh[name], used[name]), name
+    assert any(v.abs().sum() > 0 for k, v in fresh.items() if "lora_A" in k)
+
+
 def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, monkeypatch):
     key, cached = editor.train_lora(picture.image, picture.prompt, lora_steps=3)
     assert not cached and editor.cache.path(key).is_file()
