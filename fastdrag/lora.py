@@ -105,14 +105,14 @@ def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> Non
         installed = None
     if installed is None:
         unet.add_adapter(peft_config(config), adapter_name=ADAPTER)
-    # initialised here, not by add_adapter (whose layer construction draws first): the same seed
-    # gives the same adapter whether or not one was installed before
+    for param in lora_parameters(unet):
+        param.data = param.data.float()
+    # initialised here, in fp32, not by add_adapter (whose layer construction draws first, in the
+    # model's dtype): the same seed gives the same adapter on a fresh or a used model of any dtype
     with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for layer in lora_layers(unet):
             layer.reset_lora_parameters(ADAPTER, True)
-    for param in lora_parameters(unet):
-        param.data = param.data.float()
     unet.requires_grad_(False)
     unet._fastdrag_lora_config = config
 

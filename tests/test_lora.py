@@ -56,11 +56,12 @@ def test_adapter_is_reset_per_image_and_starts_as_identity(tiny):
     assert lora_parameters(tiny.unet)[0].shape[0] == 4 or lora_parameters(tiny.unet)[0].shape[1] == 4
 
 
-def test_same_seed_gives_the_same_adapter_on_a_fresh_or_a_used_model():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_same_seed_gives_the_same_adapter_on_a_fresh_or_a_used_model(dtype):
     from fastdrag.models import build_tiny
 
     config = LoraConfig(lora_rank=4)
-    fresh_model, used_model = build_tiny().unet, build_tiny().unet
+    fresh_model, used_model = build_tiny().unet.to(dtype), build_tiny().unet.to(dtype)
     install_adapter(used_model, config, seed=1)
     torch.manual_seed(123)  # the global generator's state must not matter either
     install_adapter(used_model, config, seed=7)
@@ -69,6 +70,7 @@ def test_same_seed_gives_the_same_adapter_on_a_fresh_or_a_used_model():
     assert fresh.keys() == used.keys()
     for name in fresh:
         assert torch.equal(fresh[name], used[name]), name
+        assert fresh[name].dtype == torch.float32, name
     assert any(v.abs().sum() > 0 for k, v in fresh.items() if "lora_A" in k)
 
 
