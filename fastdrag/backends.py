@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import os
 from dataclasses import dataclass
 from typing import List
 
@@ -33,10 +32,12 @@ def triton_status() -> BackendStatus:
         return BackendStatus("triton", "", False, "not installed (pip install 'fastdrag[gpu]')")
     if not torch.cuda.is_available():
         return BackendStatus("triton", version, False, "no CUDA GPU: the PyTorch reference kernels run instead")
-    if os.environ.get("FASTDRAG_KERNELS", "reference") != "triton":
-        return BackendStatus("triton", version, False, "opt-in: set FASTDRAG_KERNELS=triton (not yet verified on a GPU, "
-                                                       "see kernels/__init__.py); the PyTorch reference kernels run")
-    return BackendStatus("triton", version, True, "CUDA GPU present, FASTDRAG_KERNELS=triton")
+    from .kernels import kernel_choice
+
+    if kernel_choice() == "reference":
+        return BackendStatus("triton", version, False, "FASTDRAG_KERNELS=reference: the PyTorch reference kernels run")
+    return BackendStatus("triton", version, True, "CUDA GPU present: the drag-loop kernels run in Triton "
+                                                  "(FASTDRAG_KERNELS=reference for the PyTorch references)")
 
 
 def xformers_status() -> BackendStatus:

@@ -2,11 +2,11 @@
 
 Which path runs (`FASTDRAG_KERNELS`):
 - unset or `triton`: the Triton kernels for CUDA tensors, the PyTorch references of `reference.py`
-  for every other tensor. On an H200 (2026-11-26, Triton 3.6) the compiled motion loss matched
-  the reference in fp32 at every tested geometry (the SD one, 64x64 read at 256x256, included),
-  and for fp16 and bf16 maps; the no-sync drag loop ran on them; together with tracking they
-  were 21x faster than the reference (CUDA graphs on both sides; bench/RESULTS.md). Not yet
-  compared on a GPU: patch radius 2, tracking, point features, the mask term;
+  for every other tensor. On an H100 (2026-11-26, Triton 3.6) every test of
+  tests/test_kernels_triton.py passed against the references: the motion loss at every tested
+  geometry (the SD one, 64x64 read at 256x256, included) in fp32, fp16 and bf16, patch radii 0-2,
+  tracking, point features, the mask term and a whole drag; with CUDA graphs, loss and tracking
+  together were 21x faster than the reference (bench/RESULTS.md);
 - `reference`: the references on every device (the way back if a GPU disagrees).
 `FASTDRAG_FORCE_TRITON=1` sends every tensor to Triton (CPU tensors need `TRITON_INTERPRET=1`):
 the tests' switch.
@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .reference import active_pairs
 
-__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "active_pairs", "uses_triton"]
+__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "active_pairs", "uses_triton", "kernel_choice"]
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -35,10 +35,15 @@ def uses_triton(tensor: torch.Tensor) -> bool:
         if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "") != "1":
             raise RuntimeError("FASTDRAG_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 (set before the kernels load)")
         return True
+    return kernel_choice() == "triton" and tensor.is_cuda
+
+
+def kernel_choice() -> str:
+    """`FASTDRAG_KERNELS`, checked: "triton" (the default: Triton for CUDA tensors) or "reference"."""
     choice = os.environ.get("FASTDRAG_KERNELS", "triton")
     if choice not in ("reference", "triton"):
         raise ValueError(f"FASTDRAG_KERNELS must be reference or triton; got {choice!r}")
-    return choice == "triton" and tensor.is_cuda
+    return choice
 
 
 def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int = 1,

@@ -1,9 +1,11 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastdrag.cli import main
@@ -79,6 +81,26 @@ def test_console_script_info_runs():
     for name in ("torch", "triton", "xformers", "onnxruntime", "tensorrt"):
         assert name in done.stdout
     assert "WARNING" not in done.stderr  # no xformers noise at import
+
+
+def test_info_reports_the_kernels_that_dispatch_would_run(monkeypatch):
+    pytest.importorskip("triton")
+    from fastdrag import kernels
+    from fastdrag.backends import triton_status
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda_tensor = SimpleNamespace(is_cuda=True, dtype=torch.float16)
+    for choice in (None, "triton", "reference"):
+        if choice is None:
+            monkeypatch.delenv("FASTDRAG_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("FASTDRAG_KERNELS", choice)
+        status = triton_status()
+        assert status.usable == kernels.uses_triton(cuda_tensor) == (choice != "reference"), choice
+        assert ("Triton" in status.reason) == status.usable and ("reference" in status.reason)
+    monkeypatch.setenv("FASTDRAG_KERNELS", "fast")
+    with pytest.raises(ValueError, match="FASTDRAG_KERNELS must be reference or triton"):
+        triton_status()
 
 
 def test_lora_command_trains_then_finds_the_cache(image_file, tmp_path, capsys):
