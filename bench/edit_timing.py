@@ -4,7 +4,7 @@ full suite with FLOP counts).
 
     python bench/edit_timing.py [--model sd15-random] [--repeats 2] [--variant NAME[:KEY=VALUE,...]] [--json FILE]
 
-Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-graph:cuda_graph_lora=true`,
+Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_graph_lora=false`,
 and `channels_last=true`, which converts the UNet's weights for that variant; default: one with the
 package defaults) runs a warm-up first edit (Triton compilation, cuDNN's first
 calls), a first edit on a new LoRA key, and `--repeats` repeated edits (LoRA and inversion cached).

@@ -14,8 +14,8 @@
 #   stage-bench      bench/test_stages.py -k "not edit" --model sd15: one step of each stage
 #   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets;
 #                    with its FLOP counts it did not fit 240 s on an H200)
-#   edit-timing      bench/edit_timing.py on SD 1.5: the same targets in about 4 minutes, for four variants
-#                    (the defaults, LoRA step graphed too, that with channels-last weights, no CUDA graphs)
+#   edit-timing      bench/edit_timing.py on SD 1.5: the same targets in about 4 minutes, for four variants,
+#                    each in its own process (the defaults, + channels-last weights, LoRA step eager, no CUDA graphs)
 #   attention-bench  bench/test_attention.py --model sd15
 #   toy              starts the toy UNet's 256-px training in the background (TOY_SECONDS, default 180);
 #                    name it before test groups only: benchmarks wait for it to finish
@@ -164,6 +164,26 @@ parallel_tests() {
     echo "== parallel-tests done after $((SECONDS - group_start)) s" >>"$log"
 }
 
+# bench/edit_timing.py for each variant in a process of its own (one process for all of them let
+# later variants' peak memory include what earlier ones left behind), merged into edit_timing.json
+edit_timing() {
+    local variant parts=()
+    for variant in defaults nhwc:channels_last=true lora-eager:cuda_graph_lora=false eager:cuda_graphs=false; do
+        run "edit-timing ${variant%%:*}" 90 env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 bench/edit_timing.py \
+            --variant "$variant" --json "$out/edit_timing_${variant%%:*}.json"
+        parts+=("$out/edit_timing_${variant%%:*}.json")
+    done
+    python3 - "$out/edit_timing.json" "${parts[@]}" >>"$log" 2>&1 <<'EOF'
+import json, os, sys
+rows = []
+for part in sys.argv[2:]:
+    if os.path.exists(part):
+        rows += json.load(open(part))
+        os.remove(part)
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+EOF
+}
+
 expand() {
     case "$1" in
     all) echo kernel-tests gpu-tests attention-tests kernel-bench stage-bench edit-bench attention-bench ;;
@@ -199,10 +219,7 @@ for name in "${names[@]}"; do
             --benchmark-json "$out/bench_edits.json" ;;
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
-        edit-timing) run "$name" 240 env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 bench/edit_timing.py \
-            --variant defaults --variant lora-graph:cuda_graph_lora=true \
-            --variant lora-graph-nhwc:cuda_graph_lora=true,channels_last=true --variant eager:cuda_graphs=false \
-            --json "$out/edit_timing.json" ;;
+        edit-timing) edit_timing ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac
         ;;

@@ -70,7 +70,17 @@ def test_measures_score_the_truth_and_no_edit():
         unchanged = score(case, np.asarray(case.scene.image))
         assert abs(unchanged.moved) < 0.05 and unchanged.area_ratio == pytest.approx(1.0)
         vanished = score(case, case.scene.background)
-        assert vanished.moved == 0.0 and vanished.area_ratio == 0.0
+        assert vanished.moved == 0.0 and vanished.area_ratio == 0.0 and vanished.lost
+        assert not truth.lost and not unchanged.lost
+        # a remnant of the shape at the target is lost, not arrived: its centroid says nothing
+        remnant = np.asarray(case.scene.background).copy()
+        arrived = moved_scene(case)
+        shape = case.scene.shapes[case.shape_index]
+        keep = np.argwhere(np.all(arrived == shape.colour, axis=-1) & (case.mask > 0.5))[:max(1, shape.mask.sum() // 10)]
+        remnant[keep[:, 0], keep[:, 1]] = shape.colour
+        scrap = score(case, remnant)
+        assert scrap.lost and scrap.moved == 0.0 and 0 < scrap.area_ratio < 0.25
+        assert scrap.md == pytest.approx(float(np.linalg.norm(np.subtract(case.target, case.handle))))
 
 
 def test_segment_and_psnr():
