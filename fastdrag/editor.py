@@ -144,7 +144,7 @@ class DragEditor:
 
     def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
         c = self.components
-        key = lora_key(c.identity, image, prompt, config.lora, config.seed)
+        key = lora_key(c.identity, image, prompt, config.lora, config.seed, self.dtype)
         if key == self._loaded_key and self.cache.path(key).is_file():
             return key, True
         self._forget_adapter()

@@ -39,11 +39,14 @@ def default_cache_dir() -> Path:
     return base / "fastdrag" / "lora"
 
 
-def lora_key(model_identity: str, image: Image.Image, prompt: str, config: LoraConfig, seed: int) -> str:
-    """Hash of everything that determines the trained adapter."""
+def lora_key(model_identity: str, image: Image.Image, prompt: str, config: LoraConfig, seed: int,
+             precision: torch.dtype) -> str:
+    """Hash of everything that determines the trained adapter (`precision`: the model's dtype, which
+    decides whether the UNet ran under fp16/bf16 autocast while it trained)."""
     digest = hashlib.sha256()
     digest.update(json.dumps({
         "model": model_identity,
+        "precision": str(precision).replace("torch.", ""),
         "image_size": list(image.size),
         "prompt": prompt,
         "lora": dataclasses.asdict(config),

@@ -74,6 +74,25 @@ def test_same_seed_gives_the_same_adapter_on_a_fresh_or_a_used_model(dtype):
     assert any(v.abs().sum() > 0 for k, v in fresh.items() if "lora_A" in k)
 
 
+def test_lora_key_changes_with_everything_that_determines_the_adapter():
+    from PIL import Image
+
+    from fastdrag.lora import lora_key
+
+    pixels = np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    base = dict(model_identity="builtin:tiny:seed=0", image=image, prompt="a ball", config=LoraConfig(), seed=42,
+                precision=torch.float32)
+    key = lora_key(**base)
+    assert key == lora_key(**{**base, "image": Image.fromarray(pixels.copy())})  # content, not identity
+    changed_pixels = pixels.copy()
+    changed_pixels[5, 7, 1] ^= 1
+    for change in (dict(model_identity="builtin:tiny:seed=1"), dict(image=Image.fromarray(changed_pixels)),
+                   dict(prompt="a ball "), dict(config=LoraConfig(lora_steps=79)), dict(seed=43),
+                   dict(precision=torch.float16)):
+        assert lora_key(**{**base, **change}) != key, change
+
+
 def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, monkeypatch):
     key, cached = editor.train_lora(picture.image, picture.prompt, lora_steps=3)
     assert not cached and editor.cache.path(key).is_file()
