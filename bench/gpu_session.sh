@@ -180,7 +180,8 @@ for part in sys.argv[2:]:
     if os.path.exists(part):
         rows += json.load(open(part))
         os.remove(part)
-json.dump(rows, open(sys.argv[1], "w"), indent=1)
+if rows:
+    json.dump(rows, open(sys.argv[1], "w"), indent=1)
 EOF
 }
 
