@@ -113,6 +113,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--cache-dir", default=None, help="LoRA cache folder (default: ~/.cache/fastdrag/lora)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="UNet convolution weights channels-last (faster on a GPU: bench/RESULTS.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
 
@@ -209,7 +211,7 @@ def _editor(args):
     from .editor import DragEditor
 
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, channels_last=args.channels_last)
 
 
 def cmd_edit(args) -> int:

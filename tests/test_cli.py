@@ -127,3 +127,21 @@ def test_toy_train_time_budget_sets_the_step_count_unless_capped():
                                   "--colour-weight", "4", "--seed", "5"]))
     assert (decoder.decoder_steps_on_reuse, decoder.colour_weight, decoder.seed) == (600, 4.0, 5)
     assert train_config(parse(["toy", "train", "--out", "x"])).colour_weight == TrainConfig().colour_weight
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--channels-last"], True)])
+def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag, expected):
+    from fastdrag import DragEditor
+
+    seen = {}
+    real = DragEditor.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DragEditor, "from_pretrained", classmethod(recording))
+    args = ["lora", str(image_file), "--prompt", "a ball", "--cache-dir", str(tmp_path / "c"), "--lora-steps", "1",
+            "--quiet"] + flag
+    assert main(args) == 0
+    assert seen["channels_last"] is expected and seen["cache_dir"] == str(tmp_path / "c")

@@ -58,3 +58,21 @@ def test_repeated_edit_reuses_the_inversion_and_matches_a_fresh_one(editor, pict
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
     reference = fresh.edit(picture.image, picture.prompt, moved, **fast)
     assert np.asarray(again.image).tobytes() == np.asarray(reference.image).tobytes()
+
+
+def test_channels_last_weights_edit_like_contiguous_ones(picture, tmp_path, fast):
+    import torch
+
+    from fastdrag import DragEditor
+
+    plain = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "a", progress=False)
+    nhwc = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "b", progress=False, channels_last=True)
+    def layouts(editor):  # of the kernels larger than 1x1 (for which both layouts are the same)
+        return [m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+                for m in editor.components.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+
+    assert layouts(nhwc) and all(layouts(nhwc)) and not any(layouts(plain))
+    first = plain.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    second = nhwc.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    difference = np.abs(np.asarray(first.image, dtype=np.float32) - np.asarray(second.image, dtype=np.float32))
+    assert difference.max() <= 2 and second.handles == pytest.approx(first.handles, abs=1.0), difference.max()
