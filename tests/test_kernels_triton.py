@@ -234,19 +234,22 @@ def test_whole_drag_gives_the_same_handles(tiny, picture, monkeypatch):
         unet, z_t, text = copy.deepcopy(tiny.unet).cuda(), z_t.cuda(), text.cuda()
     run = lambda: drag(unet, z_t, schedule.drag_timestep, text, inputs.handles.to(DEVICE), inputs.targets.to(DEVICE),
                        inputs.mask.to(DEVICE), schedule, DragConfig(drag_steps=12), inputs.sup_res, progress=False)
+    change = lambda result: result.latent - z_t
     with_triton = run()
+    triton_again = run() if DEVICE == "cuda" else with_triton
     monkeypatch.delenv("FASTDRAG_FORCE_TRITON")
     monkeypatch.setenv("FASTDRAG_KERNELS", "reference")
     with_reference = run()
+    reference_again = run() if DEVICE == "cuda" else with_reference
     assert with_triton.steps == with_reference.steps
     assert torch.equal(with_triton.handles, with_reference.handles)
-    error = relative_error(with_triton.latent - z_t, with_reference.latent - z_t)
+    error = relative_error(change(with_triton), change(with_reference))
     # On the CPU every run is bit-reproducible. On a GPU the UNet's and the interpolation's backward
     # passes add in a varying order, and Adam's first steps (about lr * sign(grad)) turn that rounding
-    # into lr-sized changes where a gradient is near zero: an H100 put the Triton and reference
-    # latents 5e-2 apart. There the bound is the reference against itself, run again.
-    run_to_run = 0.0
-    if DEVICE == "cuda":
-        run_to_run = relative_error(run().latent - z_t, with_reference.latent - z_t)
-    print(f"drag latent change, Triton vs reference: {error:.2e}; reference vs itself: {run_to_run:.2e}")
+    # into lr-sized changes where a gradient is near zero: on an H100 the Triton and reference
+    # latents were 2.5e-2 apart and the reference 9.7e-3 from itself. There the bound is each path
+    # against itself, run again.
+    run_to_run = max(relative_error(change(triton_again), change(with_triton)),
+                     relative_error(change(reference_again), change(with_reference)))
+    print(f"drag latent change, Triton vs reference: {error:.2e}; each against itself: up to {run_to_run:.2e}")
     assert error < max(1e-3, 3 * run_to_run)
