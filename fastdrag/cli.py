@@ -51,12 +51,21 @@ def _stage_fields():
         yield name, getattr(holder, name), stage
 
 
+# what the edit-wide fields do (a stage's fields are described by their stage)
+EDIT_FIELD_HELP = {
+    "seed": "seed of the LoRA adapter's initialisation and training batches",
+    "backend": "denoiser of inversion and denoising: torch, onnxruntime or tensorrt (exported graphs)",
+    "cuda_graphs": "CUDA only: replay the UNet's calls as CUDA graphs",
+    "cuda_graph_lora": "CUDA only, with --cuda-graphs: replay the LoRA training step too",
+}
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per config field (`--drag-steps`, `--lora-lr`, ...); unset options keep the defaults."""
     group = parser.add_argument_group("method parameters (defaults: DragDiffusion's published values)")
     for name, default, stage in _stage_fields():
         flag = "--" + name.replace("_", "-")
-        where = f"{stage} stage" if stage else "edit"
+        where = f"{stage} stage" if stage else EDIT_FIELD_HELP.get(name, "edit")
         if name == "size":
             group.add_argument(flag, type=_parse_size, default=None, metavar="WxH",
                                help="working size (default: image size rounded to a multiple of 64)")
