@@ -118,7 +118,8 @@ bench_file=(env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 -m pytest
 # correctness checks that may share the GPU, at once: the three test files, and the toy quality
 # benchmark (TOY_CASES cases, default 8) on the fast path (the defaults: fp16, CUDA graphs, Triton,
 # xformers) and on the reference path (fp32, eager, reference kernels, SDPA), then their paired
-# comparison (PARALLEL_SECONDS, default 210, bounds them: the reference path took 21 s a case on an H100). Outputs: tests.txt, toy_quality.txt under OUT (the device brings back 8 files at most);
+# comparison. PARALLEL_SECONDS (default 210) bounds them: the reference path took 21 s a case on an
+# H100. Outputs: tests.txt, toy_quality.txt under OUT (the device brings back 8 files at most);
 # summaries in the log.
 parallel_tests() {
     local left=$((deadline - SECONDS - 10)) limit=${PARALLEL_SECONDS:-210} file pids=() parts=()
