@@ -1,9 +1,10 @@
 """The two pieces every CUDA-graph capture here needs: warm-up on a side stream, and a capture
-whose one host sync is allowed even while `FASTDRAG_SYNC_DEBUG` makes syncs raise."""
+whose one host sync is allowed even while `FASTDRAG_SYNC_DEBUG` makes syncs raise; and the
+optimiser step that the LoRA trainer and the drag loop both run eagerly or replay from a graph."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -27,3 +28,39 @@ def capture(graph: torch.cuda.CUDAGraph, pool=None) -> Iterator[None]:
             yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+class OptimizerStep:
+    """An in-place training step — forward, backward and optimiser step on tensors its owner keeps —
+    run eagerly, or with `graphed` (CUDA) eagerly on a side stream for the first `warmup` calls, so
+    lazy initialisation settles, then captured once and replayed.
+
+    Gradients are cleared after every eager call. A captured backward writes the same gradient
+    buffers at every replay, so they are cleared once, before the capture, and never inside it.
+    """
+
+    def __init__(self, compute: Callable[..., None], optimizer: torch.optim.Optimizer, graphed: bool, warmup: int,
+                 device: torch.device):
+        self.compute, self.optimizer, self.warmup = compute, optimizer, warmup
+        self.side_stream = torch.cuda.Stream(device) if graphed else None
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.calls = 0
+
+    def __call__(self, **eager_kwargs) -> None:
+        """One step; `eager_kwargs` go to the eager calls (the captured one takes `compute`'s defaults)."""
+        if self.side_stream is None:
+            self.compute(**eager_kwargs)
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.graph is None and self.calls < self.warmup:
+            with on_side_stream(self.side_stream):
+                self.compute(**eager_kwargs)
+                self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if self.graph is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                graph = torch.cuda.CUDAGraph()
+                with capture(graph):
+                    self.compute()
+                self.graph = graph
+            self.graph.replay()
+        self.calls += 1

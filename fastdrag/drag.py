@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import kernels
 from .config import DragConfig
-from .cuda_graph import capture, on_side_stream
+from .cuda_graph import OptimizerStep
 from .ddim import DdimSchedule, ddim_step
 from .features import unet_with_features
 
@@ -120,9 +120,7 @@ class DragLoop:
         self.loss = torch.zeros((), device=device)  # the last iteration's loss (0 once arrived)
         self.losses = torch.zeros(max(config.drag_steps, 1), device=device)
         self.watch = ArrivalWatch(device, check_every)
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.capturing = False
-        self.side_stream = torch.cuda.Stream(device) if self.cuda_graph else None
+        self.optimizer_step = OptimizerStep(self._iteration, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device)
 
     def step(self, index: int) -> bool:
         """Iteration `index` (forward, tracking, arrival test, loss, one Adam step, frozen once arrived).
@@ -131,20 +129,11 @@ class DragLoop:
         """
         if self.watch.arrived(index, self.done):
             return True
-        if not self.cuda_graph:
-            self._iteration(track=index > 0)
-        elif self.graph is not None:
-            self.graph.replay()
-        elif index < self.GRAPH_WARMUP:
-            with on_side_stream(self.side_stream):
-                self._iteration(track=index > 0)
-        else:
-            self._capture()
-            self.graph.replay()
+        self.optimizer_step(track=index > 0)  # (a captured iteration always tracks: it runs from index 3 on)
         self.losses[min(index, self.losses.numel() - 1)] = self.loss
         return False
 
-    def _iteration(self, track: bool) -> None:
+    def _iteration(self, track: bool = True) -> None:
         """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
         config = self.config
         with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False) if self.autocast else contextlib.nullcontext():
@@ -162,23 +151,9 @@ class DragLoop:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if not self.capturing:
-            self.optimizer.zero_grad(set_to_none=True)  # a captured backward writes the same grad buffer each replay
         with torch.no_grad():
             self.latent.copy_(torch.where(self.done, self.before, self.latent))
             self.loss.copy_(torch.where(self.done, torch.zeros_like(loss), loss.detach()))
-
-    def _capture(self) -> None:
-        """Capture one tracking iteration as a CUDA graph."""
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        self.capturing = True
-        try:
-            with capture(graph):
-                self._iteration(track=True)
-        finally:
-            self.capturing = False
-        self.graph = graph
 
     def result(self) -> DragResult:
         steps = int(self.steps_run)  # the one host sync, after the loop

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .config import LoraConfig
-from .cuda_graph import capture, on_side_stream
+from .cuda_graph import OptimizerStep
 from .ddim import noised
 from .errors import InputError
 
@@ -180,28 +180,20 @@ class LoraTrainer:
         self.noise = torch.empty(shape, device=device)
         self.timesteps = torch.empty(self.batch, dtype=torch.long, device=device)
         self.loss = torch.zeros((), device=device)
-        self.steps_done = 0
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.capturing = False
-        self.side_stream = torch.cuda.Stream(device) if self.cuda_graph else None
+        self.optimizer_step = OptimizerStep(self._compute, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device)
         unet.train()
+
+    @property
+    def graph(self) -> Optional[torch.cuda.CUDAGraph]:
+        """The captured step, once there is one."""
+        return self.optimizer_step.graph
 
     def step(self) -> torch.Tensor:
         """One optimiser step on a fresh batch; returns the loss (a device tensor)."""
         self.sample_noise.normal_(generator=self.generator)
         self.noise.normal_(generator=self.generator)
         self.timesteps.random_(0, self.num_train_timesteps, generator=self.generator)
-        if not self.cuda_graph:
-            self._compute()
-        elif self.graph is not None:
-            self.graph.replay()
-        elif self.steps_done < self.GRAPH_WARMUP:
-            with on_side_stream(self.side_stream):
-                self._compute()
-        else:
-            self._capture()
-            self.graph.replay()
-        self.steps_done += 1
+        self.optimizer_step()
         return self.loss.clone()
 
     def _compute(self) -> None:
@@ -210,23 +202,10 @@ class LoraTrainer:
         loss = lora_loss(self.unet, latents, self.noise, self.timesteps, self.text, self.alphas_cumprod)
         loss.backward()
         self.optimizer.step()
-        if not self.capturing:
-            self.optimizer.zero_grad(set_to_none=True)  # a captured backward writes the same grad buffers each replay
         self.loss.copy_(loss.detach())
 
-    def _capture(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        self.capturing = True
-        try:
-            with capture(graph):
-                self._compute()
-        finally:
-            self.capturing = False
-        self.graph = graph
-
     def finish(self) -> None:
-        self.graph = None  # frees the graph's memory pool for the stages after
+        self.optimizer_step.graph = None  # frees the graph's memory pool for the stages after
         self.optimizer.zero_grad(set_to_none=True)
         self.unet.eval()
         self.unet.requires_grad_(False)
