@@ -17,11 +17,14 @@
 #   edit-timing      bench/edit_timing.py on SD 1.5: the same targets in about 4 minutes, for four variants,
 #                    each in its own process (the defaults, + channels-last weights, LoRA step eager, no CUDA graphs)
 #   attention-bench  bench/test_attention.py --model sd15
+#   profile          bench/profile_stages.py on SD 1.5, contiguous and channels-last weights: each stage's kernel
+#                    time by kind (convolution, matmul, attention, normalisation, layout copies, ...), in the log
 #   toy              starts the toy UNet's 256-px training in the background (TOY_SECONDS, default 180);
 #                    name it before test groups only: benchmarks wait for it to finish
-# or an alias for several: all (every group but toy, in the order above), tests (the three test
+# or an alias for several: all (the test and benchmark groups one by one: no toy, parallel-tests or edit-timing), tests (the three test
 # groups), checks (toy + tests + kernel-bench), stages (the three SD 1.5 benchmark groups),
-# lease (parallel-tests, edit-timing, kernel-bench, stage-bench, attention-bench).
+# lease (parallel-tests, edit-timing, profile, stage-bench: the kernel and attention benchmarks were measured on
+# 2026-11-26 and are left out to fit one call).
 # E.g. `bash bench/gpu_session.sh lease "$OUT" 540`. Benchmarks run with FASTDRAG_KERNELS=triton
 # unless it is set: the fast path is what they are for.
 #
@@ -188,11 +191,11 @@ EOF
 
 expand() {
     case "$1" in
-    all) echo kernel-tests gpu-tests attention-tests kernel-bench stage-bench edit-bench attention-bench ;;
+    all) echo kernel-tests gpu-tests attention-tests kernel-bench stage-bench edit-bench attention-bench profile ;;
     tests) echo kernel-tests gpu-tests attention-tests ;;
     checks) echo toy kernel-tests gpu-tests attention-tests kernel-bench ;;
     stages) echo stage-bench edit-bench attention-bench ;;
-    lease) echo parallel-tests edit-timing kernel-bench stage-bench attention-bench ;;
+    lease) echo parallel-tests edit-timing profile stage-bench ;;
     *) echo "$1" ;;
     esac
 }
@@ -211,7 +214,7 @@ for name in "${names[@]}"; do
     gpu-tests) run "$name" 200 "${test_file[@]}" tests/test_gpu.py ;;
     attention-tests) run "$name" 120 "${test_file[@]}" tests/test_attention.py ;;
     parallel-tests) parallel_tests ;;
-    *-bench | edit-timing)
+    *-bench | edit-timing | profile)
         finish_toy
         case "$name" in
         kernel-bench) run "$name" 200 "${bench_file[@]}" bench/test_kernels.py --benchmark-json "$out/bench_kernels.json" ;;
@@ -222,6 +225,10 @@ for name in "${names[@]}"; do
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) edit_timing ;;
+        profile)
+            run "$name" 75 python3 bench/profile_stages.py
+            run "$name channels-last" 75 python3 bench/profile_stages.py --channels-last
+            ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac
         ;;

@@ -1,0 +1,151 @@
+"""Where a step's time goes: device time of one step of each UNet stage, by kind of kernel.
+
+    python bench/profile_stages.py [--model sd15-random] [--size 512] [--steps 3] [--json FILE]
+
+The per-stage benchmarks say how long a step takes; this says what it spends it on (convolutions,
+matrix products, attention, normalisation, layout copies, elementwise, the optimiser), so the next
+speed-up is chosen from a measurement: fusing elementwise work (e.g. `torch.compile`) pays only if
+that share is large, channels-last only if layout copies are. Steps run eagerly under
+`torch.profiler`; a CUDA graph replays the same kernels without the host's gaps, so the kernel sum
+here is what a graphed step costs at best. On the CPU it groups PyTorch operators' own time instead
+of kernels (a smoke test; the GPU is where the answer matters).
+"""
+import argparse
+import json
+import re
+import tempfile
+import time
+from collections import defaultdict
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fastdrag import DragEditor
+from fastdrag.config import LoraConfig
+from fastdrag.ddim import DdimSchedule
+from fastdrag.demo import demo_case
+from fastdrag.denoiser import TorchDenoiser
+from fastdrag.drag import DragLoop
+from fastdrag.inputs import prepare_inputs
+from fastdrag.lora import LoraTrainer
+from fastdrag.vae import encode_posterior, encode_prompt
+
+# first match wins: kernel names (cuDNN, cuBLAS, CUTLASS, Triton, ATen) and ATen operator names
+KINDS: List[Tuple[str, str]] = [
+    ("attention", r"fmha|flash|attention|softmax|_efficient_attention|sdpa"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
+    ("layout copy", r"nchwtonhwc|nhwctonchw|transpose|permute|copy_|contiguous|clone|cat"),
+    ("matmul", r"gemm|cutlass|cublas|addmm|\bmm\b|bmm|matmul|linear|sm\d+_xmma"),
+    ("normalisation", r"group_?norm|layer_?norm|batch_?norm|welford|rowwisemoments|fusedparams"),
+    ("triton (fastdrag)", r"_motion|_track|triton"),
+    ("reduction", r"reduce|sum|mean|norm"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|div|sub|where|fill|exp|neg|abs"),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, lowered):
+            return kind
+    return "other"
+
+
+def stage_steps(editor: DragEditor, size: int) -> Iterator[Tuple[str, Callable[[], object]]]:
+    """One step of each UNet stage at the defaults, eager, on the demo image, yielded in edit order
+    (the LoRA trainer is finished, its adapter frozen, before the later stages are built)."""
+    c = editor.components
+    case = demo_case(size)
+    inputs = prepare_inputs(case.image, case.points, case.mask)
+    text = encode_prompt(c.tokenizer, c.text_encoder, case.prompt)
+    posterior = encode_posterior(c.vae, inputs.image)
+    schedule = DdimSchedule.from_scheduler(c.scheduler, 50, 35)
+    z0 = (posterior.mean * c.scaling_factor).float()
+    trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, LoraConfig(), seed=0)
+    yield "LoRA step (batch 4)", trainer.step
+    trainer.finish()
+    denoiser = TorchDenoiser(c.unet)
+    yield "inversion step", lambda: denoiser(z0, 341, text)
+    far = inputs.targets.clone()
+    far[:, 1] = inputs.sup_res[1] - 1  # keep the handle from arriving
+    loop = DragLoop(c.unet, z0, schedule.drag_timestep, text, inputs.handles, far, inputs.mask, schedule,
+                    editor.config.drag, inputs.sup_res, check_every=10**9)
+    yield "drag iteration", lambda: loop.step(1)
+    pair, text2 = torch.cat([z0, z0 + 0.1]), text.expand(2, -1, -1)
+    with denoiser.reference_control(editor.config.denoise.start_layer):
+        yield "denoising step (batch 2, K/V swap)", lambda: denoiser(pair, 341, text2)
+
+
+def profile_step(step: Callable[[], object], steps: int, device: torch.device) -> Dict[str, object]:
+    """Milliseconds per step of wall time (eager) and of device time, the latter by kind and top kernels."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step()
+    step()  # warm-up: Triton compilation, cuDNN's algorithm choice, lazy allocations
+    synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize()
+        wall = time.perf_counter() - start
+    by_kind: Dict[str, float] = defaultdict(float)
+    by_name: Dict[str, float] = defaultdict(float)
+    launches = 0
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            micros = event.self_device_time_total
+            launches += event.count
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            micros = event.self_cpu_time_total
+        if micros <= 0:
+            continue
+        by_kind[kind_of(event.key)] += micros / 1e3 / steps
+        by_name[event.key] += micros / 1e3 / steps
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
+    return {"wall_ms": wall * 1e3 / steps, "device_ms": sum(by_kind.values()),
+            "kernels_per_step": launches / steps if device.type == "cuda" else None,
+            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+            "top_ms": [[name[:100], ms] for name, ms in top]}
+
+
+def report(stage: str, row: Dict[str, object]) -> str:
+    total = row["device_ms"] or 1.0
+    lines = [f"== {stage}: {row['wall_ms']:.2f} ms wall (eager), {row['device_ms']:.2f} ms "
+             f"{'kernel' if row['kernels_per_step'] is not None else 'operator'} time"
+             + (f", {row['kernels_per_step']:.0f} kernels" if row["kernels_per_step"] is not None else "")]
+    lines += [f"   {kind:<20} {ms:8.2f} ms {100 * ms / total:5.1f} %" for kind, ms in row["by_kind_ms"].items()]
+    lines += ["   top:"] + [f"   {ms:8.3f} ms  {name}" for name, ms in row["top_ms"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15-random")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per stage, after 2 warm-up steps")
+    parser.add_argument("--channels-last", action="store_true", help="the UNet's weights channels-last")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    editor = DragEditor.from_pretrained(args.model, device=device, dtype=dtype, cache_dir=tempfile.mkdtemp(),
+                                        progress=False, channels_last=args.channels_last)
+    rows = {}
+    for stage, step in stage_steps(editor, args.size):
+        rows[stage] = profile_step(step, args.steps, device)
+        print(report(stage, rows[stage]), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": str(device), "model": args.model, "size": args.size, "dtype": str(dtype),
+                       "channels_last": args.channels_last, "stages": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""bench/profile_stages.py, the lease's breakdown of each stage's kernel time by kind: its kernel-name
+classification, and a run on the tiny model here (operator time on the CPU) that covers every stage."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from profile_stages import kind_of  # noqa: E402
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true>", "layout copy"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
+    ("ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_nn", "matmul"),
+    ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half>", "normalisation"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<SiLU>>", "elementwise"),
+    ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>", "optimizer"),
+    ("_motion_loss_fwd_kernel", "triton (fastdrag)"),
+    ("aten::native_group_norm", "normalisation"),
+    ("aten::mkldnn_convolution", "convolution"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("some_unknown_kernel", "other"),
+])
+def test_kernel_names_are_classified(name, kind):
+    assert kind_of(name) == kind
+
+
+def test_every_stage_is_profiled(tmp_path):
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, "bench/profile_stages.py", "--model", "tiny", "--size", "64", "--steps", "1",
+                          "--json", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    stages = json.loads(out.read_text())["stages"]
+    assert list(stages) == ["LoRA step (batch 4)", "inversion step", "drag iteration",
+                            "denoising step (batch 2, K/V swap)"]
+    for name, row in stages.items():
+        assert f"== {name}:" in run.stdout
+        assert row["wall_ms"] > 0 and row["device_ms"] > 0
+        assert sum(row["by_kind_ms"].values()) == pytest.approx(row["device_ms"])
+        assert row["by_kind_ms"].get("convolution", 0) > 0 and row["by_kind_ms"].get("attention", 0) > 0
+    # the drag iteration runs forward and backward, the inversion step forward only
+    assert stages["drag iteration"]["device_ms"] > stages["inversion step"]["device_ms"]
