@@ -14,16 +14,16 @@
 #   stage-bench      bench/test_stages.py -k "not edit" --model sd15: one step of each stage
 #   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets;
 #                    with its FLOP counts it did not fit 240 s on an H200)
-#   edit-timing      bench/edit_timing.py on SD 1.5: the same targets in about 4 minutes, for four variants,
-#                    each in its own process (the defaults, + channels-last weights, LoRA step eager, no CUDA graphs)
+#   edit-timing      bench/edit_timing.py on SD 1.5: the same targets, for three variants, each in its own process
+#                    (the defaults, + channels-last weights, + compiled UNet blocks; TIMING_VARIANTS overrides them)
 #   attention-bench  bench/test_attention.py --model sd15
-#   profile          bench/profile_stages.py on SD 1.5, contiguous and channels-last weights: each stage's kernel
-#                    time by kind (convolution, matmul, attention, normalisation, layout copies, ...), in the log
+#   profile          bench/profile_stages.py on SD 1.5: each stage's kernel time by kind (convolution, matmul,
+#                    attention, normalisation, layout copies, ...), in the log
 #   toy              starts the toy UNet's 256-px training in the background (TOY_SECONDS, default 180);
 #                    name it before test groups only: benchmarks wait for it to finish
 # or an alias for several: all (the test and benchmark groups one by one: no toy, parallel-tests or edit-timing), tests (the three test
 # groups), checks (toy + tests + kernel-bench), stages (the three SD 1.5 benchmark groups),
-# lease (parallel-tests, edit-timing, profile, stage-bench: the kernel and attention benchmarks were measured on
+# lease (parallel-tests, profile, edit-timing: the kernel, step and attention benchmarks were measured on
 # 2026-11-26 and are left out to fit one call).
 # E.g. `bash bench/gpu_session.sh lease "$OUT" 540`. Benchmarks run with FASTDRAG_KERNELS=triton
 # unless it is set: the fast path is what they are for.
@@ -33,7 +33,7 @@
 # CUDA machine. Expects diffusers/xformers installed or as wheels in .whl/ (the device machine has
 # no package index: fetch them here with `bash bench/fetch_wheels.sh` and carry .whl). Writes to
 # OUT: log.txt, tests.txt, toy_quality.txt, edit_timing.json, bench_*.json (pytest-benchmark), and for the
-# toy group toy_train.txt and toy_unet.tar. TOY_CASES (default 8) sets parallel-tests' toy cases.
+# toy group toy_train.txt and toy_unet.tar. TOY_CASES (default 6) sets parallel-tests' toy cases.
 set -u
 groups=${1:?groups, e.g. all}
 out=${2:?output folder}
@@ -119,13 +119,13 @@ test_file=(python3 -m pytest -v -rfsP --tb=short --durations=5 --timeout 100 --t
 bench_file=(env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 -m pytest -q -p no:cacheprovider --benchmark-only)
 
 # correctness checks that may share the GPU, at once: the three test files, and the toy quality
-# benchmark (TOY_CASES cases, default 8) on the fast path (the defaults: fp16, CUDA graphs, Triton,
+# benchmark (TOY_CASES cases, default 6) on the fast path (the defaults: fp16, CUDA graphs, Triton,
 # xformers) and on the reference path (fp32, eager, reference kernels, SDPA), then their paired
-# comparison. PARALLEL_SECONDS (default 210) bounds them: the reference path took 21 s a case on an
+# comparison. PARALLEL_SECONDS (default 180) bounds them: the reference path took 21 s a case on an
 # H100. Outputs: tests.txt, toy_quality.txt under OUT (the device brings back 8 files at most);
 # summaries in the log.
 parallel_tests() {
-    local left=$((deadline - SECONDS - 10)) limit=${PARALLEL_SECONDS:-210} file pids=() parts=()
+    local left=$((deadline - SECONDS - 10)) limit=${PARALLEL_SECONDS:-180} file pids=() parts=()
     [ "$limit" -le "$left" ] || limit=$left
     if [ "$limit" -lt 30 ]; then
         echo "== parallel-tests skipped: $left s left" >>"$log"
@@ -141,11 +141,11 @@ parallel_tests() {
         pids+=($!)
     done
     rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/lora-fast /tmp/lora-reference  # each path trains its own LoRA
-    (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-8}" --quiet --cache-dir /tmp/lora-fast \
+    (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-6}" --quiet --cache-dir /tmp/lora-fast \
         --out /tmp/toy-fast >"$out/toy_fast.txt" 2>&1
         echo "== toy eval, fast path, exit $?" >>"$out/toy_fast.txt") &
     pids+=($!)
-    (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-8}" --quiet \
+    (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-6}" --quiet \
         --dtype fp32 --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference \
         --out /tmp/toy-reference >"$out/toy_reference.txt" 2>&1
         echo "== toy eval, reference path, exit $?" >>"$out/toy_reference.txt") &
@@ -169,12 +169,16 @@ parallel_tests() {
 }
 
 # bench/edit_timing.py for each variant in a process of its own (one process for all of them let
-# later variants' peak memory include what earlier ones left behind), merged into edit_timing.json
+# later variants' peak memory include what earlier ones left behind), merged into edit_timing.json.
+# TIMING_VARIANTS (space-separated NAME:KEY=VALUE,...) overrides the list; a variant that compiles
+# gets 240 s (its warm-up edit pays the compilation), the others 75 s.
 edit_timing() {
-    local variant parts=()
-    for variant in defaults nhwc:channels_last=true lora-eager:cuda_graph_lora=false eager:cuda_graphs=false; do
-        run "edit-timing ${variant%%:*}" 90 env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 bench/edit_timing.py \
-            --variant "$variant" --json "$out/edit_timing_${variant%%:*}.json"
+    local variant limit parts=()
+    for variant in ${TIMING_VARIANTS:-defaults nhwc:channels_last=true compiled:compile_blocks=true}; do
+        limit=75
+        [[ "$variant" != *compile_blocks=true* ]] || limit=240
+        run "edit-timing ${variant%%:*}" "$limit" env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 \
+            bench/edit_timing.py --variant "$variant" --json "$out/edit_timing_${variant%%:*}.json"
         parts+=("$out/edit_timing_${variant%%:*}.json")
     done
     python3 - "$out/edit_timing.json" "${parts[@]}" >>"$log" 2>&1 <<'EOF'
@@ -195,7 +199,7 @@ expand() {
     tests) echo kernel-tests gpu-tests attention-tests ;;
     checks) echo toy kernel-tests gpu-tests attention-tests kernel-bench ;;
     stages) echo stage-bench edit-bench attention-bench ;;
-    lease) echo parallel-tests edit-timing profile stage-bench ;;
+    lease) echo parallel-tests profile edit-timing ;;
     *) echo "$1" ;;
     esac
 }
@@ -225,10 +229,7 @@ for name in "${names[@]}"; do
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) edit_timing ;;
-        profile)
-            run "$name" 75 python3 bench/profile_stages.py
-            run "$name channels-last" 75 python3 bench/profile_stages.py --channels-last
-            ;;
+        profile) run "$name" 75 python3 bench/profile_stages.py ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac
         ;;

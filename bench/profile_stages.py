@@ -33,13 +33,14 @@ from fastdrag.vae import encode_posterior, encode_prompt
 
 # first match wins: kernel names (cuDNN, cuBLAS, CUTLASS, Triton, ATen) and ATen operator names
 KINDS: List[Tuple[str, str]] = [
+    ("fused by torch.compile", r"^triton_(poi|red|per|tem)_"),
     ("attention", r"fmha|flash|attention|softmax|_efficient_attention|sdpa"),
     ("optimizer", r"multi_tensor|adam|foreach"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
     ("layout copy", r"nchwtonhwc|nhwctonchw|transpose|permute|copy_|contiguous|clone|cat"),
     ("matmul", r"gemm|cutlass|cublas|addmm|\bmm\b|bmm|matmul|linear|sm\d+_xmma"),
     ("normalisation", r"group_?norm|layer_?norm|batch_?norm|welford|rowwisemoments|fusedparams"),
-    ("triton (fastdrag)", r"_motion|_track|triton"),
+    ("fastdrag Triton kernels", r"_motion_loss|_track_points|_point_features|_masked_l1"),
     ("reduction", r"reduce|sum|mean|norm"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|div|sub|where|fill|exp|neg|abs"),
 ]
@@ -131,12 +132,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per stage, after 2 warm-up steps")
     parser.add_argument("--channels-last", action="store_true", help="the UNet's weights channels-last")
+    parser.add_argument("--compile-blocks", action="store_true", help="torch.compile the UNet's blocks first")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     editor = DragEditor.from_pretrained(args.model, device=device, dtype=dtype, cache_dir=tempfile.mkdtemp(),
-                                        progress=False, channels_last=args.channels_last)
+                                        progress=False, channels_last=args.channels_last,
+                                        compile_blocks=args.compile_blocks)
     rows = {}
     for stage, step in stage_steps(editor, args.size):
         rows[stage] = profile_step(step, args.steps, device)
@@ -144,7 +147,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": str(device), "model": args.model, "size": args.size, "dtype": str(dtype),
-                       "channels_last": args.channels_last, "stages": rows}, handle, indent=1)
+                       "channels_last": args.channels_last,
+                       "compile_blocks": args.compile_blocks, "stages": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

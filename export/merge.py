@@ -6,6 +6,8 @@ import copy
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ..regional_compile import without_compiled_blocks
+
 
 def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """A copy of `unet` with every LoRA adapter merged into its base layer and the wrappers removed.
@@ -13,7 +15,7 @@ def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     The original keeps its adapter (the editor goes on using it). The copy has the module names
     of the stock model (`...attn1.to_q.weight`), so exported weights are found by those names.
     """
-    merged = copy.deepcopy(unet)
+    merged = without_compiled_blocks(copy.deepcopy(unet))  # traced for export: plain modules
     wrapped = [(name, module) for name, module in merged.named_modules() if isinstance(module, LoraLayer)]
     for name, module in wrapped:
         if module.active_adapters:

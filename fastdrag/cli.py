@@ -124,6 +124,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="LoRA cache folder (default: ~/.cache/fastdrag/lora)")
     parser.add_argument("--channels-last", action="store_true",
                         help="UNet convolution weights channels-last (faster on a GPU: bench/RESULTS.md)")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="torch.compile the UNet's residual and feed-forward blocks (minutes of compilation "
+                             "on the first edit; not yet measured on a GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
 
@@ -220,7 +223,8 @@ def _editor(args):
     from .editor import DragEditor
 
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                                      progress=not args.quiet, channels_last=args.channels_last)
+                                      progress=not args.quiet, channels_last=args.channels_last,
+                                      compile_blocks=args.compile_blocks)
 
 
 def cmd_edit(args) -> int:

@@ -90,12 +90,14 @@ class DragEditor:
     def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
-                        channels_last: bool = False) -> "DragEditor":
+                        channels_last: bool = False, compile_blocks: bool = False) -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
         `channels_last` stores the UNet's convolution weights channels-last: on an H100 at SD 1.5 /
         512 px it made a repeated edit 11 % faster (3.2 -> 2.85 s); off by default until its peak
-        memory is measured on its own (bench/RESULTS.md).
+        memory is measured on its own (bench/RESULTS.md). `compile_blocks` compiles the UNet's
+        residual and feed-forward blocks with `torch.compile` (`fastdrag.regional_compile`): minutes
+        of compilation on the first edit, not yet measured on a GPU; off by default.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
@@ -104,6 +106,10 @@ class DragEditor:
         components = load_components(name_or_path, device=device, dtype=dtype)
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
+        if compile_blocks:
+            from .regional_compile import compile_blocks as compile_unet_blocks
+
+            compile_unet_blocks(components.unet)
         return cls(components, device, dtype, config=config, cache_dir=cache_dir, progress=progress)
 
     def _schedule(self, config: EditConfig) -> DdimSchedule:

@@ -129,7 +129,9 @@ def test_toy_train_time_budget_sets_the_step_count_unless_capped():
     assert train_config(parse(["toy", "train", "--out", "x"])).colour_weight == TrainConfig().colour_weight
 
 
-@pytest.mark.parametrize("flag, expected", [([], False), (["--channels-last"], True)])
+@pytest.mark.parametrize("flag, expected", [([], {"channels_last": False, "compile_blocks": False}),
+                                            (["--channels-last"], {"channels_last": True, "compile_blocks": False}),
+                                            (["--compile-blocks"], {"channels_last": False, "compile_blocks": True})])
 def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag, expected):
     from fastdrag import DragEditor
 
@@ -138,10 +140,10 @@ def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag,
 
     def recording(cls, *args, **kwargs):
         seen.update(kwargs)
-        return real(cls, *args, **kwargs)
+        return real(cls, *args, **{**kwargs, "compile_blocks": False})  # what reaches the loader is the point
 
     monkeypatch.setattr(DragEditor, "from_pretrained", classmethod(recording))
     args = ["lora", str(image_file), "--prompt", "a ball", "--cache-dir", str(tmp_path / "c"), "--lora-steps", "1",
             "--quiet"] + flag
     assert main(args) == 0
-    assert seen["channels_last"] is expected and seen["cache_dir"] == str(tmp_path / "c")
+    assert {key: seen[key] for key in expected} == expected and seen["cache_dir"] == str(tmp_path / "c")

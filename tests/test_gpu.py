@@ -177,3 +177,41 @@ def test_graphed_lora_training_matches_the_eager_one(dtype):
     graph_all = torch.cat([graph_change[k].flatten() for k in eager_change])
     assert eager_all.abs().max() > 0  # it trained
     assert ((graph_all - eager_all).norm() / eager_all.norm()).item() < (0.02 if dtype == torch.float32 else 0.1)
+
+
+def test_compiled_blocks_replay_in_cuda_graphs(picture):
+    """`compile_blocks` under the package's own CUDA graphs: the blocks compile during the warm-up
+    calls, then the graphed denoiser and the graphed drag loop replay them and agree with the eager,
+    uncompiled UNet."""
+    from fastdrag.config import DragConfig
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.drag import drag
+    from fastdrag.models import build_tiny
+    from fastdrag.regional_compile import compile_blocks
+
+    tiny = build_tiny().to("cuda", torch.float32)
+    inputs, schedule, z_t, text = _drag_setting(tiny, picture, torch.float32)
+    far = inputs.targets.clone()
+    far[:, 1] = inputs.sup_res[1] - 1
+
+    def drag_run(graph):
+        return drag(tiny.unet, z_t, schedule.drag_timestep, text, inputs.handles.cuda(), far.cuda(), inputs.mask.cuda(),
+                    schedule, DragConfig(drag_steps=10), inputs.sup_res, progress=False, cuda_graph=graph)
+
+    eps = TorchDenoiser(tiny.unet)(z_t, 501, text)
+    eager = drag_run(False)
+    compile_blocks(tiny.unet)
+    graphed_denoiser = TorchDenoiser(tiny.unet, cuda_graphs=True)
+    torch.testing.assert_close(graphed_denoiser(z_t, 501, text), eps, rtol=1e-4, atol=1e-4)
+    assert graphed_denoiser.graphs
+    graphed = drag_run(True)
+    assert graphed.steps == eager.steps == 10 and torch.isfinite(graphed.latent).all()
+    # The first two losses are the same arithmetic up to rounding. After them the two runs part as far
+    # as the tiny model's chaotic drag takes any two arithmetics apart: compiled against eager on the
+    # CPU, the losses differed by up to 7 % from the third iteration on and the latent's change by 9.6 %
+    # in norm. So the rest is bounded loosely (a broken compiled backward moves nothing like the eager
+    # one); whether compiled edits score the same is the toy quality benchmark's question.
+    torch.testing.assert_close(graphed.losses[:2], eager.losses[:2], rtol=2e-3, atol=1e-4)
+    change_eager, change_graphed = eager.latent - z_t, graphed.latent - z_t
+    assert (change_graphed - change_eager).norm() <= 0.25 * change_eager.norm()
+    torch.testing.assert_close(graphed.handles, eager.handles, rtol=0, atol=2.0)
