@@ -1,7 +1,9 @@
 """DragEditor: models loaded once, edits run through the four stages on demand."""
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +71,24 @@ def _parse_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> 
     return names[dtype]
 
 
+def _one_at_a_time(method):
+    """Run `method` under the editor's lock: the UNet's adapter, attention processors, captured CUDA
+    graphs and caches are shared state, so a server's threads calling one editor take turns."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class DragEditor:
-    """Holds a model warm and runs DragDiffusion edits with it."""
+    """Holds a model warm and runs DragDiffusion edits with it.
+
+    Safe to call from several threads: calls run one at a time (a lock). For edits in parallel,
+    run one editor per GPU.
+    """
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
@@ -85,6 +103,7 @@ class DragEditor:
         self._graph_denoisers: Dict[Path, object] = {}
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
+        self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
@@ -123,6 +142,7 @@ class DragEditor:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return result
 
+    @_one_at_a_time
     def prepare(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
                 config: Optional[EditConfig] = None) -> PreparedImage:
         """Validate inputs, encode prompt and image, and train or load the image's LoRA."""
@@ -176,6 +196,7 @@ class DragEditor:
         self._loaded_key = key
         return key, False
 
+    @_one_at_a_time
     def train_lora(self, image: ImageLike, prompt: str, **overrides) -> Tuple[str, bool]:
         """Train (or find in the cache) the LoRA of an image; returns (key, was cached)."""
         config = self.config.replace(**overrides)
@@ -188,6 +209,7 @@ class DragEditor:
         posterior = encode_posterior(c.vae, picture)
         return self._lora(picture, prompt, text, posterior, config)
 
+    @_one_at_a_time
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
                overwrite: bool = False, **overrides):
         """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`."""
@@ -201,6 +223,7 @@ class DragEditor:
         text = encode_prompt(self.components.tokenizer, self.components.text_encoder, prompt)
         return export_loaded(self.components, key, config.lora, size, text, config, Path(output), fmt, fp16, overwrite)
 
+    @_one_at_a_time
     def merged_unet_for(self, lora_key: str, **overrides) -> torch.nn.Module:
         """A LoRA-merged copy of the UNet with the cached adapter `lora_key` (e.g. to refit an engine)."""
         from .export.merge import merged_unet
@@ -245,6 +268,7 @@ class DragEditor:
         self._inverted = (key, z_t)
         return z_t
 
+    @_one_at_a_time
     def edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
              **overrides) -> EditResult:
         """Move the content under each handle to its target; points are `[((hx, hy), (tx, ty)), ...]`."""

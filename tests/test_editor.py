@@ -76,3 +76,39 @@ def test_channels_last_weights_edit_like_contiguous_ones(picture, tmp_path, fast
     second = nhwc.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     difference = np.abs(np.asarray(first.image, dtype=np.float32) - np.asarray(second.image, dtype=np.float32))
     assert difference.max() <= 2 and second.handles == pytest.approx(first.handles, abs=1.0), difference.max()
+
+
+def test_threads_sharing_an_editor_take_turns_and_get_their_own_edits(editor, picture, tmp_path, fast, monkeypatch):
+    import threading
+    import time
+
+    from fastdrag import DragEditor, editor as editor_module
+
+    active, most = [0], [0]
+    real_drag = editor_module.drag
+
+    def watched_drag(*args, **kwargs):  # counts edits inside the drag stage at once
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.05)  # widen the window another thread would need to slip in
+        try:
+            return real_drag(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(editor_module, "drag", watched_drag)
+    results = {}
+
+    def run(seed):
+        results[seed] = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=seed, **fast)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(results) == [1, 2, 3] and most[0] == 1
+    alone = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "alone", progress=False)
+    for seed in (1, 2, 3):  # each thread got the edit of its own seed, as if it had run alone
+        expected = alone.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=seed, **fast)
+        assert np.asarray(results[seed].image).tobytes() == np.asarray(expected.image).tobytes()
