@@ -87,7 +87,8 @@ class DragEditor:
     """Holds a model warm and runs DragDiffusion edits with it.
 
     Safe to call from several threads: calls run one at a time (a lock). For edits in parallel,
-    run one editor per GPU.
+    run one editor per GPU, each in its own process (a CUDA graph capture in one thread forbids
+    synchronising calls in the others).
     """
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
