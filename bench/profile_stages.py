@@ -97,7 +97,8 @@ def profile_step(step: Callable[[], object], steps: int, device: torch.device) -
     launches = 0
     for event in prof.key_averages():
         if device.type == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
+            # kernels, copies and fills; a user annotation (torch.compile marks its regions) spans kernels counted already
+            if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
                 continue
             micros = event.self_device_time_total
             launches += event.count
