@@ -14,6 +14,7 @@ for a lease to measure; it is off by default.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -30,6 +31,26 @@ BLOCK_TYPES = (ResnetBlock2D, FeedForward)
 RECOMPILE_LIMIT = 64
 
 
+def check_compile_support(device: torch.device) -> None:
+    """Raise a ConfigError naming what `torch.compile` lacks here, instead of failing inside the first edit."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError("compile_blocks: torch.compile does not support this Python/PyTorch build")
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("compile_blocks on CUDA needs the triton package (pip install triton)")
+        return
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - inductor raises its own types, version to version
+        raise ConfigError(f"compile_blocks on the {device.type} needs a C++ compiler for torch.compile "
+                          f"(g++, or one named by $CXX): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                          ) from exc
+
+
 def compile_blocks(unet: torch.nn.Module) -> int:
     """Compile every residual and feed-forward block of `unet` in place; returns how many."""
     import torch._dynamo.config as dynamo_config
@@ -37,6 +58,7 @@ def compile_blocks(unet: torch.nn.Module) -> int:
     blocks = [module for module in unet.modules() if isinstance(module, BLOCK_TYPES)]
     if not blocks:
         raise ConfigError("compile_blocks: the UNet has no ResnetBlock2D or FeedForward block to compile")
+    check_compile_support(unet.device)
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile()

@@ -82,3 +82,20 @@ def test_a_compiled_editor_edits_like_an_eager_one_and_exports_plain_modules(pic
     merged = merged_unet(compiled.components.unet)
     assert not any(is_compiled(m) for m in merged.modules())
     assert any(is_compiled(m) for m in compiled.components.unet.modules())  # the editor's own UNet stays compiled
+
+
+def test_a_missing_compiler_is_named_before_any_edit(monkeypatch):
+    from torch._inductor import cpp_builder
+
+    from fastdrag.errors import ConfigError
+    from fastdrag.models import load_components
+
+    unet = load_components("tiny", device=torch.device("cpu"), dtype=torch.float32).unet
+
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found in ('g++',)")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .*No working C\+\+ compiler found"):
+        compile_blocks(unet)
+    assert not any(is_compiled(m) for m in unet.modules())  # nothing half-done
