@@ -171,7 +171,7 @@ parallel_tests() {
 # bench/edit_timing.py for each variant in a process of its own (one process for all of them let
 # later variants' peak memory include what earlier ones left behind), merged into edit_timing.json.
 # TIMING_VARIANTS (space-separated NAME:KEY=VALUE,...) overrides the list; a variant that compiles
-# gets 240 s (its warm-up edit pays the compilation), the others 75 s.
+# gets 240 s (its warm_up() pays the compilation), the others 75 s.
 edit_timing() {
     local variant limit parts=()
     for variant in ${TIMING_VARIANTS:-defaults nhwc:channels_last=true compiled:compile_blocks=true}; do

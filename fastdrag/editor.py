@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -17,11 +19,11 @@ from .config import EditConfig
 from .ddim import DdimSchedule
 from .denoise import denoise_pair
 from .denoiser import TorchDenoiser
-from .drag import drag
+from .drag import DragLoop, drag
 from .errors import InputError
 from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
 from .inversion import invert
-from .lora import LoraCache, install_adapter, load_adapter_state, adapter_state, lora_key, train_lora
+from .lora import LoraCache, LoraTrainer, install_adapter, load_adapter_state, adapter_state, lora_key, train_lora
 from .models import Components, load_components
 from .vae import decode, encode_posterior, encode_prompt
 
@@ -268,6 +270,38 @@ class DragEditor:
         z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self.progress)
         self._inverted = (key, z_t)
         return z_t
+
+    @_one_at_a_time
+    def warm_up(self, size: Optional[Tuple[int, int]] = None, **overrides) -> Dict[str, float]:
+        """Run one short edit of a synthetic `size` image (default: the model's native size) and forget it.
+
+        A server calls this once at start-up, so that its first request does not pay what a process
+        pays once: Triton's kernel compilation, cuDNN's and cuBLAS's first calls, CUDA's lazy
+        initialisation (on an H100 at SD 1.5 / 512 px the first edit of a process took 27 s, the next
+        new image 15 s, with the LoRA step eager as it then was; bench/RESULTS.md). Every stage runs, each past its CUDA graph capture, at the
+        edit settings (`overrides` as in `edit`) but with few steps, on the PyTorch backend (exported
+        denoisers are per LoRA, so they have nothing to warm here). Nothing reaches the LoRA cache
+        and nothing of it is reused by the next edit. Returns the warm-up edit's seconds per stage.
+        """
+        native = self.components.unet.config.sample_size * self.components.vae_scale
+        width, height = size or (native, native)
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width))
+        mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 1
+        points = [((0.4 * width, 0.4 * height), (0.55 * width, 0.5 * height))]
+        # the PyTorch path: an exported backend's graphs belong to one LoRA, so warming them warms nothing
+        short = dict(lora_steps=LoraTrainer.GRAPH_WARMUP + 2, drag_steps=DragLoop.GRAPH_WARMUP + 2,
+                     num_inference_steps=10, backend="torch")
+        user_cache = self.cache
+        with tempfile.TemporaryDirectory(prefix="fastdrag-warm-up-") as scratch:
+            self.cache = LoraCache(Path(scratch))
+            try:
+                result = self.edit(image, "", points, mask=mask, **{**overrides, **short})
+            finally:
+                self.cache = user_cache
+                self._forget_adapter()
+        return result.timings
 
     @_one_at_a_time
     def edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,

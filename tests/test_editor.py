@@ -112,3 +112,17 @@ def test_threads_sharing_an_editor_take_turns_and_get_their_own_edits(editor, pi
     for seed in (1, 2, 3):  # each thread got the edit of its own seed, as if it had run alone
         expected = alone.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=seed, **fast)
         assert np.asarray(results[seed].image).tobytes() == np.asarray(expected.image).tobytes()
+
+
+def test_warm_up_runs_every_stage_and_leaves_nothing_behind(editor, picture, tmp_path, fast):
+    from fastdrag import DragEditor
+
+    timings = editor.warm_up()
+    assert all(timings[stage] > 0 for stage in ("lora", "inversion", "drag", "denoise", "vae_decode"))
+    assert not editor.cache.directory.exists() or not any(editor.cache.directory.iterdir())  # no LoRA cached
+    assert editor.warm_up(size=(96, 64))["drag"] > 0  # any size the model takes
+    after = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert not after.lora_cached
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert np.asarray(after.image).tobytes() == np.asarray(expected.image).tobytes()
