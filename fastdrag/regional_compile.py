@@ -52,7 +52,11 @@ def check_compile_support(device: torch.device) -> None:
 
 
 def compile_blocks(unet: torch.nn.Module) -> int:
-    """Compile every residual and feed-forward block of `unet` in place; returns how many."""
+    """Compile every residual and feed-forward block of `unet` in place; returns how many.
+
+    Raises dynamo's per-function limit of compiled variants (`recompile_limit`) to at least
+    `RECOMPILE_LIMIT`, for the whole process.
+    """
     import torch._dynamo.config as dynamo_config
 
     blocks = [module for module in unet.modules() if isinstance(module, BLOCK_TYPES)]
