@@ -277,11 +277,12 @@ class DragEditor:
 
         A server calls this once at start-up, so that its first request does not pay what a process
         pays once: Triton's kernel compilation, cuDNN's and cuBLAS's first calls, CUDA's lazy
-        initialisation (on an H100 at SD 1.5 / 512 px the first edit of a process took 27 s, the next
-        new image 15 s, with the LoRA step eager as it then was; bench/RESULTS.md). Every stage runs, each past its CUDA graph capture, at the
-        edit settings (`overrides` as in `edit`) but with few steps, on the PyTorch backend (exported
-        denoisers are per LoRA, so they have nothing to warm here). Nothing reaches the LoRA cache
-        and nothing of it is reused by the next edit. Returns the warm-up edit's seconds per stage.
+        initialisation (on an H100 at SD 1.5 / 512 px the first edit of a process took 27 s, the
+        next new image 15 s, with the LoRA step eager as it then was; bench/RESULTS.md). Every stage
+        runs, each past its CUDA graph capture, at the edit settings (`overrides` as in `edit`) but
+        with few steps, on the PyTorch backend (exported denoisers are per LoRA, so they have nothing
+        to warm here). Nothing reaches the LoRA cache and nothing of it is reused by the next edit.
+        Returns the warm-up edit's seconds per stage.
         """
         native = self.components.unet.config.sample_size * self.components.vae_scale
         width, height = size or (native, native)
