@@ -339,6 +339,14 @@ def cmd_info(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend, why = choose_backend("auto", device, torch.float16 if device.type == "cuda" else torch.float32)
     lines.append(f"reference attention of an edit here: {backend} ({why})")
+    from .errors import ConfigError
+    from .regional_compile import check_compile_support
+
+    try:
+        check_compile_support(device)
+        lines.append("--compile-blocks: usable here (torch.compile; off by default)")
+    except ConfigError as exc:
+        lines.append(f"--compile-blocks: not usable: {exc}")
     lines.append("optional backends:")
     for status in all_backends():
         state = "usable" if status.usable else "not usable"

@@ -81,6 +81,19 @@ def test_console_script_info_runs():
     for name in ("torch", "triton", "xformers", "onnxruntime", "tensorrt"):
         assert name in done.stdout
     assert "WARNING" not in done.stderr  # no xformers noise at import
+    assert "--compile-blocks: " in done.stdout  # usable, or why not
+
+
+def test_info_says_why_compile_blocks_is_not_usable(monkeypatch, capsys):
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    assert main(["info"]) == 0
+    assert "--compile-blocks: not usable: compile_blocks on the cpu needs a C++ compiler" in capsys.readouterr().out
 
 
 def test_info_reports_the_kernels_that_dispatch_would_run(monkeypatch):

@@ -13,7 +13,19 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fastdrag.regional_compile import BLOCK_TYPES, compile_blocks, is_compiled
+from fastdrag.errors import ConfigError
+from fastdrag.regional_compile import BLOCK_TYPES, check_compile_support, compile_blocks, is_compiled
+
+
+def _why_not_compilable() -> str:
+    try:
+        check_compile_support(torch.device("cpu"))
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
+needs_compiler = pytest.mark.skipif(bool(_why_not_compilable()), reason=_why_not_compilable() or "-")
 
 
 def compiled_graphs() -> int:
@@ -28,6 +40,7 @@ def forward_and_input_grad(unet, latents, text):
     return eps.detach(), latents.grad
 
 
+@needs_compiler
 def test_compiled_blocks_match_the_eager_ones_and_compile_once():
     from fastdrag.lora import install_adapter
     from fastdrag.config import LoraConfig
@@ -58,6 +71,7 @@ def test_compiled_blocks_match_the_eager_ones_and_compile_once():
     assert compiled_graphs() == graphs
 
 
+@needs_compiler
 def test_a_compiled_editor_edits_like_an_eager_one_and_exports_plain_modules(picture, tmp_path, fast):
     from fastdrag import DragEditor
     from fastdrag.export.merge import merged_unet
@@ -87,7 +101,6 @@ def test_a_compiled_editor_edits_like_an_eager_one_and_exports_plain_modules(pic
 def test_a_missing_compiler_is_named_before_any_edit(monkeypatch):
     from torch._inductor import cpp_builder
 
-    from fastdrag.errors import ConfigError
     from fastdrag.models import load_components
 
     unet = load_components("tiny", device=torch.device("cpu"), dtype=torch.float32).unet
