@@ -25,7 +25,8 @@ def _why_not_compilable() -> str:
     return ""
 
 
-needs_compiler = pytest.mark.skipif(bool(_why_not_compilable()), reason=_why_not_compilable() or "-")
+_NOT_COMPILABLE = _why_not_compilable()  # one probe of the compiler, not one per use
+needs_compiler = pytest.mark.skipif(bool(_NOT_COMPILABLE), reason=_NOT_COMPILABLE or "-")
 
 
 def compiled_graphs() -> int:
