@@ -46,14 +46,14 @@ class OptimizerStep:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.calls = 0
 
-    def __call__(self, **eager_kwargs) -> None:
-        """One step; `eager_kwargs` go to the eager calls (the captured one takes `compute`'s defaults)."""
+    def __call__(self) -> None:
+        """One step: eager, a warm-up on the side stream, the capture (and its first replay), or a replay."""
         if self.side_stream is None:
-            self.compute(**eager_kwargs)
+            self.compute()
             self.optimizer.zero_grad(set_to_none=True)
         elif self.graph is None and self.calls < self.warmup:
             with on_side_stream(self.side_stream):
-                self.compute(**eager_kwargs)
+                self.compute()
                 self.optimizer.zero_grad(set_to_none=True)
         else:
             if self.graph is None:

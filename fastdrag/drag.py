@@ -59,6 +59,11 @@ class ArrivalWatch:
             self.event.record()
         return seen
 
+    def reset(self) -> None:
+        """Forget the last drag's flag (its copies are done: the drag's result synchronised)."""
+        self.event = None
+        self.host.zero_()
+
 
 @contextlib.contextmanager
 def sync_debug(device: torch.device) -> Iterator[None]:
@@ -85,42 +90,89 @@ class DragLoop:
     The loop's state (latent, handles, flags, loss, optimiser state) lives in tensors allocated once
     and updated in place, so with `cuda_graph=True` (CUDA only) iterations from `GRAPH_WARMUP` on
     replay one captured CUDA graph: forward, tracking, loss, backward and the Adam step without a
-    kernel launch from Python (the graph's temporaries come from its private memory pool).
+    kernel launch from Python (the graph's temporaries come from its private memory pool). `restart`
+    refills those tensors for another drag of the same shapes and settings, and the graph replays
+    it from its first iteration.
     """
 
-    GRAPH_WARMUP = 3  # eager iterations before capture (the first has no tracking; lazy inits settle)
+    GRAPH_WARMUP = 3  # eager iterations before capture (lazy inits settle)
 
     def __init__(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig,
                  sup_res: Tuple[int, int], check_every: int = 4, cuda_graph: bool = False):
-        if any(p.requires_grad for p in unet.parameters()):
-            raise RuntimeError("the UNet has trainable weights; freeze them before the drag loop")
+        _require_frozen(unet)
         device = z_t.device
         self.unet, self.schedule, self.config, self.sup_res = unet, schedule, config, sup_res
         self.timestep = timestep
         self.dtype = unet.dtype
         self.autocast = config.mixed_precision and device.type == "cuda" and self.dtype != torch.float32
-        self.text = text_embeddings.to(self.dtype)
+        self.text = text_embeddings.to(self.dtype).clone()
         self.t = torch.full((), timestep, device=device, dtype=torch.long)
         self.handles = handles.to(device=device, dtype=torch.float32).clone()
-        self.targets = targets.to(device=device, dtype=torch.float32)
+        self.targets = targets.to(device=device, dtype=torch.float32).clone()
         self.mask = latent_mask(mask.to(device) if mask is not None else None, z_t.shape)
-        with torch.no_grad():
-            eps0, feat0 = unet_with_features(unet, z_t.to(self.dtype), self.t, self.text, config.feature_block)
-            self.x_prev0 = ddim_step(schedule, z_t.float(), eps0.float(), timestep)
-            self.handle_feats = kernels.point_features(feat0, self.handles, sup_res)
         self.latent = z_t.detach().float().clone().requires_grad_(True)
+        self.x_prev0, self.handle_feats = self._anchors()
         self.before = torch.empty_like(self.latent, requires_grad=False)  # the latent before each step, reused
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.optimizer = torch.optim.Adam([self.latent], lr=config.drag_lr, fused=True if device.type == "cuda" else None,
                                           capturable=self.cuda_graph)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast and self.dtype == torch.float16)
+        self.scaler_start = self.scaler.state_dict()
+        self.tracking = torch.zeros((), dtype=torch.bool, device=device)  # iteration 0 does not track
         self.done = torch.zeros((), dtype=torch.bool, device=device)
         self.steps_run = torch.zeros((), dtype=torch.long, device=device)
         self.loss = torch.zeros((), device=device)  # the last iteration's loss (0 once arrived)
         self.losses = torch.zeros(max(config.drag_steps, 1), device=device)
         self.watch = ArrivalWatch(device, check_every)
         self.optimizer_step = OptimizerStep(self._iteration, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device)
+
+    def _anchors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`x_prev_0` and the original handles' features, from one forward of the start latent."""
+        with torch.no_grad():
+            eps0, feat0 = unet_with_features(self.unet, self.latent.to(self.dtype), self.t, self.text,
+                                             self.config.feature_block)
+            x_prev0 = ddim_step(self.schedule, self.latent.detach(), eps0.float(), self.timestep)
+            return x_prev0, kernels.point_features(feat0, self.handles, self.sup_res)
+
+    def fits(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
+             mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig, sup_res: Tuple[int, int],
+             cuda_graph: bool = False) -> bool:
+        """Whether `restart` can take this drag: the same UNet, shapes and settings, so the same graph."""
+        return (unet is self.unet and unet.dtype == self.dtype and z_t.shape == self.latent.shape
+                and z_t.device == self.latent.device and text_embeddings.shape == self.text.shape
+                and handles.shape == self.handles.shape and (mask is None) == (self.mask is None)
+                and timestep == self.timestep
+                and schedule.step_coefficients(timestep) == self.schedule.step_coefficients(self.timestep)
+                and config == self.config and tuple(sup_res) == tuple(self.sup_res)
+                and (cuda_graph and z_t.device.type == "cuda") == self.cuda_graph)
+
+    def restart(self, z_t: torch.Tensor, text_embeddings: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> None:
+        """Start a new drag (one that `fits`) in this loop's tensors, in place, as a fresh loop would.
+
+        Every tensor keeps its storage, so a captured CUDA graph replays the new drag from its first
+        iteration: a repeated edit pays neither the eager warm-up iterations nor a capture.
+        """
+        _require_frozen(self.unet)
+        device = self.latent.device
+        with torch.no_grad():
+            self.latent.copy_(z_t)
+            self.text.copy_(text_embeddings)
+            self.handles.copy_(handles)
+            self.targets.copy_(targets)
+            if mask is not None:
+                self.mask.copy_(latent_mask(mask.to(device), z_t.shape))
+            x_prev0, handle_feats = self._anchors()
+            self.x_prev0.copy_(x_prev0)
+            self.handle_feats.copy_(handle_feats)
+            for state in self.optimizer.state.values():  # Adam as before its first step
+                for value in state.values():
+                    value.zero_()
+            for flag in (self.tracking, self.done, self.steps_run, self.loss, self.losses):
+                flag.zero_()
+        self.scaler.load_state_dict(self.scaler_start)  # in place, like the optimiser's state
+        self.watch.reset()
 
     def step(self, index: int) -> bool:
         """Iteration `index` (forward, tracking, arrival test, loss, one Adam step, frozen once arrived).
@@ -129,18 +181,19 @@ class DragLoop:
         """
         if self.watch.arrived(index, self.done):
             return True
-        self.optimizer_step(track=index > 0)  # (a captured iteration always tracks: it runs from index 3 on)
+        if index < 2:
+            self.tracking.fill_(index > 0)  # a device flag, so that one captured graph runs every iteration
+        self.optimizer_step()
         self.losses[min(index, self.losses.numel() - 1)] = self.loss
         return False
 
-    def _iteration(self, track: bool = True) -> None:
+    def _iteration(self) -> None:
         """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
         config = self.config
         with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False) if self.autocast else contextlib.nullcontext():
             eps, feat = unet_with_features(self.unet, self.latent.to(self.dtype), self.t, self.text, config.feature_block)
-        if track:
-            tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
-            self.handles.copy_(torch.where(self.done, self.handles, tracked))
+        tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
+        self.handles.copy_(torch.where(self.tracking & ~self.done, tracked, self.handles))
         self.steps_run.add_((~self.done).long())
         self.done.logical_or_(((self.targets - self.handles).norm(dim=-1) < config.reach_distance).all())
         loss = kernels.motion_supervision_loss(feat, self.handles, self.targets, config.r_m, size=self.sup_res)
@@ -155,9 +208,22 @@ class DragLoop:
             self.latent.copy_(torch.where(self.done, self.before, self.latent))
             self.loss.copy_(torch.where(self.done, torch.zeros_like(loss), loss.detach()))
 
+    def run(self, progress: bool = True) -> DragResult:
+        """Iterate until every handle arrived or the step limit; the loop's tensors stay for a `restart`."""
+        with sync_debug(self.latent.device):
+            for index in tqdm(range(self.config.drag_steps), desc="drag", disable=not progress, leave=False):
+                if self.step(index):
+                    break
+        return self.result()
+
     def result(self) -> DragResult:
         steps = int(self.steps_run)  # the one host sync, after the loop
         return DragResult(self.latent.detach().clone(), self.handles.clone(), steps, self.losses[:steps].clone())
+
+
+def _require_frozen(unet) -> None:
+    if any(p.requires_grad for p in unet.parameters()):
+        raise RuntimeError("the UNet has trainable weights; freeze them before the drag loop")
 
 
 def drag(
@@ -181,8 +247,4 @@ def drag(
     """
     loop = DragLoop(unet, z_t, timestep, text_embeddings, handles, targets, mask, schedule, config, sup_res, check_every,
                     cuda_graph)
-    with sync_debug(z_t.device):
-        for index in tqdm(range(config.drag_steps), desc="drag", disable=not progress, leave=False):
-            if loop.step(index):
-                break
-    return loop.result()
+    return loop.run(progress)

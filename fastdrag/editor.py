@@ -19,7 +19,7 @@ from .config import EditConfig
 from .ddim import DdimSchedule
 from .denoise import denoise_pair
 from .denoiser import TorchDenoiser
-from .drag import DragLoop, drag
+from .drag import DragLoop
 from .errors import InputError
 from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
 from .inversion import invert
@@ -106,6 +106,7 @@ class DragEditor:
         self._graph_denoisers: Dict[Path, object] = {}
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
+        self._drag_loop: Optional[DragLoop] = None  # the last drag's loop (and graph), restarted when it fits
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
 
     @classmethod
@@ -178,6 +179,7 @@ class DragEditor:
         self._loaded_key = None
         self._inverted = None      # z_t was inverted with the old adapter
         self.denoiser.reset()      # captured graphs read the old adapter's weights
+        self._drag_loop = None     # so does the drag loop's graph
 
     def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
         c = self.components
@@ -271,6 +273,21 @@ class DragEditor:
         self._inverted = (key, z_t)
         return z_t
 
+    def _drag(self, z_t: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig):
+        """Stage 3; a drag that fits the last one's loop restarts it, skipping the graph's warm-up and capture."""
+        inputs, unet = prepared.inputs, self.components.unet
+        args = (z_t, schedule.drag_timestep, prepared.text_embeddings, inputs.handles)
+        loop = self._drag_loop
+        if loop is not None and loop.fits(unet, *args, inputs.mask, schedule, config.drag, inputs.sup_res,
+                                          config.cuda_graphs):
+            loop.restart(z_t, prepared.text_embeddings, inputs.handles, inputs.targets, inputs.mask)
+        else:
+            self._drag_loop = None  # free the old graph's memory before capturing another
+            loop = DragLoop(unet, *args, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
+                            cuda_graph=config.cuda_graphs)
+            self._drag_loop = loop
+        return loop.run(progress=self.progress)
+
     @_one_at_a_time
     def warm_up(self, size: Optional[Tuple[int, int]] = None, **overrides) -> Dict[str, float]:
         """Run one short edit of a synthetic `size` image (default: the model's native size) and forget it.
@@ -320,9 +337,7 @@ class DragEditor:
         if config.backend != "torch":
             denoiser = self._timed(timings, "export", self._exported_denoiser, prepared, config)
         z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
-        result = self._timed(timings, "drag", drag, c.unet, z_t, schedule.drag_timestep, prepared.text_embeddings,
-                             inputs.handles, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
-                             progress=self.progress, cuda_graph=config.cuda_graphs)
+        result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
         pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
                            prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
         edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor)

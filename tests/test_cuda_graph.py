@@ -13,8 +13,8 @@ class Recorder:
     def __init__(self):
         self.events = []
 
-    def compute(self, **kwargs):
-        self.events.append(("compute", kwargs))
+    def compute(self):
+        self.events.append(("compute",))
 
     def zero_grad(self, set_to_none=True):
         self.events.append(("zero_grad",))
@@ -48,12 +48,12 @@ def recorder(monkeypatch):
 
 def test_graphed_step_warms_up_captures_once_then_only_replays(recorder):
     step = OptimizerStep(recorder.compute, recorder, graphed=True, warmup=2, device=torch.device("cpu"))
-    for index in range(5):
-        step(track=index > 0)
+    for _ in range(5):
+        step()
     assert recorder.events == [
-        ("side stream",), ("compute", {"track": False}), ("zero_grad",),
-        ("side stream",), ("compute", {"track": True}), ("zero_grad",),
-        ("zero_grad",), ("capture",), ("compute", {}), ("replay",),  # gradients cleared before, never inside
+        ("side stream",), ("compute",), ("zero_grad",),
+        ("side stream",), ("compute",), ("zero_grad",),
+        ("zero_grad",), ("capture",), ("compute",), ("replay",),  # gradients cleared before, never inside
         ("replay",), ("replay",),
     ]
     assert step.graph is not None and step.calls == 5
@@ -61,8 +61,7 @@ def test_graphed_step_warms_up_captures_once_then_only_replays(recorder):
 
 def test_eager_step_computes_and_clears_gradients_every_time(recorder):
     step = OptimizerStep(recorder.compute, recorder, graphed=False, warmup=2, device=torch.device("cpu"))
-    for index in range(4):
-        step(track=index > 0)
-    assert recorder.events == [("compute", {"track": index > 0}) if i % 2 == 0 else ("zero_grad",)
-                               for index in range(4) for i in range(2)]
+    for _ in range(4):
+        step()
+    assert recorder.events == [("compute",), ("zero_grad",)] * 4
     assert step.graph is None

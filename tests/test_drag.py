@@ -3,7 +3,7 @@ import torch
 from fastdrag.config import DragConfig
 from fastdrag.ddim import DdimSchedule
 from fastdrag.denoiser import TorchDenoiser
-from fastdrag.drag import drag
+from fastdrag.drag import DragLoop, drag
 from fastdrag.features import unet_with_features
 from fastdrag.inputs import prepare_inputs
 from fastdrag.inversion import invert
@@ -88,3 +88,107 @@ def test_trainable_unet_is_refused(tiny, setting):
                  DragConfig(drag_steps=2), inputs.sup_res, progress=False)
     finally:
         tiny.unet.conv_out.weight.requires_grad_(False)
+
+
+def _another_drag(inputs, text, z_t):
+    """A second drag of the same shapes as the setting's: new latent, text, points and mask."""
+    generator = torch.Generator().manual_seed(7)
+    height, width = inputs.sup_res
+    z_t = z_t + 0.3 * torch.randn(z_t.shape, generator=generator)
+    text = text + 0.1 * torch.randn(text.shape, generator=generator)
+    handles = (inputs.handles + torch.tensor([2.0, -1.0])).clamp(min=0)
+    handles = torch.minimum(handles, torch.tensor([width - 1.0, height - 1.0]))
+    targets = handles + torch.tensor([-5.0, 4.0])
+    mask = torch.roll(inputs.mask, shifts=(3, -2), dims=(-2, -1))
+    return z_t, text, handles, targets, mask
+
+
+def _same_result(a, b):
+    return (torch.equal(a.latent, b.latent) and torch.equal(a.handles, b.handles) and a.steps == b.steps
+            and torch.equal(a.losses, b.losses))
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_restarted_loop_drags_as_a_fresh_loop_would(tiny, setting, with_mask):
+    """A loop restarted in place (what a repeated edit does) gives bit for bit what a new loop gives,
+    after a drag that ran its steps and after one that stopped early (its 'arrived' flag set)."""
+    inputs, text, schedule, z_t = setting
+    config = DragConfig(drag_steps=8)
+    z_b, text_b, handles_b, targets_b, mask_b = _another_drag(inputs, text, z_t)
+    mask_a, mask_b = (inputs.mask, mask_b) if with_mask else (None, None)
+    near = inputs.handles + torch.tensor([[1.0, 1.0]])
+
+    def fresh(*drag_args):
+        return DragLoop(tiny.unet, drag_args[0], schedule.drag_timestep, *drag_args[1:], schedule, config,
+                        inputs.sup_res).run(progress=False)
+
+    drag_a = (z_t, text, inputs.handles, inputs.targets, mask_a)
+    drag_b = (z_b, text_b, handles_b, targets_b, mask_b)
+    early = (z_t, text, inputs.handles, near, mask_a)
+    loop = DragLoop(tiny.unet, z_t, schedule.drag_timestep, text, inputs.handles, inputs.targets, mask_a, schedule,
+                    config, inputs.sup_res)
+    first = loop.run(progress=False)
+    assert _same_result(first, fresh(*drag_a))
+    for drag_args in (drag_b, early, drag_b, drag_a):
+        assert loop.fits(tiny.unet, drag_args[0], schedule.drag_timestep, drag_args[1], drag_args[2], drag_args[4],
+                         schedule, config, inputs.sup_res)
+        loop.restart(*drag_args)
+        again = loop.run(progress=False)
+        expected = fresh(*drag_args)
+        assert _same_result(again, expected), (again.steps, expected.steps, (again.latent - expected.latent).abs().max())
+    assert fresh(*early).steps == 1 and fresh(*drag_b).steps == 8 and not _same_result(fresh(*drag_b), first)
+
+
+def _tensors(loop):
+    """Every tensor a captured iteration reads or writes: the loop's own, the optimiser's state."""
+    found = {name: value for name, value in vars(loop).items() if isinstance(value, torch.Tensor)}
+    for state in loop.optimizer.state.values():
+        found.update({f"adam.{key}": value for key, value in state.items()})
+    return found
+
+
+def test_restart_refills_every_tensor_in_place(tiny, setting):
+    """A CUDA graph reads its tensors by address, so a restart must not reallocate any of them."""
+    inputs, text, schedule, z_t = setting
+    config = DragConfig(drag_steps=3)
+    loop = DragLoop(tiny.unet, z_t, schedule.drag_timestep, text, inputs.handles, inputs.targets, inputs.mask,
+                    schedule, config, inputs.sup_res)
+    loop.run(progress=False)
+    before = {name: (tensor.data_ptr(), tensor.clone()) for name, tensor in _tensors(loop).items()}
+    assert {"latent", "text", "handles", "targets", "mask", "x_prev0", "handle_feats", "adam.exp_avg"} <= set(before)
+    z_b, text_b, handles_b, targets_b, mask_b = _another_drag(inputs, text, z_t)
+    loop.restart(z_b, text_b, handles_b, targets_b, mask_b)
+    after = _tensors(loop)
+    assert set(after) == set(before)
+    assert all(after[name].data_ptr() == pointer for name, (pointer, _) in before.items())
+    changed = {name for name, (_, value) in before.items() if not torch.equal(after[name], value)}
+    assert {"latent", "text", "handles", "targets", "mask", "x_prev0", "handle_feats", "adam.exp_avg",
+            "steps_run"} <= changed
+    assert loop.latent.requires_grad and torch.equal(loop.latent.detach(), z_b)
+
+
+def test_a_loop_fits_only_the_same_shapes_and_settings(tiny, setting):
+    inputs, text, schedule, z_t = setting
+    config = DragConfig(drag_steps=2)
+    t = schedule.drag_timestep
+    loop = DragLoop(tiny.unet, z_t, t, text, inputs.handles, inputs.targets, inputs.mask, schedule, config,
+                    inputs.sup_res)
+    z_b, text_b, handles_b, _, mask_b = _another_drag(inputs, text, z_t)
+    assert loop.fits(tiny.unet, z_b, t, text_b, handles_b, mask_b, schedule, config, inputs.sup_res)
+    other_schedule = DdimSchedule.from_scheduler(tiny.scheduler, 25, 18)  # the same t, another step size
+    assert other_schedule.drag_timestep == t
+    misfits = {
+        "one more handle": dict(handles=torch.cat([handles_b, handles_b[:1]])),
+        "no mask": dict(mask=None),
+        "another latent size": dict(z_t=torch.randn(1, 4, z_t.shape[-2] + 2, z_t.shape[-1])),
+        "another timestep": dict(timestep=t - 20),
+        "another schedule": dict(schedule=other_schedule),
+        "another learning rate": dict(config=DragConfig(drag_steps=2, drag_lr=0.02)),
+        "another supervision size": dict(sup_res=(inputs.sup_res[0] + 2, inputs.sup_res[1])),
+        "another UNet": dict(unet=torch.nn.Module()),
+    }
+    for reason, change in misfits.items():
+        call = dict(unet=tiny.unet, z_t=z_b, timestep=t, text_embeddings=text_b, handles=handles_b, mask=mask_b,
+                    schedule=schedule, config=config, sup_res=inputs.sup_res)
+        call.update(change)
+        assert not loop.fits(**call), reason

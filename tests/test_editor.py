@@ -43,18 +43,19 @@ def test_bad_options_are_named(editor, picture, fast):
         DragEditor.from_pretrained("tiny", device="cpu", dtype="fp16")
 
 
-def test_repeated_edit_reuses_the_inversion_and_matches_a_fresh_one(editor, picture, tmp_path, fast, monkeypatch):
+def test_repeated_edit_reuses_the_inversion_and_drag_loop_and_matches_a_fresh_one(editor, picture, tmp_path, fast, monkeypatch):
     from fastdrag import DragEditor, editor as editor_module
 
     calls = []
     real_invert = editor_module.invert
     monkeypatch.setattr(editor_module, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
     editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    loop = editor._drag_loop
     moved = [((x + 3, y), target) for (x, y), target in picture.points]  # another drag on the same image
     again = editor.edit(picture.image, picture.prompt, moved, **fast)
-    assert len(calls) == 1
+    assert len(calls) == 1 and editor._drag_loop is loop  # the drag loop restarted, not rebuilt
     editor.edit(picture.image, picture.prompt + " changed", picture.points, **fast)  # new prompt, new inversion
-    assert len(calls) == 2
+    assert len(calls) == 2 and editor._drag_loop is not loop  # and a new adapter, so a new loop
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
     reference = fresh.edit(picture.image, picture.prompt, moved, **fast)
     assert np.asarray(again.image).tobytes() == np.asarray(reference.image).tobytes()
@@ -85,18 +86,18 @@ def test_threads_sharing_an_editor_take_turns_and_get_their_own_edits(editor, pi
     from fastdrag import DragEditor, editor as editor_module
 
     active, most = [0], [0]
-    real_drag = editor_module.drag
+    real_run = editor_module.DragLoop.run
 
-    def watched_drag(*args, **kwargs):  # counts edits inside the drag stage at once
+    def watched_run(*args, **kwargs):  # counts edits inside the drag stage at once
         active[0] += 1
         most[0] = max(most[0], active[0])
         time.sleep(0.05)  # widen the window another thread would need to slip in
         try:
-            return real_drag(*args, **kwargs)
+            return real_run(*args, **kwargs)
         finally:
             active[0] -= 1
 
-    monkeypatch.setattr(editor_module, "drag", watched_drag)
+    monkeypatch.setattr(editor_module.DragLoop, "run", watched_run)
     results = {}
 
     def run(seed):

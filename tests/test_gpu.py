@@ -82,6 +82,46 @@ def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, monkeypatch
     torch.testing.assert_close(graphed.handles, eager.handles, rtol=0, atol=1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_restarted_graphed_drag_loop_replays_a_new_drag(picture, dtype, monkeypatch):
+    """A repeated edit restarts its drag loop in place: the graph captured during the first drag
+    replays the second from its first iteration (no warm-up, no capture, no host sync), and the
+    second drag comes out as an eager loop's would (the bounds of the graph-vs-eager test above)."""
+    from fastdrag.config import DragConfig
+    from fastdrag.drag import DragLoop
+    from fastdrag.models import build_tiny
+
+    components = build_tiny().to("cuda", dtype)
+    inputs, schedule, z_t, text = _drag_setting(components, picture, dtype)
+    config, t, unet = DragConfig(drag_steps=10), schedule.drag_timestep, components.unet
+    far = inputs.targets.clone().cuda()
+    far[:, 1] = inputs.sup_res[1] - 1
+    loop = DragLoop(unet, z_t, t, text, inputs.handles.cuda(), far, inputs.mask.cuda(), schedule, config,
+                    inputs.sup_res, cuda_graph=True)
+    loop.run(progress=False)
+    graph = loop.optimizer_step.graph
+    assert graph is not None
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    z_b = torch.randn(z_t.shape, device="cuda", generator=generator)
+    text_b = torch.randn(text.shape, device="cuda", generator=generator).to(dtype)
+    handles_b = (inputs.handles.cuda() + torch.tensor([1.0, 2.0], device="cuda")).clamp(0, min(inputs.sup_res) - 1)
+    far_b = handles_b.clone()
+    far_b[:, 0] = 0
+    mask_b = torch.roll(inputs.mask.cuda(), shifts=(2, 3), dims=(-2, -1))
+    assert loop.fits(unet, z_b, t, text_b, handles_b, mask_b, schedule, config, inputs.sup_res, cuda_graph=True)
+    loop.restart(z_b, text_b, handles_b, far_b, mask_b)
+    monkeypatch.setenv("FASTDRAG_SYNC_DEBUG", "error")
+    restarted = loop.run(progress=False)
+    assert loop.optimizer_step.graph is graph  # replayed, not captured again
+    eager = DragLoop(unet, z_b, t, text_b, handles_b, far_b, mask_b, schedule, config, inputs.sup_res).run(progress=False)
+    assert restarted.steps == eager.steps == 10
+    change_eager, change_restarted = eager.latent - z_b, restarted.latent - z_b
+    assert torch.isfinite(restarted.latent).all() and change_eager.norm() > 0
+    assert (change_restarted - change_eager).norm() <= 0.05 * change_eager.norm()
+    torch.testing.assert_close(restarted.losses, eager.losses, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(restarted.handles, eager.handles, rtol=0, atol=1.0)
+
+
 def test_cuda_graph_drag_loop_stops_when_handles_arrive(picture):
     from fastdrag.config import DragConfig
     from fastdrag.drag import drag
