@@ -101,22 +101,27 @@ def test_inversion_step(benchmark, setup, synchronize, device, graphs):
             "stage 2: inversion step", count=lambda: eager(z0, 341, text))
 
 
+@pytest.mark.parametrize("masked", [pytest.param(True, id="mask"), pytest.param(False, id="no-mask")])
 @pytest.mark.parametrize("graphs", GRAPHS)
-def test_drag_iteration(benchmark, setup, synchronize, device, graphs):
+def test_drag_iteration(benchmark, setup, synchronize, device, graphs, masked):
+    """With a mask the iteration needs eps (the mask term), so the whole UNet; without one the
+    forward stops after the feature block."""
     needs_cuda_for(graphs, device)
     editor, _, inputs, text, _, schedule, z0 = setup
     far = inputs.targets.clone()
     far[:, 1] = inputs.sup_res[1] - 1  # keep the handle from arriving while timing
+    mask = inputs.mask if masked else None
 
     def new_loop(cuda_graph):
-        return DragLoop(editor.components.unet, z0, schedule.drag_timestep, text, inputs.handles, far, inputs.mask,
+        return DragLoop(editor.components.unet, z0, schedule.drag_timestep, text, inputs.handles, far, mask,
                         schedule, editor.config.drag, inputs.sup_res, check_every=10**9, cuda_graph=cuda_graph)
 
     loop, counted = new_loop(graphs), new_loop(False)
     for index in range(DragLoop.GRAPH_WARMUP + 1):  # past warm-up and capture
         loop.step(index)
     synchronize()
-    measure(benchmark, synchronize, lambda: loop.step(5), "stage 3: drag iteration", count=lambda: counted.step(1))
+    measure(benchmark, synchronize, lambda: loop.step(5), "stage 3: drag iteration", count=lambda: counted.step(1),
+            flops_key=("drag", masked))
 
 
 @pytest.mark.parametrize("graphs", GRAPHS)

@@ -21,7 +21,7 @@ from . import kernels
 from .config import DragConfig
 from .cuda_graph import OptimizerStep
 from .ddim import DdimSchedule, ddim_step
-from .features import unet_with_features
+from .features import unet_features, unet_with_features
 
 
 @dataclass
@@ -84,7 +84,8 @@ class DragLoop:
     """The drag loop's state on the device and one iteration at a time (DESIGN.md stage 3).
 
     Construction does the work before the loop: `F_0`, `x_prev_0` and the original handles'
-    features from one forward. `step(k)` runs iteration k and says whether the host has seen
+    features from one forward. Without a mask term the UNet's forwards stop after the feature
+    block, since nothing then needs the predicted noise. `step(k)` runs iteration k and says whether the host has seen
     every handle arrive. Only the latent is a leaf: the UNet's weights must be frozen.
 
     The loop's state (latent, handles, flags, loss, optimiser state) lives in tensors allocated once
@@ -127,12 +128,20 @@ class DragLoop:
         self.watch = ArrivalWatch(device, check_every)
         self.optimizer_step = OptimizerStep(self._iteration, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device)
 
-    def _anchors(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`x_prev_0` and the original handles' features, from one forward of the start latent."""
+    def _forward(self) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(eps, features) of the current latent; without a mask term nothing needs eps, so the
+        forward stops after the feature block."""
+        latent, block = self.latent.to(self.dtype), self.config.feature_block
+        if self.mask is None:
+            return None, unet_features(self.unet, latent, self.t, self.text, block)
+        return unet_with_features(self.unet, latent, self.t, self.text, block)
+
+    def _anchors(self) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """`x_prev_0` (with a mask term) and the original handles' features, from the start latent."""
         with torch.no_grad():
-            eps0, feat0 = unet_with_features(self.unet, self.latent.to(self.dtype), self.t, self.text,
-                                             self.config.feature_block)
-            x_prev0 = ddim_step(self.schedule, self.latent.detach(), eps0.float(), self.timestep)
+            eps0, feat0 = self._forward()
+            x_prev0 = None if eps0 is None else ddim_step(self.schedule, self.latent.detach(), eps0.float(),
+                                                          self.timestep)
             return x_prev0, kernels.point_features(feat0, self.handles, self.sup_res)
 
     def fits(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
@@ -164,7 +173,8 @@ class DragLoop:
             if mask is not None:
                 self.mask.copy_(latent_mask(mask.to(device), z_t.shape))
             x_prev0, handle_feats = self._anchors()
-            self.x_prev0.copy_(x_prev0)
+            if x_prev0 is not None:
+                self.x_prev0.copy_(x_prev0)
             self.handle_feats.copy_(handle_feats)
             for state in self.optimizer.state.values():  # Adam as before its first step
                 for value in state.values():
@@ -191,7 +201,7 @@ class DragLoop:
         """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
         config = self.config
         with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False) if self.autocast else contextlib.nullcontext():
-            eps, feat = unet_with_features(self.unet, self.latent.to(self.dtype), self.t, self.text, config.feature_block)
+            eps, feat = self._forward()
         tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
         self.handles.copy_(torch.where(self.tracking & ~self.done, tracked, self.handles))
         self.steps_run.add_((~self.done).long())

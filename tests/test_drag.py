@@ -192,3 +192,23 @@ def test_a_loop_fits_only_the_same_shapes_and_settings(tiny, setting):
                     schedule=schedule, config=config, sup_res=inputs.sup_res)
         call.update(change)
         assert not loop.fits(**call), reason
+
+
+def test_features_alone_match_the_full_forward_and_its_gradient(tiny):
+    from fastdrag.features import unet_features
+
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, 32, generator=generator)
+    weights = torch.randn(1, 32, 8, 8, generator=generator)
+    gradients = []
+    for alone in (False, True):
+        latent = z.clone().requires_grad_(True)
+        features = (unet_features(tiny.unet, latent, 601, text, 2) if alone
+                    else unet_with_features(tiny.unet, latent, 601, text, 2)[1])
+        (features * weights[:, :features.shape[1], :features.shape[2], :features.shape[3]]).sum().backward()
+        gradients.append((features.detach(), latent.grad))
+    (full, full_grad), (alone, alone_grad) = gradients
+    assert torch.equal(alone, full) and torch.equal(alone_grad, full_grad) and full_grad.abs().sum() > 0
+    with pytest.raises(IndexError, match="feature_block 4 out of range"):
+        unet_features(tiny.unet, z, 601, text, 4)

@@ -81,3 +81,29 @@ def test_the_image_is_encoded_once_per_edit(editor, picture, fast):
         assert len(calls) == 2
     finally:
         hook.remove()
+
+
+def test_drag_iteration_without_a_mask_stops_the_unet_after_the_feature_block(tiny, picture):
+    """No mask term, no eps needed: the up blocks after the feature block (the costliest, at full
+    resolution) and the output convolution do no work."""
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.drag import DragLoop
+    from fastdrag.inputs import prepare_inputs
+
+    inputs = prepare_inputs(picture.image, picture.points, picture.mask)
+    schedule = DdimSchedule.from_scheduler(tiny.scheduler, 50, 35)
+    text, z_t = torch.randn(1, 77, 32), torch.randn(1, 4, 8, 8)
+    config = DragConfig(drag_steps=5)
+    iterations = {}
+    for mask in (inputs.mask, None):
+        loop = DragLoop(tiny.unet, z_t, schedule.drag_timestep, text, inputs.handles, inputs.targets, mask, schedule,
+                        config, inputs.sup_res)
+        with FlopCounterMode(display=False) as counter:
+            loop.step(1)
+        iterations[mask is None] = counter
+    late = [f"UNet2DConditionModel.up_blocks.{i}" for i in range(config.feature_block + 1, len(tiny.unet.up_blocks))]
+    late.append("UNet2DConditionModel.conv_out")
+    counts = {flag: counter.get_flop_counts() for flag, counter in iterations.items()}
+    assert all(sum(counts[False].get(name, {}).values()) > 0 for name in late)  # with a mask they run
+    assert all(sum(counts[True].get(name, {}).values()) == 0 for name in late)
+    assert iterations[True].get_total_flops() < 0.9 * iterations[False].get_total_flops()
