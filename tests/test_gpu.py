@@ -54,8 +54,9 @@ def _drag_setting(components, picture, dtype):
     return inputs, schedule, z_t, text
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])  # no mask: the forward stops early
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, monkeypatch):
+def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, masked, monkeypatch):
     from fastdrag.config import DragConfig
     from fastdrag.drag import drag
     from fastdrag.models import build_tiny
@@ -68,8 +69,8 @@ def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, monkeypatch
     monkeypatch.setenv("FASTDRAG_SYNC_DEBUG", "error")  # the replays must not sync either
     for graph in (False, True):
         runs[graph] = drag(components.unet, z_t, schedule.drag_timestep, text, inputs.handles.cuda(), far.cuda(),
-                           inputs.mask.cuda(), schedule, DragConfig(drag_steps=10), inputs.sup_res, progress=False,
-                           cuda_graph=graph)
+                           inputs.mask.cuda() if masked else None, schedule, DragConfig(drag_steps=10), inputs.sup_res,
+                           progress=False, cuda_graph=graph)
     eager, graphed = runs[False], runs[True]
     assert graphed.steps == eager.steps == 10
     assert torch.isfinite(graphed.latent).all() and not torch.equal(graphed.latent, z_t)
