@@ -5,8 +5,9 @@ full suite with FLOP counts).
     python bench/edit_timing.py [--model sd15-random] [--repeats 2] [--variant NAME[:KEY=VALUE,...]] [--json FILE]
 
 Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_graph_lora=false`,
-and `channels_last=true`, which converts the UNet's weights for that variant, and `compile_blocks=true`,
-which compiles its blocks for this variant and every later one in the process; default: one with the
+and `channels_last=true`, which converts the UNet's weights for that variant, `compile_blocks=true`,
+which compiles its blocks for this variant and every later one in the process, and `mask=false`, which
+edits without the demo case's mask (so the drag has no mask term); default: one with the
 package defaults) runs `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's
 first calls and the like, as a server would at start-up), a first edit on a new LoRA key, and
 `--repeats` repeated edits (LoRA and inversion cached).
@@ -68,7 +69,8 @@ def main() -> None:
         unet.to(memory_format=memory_format)
         if settings.pop("compile_blocks", False):
             compile_blocks(unet)  # compilation is paid in warm_up()
-        editor.denoiser.reset()  # captured graphs read the weights' old storage
+        use_mask = settings.pop("mask", True)
+        editor._forget_adapter()  # captured graphs read the weights' old storage
         kinds = ["warm_up()", "first", *["repeated"] * args.repeats]
         for index, kind in enumerate(kinds):
             seed += index == 1  # a new LoRA key for the first edit, its key for the repeats
@@ -79,7 +81,8 @@ def main() -> None:
             if kind == "warm_up()":
                 timings, drag_steps = editor.warm_up((args.size, args.size), **settings), None
             else:
-                result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, seed=seed, **settings)
+                result = editor.edit(case.image, case.prompt, case.points, mask=case.mask if use_mask else None,
+                                     seed=seed, **settings)
                 timings, drag_steps = result.timings, result.drag_steps
             if device.type == "cuda":
                 torch.cuda.synchronize()
