@@ -84,9 +84,9 @@ class DragLoop:
     """The drag loop's state on the device and one iteration at a time (DESIGN.md stage 3).
 
     Construction does the work before the loop: `F_0`, `x_prev_0` and the original handles'
-    features from one forward. Without a mask term the UNet's forwards stop after the feature
-    block, since nothing then needs the predicted noise. `step(k)` runs iteration k and says whether the host has seen
-    every handle arrive. Only the latent is a leaf: the UNet's weights must be frozen.
+    features from one forward. `step(k)` runs iteration k and says whether the host has seen
+    every handle arrive. Only the latent is a leaf: the UNet's weights must be frozen. Without a
+    mask term nothing needs the predicted noise, so the UNet's forwards stop after the feature block.
 
     The loop's state (latent, handles, flags, loss, optimiser state) lives in tensors allocated once
     and updated in place, so with `cuda_graph=True` (CUDA only) iterations from `GRAPH_WARMUP` on
