@@ -70,7 +70,7 @@ def main() -> None:
         if settings.pop("compile_blocks", False):
             compile_blocks(unet)  # compilation is paid in warm_up()
         use_mask = settings.pop("mask", True)
-        editor._forget_adapter()  # captured graphs read the weights' old storage
+        editor.release()  # captured graphs read the weights' old storage
         kinds = ["warm_up()", "first", *["repeated"] * args.repeats]
         for index, kind in enumerate(kinds):
             seed += index == 1  # a new LoRA key for the first edit, its key for the repeats

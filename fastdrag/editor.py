@@ -6,6 +6,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -93,6 +94,8 @@ class DragEditor:
     synchronising calls in the others).
     """
 
+    EXPORTED_DENOISERS_KEPT = 2  # ONNX Runtime sessions or TensorRT engines, one per LoRA: each holds a UNet
+
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
                  progress: bool = True):
@@ -103,7 +106,7 @@ class DragEditor:
         self.cache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
         self.progress = progress
         self.denoiser = TorchDenoiser(components.unet)
-        self._graph_denoisers: Dict[Path, object] = {}
+        self._graph_denoisers: "OrderedDict[Path, object]" = OrderedDict()  # exported denoisers, least recent first
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
         self._drag_loop: Optional[DragLoop] = None  # the last drag's loop (and graph), restarted when it fits
@@ -180,6 +183,16 @@ class DragEditor:
         self._inverted = None      # z_t was inverted with the old adapter
         self.denoiser.reset()      # captured graphs read the old adapter's weights
         self._drag_loop = None     # so does the drag loop's graph
+
+    @_one_at_a_time
+    def release(self) -> None:
+        """Free what the editor holds between edits beyond its models: captured CUDA graphs, the last
+        drag's loop, the last inversion and the exported denoisers' sessions or engines (e.g. before
+        a long idle spell). The next edit loads its LoRA from the cache and captures again."""
+        self._forget_adapter()
+        self._graph_denoisers.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
         c = self.components
@@ -260,7 +273,10 @@ class DragEditor:
                 manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
                                          prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True)
             manifest.check_size(width, height)
+            while len(self._graph_denoisers) >= self.EXPORTED_DENOISERS_KEPT:  # each holds a whole UNet
+                self._graph_denoisers.popitem(last=False)
             self._graph_denoisers[folder] = load_denoiser(config.backend, manifest)
+        self._graph_denoisers.move_to_end(folder)
         return self._graph_denoisers[folder]
 
     def _invert(self, denoiser, latents: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule,

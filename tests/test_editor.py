@@ -127,3 +127,42 @@ def test_warm_up_runs_every_stage_and_leaves_nothing_behind(editor, picture, tmp
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
     expected = fresh.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert np.asarray(after.image).tobytes() == np.asarray(expected.image).tobytes()
+
+
+def test_release_drops_what_an_editor_keeps_and_the_next_edit_is_unchanged(editor, picture, tmp_path, fast):
+    from fastdrag import DragEditor
+
+    first = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert editor._drag_loop is not None and editor._inverted is not None
+    editor.release()
+    assert editor._drag_loop is None and editor._inverted is None and not editor.denoiser.graphs
+    again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert again.lora_cached  # from the cache on disk, which release() leaves alone
+    assert np.asarray(again.image).tobytes() == np.asarray(first.image).tobytes()
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert np.asarray(again.image).tobytes() == np.asarray(expected.image).tobytes()
+
+
+def test_an_editor_keeps_the_two_most_recent_exported_denoisers(editor, picture, fast, monkeypatch):
+    """Each exported denoiser (an ONNX Runtime session or TensorRT engine) holds a whole UNet, so a
+    server editing many images must not keep one per image. The export itself is faked here (its
+    own tests are in tests/test_export.py): the 'exported' denoiser is the PyTorch one."""
+    from types import SimpleNamespace
+
+    from fastdrag.export import pipeline, runtime
+
+    loads = []
+    monkeypatch.setattr(pipeline, "export_loaded", lambda *args, **kwargs: SimpleNamespace(check_size=lambda w, h: None))
+
+    def load_denoiser(backend, manifest):
+        loads.append(backend)
+        return editor.denoiser
+
+    monkeypatch.setattr(runtime, "load_denoiser", load_denoiser)
+    for seed in (1, 2, 1, 3, 1):  # a new seed is a new LoRA, so another exported denoiser
+        editor.edit(picture.image, picture.prompt, picture.points, backend="onnxruntime", seed=seed, **fast)
+        assert len(editor._graph_denoisers) <= 2
+    assert len(loads) == 3  # 3 displaced 2, the least recently used, so the last edit found 1 kept
+    editor.release()
+    assert not editor._graph_denoisers

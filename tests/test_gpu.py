@@ -179,6 +179,19 @@ def test_edit_with_cuda_graphs_matches_the_eager_edit(picture, tmp_path):
     assert graphed.handles == pytest.approx(eager.handles, abs=2.0)
 
 
+def test_release_frees_the_memory_of_the_kept_graphs(picture, tmp_path):
+    from fastdrag import DragEditor
+
+    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path, progress=False)
+    editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, lora_steps=4, num_inference_steps=10,
+                drag_steps=6)  # past the drag loop's capture, and the denoiser's
+    assert editor._drag_loop.optimizer_step.graph is not None and editor.denoiser.graphs
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_reserved()
+    editor.release()
+    assert torch.cuda.memory_reserved() < held
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_graphed_lora_training_matches_the_eager_one(dtype):
     from types import SimpleNamespace
