@@ -106,8 +106,7 @@ def test_restarted_graphed_drag_loop_replays_a_new_drag(picture, dtype, monkeypa
     z_b = torch.randn(z_t.shape, device="cuda", generator=generator)
     text_b = torch.randn(text.shape, device="cuda", generator=generator).to(dtype)
     handles_b = (inputs.handles.cuda() + torch.tensor([1.0, 2.0], device="cuda")).clamp(0, min(inputs.sup_res) - 1)
-    far_b = handles_b.clone()
-    far_b[:, 0] = 0
+    far_b = torch.full_like(handles_b, float(min(inputs.sup_res) - 1))  # the far corner: no arrival in 10 steps
     mask_b = torch.roll(inputs.mask.cuda(), shifts=(2, 3), dims=(-2, -1))
     assert loop.fits(unet, z_b, t, text_b, handles_b, mask_b, schedule, config, inputs.sup_res, cuda_graph=True)
     loop.restart(z_b, text_b, handles_b, far_b, mask_b)
@@ -184,7 +183,7 @@ def test_release_frees_the_memory_of_the_kept_graphs(picture, tmp_path):
 
     editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path, progress=False)
     editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, lora_steps=4, num_inference_steps=10,
-                drag_steps=6)  # past the drag loop's capture, and the denoiser's
+                drag_steps=6, reach_distance=0)  # no early stop: past the drag loop's capture, and the denoiser's
     assert editor._drag_loop.optimizer_step.graph is not None and editor.denoiser.graphs
     torch.cuda.synchronize()
     held = torch.cuda.memory_reserved()
