@@ -1,4 +1,4 @@
-"""The `fastdrag` command: edit, demo, lora, export, toy, info."""
+"""The `fastdrag` command: edit, demo, lora, export, cache, toy, info."""
 from __future__ import annotations
 
 import argparse
@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(export)
     add_config_options(export)
 
+    cache = commands.add_parser("cache", help="what the LoRA cache holds on disk; prune it to a size")
+    cache.add_argument("--cache-dir", default=None, help="LoRA cache folder (default: ~/.cache/fastdrag/lora)")
+    cache.add_argument("--prune-to", default=None, metavar="SIZE",
+                       help="remove the least recently used LoRAs and exports until the cache holds at most SIZE "
+                            "(e.g. 20GB, 500MB, 0)")
+    cache.add_argument("--quiet", action="store_true", help="no log messages")
+
     toy = commands.add_parser("toy", help="the toy world: train its model, score edits against the truth")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
     train = toy_commands.add_parser("train", help="train the toy model (resumable; GPU when there is one)")
@@ -322,6 +329,30 @@ def cmd_toy(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .cache_usage import entries, human, parse_size, prune
+    from .lora import default_cache_dir
+
+    directory = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    limit = parse_size(args.prune_to) if args.prune_to is not None else None
+
+    def summary() -> str:
+        items = entries(directory) if directory.is_dir() else []
+        names = {"lora": "LoRA", "export": "export", "partial": "partial write"}
+        kinds = {name: [e for e in items if e.kind == kind] for kind, name in names.items()}
+        parts = [f"{len(found)} {name}{'s' if len(found) != 1 else ''} {human(sum(e.size for e in found))}"
+                 for name, found in kinds.items() if found or name != "partial write"]
+        return f"{directory}: {', '.join(parts)}; total {human(sum(e.size for e in items))}"
+
+    print(summary())
+    if limit is not None and directory.is_dir():
+        removed = prune(directory, limit)
+        print(f"pruned to {human(limit)}: removed {len(removed)} (least recently used first), "
+              f"freed {human(sum(e.size for e in removed))}")
+        print(summary())
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -355,7 +386,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "toy": cmd_toy, "info": cmd_info}
+COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "cache": cmd_cache, "toy": cmd_toy,
+            "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .attention import choose_backend, self_attention_processor_names
+from .cache_usage import touch
 from .config import EditConfig
 from .ddim import DdimSchedule
 from .denoise import denoise_pair
@@ -277,6 +278,7 @@ class DragEditor:
                 self._graph_denoisers.popitem(last=False)
             self._graph_denoisers[folder] = load_denoiser(config.backend, manifest)
         self._graph_denoisers.move_to_end(folder)
+        touch(folder / "manifest.json")  # recently used, for `fastdrag cache --prune-to`
         return self._graph_denoisers[folder]
 
     def _invert(self, denoiser, latents: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule,

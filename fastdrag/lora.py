@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
+from .cache_usage import touch
 from .config import LoraConfig
 from .cuda_graph import OptimizerStep
 from .ddim import noised
@@ -67,7 +68,10 @@ class LoraCache:
 
     def load(self, key: str) -> Optional[Dict[str, torch.Tensor]]:
         path = self.path(key)
-        return load_file(str(path)) if path.is_file() else None
+        if not path.is_file():
+            return None
+        touch(path)  # recently used: pruning the cache (`fastdrag cache`) removes the least recently used
+        return load_file(str(path))
 
     def require(self, key: str) -> Dict[str, torch.Tensor]:
         """The adapter stored under `key`; a clear error when there is none."""

@@ -1,6 +1,7 @@
 """Export: merge, ONNX graphs under ONNX Runtime, manifest, standalone loop, refit map, bad input."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,8 +175,11 @@ def test_edit_on_onnxruntime_matches_torch(editor, picture, fast):
     difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(on_ort.image, dtype=np.int16))
     assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
     assert on_torch.handles == on_ort.handles
+    (manifest,) = (editor.cache.directory / "exports").glob("*/manifest.json")
+    os.utime(manifest, (1, 1))
     again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime", **fast)
     assert "export" in again.timings and again.timings["export"] < on_ort.timings["export"] / 5  # reused, not re-exported
+    assert manifest.stat().st_mtime > 1  # marked as used, for `fastdrag cache --prune-to`
 
 
 def test_bad_export_input(exported, tmp_path):
