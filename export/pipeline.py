@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -26,6 +26,28 @@ FORMATS = ("onnx", "tensorrt")
 def check_output(folder: Path, overwrite: bool) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise OutputExistsError(f"{folder} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+REFITTABLE = ("unet_inversion", "unet_reference")
+
+
+def _write_refit_maps(folder: Path, artifacts: Dict[str, object], unet, targets) -> Optional[Dict[str, object]]:
+    """Which initializers of the UNet graphs hold the LoRA-target weights (`refit.json`), so the same
+    graphs can later run another image's LoRA (ONNX Runtime initializer overrides, TensorRT refit)
+    instead of being exported again. None, with a log line, for graphs where a weight is not found."""
+    import onnx
+
+    from .refit import refit_map, save_refit_maps
+
+    maps = {}
+    for name in REFITTABLE:
+        try:
+            maps[name] = refit_map(onnx.load(str(folder / artifacts[name]["file"])), unet, targets)
+        except ValueError as exc:
+            logger.info("%s cannot be refitted with another LoRA: %s", name, exc)
+            return None
+    save_refit_maps(folder / "refit.json", maps, targets)
+    return {"file": "refit.json", "targets": list(targets), "graphs": list(REFITTABLE)}
 
 
 def export_loaded(components, lora_key: str, lora_config, image_size, text_embeddings: torch.Tensor, config,
@@ -64,6 +86,7 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             if data_file.exists():  # weights as ONNX external data: ship the side file with the graph
                 job.spec.extra["external_data"] = data_file.name
             artifacts[job.spec.name] = job.spec.to_dict()
+        refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets)
         artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
         schedule = DdimSchedule.from_scheduler(components.scheduler, config.inversion.num_inference_steps,
                                                config.inversion.num_inversion_steps)
@@ -80,6 +103,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             "schedule": schedule_entries(schedule),
             "artifacts": artifacts,
         }
+        if refit is not None:
+            data["refit"] = refit
         if fmt == "tensorrt":
             from .tensorrt import BuildSettings, build_engine
 

@@ -58,9 +58,47 @@ def refit_map(onnx_model, unet: torch.nn.Module, targets: Iterable[str]) -> Dict
     return mapping
 
 
-def refit_arrays(mapping: Dict[str, List[RefitEntry]], unet: torch.nn.Module) -> Dict[str, np.ndarray]:
-    """Initializer name -> new value, from a newly merged UNet, laid out as the graph holds it."""
-    weights = dict(unet.named_parameters())
+def merged_target_weights(unet: torch.nn.Module, targets: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """The LoRA-target weights of `unet` with its active adapters merged in, by the merged model's
+    parameter names: what `merged_unet(unet)` would hold there, without copying the UNet."""
+    from peft.tuners.lora import LoraLayer
+
+    targets = tuple(targets)
+    weights = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and name.endswith(targets) and ".attn" in name:
+            base = module.get_base_layer().weight
+            merged = base.detach().clone()
+            for adapter in module.active_adapters:
+                merged += module.get_delta_weight(adapter).detach()  # as peft's merge adds it
+            weights[f"{name}.weight"] = merged
+    return weights or target_weights(unet, targets)  # a UNet without adapter: its own weights
+
+
+def save_refit_maps(path, maps: Dict[str, Dict[str, List[RefitEntry]]], targets: Iterable[str]) -> None:
+    """Write each graph's map (weight -> initializers) as JSON, for refitting the graphs later."""
+    import json
+
+    data = {"targets": list(targets),
+            "graphs": {graph: {name: [[e.initializer, e.transposed, e.dtype] for e in entries]
+                               for name, entries in mapping.items()} for graph, mapping in maps.items()}}
+    path.write_text(json.dumps(data))
+
+
+def load_refit_maps(path) -> Tuple[Tuple[str, ...], Dict[str, Dict[str, List[RefitEntry]]]]:
+    """(targets, each graph's map) as `save_refit_maps` wrote them."""
+    import json
+
+    data = json.loads(path.read_text())
+    maps = {graph: {name: [RefitEntry(n, bool(t), d) for n, t, d in entries] for name, entries in mapping.items()}
+            for graph, mapping in data["graphs"].items()}
+    return tuple(data["targets"]), maps
+
+
+def refit_arrays(mapping: Dict[str, List[RefitEntry]], unet) -> Dict[str, np.ndarray]:
+    """Initializer name -> new value, from a newly merged UNet (or its `merged_target_weights`), laid
+    out as the graph holds it."""
+    weights = unet if isinstance(unet, dict) else dict(unet.named_parameters())
     arrays = {}
     for name, entries in mapping.items():
         value = weights[name].detach().cpu().numpy()

@@ -7,7 +7,7 @@ a (source, edited) batch runs the batch-2 graph that carries the K/V swap.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -54,17 +54,26 @@ class _GraphDenoiser:
 class OnnxRuntimeDenoiser(_GraphDenoiser):
     """Runs the exported UNet graphs under ONNX Runtime; CUDA tensors are bound in place (no host copy)."""
 
-    def __init__(self, manifest: Manifest, providers: Optional[List[str]] = None):
+    def __init__(self, manifest: Manifest, providers: Optional[List[str]] = None,
+                 overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None):
+        """`overrides`: per graph, initializer name -> value to use instead of the file's (another
+        image's LoRA-merged weights, from `fastdrag.export.refit`)."""
         import onnxruntime as ort
 
         super().__init__(manifest)
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.sessions = {name: ort.InferenceSession(str(manifest.path(name)), options, providers=providers)
-                         for name in ("unet_inversion", "unet_reference")}
+        self.override_values = []  # ONNX Runtime reads them while its sessions live: keep them
+        self.sessions = {}
+        for name in ("unet_inversion", "unet_reference"):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            for initializer, array in (overrides or {}).get(name, {}).items():
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+                self.override_values.append(value)
+                options.add_initializer(initializer, value)
+            self.sessions[name] = ort.InferenceSession(str(manifest.path(name)), options, providers=providers)
         self.specs = manifest.graphs
 
     def _run(self, graph: str, latents: torch.Tensor, timestep: int, text: torch.Tensor) -> torch.Tensor:
@@ -111,10 +120,13 @@ class TensorRTDenoiser(_GraphDenoiser):
         return engine.infer(feed)["eps"].to(latents.dtype).clone()
 
 
-def load_denoiser(backend: str, manifest: Manifest):
-    """The exported-graph denoiser for `backend` ('onnxruntime' or 'tensorrt')."""
+def load_denoiser(backend: str, manifest: Manifest, overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None):
+    """The exported-graph denoiser for `backend` ('onnxruntime' or 'tensorrt'); `overrides` (ONNX
+    Runtime only) replace initializers of the UNet graphs, e.g. with another LoRA's weights."""
     if backend == "onnxruntime":
-        return OnnxRuntimeDenoiser(manifest)
+        return OnnxRuntimeDenoiser(manifest, overrides=overrides)
+    if overrides:
+        raise ConfigError(f"initializer overrides are for onnxruntime, not {backend!r}")
     if backend == "tensorrt":
         return TensorRTDenoiser(manifest)
     raise ConfigError(f"unknown backend {backend!r}; use torch, onnxruntime or tensorrt")

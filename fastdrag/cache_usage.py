@@ -1,10 +1,10 @@
 """What the LoRA cache holds on disk, and pruning it to a size, least recently used first.
 
 The cache folder holds one `<key>.safetensors` per trained adapter (about 13 MB at SD 1.5, rank
-16) and, once an edit has used an exported backend (`onnxruntime`, `tensorrt`), one
-`exports/<key>-...` folder per adapter: a whole UNet's graphs, gigabytes at SD 1.5. Nothing is
-deleted unless asked (`fastdrag cache --prune-to SIZE`, or `prune`): a server that edits many
-images with an exported backend should prune on a schedule.
+16) and the exports of the exported backends under `exports/`: a whole UNet's graphs each,
+gigabytes at SD 1.5 (one per model and size for `onnxruntime`, one per adapter for `tensorrt`).
+Nothing is deleted unless asked (`fastdrag cache --prune-to SIZE`, or `prune`): a server that
+edits many images should prune on a schedule.
 """
 from __future__ import annotations
 

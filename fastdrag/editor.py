@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import tempfile
 import threading
@@ -107,7 +109,7 @@ class DragEditor:
         self.cache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
         self.progress = progress
         self.denoiser = TorchDenoiser(components.unet)
-        self._graph_denoisers: "OrderedDict[Path, object]" = OrderedDict()  # exported denoisers, least recent first
+        self._graph_denoisers: "OrderedDict[tuple, tuple]" = OrderedDict()  # exported denoisers, least recent first
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
         self._drag_loop: Optional[DragLoop] = None  # the last drag's loop (and graph), restarted when it fits
@@ -256,30 +258,64 @@ class DragEditor:
         return merged_unet(self.components.unet)
 
     def _exported_denoiser(self, prepared: PreparedImage, config: EditConfig):
-        """The exported-graph denoiser of this image's LoRA, exporting it on first use (cached beside the LoRA)."""
-        from .export import load_manifest
-        from .export.pipeline import export_loaded
-        from .export.runtime import load_denoiser
+        """The exported-graph denoiser of this image's LoRA, exporting on first use (into the cache).
 
+        ONNX Runtime: one export per model, size and settings; another image's LoRA runs on the same
+        graphs, its merged weights given to ONNX Runtime in place of the exported ones (the graphs'
+        `refit.json` says where they go), so a new image costs no export. TensorRT: one export per
+        LoRA (refitting its engines in an edit is not verified on a GPU yet).
+        """
         fmt = "tensorrt" if config.backend == "tensorrt" else "onnx"
         fp16 = self.dtype == torch.float16
         width, height = prepared.inputs.working_size
-        folder = self.cache.directory / "exports" / (
-            f"{prepared.lora_key}-{width}x{height}-L{config.denoise.start_layer}-{fmt}-{'fp16' if fp16 else 'fp32'}")
-        if folder not in self._graph_denoisers:
-            if (folder / "manifest.json").is_file():
-                manifest = load_manifest(folder)
-            else:
-                logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
-                manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
-                                         prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True)
-            manifest.check_size(width, height)
+        settings = f"{width}x{height}-L{config.denoise.start_layer}-{fmt}-{'fp16' if fp16 else 'fp32'}"
+        shared = hashlib.sha256(json.dumps([self.components.identity, sorted(config.lora.lora_targets)]).encode())
+        folders = [self.cache.directory / "exports" / f"{prepared.lora_key}-{settings}"]
+        if config.backend == "onnxruntime":
+            folders.insert(0, self.cache.directory / "exports" / f"shared-{shared.hexdigest()[:16]}-{settings}")
+        key = (folders[0], prepared.lora_key)
+        if key not in self._graph_denoisers:
+            manifest = self._load_or_export(folders[0], prepared, config, fmt, fp16)
+            overrides = None
+            if manifest.data["lora"]["key"] != prepared.lora_key:
+                if "refit" in manifest.data:
+                    overrides = self._refit_overrides(manifest, config)
+                else:  # graphs whose LoRA weights cannot be found: this LoRA gets an export of its own
+                    manifest = self._load_or_export(folders[-1], prepared, config, fmt, fp16)
             while len(self._graph_denoisers) >= self.EXPORTED_DENOISERS_KEPT:  # each holds a whole UNet
                 self._graph_denoisers.popitem(last=False)
-            self._graph_denoisers[folder] = load_denoiser(config.backend, manifest)
-        self._graph_denoisers.move_to_end(folder)
-        touch(folder / "manifest.json")  # recently used, for `fastdrag cache --prune-to`
-        return self._graph_denoisers[folder]
+            from .export.runtime import load_denoiser
+
+            self._graph_denoisers[key] = (manifest, load_denoiser(config.backend, manifest, overrides))
+        self._graph_denoisers.move_to_end(key)
+        manifest, denoiser = self._graph_denoisers[key]
+        touch(manifest.folder / "manifest.json")  # recently used, for `fastdrag cache --prune-to`
+        return denoiser
+
+    def _load_or_export(self, folder: Path, prepared: PreparedImage, config: EditConfig, fmt: str, fp16: bool):
+        from .export import load_manifest
+        from .export.pipeline import export_loaded
+
+        width, height = prepared.inputs.working_size
+        if (folder / "manifest.json").is_file():
+            manifest = load_manifest(folder)
+        else:
+            logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
+            manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
+                                     prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True)
+        manifest.check_size(width, height)
+        return manifest
+
+    def _refit_overrides(self, manifest, config: EditConfig):
+        """The loaded LoRA's merged weights, per UNet graph, under the initializer names that hold them."""
+        from .export.refit import load_refit_maps, merged_target_weights, refit_arrays
+
+        targets, maps = load_refit_maps(manifest.folder / manifest.data["refit"]["file"])
+        if sorted(targets) != sorted(config.lora.lora_targets):
+            raise InputError(f"{manifest.folder} can be refitted for LoRA targets {targets}, "
+                             f"not {tuple(config.lora.lora_targets)}")
+        weights = merged_target_weights(self.components.unet, targets)
+        return {graph: refit_arrays(mapping, weights) for graph, mapping in maps.items()}
 
     def _invert(self, denoiser, latents: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule,
                 config: EditConfig) -> torch.Tensor:

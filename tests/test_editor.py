@@ -144,7 +144,7 @@ def test_release_drops_what_an_editor_keeps_and_the_next_edit_is_unchanged(edito
     assert np.asarray(again.image).tobytes() == np.asarray(expected.image).tobytes()
 
 
-def test_an_editor_keeps_the_two_most_recent_exported_denoisers(editor, picture, fast, monkeypatch):
+def test_an_editor_keeps_the_two_most_recent_exported_denoisers(editor, picture, fast, monkeypatch, tmp_path):
     """Each exported denoiser (an ONNX Runtime session or TensorRT engine) holds a whole UNet, so a
     server editing many images must not keep one per image. The export itself is faked here (its
     own tests are in tests/test_export.py): the 'exported' denoiser is the PyTorch one."""
@@ -153,9 +153,13 @@ def test_an_editor_keeps_the_two_most_recent_exported_denoisers(editor, picture,
     from fastdrag.export import pipeline, runtime
 
     loads = []
-    monkeypatch.setattr(pipeline, "export_loaded", lambda *args, **kwargs: SimpleNamespace(check_size=lambda w, h: None))
 
-    def load_denoiser(backend, manifest):
+    def export_loaded(components, lora_key, *args, **kwargs):  # a manifest of graphs that hold this LoRA
+        return SimpleNamespace(check_size=lambda w, h: None, data={"lora": {"key": lora_key}}, folder=tmp_path)
+
+    monkeypatch.setattr(pipeline, "export_loaded", export_loaded)
+
+    def load_denoiser(backend, manifest, overrides=None):
         loads.append(backend)
         return editor.denoiser
 

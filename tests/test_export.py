@@ -240,3 +240,60 @@ def test_tensorrt_build_run_and_refit(exported, tmp_path):
         expected = merged.cuda()(x, 300, text).sample
     assert relative_error(out.cpu(), expected.cpu()) < 1e-3
     engine.refit(refit_arrays(refit_map(onnx.load(str(manifest.path("unet_inversion"))), merged.cpu(), ("to_q", "to_k", "to_v", "to_out.0")), merged.cpu()))
+
+
+def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported):
+    from fastdrag.export.refit import load_refit_maps, merged_target_weights, target_weights
+
+    editor, manifest, merged, _ = exported
+    assert manifest.data["refit"] == {"file": "refit.json", "targets": ["to_q", "to_k", "to_v", "to_out.0"],
+                                      "graphs": ["unet_inversion", "unet_reference"]}
+    targets, maps = load_refit_maps(manifest.folder / "refit.json")
+    expected = set(target_weights(merged, targets))
+    assert set(maps) == {"unet_inversion", "unet_reference"}
+    assert all(set(mapping) == expected and all(mapping.values()) for mapping in maps.values())
+
+    from fastdrag.config import LoraConfig
+    from fastdrag.export import merged_unet
+    from fastdrag.lora import install_adapter, lora_parameters
+
+    unet = editor.components.unet
+    install_adapter(unet, LoraConfig(), seed=11)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in lora_parameters(unet):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    weights = merged_target_weights(unet, targets)  # the adapter merged, the UNet not copied
+    merged_params = dict(merged_unet(unet).named_parameters())
+    assert set(weights) == expected and all(torch.equal(weights[n], merged_params[n]) for n in weights)
+    assert not torch.equal(weights[min(weights)], dict(merged.named_parameters())[min(weights)])
+
+
+def test_onnxruntime_edits_of_new_images_reuse_one_export_with_their_lora_weights(editor, picture, fast):
+    """A second image (here: another LoRA seed) runs on the first one's graphs, its merged weights
+    passed to ONNX Runtime as initializer overrides: no second export, and the same edit as PyTorch's."""
+    from fastdrag.denoiser import TorchDenoiser
+
+    first = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
+                        seed=1, **fast)
+    second = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
+                         seed=2, **fast)
+    exports = list((editor.cache.directory / "exports").iterdir())
+    assert len(exports) == 1 and second.timings["export"] < first.timings["export"] / 5
+    (_, refitted), = [value for (_, key), value in editor._graph_denoisers.items() if key == second.lora_key]
+    (_, baked), = [value for (_, key), value in editor._graph_denoisers.items() if key == first.lora_key]
+    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=2, **fast)
+    difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(second.image, dtype=np.int16))
+    assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
+    assert on_torch.handles == second.handles
+
+    reference = TorchDenoiser(editor.components.unet)  # the UNet holds seed 2's LoRA now
+    generator = torch.Generator().manual_seed(4)
+    pair, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        expected = reference(pair[:1], 421, text)
+        assert relative_error(refitted(pair[:1], 421, text), expected) < 1e-4
+        assert relative_error(baked(pair[:1], 421, text), expected) > 1e-3  # the overrides are what changed it
+        with reference.reference_control(10, "sdpa"), refitted.reference_control(10):
+            assert relative_error(refitted(pair, 421, text.expand(2, -1, -1)),
+                                  reference(pair, 421, text.expand(2, -1, -1))) < 1e-4
