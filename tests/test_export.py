@@ -30,6 +30,19 @@ def relative_error(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def random_adapter(unet, seed):
+    """Give `unet` an adapter with random (not freshly initialised, so not zero) LoRA weights."""
+    from fastdrag.config import LoraConfig
+    from fastdrag.lora import install_adapter, lora_parameters
+
+    install_adapter(unet, LoraConfig(), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in lora_parameters(unet):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return generator
+
+
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     """One export of the demo picture's LoRA; the merged UNet it came from, for comparisons."""
@@ -135,10 +148,8 @@ def test_refit_map_covers_every_lora_weight_and_refits_to_another_image(exported
     import onnx
     from onnx import numpy_helper
 
-    from fastdrag.config import LoraConfig
     from fastdrag.export import merged_unet
     from fastdrag.export.refit import refit_arrays, refit_map, target_weights
-    from fastdrag.lora import install_adapter, lora_parameters
 
     editor, manifest, merged, _ = exported
     targets = ("to_q", "to_k", "to_v", "to_out.0")
@@ -148,11 +159,7 @@ def test_refit_map_covers_every_lora_weight_and_refits_to_another_image(exported
     assert all(mapping.values())
 
     unet = editor.components.unet
-    install_adapter(unet, LoraConfig(), seed=9)
-    generator = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for param in lora_parameters(unet):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    generator = random_adapter(unet, 9)
     other = merged_unet(unet)
     arrays = refit_arrays(mapping, other)
     for initializer in model.graph.initializer:
@@ -252,17 +259,10 @@ def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported
     expected = set(target_weights(merged, targets))
     assert set(maps) == {"unet_inversion", "unet_reference"}
     assert all(set(mapping) == expected and all(mapping.values()) for mapping in maps.values())
-
-    from fastdrag.config import LoraConfig
     from fastdrag.export import merged_unet
-    from fastdrag.lora import install_adapter, lora_parameters
 
     unet = editor.components.unet
-    install_adapter(unet, LoraConfig(), seed=11)
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for param in lora_parameters(unet):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    random_adapter(unet, 11)
     weights = merged_target_weights(unet, targets)  # the adapter merged, the UNet not copied
     merged_params = dict(merged_unet(unet).named_parameters())
     assert set(weights) == expected and all(torch.equal(weights[n], merged_params[n]) for n in weights)
