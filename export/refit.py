@@ -3,12 +3,16 @@
 A LoRA changes only the weights of its target projections (`to_q`, `to_k`, `to_v`, `to_out.0`).
 The exporter may rename or transpose a weight while folding constants, so the map is found by
 value: each target weight of the merged UNet is matched to the initializer holding it (as is or
-transposed). The same graph refitted with another image's merged weights is that image's model.
+transposed). The same graph refitted with another image's merged weights is that image's model:
+an engine refitted (TensorRT), or a session given them as initializer overrides (ONNX Runtime).
+Every export writes its maps to `refit.json`.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
@@ -75,20 +79,16 @@ def merged_target_weights(unet: torch.nn.Module, targets: Iterable[str]) -> Dict
     return weights or target_weights(unet, targets)  # a UNet without adapter: its own weights
 
 
-def save_refit_maps(path, maps: Dict[str, Dict[str, List[RefitEntry]]], targets: Iterable[str]) -> None:
+def save_refit_maps(path: Path, maps: Dict[str, Dict[str, List[RefitEntry]]], targets: Iterable[str]) -> None:
     """Write each graph's map (weight -> initializers) as JSON, for refitting the graphs later."""
-    import json
-
     data = {"targets": list(targets),
             "graphs": {graph: {name: [[e.initializer, e.transposed, e.dtype] for e in entries]
                                for name, entries in mapping.items()} for graph, mapping in maps.items()}}
     path.write_text(json.dumps(data))
 
 
-def load_refit_maps(path) -> Tuple[Tuple[str, ...], Dict[str, Dict[str, List[RefitEntry]]]]:
+def load_refit_maps(path: Path) -> Tuple[Tuple[str, ...], Dict[str, Dict[str, List[RefitEntry]]]]:
     """(targets, each graph's map) as `save_refit_maps` wrote them."""
-    import json
-
     data = json.loads(path.read_text())
     maps = {graph: {name: [RefitEntry(n, bool(t), d) for n, t, d in entries] for name, entries in mapping.items()}
             for graph, mapping in data["graphs"].items()}
