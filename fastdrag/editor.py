@@ -269,19 +269,19 @@ class DragEditor:
         fp16 = self.dtype == torch.float16
         width, height = prepared.inputs.working_size
         settings = f"{width}x{height}-L{config.denoise.start_layer}-{fmt}-{'fp16' if fp16 else 'fp32'}"
-        shared = hashlib.sha256(json.dumps([self.components.identity, sorted(config.lora.lora_targets)]).encode())
-        folders = [self.cache.directory / "exports" / f"{prepared.lora_key}-{settings}"]
+        own = folder = self.cache.directory / "exports" / f"{prepared.lora_key}-{settings}"
         if config.backend == "onnxruntime":
-            folders.insert(0, self.cache.directory / "exports" / f"shared-{shared.hexdigest()[:16]}-{settings}")
-        key = (folders[0], prepared.lora_key)
+            shared = hashlib.sha256(json.dumps([self.components.identity, sorted(config.lora.lora_targets)]).encode())
+            folder = self.cache.directory / "exports" / f"shared-{shared.hexdigest()[:16]}-{settings}"
+        key = (folder, prepared.lora_key)
         if key not in self._graph_denoisers:
-            manifest = self._load_or_export(folders[0], prepared, config, fmt, fp16)
+            manifest = self._load_or_export(folder, prepared, config, fmt, fp16)
             overrides = None
             if manifest.data["lora"]["key"] != prepared.lora_key:
                 if "refit" in manifest.data:
                     overrides = self._refit_overrides(manifest, config)
                 else:  # graphs whose LoRA weights cannot be found: this LoRA gets an export of its own
-                    manifest = self._load_or_export(folders[-1], prepared, config, fmt, fp16)
+                    manifest = self._load_or_export(own, prepared, config, fmt, fp16)
             while len(self._graph_denoisers) >= self.EXPORTED_DENOISERS_KEPT:  # each holds a whole UNet
                 self._graph_denoisers.popitem(last=False)
             from .export.runtime import load_denoiser
@@ -351,8 +351,8 @@ class DragEditor:
         initialisation (on an H100 at SD 1.5 / 512 px the first edit of a process took 27 s, the
         next new image 15 s, with the LoRA step eager as it then was; bench/RESULTS.md). Every stage
         runs, each past its CUDA graph capture, at the edit settings (`overrides` as in `edit`) but
-        with few steps, on the PyTorch backend (exported denoisers are per LoRA, so they have nothing
-        to warm here). Nothing reaches the LoRA cache and nothing of it is reused by the next edit.
+        with few steps, on the PyTorch backend (an exported backend would export into the scratch
+        cache, which is deleted). Nothing reaches the LoRA cache and nothing of it is reused by the next edit.
         Returns the warm-up edit's seconds per stage.
         """
         native = self.components.unet.config.sample_size * self.components.vae_scale
@@ -362,7 +362,6 @@ class DragEditor:
         mask = np.zeros((height, width))
         mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 1
         points = [((0.4 * width, 0.4 * height), (0.55 * width, 0.5 * height))]
-        # the PyTorch path: an exported backend's graphs belong to one LoRA, so warming them warms nothing
         short = dict(lora_steps=LoraTrainer.GRAPH_WARMUP + 2, drag_steps=DragLoop.GRAPH_WARMUP + 2,
                      num_inference_steps=10, backend="torch")
         user_cache = self.cache

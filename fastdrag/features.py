@@ -7,13 +7,18 @@ from typing import Iterator, List
 import torch
 
 
+def _up_block(unet: torch.nn.Module, index: int) -> torch.nn.Module:
+    if not 0 <= index < len(unet.up_blocks):
+        raise IndexError(f"feature_block {index} out of range: the UNet has {len(unet.up_blocks)} up blocks")
+    return unet.up_blocks[index]
+
+
 @contextlib.contextmanager
 def capture_up_block(unet: torch.nn.Module, index: int) -> Iterator[List[torch.Tensor]]:
     """Collect the output of `unet.up_blocks[index]` of every forward inside the block."""
-    if not 0 <= index < len(unet.up_blocks):
-        raise IndexError(f"feature_block {index} out of range: the UNet has {len(unet.up_blocks)} up blocks")
+    block = _up_block(unet, index)
     captured: List[torch.Tensor] = []
-    handle = unet.up_blocks[index].register_forward_hook(lambda module, args, output: captured.append(output))
+    handle = block.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
         yield captured
     finally:
@@ -39,13 +44,10 @@ def unet_features(unet, latents: torch.Tensor, timestep: int, text_embeddings: t
     quarter of SD 1.5's forward at 512 px: full-resolution attention). The forward stops by an
     exception from the block's hook; the autograd graph up to the features is complete.
     """
-    if not 0 <= block < len(unet.up_blocks):
-        raise IndexError(f"feature_block {block} out of range: the UNet has {len(unet.up_blocks)} up blocks")
-
     def stop(module, args, output):
         raise _FeaturesReady(output)
 
-    handle = unet.up_blocks[block].register_forward_hook(stop)
+    handle = _up_block(unet, block).register_forward_hook(stop)
     try:
         unet(latents, timestep, encoder_hidden_states=text_embeddings)
     except _FeaturesReady as ready:
