@@ -5,9 +5,9 @@ full suite with FLOP counts).
     python bench/edit_timing.py [--model sd15-random] [--repeats 2] [--variant NAME[:KEY=VALUE,...]] [--json FILE]
 
 Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_graph_lora=false`,
-and `channels_last=true`, which converts the UNet's weights for that variant, `compile_blocks=true`,
-which compiles its blocks for this variant and every later one in the process, and `mask=false`, which
-edits without the demo case's mask (so the drag has no mask term); default: one with the
+`channels_last=true|false`, which converts the UNet's weights for that variant (default: the
+package's, channels-last on CUDA only), `compile_blocks=true`, which compiles its blocks for this
+variant and every later one in the process, and `mask=false`, which edits without the demo case's mask (so the drag has no mask term); default: one with the
 package defaults) runs `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's
 first calls and the like, as a server would at start-up), a first edit on a new LoRA key, and
 `--repeats` repeated edits (LoRA and inversion cached).
@@ -65,7 +65,8 @@ def main() -> None:
     unet = editor.components.unet
     for name, settings in variants:
         settings = dict(settings)
-        memory_format = torch.channels_last if settings.pop("channels_last", False) else torch.contiguous_format
+        channels_last = settings.pop("channels_last", device.type == "cuda")  # the package's default
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         unet.to(memory_format=memory_format)
         if settings.pop("compile_blocks", False):
             compile_blocks(unet)  # compilation is paid in warm_up()

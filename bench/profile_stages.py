@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--model", default="sd15-random")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per stage, after 2 warm-up steps")
-    parser.add_argument("--channels-last", action="store_true", help="the UNet's weights channels-last")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="the UNet's weights channels-last (default: the package's, on CUDA only)")
     parser.add_argument("--compile-blocks", action="store_true", help="torch.compile the UNet's blocks first")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
@@ -148,7 +149,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": str(device), "model": args.model, "size": args.size, "dtype": str(dtype),
-                       "channels_last": args.channels_last,
+                       "channels_last": editor.components.unet.conv_in.weight.is_contiguous(
+                           memory_format=torch.channels_last),
                        "compile_blocks": args.compile_blocks, "stages": rows}, handle, indent=1)
 
 

@@ -119,20 +119,24 @@ class DragEditor:
     def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
-                        channels_last: bool = False, compile_blocks: bool = False) -> "DragEditor":
+                        channels_last: Optional[bool] = None, compile_blocks: bool = False) -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
-        `channels_last` stores the UNet's convolution weights channels-last: on an H100 at SD 1.5 /
-        512 px it made a repeated edit 11 % faster (3.2 -> 2.85 s); off by default until its peak
-        memory is measured on its own (bench/RESULTS.md). `compile_blocks` compiles the UNet's
-        residual and feed-forward blocks with `torch.compile` (`fastdrag.regional_compile`): minutes
-        of compilation on the first edit, not yet measured on a GPU; off by default.
+        `channels_last` stores the UNet's convolution weights channels-last; None (the default) does
+        so on CUDA only. On an H100 at SD 1.5 / 512 px, each variant in a process of its own, it made a
+        repeated edit 2.52 s instead of 2.87 s and a first edit 9.01 s instead of 9.41 s, at the same
+        peak memory (bench/RESULTS.md); on the CPU it is not measured to pay, so it stays off there.
+        `compile_blocks` compiles the UNet's residual and feed-forward blocks with `torch.compile`
+        (`fastdrag.regional_compile`): on the H100 the SD 1.5 compilation ran past 200 s without
+        finishing; off by default.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
         if device.type == "cpu" and dtype != torch.float32:
             raise InputError("half precision runs on CUDA only; use dtype float32 on the CPU")
         components = load_components(name_or_path, device=device, dtype=dtype)
+        if channels_last is None:
+            channels_last = device.type == "cuda"
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
         if compile_blocks:

@@ -142,9 +142,10 @@ def test_toy_train_time_budget_sets_the_step_count_unless_capped():
     assert train_config(parse(["toy", "train", "--out", "x"])).colour_weight == TrainConfig().colour_weight
 
 
-@pytest.mark.parametrize("flag, expected", [([], {"channels_last": False, "compile_blocks": False}),
+@pytest.mark.parametrize("flag, expected", [([], {"channels_last": None, "compile_blocks": False}),
                                             (["--channels-last"], {"channels_last": True, "compile_blocks": False}),
-                                            (["--compile-blocks"], {"channels_last": False, "compile_blocks": True})])
+                                            (["--no-channels-last"], {"channels_last": False, "compile_blocks": False}),
+                                            (["--compile-blocks"], {"channels_last": None, "compile_blocks": True})])
 def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag, expected):
     from fastdrag import DragEditor
 

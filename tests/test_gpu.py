@@ -40,6 +40,9 @@ def test_edit_in_half_precision(picture, tmp_path):
                          lora_steps=4, num_inference_steps=10, drag_steps=6)
     assert result.image.size == picture.image.size
     assert all(p.dtype == torch.float32 for n, p in editor.components.unet.named_parameters() if "lora_" in n)
+    # channels-last weights are the CUDA default (faster on the H100, bench/RESULTS.md)
+    assert editor.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not editor.components.unet.conv_in.weight.is_contiguous()
 
 
 def _drag_setting(components, picture, dtype):
@@ -254,9 +257,17 @@ def test_compiled_blocks_replay_in_cuda_graphs(picture):
     eps = TorchDenoiser(tiny.unet)(z_t, 501, text)
     eager = drag_run(False)
     compile_blocks(tiny.unet)
+    compiled_eps = TorchDenoiser(tiny.unet)(z_t, 501, text)
     graphed_denoiser = TorchDenoiser(tiny.unet, cuda_graphs=True)
-    torch.testing.assert_close(graphed_denoiser(z_t, 501, text), eps, rtol=1e-4, atol=1e-4)
+    graphed_eps = graphed_denoiser(z_t, 501, text)
     assert graphed_denoiser.graphs
+    # the graph replays the compiled kernels: the compiled forward's arithmetic, captured or not
+    torch.testing.assert_close(graphed_eps, compiled_eps, rtol=1e-5, atol=1e-5)
+    # Compiled against eager: the fused kernels round differently. On the H100 (2026-11-26) an element
+    # bound of 1e-4 failed at 5e-4 (36 % of the elements past it), which is rounding of the size of
+    # cuDNN's TF32 convolutions (on by default in fp32), so the two are compared in norm
+    assert torch.isfinite(compiled_eps).all()
+    assert ((compiled_eps - eps).norm() / eps.norm()).item() < 5e-3
     graphed = drag_run(True)
     assert graphed.steps == eager.steps == 10 and torch.isfinite(graphed.latent).all()
     # The first two losses are the same arithmetic up to rounding. After them the two runs part as far
