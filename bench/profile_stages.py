@@ -28,7 +28,7 @@ from fastdrag.demo import demo_case
 from fastdrag.denoiser import TorchDenoiser
 from fastdrag.drag import DragLoop
 from fastdrag.inputs import prepare_inputs
-from fastdrag.lora import LoraTrainer
+from fastdrag.lora import LoraTrainer, merged_adapter
 from fastdrag.vae import encode_posterior, encode_prompt
 
 # first match wins: kernel names (cuDNN, cuBLAS, CUTLASS, Triton, ATen) and ATen operator names
@@ -67,16 +67,17 @@ def stage_steps(editor: DragEditor, size: int) -> Iterator[Tuple[str, Callable[[
     trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, LoraConfig(), seed=0)
     yield "LoRA step (batch 4)", trainer.step
     trainer.finish()
-    denoiser = TorchDenoiser(c.unet)
-    yield "inversion step", lambda: denoiser(z0, 341, text)
-    far = inputs.targets.clone()
-    far[:, 1] = inputs.sup_res[1] - 1  # keep the handle from arriving
-    loop = DragLoop(c.unet, z0, schedule.drag_timestep, text, inputs.handles, far, inputs.mask, schedule,
-                    editor.config.drag, inputs.sup_res, check_every=10**9)
-    yield "drag iteration", lambda: loop.step(1)
-    pair, text2 = torch.cat([z0, z0 + 0.1]), text.expand(2, -1, -1)
-    with denoiser.reference_control(editor.config.denoise.start_layer):
-        yield "denoising step (batch 2, K/V swap)", lambda: denoiser(pair, 341, text2)
+    with merged_adapter(c.unet):  # as an edit runs the later stages
+        denoiser = TorchDenoiser(c.unet)
+        yield "inversion step", lambda: denoiser(z0, 341, text)
+        far = inputs.targets.clone()
+        far[:, 1] = inputs.sup_res[1] - 1  # keep the handle from arriving
+        loop = DragLoop(c.unet, z0, schedule.drag_timestep, text, inputs.handles, far, inputs.mask, schedule,
+                        editor.config.drag, inputs.sup_res, check_every=10**9)
+        yield "drag iteration", lambda: loop.step(1)
+        pair, text2 = torch.cat([z0, z0 + 0.1]), text.expand(2, -1, -1)
+        with denoiser.reference_control(editor.config.denoise.start_layer):
+            yield "denoising step (batch 2, K/V swap)", lambda: denoiser(pair, 341, text2)
 
 
 def profile_step(step: Callable[[], object], steps: int, device: torch.device) -> Dict[str, object]:

@@ -17,7 +17,7 @@ from fastdrag.demo import demo_case
 from fastdrag.denoiser import TorchDenoiser
 from fastdrag.drag import DragLoop
 from fastdrag.inputs import prepare_inputs
-from fastdrag.lora import LoraTrainer
+from fastdrag.lora import LoraTrainer, merged_adapter
 from fastdrag.vae import decode, encode_posterior, encode_prompt
 
 
@@ -97,8 +97,9 @@ def test_inversion_step(benchmark, setup, synchronize, device, graphs):
     needs_cuda_for(graphs, device)
     editor, _, _, text, _, schedule, z0 = setup
     denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
-    measure(benchmark, synchronize, lambda: ddim_inversion_step(schedule, z0, denoiser(z0, 341, text), 341),
-            "stage 2: inversion step", count=lambda: eager(z0, 341, text))
+    with merged_adapter(editor.components.unet):  # as an edit runs it (the LoRA step's adapter, if it ran)
+        measure(benchmark, synchronize, lambda: ddim_inversion_step(schedule, z0, denoiser(z0, 341, text), 341),
+                "stage 2: inversion step", count=lambda: eager(z0, 341, text))
 
 
 @pytest.mark.parametrize("masked", [pytest.param(True, id="mask"), pytest.param(False, id="no-mask")])
@@ -116,12 +117,13 @@ def test_drag_iteration(benchmark, setup, synchronize, device, graphs, masked):
         return DragLoop(editor.components.unet, z0, schedule.drag_timestep, text, inputs.handles, far, mask,
                         schedule, editor.config.drag, inputs.sup_res, check_every=10**9, cuda_graph=cuda_graph)
 
-    loop, counted = new_loop(graphs), new_loop(False)
-    for index in range(DragLoop.GRAPH_WARMUP + 1):  # past warm-up and capture
-        loop.step(index)
-    synchronize()
-    measure(benchmark, synchronize, lambda: loop.step(5), "stage 3: drag iteration", count=lambda: counted.step(1),
-            flops_key=("drag", masked))
+    with merged_adapter(editor.components.unet):
+        loop, counted = new_loop(graphs), new_loop(False)
+        for index in range(DragLoop.GRAPH_WARMUP + 1):  # past warm-up and capture
+            loop.step(index)
+        synchronize()
+        measure(benchmark, synchronize, lambda: loop.step(5), "stage 3: drag iteration",
+                count=lambda: counted.step(1), flops_key=("drag", masked))
 
 
 @pytest.mark.parametrize("graphs", GRAPHS)
@@ -131,7 +133,8 @@ def test_denoising_step(benchmark, setup, synchronize, device, graphs):
     denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
     pair, text2 = torch.cat([z0, z0 + 0.1]), text.expand(2, -1, -1)
     start_layer = editor.config.denoise.start_layer
-    with denoiser.reference_control(start_layer), eager.reference_control(start_layer):
+    with merged_adapter(editor.components.unet), denoiser.reference_control(start_layer), \
+            eager.reference_control(start_layer):
         measure(benchmark, synchronize, lambda: ddim_step(schedule, pair, denoiser(pair, 341, text2), 341),
                 "stage 4: denoising step (batch 2, K/V swap)", count=lambda: eager(pair, 341, text2))
 

@@ -1,6 +1,7 @@
 """DragEditor: models loaded once, edits run through the four stages on demand."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,7 +28,8 @@ from .drag import DragLoop
 from .errors import InputError
 from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
 from .inversion import invert
-from .lora import LoraCache, LoraTrainer, install_adapter, load_adapter_state, adapter_state, lora_key, train_lora
+from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
+                   train_lora)
 from .models import Components, load_components
 from .vae import decode, encode_posterior, encode_prompt
 
@@ -113,6 +115,7 @@ class DragEditor:
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
         self._drag_loop: Optional[DragLoop] = None  # the last drag's loop (and graph), restarted when it fits
+        self._merged_mode = True  # whether the graphs kept ran with the LoRA merged (config.merge_lora)
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
 
     @classmethod
@@ -393,10 +396,15 @@ class DragEditor:
         denoiser.cuda_graphs = config.cuda_graphs
         if config.backend != "torch":
             denoiser = self._timed(timings, "export", self._exported_denoiser, prepared, config)
-        z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
-        result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
-        pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
-                           prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
+        if config.merge_lora != self._merged_mode:  # graphs captured in the other mode run other kernels
+            self._merged_mode = config.merge_lora
+            self.denoiser.reset()
+            self._drag_loop = None
+        with merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext():
+            z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
+            result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
+            pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
+                               prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
         edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor)
         if edited.size != inputs.original_size:
             edited = edited.resize(inputs.original_size, Image.BICUBIC)

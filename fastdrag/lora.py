@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -98,6 +98,46 @@ def lora_layers(unet: torch.nn.Module) -> List[LoraLayer]:
 
 def lora_parameters(unet: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for name, p in unet.named_parameters() if f".{ADAPTER}." in name and "lora_" in name]
+
+
+@contextlib.contextmanager
+def merged_adapter(unet: torch.nn.Module) -> Iterator[None]:
+    """Run the UNet with its adapter folded into the target weights and the LoRA branch off.
+
+    The stages after training (inversion, drag, denoising) never change the adapter, so each LoRA
+    layer can be one matmul with W + scale·B·A (computed as peft's merge and the exports compute
+    it: the fp32 delta added into the weight, rounded once to its dtype). Run unmerged, each layer
+    adds two small matmuls, a scale and an add, and in fp16 without autocast casts its input to the
+    fp32 of the master weights and back. The weights change in place, so CUDA graphs captured
+    inside see the merged values of every later merge; on exit the original weights are written
+    back exactly (from a copy kept for the duration) and the branch is on again. A UNet without
+    an adapter, or one already merged, runs as it is.
+    """
+    layers = lora_layers(unet)
+    if not layers or getattr(unet, "_fastdrag_merged", False):
+        yield
+        return
+    params = lora_parameters(unet)
+    trainable = [p.requires_grad for p in params]
+    originals = []
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            originals.append(weight.detach().clone())
+            for adapter in layer.active_adapters:
+                weight.add_(layer.get_delta_weight(adapter))
+    unet.disable_adapters()
+    unet._fastdrag_merged = True
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, original in zip(layers, originals):
+                layer.get_base_layer().weight.copy_(original)
+        unet.enable_adapters()
+        for param, flag in zip(params, trainable):  # enabling sets the adapter trainable
+            param.requires_grad_(flag)
+        unet._fastdrag_merged = False
 
 
 def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> None:

@@ -170,3 +170,31 @@ def test_an_editor_keeps_the_two_most_recent_exported_denoisers(editor, picture,
     assert len(loads) == 3  # 3 displaced 2, the least recently used, so the last edit found 1 kept
     editor.release()
     assert not editor._graph_denoisers
+
+
+def test_edit_runs_the_frozen_lora_merged_and_gives_the_unet_back_as_it_was(editor, picture, fast):
+    """`merge_lora` (the default): inversion, drag and denoising run the LoRA folded into the weights,
+    never its branch; the edit matches the unmerged one up to rounding, the UNet leaves it unchanged,
+    and a switch of mode drops the graphs and loop captured in the other."""
+    import torch
+
+    from fastdrag.lora import lora_layers
+
+    unet = editor.components.unet
+    editor.edit(picture.image, picture.prompt, picture.points, **fast)  # trains and caches the adapter
+    weights = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    branch_calls = []
+    hooks = [layer.lora_A["fastdrag"].register_forward_hook(lambda *a: branch_calls.append(1))
+             for layer in lora_layers(unet)]
+    try:
+        merged = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+        assert not branch_calls and merged.lora_cached
+        loop = editor._drag_loop
+        unmerged = editor.edit(picture.image, picture.prompt, picture.points, merge_lora=False, **fast)
+        assert branch_calls and editor._drag_loop is not loop  # the other mode: its own loop
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(torch.equal(p, weights[n]) for n, p in unet.named_parameters())
+    difference = np.abs(np.asarray(merged.image, dtype=np.float32) - np.asarray(unmerged.image, dtype=np.float32))
+    assert difference.max() <= 2 and merged.handles == pytest.approx(unmerged.handles, abs=0.5), difference.max()

@@ -123,3 +123,90 @@ def test_cuda_graph_switch_is_ignored_off_cuda(tiny, picture):
         runs.append((losses, {k: v.clone() for k, v in adapter_state(tiny.unet).items()}))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def _adapted_unet(seed: int = 3):
+    """A tiny UNet with an adapter whose B is not zero, so the LoRA branch changes the output."""
+    from fastdrag.models import build_tiny
+
+    unet = build_tiny().unet
+    install_adapter(unet, LoraConfig(), seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in lora_parameters(unet):
+            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    inputs = torch.Generator().manual_seed(seed + 1)
+    x, text = torch.randn(1, 4, 8, 8, generator=inputs), torch.randn(1, 77, 32, generator=inputs)
+    return unet, lambda: unet(x, torch.tensor(500), encoder_hidden_states=text).sample
+
+
+def test_merged_adapter_computes_the_adapted_unet_in_one_matmul_per_layer():
+    from fastdrag.lora import lora_layers, merged_adapter
+
+    unet, forward = _adapted_unet()
+    weights = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    with torch.no_grad():
+        adapted = forward()
+        with _adapters_off(unet):
+            plain = forward()
+        branch_calls = []
+        hooks = [layer.lora_A["fastdrag"].register_forward_hook(lambda *a: branch_calls.append(1))
+                 for layer in lora_layers(unet)]
+        with merged_adapter(unet):
+            merged = forward()
+            with merged_adapter(unet):  # nested: no second merge
+                nested = forward()
+        for hook in hooks:
+            hook.remove()
+        after = forward()
+    assert (adapted - plain).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert torch.equal(nested, merged) and not branch_calls  # the LoRA branch never ran
+    assert torch.equal(after, adapted)  # on exit: the original weights, bit for bit, and the branch on
+    assert all(torch.equal(p, weights[n]) for n, p in unet.named_parameters())
+
+
+def _adapters_off(unet):
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+    return off()
+
+
+def test_merged_adapter_weights_are_the_exports_and_are_restored_on_error():
+    from fastdrag.export.refit import merged_target_weights
+    from fastdrag.lora import merged_adapter
+
+    unet, _ = _adapted_unet(seed=5)
+    targets = LoraConfig().lora_targets
+    exported = merged_target_weights(unet, targets)
+    names = {n.replace(".base_layer", ""): n for n, _ in unet.named_parameters()}
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    flags = lora_parameters(unet)
+    flags[0].requires_grad_(True)  # a trainable flag survives the merge, as do frozen ones
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_adapter(unet):
+            params = dict(unet.named_parameters())
+            for name, value in exported.items():
+                assert torch.equal(params[names[name]], value), name  # what ONNX Runtime and TensorRT run
+            assert not any(p.requires_grad for p in lora_parameters(unet))
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
+    assert flags[0].requires_grad and not any(p.requires_grad for p in lora_parameters(unet)[1:])
+
+
+def test_merged_adapter_leaves_a_unet_without_adapter_alone():
+    from fastdrag.lora import merged_adapter
+    from fastdrag.models import build_tiny
+
+    unet = build_tiny().unet
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    with merged_adapter(unet):
+        assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
+    assert not getattr(unet, "_fastdrag_merged", False)
