@@ -15,8 +15,9 @@
 #   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets;
 #                    with its FLOP counts it did not fit 240 s on an H200)
 #   edit-timing      bench/edit_timing.py on SD 1.5: the same targets, for two variants, each in its own process
-#                    (the defaults, and contiguous UNet weights; TIMING_VARIANTS overrides them; compiled UNet
-#                    blocks, `compiled:compile_blocks=true`, did not finish compiling in 205 s on the H100)
+#                    (the defaults, and the LoRA run unmerged; TIMING_VARIANTS overrides them, e.g.
+#                    `nchw:channels_last=false`; compiled UNet blocks, `compiled:compile_blocks=true`, did not
+#                    finish compiling in 205 s on the H100)
 #   attention-bench  bench/test_attention.py --model sd15
 #   profile          bench/profile_stages.py on SD 1.5: each stage's kernel time by kind (convolution, matmul,
 #                    attention, normalisation, layout copies, ...), in the log
@@ -175,7 +176,7 @@ parallel_tests() {
 # gets 240 s (its warm_up() pays the compilation), the others 75 s.
 edit_timing() {
     local variant limit parts=()
-    for variant in ${TIMING_VARIANTS:-defaults nchw:channels_last=false}; do
+    for variant in ${TIMING_VARIANTS:-defaults unmerged:merge_lora=false}; do
         limit=75
         [[ "$variant" != *compile_blocks=true* ]] || limit=240
         run "edit-timing ${variant%%:*}" "$limit" env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 \
