@@ -396,10 +396,11 @@ class DragEditor:
         denoiser.cuda_graphs = config.cuda_graphs
         if config.backend != "torch":
             denoiser = self._timed(timings, "export", self._exported_denoiser, prepared, config)
-        if config.merge_lora != self._merged_mode:  # graphs captured in the other mode run other kernels
+        if config.merge_lora != self._merged_mode:  # what the other mode captured or inverted runs other kernels
             self._merged_mode = config.merge_lora
             self.denoiser.reset()
             self._drag_loop = None
+            self._inverted = None
         with merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext():
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
             result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
