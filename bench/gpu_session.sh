@@ -121,10 +121,10 @@ test_file=(python3 -m pytest -v -rfsP --tb=short --durations=5 --timeout 100 --t
 bench_file=(env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 -m pytest -q -p no:cacheprovider --benchmark-only)
 
 # correctness checks that may share the GPU, at once: the three test files, and the toy quality
-# benchmark (TOY_CASES cases, default 4: the reference path did not finish 6 in 180 s on the H100) on the fast path (the defaults: fp16, CUDA graphs, Triton,
+# benchmark (TOY_CASES cases, default 4) on the fast path (the defaults: fp16, CUDA graphs, Triton,
 # xformers) and on the reference path (fp32, eager, reference kernels, SDPA), then their paired
 # comparison. PARALLEL_SECONDS (default 180) bounds them: the reference path took 21 s a case on an
-# H100. Outputs: tests.txt, toy_quality.txt under OUT (the device brings back 8 files at most);
+# H100 and did not finish 6 cases in 180 s beside the tests. Outputs: tests.txt, toy_quality.txt under OUT (the device brings back 8 files at most);
 # summaries in the log.
 parallel_tests() {
     local left=$((deadline - SECONDS - 10)) limit=${PARALLEL_SECONDS:-180} file pids=() parts=()
