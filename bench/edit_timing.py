@@ -7,14 +7,17 @@ full suite with FLOP counts).
 Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_graph_lora=false`,
 `channels_last=true|false`, which converts the UNet's weights for that variant (default: the
 package's, channels-last on CUDA only), `compile_blocks=true`, which compiles its blocks for this
-variant and every later one in the process, and `mask=false`, which edits without the demo case's mask (so the drag has no mask term); default: one with the
-package defaults) runs `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's
-first calls and the like, as a server would at start-up), a first edit on a new LoRA key, and
-`--repeats` repeated edits (LoRA and inversion cached).
+variant and every later one in the process, `half_norms=true|false`, which sets
+`FASTDRAG_HALF_NORMS` for the variant (`fastdrag.half_norms`), and `mask=false`, which edits without
+the demo case's mask (so the drag has no mask term); default: one with the package defaults) runs
+`DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
+like, as a server would at start-up), a first edit on a new LoRA key, and `--repeats` repeated edits
+(LoRA and inversion cached).
 The model loads once for all variants.
 """
 import argparse
 import json
+import os
 import tempfile
 import time
 from typing import Any, Dict, Tuple
@@ -23,6 +26,7 @@ import torch
 
 from fastdrag import DragEditor
 from fastdrag.demo import demo_case
+from fastdrag.half_norms import ENV as HALF_NORMS_ENV
 from fastdrag.regional_compile import compile_blocks
 
 
@@ -63,6 +67,7 @@ def main() -> None:
     case = demo_case(args.size)
     seed = 0
     unet = editor.components.unet
+    user_half_norms = os.environ.get(HALF_NORMS_ENV)
     for name, settings in variants:
         settings = dict(settings)
         channels_last = settings.pop("channels_last", device.type == "cuda")  # the package's default
@@ -71,6 +76,11 @@ def main() -> None:
         if settings.pop("compile_blocks", False):
             compile_blocks(unet)  # compilation is paid in warm_up()
         use_mask = settings.pop("mask", True)
+        os.environ.pop(HALF_NORMS_ENV, None)
+        if user_half_norms is not None:
+            os.environ[HALF_NORMS_ENV] = user_half_norms
+        if "half_norms" in settings:  # an environment switch (experimental: fastdrag.half_norms)
+            os.environ[HALF_NORMS_ENV] = "1" if settings.pop("half_norms") else "0"
         editor.release()  # captured graphs read the weights' old storage
         kinds = ["warm_up()", "first", *["repeated"] * args.repeats]
         for index, kind in enumerate(kinds):

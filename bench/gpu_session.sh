@@ -15,7 +15,7 @@
 #   edit-bench       bench/test_stages.py -k edit --model sd15: first and repeated edit (the 3 s / 1 s / 8 GB targets;
 #                    with its FLOP counts it did not fit 240 s on an H200)
 #   edit-timing      bench/edit_timing.py on SD 1.5: the same targets, for two variants, each in its own process
-#                    (the defaults, and the LoRA run unmerged; TIMING_VARIANTS overrides them, e.g.
+#                    (the defaults, the LoRA run unmerged, FASTDRAG_HALF_NORMS=1; TIMING_VARIANTS overrides them, e.g.
 #                    `nchw:channels_last=false`; compiled UNet blocks, `compiled:compile_blocks=true`, did not
 #                    finish compiling in 205 s on the H100)
 #   attention-bench  bench/test_attention.py --model sd15
@@ -122,8 +122,8 @@ bench_file=(env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 -m pytest
 
 # correctness checks that may share the GPU, at once: the three test files, and the toy quality
 # benchmark (TOY_CASES cases, default 4) on the fast path (the defaults: fp16, CUDA graphs, Triton,
-# xformers) and on the reference path (fp32, eager, reference kernels, SDPA), then their paired
-# comparison. PARALLEL_SECONDS (default 180) bounds them: the reference path took 21 s a case on an
+# xformers), on the reference path (fp32, eager, reference kernels, SDPA) and on the fast path with
+# FASTDRAG_HALF_NORMS=1, then their paired comparisons. PARALLEL_SECONDS (default 180) bounds them: the reference path took 21 s a case on an
 # H100 and did not finish 6 cases in 180 s beside the tests. Outputs: tests.txt, toy_quality.txt under OUT (the device brings back 8 files at most);
 # summaries in the log.
 parallel_tests() {
@@ -134,7 +134,7 @@ parallel_tests() {
         return
     fi
     echo "== parallel-tests (limit $limit s)" >>"$log"
-    # five processes share 16 cores: at torch's default of one thread per core, CPU-side work (a test's
+    # six processes share 16 cores: at torch's default of one thread per core, CPU-side work (a test's
     # CPU model, the host side of eager loops) oversubscribed them and a CPU test hit its timeout
     local -x OMP_NUM_THREADS=3
     for file in kernels_triton gpu attention; do
@@ -142,10 +142,15 @@ parallel_tests() {
             echo "== tests/test_$file.py exit $?" >>"$out/tests_$file.txt") &
         pids+=($!)
     done
-    rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/lora-fast /tmp/lora-reference  # each path trains its own LoRA
+    rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/toy-half /tmp/lora-fast /tmp/lora-reference /tmp/lora-half
+    # each path trains its own LoRA
     (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet --cache-dir /tmp/lora-fast \
         --out /tmp/toy-fast >"$out/toy_fast.txt" 2>&1
         echo "== toy eval, fast path, exit $?" >>"$out/toy_fast.txt") &
+    pids+=($!)
+    (FASTDRAG_HALF_NORMS=1 timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
+        --cache-dir /tmp/lora-half --out /tmp/toy-half >"$out/toy_half.txt" 2>&1
+        echo "== toy eval, fast path with FASTDRAG_HALF_NORMS=1, exit $?" >>"$out/toy_half.txt") &
     pids+=($!)
     (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
         --dtype fp32 --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference \
@@ -159,13 +164,15 @@ parallel_tests() {
     done
     cat "${parts[@]}" >"$out/tests.txt" && rm -f "${parts[@]}"
     {
-        cat "$out/toy_fast.txt" "$out/toy_reference.txt"
+        cat "$out/toy_fast.txt" "$out/toy_reference.txt" "$out/toy_half.txt"
         echo "== fast path against the reference path, paired:"
         python3 -m fastdrag.cli toy compare /tmp/toy-reference /tmp/toy-fast
+        echo "== fast path with half-precision norms against the fast path, paired:"
+        python3 -m fastdrag.cli toy compare /tmp/toy-fast /tmp/toy-half
         echo "== fast path against the shipped CPU results (bench/results/toy), paired:"
         python3 -m fastdrag.cli toy compare bench/results/toy /tmp/toy-fast
     } >"$out/toy_quality.txt" 2>&1
-    rm -f "$out/toy_fast.txt" "$out/toy_reference.txt"
+    rm -f "$out/toy_fast.txt" "$out/toy_reference.txt" "$out/toy_half.txt"
     grep "^== toy eval" "$out/toy_quality.txt" >>"$log"
     echo "== parallel-tests done after $((SECONDS - group_start)) s" >>"$log"
 }
@@ -176,7 +183,7 @@ parallel_tests() {
 # gets 240 s (its warm_up() pays the compilation), the others 75 s.
 edit_timing() {
     local variant limit parts=()
-    for variant in ${TIMING_VARIANTS:-defaults unmerged:merge_lora=false}; do
+    for variant in ${TIMING_VARIANTS:-defaults unmerged:merge_lora=false half-norms:half_norms=true}; do
         limit=75
         [[ "$variant" != *compile_blocks=true* ]] || limit=240
         run "edit-timing ${variant%%:*}" "$limit" env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 \

@@ -22,6 +22,8 @@ from .config import DragConfig
 from .cuda_graph import OptimizerStep
 from .ddim import DdimSchedule, ddim_step
 from .features import unet_features, unet_with_features
+from .half_norms import enabled as half_norms_enabled
+from .half_norms import half_norms
 
 
 @dataclass
@@ -107,6 +109,7 @@ class DragLoop:
         self.timestep = timestep
         self.dtype = unet.dtype
         self.autocast = config.mixed_precision and device.type == "cuda" and self.dtype != torch.float32
+        self.half_norms = self.autocast and half_norms_enabled()  # experimental (fastdrag.half_norms)
         self.text = text_embeddings.to(self.dtype).clone()
         self.t = torch.full((), timestep, device=device, dtype=torch.long)
         self.handles = handles.to(device=device, dtype=torch.float32).clone()
@@ -200,7 +203,8 @@ class DragLoop:
     def _iteration(self) -> None:
         """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
         config = self.config
-        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False) if self.autocast else contextlib.nullcontext():
+        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False) if self.autocast else contextlib.nullcontext(), \
+                half_norms(self.unet, self.half_norms):
             eps, feat = self._forward()
         tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
         self.handles.copy_(torch.where(self.tracking & ~self.done, tracked, self.handles))

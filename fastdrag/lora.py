@@ -26,6 +26,8 @@ from .config import LoraConfig
 from .cuda_graph import OptimizerStep
 from .ddim import noised
 from .errors import InputError
+from .half_norms import HALF, half_norms
+from .half_norms import enabled as half_norms_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +46,18 @@ def lora_key(model_identity: str, image: Image.Image, prompt: str, config: LoraC
              precision: torch.dtype) -> str:
     """Hash of everything that determines the trained adapter (`precision`: the model's dtype, which
     decides whether the UNet ran under fp16/bf16 autocast while it trained)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({
+    described = {
         "model": model_identity,
         "precision": str(precision).replace("torch.", ""),
         "image_size": list(image.size),
         "prompt": prompt,
         "lora": dataclasses.asdict(config),
         "seed": seed,
-    }, sort_keys=True).encode())
+    }
+    if precision in HALF and half_norms_enabled():  # only then: the keys of every other adapter stay as they were
+        described["half_norms"] = True
+    digest = hashlib.sha256()
+    digest.update(json.dumps(described, sort_keys=True).encode())
     digest.update(np.asarray(image.convert("RGB")).tobytes())
     return digest.hexdigest()[:32]
 
@@ -182,7 +187,8 @@ def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     noisy = noised(latents, noise, timesteps, alphas_cumprod)
     autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
     # no weight-cast cache: each LoRA weight is used once per forward, and a graph must not keep casts
-    with torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False) if autocast else contextlib.nullcontext():
+    with torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False) if autocast else contextlib.nullcontext(), \
+            half_norms(unet, autocast and half_norms_enabled()):
         prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
     return F.mse_loss(prediction.float(), noise.float())
 

@@ -59,11 +59,12 @@ def _drag_setting(components, picture, dtype):
 
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])  # no mask: the forward stops early
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, masked, monkeypatch):
+def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, masked, monkeypatch, half_norms="0"):
     from fastdrag.config import DragConfig
     from fastdrag.drag import drag
     from fastdrag.models import build_tiny
 
+    monkeypatch.setenv("FASTDRAG_HALF_NORMS", half_norms)
     components = build_tiny().to("cuda", dtype)
     inputs, schedule, z_t, text = _drag_setting(components, picture, dtype)
     far = inputs.targets.clone()
@@ -84,6 +85,40 @@ def test_cuda_graph_drag_loop_matches_the_eager_loop(picture, dtype, masked, mon
     assert (change_graphed - change_eager).norm() <= 0.05 * change_eager.norm()
     torch.testing.assert_close(graphed.losses, eager.losses, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(graphed.handles, eager.handles, rtol=0, atol=1.0)
+
+
+def test_graphed_drag_loop_with_half_norms_matches_the_eager_loop(picture, monkeypatch):
+    """`FASTDRAG_HALF_NORMS=1`: the patched norms are what the drag graph captures (fp16, mask)."""
+    test_cuda_graph_drag_loop_matches_the_eager_loop(picture, torch.float16, True, monkeypatch, half_norms="1")
+
+
+def test_half_norms_keep_autocast_normalisation_in_half_precision():
+    """Under CUDA autocast the norms run in fp32; `half_norms` runs them in fp16, and the UNet's
+    output and input gradient stay within fp16 rounding of autocast's."""
+    from fastdrag.half_norms import half_norms
+    from fastdrag.models import build_tiny
+
+    unet = build_tiny().to("cuda", torch.float16).unet
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, device="cuda", generator=generator, dtype=torch.float16).requires_grad_(True)
+    text = torch.randn(2, 77, 32, device="cuda", generator=generator, dtype=torch.float16)
+
+    def run(patch):
+        dtypes = set()
+        hooks = [m.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype)) for m in unet.modules()
+                 if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False), half_norms(unet, patch):
+            out = unet(x, torch.tensor(500, device="cuda"), encoder_hidden_states=text).sample.float()
+        for hook in hooks:
+            hook.remove()
+        return out, torch.autograd.grad(out.square().mean(), x)[0].float(), dtypes
+
+    out, grad, dtypes = run(False)
+    half_out, half_grad, half_dtypes = run(True)
+    assert dtypes == {torch.float32} and half_dtypes == {torch.float16}
+    assert torch.isfinite(half_out).all() and torch.isfinite(half_grad).all()
+    assert ((half_out - out).norm() / out.norm()).item() < 1e-2
+    assert ((half_grad - grad).norm() / grad.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

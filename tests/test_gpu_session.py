@@ -32,7 +32,7 @@ def test_aliases_expand_and_the_deadline_skips_what_does_not_fit(tmp_path):
     log = run_session("stages,toy-less,lease", tmp_path, 5)
     assert "groups: stage-bench edit-bench attention-bench toy-less parallel-tests profile edit-timing;" in log
     assert "== parallel-tests skipped:" in log
-    for group in ("stage-bench", "edit-bench", "attention-bench", "edit-timing defaults", "edit-timing unmerged",
+    for group in ("stage-bench", "edit-bench", "attention-bench", "edit-timing defaults", "edit-timing unmerged", "edit-timing half-norms",
                   "profile"):  # edit-timing: a process per variant
         assert f"== {group} skipped:" in log
     assert not (tmp_path / "bench_steps.json").exists() and not (tmp_path / "edit_timing.json").exists()

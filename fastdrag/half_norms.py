@@ -1,0 +1,63 @@
+"""Experimental: normalisation in the model's half precision inside autocast (`FASTDRAG_HALF_NORMS=1`).
+
+Autocast runs GroupNorm and LayerNorm in fp32. In the two stages that run under it, the LoRA step and
+the drag iteration, each of SD 1.5's ≈ 60 GroupNorms and 48 LayerNorms therefore casts its fp16 input
+up and its output back down, forward and backward. On an H100, copies and casts took 31 % of a LoRA
+step's kernel time and 27 % of a drag iteration's, with fp32 normalisation kernels beside them
+(bench/RESULTS.md, 2026-11-26). PyTorch's half-precision normalisation kernels accumulate in fp32 and
+round the output once. The inference stages, which run without autocast, already use them. So the
+outputs differ from autocast's by about one rounding of each normalised value.
+
+Off by default until a GPU lease has measured the speed (`bench/edit_timing.py` variant
+`half_norms=true`) and the toy benchmark the quality. When on, it is part of the LoRA cache key,
+since the adapter trains on those roundings.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+ENV = "FASTDRAG_HALF_NORMS"
+HALF = (torch.float16, torch.bfloat16)
+
+
+def enabled() -> bool:
+    """Whether `FASTDRAG_HALF_NORMS` asks for half-precision normalisation under autocast."""
+    value = os.environ.get(ENV, "0").strip().lower()
+    if value not in ("0", "1", "false", "true", ""):
+        raise ValueError(f"{ENV} must be 0 or 1; got {value!r}")
+    return value in ("1", "true")
+
+
+def _group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return F.group_norm(x.to(self.weight.dtype), self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _layer_norm(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+@contextlib.contextmanager
+def half_norms(model: torch.nn.Module, active: bool = True) -> Iterator[None]:
+    """Inside, each GroupNorm and LayerNorm of `model` with half-precision affine weights normalises
+    in that dtype with autocast off (see the module docstring). What a CUDA graph captures inside
+    keeps doing so on every replay. With `active` false, or no such layer, nothing changes."""
+    forwards = {torch.nn.GroupNorm: _group_norm, torch.nn.LayerNorm: _layer_norm}
+    patched = []
+    if active:
+        patched = [m for m in model.modules() if type(m) in forwards and getattr(m, "weight", None) is not None
+                   and m.weight.dtype in HALF]
+    for module in patched:
+        module.forward = types.MethodType(forwards[type(module)], module)  # an instance attribute shadows the class's
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
