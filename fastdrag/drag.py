@@ -157,7 +157,8 @@ class DragLoop:
                 and timestep == self.timestep
                 and schedule.step_coefficients(timestep) == self.schedule.step_coefficients(self.timestep)
                 and config == self.config and tuple(sup_res) == tuple(self.sup_res)
-                and (cuda_graph and z_t.device.type == "cuda") == self.cuda_graph)
+                and (cuda_graph and z_t.device.type == "cuda") == self.cuda_graph
+                and (self.autocast and half_norms_enabled()) == self.half_norms)
 
     def restart(self, z_t: torch.Tensor, text_embeddings: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> None:

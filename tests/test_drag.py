@@ -192,6 +192,13 @@ def test_a_loop_fits_only_the_same_shapes_and_settings(tiny, setting):
                     schedule=schedule, config=config, sup_res=inputs.sup_res)
         call.update(change)
         assert not loop.fits(**call), reason
+    # a loop that ran under autocast (CUDA) captured its norms as FASTDRAG_HALF_NORMS then said
+    loop.autocast = True
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("FASTDRAG_HALF_NORMS", raising=False)
+        assert loop.fits(tiny.unet, z_b, t, text_b, handles_b, mask_b, schedule, config, inputs.sup_res)
+        env.setenv("FASTDRAG_HALF_NORMS", "1")
+        assert not loop.fits(tiny.unet, z_b, t, text_b, handles_b, mask_b, schedule, config, inputs.sup_res)
 
 
 def test_features_alone_match_the_full_forward_and_its_gradient(tiny):
