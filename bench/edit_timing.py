@@ -76,11 +76,12 @@ def main() -> None:
         if settings.pop("compile_blocks", False):
             compile_blocks(unet)  # compilation is paid in warm_up()
         use_mask = settings.pop("mask", True)
-        os.environ.pop(HALF_NORMS_ENV, None)
-        if user_half_norms is not None:
-            os.environ[HALF_NORMS_ENV] = user_half_norms
-        if "half_norms" in settings:  # an environment switch (experimental: fastdrag.half_norms)
-            os.environ[HALF_NORMS_ENV] = "1" if settings.pop("half_norms") else "0"
+        half_norms = settings.pop("half_norms", None)  # an environment switch (experimental: fastdrag.half_norms)
+        switch = user_half_norms if half_norms is None else ("1" if half_norms else "0")
+        if switch is None:
+            os.environ.pop(HALF_NORMS_ENV, None)
+        else:
+            os.environ[HALF_NORMS_ENV] = switch
         editor.release()  # captured graphs read the weights' old storage
         kinds = ["warm_up()", "first", *["repeated"] * args.repeats]
         for index, kind in enumerate(kinds):

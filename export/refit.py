@@ -67,15 +67,13 @@ def merged_target_weights(unet: torch.nn.Module, targets: Iterable[str]) -> Dict
     parameter names: what `merged_unet(unet)` would hold there, without copying the UNet."""
     from peft.tuners.lora import LoraLayer
 
+    from ..lora import add_adapter_deltas_
+
     targets = tuple(targets)
     weights = {}
     for name, module in unet.named_modules():
         if isinstance(module, LoraLayer) and name.endswith(targets) and ".attn" in name:
-            base = module.get_base_layer().weight
-            merged = base.detach().clone()
-            for adapter in module.active_adapters:
-                merged += module.get_delta_weight(adapter).detach()  # as peft's merge adds it
-            weights[f"{name}.weight"] = merged
+            weights[f"{name}.weight"] = add_adapter_deltas_(module.get_base_layer().weight.detach().clone(), module)
     return weights or target_weights(unet, targets)  # a UNet without adapter: its own weights
 
 

@@ -105,13 +105,21 @@ def lora_parameters(unet: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for name, p in unet.named_parameters() if f".{ADAPTER}." in name and "lora_" in name]
 
 
+def add_adapter_deltas_(weight: torch.Tensor, layer: LoraLayer) -> torch.Tensor:
+    """`weight` plus the delta (scale·B·A) of each active adapter of `layer`, in place, as peft's merge
+    adds it: the delta in the adapter's dtype, the sum rounded once to the weight's."""
+    for adapter in layer.active_adapters:
+        weight += layer.get_delta_weight(adapter).detach()
+    return weight
+
+
 @contextlib.contextmanager
 def merged_adapter(unet: torch.nn.Module) -> Iterator[None]:
     """Run the UNet with its adapter folded into the target weights and the LoRA branch off.
 
     The stages after training (inversion, drag, denoising) never change the adapter, so each LoRA
-    layer can be one matmul with W + scale·B·A (computed as peft's merge and the exports compute
-    it: the fp32 delta added into the weight, rounded once to its dtype). Run unmerged, each layer
+    layer can be one matmul with W + scale·B·A (`add_adapter_deltas_`, which the exports' merged
+    weights use too). Run unmerged, each layer
     adds two small matmuls, a scale and an add, and in fp16 without autocast casts its input to the
     fp32 of the master weights and back. The weights change in place, so CUDA graphs captured
     inside see the merged values of every later merge; on exit the original weights are written
@@ -129,8 +137,7 @@ def merged_adapter(unet: torch.nn.Module) -> Iterator[None]:
         for layer in layers:
             weight = layer.get_base_layer().weight
             originals.append(weight.detach().clone())
-            for adapter in layer.active_adapters:
-                weight.add_(layer.get_delta_weight(adapter))
+            add_adapter_deltas_(weight, layer)
     unet.disable_adapters()
     unet._fastdrag_merged = True
     try:
