@@ -21,9 +21,9 @@ from . import kernels
 from .config import DragConfig
 from .cuda_graph import OptimizerStep
 from .ddim import DdimSchedule, ddim_step
+from .autocast import unet_autocast
 from .features import unet_features, unet_with_features
 from .half_norms import enabled as half_norms_enabled
-from .half_norms import half_norms
 
 
 @dataclass
@@ -204,8 +204,7 @@ class DragLoop:
     def _iteration(self) -> None:
         """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
         config = self.config
-        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False) if self.autocast else contextlib.nullcontext(), \
-                half_norms(self.unet, self.half_norms):
+        with unet_autocast(self.unet, self.autocast, norms_in_half=self.half_norms):
             eps, feat = self._forward()
         tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
         self.handles.copy_(torch.where(self.tracking & ~self.done, tracked, self.handles))

@@ -21,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
+from .autocast import unet_autocast
 from .cache_usage import touch
 from .config import LoraConfig
 from .cuda_graph import OptimizerStep
 from .ddim import noised
 from .errors import InputError
-from .half_norms import HALF, half_norms
+from .half_norms import HALF
 from .half_norms import enabled as half_norms_enabled
 
 logger = logging.getLogger(__name__)
@@ -193,9 +194,7 @@ def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`."""
     noisy = noised(latents, noise, timesteps, alphas_cumprod)
     autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
-    # no weight-cast cache: each LoRA weight is used once per forward, and a graph must not keep casts
-    with torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False) if autocast else contextlib.nullcontext(), \
-            half_norms(unet, autocast and half_norms_enabled()):
+    with unet_autocast(unet, autocast, norms_in_half=autocast and half_norms_enabled()):
         prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
     return F.mse_loss(prediction.float(), noise.float())
 
