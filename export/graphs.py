@@ -3,6 +3,7 @@ read alike by the export, the manifest and the runtime backends; and the ONNX ex
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -140,6 +141,11 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+# torch >= 2.6's exporter optimises the graph itself (onnxscript's constant folding and rewrites) unless
+# told not to; optimised here again it would pay that pass twice for the same graph
+_NO_OPTIMIZE_IN_EXPORT = {"optimize": False} if "optimize" in inspect.signature(torch.onnx.export).parameters else {}
+
+
 def export_onnx(job: GraphJob, path: Path) -> int:
     """Export one graph to `path` (cleaned: constant folding, dead nodes removed); returns the opset."""
     import onnx
@@ -150,8 +156,9 @@ def export_onnx(job: GraphJob, path: Path) -> int:
         program = torch.onnx.export(
             job.module, job.example, dynamo=True, verbose=False,
             input_names=[t.name for t in job.spec.inputs], output_names=[t.name for t in job.spec.outputs],
+            **_NO_OPTIMIZE_IN_EXPORT,
         )
-        program.optimize()
+        program.optimize()  # once: the larger part of an export's time
         program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     onnx.checker.check_model(str(path))
     model = onnx.load(str(path), load_external_data=False)

@@ -107,3 +107,26 @@ def test_drag_iteration_without_a_mask_stops_the_unet_after_the_feature_block(ti
     assert all(sum(counts[False].get(name, {}).values()) > 0 for name in late)  # with a mask they run
     assert all(sum(counts[True].get(name, {}).values()) == 0 for name in late)
     assert iterations[True].get_total_flops() < 0.9 * iterations[False].get_total_flops()
+
+
+def test_the_benchmarks_cheap_flop_sum_equals_torchs_flop_counter(tiny, picture, tmp_path):
+    """bench/flop_count.py (what the benchmark suite reports) against FlopCounterMode, on a whole
+    small edit: LoRA steps, inversion, a masked drag and reference-controlled denoising."""
+    import sys
+    from pathlib import Path
+
+    from fastdrag import DragEditor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from flop_count import count_flops
+
+    editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path, progress=False)
+    seeds = iter(range(2))  # a new LoRA each time: both counts train one
+
+    def edit():
+        editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, lora_steps=2,
+                    num_inference_steps=10, drag_steps=3, seed=next(seeds))
+
+    cheap = count_flops(edit)
+    assert cheap > 0
+    assert cheap == count(edit)
