@@ -158,7 +158,7 @@ def export_onnx(job: GraphJob, path: Path) -> int:
             input_names=[t.name for t in job.spec.inputs], output_names=[t.name for t in job.spec.outputs],
             **_NO_OPTIMIZE_IN_EXPORT,
         )
-        program.optimize()  # once: the larger part of an export's time
+        program.optimize()  # once
         program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     onnx.checker.check_model(str(path))
     model = onnx.load(str(path), load_external_data=False)

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import kernels
+from .autocast import unet_autocast
 from .config import DragConfig
 from .cuda_graph import OptimizerStep
 from .ddim import DdimSchedule, ddim_step
-from .autocast import unet_autocast
 from .features import unet_features, unet_with_features
 from .half_norms import enabled as half_norms_enabled
 
