@@ -229,6 +229,52 @@ def test_release_frees_the_memory_of_the_kept_graphs(picture, tmp_path):
     assert torch.cuda.memory_reserved() < held
 
 
+def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
+    """`lora_loss` under CUDA fp16 autocast (`unet_autocast`) against the same step with peft's
+    fp16 -> fp32 -> fp16 input cast left on: the same loss bit for bit, the same LoRA gradients (to
+    run-to-run noise: attention backward kernels may add in another order), and at least two copies
+    fewer per LoRA call (tests/test_autocast.py checks bit-equal gradients and the exact count on the CPU)."""
+    import fastdrag.lora
+    from torch.profiler import profile
+
+    from fastdrag.config import LoraConfig
+    from fastdrag.lora import install_adapter, lora_layers, lora_loss, lora_parameters
+    from fastdrag.models import build_tiny
+
+    tiny = build_tiny().to("cuda", torch.float16)
+    install_adapter(tiny.unet, LoraConfig(), seed=3)
+    generator = torch.Generator().manual_seed(4)
+    params = lora_parameters(tiny.unet)
+    for param in params:  # B is 0 after install: give the branch something to compute
+        param.data = (torch.randn(param.shape, generator=generator) * 0.1).cuda()
+        param.requires_grad_(True)
+    latents, noise = (torch.randn(3, 4, 16, 16, generator=generator).cuda() for _ in range(2))
+    timesteps = torch.randint(0, 1000, (3,), generator=generator).cuda()
+    text = torch.randn(3, 77, 32, generator=generator).to("cuda", torch.float16)
+    alphas = tiny.scheduler.alphas_cumprod.cuda()
+
+    def step():
+        for param in params:
+            param.grad = None
+        with profile() as prof:
+            loss = lora_loss(tiny.unet, latents, noise, timesteps, text, alphas)
+            loss.backward()
+            torch.cuda.synchronize()
+        copies = sum(event.count for event in prof.key_averages() if event.key == "aten::_to_copy")
+        return loss.detach(), [param.grad.clone() for param in params], copies
+
+    loss, grads, copies = step()
+    monkeypatch.setattr(fastdrag.lora, "unet_autocast", lambda unet, active, norms_in_half=False:
+                        torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False))
+    reference_loss, reference_grads, reference_copies = step()
+    assert torch.isfinite(loss) and torch.equal(loss, reference_loss)
+    assert all(r.abs().max() > 0 for r in reference_grads[:4])
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    assert reference_copies - copies >= 2 * len(lora_layers(tiny.unet)), (reference_copies, copies)
+    tiny.unet.requires_grad_(False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_graphed_lora_training_matches_the_eager_one(dtype):
     from types import SimpleNamespace
