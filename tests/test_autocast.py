@@ -1,8 +1,8 @@
 """`unet_autocast`: autocast without peft's LoRA input round trip, bit for bit the same arithmetic.
 
 CUDA autocast is what the package uses; the CPU's bf16 autocast has the same cast rules for linear
-layers, so the claims are checked here on a bf16 tiny UNet (and in fp16 on a GPU by tests/test_gpu.py's
-graphed-LoRA test, which runs through the same context).
+layers, so the claims are checked here on a bf16 tiny UNet (in fp16 on a GPU, through `lora_loss`:
+tests/test_gpu.py::test_fp16_lora_loss_skips_peft_input_round_trip).
 """
 import pytest
 import torch
