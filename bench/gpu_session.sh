@@ -239,7 +239,7 @@ for name in "${names[@]}"; do
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) edit_timing ;;
-        profile) run "$name" 75 python3 bench/profile_stages.py ;;
+        profile) run "$name" 100 python3 bench/profile_stages.py ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac
         ;;

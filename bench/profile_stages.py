@@ -8,7 +8,10 @@ speed-up is chosen from a measurement: fusing elementwise work (e.g. `torch.comp
 that share is large, channels-last only if layout copies are. Steps run eagerly under
 `torch.profiler`; a CUDA graph replays the same kernels without the host's gaps, so the kernel sum
 here is what a graphed step costs at best. On the CPU it groups PyTorch operators' own time instead
-of kernels (a smoke test; the GPU is where the answer matters).
+of kernels (a smoke test; the GPU is where the answer matters). The layout copies are also
+traced to where they come from (one more profiled step with shapes and Python stacks): the operator
+chain that made each copy, its input shapes, the autograd node in a backward pass and the nearest
+diffusers / peft / fastdrag source line.
 """
 import argparse
 import json
@@ -118,6 +121,47 @@ def profile_step(step: Callable[[], object], steps: int, device: torch.device) -
             "top_ms": [[name[:100], ms] for name, ms in top]}
 
 
+SOURCES = ("diffusers/", "peft/", "fastdrag/", "kernels/")
+
+
+def copy_origin(event) -> str:
+    """`op<op [shapes] | autograd node | source line` of the operator that launched a copy."""
+    ops, outer, node, frame = [], event, "", ""
+    parent = event
+    while parent is not None:
+        name = parent.name
+        if name.startswith("aten::"):
+            ops.append(name[len("aten::"):])
+            outer = parent
+        elif not node and "Backward" in name and not name.startswith("autograd::"):
+            node = name
+        elif not frame and ".py(" in name and any(source in name for source in SOURCES):
+            frame = "/".join(name.split("/")[-3:])  # the package-relative tail of the path
+        parent = parent.cpu_parent
+    shapes = [list(shape) for shape in (outer.input_shapes or []) if shape]
+    return f"{'<'.join(reversed(ops))} {shapes} | {node or 'forward'} | {frame or '?'}"
+
+
+def copy_origins(step: Callable[[], object], device: torch.device, top: int = 12) -> List[List[object]]:
+    """Milliseconds of one step's layout copies by `copy_origin`, largest first."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    by_origin: Dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        if device.type == "cuda":
+            micros = sum(kernel.duration for kernel in event.kernels if kind_of(kernel.name) == "layout copy")
+        else:
+            micros = event.self_cpu_time_total if event.name == "aten::copy_" else 0.0
+        if micros > 0:
+            by_origin[copy_origin(event)] += micros / 1e3
+    return [[origin, ms] for origin, ms in sorted(by_origin.items(), key=lambda item: -item[1])[:top]]
+
+
 def report(stage: str, row: Dict[str, object]) -> str:
     total = row["device_ms"] or 1.0
     lines = [f"== {stage}: {row['wall_ms']:.2f} ms wall (eager), {row['device_ms']:.2f} ms "
@@ -125,6 +169,9 @@ def report(stage: str, row: Dict[str, object]) -> str:
              + (f", {row['kernels_per_step']:.0f} kernels" if row["kernels_per_step"] is not None else "")]
     lines += [f"   {kind:<20} {ms:8.2f} ms {100 * ms / total:5.1f} %" for kind, ms in row["by_kind_ms"].items()]
     lines += ["   top:"] + [f"   {ms:8.3f} ms  {name}" for name, ms in row["top_ms"]]
+    if row.get("copies_from"):
+        lines += ["   layout copies from (one step):"]
+        lines += [f"   {ms:8.3f} ms  {origin}" for origin, ms in row["copies_from"]]
     return "\n".join(lines)
 
 
@@ -136,6 +183,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="the UNet's weights channels-last (default: the package's, on CUDA only)")
     parser.add_argument("--compile-blocks", action="store_true", help="torch.compile the UNet's blocks first")
+    parser.add_argument("--copies", action=argparse.BooleanOptionalAction, default=True,
+                        help="trace the layout copies to their source (one more profiled step per stage)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,6 +195,8 @@ def main() -> None:
     rows = {}
     for stage, step in stage_steps(editor, args.size):
         rows[stage] = profile_step(step, args.steps, device)
+        if args.copies:
+            rows[stage]["copies_from"] = copy_origins(step, device)
         print(report(stage, rows[stage]), flush=True)
     if args.json:
         with open(args.json, "w") as handle:

@@ -1,5 +1,6 @@
 """bench/profile_stages.py, the lease's breakdown of each stage's kernel time by kind: its kernel-name
-classification, and a run on the tiny model here (operator time on the CPU) that covers every stage."""
+classification, and a run on the tiny model here (operator time on the CPU) that covers every stage and
+traces its copies."""
 import json
 import subprocess
 import sys
@@ -48,5 +49,11 @@ def test_every_stage_is_profiled(tmp_path):
         assert row["wall_ms"] > 0 and row["device_ms"] > 0
         assert sum(row["by_kind_ms"].values()) == pytest.approx(row["device_ms"])
         assert row["by_kind_ms"].get("convolution", 0) > 0 and row["by_kind_ms"].get("attention", 0) > 0
+        # each copy traced to its operator chain, shapes, autograd node or forward, and source line
+        assert row["copies_from"] and all(ms > 0 for _, ms in row["copies_from"])
+        assert all(origin.count(" | ") == 2 and "copy_ [" in origin for origin, _ in row["copies_from"])
+    lora_origins = [origin for origin, _ in stages["LoRA step (batch 4)"]["copies_from"]]
+    assert any("Backward" in origin.split(" | ")[1] for origin in lora_origins)
+    assert any(origin.split(" | ")[1] == "forward" and "diffusers/" in origin for origin in lora_origins)
     # the drag iteration runs forward and backward, the inversion step forward only
     assert stages["drag iteration"]["device_ms"] > stages["inversion step"]["device_ms"]
