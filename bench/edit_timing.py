@@ -11,8 +11,9 @@ variant and every later one in the process, `half_norms=true|false`, which sets
 `FASTDRAG_HALF_NORMS` for the variant (`fastdrag.half_norms`), and `mask=false`, which edits without
 the demo case's mask (so the drag has no mask term); default: one with the package defaults) runs
 `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
-like, as a server would at start-up), a first edit on a new LoRA key, and `--repeats` repeated edits
-(LoRA and inversion cached).
+like, as a server would at start-up), a first edit on a new LoRA key, the next new image (another
+new key: what a server pays for each new image once it has edited one, the graphs it keeps
+restarted), and `--repeats` repeated edits of that one (LoRA and inversion cached).
 The model loads once for all variants.
 """
 import argparse
@@ -83,9 +84,9 @@ def main() -> None:
         else:
             os.environ[HALF_NORMS_ENV] = switch
         editor.release()  # captured graphs read the weights' old storage
-        kinds = ["warm_up()", "first", *["repeated"] * args.repeats]
-        for index, kind in enumerate(kinds):
-            seed += index == 1  # a new LoRA key for the first edit, its key for the repeats
+        kinds = ["warm_up()", "first", "new", *["repeated"] * args.repeats]
+        for kind in kinds:
+            seed += kind in ("first", "new")  # a new LoRA key for each new image, the last one's for the repeats
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

@@ -35,7 +35,9 @@
 # CUDA machine. Expects diffusers/xformers installed or as wheels in .whl/ (the device machine has
 # no package index: fetch them here with `bash bench/fetch_wheels.sh` and carry .whl). Writes to
 # OUT: log.txt, tests.txt, toy_quality.txt, edit_timing.json, bench_*.json (pytest-benchmark), and for the
-# toy group toy_train.txt and toy_unet.tar. TOY_CASES (default 4) sets parallel-tests' toy cases.
+# toy group toy_train.txt and toy_unet.tar. parallel-tests' toy cases, toy paths and test files are
+# TOY_CASES (default 4), TOY_PATHS (default "fast half reference") and TEST_FILES (default
+# "kernels_triton gpu attention").
 set -u
 groups=${1:?groups, e.g. all}
 out=${2:?output folder}
@@ -138,28 +140,29 @@ parallel_tests() {
     # six processes share 16 cores: at torch's default of one thread per core, CPU-side work (a test's
     # CPU model, the host side of eager loops) oversubscribed them and a CPU test hit its timeout
     local -x OMP_NUM_THREADS=3
-    for file in kernels_triton gpu attention; do
+    for file in ${TEST_FILES:-kernels_triton gpu attention}; do
         (timeout "$limit" "${test_file[@]}" "tests/test_$file.py" >"$out/tests_$file.txt" 2>&1
             echo "== tests/test_$file.py exit $?" >>"$out/tests_$file.txt") &
         pids+=($!)
     done
     rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/toy-half /tmp/lora-fast /tmp/lora-reference /tmp/lora-half
-    # each path trains its own LoRA
-    (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet --cache-dir /tmp/lora-fast \
+    # each path trains its own LoRA; TOY_PATHS (default "fast half reference") names the paths run
+    local paths=" ${TOY_PATHS:-fast half reference} "
+    [[ "$paths" == *" fast "* ]] && (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet --cache-dir /tmp/lora-fast \
         --out /tmp/toy-fast >"$out/toy_fast.txt" 2>&1
         echo "== toy eval, fast path, exit $?" >>"$out/toy_fast.txt") &
     pids+=($!)
-    (FASTDRAG_HALF_NORMS=1 timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
+    [[ "$paths" == *" half "* ]] && (FASTDRAG_HALF_NORMS=1 timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
         --cache-dir /tmp/lora-half --out /tmp/toy-half >"$out/toy_half.txt" 2>&1
         echo "== toy eval, fast path with FASTDRAG_HALF_NORMS=1, exit $?" >>"$out/toy_half.txt") &
     pids+=($!)
-    (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
+    [[ "$paths" == *" reference "* ]] && (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
         --dtype fp32 --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference \
         --out /tmp/toy-reference >"$out/toy_reference.txt" 2>&1
         echo "== toy eval, reference path, exit $?" >>"$out/toy_reference.txt") &
     pids+=($!)
     wait "${pids[@]}"
-    for file in kernels_triton gpu attention; do
+    for file in ${TEST_FILES:-kernels_triton gpu attention}; do
         tail -n 2 "$out/tests_$file.txt" >>"$log"
         parts+=("$out/tests_$file.txt")
     done

@@ -29,7 +29,7 @@ from .errors import InputError
 from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
 from .inversion import invert
 from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
-                   train_lora)
+                   run_trainer)
 from .models import Components, load_components
 from .vae import decode, encode_posterior, encode_prompt
 
@@ -115,7 +115,9 @@ class DragEditor:
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
         self._drag_loop: Optional[DragLoop] = None  # the last drag's loop (and graph), restarted when it fits
+        self._lora_trainer: Optional[LoraTrainer] = None  # the last LoRA trainer (and graph), restarted when it fits
         self._merged_mode = True  # whether the graphs kept ran with the LoRA merged (config.merge_lora)
+        self._weight_storage: Optional[tuple] = None  # the UNet weights' addresses the kept graphs read
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
 
     @classmethod
@@ -188,11 +190,26 @@ class DragEditor:
         choose_backend(config.denoise.attention_backend, self.device, self.dtype)
 
     def _forget_adapter(self) -> None:
-        """The UNet's adapter is about to change: drop what was derived from the old one."""
+        """The UNet's adapter is about to change: drop what was derived from its values.
+
+        Captured graphs (the denoiser's, the drag loop's) read weights by address, and a new adapter is
+        initialised, trained, loaded or merged in place, so they stay: `_check_weight_storage` drops
+        them when the weights move instead (a new adapter rank, say)."""
         self._loaded_key = None
         self._inverted = None      # z_t was inverted with the old adapter
-        self.denoiser.reset()      # captured graphs read the old adapter's weights
-        self._drag_loop = None     # so does the drag loop's graph
+
+    def _drop_graphs(self) -> None:
+        self.denoiser.reset()
+        self._drag_loop = None
+        self._lora_trainer = None
+        self._weight_storage = None
+
+    def _check_weight_storage(self) -> None:
+        """Drop the kept graphs if any UNet weight (adapter included) now lives elsewhere than when they were captured."""
+        storage = tuple(param.data_ptr() for param in self.components.unet.parameters())
+        if storage != self._weight_storage:
+            self._drop_graphs()
+            self._weight_storage = storage
 
     @_one_at_a_time
     def release(self) -> None:
@@ -200,6 +217,7 @@ class DragEditor:
         drag's loop, the last inversion and the exported denoisers' sessions or engines (e.g. before
         a long idle spell). The next edit loads its LoRA from the cache and captures again."""
         self._forget_adapter()
+        self._drop_graphs()
         self._graph_denoisers.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -210,15 +228,26 @@ class DragEditor:
         if key == self._loaded_key and self.cache.path(key).is_file():
             return key, True
         self._forget_adapter()
+        install_adapter(c.unet, config.lora, config.seed)  # in place unless its rank or targets change
         state = self.cache.load(key)
         if state is not None:
-            install_adapter(c.unet, config.lora, config.seed)
             load_adapter_state(c.unet, state)
+            self._check_weight_storage()
             logger.info("LoRA loaded from the cache (%s)", self.cache.path(key))
             self._loaded_key = key
             return key, True
-        losses = train_lora(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
-                            progress=self.progress, cuda_graph=config.cuda_graphs and config.cuda_graph_lora)
+        self._check_weight_storage()  # before training: stale graphs' memory is not held through it
+        graphed = config.cuda_graphs and config.cuda_graph_lora and self.device.type == "cuda"
+        trainer = self._lora_trainer
+        if trainer is not None and trainer.cuda_graph == graphed and trainer.fits(c.unet, posterior, text, config.lora):
+            trainer.restart(posterior, text, config.seed)
+        else:
+            self._lora_trainer = trainer = None  # the old graph's memory goes before another capture
+            trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
+                                  cuda_graph=graphed)
+        keep = config.keep_lora_trainer
+        losses = run_trainer(trainer, config.lora.lora_steps, self.progress, keep_graph=keep)
+        self._lora_trainer = trainer if keep else None
         self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
                                                      "final_loss": f"{losses[-1]:.6f}" if losses else ""})
         self._loaded_key = key
@@ -261,6 +290,7 @@ class DragEditor:
         self._forget_adapter()
         install_adapter(self.components.unet, config.lora, config.seed)
         load_adapter_state(self.components.unet, state)
+        self._check_weight_storage()
         self._loaded_key = lora_key
         return merged_unet(self.components.unet)
 
@@ -359,8 +389,9 @@ class DragEditor:
         next new image 15 s, with the LoRA step eager as it then was; bench/RESULTS.md). Every stage
         runs, each past its CUDA graph capture, at the edit settings (`overrides` as in `edit`) but
         with few steps, on the PyTorch backend (an exported backend would export into the scratch
-        cache, which is deleted). Nothing reaches the LoRA cache and nothing of it is reused by the next edit.
-        Returns the warm-up edit's seconds per stage.
+        cache, which is deleted). Nothing reaches the LoRA cache. What it captured stays where a later
+        edit fits it: the LoRA trainer's graph and the denoiser's graphs at this size, so a first request
+        pays neither their eager warm-up steps nor their capture. Returns the warm-up edit's seconds per stage.
         """
         native = self.components.unet.config.sample_size * self.components.vae_scale
         width, height = size or (native, native)

@@ -207,7 +207,9 @@ class LoraTrainer:
     fused on CUDA); frozen weights get no gradients. With `cuda_graph` (CUDA only) the step —
     forward, backward, AdamW — is captured after `GRAPH_WARMUP` eager steps and replayed; the
     random draws stay outside the graph, in buffers it reads, so both paths train on the same
-    batches.
+    batches. `restart` re-runs it on another image of the same shapes and settings in its own
+    tensors, as a fresh trainer would, so a kept graph replays from the first step: a server's next
+    image pays neither the eager warm-up steps nor a capture.
     """
 
     GRAPH_WARMUP = 3
@@ -215,8 +217,9 @@ class LoraTrainer:
     def __init__(self, unet, scheduler, posterior, text_embeddings: torch.Tensor, scaling_factor: float,
                  config: LoraConfig, seed: int, cuda_graph: bool = False):
         install_adapter(unet, config, seed)
-        self.unet, self.scaling_factor = unet, scaling_factor
+        self.unet, self.scaling_factor, self.config = unet, scaling_factor, config
         self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.half_norms = half_norms_enabled()  # what a captured step computes with
         self.params = lora_parameters(unet)
         for param in self.params:
             param.requires_grad_(True)
@@ -227,22 +230,51 @@ class LoraTrainer:
                                            foreach=None if fused else True, capturable=self.cuda_graph)
         # (no generator on the meta device, where FLOP budgets are counted at full size)
         self.generator = torch.Generator(device=device).manual_seed(seed) if device.type != "meta" else None
-        self.mean, self.std = posterior.mean.float(), posterior.std.float()
+        # the trainer's own copies: a graph reads them by address, and `restart` refills them
+        self.mean, self.std = posterior.mean.float().clone(), posterior.std.float().clone()
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.batch = config.lora_batch_size
-        self.text = text_embeddings.expand(self.batch, -1, -1)
+        self.text = text_embeddings.clone()
         shape = (self.batch, *self.mean.shape[1:])
         self.sample_noise = torch.empty(shape, device=device)  # draws of one step, refilled in place
         self.noise = torch.empty(shape, device=device)
         self.timesteps = torch.empty(self.batch, dtype=torch.long, device=device)
         self.loss = torch.zeros((), device=device)
         self.optimizer_step = OptimizerStep(self._compute, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device)
+        self.param_storage = [param.data_ptr() for param in self.params]
         unet.train()
 
     @property
     def graph(self) -> Optional[torch.cuda.CUDAGraph]:
         """The captured step, once there is one."""
         return self.optimizer_step.graph
+
+    def fits(self, unet, posterior, text_embeddings: torch.Tensor, config: LoraConfig) -> bool:
+        """Whether `restart` can take this image: the same UNet and weights' storage, shapes and settings
+        (the number of steps aside), so the same graph."""
+        current = lora_parameters(unet)
+        return (unet is self.unet and len(current) == len(self.params)
+                and all(p is q and p.data_ptr() == ptr for p, q, ptr in zip(current, self.params, self.param_storage))
+                and posterior.mean.shape == self.mean.shape and posterior.mean.device == self.mean.device
+                and text_embeddings.shape == self.text.shape
+                and dataclasses.replace(config, lora_steps=0) == dataclasses.replace(self.config, lora_steps=0)
+                and half_norms_enabled() == self.half_norms)
+
+    def restart(self, posterior, text_embeddings: torch.Tensor, seed: int) -> None:
+        """Train a fresh adapter on another image (one that `fits`) in this trainer's tensors, in place."""
+        install_adapter(self.unet, self.config, seed)  # re-initialised in place
+        with torch.no_grad():
+            self.mean.copy_(posterior.mean)
+            self.std.copy_(posterior.std)
+            self.text.copy_(text_embeddings)
+            for state in self.optimizer.state.values():  # AdamW as before its first step
+                for value in state.values():
+                    value.zero_()
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
+        for param in self.params:
+            param.requires_grad_(True)
+        self.unet.train()
 
     def step(self) -> torch.Tensor:
         """One optimiser step on a fresh batch; returns the loss (a device tensor)."""
@@ -255,13 +287,16 @@ class LoraTrainer:
     def _compute(self) -> None:
         """One step on the trainer's own buffers, in place: what a CUDA graph captures."""
         latents = (self.mean + self.std * self.sample_noise) * self.scaling_factor
-        loss = lora_loss(self.unet, latents, self.noise, self.timesteps, self.text, self.alphas_cumprod)
+        text = self.text.expand(self.batch, -1, -1)
+        loss = lora_loss(self.unet, latents, self.noise, self.timesteps, text, self.alphas_cumprod)
         loss.backward()
         self.optimizer.step()
         self.loss.copy_(loss.detach())
 
-    def finish(self) -> None:
-        self.optimizer_step.graph = None  # frees the graph's memory pool for the stages after
+    def finish(self, keep_graph: bool = False) -> None:
+        """Freeze the adapter; the captured step's memory pool is freed unless `keep_graph` (for `restart`)."""
+        if not keep_graph:
+            self.optimizer_step.graph = None
         self.optimizer.zero_grad(set_to_none=True)
         self.unet.eval()
         self.unet.requires_grad_(False)
@@ -280,8 +315,13 @@ def train_lora(
 ) -> List[float]:
     """Fine-tune a fresh adapter on one image; returns the loss of every step."""
     trainer = LoraTrainer(unet, scheduler, posterior, text_embeddings, scaling_factor, config, seed, cuda_graph)
+    return run_trainer(trainer, config.lora_steps, progress)
+
+
+def run_trainer(trainer: LoraTrainer, steps: int, progress: bool = True, keep_graph: bool = False) -> List[float]:
+    """`steps` steps of a new or restarted trainer, then `finish`; returns the loss of every step."""
     try:
-        losses = [trainer.step() for _ in tqdm(range(config.lora_steps), desc="LoRA", disable=not progress, leave=False)]
+        losses = [trainer.step() for _ in tqdm(range(steps), desc="LoRA", disable=not progress, leave=False)]
     finally:
-        trainer.finish()
+        trainer.finish(keep_graph)
     return [float(v) for v in losses]

@@ -29,8 +29,8 @@ def test_first_and_repeated_edits_are_timed(tmp_path):
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     rows = json.loads(out.read_text())
     assert [(r["variant"], r["edit"]) for r in rows] == [
-        ("", "load"), ("a", "warm_up()"), ("a", "first"), ("a", "repeated"),
-        ("b", "warm_up()"), ("b", "first"), ("b", "repeated")]
+        ("", "load"), ("a", "warm_up()"), ("a", "first"), ("a", "new"), ("a", "repeated"),
+        ("b", "warm_up()"), ("b", "first"), ("b", "new"), ("b", "repeated")]
     for row in rows[1:]:
         assert row["total_s"] > 0 and row["lora_s"] >= 0
         if row["edit"] == "warm_up()":

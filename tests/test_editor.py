@@ -54,11 +54,30 @@ def test_repeated_edit_reuses_the_inversion_and_drag_loop_and_matches_a_fresh_on
     moved = [((x + 3, y), target) for (x, y), target in picture.points]  # another drag on the same image
     again = editor.edit(picture.image, picture.prompt, moved, **fast)
     assert len(calls) == 1 and editor._drag_loop is loop  # the drag loop restarted, not rebuilt
-    editor.edit(picture.image, picture.prompt + " changed", picture.points, **fast)  # new prompt, new inversion
-    assert len(calls) == 2 and editor._drag_loop is not loop  # and a new adapter, so a new loop
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
     reference = fresh.edit(picture.image, picture.prompt, moved, **fast)
     assert np.asarray(again.image).tobytes() == np.asarray(reference.image).tobytes()
+
+
+def test_a_new_image_restarts_the_kept_trainer_and_drag_loop_and_matches_a_fresh_editor(editor, picture, tmp_path, fast):
+    """A new adapter is trained and merged in place, so the LoRA trainer and the drag loop (with their
+    CUDA graphs on a GPU) carry over to the next image of the same size; a new adapter rank, whose
+    tensors are new, rebuilds them."""
+    from fastdrag import DragEditor
+
+    editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    trainer, loop = editor._lora_trainer, editor._drag_loop
+    assert trainer is not None and loop is not None
+    other = (np.random.default_rng(8).random((64, 64, 3)) * 255).astype(np.uint8)
+    new_image = editor.edit(other, "another prompt", picture.points, mask=picture.mask, **fast)
+    assert not new_image.lora_cached and editor._lora_trainer is trainer and editor._drag_loop is loop
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(other, "another prompt", picture.points, mask=picture.mask, **fast)
+    assert np.asarray(new_image.image).tobytes() == np.asarray(expected.image).tobytes()
+    editor.edit(other, "another prompt", picture.points, mask=picture.mask, lora_rank=8, **fast)
+    assert editor._lora_trainer is not trainer and editor._drag_loop is not loop
+    editor.edit(other, "a third prompt", picture.points, mask=picture.mask, keep_lora_trainer=False, **fast)
+    assert editor._lora_trainer is None
 
 
 def test_channels_last_weights_edit_like_contiguous_ones(picture, tmp_path, fast):

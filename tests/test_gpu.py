@@ -234,6 +234,8 @@ def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
     fp16 -> fp32 -> fp16 input cast left on: the same loss bit for bit, the same LoRA gradients (to
     run-to-run noise: attention backward kernels may add in another order), and at least two copies
     fewer per LoRA call (tests/test_autocast.py checks bit-equal gradients and the exact count on the CPU)."""
+    from collections import Counter
+
     import fastdrag.lora
     from torch.profiler import profile
 
@@ -256,11 +258,12 @@ def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
     def step():
         for param in params:
             param.grad = None
-        with profile() as prof:
+        with profile(record_shapes=True) as prof:
             loss = lora_loss(tiny.unet, latents, noise, timesteps, text, alphas)
             loss.backward()
             torch.cuda.synchronize()
-        copies = sum(event.count for event in prof.key_averages() if event.key == "aten::_to_copy")
+        copies = Counter({(str(event.input_shapes), str(getattr(event, "input_dtypes", ""))): event.count
+                          for event in prof.key_averages(group_by_input_shape=True) if event.key == "aten::_to_copy"})
         return loss.detach(), [param.grad.clone() for param in params], copies
 
     loss, grads, copies = step()
@@ -271,7 +274,9 @@ def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
     assert all(r.abs().max() > 0 for r in reference_grads[:4])
     for got, want in zip(grads, reference_grads):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
-    assert reference_copies - copies >= 2 * len(lora_layers(tiny.unet)), (reference_copies, copies)
+    # (the H100 counted 192 fewer where 256 were expected: the message says by input shape which copies went)
+    fewer = sum(reference_copies.values()) - sum(copies.values())
+    assert fewer >= 2 * len(lora_layers(tiny.unet)), (fewer, reference_copies - copies, copies - reference_copies)
     tiny.unet.requires_grad_(False)
 
 
@@ -314,6 +319,76 @@ def test_graphed_lora_training_matches_the_eager_one(dtype):
     graph_all = torch.cat([graph_change[k].flatten() for k in eager_change])
     assert eager_all.abs().max() > 0  # it trained
     assert ((graph_all - eager_all).norm() / eager_all.norm()).item() < (0.02 if dtype == torch.float32 else 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_restarted_graphed_lora_trainer_trains_a_new_image_like_a_fresh_eager_one(dtype):
+    """The trainer an editor keeps: restarted on another image, its graph replays from the first step
+    (no eager step, no capture) and trains like a fresh eager trainer on that image, within the bounds
+    of the graphed-vs-eager test above."""
+    from types import SimpleNamespace
+
+    from fastdrag.config import LoraConfig
+    from fastdrag.lora import LoraTrainer, adapter_state, run_trainer
+    from fastdrag.models import build_tiny
+
+    tiny = build_tiny().to("cuda", dtype)
+    generator = torch.Generator().manual_seed(8)
+
+    def image():
+        return SimpleNamespace(mean=torch.randn(1, 4, 8, 8, generator=generator).cuda(),
+                               std=(torch.rand(1, 4, 8, 8, generator=generator) * 0.1).cuda()), \
+            torch.randn(1, 77, 32, generator=generator).to("cuda", dtype)
+
+    (first, first_text), (second, second_text) = image(), image()
+    kept = LoraTrainer(tiny.unet, tiny.scheduler, first, first_text, tiny.scaling_factor, LoraConfig(), seed=1,
+                       cuda_graph=True)
+    run_trainer(kept, 5, progress=False, keep_graph=True)
+    graph = kept.graph
+    assert graph is not None and kept.fits(tiny.unet, second, second_text, LoraConfig())
+    kept.restart(second, second_text, seed=5)
+    start = {k: v.detach().float().cpu() for k, v in adapter_state(tiny.unet).items()}
+    losses = torch.tensor(run_trainer(kept, 8, progress=False, keep_graph=True))
+    assert kept.graph is graph  # replayed, not captured again
+    trained = {k: v.detach().float().cpu() for k, v in adapter_state(tiny.unet).items()}
+
+    eager = LoraTrainer(tiny.unet, tiny.scheduler, second, second_text, tiny.scaling_factor, LoraConfig(), seed=5)
+    eager_start = {k: v.detach().float().cpu() for k, v in adapter_state(tiny.unet).items()}
+    eager_losses = torch.tensor(run_trainer(eager, 8, progress=False))
+    eager_trained = {k: v.detach().float().cpu() for k, v in adapter_state(tiny.unet).items()}
+    assert all(torch.equal(start[k], eager_start[k]) for k in start)  # re-initialised as a fresh one is
+    assert torch.isfinite(losses).all()
+    tolerance = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(losses, eager_losses, rtol=tolerance, atol=tolerance)
+    change = torch.cat([(trained[k] - start[k]).flatten() for k in start])
+    eager_change = torch.cat([(eager_trained[k] - start[k]).flatten() for k in start])
+    assert eager_change.abs().max() > 0
+    assert ((change - eager_change).norm() / eager_change.norm()).item() < (0.02 if dtype == torch.float32 else 0.1)
+
+
+def test_an_editor_restarts_its_kept_graphs_for_a_new_image(picture, tmp_path):
+    """The second new image of a graphed editor replays the LoRA step's, the drag loop's and the
+    denoiser's graphs captured for the first (no capture) and edits like a fresh editor's first edit of
+    it, within the graph-vs-eager edit bounds; the memory held between edits is reported."""
+    import numpy as np
+    from fastdrag import DragEditor
+
+    settings = dict(lora_steps=6, num_inference_steps=10, drag_steps=6, reach_distance=0)
+    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path / "a", progress=False)
+    editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **settings)
+    trainer, loop = editor._lora_trainer, editor._drag_loop
+    graphs = (trainer.graph, loop.optimizer_step.graph, dict(editor.denoiser.graphs))
+    assert graphs[0] is not None and graphs[1] is not None and graphs[2]
+    other = (np.random.default_rng(8).random((64, 64, 3)) * 255).astype(np.uint8)
+    kept = editor.edit(other, "another prompt", picture.points, mask=picture.mask, **settings)
+    assert not kept.lora_cached and editor._lora_trainer is trainer and editor._drag_loop is loop
+    assert trainer.graph is graphs[0] and loop.optimizer_step.graph is graphs[1]
+    assert all(editor.denoiser.graphs[key] is graph for key, graph in graphs[2].items())
+    fresh = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path / "b", progress=False)
+    expected = fresh.edit(other, "another prompt", picture.points, mask=picture.mask, **settings)
+    difference = np.abs(np.asarray(kept.image, dtype=np.float32) - np.asarray(expected.image, dtype=np.float32))
+    assert difference.mean() < 3.0, difference.mean()
+    assert kept.handles == pytest.approx(expected.handles, abs=2.0)
 
 
 def test_compiled_blocks_replay_in_cuda_graphs(picture):

@@ -4,7 +4,8 @@ import torch
 
 from fastdrag import DragEditor
 from fastdrag.config import LoraConfig
-from fastdrag.lora import adapter_state, install_adapter, lora_loss, lora_parameters, train_lora
+from fastdrag.lora import (LoraTrainer, adapter_state, install_adapter, lora_loss, lora_parameters, run_trainer,
+                           train_lora)
 from fastdrag.vae import encode_posterior, encode_prompt
 
 
@@ -101,7 +102,7 @@ def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, mo
     def no_training(*args, **kwargs):
         raise AssertionError("training ran although the adapter was cached")
 
-    monkeypatch.setattr("fastdrag.editor.train_lora", no_training)
+    monkeypatch.setattr("fastdrag.editor.run_trainer", no_training)
     install_adapter(editor.components.unet, LoraConfig(lora_steps=3), seed=7)  # scramble what is loaded
     restarted = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=editor.cache.directory, progress=False)
     key_again, cached = restarted.train_lora(picture.image, picture.prompt, lora_steps=3)
@@ -111,6 +112,42 @@ def test_cache_hit_skips_training_and_gives_the_same_adapter(editor, picture, mo
     # a different prompt is a different identity
     with pytest.raises(AssertionError, match="training ran"):
         restarted.train_lora(picture.image, picture.prompt + " at dusk", lora_steps=3)
+
+
+def test_restarted_trainer_trains_another_image_like_a_fresh_one(tiny, picture, monkeypatch):
+    """`LoraTrainer.restart` (what an editor does with the trainer it keeps, so that a CUDA graph
+    replays from the first step) against a fresh trainer on the same image: the same losses and
+    adapter bit for bit; `fits` refuses what another graph would compute."""
+    from PIL import Image
+
+    posterior = encode_posterior(tiny.vae, picture.image)
+    text = encode_prompt(tiny.tokenizer, tiny.text_encoder, picture.prompt)
+    other = Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    other_posterior = encode_posterior(tiny.vae, other)
+    other_text = encode_prompt(tiny.tokenizer, tiny.text_encoder, "another prompt")
+    trainer = LoraTrainer(tiny.unet, tiny.scheduler, posterior, text, tiny.scaling_factor, LoraConfig(lora_steps=3), seed=1)
+    first = run_trainer(trainer, 3, progress=False, keep_graph=True)
+    longer = LoraConfig(lora_steps=5)  # the number of steps is not part of a graph
+    assert trainer.fits(tiny.unet, other_posterior, other_text, longer)
+    trainer.restart(other_posterior, other_text, seed=2)
+    restarted = run_trainer(trainer, 5, progress=False, keep_graph=True)
+    restarted_state = {k: v.clone() for k, v in adapter_state(tiny.unet).items()}
+    fresh = train_lora(tiny.unet, tiny.scheduler, other_posterior, other_text, tiny.scaling_factor, longer, seed=2,
+                       progress=False)
+    assert restarted == fresh and restarted != first[:3] + restarted[3:]
+    assert all(torch.equal(v, adapter_state(tiny.unet)[k]) for k, v in restarted_state.items())
+    assert not any(p.requires_grad for p in tiny.unet.parameters())  # finished: frozen again
+
+    small = encode_posterior(tiny.vae, picture.image.resize((32, 32)))
+    assert not trainer.fits(tiny.unet, small, other_text, longer)
+    assert not trainer.fits(tiny.unet, other_posterior, other_text, LoraConfig(lora_lr=1e-3))
+    monkeypatch.setenv("FASTDRAG_HALF_NORMS", "1")  # the norms a captured step runs in
+    assert not trainer.fits(tiny.unet, other_posterior, other_text, longer)
+    monkeypatch.delenv("FASTDRAG_HALF_NORMS")
+    assert trainer.fits(tiny.unet, other_posterior, other_text, longer)
+    install_adapter(tiny.unet, LoraConfig(lora_rank=8), seed=0)  # a new adapter: other tensors
+    assert not trainer.fits(tiny.unet, other_posterior, other_text, LoraConfig(lora_rank=8))
+    install_adapter(tiny.unet, LoraConfig(), seed=0)
 
 
 def test_cuda_graph_switch_is_ignored_off_cuda(tiny, picture):
