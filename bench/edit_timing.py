@@ -103,6 +103,9 @@ def main() -> None:
                    **{f"{stage}_s": seconds for stage, seconds in timings.items()}, "drag_steps": drag_steps}
             if device.type == "cuda":
                 row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+                # what the process holds: replays of kept CUDA graphs use their pools' reserved memory,
+                # which max_memory_allocated does not see
+                row["reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if args.json:  # after every edit: a run cut short by a time limit keeps what it measured

@@ -76,8 +76,10 @@ class EditConfig:
     cuda_graph_lora: bool = True
     # Keep the LoRA trainer after the LoRA stage, with its CUDA graph and the graph's memory pool
     # where it has one, so the next new image of the same size and LoRA settings restarts it in place
-    # instead of paying 3 eager steps and a capture; `DragEditor.release()` frees it
-    keep_lora_trainer: bool = True
+    # instead of paying 3 eager steps and a capture (H100, SD 1.5 / 512 px: a new image 7.58 -> 6.80 s).
+    # Off by default: the pool (≈ 4 GiB there) stays reserved through the later stages and may take
+    # the process past 8 GB; not measured yet (bench/RESULTS.md). `DragEditor.release()` frees it
+    keep_lora_trainer: bool = False
     # Fold the frozen LoRA into the UNet's weights for inversion, drag and denoising (one matmul per
     # LoRA layer; restored exactly after the edit). The same arithmetic up to one rounding of each
     # merged weight, as the exported backends run it; in fp16 on CUDA it removes the LoRA branch's

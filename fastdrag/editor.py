@@ -390,8 +390,9 @@ class DragEditor:
         runs, each past its CUDA graph capture, at the edit settings (`overrides` as in `edit`) but
         with few steps, on the PyTorch backend (an exported backend would export into the scratch
         cache, which is deleted). Nothing reaches the LoRA cache. What it captured stays where a later
-        edit fits it: the LoRA trainer's graph and the denoiser's graphs at this size, so a first request
-        pays neither their eager warm-up steps nor their capture. Returns the warm-up edit's seconds per stage.
+        edit fits it: the denoiser's graphs at this size (and the LoRA trainer's graph, with
+        `keep_lora_trainer`), so a first request pays neither their warm-up nor their capture.
+        Returns the warm-up edit's seconds per stage.
         """
         native = self.components.unet.config.sample_size * self.components.vae_scale
         width, height = size or (native, native)

@@ -8,9 +8,10 @@ step's kernel time and 27 % of a drag iteration's, with fp32 normalisation kerne
 round the output once. The inference stages, which run without autocast, already use them. So the
 outputs differ from autocast's by about one rounding of each normalised value.
 
-Off by default until a GPU lease has measured the speed (`bench/edit_timing.py` variant
-`half_norms=true`) and the toy benchmark the quality. When on, it is part of the LoRA cache key,
-since the adapter trains on those roundings.
+Off by default. On an H100 (SD 1.5 / 512 px, 2026-11-26) it made a first edit 12 % faster (7.31 ->
+6.42 s) and a repeated one 12 % (2.15 -> 1.90 s), but on 16 toy cases every edit-quality measure came
+out a little worse (*moved* -0.027 +- 0.020), so the quality question is open (bench/RESULTS.md).
+When on, it is part of the LoRA cache key, since the adapter trains on those roundings.
 """
 from __future__ import annotations
 

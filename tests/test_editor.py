@@ -65,6 +65,8 @@ def test_a_new_image_restarts_the_kept_trainer_and_drag_loop_and_matches_a_fresh
     tensors are new, rebuilds them."""
     from fastdrag import DragEditor
 
+    assert editor.config.keep_lora_trainer is False  # the default (memory); asked for here
+    fast = dict(fast, keep_lora_trainer=True)
     editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     trainer, loop = editor._lora_trainer, editor._drag_loop
     assert trainer is not None and loop is not None
@@ -76,7 +78,7 @@ def test_a_new_image_restarts_the_kept_trainer_and_drag_loop_and_matches_a_fresh
     assert np.asarray(new_image.image).tobytes() == np.asarray(expected.image).tobytes()
     editor.edit(other, "another prompt", picture.points, mask=picture.mask, lora_rank=8, **fast)
     assert editor._lora_trainer is not trainer and editor._drag_loop is not loop
-    editor.edit(other, "a third prompt", picture.points, mask=picture.mask, keep_lora_trainer=False, **fast)
+    editor.edit(other, "a third prompt", picture.points, mask=picture.mask, **dict(fast, keep_lora_trainer=False))
     assert editor._lora_trainer is None
 
 
