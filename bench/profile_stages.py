@@ -9,9 +9,8 @@ that share is large, channels-last only if layout copies are. Steps run eagerly 
 `torch.profiler`; a CUDA graph replays the same kernels without the host's gaps, so the kernel sum
 here is what a graphed step costs at best. On the CPU it groups PyTorch operators' own time instead
 of kernels (a smoke test; the GPU is where the answer matters). The layout copies are also
-traced to where they come from (one more profiled step with shapes and Python stacks): the operator
-chain that made each copy, its input shapes, the autograd node in a backward pass and the nearest
-diffusers / peft / fastdrag source line.
+traced to where they come from (one more profiled step, with shapes): the operator chain that made
+each copy, its input shapes and the autograd node in a backward pass.
 """
 import argparse
 import json
@@ -121,12 +120,9 @@ def profile_step(step: Callable[[], object], steps: int, device: torch.device) -
             "top_ms": [[name[:100], ms] for name, ms in top]}
 
 
-SOURCES = ("diffusers/", "peft/", "fastdrag/", "kernels/")
-
-
 def copy_origin(event) -> str:
-    """`op<op [shapes] | autograd node | source line` of the operator that launched a copy."""
-    ops, outer, node, frame = [], event, "", ""
+    """`op<op [shapes] | autograd node` of the operator that launched a copy ("forward" outside a backward)."""
+    ops, outer, node = [], event, ""
     parent = event
     while parent is not None:
         name = parent.name
@@ -135,17 +131,16 @@ def copy_origin(event) -> str:
             outer = parent
         elif not node and "Backward" in name and not name.startswith("autograd::"):
             node = name
-        elif not frame and ".py(" in name and any(source in name for source in SOURCES):
-            frame = "/".join(name.split("/")[-3:])  # the package-relative tail of the path
         parent = parent.cpu_parent
     shapes = [list(shape) for shape in (outer.input_shapes or []) if shape]
-    return f"{'<'.join(reversed(ops))} {shapes} | {node or 'forward'} | {frame or '?'}"
+    return f"{'<'.join(reversed(ops))} {shapes} | {node or 'forward'}"
 
 
-def copy_origins(step: Callable[[], object], device: torch.device, top: int = 12) -> List[List[object]]:
-    """Milliseconds of one step's layout copies by `copy_origin`, largest first."""
+def copy_origins(step: Callable[[], object], device: torch.device, top: int = 12) -> Dict[str, List[List[object]]]:
+    """Milliseconds of one step's layout copies by `copy_origin` ("by_origin") and by its operator
+    chain and autograd node alone, all shapes together ("by_mechanism"), largest first."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -159,7 +154,15 @@ def copy_origins(step: Callable[[], object], device: torch.device, top: int = 12
             micros = event.self_cpu_time_total if event.name == "aten::copy_" else 0.0
         if micros > 0:
             by_origin[copy_origin(event)] += micros / 1e3
-    return [[origin, ms] for origin, ms in sorted(by_origin.items(), key=lambda item: -item[1])[:top]]
+    by_mechanism: Dict[str, float] = defaultdict(float)
+    for origin, ms in by_origin.items():
+        chain, node = origin.split(" | ")
+        by_mechanism[f"{chain.split(' [')[0]} | {node}"] += ms
+
+    def largest(table: Dict[str, float]) -> List[List[object]]:
+        return [[key, ms] for key, ms in sorted(table.items(), key=lambda item: -item[1])[:top]]
+
+    return {"by_origin": largest(by_origin), "by_mechanism": largest(by_mechanism)}
 
 
 def report(stage: str, row: Dict[str, object]) -> str:
@@ -170,8 +173,9 @@ def report(stage: str, row: Dict[str, object]) -> str:
     lines += [f"   {kind:<20} {ms:8.2f} ms {100 * ms / total:5.1f} %" for kind, ms in row["by_kind_ms"].items()]
     lines += ["   top:"] + [f"   {ms:8.3f} ms  {name}" for name, ms in row["top_ms"]]
     if row.get("copies_from"):
-        lines += ["   layout copies from (one step):"]
-        lines += [f"   {ms:8.3f} ms  {origin}" for origin, ms in row["copies_from"]]
+        for table, title in (("by_mechanism", "all shapes"), ("by_origin", "by shape")):
+            lines += [f"   layout copies from (one step, {title}):"]
+            lines += [f"   {ms:8.3f} ms  {origin}" for origin, ms in row["copies_from"][table]]
     return "\n".join(lines)
 
 
