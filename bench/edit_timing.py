@@ -7,7 +7,9 @@ full suite with FLOP counts).
 Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_graph_lora=false`,
 `channels_last=true|false`, which converts the UNet's weights for that variant (default: the
 package's, channels-last on CUDA only), `compile_blocks=true`, which compiles its blocks for this
-variant and every later one in the process, `half_norms=true|false`, which sets
+variant and every later one in the process, `channels_last_outputs=true`, which keeps the UNet's
+transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
+the process, `half_norms=true|false`, which sets
 `FASTDRAG_HALF_NORMS` for the variant (`fastdrag.half_norms`), and `mask=false`, which edits without
 the demo case's mask (so the drag has no mask term); default: one with the package defaults) runs
 `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
@@ -26,6 +28,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from fastdrag import DragEditor
+from fastdrag.channels_last import keep_transformer_outputs_channels_last
 from fastdrag.demo import demo_case
 from fastdrag.half_norms import ENV as HALF_NORMS_ENV
 from fastdrag.regional_compile import compile_blocks
@@ -76,6 +79,8 @@ def main() -> None:
         unet.to(memory_format=memory_format)
         if settings.pop("compile_blocks", False):
             compile_blocks(unet)  # compilation is paid in warm_up()
+        if settings.pop("channels_last_outputs", False):
+            keep_transformer_outputs_channels_last(unet)
         use_mask = settings.pop("mask", True)
         half_norms = settings.pop("half_norms", None)  # an environment switch (experimental: fastdrag.half_norms)
         switch = user_half_norms if half_norms is None else ("1" if half_norms else "0")
