@@ -46,6 +46,14 @@ class OptimizerStep:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.calls = 0
 
+    def reset_optimizer(self) -> None:
+        """The optimiser's state as before its first step, in place (a captured step reads it by
+        address): what its owner's `restart` needs so that the next run trains as a fresh one."""
+        with torch.no_grad():
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    value.zero_()
+
     def __call__(self) -> None:
         """One step: eager, a warm-up on the side stream, the capture (and its first replay), or a replay."""
         if self.side_stream is None:

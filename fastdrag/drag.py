@@ -180,11 +180,9 @@ class DragLoop:
             if x_prev0 is not None:
                 self.x_prev0.copy_(x_prev0)
             self.handle_feats.copy_(handle_feats)
-            for state in self.optimizer.state.values():  # Adam as before its first step
-                for value in state.values():
-                    value.zero_()
             for flag in (self.tracking, self.done, self.steps_run, self.loss, self.losses):
                 flag.zero_()
+        self.optimizer_step.reset_optimizer()  # Adam as before its first step
         self.scaler.load_state_dict(self.scaler_start)  # in place, like the optimiser's state
         self.watch.reset()
 

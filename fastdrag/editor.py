@@ -239,10 +239,10 @@ class DragEditor:
         self._check_weight_storage()  # before training: stale graphs' memory is not held through it
         graphed = config.cuda_graphs and config.cuda_graph_lora and self.device.type == "cuda"
         trainer = self._lora_trainer
-        if trainer is not None and trainer.cuda_graph == graphed and trainer.fits(c.unet, posterior, text, config.lora):
+        if trainer is not None and trainer.fits(c.unet, posterior, text, config.lora, cuda_graph=graphed):
             trainer.restart(posterior, text, config.seed)
         else:
-            self._lora_trainer = trainer = None  # the old graph's memory goes before another capture
+            self._lora_trainer = None  # the old graph's memory goes before another capture
             trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
                                   cuda_graph=graphed)
         keep = config.keep_lora_trainer

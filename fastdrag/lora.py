@@ -249,11 +249,12 @@ class LoraTrainer:
         """The captured step, once there is one."""
         return self.optimizer_step.graph
 
-    def fits(self, unet, posterior, text_embeddings: torch.Tensor, config: LoraConfig) -> bool:
+    def fits(self, unet, posterior, text_embeddings: torch.Tensor, config: LoraConfig, cuda_graph: bool = False) -> bool:
         """Whether `restart` can take this image: the same UNet and weights' storage, shapes and settings
         (the number of steps aside), so the same graph."""
         current = lora_parameters(unet)
-        return (unet is self.unet and len(current) == len(self.params)
+        return (unet is self.unet and (cuda_graph and unet.device.type == "cuda") == self.cuda_graph
+                and len(current) == len(self.params)
                 and all(p is q and p.data_ptr() == ptr for p, q, ptr in zip(current, self.params, self.param_storage))
                 and posterior.mean.shape == self.mean.shape and posterior.mean.device == self.mean.device
                 and text_embeddings.shape == self.text.shape
@@ -267,9 +268,7 @@ class LoraTrainer:
             self.mean.copy_(posterior.mean)
             self.std.copy_(posterior.std)
             self.text.copy_(text_embeddings)
-            for state in self.optimizer.state.values():  # AdamW as before its first step
-                for value in state.values():
-                    value.zero_()
+        self.optimizer_step.reset_optimizer()  # AdamW as before its first step
         if self.generator is not None:
             self.generator.manual_seed(seed)
         for param in self.params:

@@ -357,7 +357,7 @@ def test_restarted_graphed_lora_trainer_trains_a_new_image_like_a_fresh_eager_on
                        cuda_graph=True)
     run_trainer(kept, 5, progress=False, keep_graph=True)
     graph = kept.graph
-    assert graph is not None and kept.fits(tiny.unet, second, second_text, LoraConfig())
+    assert graph is not None and kept.fits(tiny.unet, second, second_text, LoraConfig(), cuda_graph=True)
     kept.restart(second, second_text, seed=5)
     start = {k: v.detach().float().cpu() for k, v in adapter_state(tiny.unet).items()}
     losses = torch.tensor(run_trainer(kept, 8, progress=False, keep_graph=True))
