@@ -11,7 +11,8 @@ variant and every later one in the process, `channels_last_outputs=true`, which 
 transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
 the process, `half_norms=true|false`, which sets
 `FASTDRAG_HALF_NORMS` for the variant (`fastdrag.half_norms`), and `mask=false`, which edits without
-the demo case's mask (so the drag has no mask term); default: one with the package defaults) runs
+the demo case's mask (so the drag has no mask term), and `graph_warmup=N`, the eager steps the LoRA
+trainer and the drag loop run before their CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
 `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
 like, as a server would at start-up), a first edit on a new LoRA key, the next new image (another
 new key: what a server pays for each new image once it has edited one, the graphs it keeps
@@ -30,7 +31,9 @@ import torch
 from fastdrag import DragEditor
 from fastdrag.channels_last import keep_transformer_outputs_channels_last
 from fastdrag.demo import demo_case
+from fastdrag.drag import DragLoop
 from fastdrag.half_norms import ENV as HALF_NORMS_ENV
+from fastdrag.lora import LoraTrainer
 from fastdrag.regional_compile import compile_blocks
 
 
@@ -72,6 +75,7 @@ def main() -> None:
     seed = 0
     unet = editor.components.unet
     user_half_norms = os.environ.get(HALF_NORMS_ENV)
+    default_warmup = {LoraTrainer: LoraTrainer.GRAPH_WARMUP, DragLoop: DragLoop.GRAPH_WARMUP}
     for name, settings in variants:
         settings = dict(settings)
         channels_last = settings.pop("channels_last", device.type == "cuda")  # the package's default
@@ -82,6 +86,9 @@ def main() -> None:
         if settings.pop("channels_last_outputs", False):
             keep_transformer_outputs_channels_last(unet)
         use_mask = settings.pop("mask", True)
+        graph_warmup = settings.pop("graph_warmup", None)
+        for loop_class, default in default_warmup.items():
+            loop_class.GRAPH_WARMUP = default if graph_warmup is None else int(graph_warmup)
         half_norms = settings.pop("half_norms", None)  # an environment switch (experimental: fastdrag.half_norms)
         switch = user_half_norms if half_norms is None else ("1" if half_norms else "0")
         if switch is None:
