@@ -1,9 +1,13 @@
 """The two pieces every CUDA-graph capture here needs: warm-up on a side stream, and a capture
-whose one host sync is allowed even while `FASTDRAG_SYNC_DEBUG` makes syncs raise; and the
-optimiser step that the LoRA trainer and the drag loop both run eagerly or replay from a graph."""
+whose one host sync is allowed even while `FASTDRAG_SYNC_DEBUG` makes syncs raise; the optimiser
+step that the LoRA trainer and the drag loop both run eagerly or replay from a graph; and the one
+memory pool that an editor's graphs share."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import inspect
+import weakref
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -20,14 +24,41 @@ def on_side_stream(stream: torch.cuda.Stream) -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture(graph: torch.cuda.CUDAGraph, pool=None) -> Iterator[None]:
-    """Capture the block into `graph` (capture synchronises once; the replays never do)."""
+    """Capture the block into `graph` (capture synchronises once; the replays never do).
+
+    Python's cyclic garbage collector is off inside: a collection there may destroy a dropped CUDA
+    graph, which CUDA forbids while a stream captures, and the capture fails ("operation not
+    permitted when stream is capturing"; it happened once in 48 edits on an H200).
+    """
     previous = torch.cuda.get_sync_debug_mode()
+    collecting = gc.isenabled()
+    gc.disable()
     torch.cuda.set_sync_debug_mode(0)
     try:
         with torch.cuda.graph(graph, pool=pool):
             yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+        if collecting:
+            gc.enable()
+
+
+class GraphPool:
+    """One CUDA memory pool for several graphs, held open while this object lives.
+
+    Graphs captured into one pool reuse each other's temporaries, so together they hold what the
+    largest needs, not the sum: an editor's LoRA step, drag iteration and denoiser forwards share
+    one. That is safe for graphs that never replay at the same time and whose captured outputs are
+    written before they are read in every replay and read (or copied) right after it, which the
+    editor's are: everything they carry from one replay to the next lives in tensors allocated
+    outside the capture. `handle` is what `capture(graph, pool)` takes.
+    """
+
+    def __init__(self, device: torch.device):
+        with torch.cuda.device(device):
+            # a MemPool keeps the pool open between graphs (a bare handle's pool closes with its last graph)
+            self._pool = torch.cuda.MemPool() if hasattr(torch.cuda, "MemPool") else None
+            self.handle = self._pool.id if self._pool is not None else torch.cuda.graph_pool_handle()
 
 
 class OptimizerStep:
@@ -40,8 +71,11 @@ class OptimizerStep:
     """
 
     def __init__(self, compute: Callable[..., None], optimizer: torch.optim.Optimizer, graphed: bool, warmup: int,
-                 device: torch.device):
-        self.compute, self.optimizer, self.warmup = compute, optimizer, warmup
+                 device: torch.device, pool=None):
+        # the owner's bound method, held weakly: an owner that holds this step (and its graph) is then
+        # freed, graph and memory, as soon as it is dropped, not by a later garbage collection
+        self._compute = weakref.WeakMethod(compute) if inspect.ismethod(compute) else (lambda: compute)
+        self.optimizer, self.warmup, self.pool = optimizer, warmup, pool
         self.side_stream = torch.cuda.Stream(device) if graphed else None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.calls = 0
@@ -56,19 +90,21 @@ class OptimizerStep:
 
     def __call__(self) -> None:
         """One step: eager, a warm-up on the side stream, the capture (and its first replay), or a replay."""
-        if self.side_stream is None:
-            self.compute()
-            self.optimizer.zero_grad(set_to_none=True)
-        elif self.graph is None and self.calls < self.warmup:
-            with on_side_stream(self.side_stream):
-                self.compute()
+        if self.graph is None:
+            compute = self._compute()
+            if self.side_stream is None:
+                compute()
                 self.optimizer.zero_grad(set_to_none=True)
-        else:
-            if self.graph is None:
+            elif self.calls < self.warmup:
+                with on_side_stream(self.side_stream):
+                    compute()
+                    self.optimizer.zero_grad(set_to_none=True)
+            else:
                 self.optimizer.zero_grad(set_to_none=True)
                 graph = torch.cuda.CUDAGraph()
-                with capture(graph):
-                    self.compute()
+                with capture(graph, self.pool):
+                    compute()
                 self.graph = graph
+        if self.graph is not None:
             self.graph.replay()
         self.calls += 1

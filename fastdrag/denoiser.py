@@ -41,12 +41,13 @@ class TorchDenoiser:
         self.cuda_graphs = cuda_graphs
         self.mode: Optional[Tuple[int, str]] = None   # the K/V-swap mode now on, part of a graph's key
         self.graphs: Dict[tuple, _CapturedForward] = {}
-        self.pool = None
+        self.graph_pool = None  # a `GraphPool` handle shared with other graphs, set by the owner; else one of its own
+        self._own_pool = None
 
     def reset(self) -> None:
-        """Drop captured graphs (and their memory)."""
+        """Drop captured graphs (and the memory of a pool of their own)."""
         self.graphs.clear()
-        self.pool = None
+        self._own_pool = None
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -64,9 +65,12 @@ class TorchDenoiser:
             if len(self.graphs) >= self.MAX_GRAPHS:
                 logger.info("%d CUDA graphs captured: dropping them before capturing another", len(self.graphs))
                 self.reset()
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at the same time
-            captured = self.graphs[key] = _CapturedForward(self.unet, latents, text_embeddings, self.pool)
+            pool = self.graph_pool
+            if pool is None:
+                if self._own_pool is None:
+                    self._own_pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at the same time
+                pool = self._own_pool
+            captured = self.graphs[key] = _CapturedForward(self.unet, latents, text_embeddings, pool)
         return captured(latents, timestep, text_embeddings).to(latents.dtype, copy=True)
 
     @contextlib.contextmanager

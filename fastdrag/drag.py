@@ -93,7 +93,8 @@ class DragLoop:
     The loop's state (latent, handles, flags, loss, optimiser state) lives in tensors allocated once
     and updated in place, so with `cuda_graph=True` (CUDA only) iterations from `GRAPH_WARMUP` on
     replay one captured CUDA graph: forward, tracking, loss, backward and the Adam step without a
-    kernel launch from Python (the graph's temporaries come from its private memory pool). `restart`
+    kernel launch from Python (the graph's temporaries come from its private memory pool, or from
+    `graph_pool`, a `GraphPool` handle that other graphs share). `restart`
     refills those tensors for another drag of the same shapes and settings, and the graph replays
     it from its first iteration.
     """
@@ -102,7 +103,7 @@ class DragLoop:
 
     def __init__(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
                  targets: torch.Tensor, mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig,
-                 sup_res: Tuple[int, int], check_every: int = 4, cuda_graph: bool = False):
+                 sup_res: Tuple[int, int], check_every: int = 4, cuda_graph: bool = False, graph_pool=None):
         _require_frozen(unet)
         device = z_t.device
         self.unet, self.schedule, self.config, self.sup_res = unet, schedule, config, sup_res
@@ -129,7 +130,8 @@ class DragLoop:
         self.loss = torch.zeros((), device=device)  # the last iteration's loss (0 once arrived)
         self.losses = torch.zeros(max(config.drag_steps, 1), device=device)
         self.watch = ArrivalWatch(device, check_every)
-        self.optimizer_step = OptimizerStep(self._iteration, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device)
+        self.optimizer_step = OptimizerStep(self._iteration, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device,
+                                            pool=graph_pool)
 
     def _forward(self) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """(eps, features) of the current latent; without a mask term nothing needs eps, so the

@@ -21,6 +21,7 @@ from PIL import Image
 from .attention import choose_backend, self_attention_processor_names
 from .cache_usage import touch
 from .config import EditConfig
+from .cuda_graph import GraphPool
 from .ddim import DdimSchedule
 from .denoise import denoise_pair
 from .denoiser import TorchDenoiser
@@ -118,6 +119,7 @@ class DragEditor:
         self._lora_trainer: Optional[LoraTrainer] = None  # the last LoRA trainer (and graph), restarted when it fits
         self._merged_mode = True  # whether the graphs kept ran with the LoRA merged (config.merge_lora)
         self._weight_storage: Optional[tuple] = None  # the UNet weights' addresses the kept graphs read
+        self._graph_pool: Optional[GraphPool] = None  # the memory every kept graph of this editor captures into
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
 
     @classmethod
@@ -203,6 +205,19 @@ class DragEditor:
         self._drag_loop = None
         self._lora_trainer = None
         self._weight_storage = None
+        self._graph_pool = None  # the graphs' shared memory goes with the last of them
+        self.denoiser.graph_pool = None
+
+    def _shared_graph_pool(self):
+        """The pool handle that the LoRA step's, the drag loop's and the denoiser's CUDA graphs share
+        (None off CUDA). The stages never run at the same time, so the kept graphs together hold about
+        what the largest of them (the LoRA step's) needs instead of the sum (`GraphPool`)."""
+        if self.device.type != "cuda":
+            return None
+        if self._graph_pool is None:
+            self._graph_pool = GraphPool(self.device)
+        self.denoiser.graph_pool = self._graph_pool.handle
+        return self._graph_pool.handle
 
     def _check_weight_storage(self) -> None:
         """Drop the kept graphs if any UNet weight (adapter included) now lives elsewhere than when they were captured."""
@@ -244,7 +259,7 @@ class DragEditor:
         else:
             self._lora_trainer = None  # the old graph's memory goes before another capture
             trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
-                                  cuda_graph=graphed)
+                                  cuda_graph=graphed, graph_pool=self._shared_graph_pool())
         keep = config.keep_lora_trainer
         losses = run_trainer(trainer, config.lora.lora_steps, self.progress, keep_graph=keep)
         self._lora_trainer = trainer if keep else None
@@ -375,7 +390,7 @@ class DragEditor:
         else:
             self._drag_loop = None  # free the old graph's memory before capturing another
             loop = DragLoop(unet, *args, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
-                            cuda_graph=config.cuda_graphs)
+                            cuda_graph=config.cuda_graphs, graph_pool=self._shared_graph_pool())
             self._drag_loop = loop
         return loop.run(progress=self.progress)
 
@@ -433,6 +448,7 @@ class DragEditor:
             self.denoiser.reset()
             self._drag_loop = None
             self._inverted = None
+        self._shared_graph_pool()  # the denoiser's graphs capture into it
         with merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext():
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
             result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)

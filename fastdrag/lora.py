@@ -209,13 +209,14 @@ class LoraTrainer:
     random draws stay outside the graph, in buffers it reads, so both paths train on the same
     batches. `restart` re-runs it on another image of the same shapes and settings in its own
     tensors, as a fresh trainer would, so a kept graph replays from the first step: a server's next
-    image pays neither the eager warm-up steps nor a capture.
+    image pays neither the eager warm-up steps nor a capture. `graph_pool` (a `GraphPool` handle)
+    captures the step into memory that other graphs share.
     """
 
     GRAPH_WARMUP = 3
 
     def __init__(self, unet, scheduler, posterior, text_embeddings: torch.Tensor, scaling_factor: float,
-                 config: LoraConfig, seed: int, cuda_graph: bool = False):
+                 config: LoraConfig, seed: int, cuda_graph: bool = False, graph_pool=None):
         install_adapter(unet, config, seed)
         self.unet, self.scaling_factor, self.config = unet, scaling_factor, config
         self.num_train_timesteps = scheduler.config.num_train_timesteps
@@ -240,7 +241,8 @@ class LoraTrainer:
         self.noise = torch.empty(shape, device=device)
         self.timesteps = torch.empty(self.batch, dtype=torch.long, device=device)
         self.loss = torch.zeros((), device=device)
-        self.optimizer_step = OptimizerStep(self._compute, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device)
+        self.optimizer_step = OptimizerStep(self._compute, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device,
+                                            pool=graph_pool)
         self.param_storage = [param.data_ptr() for param in self.params]
         unet.train()
 

@@ -1,6 +1,9 @@
-"""The eager / warm-up / capture / replay sequence of `OptimizerStep`, checked on the CPU with the
-CUDA pieces replaced by recorders (tests/test_gpu.py runs the real thing on a GPU)."""
+"""The eager / warm-up / capture / replay sequence of `OptimizerStep`, and `capture`'s guard against
+garbage collections, checked on the CPU with the CUDA pieces replaced by recorders
+(tests/test_gpu.py runs the real thing on a GPU)."""
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ class Recorder:
 def recorder(monkeypatch):
     """A compute function and optimiser that record their calls, with CUDA's streams and graphs faked."""
     recorder = Recorder()
+    recorder.pools = []
     events = recorder.events
     class Graph:
         def replay(self):
@@ -37,6 +41,7 @@ def recorder(monkeypatch):
     @contextlib.contextmanager
     def capture(graph, pool=None):
         events.append(("capture",))
+        recorder.pools.append(pool)
         yield
 
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
@@ -65,3 +70,63 @@ def test_eager_step_computes_and_clears_gradients_every_time(recorder):
         step()
     assert recorder.events == [("compute",), ("zero_grad",)] * 4
     assert step.graph is None
+
+
+def test_the_capture_goes_into_the_pool_given(recorder):
+    step = OptimizerStep(recorder.compute, recorder, graphed=True, warmup=1, device=torch.device("cpu"),
+                         pool=("pool", 7))
+    for _ in range(3):
+        step()
+    assert recorder.pools == [("pool", 7)]
+
+
+class Owner:
+    """Holds its step, as the LoRA trainer and the drag loop do, and steps through its own method."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self.step = OptimizerStep(self.compute, recorder, graphed=True, warmup=1, device=torch.device("cpu"))
+
+    def compute(self):
+        self.recorder.events.append(("owner computes",))
+
+
+def test_a_dropped_owner_frees_its_step_and_graph_at_once(recorder):
+    """No reference cycle through the step's compute method: the graph (and its memory) goes when its
+    owner is dropped, not at a later garbage collection, which might fall inside another capture."""
+    owner = Owner(recorder)
+    owner.step()
+    owner.step()  # captured
+    assert ("owner computes",) in recorder.events and owner.step.graph is not None
+    graph, step = weakref.ref(owner.step.graph), weakref.ref(owner.step)
+    was_collecting = gc.isenabled()
+    gc.disable()
+    try:
+        del owner
+        assert step() is None and graph() is None
+    finally:
+        if was_collecting:
+            gc.enable()
+
+
+def test_no_garbage_collection_runs_inside_a_capture(monkeypatch):
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None):
+        seen.append(("inside", gc.isenabled(), pool))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: seen.append(("sync debug", mode)))
+    assert gc.isenabled()
+    with cuda_graph.capture(object(), pool=("pool", 1)):
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with cuda_graph.capture(object()):
+            raise RuntimeError("a failed capture")
+    assert gc.isenabled()  # restored after a failure too
+    assert seen == [("sync debug", 0), ("inside", False, ("pool", 1)), ("sync debug", 2),
+                    ("sync debug", 0), ("inside", False, None), ("sync debug", 2)]

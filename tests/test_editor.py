@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -76,8 +79,15 @@ def test_a_new_image_restarts_the_kept_trainer_and_drag_loop_and_matches_a_fresh
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
     expected = fresh.edit(other, "another prompt", picture.points, mask=picture.mask, **fast)
     assert np.asarray(new_image.image).tobytes() == np.asarray(expected.image).tobytes()
-    editor.edit(other, "another prompt", picture.points, mask=picture.mask, lora_rank=8, **fast)
-    assert editor._lora_trainer is not trainer and editor._drag_loop is not loop
+    kept = weakref.ref(trainer), weakref.ref(loop)
+    del trainer, loop
+    gc.disable()  # the old trainer and loop (their graphs and memory on a GPU) go at once, not at a collection
+    try:
+        editor.edit(other, "another prompt", picture.points, mask=picture.mask, lora_rank=8, **fast)
+        assert [ref() for ref in kept] == [None, None]
+    finally:
+        gc.enable()
+    assert editor._lora_trainer is not None and editor._drag_loop is not None
     editor.edit(other, "a third prompt", picture.points, mask=picture.mask, **dict(fast, keep_lora_trainer=False))
     assert editor._lora_trainer is None
 

@@ -391,6 +391,8 @@ def test_an_editor_restarts_its_kept_graphs_for_a_new_image(picture, tmp_path):
     trainer, loop = editor._lora_trainer, editor._drag_loop
     graphs = (trainer.graph, loop.optimizer_step.graph, dict(editor.denoiser.graphs))
     assert graphs[0] is not None and graphs[1] is not None and graphs[2]
+    pools = {tuple(graphs[0].pool()), tuple(graphs[1].pool()), *(tuple(g.graph.pool()) for g in graphs[2].values())}
+    assert pools == {tuple(editor._graph_pool.handle)}  # one memory pool for all of them
     other = (np.random.default_rng(8).random((64, 64, 3)) * 255).astype(np.uint8)
     kept = editor.edit(other, "another prompt", picture.points, mask=picture.mask, **settings)
     assert not kept.lora_cached and editor._lora_trainer is trainer and editor._drag_loop is loop
@@ -401,6 +403,40 @@ def test_an_editor_restarts_its_kept_graphs_for_a_new_image(picture, tmp_path):
     difference = np.abs(np.asarray(kept.image, dtype=np.float32) - np.asarray(expected.image, dtype=np.float32))
     assert difference.mean() < 3.0, difference.mean()
     assert kept.handles == pytest.approx(expected.handles, abs=2.0)
+
+
+def test_a_garbage_collection_cannot_fall_inside_a_capture():
+    """A dropped graph in a reference cycle dies at a garbage collection; one inside another capture
+    would destroy it mid-capture, which CUDA refuses (a toy evaluation failed so once in 48 edits).
+    `capture` keeps collections out: here the thresholds ask for one at every allocation inside."""
+    import gc
+
+    from fastdrag.cuda_graph import capture
+
+    class Holder:
+        pass
+
+    x = torch.randn(1000, device="cuda")
+    thresholds = gc.get_threshold()
+    try:
+        for _ in range(3):
+            holder = Holder()
+            holder.me, holder.graph = holder, torch.cuda.CUDAGraph()
+            with capture(holder.graph):
+                holder.out = x * 2
+            del holder  # cyclic garbage that holds a captured graph
+            graph = torch.cuda.CUDAGraph()
+            gc.set_threshold(1, 1, 1)
+            with capture(graph):
+                y = x + 1
+                garbage = [[i] for i in range(1000)]  # container allocations, each a chance to collect
+            gc.set_threshold(*thresholds)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, x + 1) and len(garbage) == 1000
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.collect()
 
 
 def test_compiled_blocks_replay_in_cuda_graphs(picture):
