@@ -57,7 +57,7 @@ EDIT_FIELD_HELP = {
     "backend": "denoiser of inversion and denoising: torch, onnxruntime or tensorrt (exported graphs)",
     "cuda_graphs": "CUDA only: replay the UNet's calls as CUDA graphs",
     "cuda_graph_lora": "CUDA only, with --cuda-graphs: replay the LoRA training step too",
-    "keep_lora_trainer": "keep the LoRA trainer and its CUDA graph for the next image (its memory stays reserved)",
+    "keep_lora_trainer": "keep the LoRA trainer and its CUDA graph for the next image of the same size",
     "merge_lora": "fold the frozen LoRA into the UNet's weights for inversion, drag and denoising",
 }
 

@@ -74,12 +74,13 @@ class EditConfig:
     # CUDA only, with cuda_graphs: also replay the LoRA training step (forward, backward, AdamW) as a
     # CUDA graph; on an H100 it made the step 2.3x faster (127 -> 55 ms) and a first edit 15.4 -> 9.0 s
     cuda_graph_lora: bool = True
-    # Keep the LoRA trainer after the LoRA stage, with its CUDA graph and the graph's memory pool
-    # where it has one, so the next new image of the same size and LoRA settings restarts it in place
-    # instead of paying 3 eager steps and a capture (H100, SD 1.5 / 512 px: a new image 7.58 -> 6.80 s).
-    # Off by default: the pool (≈ 4 GiB there) stays reserved through the later stages and may take
-    # the process past 8 GB; not measured yet (bench/RESULTS.md). `DragEditor.release()` frees it
-    keep_lora_trainer: bool = False
+    # Keep the LoRA trainer after the LoRA stage, with its CUDA graph where it has one, so the next
+    # new image of the same size and LoRA settings restarts it in place instead of paying 3 eager
+    # steps and a capture (H200, SD 1.5 / 512 px: a new image 7.19 -> 6.37 s). Its graph then shares
+    # the editor's one memory pool with the drag loop's and the denoiser's, so keeping it holds less
+    # than not keeping it: 9.3 GiB reserved at the first edit, against 9.6 GiB without (bench/RESULTS.md).
+    # `DragEditor.release()` frees it
+    keep_lora_trainer: bool = True
     # Fold the frozen LoRA into the UNet's weights for inversion, drag and denoising (one matmul per
     # LoRA layer; restored exactly after the edit). The same arithmetic up to one rounding of each
     # merged weight, as the exported backends run it; in fp16 on CUDA it removes the LoRA branch's

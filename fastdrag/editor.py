@@ -209,9 +209,9 @@ class DragEditor:
         self.denoiser.graph_pool = None
 
     def _shared_graph_pool(self):
-        """The pool handle that the LoRA step's, the drag loop's and the denoiser's CUDA graphs share
-        (None off CUDA). The stages never run at the same time, so the kept graphs together hold about
-        what the largest of them (the LoRA step's) needs instead of the sum (`GraphPool`)."""
+        """The pool handle that the kept LoRA step's, the drag loop's and the denoiser's CUDA graphs
+        share (None off CUDA). The stages never run at the same time, so the kept graphs together hold
+        about what the largest of them (the LoRA step's) needs instead of the sum (`GraphPool`)."""
         if self.device.type != "cuda":
             return None
         if self._graph_pool is None:
@@ -258,8 +258,12 @@ class DragEditor:
             trainer.restart(posterior, text, config.seed)
         else:
             self._lora_trainer = None  # the old graph's memory goes before another capture
+            # a kept trainer's graph shares the other graphs' pool; one dropped after this stage gets a
+            # pool of its own, freed with it: the shared pool would hold its memory after it (and its eager
+            # steps' memory comes on top of the pool's), which took an H200 from 9.6 to 12.6 GiB reserved
+            pool = self._shared_graph_pool() if config.keep_lora_trainer else None
             trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
-                                  cuda_graph=graphed, graph_pool=self._shared_graph_pool())
+                                  cuda_graph=graphed, graph_pool=pool)
         keep = config.keep_lora_trainer
         losses = run_trainer(trainer, config.lora.lora_steps, self.progress, keep_graph=keep)
         self._lora_trainer = trainer if keep else None

@@ -68,8 +68,7 @@ def test_a_new_image_restarts_the_kept_trainer_and_drag_loop_and_matches_a_fresh
     tensors are new, rebuilds them."""
     from fastdrag import DragEditor
 
-    assert editor.config.keep_lora_trainer is False  # the default (memory); asked for here
-    fast = dict(fast, keep_lora_trainer=True)
+    assert editor.config.keep_lora_trainer is True  # the default
     editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     trainer, loop = editor._lora_trainer, editor._drag_loop
     assert trainer is not None and loop is not None
