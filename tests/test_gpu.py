@@ -478,12 +478,16 @@ def test_compiled_blocks_replay_in_cuda_graphs(picture):
     assert ((compiled_eps - eps).norm() / eps.norm()).item() < 5e-3
     graphed = drag_run(True)
     assert graphed.steps == eager.steps == 10 and torch.isfinite(graphed.latent).all()
-    # The first two losses are the same arithmetic up to rounding. After them the two runs part as far
-    # as the tiny model's chaotic drag takes any two arithmetics apart: compiled against eager on the
-    # CPU, the losses differed by up to 7 % from the third iteration on and the latent's change by 9.6 %
-    # in norm. So the rest is bounded loosely (a broken compiled backward moves nothing like the eager
-    # one); whether compiled edits score the same is the toy quality benchmark's question.
-    torch.testing.assert_close(graphed.losses[:2], eager.losses[:2], rtol=2e-3, atol=1e-4)
+    # The first loss is the same arithmetic up to the forward's rounding (above). The second follows one
+    # Adam step, whose first step moves each element by about the learning rate whatever the size of its
+    # gradient, so elements with tiny gradients move differently: 0.68 % apart on an H200 (2026-11-26),
+    # where 0.2 % had been allowed. After them the two runs part as far as the tiny model's chaotic drag
+    # takes any two arithmetics apart: compiled against eager on the CPU, the losses differed by up to
+    # 7 % from the third iteration on and the latent's change by 9.6 % in norm. So the rest is bounded
+    # loosely (a broken compiled backward moves nothing like the eager one); whether compiled edits
+    # score the same is the toy quality benchmark's question.
+    torch.testing.assert_close(graphed.losses[0], eager.losses[0], rtol=5e-3, atol=1e-4)
+    torch.testing.assert_close(graphed.losses[1], eager.losses[1], rtol=2e-2, atol=1e-4)
     change_eager, change_graphed = eager.latent - z_t, graphed.latent - z_t
     assert (change_graphed - change_eager).norm() <= 0.25 * change_eager.norm()
     torch.testing.assert_close(graphed.handles, eager.handles, rtol=0, atol=2.0)
