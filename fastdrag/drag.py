@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -152,25 +152,31 @@ class DragLoop:
     def fits(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
              mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig, sup_res: Tuple[int, int],
              cuda_graph: bool = False) -> bool:
-        """Whether `restart` can take this drag: the same UNet, shapes and settings, so the same graph."""
+        """Whether `restart` can take this drag: the same UNet, shapes and settings (the number of steps
+        aside: the host counts them), so the same graph."""
         return (unet is self.unet and unet.dtype == self.dtype and z_t.shape == self.latent.shape
                 and z_t.device == self.latent.device and text_embeddings.shape == self.text.shape
                 and handles.shape == self.handles.shape and (mask is None) == (self.mask is None)
                 and timestep == self.timestep
                 and schedule.step_coefficients(timestep) == self.schedule.step_coefficients(self.timestep)
-                and config == self.config and tuple(sup_res) == tuple(self.sup_res)
+                and replace(config, drag_steps=0) == replace(self.config, drag_steps=0)
+                and tuple(sup_res) == tuple(self.sup_res)
                 and (cuda_graph and z_t.device.type == "cuda") == self.cuda_graph
                 and (self.autocast and half_norms_enabled()) == self.half_norms)
 
     def restart(self, z_t: torch.Tensor, text_embeddings: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> None:
-        """Start a new drag (one that `fits`) in this loop's tensors, in place, as a fresh loop would.
+                mask: Optional[torch.Tensor], drag_steps: Optional[int] = None) -> None:
+        """Start a new drag (one that `fits`) in this loop's tensors, in place, as a fresh loop would;
+        `drag_steps` replaces the number of steps (e.g. after `DragEditor.warm_up`'s short drag).
 
-        Every tensor keeps its storage, so a captured CUDA graph replays the new drag from its first
-        iteration: a repeated edit pays neither the eager warm-up iterations nor a capture.
+        Every tensor the graph reads keeps its storage, so a captured CUDA graph replays the new drag
+        from its first iteration: a repeated edit pays neither the eager warm-up iterations nor a capture.
         """
         _require_frozen(self.unet)
         device = self.latent.device
+        if drag_steps is not None and drag_steps != self.config.drag_steps:
+            self.config = replace(self.config, drag_steps=drag_steps)
+            self.losses = torch.zeros(max(drag_steps, 1), device=device)  # written by the host's loop, not the graph
         with torch.no_grad():
             self.latent.copy_(z_t)
             self.text.copy_(text_embeddings)

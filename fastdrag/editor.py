@@ -390,7 +390,8 @@ class DragEditor:
         loop = self._drag_loop
         if loop is not None and loop.fits(unet, *args, inputs.mask, schedule, config.drag, inputs.sup_res,
                                           config.cuda_graphs):
-            loop.restart(z_t, prepared.text_embeddings, inputs.handles, inputs.targets, inputs.mask)
+            loop.restart(z_t, prepared.text_embeddings, inputs.handles, inputs.targets, inputs.mask,
+                         drag_steps=config.drag.drag_steps)
         else:
             self._drag_loop = None  # free the old graph's memory before capturing another
             loop = DragLoop(unet, *args, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
@@ -407,10 +408,12 @@ class DragEditor:
         initialisation (on an H100 at SD 1.5 / 512 px the first edit of a process took 27 s, the
         next new image 15 s, with the LoRA step eager as it then was; bench/RESULTS.md). Every stage
         runs, each past its CUDA graph capture, at the edit settings (`overrides` as in `edit`) but
-        with few steps, on the PyTorch backend (an exported backend would export into the scratch
-        cache, which is deleted). Nothing reaches the LoRA cache. What it captured stays where a later
-        edit fits it: the denoiser's graphs at this size (and the LoRA trainer's graph, with
-        `keep_lora_trainer`), so a first request pays neither their warm-up nor their capture.
+        with few LoRA and drag steps, on the PyTorch backend (an exported backend would export into
+        the scratch cache, which is deleted). Nothing reaches the LoRA cache. What it captured stays
+        where a later edit fits it: the denoiser's graphs at this size, the LoRA trainer's (with
+        `keep_lora_trainer`, the default) and the drag loop's (for one handle and a mask: the warm-up
+        drags one, under a mask, at the edit's own schedule, whose drag timestep the graph holds), so
+        a first request pays neither their eager steps nor their capture.
         Returns the warm-up edit's seconds per stage.
         """
         native = self.components.unet.config.sample_size * self.components.vae_scale
@@ -420,8 +423,7 @@ class DragEditor:
         mask = np.zeros((height, width))
         mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 1
         points = [((0.4 * width, 0.4 * height), (0.55 * width, 0.5 * height))]
-        short = dict(lora_steps=LoraTrainer.GRAPH_WARMUP + 2, drag_steps=DragLoop.GRAPH_WARMUP + 2,
-                     num_inference_steps=10, backend="torch")
+        short = dict(lora_steps=LoraTrainer.GRAPH_WARMUP + 2, drag_steps=DragLoop.GRAPH_WARMUP + 2, backend="torch")
         user_cache = self.cache
         with tempfile.TemporaryDirectory(prefix="fastdrag-warm-up-") as scratch:
             self.cache = LoraCache(Path(scratch))

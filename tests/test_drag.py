@@ -139,6 +139,26 @@ def test_restarted_loop_drags_as_a_fresh_loop_would(tiny, setting, with_mask):
     assert fresh(*early).steps == 1 and fresh(*drag_b).steps == 8 and not _same_result(fresh(*drag_b), first)
 
 
+def test_a_loop_restarted_for_more_steps_drags_as_a_fresh_loop_of_that_many(tiny, setting):
+    """What the editor does after `warm_up()`'s short drag: the loop (and on a GPU its graph) takes the
+    edit's number of steps, and its losses have room for all of them."""
+    inputs, text, schedule, z_t = setting
+    t, far = schedule.drag_timestep, inputs.targets.clone()
+    far[:, 1] = inputs.sup_res[0] - 1  # out of reach: every step runs
+    loop = DragLoop(tiny.unet, z_t, t, text, inputs.handles, far, inputs.mask, schedule, DragConfig(drag_steps=2),
+                    inputs.sup_res)
+    assert loop.run(progress=False).steps == 2
+    z_b, text_b, handles_b, _, mask_b = _another_drag(inputs, text, z_t)
+    loop.restart(z_b, text_b, handles_b, far, mask_b, drag_steps=6)
+    longer = loop.run(progress=False)
+    expected = DragLoop(tiny.unet, z_b, t, text_b, handles_b, far, mask_b, schedule, DragConfig(drag_steps=6),
+                        inputs.sup_res).run(progress=False)
+    assert longer.steps == 6 and longer.losses.shape == (6,) and bool((longer.losses > 0).all())
+    assert _same_result(longer, expected)
+    loop.restart(z_t, text, inputs.handles, far, inputs.mask, drag_steps=3)
+    assert loop.run(progress=False).steps == 3 and loop.config == DragConfig(drag_steps=3)
+
+
 def _tensors(loop):
     """Every tensor a captured iteration reads or writes: the loop's own, the optimiser's state."""
     found = {name: value for name, value in vars(loop).items() if isinstance(value, torch.Tensor)}
@@ -175,6 +195,8 @@ def test_a_loop_fits_only_the_same_shapes_and_settings(tiny, setting):
                     inputs.sup_res)
     z_b, text_b, handles_b, _, mask_b = _another_drag(inputs, text, z_t)
     assert loop.fits(tiny.unet, z_b, t, text_b, handles_b, mask_b, schedule, config, inputs.sup_res)
+    longer = DragConfig(drag_steps=7)  # the host counts the steps: the same graph
+    assert loop.fits(tiny.unet, z_b, t, text_b, handles_b, mask_b, schedule, longer, inputs.sup_res)
     other_schedule = DdimSchedule.from_scheduler(tiny.scheduler, 25, 18)  # the same t, another step size
     assert other_schedule.drag_timestep == t
     misfits = {

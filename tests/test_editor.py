@@ -148,12 +148,15 @@ def test_threads_sharing_an_editor_take_turns_and_get_their_own_edits(editor, pi
 def test_warm_up_runs_every_stage_and_leaves_nothing_behind(editor, picture, tmp_path, fast):
     from fastdrag import DragEditor
 
-    timings = editor.warm_up()
+    assert editor.warm_up(size=(96, 64))["drag"] > 0  # any size the model takes
+    timings = editor.warm_up(**fast)  # the edit's settings below (its schedule: the drag loop's timestep)
     assert all(timings[stage] > 0 for stage in ("lora", "inversion", "drag", "denoise", "vae_decode"))
     assert not editor.cache.directory.exists() or not any(editor.cache.directory.iterdir())  # no LoRA cached
-    assert editor.warm_up(size=(96, 64))["drag"] > 0  # any size the model takes
+    trainer, loop = editor._lora_trainer, editor._drag_loop
     after = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert not after.lora_cached
+    # the warm-up's trainer and drag loop (their graphs, on a GPU) serve the edit, with its own step counts
+    assert editor._lora_trainer is trainer and editor._drag_loop is loop and loop.config.drag_steps == fast["drag_steps"]
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
     expected = fresh.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert np.asarray(after.image).tobytes() == np.asarray(expected.image).tobytes()

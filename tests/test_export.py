@@ -297,3 +297,20 @@ def test_onnxruntime_edits_of_new_images_reuse_one_export_with_their_lora_weight
         with reference.reference_control(10, "sdpa"), refitted.reference_control(10):
             assert relative_error(refitted(pair, 421, text.expand(2, -1, -1)),
                                   reference(pair, 421, text.expand(2, -1, -1))) < 1e-4
+
+
+def test_the_optimiser_runs_without_rules_that_scan_the_whole_graph():
+    """A rewrite rule with several output nodes lists the whole graph at every node it is tried on
+    (with them, optimising a tiny UNet graph took 20.7 s, without them 4.7 s, to the same graph): `export_onnx` optimises without them,
+    and leaves onnxscript's rules as they were."""
+    rewriter = pytest.importorskip("onnxscript.rewriter")
+    from fastdrag.export.graphs import _single_output_rewrites
+
+    before = rewriter._DEFAULT_REWRITE_RULES
+    single = [rule for rule in before if rule._target_pattern.has_single_output_node]
+    with _single_output_rewrites():
+        assert list(rewriter._DEFAULT_REWRITE_RULES) == single and single
+    assert rewriter._DEFAULT_REWRITE_RULES is before
+    with pytest.raises(RuntimeError), _single_output_rewrites():
+        raise RuntimeError("an export that fails")
+    assert rewriter._DEFAULT_REWRITE_RULES is before
