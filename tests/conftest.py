@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU only under the interpreter; set before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `pytest -n N` (the README's test command): the cores shared among the workers, so that their
+    # torch threads do not outnumber them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 
@@ -51,3 +55,17 @@ def rng():
 def fast():
     """Edit settings that keep an edit on the tiny model to a second or two on a CPU."""
     return dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)
+
+
+# The files that take longest on a 2-core CPU (minutes each: compilation, ONNX export, Triton under
+# the interpreter), run first: `pytest -n 2 --dist loadfile` hands out whole files in collection
+# order, and one of them started last would run alone at the end.
+SLOW_FIRST = ("test_regional_compile.py", "test_quality.py", "test_export.py", "test_kernels_triton.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
