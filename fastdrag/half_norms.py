@@ -9,8 +9,9 @@ round the output once. The inference stages, which run without autocast, already
 outputs differ from autocast's by about one rounding of each normalised value.
 
 Off by default. On an H100 (SD 1.5 / 512 px, 2026-11-26) it made a first edit 12 % faster (7.31 ->
-6.42 s) and a repeated one 12 % (2.15 -> 1.90 s), but on 16 toy cases every edit-quality measure came
-out a little worse (*moved* -0.027 +- 0.020), so the quality question is open (bench/RESULTS.md).
+6.42 s) and a repeated one 12 % (2.15 -> 1.90 s), but edit quality came out a little worse on every
+toy run: *moved* -0.027 +- 0.020 on 16 cases, -0.012 +- 0.008 on 40 (H200), so it stays off
+(bench/RESULTS.md).
 When on, it is part of the LoRA cache key, since the adapter trains on those roundings.
 """
 from __future__ import annotations
