@@ -56,6 +56,19 @@ def parse_variant(text: str) -> Tuple[str, Dict[str, Any]]:
     return name, parsed
 
 
+def reserved_by_pool(segments) -> Dict[str, float]:
+    """GiB reserved and allocated now, in the default pool and in CUDA-graph pools, from the segments
+    of `torch.cuda.memory_snapshot()`: what a process's reservation is made of (kept graphs' pools,
+    or blocks the default pool caches)."""
+    totals = {"default_reserved_GiB": 0.0, "default_allocated_GiB": 0.0,
+              "graph_pools_reserved_GiB": 0.0, "graph_pools_allocated_GiB": 0.0}
+    for segment in segments:
+        where = "default" if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0) else "graph_pools"
+        totals[f"{where}_reserved_GiB"] += segment["total_size"] / 2**30
+        totals[f"{where}_allocated_GiB"] += segment["allocated_size"] / 2**30
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-random")
@@ -118,6 +131,7 @@ def main() -> None:
                 # what the process holds: replays of kept CUDA graphs use their pools' reserved memory,
                 # which max_memory_allocated does not see
                 row["reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+                row.update(reserved_by_pool(torch.cuda.memory_snapshot()))  # after the edit, not at its peak
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if args.json:  # after every edit: a run cut short by a time limit keeps what it measured

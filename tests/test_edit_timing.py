@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from edit_timing import parse_variant  # noqa: E402
+from edit_timing import parse_variant, reserved_by_pool  # noqa: E402
 
 
 def test_variants_parse():
@@ -19,6 +19,16 @@ def test_variants_parse():
         "x", {"cuda_graphs": False, "drag_steps": 3, "lr": 0.5, "name": "abc"})
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         parse_variant("x:cuda_graphs")
+
+
+def test_reserved_memory_is_split_into_the_default_pool_and_graph_pools():
+    gib = 2**30
+    segments = [dict(total_size=2 * gib, allocated_size=gib, segment_pool_id=(0, 0)),
+                dict(total_size=gib, allocated_size=0, segment_pool_id=(0, 0)),
+                dict(total_size=3 * gib, allocated_size=gib // 2, segment_pool_id=(0, 4)),
+                dict(total_size=gib, allocated_size=gib, segment_pool_id=(7, 0))]
+    assert reserved_by_pool(segments) == {"default_reserved_GiB": 3.0, "default_allocated_GiB": 1.0,
+                                          "graph_pools_reserved_GiB": 4.0, "graph_pools_allocated_GiB": 1.5}
 
 
 def test_first_and_repeated_edits_are_timed(tmp_path):
