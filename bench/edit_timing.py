@@ -9,10 +9,10 @@ Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_
 package's, channels-last on CUDA only), `compile_blocks=true`, which compiles its blocks for this
 variant and every later one in the process, `channels_last_outputs=true`, which keeps the UNet's
 transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
-the process, `half_norms=true|false`, which sets
-`FASTDRAG_HALF_NORMS` for the variant (`fastdrag.half_norms`), and `mask=false`, which edits without
-the demo case's mask (so the drag has no mask term), and `graph_warmup=N`, the eager steps the LoRA
-trainer and the drag loop run before their CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
+the process, `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS` for the variant
+(`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
+mask term), and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
+CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
 `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
 like, as a server would at start-up), a first edit on a new LoRA key, the next new image (another
 new key: what a server pays for each new image once it has edited one, the graphs it keeps

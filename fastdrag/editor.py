@@ -216,7 +216,6 @@ class DragEditor:
             return None
         if self._graph_pool is None:
             self._graph_pool = GraphPool(self.device)
-        self.denoiser.graph_pool = self._graph_pool.handle
         return self._graph_pool.handle
 
     def _check_weight_storage(self) -> None:
@@ -454,7 +453,7 @@ class DragEditor:
             self.denoiser.reset()
             self._drag_loop = None
             self._inverted = None
-        self._shared_graph_pool()  # the denoiser's graphs capture into it
+        self.denoiser.graph_pool = self._shared_graph_pool()
         with merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext():
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
             result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
