@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -69,6 +69,30 @@ def reserved_by_pool(segments) -> Dict[str, float]:
     return totals
 
 
+class StageGrowth:
+    """Which stages of an edit raise the reservation's high-water mark, and by how much (GiB): wraps
+    the editor's stage timer, so each row says where the memory a process holds was first reserved.
+    `read` is the high-water mark in bytes (`torch.cuda.max_memory_reserved`)."""
+
+    def __init__(self, editor: DragEditor, read: Callable[[], int]):
+        self.growth: Dict[str, float] = {}
+        timed = editor._timed
+
+        def watched(timings, name, fn, *args, **kwargs):
+            before = read()
+            try:
+                return timed(timings, name, fn, *args, **kwargs)
+            finally:
+                self.growth[name] = self.growth.get(name, 0.0) + (read() - before) / 2**30
+
+        editor._timed = watched
+
+    def take(self) -> Dict[str, float]:
+        """The growth by stage since the last take, as `<stage>_grew_GiB` row entries."""
+        taken, self.growth = self.growth, {}
+        return {f"{stage}_grew_GiB": grown for stage, grown in taken.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-random")
@@ -88,6 +112,7 @@ def main() -> None:
     seed = 0
     unet = editor.components.unet
     user_half_norms = os.environ.get(HALF_NORMS_ENV)
+    growth = StageGrowth(editor, torch.cuda.max_memory_reserved) if device.type == "cuda" else None
     default_warmup = {LoraTrainer: LoraTrainer.GRAPH_WARMUP, DragLoop: DragLoop.GRAPH_WARMUP}
     for name, settings in variants:
         settings = dict(settings)
@@ -115,6 +140,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                growth.take()
             start = time.perf_counter()
             if kind == "warm_up()":
                 timings, drag_steps = editor.warm_up((args.size, args.size), **settings), None
@@ -132,6 +158,7 @@ def main() -> None:
                 # which max_memory_allocated does not see
                 row["reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
                 row.update(reserved_by_pool(torch.cuda.memory_snapshot()))  # after the edit, not at its peak
+                row.update(growth.take())  # the stages that raised the reservation's high-water mark
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if args.json:  # after every edit: a run cut short by a time limit keeps what it measured

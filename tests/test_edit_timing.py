@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from edit_timing import parse_variant, reserved_by_pool  # noqa: E402
+from edit_timing import StageGrowth, parse_variant, reserved_by_pool  # noqa: E402
 
 
 def test_variants_parse():
@@ -29,6 +29,31 @@ def test_reserved_memory_is_split_into_the_default_pool_and_graph_pools():
                 dict(total_size=gib, allocated_size=gib, segment_pool_id=(7, 0))]
     assert reserved_by_pool(segments) == {"default_reserved_GiB": 3.0, "default_allocated_GiB": 1.0,
                                           "graph_pools_reserved_GiB": 4.0, "graph_pools_allocated_GiB": 1.5}
+
+
+def test_stage_growth_names_the_stages_that_raised_the_high_water_mark():
+    gib = 2**30
+    mark = [5 * gib]
+
+    class Editor:
+        def _timed(self, timings, name, fn, *args, **kwargs):
+            timings[name] = 1.0
+            return fn(*args, **kwargs)
+
+    def grow(by):
+        mark[0] += by
+        return by
+
+    editor = Editor()
+    growth = StageGrowth(editor, lambda: mark[0])
+    timings = {}
+    assert editor._timed(timings, "lora", grow, 2 * gib) == 2 * gib and timings == {"lora": 1.0}
+    editor._timed(timings, "drag", grow, 0)
+    editor._timed(timings, "lora", grow, gib // 2)  # a stage timed twice adds up
+    with pytest.raises(ZeroDivisionError):  # a failing stage still counts what it reserved
+        editor._timed(timings, "denoise", lambda: (grow(gib), 1 / 0))
+    assert growth.take() == {"lora_grew_GiB": 2.5, "drag_grew_GiB": 0.0, "denoise_grew_GiB": 1.0}
+    assert growth.take() == {}
 
 
 def test_first_and_repeated_edits_are_timed(tmp_path):
