@@ -11,7 +11,8 @@ variant and every later one in the process, `channels_last_outputs=true`, which 
 transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
 the process, `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS` for the variant
 (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
-mask term), and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
+mask term), `release_cached_memory=true`, the editor's option that empties the CUDA caching
+allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
 CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
 `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
 like, as a server would at start-up), a first edit on a new LoRA key, the next new image (another
@@ -124,6 +125,7 @@ def main() -> None:
         if settings.pop("channels_last_outputs", False):
             keep_transformer_outputs_channels_last(unet)
         use_mask = settings.pop("mask", True)
+        editor.release_cached_memory = settings.pop("release_cached_memory", False)
         graph_warmup = settings.pop("graph_warmup", None)
         for loop_class, default in default_warmup.items():
             loop_class.GRAPH_WARMUP = default if graph_warmup is None else int(graph_warmup)

@@ -18,6 +18,8 @@
 #                    (the defaults, the LoRA run unmerged, FASTDRAG_HALF_NORMS=1; TIMING_VARIANTS overrides them, e.g.
 #                    `nchw:channels_last=false`; compiled UNet blocks, `compiled:compile_blocks=true`, did not
 #                    finish compiling in 205 s on the H100)
+#   memory-origins   bench/memory_origins.py on SD 1.5: the segments the process reserves after warm_up() and an edit,
+#                    each with its pool and the code that reserved it, in the log
 #   attention-bench  bench/test_attention.py --model sd15
 #   profile          bench/profile_stages.py on SD 1.5: each stage's kernel time by kind (convolution, matmul,
 #                    attention, normalisation, layout copies, ...), in the log
@@ -231,7 +233,7 @@ for name in "${names[@]}"; do
     gpu-tests) run "$name" 200 "${test_file[@]}" tests/test_gpu.py ;;
     attention-tests) run "$name" 120 "${test_file[@]}" tests/test_attention.py ;;
     parallel-tests) parallel_tests ;;
-    *-bench | edit-timing | profile)
+    *-bench | edit-timing | profile | memory-origins)
         finish_toy
         case "$name" in
         kernel-bench) run "$name" 200 "${bench_file[@]}" bench/test_kernels.py --benchmark-json "$out/bench_kernels.json" ;;
@@ -243,6 +245,7 @@ for name in "${names[@]}"; do
             --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) edit_timing ;;
         profile) run "$name" 100 python3 bench/profile_stages.py ;;
+        memory-origins) run "$name" 150 python3 bench/memory_origins.py --edits 1 ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac
         ;;

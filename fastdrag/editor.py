@@ -104,13 +104,16 @@ class DragEditor:
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
-                 progress: bool = True):
+                 progress: bool = True, release_cached_memory: bool = False):
         self.components = components
         self.device = device
         self.dtype = dtype
         self.config = config or EditConfig()
         self.cache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
         self.progress = progress
+        # after each stage, return the CUDA caching allocator's free blocks to the driver: the eager
+        # stages' (VAE, text encoder, first drag features) then do not stay reserved beside the graphs' pool
+        self.release_cached_memory = release_cached_memory
         self.denoiser = TorchDenoiser(components.unet)
         self._graph_denoisers: "OrderedDict[tuple, tuple]" = OrderedDict()  # exported denoisers, least recent first
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
@@ -160,6 +163,8 @@ class DragEditor:
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         _synchronize(self.device)
+        if self.release_cached_memory and self.device.type == "cuda":
+            torch.cuda.empty_cache()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return result
 
