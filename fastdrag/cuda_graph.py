@@ -60,6 +60,51 @@ class GraphPool:
             self._pool = torch.cuda.MemPool() if hasattr(torch.cuda, "MemPool") else None
             self.handle = self._pool.id if self._pool is not None else torch.cuda.graph_pool_handle()
 
+    @property
+    def persistent(self) -> bool:
+        """Whether the pool outlives its graphs, so that graphs captured after them reuse their memory."""
+        return self._pool is not None
+
+
+class CapturedCalls:
+    """No-grad calls `fn(x) -> tensor` replayed from CUDA graphs, one per (name, input shape and dtype),
+    each captured into `pool` after one eager call on a side stream.
+
+    A replay returns the graph's own output buffer: read or copy it before any other graph of the
+    pool replays. At most `MAX_GRAPHS` are kept (a server that sees many sizes recaptures).
+    """
+
+    MAX_GRAPHS = 4
+
+    def __init__(self, pool=None):
+        self.pool = pool
+        self.graphs: dict = {}
+
+    def reset(self) -> None:
+        self.graphs.clear()
+
+    def has(self, name: str, x: torch.Tensor) -> bool:
+        return (name, tuple(x.shape), x.dtype, x.device) in self.graphs
+
+    @torch.no_grad()
+    def __call__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(x.shape), x.dtype, x.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                self.reset()
+            static = x.clone()
+            with on_side_stream(torch.cuda.Stream(x.device)):
+                fn(static)
+            graph = torch.cuda.CUDAGraph()
+            with capture(graph, self.pool):
+                output = fn(static)
+            entry = self.graphs[key] = (graph, static, output)
+        graph, static, output = entry
+        static.copy_(x)
+        graph.replay()
+        return output
+
 
 class OptimizerStep:
     """An in-place training step — forward, backward and optimiser step on tensors its owner keeps —

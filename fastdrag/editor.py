@@ -21,7 +21,7 @@ from PIL import Image
 from .attention import choose_backend, self_attention_processor_names
 from .cache_usage import touch
 from .config import EditConfig
-from .cuda_graph import GraphPool
+from .cuda_graph import CapturedCalls, GraphPool
 from .ddim import DdimSchedule
 from .denoise import denoise_pair
 from .denoiser import TorchDenoiser
@@ -32,7 +32,7 @@ from .inversion import invert
 from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
                    run_trainer)
 from .models import Components, load_components
-from .vae import decode, encode_posterior, encode_prompt
+from .vae import capture_decoder, decode, encode_posterior, encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class DragEditor:
         self._merged_mode = True  # whether the graphs kept ran with the LoRA merged (config.merge_lora)
         self._weight_storage: Optional[tuple] = None  # the UNet weights' addresses the kept graphs read
         self._graph_pool: Optional[GraphPool] = None  # the memory every kept graph of this editor captures into
+        self._vae_graphs = CapturedCalls()  # the VAE encoder's and decoder's graphs, in that pool
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
 
     @classmethod
@@ -183,7 +184,7 @@ class DragEditor:
         c = self.components
         timings: Dict[str, float] = {}
         text = self._timed(timings, "text", encode_prompt, c.tokenizer, c.text_encoder, prompt)
-        posterior = self._timed(timings, "vae_encode", encode_posterior, c.vae, inputs.image)
+        posterior = self._timed(timings, "vae_encode", self._encode, inputs, config)
         key, cached = self._timed(timings, "lora", self._lora, inputs.image, prompt, text, posterior, config)
         return PreparedImage(inputs, text, posterior, key, cached, timings)
 
@@ -206,11 +207,19 @@ class DragEditor:
         self._inverted = None      # z_t was inverted with the old adapter
 
     def _drop_graphs(self) -> None:
+        """Drop the graphs that read the UNet's weights. Their pool stays where it outlives them (a
+        `MemPool`), so the graphs captured next reuse its memory, and the VAE's graphs stay in it."""
         self.denoiser.reset()
         self._drag_loop = None
         self._lora_trainer = None
         self._weight_storage = None
-        self._graph_pool = None  # the graphs' shared memory goes with the last of them
+        if self._graph_pool is not None and not self._graph_pool.persistent:
+            self._drop_pool()
+
+    def _drop_pool(self) -> None:
+        """Drop the VAE's graphs and the pool: its memory goes with the last graph in it."""
+        self._vae_graphs.reset()
+        self._graph_pool = None
         self.denoiser.graph_pool = None
 
     def _shared_graph_pool(self):
@@ -222,6 +231,28 @@ class DragEditor:
         if self._graph_pool is None:
             self._graph_pool = GraphPool(self.device)
         return self._graph_pool.handle
+
+    def _vae_graphs_for(self, config: EditConfig, inputs: EditInputs) -> Optional[CapturedCalls]:
+        """The VAE's graphs (CUDA, with `cuda_graphs`), in the shared pool, or None (eager).
+
+        Into a fresh pool the decoder is captured first: at the image's full size its activations are
+        the largest blocks any graph here asks for, and the graphs captured after it carve theirs out
+        of them. The other way round its blocks did not fit in the LoRA step's freed ones (the caching
+        allocator does not merge blocks across segments), and an eager decoder kept 1.4 GiB beside the
+        pool (H100, SD 1.5 / 512 px: bench/RESULTS.md)."""
+        if not (config.cuda_graphs and self.device.type == "cuda"):
+            return None
+        fresh = self._graph_pool is None
+        self._vae_graphs.pool = self._shared_graph_pool()
+        if fresh:
+            width, height = inputs.working_size
+            scale = self.components.vae_scale
+            vae = self.components.vae
+            capture_decoder(vae, (1, vae.config.latent_channels, height // scale, width // scale), self._vae_graphs)
+        return self._vae_graphs
+
+    def _encode(self, inputs: EditInputs, config: EditConfig):
+        return encode_posterior(self.components.vae, inputs.image, self._vae_graphs_for(config, inputs))
 
     def _check_weight_storage(self) -> None:
         """Drop the kept graphs if any UNet weight (adapter included) now lives elsewhere than when they were captured."""
@@ -237,6 +268,7 @@ class DragEditor:
         a long idle spell). The next edit loads its LoRA from the cache and captures again."""
         self._forget_adapter()
         self._drop_graphs()
+        self._drop_pool()
         self._graph_denoisers.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -464,7 +496,8 @@ class DragEditor:
             result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
             pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
                                prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
-        edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor)
+        edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor,
+                             self._vae_graphs_for(config, inputs))
         if edited.size != inputs.original_size:
             edited = edited.resize(inputs.original_size, Image.BICUBIC)
         timings["total"] = time.perf_counter() - total_start

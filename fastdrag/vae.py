@@ -1,11 +1,15 @@
 """Image <-> latent conversions through the VAE and the text encoding of the prompt."""
 from __future__ import annotations
 
-from typing import List, Union
+import functools
+from typing import TYPE_CHECKING, List, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .cuda_graph import CapturedCalls
 
 
 def image_to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
@@ -23,18 +27,42 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def _moments(vae, pixels: torch.Tensor) -> torch.Tensor:
+    return vae.encode(pixels).latent_dist.parameters
+
+
+def _pixels(vae, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents).sample
+
+
 @torch.no_grad()
-def encode_posterior(vae, image: Image.Image):
-    """The VAE posterior of the image (a DiagonalGaussianDistribution); computed once per edit."""
+def encode_posterior(vae, image: Image.Image, graphs: Optional["CapturedCalls"] = None):
+    """The VAE posterior of the image (a DiagonalGaussianDistribution); computed once per edit.
+    With `graphs` (CUDA), the encoder replays a CUDA graph of theirs."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     pixels = image_to_tensor(image, vae.device, vae.dtype)
-    return vae.encode(pixels).latent_dist
+    if graphs is None or not pixels.is_cuda:
+        return vae.encode(pixels).latent_dist
+    return DiagonalGaussianDistribution(graphs("vae_encode", functools.partial(_moments, vae), pixels).clone())
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, scaling_factor: float) -> Image.Image:
-    """Decode scaled latents (1, 4, h, w) to an 8-bit RGB image."""
-    pixels = vae.decode(latents.to(vae.dtype) / scaling_factor).sample
-    return tensor_to_image(pixels)
+def decode(vae, latents: torch.Tensor, scaling_factor: float, graphs: Optional["CapturedCalls"] = None) -> Image.Image:
+    """Decode scaled latents (1, 4, h, w) to an 8-bit RGB image. With `graphs` (CUDA), the decoder
+    replays a CUDA graph of theirs (its output is copied to the host at once)."""
+    latents = latents.to(vae.dtype) / scaling_factor
+    if graphs is None or not latents.is_cuda:
+        return tensor_to_image(_pixels(vae, latents))
+    return tensor_to_image(graphs("vae_decode", functools.partial(_pixels, vae), latents))
+
+
+def capture_decoder(vae, latent_shape, graphs: "CapturedCalls") -> None:
+    """Capture the decoder's graph for latents of `latent_shape` now, if it is not there yet (before
+    other graphs, in a fresh pool: `DragEditor._vae_graphs_for` says why)."""
+    latents = torch.zeros(latent_shape, device=vae.device, dtype=vae.dtype)
+    if not graphs.has("vae_decode", latents):
+        graphs("vae_decode", functools.partial(_pixels, vae), latents)
 
 
 @torch.no_grad()

@@ -201,6 +201,38 @@ def test_graphed_denoiser_matches_the_eager_one(dtype):
     assert not graphed.graphs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graphed_vae_matches_the_eager_one(dtype):
+    """The VAE's encoder and decoder replayed from graphs: the eager posterior and pixels, for fresh
+    inputs at every replay, at a size that is not square; another size captures another graph."""
+    import numpy as np
+    from PIL import Image
+    from fastdrag.cuda_graph import CapturedCalls
+    from fastdrag.models import build_tiny
+    from fastdrag.vae import capture_decoder, decode, encode_posterior
+
+    vae = build_tiny().to("cuda", dtype).vae
+    graphs = CapturedCalls()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-3
+    rng = np.random.default_rng(3)
+    capture_decoder(vae, (1, 4, 5, 7), graphs)
+    assert list(graphs.graphs)[0][0] == "vae_decode"
+    for width, height in ((56, 40), (56, 40), (24, 32)):
+        image = Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+        eager, graphed = encode_posterior(vae, image), encode_posterior(vae, image, graphs)
+        torch.testing.assert_close(graphed.mean, eager.mean, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(graphed.std, eager.std, rtol=tolerance, atol=tolerance)
+        assert torch.isfinite(graphed.mean).all() and graphed.mean.std() > 0
+        latents = torch.randn_like(eager.mean, dtype=torch.float32) * 2
+        expected = np.asarray(decode(vae, latents, 0.18215), dtype=np.float32)
+        got = np.asarray(decode(vae, latents, 0.18215, graphs), dtype=np.float32)
+        assert np.abs(got - expected).max() <= 1.0  # 8-bit pixels: at most one level from rounding
+        assert expected.std() > 1.0
+    assert len(graphs.graphs) == 4  # an encoder and a decoder for each of the two sizes
+    graphs.reset()
+    assert not graphs.graphs
+
+
 def test_edit_with_cuda_graphs_matches_the_eager_edit(picture, tmp_path):
     import numpy as np
     from fastdrag import DragEditor
@@ -225,7 +257,12 @@ def test_release_frees_the_memory_of_the_kept_graphs(picture, tmp_path):
     assert editor._drag_loop.optimizer_step.graph is not None and editor.denoiser.graphs
     torch.cuda.synchronize()
     held = torch.cuda.memory_reserved()
+    pool = editor._graph_pool
+    editor._drop_graphs()  # what the weights' moving does: the UNet's graphs go, their pool and the VAE's graphs stay
+    assert not editor.denoiser.graphs and editor._drag_loop is None
+    assert editor._graph_pool is pool and editor._vae_graphs.graphs
     editor.release()
+    assert editor._graph_pool is None and not editor._vae_graphs.graphs
     assert torch.cuda.memory_reserved() < held
 
 
@@ -391,13 +428,17 @@ def test_an_editor_restarts_its_kept_graphs_for_a_new_image(picture, tmp_path):
     trainer, loop = editor._lora_trainer, editor._drag_loop
     graphs = (trainer.graph, loop.optimizer_step.graph, dict(editor.denoiser.graphs))
     assert graphs[0] is not None and graphs[1] is not None and graphs[2]
-    pools = {tuple(graphs[0].pool()), tuple(graphs[1].pool()), *(tuple(g.graph.pool()) for g in graphs[2].values())}
+    vae_graphs = dict(editor._vae_graphs.graphs)
+    assert [key[0] for key in vae_graphs] == ["vae_decode", "vae_encode"]  # the decoder first into the fresh pool
+    pools = {tuple(graphs[0].pool()), tuple(graphs[1].pool()), *(tuple(g.graph.pool()) for g in graphs[2].values()),
+             *(tuple(entry[0].pool()) for entry in vae_graphs.values())}
     assert pools == {tuple(editor._graph_pool.handle)}  # one memory pool for all of them
     other = (np.random.default_rng(8).random((64, 64, 3)) * 255).astype(np.uint8)
     kept = editor.edit(other, "another prompt", picture.points, mask=picture.mask, **settings)
     assert not kept.lora_cached and editor._lora_trainer is trainer and editor._drag_loop is loop
     assert trainer.graph is graphs[0] and loop.optimizer_step.graph is graphs[1]
     assert all(editor.denoiser.graphs[key] is graph for key, graph in graphs[2].items())
+    assert editor._vae_graphs.graphs == vae_graphs  # the same graphs replayed
     fresh = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path / "b", progress=False)
     expected = fresh.edit(other, "another prompt", picture.points, mask=picture.mask, **settings)
     difference = np.abs(np.asarray(kept.image, dtype=np.float32) - np.asarray(expected.image, dtype=np.float32))
