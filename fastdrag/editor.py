@@ -207,13 +207,14 @@ class DragEditor:
         self._inverted = None      # z_t was inverted with the old adapter
 
     def _drop_graphs(self) -> None:
-        """Drop the graphs that read the UNet's weights. Their pool stays where it outlives them (a
-        `MemPool`), so the graphs captured next reuse its memory, and the VAE's graphs stay in it."""
+        """Drop the graphs that read the UNet's weights. Where the VAE's graphs are in their pool and
+        it outlives them (a `MemPool`), the pool and the VAE's graphs stay, and the graphs captured
+        next reuse its memory; otherwise the pool goes with them."""
         self.denoiser.reset()
         self._drag_loop = None
         self._lora_trainer = None
         self._weight_storage = None
-        if self._graph_pool is not None and not self._graph_pool.persistent:
+        if not (self._vae_graphs.graphs and self._graph_pool is not None and self._graph_pool.persistent):
             self._drop_pool()
 
     def _drop_pool(self) -> None:
@@ -233,14 +234,14 @@ class DragEditor:
         return self._graph_pool.handle
 
     def _vae_graphs_for(self, config: EditConfig, inputs: EditInputs) -> Optional[CapturedCalls]:
-        """The VAE's graphs (CUDA, with `cuda_graphs`), in the shared pool, or None (eager).
+        """The VAE's graphs (CUDA, with `cuda_graphs` and `cuda_graph_vae`), in the shared pool, or None (eager).
 
         Into a fresh pool the decoder is captured first: at the image's full size its activations are
         the largest blocks any graph here asks for, and the graphs captured after it carve theirs out
         of them. The other way round its blocks did not fit in the LoRA step's freed ones (the caching
         allocator does not merge blocks across segments), and an eager decoder kept 1.4 GiB beside the
         pool (H100, SD 1.5 / 512 px: bench/RESULTS.md)."""
-        if not (config.cuda_graphs and self.device.type == "cuda"):
+        if not (config.cuda_graphs and config.cuda_graph_vae and self.device.type == "cuda"):
             return None
         fresh = self._graph_pool is None
         self._vae_graphs.pool = self._shared_graph_pool()

@@ -109,6 +109,39 @@ def test_a_dropped_owner_frees_its_step_and_graph_at_once(recorder):
             gc.enable()
 
 
+def test_captured_calls_capture_once_per_name_and_shape_then_replay(recorder, monkeypatch):
+    """`CapturedCalls` (the VAE's graphs): one warm-up and capture per (name, shape, dtype), into the
+    pool given; later calls copy their input into the captured one and replay; past `MAX_GRAPHS` it
+    starts again."""
+    from fastdrag.cuda_graph import CapturedCalls
+
+    monkeypatch.setattr(CapturedCalls, "MAX_GRAPHS", 3)
+    calls = CapturedCalls(pool=("pool", 3))
+    seen = []
+
+    def double(x):
+        seen.append(x)
+        return x * 2
+
+    first = torch.randn(2, 3)
+    output = calls("decode", double, first)
+    assert recorder.events == [("side stream",), ("capture",), ("replay",)] and recorder.pools == [("pool", 3)]
+    assert seen[0] is seen[1] and seen[0] is not first  # warm-up and capture read the captured input
+    torch.testing.assert_close(output, first * 2)
+    second = torch.randn(2, 3)
+    assert calls("decode", double, second) is output and recorder.events[3:] == [("replay",)]
+    torch.testing.assert_close(seen[0], second)  # the replay's input
+    assert calls.has("decode", second) and not calls.has("decode", torch.randn(2, 4))
+    assert not calls.has("encode", second) and not calls.has("decode", second.double())
+    calls("encode", double, second)
+    calls("decode", double, torch.randn(3, 3))
+    assert len(calls.graphs) == 3 and recorder.events.count(("capture",)) == 3
+    calls("decode", double, torch.randn(4, 3))  # a fourth: the others go
+    assert list(calls.graphs) == [("decode", (4, 3), torch.float32, torch.device("cpu"))]
+    calls.reset()
+    assert not calls.graphs
+
+
 def test_no_garbage_collection_runs_inside_a_capture(monkeypatch):
     seen = []
 
