@@ -39,7 +39,7 @@
 # OUT: log.txt, tests.txt, toy_quality.txt, edit_timing.json, bench_*.json (pytest-benchmark), and for the
 # toy group toy_train.txt and toy_unet.tar. parallel-tests' toy cases, toy paths and test files are
 # TOY_CASES (default 4), TOY_PATHS (default "fast half reference") and TEST_FILES (default
-# "kernels_triton gpu attention").
+# "kernels_triton gpu attention"); TOY_ARGS adds options to the fast path's toy run.
 set -u
 groups=${1:?groups, e.g. all}
 out=${2:?output folder}
@@ -150,8 +150,9 @@ parallel_tests() {
     rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/toy-half /tmp/lora-fast /tmp/lora-reference /tmp/lora-half
     # each path trains its own LoRA; TOY_PATHS (default "fast half reference") names the paths run
     local paths=" ${TOY_PATHS:-fast half reference} "
+    # shellcheck disable=SC2086  # TOY_ARGS: extra options of the fast path's run, e.g. "--cuda-graph-vae true"
     [[ "$paths" == *" fast "* ]] && (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet --cache-dir /tmp/lora-fast \
-        --out /tmp/toy-fast >"$out/toy_fast.txt" 2>&1
+        --out /tmp/toy-fast ${TOY_ARGS:-} >"$out/toy_fast.txt" 2>&1
         echo "== toy eval, fast path, exit $?" >>"$out/toy_fast.txt") &
     pids+=($!)
     [[ "$paths" == *" half "* ]] && (FASTDRAG_HALF_NORMS=1 timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \

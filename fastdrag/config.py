@@ -76,9 +76,9 @@ class EditConfig:
     cuda_graph_lora: bool = True
     # Keep the LoRA trainer after the LoRA stage, with its CUDA graph where it has one, so the next
     # new image of the same size and LoRA settings restarts it in place instead of paying 3 eager
-    # steps and a capture (H200, SD 1.5 / 512 px: a new image 7.19 -> 6.37 s). Its graph then shares
+    # steps and a capture (H100, SD 1.5 / 512 px: a new image 7.52 -> 6.81 s). Its graph then shares
     # the editor's one memory pool with the drag loop's and the denoiser's, so keeping it holds less
-    # than not keeping it: 9.3 GiB reserved at the first edit, against 9.6 GiB without (bench/RESULTS.md).
+    # than not keeping it: 8.18 GiB reserved at every edit, against 9.3-13.7 GiB without (bench/RESULTS.md).
     # `DragEditor.release()` frees it
     keep_lora_trainer: bool = True
     # CUDA only, with cuda_graphs (experimental, off until measured on a GPU): replay the VAE's encoder
