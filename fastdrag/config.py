@@ -82,9 +82,9 @@ class EditConfig:
     # `DragEditor.release()` frees it
     keep_lora_trainer: bool = True
     # CUDA only, with cuda_graphs (experimental, off until measured on a GPU): replay the VAE's encoder
-    # and decoder as CUDA graphs in that pool, the decoder captured first into a fresh one, so its
-    # activations at full image size use the pool's idle memory instead of 1.4 GiB of their own beside
-    # it (H100, SD 1.5 / 512 px: 8.18 GiB reserved, of which the eager decoder's cache; bench/RESULTS.md)
+    # and decoder as CUDA graphs in that pool, the decoder captured first into a fresh one, so their
+    # activations use the pool's idle memory instead of about 1 GiB of their own beside it (H100,
+    # SD 1.5 / 512 px: 8.18 GiB reserved, about 1 GiB of it the eager VAE's cache; bench/RESULTS.md)
     cuda_graph_vae: bool = False
     # Fold the frozen LoRA into the UNet's weights for inversion, drag and denoising (one matmul per
     # LoRA layer; restored exactly after the edit). The same arithmetic up to one rounding of each
