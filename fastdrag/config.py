@@ -82,7 +82,7 @@ class EditConfig:
     # `DragEditor.release()` frees it
     keep_lora_trainer: bool = True
     # CUDA only, with cuda_graphs (experimental, off until measured on a GPU): replay the VAE's encoder
-    # and decoder as CUDA graphs in that pool, the decoder captured first into a fresh one, so their
+    # and decoder as CUDA graphs in that pool, the decoder captured before the edit's other graphs, so their
     # activations use the pool's idle memory instead of about 1 GiB of their own beside it (H100,
     # SD 1.5 / 512 px: 8.18 GiB reserved, about 1 GiB of it the eager VAE's cache; bench/RESULTS.md)
     cuda_graph_vae: bool = False

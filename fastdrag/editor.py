@@ -234,29 +234,30 @@ class DragEditor:
             self._graph_pool = GraphPool(self.device)
         return self._graph_pool.handle
 
-    def _vae_graphs_for(self, config: EditConfig, inputs: EditInputs) -> Optional[CapturedCalls]:
-        """The VAE's graphs (CUDA, with `cuda_graphs` and `cuda_graph_vae`), in the shared pool, or None (eager).
-
-        Eager, the VAE's activations took about 1 GiB beside the pool, whose 4.3 GiB sit idle while
-        the VAE runs (H100, SD 1.5 / 512 px: the encoder raised the reservation by 0.52 GiB, the decoder
-        by 0.47 GiB more; bench/RESULTS.md). Into a fresh pool the decoder is captured first: at the
-        image's full size its activations are the largest blocks any graph here asks for, and the
-        graphs captured after it can carve theirs out of them, where the LoRA step's freed blocks
-        could not hold the decoder's (the caching allocator does not merge blocks across segments).
-        Neither the saving nor the order's effect has been measured on a GPU yet."""
+    def _vae_graphs_for(self, config: EditConfig) -> Optional[CapturedCalls]:
+        """The VAE's graphs (CUDA, with `cuda_graphs` and `cuda_graph_vae`), in the shared pool, or None (eager)."""
         if not (config.cuda_graphs and config.cuda_graph_vae and self.device.type == "cuda"):
             return None
-        fresh = self._graph_pool is None
         self._vae_graphs.pool = self._shared_graph_pool()
-        if fresh:
-            width, height = inputs.working_size
-            scale = self.components.vae_scale
-            vae = self.components.vae
-            capture_decoder(vae, (1, vae.config.latent_channels, height // scale, width // scale), self._vae_graphs)
         return self._vae_graphs
 
     def _encode(self, inputs: EditInputs, config: EditConfig):
-        return encode_posterior(self.components.vae, inputs.image, self._vae_graphs_for(config, inputs))
+        """The image's VAE posterior; with the VAE's graphs, the decoder's for this size is captured
+        first, before the encoder's and the edit's other graphs.
+
+        Eager, the VAE's activations took about 1 GiB beside the pool, whose 4.3 GiB sit idle while
+        the VAE runs (H100, SD 1.5 / 512 px: the encoder raised the reservation by 0.52 GiB, the decoder
+        by 0.47 GiB more; bench/RESULTS.md). At the image's full size the decoder's activations are the
+        largest blocks any graph here asks for: captured first, the graphs captured after it can carve
+        theirs out of them, where the LoRA step's freed blocks could not hold the decoder's (the
+        caching allocator does not merge blocks across segments). Neither the saving nor the order's
+        effect has been measured on a GPU yet."""
+        vae, graphs = self.components.vae, self._vae_graphs_for(config)
+        if graphs is not None:
+            width, height = inputs.working_size
+            scale = self.components.vae_scale
+            capture_decoder(vae, (1, vae.config.latent_channels, height // scale, width // scale), graphs)
+        return encode_posterior(vae, inputs.image, graphs)
 
     def _check_weight_storage(self) -> None:
         """Drop the kept graphs if any UNet weight (adapter included) now lives elsewhere than when they were captured."""
@@ -501,7 +502,7 @@ class DragEditor:
             pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
                                prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
         edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor,
-                             self._vae_graphs_for(config, inputs))
+                             self._vae_graphs_for(config))
         if edited.size != inputs.original_size:
             edited = edited.resize(inputs.original_size, Image.BICUBIC)
         timings["total"] = time.perf_counter() - total_start

@@ -59,7 +59,7 @@ def decode(vae, latents: torch.Tensor, scaling_factor: float, graphs: Optional["
 
 def capture_decoder(vae, latent_shape, graphs: "CapturedCalls") -> None:
     """Capture the decoder's graph for latents of `latent_shape` now, if it is not there yet (before
-    other graphs, in a fresh pool: `DragEditor._vae_graphs_for` says why)."""
+    the other graphs of an edit: `DragEditor._encode` says why)."""
     latents = torch.zeros(latent_shape, device=vae.device, dtype=vae.dtype)
     if not graphs.has("vae_decode", latents):
         graphs("vae_decode", functools.partial(_pixels, vae), latents)

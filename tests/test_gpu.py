@@ -431,7 +431,7 @@ def test_an_editor_restarts_its_kept_graphs_for_a_new_image(picture, tmp_path):
     graphs = (trainer.graph, loop.optimizer_step.graph, dict(editor.denoiser.graphs))
     assert graphs[0] is not None and graphs[1] is not None and graphs[2]
     vae_graphs = dict(editor._vae_graphs.graphs)
-    assert [key[0] for key in vae_graphs] == ["vae_decode", "vae_encode"]  # the decoder first into the fresh pool
+    assert [key[0] for key in vae_graphs] == ["vae_decode", "vae_encode"]  # the decoder first, before the edit's other graphs
     pools = {tuple(graphs[0].pool()), tuple(graphs[1].pool()), *(tuple(g.graph.pool()) for g in graphs[2].values()),
              *(tuple(entry[0].pool()) for entry in vae_graphs.values())}
     assert pools == {tuple(editor._graph_pool.handle)}  # one memory pool for all of them
