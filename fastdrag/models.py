@@ -45,10 +45,11 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device: Union[str, torch.device], dtype: torch.dtype) -> "Components":
+        """Move and cast in one step per tensor: weights on the CPU are converted there and reach a GPU
+        in `dtype` (moving first put fp32 copies on the GPU, twice the final size, and the fp16 copies
+        made from them filled the freed blocks' segments only in part, which stay reserved)."""
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
+            module.to(device=device, dtype=dtype)
             module.requires_grad_(False)
             module.eval()
         return self
@@ -270,7 +271,13 @@ def load_components(
 
         components = load_toy()
     elif name == "sd15-random":
-        components = build_sd15_random(device=device)
+        components = build_sd15_random(device=device)  # random initialisation is fast there, slow on the CPU
+        if torch.device(device).type == "cuda":
+            # then load as a checkpoint loads: from the CPU, once, in the final dtype. Cast in place,
+            # 0.52 GiB of the segments reserved while loading stayed free between the weights (H100,
+            # bench/RESULTS.md), likely fp16 copies placed in part of the freed fp32 blocks' segments
+            components.to("cpu", torch.float32)
+            torch.cuda.empty_cache()
     else:
         path = Path(name).expanduser()
         if path.is_dir():

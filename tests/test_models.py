@@ -55,3 +55,27 @@ def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="could not load 'someone/some-model' from the Hugging Face hub"):
         load_components("someone/some-model")
+
+
+def test_weights_reach_the_device_already_in_their_dtype():
+    """`Components.to` moves and casts each tensor in one step: no fp32 copy of a weight is ever made on
+    the target device (on a GPU such copies took twice the final memory and left free fragments)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                made.append((out.device.type, out.dtype))
+            return out
+
+    components = build_tiny()
+    with Copies():
+        components.to("meta", torch.float16)
+    assert ("meta", torch.float16) in made
+    assert ("meta", torch.float32) not in made
+    for module in (components.unet, components.vae, components.text_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.float16} and module.device.type == "meta"
+        assert not any(p.requires_grad for p in module.parameters())
