@@ -30,6 +30,20 @@ def test_same_seed_gives_the_same_bytes(editor, picture, tmp_path, fast):
     assert np.asarray(other_seed.image).tobytes() != np.asarray(first.image).tobytes()
 
 
+def test_cuda_only_memory_options_change_nothing_on_the_cpu(editor, picture, tmp_path, fast):
+    """`cuda_graph_vae` and `release_cached_memory` are CUDA-only: on the CPU the edit runs eagerly, the
+    same bytes, and no VAE graph or pool is made (tests/test_gpu.py checks them on a GPU)."""
+    from fastdrag import DragEditor
+
+    plain = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    other = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False,
+                       release_cached_memory=True)
+    asked = other.edit(picture.image, picture.prompt, picture.points, cuda_graph_vae=True, **fast)
+    assert asked.config.cuda_graph_vae and not plain.config.cuda_graph_vae
+    assert np.asarray(asked.image).tobytes() == np.asarray(plain.image).tobytes()
+    assert not other._vae_graphs.graphs and other._graph_pool is None
+
+
 def test_odd_sized_image_comes_back_at_its_size(editor, fast):
     image = (np.random.default_rng(3).random((50, 70, 3)) * 255).astype(np.uint8)
     result = editor.edit(image, "noise", [((30, 20), (45, 30))], **fast)
