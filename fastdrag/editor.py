@@ -249,7 +249,7 @@ class DragEditor:
         the VAE runs (H100, SD 1.5 / 512 px: the encoder raised the reservation by 0.52 GiB, the decoder
         by 0.47 GiB more; bench/RESULTS.md). At the image's full size the decoder's activations are the
         largest blocks any graph here asks for: captured first, the graphs captured after it can carve
-        theirs out of them, where the LoRA step's freed blocks could not hold the decoder's (the
+        theirs out of them, where the LoRA step's freed blocks would likely not hold the decoder's (the
         caching allocator does not merge blocks across segments). Neither the saving nor the order's
         effect has been measured on a GPU yet."""
         vae, graphs = self.components.vae, self._vae_graphs_for(config)

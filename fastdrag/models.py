@@ -274,7 +274,7 @@ def load_components(
         components = build_sd15_random(device=device)  # random initialisation is fast there, slow on the CPU
         if torch.device(device).type == "cuda":
             # then load as a checkpoint loads: from the CPU, once, in the final dtype. Cast in place,
-            # 0.52 GiB of the segments reserved while loading stayed free between the weights (H100,
+            # 0.51 GiB of the segments reserved while loading stayed free between the weights (H100,
             # bench/RESULTS.md), likely fp16 copies placed in part of the freed fp32 blocks' segments
             components.to("cpu", torch.float32)
             torch.cuda.empty_cache()

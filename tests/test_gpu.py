@@ -203,7 +203,7 @@ def test_graphed_denoiser_matches_the_eager_one(dtype):
 
 def test_sd15_random_reaches_the_gpu_without_free_fragments():
     """The benchmark model loads as a checkpoint does, from the CPU in fp16: what loading it reserves is
-    about what its weights take (cast in place on the GPU, 0.52 GiB of free fragments stayed)."""
+    about what its weights take (cast in place on the GPU, 0.51 GiB of free fragments stayed)."""
     from fastdrag.models import load_components
 
     torch.cuda.synchronize()
