@@ -59,5 +59,10 @@ def test_every_stage_is_profiled(tmp_path):
     lora_origins = [origin for origin, _ in stages["LoRA step (batch 4)"]["copies_from"]["by_origin"]]
     assert any("Backward" in origin.split(" | ")[1] for origin in lora_origins)
     assert any(origin.split(" | ")[1] == "forward" for origin in lora_origins)
-    # the drag iteration runs forward and backward, the inversion step forward only
-    assert stages["drag iteration"]["device_ms"] > stages["inversion step"]["device_ms"]
+    # the drag iteration runs forward and backward, the inversion and denoising steps forward only (seen in
+    # the autograd nodes their copies come from: comparing their times failed once under two CI workers)
+    def nodes(stage):
+        return {origin.split(" | ")[1] for origin, _ in stages[stage]["copies_from"]["by_origin"]}
+
+    assert any("Backward" in node for node in nodes("drag iteration"))
+    assert nodes("inversion step") == nodes("denoising step (batch 2, K/V swap)") == {"forward"}
