@@ -83,12 +83,16 @@ class CapturedCalls:
     def reset(self) -> None:
         self.graphs.clear()
 
+    @staticmethod
+    def _key(name: str, x: torch.Tensor) -> tuple:
+        return name, tuple(x.shape), x.dtype, x.device
+
     def has(self, name: str, x: torch.Tensor) -> bool:
-        return (name, tuple(x.shape), x.dtype, x.device) in self.graphs
+        return self._key(name, x) in self.graphs
 
     @torch.no_grad()
     def __call__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        key = (name, tuple(x.shape), x.dtype, x.device)
+        key = self._key(name, x)
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.MAX_GRAPHS:

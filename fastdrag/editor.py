@@ -162,6 +162,8 @@ class DragEditor:
         return DdimSchedule.from_scheduler(self.components.scheduler, inv.num_inference_steps, inv.num_inversion_steps)
 
     def _timed(self, timings: Dict[str, float], name: str, fn, *args, **kwargs):
+        """Run one stage to its end on the device and add its seconds to `timings`; at its end, with
+        `release_cached_memory`, the caching allocator's free blocks go back to the driver."""
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         _synchronize(self.device)
@@ -215,7 +217,7 @@ class DragEditor:
         self._drag_loop = None
         self._lora_trainer = None
         self._weight_storage = None
-        if not (self._vae_graphs.graphs and self._graph_pool is not None and self._graph_pool.persistent):
+        if not (self._vae_graphs.graphs and self._graph_pool.persistent):  # VAE graphs live only in a pool
             self._drop_pool()
 
     def _drop_pool(self) -> None:

@@ -46,8 +46,8 @@ class Components:
 
     def to(self, device: Union[str, torch.device], dtype: torch.dtype) -> "Components":
         """Move and cast in one step per tensor: weights on the CPU are converted there and reach a GPU
-        in `dtype` (moving first put fp32 copies on the GPU, twice the final size, and the fp16 copies
-        made from them filled the freed blocks' segments only in part, which stay reserved)."""
+        in `dtype` (moving first put fp32 copies on the GPU, twice the final size, and likely left free
+        fragments in the segments of the freed fp32 blocks, which stay reserved)."""
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
             module.requires_grad_(False)
