@@ -83,7 +83,8 @@ def stage_steps(editor: DragEditor, size: int) -> Iterator[Tuple[str, Callable[[
 
 
 def profile_step(step: Callable[[], object], steps: int, device: torch.device) -> Dict[str, object]:
-    """Milliseconds per step of wall time (eager) and of device time, the latter by kind and top kernels."""
+    """Milliseconds per step of wall time (eager) and of device time, the latter by kind and top kernels,
+    and the autograd nodes a step's backward runs."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     step()
     step()  # warm-up: Triton compilation, cuDNN's algorithm choice, lazy allocations
@@ -97,8 +98,10 @@ def profile_step(step: Callable[[], object], steps: int, device: torch.device) -
         wall = time.perf_counter() - start
     by_kind: Dict[str, float] = defaultdict(float)
     by_name: Dict[str, float] = defaultdict(float)
-    launches = 0
+    launches = backward_nodes = 0
     for event in prof.key_averages():
+        if event.key.startswith("autograd::engine::evaluate_function"):  # one autograd node run by backward()
+            backward_nodes += event.count
         if device.type == "cuda":
             # kernels, copies and fills; a user annotation (torch.compile marks its regions) spans kernels counted already
             if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
@@ -116,6 +119,7 @@ def profile_step(step: Callable[[], object], steps: int, device: torch.device) -
     top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
     return {"wall_ms": wall * 1e3 / steps, "device_ms": sum(by_kind.values()),
             "kernels_per_step": launches / steps if device.type == "cuda" else None,
+            "backward_nodes_per_step": backward_nodes / steps,
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
             "top_ms": [[name[:100], ms] for name, ms in top]}
 

@@ -59,10 +59,9 @@ def test_every_stage_is_profiled(tmp_path):
     lora_origins = [origin for origin, _ in stages["LoRA step (batch 4)"]["copies_from"]["by_origin"]]
     assert any("Backward" in origin.split(" | ")[1] for origin in lora_origins)
     assert any(origin.split(" | ")[1] == "forward" for origin in lora_origins)
-    # the drag iteration runs forward and backward, the inversion and denoising steps forward only (seen in
-    # the autograd nodes their copies come from: comparing their times failed once under two CI workers)
-    def nodes(stage):
-        return {origin.split(" | ")[1] for origin, _ in stages[stage]["copies_from"]["by_origin"]}
-
-    assert any("Backward" in node for node in nodes("drag iteration"))
-    assert nodes("inversion step") == nodes("denoising step (batch 2, K/V swap)") == {"forward"}
+    # the LoRA step and the drag iteration run forward and backward, the inversion and denoising steps
+    # forward only (counted, not timed: comparing their times, and then the top copies' autograd nodes,
+    # each failed once under two CI workers)
+    backward = {name: row["backward_nodes_per_step"] for name, row in stages.items()}
+    assert backward["LoRA step (batch 4)"] > 0 and backward["drag iteration"] > 0
+    assert backward["inversion step"] == backward["denoising step (batch 2, K/V swap)"] == 0
