@@ -22,7 +22,8 @@ import torch
 from . import reference
 from .reference import active_pairs
 
-__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "active_pairs", "uses_triton", "kernel_choice"]
+__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "group_norm", "active_pairs",
+           "uses_triton", "kernel_choice"]
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -78,3 +79,14 @@ def masked_l1(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> torch.Te
         from .mask_term import masked_l1 as fused
         return fused(x, x0, mask)
     return reference.masked_l1(x, x0, mask)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
+    """`silu(group_norm(x))`, or the GroupNorm alone (`fastdrag.fused_norms` wires it into a model).
+    The Triton path reads x in its own layout and rounds once from fp32; inside `torch.compile` or an
+    export the reference runs, so that traced graphs hold stock operators."""
+    if uses_triton(x) and not torch.compiler.is_compiling():
+        from .fused_group_norm import group_norm as fused
+        return fused(x, num_groups, weight, bias, eps, silu)
+    return reference.group_norm(x, num_groups, weight, bias, eps, silu)

@@ -138,3 +138,12 @@ def masked_l1(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> torch.Te
 def point_features(feat: torch.Tensor, points: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Features `(N, C)` of the resized map at integer `points (N, 2)`."""
     return gather(resize(feat, size).float(), points.round())
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
+    """`silu(group_norm(x))` (or the GroupNorm alone) with PyTorch's own operators: what a stock
+    diffusers block computes (under autocast, in fp32). The test oracle of the Triton kernel, which
+    computes in fp32 and rounds once, is this on fp32 copies of the inputs."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y

@@ -1,0 +1,105 @@
+"""Experimental: the UNet's GroupNorms, with the SiLU after them, as one kernel (`fused_group_norm`).
+
+Wires `fastdrag.kernels.group_norm` into a stock diffusers UNet by instance attributes, so that the
+model's classes and weights stay as they are and `remove_fused_group_norms` puts every forward back:
+- each `ResnetBlock2D` of the plain kind SD 1.x uses (default time-embedding norm, SiLU, no resampling
+  inside the block) gets a forward that runs norm1 + SiLU and norm2 + SiLU fused, and otherwise does
+  what diffusers' forward does for that kind;
+- each continuous-input `Transformer2DModel`'s GroupNorm runs fused, without a SiLU;
+- the UNet's output GroupNorm runs fused with its SiLU, and `conv_act` becomes the identity.
+Why: on an H100 a LoRA step spent 30 % of its kernel time in layout copies and casts, the largest of
+them GroupNorm's (bench/RESULTS.md, 2026-11-26): the kernel removes the channels-last copies, the
+autocast casts and the SiLU's own passes. Under autocast it computes what the stock blocks compute
+(fp32 norm and SiLU, rounded once at the next layer's input); without autocast it rounds once where
+the stock fp16 blocks round twice. On the CPU (without `FASTDRAG_FORCE_TRITON`) the kernel's
+dispatcher runs the stock operators, so a patched model computes exactly what the stock one does.
+Off by default until a GPU lease measures it (`DragEditor.from_pretrained(fused_group_norm=True)`).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from . import kernels
+
+
+def _norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=False)
+
+
+def _norm_silu(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=True)
+
+
+def _identity(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' `ResnetBlock2D.forward` for the kind `_plain_resnet` accepts, each norm and SiLU fused."""
+    norm1, norm2 = self.norm1, self.norm2
+    hidden_states = kernels.group_norm(input_tensor, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps, silu=True)
+    hidden_states = self.conv1(hidden_states)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None:
+        hidden_states = hidden_states + temb
+    hidden_states = kernels.group_norm(hidden_states, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps, silu=True)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _plain_resnet(block: ResnetBlock2D) -> bool:
+    """Whether `_resnet_forward` computes what `block`'s own forward does."""
+    return (type(block.norm1) is torch.nn.GroupNorm and type(block.norm2) is torch.nn.GroupNorm
+            and type(block.nonlinearity) is torch.nn.SiLU and block.upsample is None and block.downsample is None
+            and block.time_embedding_norm == "default")
+
+
+def install_fused_group_norms(unet: torch.nn.Module) -> int:
+    """Route `unet`'s GroupNorms (and the SiLUs after them) through the fused kernel; returns how many
+    GroupNorms now run fused. Installing twice changes nothing more."""
+    count = 0
+    for module in unet.modules():
+        if isinstance(module, ResnetBlock2D) and _plain_resnet(module):
+            module.forward = types.MethodType(_resnet_forward, module)
+            count += 2
+        elif isinstance(module, Transformer2DModel) and getattr(module, "is_input_continuous", False) \
+                and type(module.norm) is torch.nn.GroupNorm:
+            module.norm.forward = types.MethodType(_norm, module.norm)
+            count += 1
+    norm_out, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
+    if type(norm_out) is torch.nn.GroupNorm and type(act) is torch.nn.SiLU:
+        norm_out.forward = types.MethodType(_norm_silu, norm_out)
+        act.forward = types.MethodType(_identity, act)
+        count += 1
+    return count
+
+
+def _patched_with(module: torch.nn.Module):
+    """The function of this module's own `forward` attribute, None without one."""
+    return getattr(vars(module).get("forward"), "__func__", None)
+
+
+def remove_fused_group_norms(unet: torch.nn.Module) -> int:
+    """Give the modules `install_fused_group_norms` changed their class's forward back; returns how many."""
+    count = 0
+    for module in unet.modules():
+        if _patched_with(module) in (_resnet_forward, _norm, _norm_silu, _identity):
+            del module.forward
+            count += 1
+    return count
+
+
+def fused_group_norm_count(unet: torch.nn.Module) -> int:
+    """How many of `unet`'s GroupNorms run fused now."""
+    weights = {_resnet_forward: 2, _norm: 1, _norm_silu: 1}
+    return sum(weights.get(_patched_with(module), 0) for module in unet.modules())
