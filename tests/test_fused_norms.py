@@ -1,0 +1,107 @@
+"""`fastdrag.fused_norms`: which GroupNorms it routes through the fused kernel, and that the model
+computes what the stock one does (exactly on the reference path, within rounding on the Triton one)."""
+import copy
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+
+from fastdrag.fused_norms import fused_group_norm_count, install_fused_group_norms, remove_fused_group_norms
+from fastdrag.half_norms import half_norms
+
+
+def group_norms(module):
+    return sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
+
+
+def unet_inputs(unet, batch=2, size=(12, 10), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, unet.config.in_channels, *size, generator=generator)
+    text = torch.randn(batch, 5, unet.config.cross_attention_dim, generator=generator)
+    return latents, torch.tensor([500, 300][:batch]), text
+
+
+def test_every_group_norm_runs_fused_and_the_unet_computes_what_the_stock_one_does(tiny):
+    unet = copy.deepcopy(tiny.unet)
+    latents, timesteps, text = unet_inputs(unet)
+    stock = unet(latents, timesteps, text).sample
+    assert install_fused_group_norms(unet) == group_norms(unet) == fused_group_norm_count(unet) > 0
+    assert install_fused_group_norms(unet) == group_norms(unet)  # twice: the same
+    fused = unet(latents, timesteps, text).sample
+    assert torch.equal(fused, stock)  # the CPU dispatches to the stock operators
+    assert remove_fused_group_norms(unet) > 0 and fused_group_norm_count(unet) == 0
+    assert not any("forward" in vars(m) for m in unet.modules())
+    assert torch.equal(unet(latents, timesteps, text).sample, stock)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_fused_unet_matches_the_stock_one_through_the_triton_kernel(tiny, monkeypatch):
+    """Output, input gradient and every weight's gradient (the norms' own included) of a
+    channels-last UNet, through the kernel under the interpreter, against the stock model."""
+    unet = copy.deepcopy(tiny.unet).to(memory_format=torch.channels_last)
+    latents, timesteps, text = unet_inputs(unet, batch=1, size=(8, 9), seed=1)
+    latents.requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def run():
+        out = unet(latents, timesteps, text).sample
+        grads = torch.autograd.grad(out, [latents, *params], torch.ones_like(out) + out.detach())
+        return out, grads
+
+    stock, stock_grads = run()
+    install_fused_group_norms(unet)
+    monkeypatch.setenv("FASTDRAG_FORCE_TRITON", "1")
+    fused, fused_grads = run()
+    assert fused.is_contiguous(memory_format=torch.channels_last) == stock.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(fused).all() and ((fused - stock).norm() / stock.norm()).item() <= 1e-5
+    norms = [g is not None and g.abs().sum() > 0 for g in stock_grads]
+    assert all(norms)
+    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(fused_grads, stock_grads))
+    assert worst <= 1e-4, worst
+
+
+def test_other_kinds_of_blocks_keep_their_own_forward():
+    plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=2)
+    scale_shift = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=2, time_embedding_norm="scale_shift")
+    resampling = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=2, up=True)
+    model = torch.nn.ModuleList([plain, scale_shift, resampling])
+    assert install_fused_group_norms(model) == 2
+    assert "forward" in vars(plain) and "forward" not in vars(scale_shift) and "forward" not in vars(resampling)
+    x, temb = torch.randn(2, 8, 5, 6), torch.randn(2, 16)
+    fresh = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=2)
+    fresh.load_state_dict(plain.state_dict())
+    assert torch.equal(plain(x, temb), fresh(x, temb))
+    vae_like = ResnetBlock2D(in_channels=8, out_channels=6, temb_channels=None, groups=2)  # no time embedding
+    stock_vae_like = copy.deepcopy(vae_like)
+    assert install_fused_group_norms(vae_like) == 2
+    assert torch.equal(vae_like(x, None), stock_vae_like(x, None))  # with its shortcut convolution
+
+
+def test_half_norms_leave_fused_group_norms_alone(tiny):
+    unet = copy.deepcopy(tiny.unet).half()
+    install_fused_group_norms(unet)
+    before = {name: vars(m).get("forward") for name, m in unet.named_modules()}
+    with half_norms(unet):
+        changed = [name for name, m in unet.named_modules() if vars(m).get("forward") is not before[name]]
+        assert changed and all(isinstance(unet.get_submodule(name), (torch.nn.LayerNorm, torch.nn.GroupNorm))
+                               for name in changed)
+        # the GroupNorms half_norms took are those whose block does not call them (a fused ResnetBlock2D's)
+        assert all(not isinstance(unet.get_submodule(name), torch.nn.GroupNorm) or name.endswith(("norm1", "norm2"))
+                   for name in changed)
+    assert fused_group_norm_count(unet) == group_norms(unet)
+    assert all(vars(m).get("forward") is before[name] for name, m in unet.named_modules())
+
+
+def test_an_editor_with_fused_group_norms_edits_as_the_stock_one(picture, tmp_path, fast):
+    from fastdrag import DragEditor
+
+    stock = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "a", progress=False)
+    fused = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "b", progress=False,
+                                       fused_group_norm=True)
+    unet = fused.components.unet
+    assert fused_group_norm_count(unet) == group_norms(unet) and fused_group_norm_count(stock.components.unet) == 0
+    first = stock.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    second = fused.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image)) and first.handles == second.handles
