@@ -67,6 +67,14 @@ def test_group_norm_matches_the_oracle(shape, groups, channels_last, silu, dtype
         assert relative_error(got, want) <= TOLERANCE[dtype], (name, relative_error(got, want))
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="SD 1.5 sizes take minutes under Triton's interpreter: run on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, channels_last", [((4, 320, 64, 64), True), ((1, 1280, 8, 8), True),
+                                                  ((2, 640, 32, 32), False)])
+def test_group_norm_at_sd15_sizes(shape, channels_last, dtype):
+    test_group_norm_matches_the_oracle(shape, 32, channels_last, True, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_output_is_rounded_once(dtype):
     """The stock half-precision GroupNorm rounds its output and the SiLU rounds again; the kernel

@@ -121,6 +121,57 @@ def test_half_norms_keep_autocast_normalisation_in_half_precision():
     assert ((half_grad - grad).norm() / grad.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "inference"])
+def test_fused_group_norms_are_as_exact_as_the_stock_ones(autocast):
+    """A channels-last fp16 tiny UNet with its GroupNorms fused, against an fp32 copy of it: under
+    autocast (the LoRA and drag steps) as close as the stock fp32 norms, without it (inversion,
+    denoising) at least as close as the stock fp16 norms, which round twice."""
+    import copy
+
+    from fastdrag.autocast import unet_autocast
+    from fastdrag.fused_norms import install_fused_group_norms
+    from fastdrag.models import build_tiny
+
+    stock = build_tiny().to("cuda", torch.float16).unet.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(stock)
+    assert install_fused_group_norms(fused) > 0
+    exact = copy.deepcopy(stock).float()
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(2, 4, 24, 20, device="cuda", generator=generator)
+    text = torch.randn(2, 77, 32, device="cuda", generator=generator)
+
+    def run(unet):
+        dtype = torch.float32 if unet is exact else torch.float16
+        latents = x.to(dtype).requires_grad_(True)
+        with unet_autocast(unet, autocast and unet is not exact):
+            out = unet(latents, torch.tensor(500, device="cuda"), encoder_hidden_states=text.to(dtype)).sample.float()
+        grad = torch.autograd.grad(out.square().mean(), latents)[0].float() if autocast else None
+        return out, grad
+
+    want_out, want_grad = run(exact)
+    (stock_out, stock_grad), (fused_out, fused_grad) = run(stock), run(fused)
+    error = lambda got, want: ((got - want).norm() / want.norm()).item()
+    assert torch.isfinite(fused_out).all() and error(fused_out, want_out) < 1e-2
+    assert error(fused_out, want_out) <= 1.25 * error(stock_out, want_out) + 1e-4
+    if autocast:
+        assert torch.isfinite(fused_grad).all() and error(fused_grad, want_grad) <= 1.25 * error(stock_grad, want_grad) + 1e-4
+
+
+def test_an_editor_with_fused_group_norms_edits_like_the_stock_one(picture, tmp_path):
+    import numpy as np
+    from fastdrag import DragEditor
+
+    settings = dict(lora_steps=4, num_inference_steps=10, drag_steps=6)
+    edits = []
+    for fused in (False, True):
+        editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", cache_dir=tmp_path / str(fused),
+                                            progress=False, fused_group_norm=fused)
+        edits.append(editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **settings))
+    difference = np.abs(np.asarray(edits[0].image, dtype=np.float32) - np.asarray(edits[1].image, dtype=np.float32))
+    assert difference.mean() < 3.0, difference.mean()
+    assert edits[1].handles == pytest.approx(edits[0].handles, abs=2.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_restarted_graphed_drag_loop_replays_a_new_drag(picture, dtype, monkeypatch):
     """A repeated edit restarts its drag loop in place: the graph captured during the first drag
