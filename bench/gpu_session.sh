@@ -38,8 +38,9 @@
 # no package index: fetch them here with `bash bench/fetch_wheels.sh` and carry .whl). Writes to
 # OUT: log.txt, tests.txt, toy_quality.txt, edit_timing.json, bench_*.json (pytest-benchmark), and for the
 # toy group toy_train.txt and toy_unet.tar. parallel-tests' toy cases, toy paths and test files are
-# TOY_CASES (default 4), TOY_PATHS (default "fast half reference") and TEST_FILES (default
-# "kernels_triton gpu attention"); TOY_ARGS adds options to the fast path's toy run.
+# TOY_CASES (default 4), TOY_PATHS (default "fast half reference"; "fused" adds the fast path with
+# --fused-group-norm) and TEST_FILES (default "kernels_triton gpu attention"); TOY_ARGS adds options to
+# the fast path's toy runs. PROFILE_ARGS adds options to the profile group, BENCH_K a -k filter to kernel-bench.
 set -u
 groups=${1:?groups, e.g. all}
 out=${2:?output folder}
@@ -147,7 +148,8 @@ parallel_tests() {
             echo "== tests/test_$file.py exit $?" >>"$out/tests_$file.txt") &
         pids+=($!)
     done
-    rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/toy-half /tmp/lora-fast /tmp/lora-reference /tmp/lora-half
+    rm -rf /tmp/toy-fast /tmp/toy-reference /tmp/toy-half /tmp/toy-fused /tmp/lora-fast /tmp/lora-reference \
+        /tmp/lora-half /tmp/lora-fused
     # each path trains its own LoRA; TOY_PATHS (default "fast half reference") names the paths run
     local paths=" ${TOY_PATHS:-fast half reference} "
     # shellcheck disable=SC2086  # TOY_ARGS: extra options of the fast path's run, e.g. "--cuda-graph-vae true"
@@ -158,6 +160,11 @@ parallel_tests() {
     [[ "$paths" == *" half "* ]] && (FASTDRAG_HALF_NORMS=1 timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
         --cache-dir /tmp/lora-half --out /tmp/toy-half >"$out/toy_half.txt" 2>&1
         echo "== toy eval, fast path with FASTDRAG_HALF_NORMS=1, exit $?" >>"$out/toy_half.txt") &
+    pids+=($!)
+    # shellcheck disable=SC2086
+    [[ "$paths" == *" fused "* ]] && (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
+        --cache-dir /tmp/lora-fused --out /tmp/toy-fused --fused-group-norm ${TOY_ARGS:-} >"$out/toy_fused.txt" 2>&1
+        echo "== toy eval, fast path with --fused-group-norm, exit $?" >>"$out/toy_fused.txt") &
     pids+=($!)
     [[ "$paths" == *" reference "* ]] && (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
         --dtype fp32 --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference \
@@ -171,15 +178,17 @@ parallel_tests() {
     done
     cat "${parts[@]}" >"$out/tests.txt" && rm -f "${parts[@]}"
     {
-        cat "$out/toy_fast.txt" "$out/toy_reference.txt" "$out/toy_half.txt"
+        cat "$out/toy_fast.txt" "$out/toy_reference.txt" "$out/toy_half.txt" "$out/toy_fused.txt"
         echo "== fast path against the reference path, paired:"
         python3 -m fastdrag.cli toy compare /tmp/toy-reference /tmp/toy-fast
         echo "== fast path with half-precision norms against the fast path, paired:"
         python3 -m fastdrag.cli toy compare /tmp/toy-fast /tmp/toy-half
+        echo "== fast path with fused GroupNorms against the fast path, paired:"
+        python3 -m fastdrag.cli toy compare /tmp/toy-fast /tmp/toy-fused
         echo "== fast path against the shipped CPU results (bench/results/toy), paired:"
         python3 -m fastdrag.cli toy compare bench/results/toy /tmp/toy-fast
     } >"$out/toy_quality.txt" 2>&1
-    rm -f "$out/toy_fast.txt" "$out/toy_reference.txt" "$out/toy_half.txt"
+    rm -f "$out/toy_fast.txt" "$out/toy_reference.txt" "$out/toy_half.txt" "$out/toy_fused.txt"
     grep "^== toy eval" "$out/toy_quality.txt" >>"$log"
     echo "== parallel-tests done after $((SECONDS - group_start)) s" >>"$log"
 }
@@ -237,7 +246,8 @@ for name in "${names[@]}"; do
     *-bench | edit-timing | profile | memory-origins)
         finish_toy
         case "$name" in
-        kernel-bench) run "$name" 200 "${bench_file[@]}" bench/test_kernels.py --benchmark-json "$out/bench_kernels.json" ;;
+        kernel-bench) run "$name" 200 "${bench_file[@]}" bench/test_kernels.py ${BENCH_K:+-k "$BENCH_K"} \
+            --benchmark-json "$out/bench_kernels.json" ;;
         stage-bench) run "$name" 200 "${bench_file[@]}" bench/test_stages.py -k "not edit" --model sd15 \
             --benchmark-json "$out/bench_steps.json" ;;
         edit-bench) run "$name" 240 "${bench_file[@]}" bench/test_stages.py -k edit --model sd15 \
@@ -245,7 +255,8 @@ for name in "${names[@]}"; do
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) edit_timing ;;
-        profile) run "$name" 100 python3 bench/profile_stages.py ;;
+        # shellcheck disable=SC2086  # PROFILE_ARGS: e.g. "--fused-group-norm"
+        profile) run "$name" 100 python3 bench/profile_stages.py ${PROFILE_ARGS:-} ;;
         memory-origins) run "$name" 150 python3 bench/memory_origins.py --edits 1 ;;
         *) echo "unknown group $name" >>"$log" ;;
         esac
