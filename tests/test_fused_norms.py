@@ -105,3 +105,35 @@ def test_an_editor_with_fused_group_norms_edits_as_the_stock_one(picture, tmp_pa
     first = stock.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     second = fused.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert np.array_equal(np.asarray(first.image), np.asarray(second.image)) and first.handles == second.handles
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_a_fused_block_keeps_fewer_activations_for_its_backward(monkeypatch):
+    """The stock block keeps each GroupNorm's output for the SiLU's backward; the fused kernel
+    recomputes it from the input, so exactly those two activations are no longer kept (under CUDA
+    autocast the stock block also keeps fp32 copies; the GPU tests measure that case)."""
+    block = ResnetBlock2D(in_channels=12, out_channels=12, temb_channels=16, groups=4)
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 12, 9, 7, generator=generator, requires_grad=True)
+    temb = torch.randn(2, 16, generator=generator)
+
+    def kept_bytes():
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = block(x, temb)
+        return sum(storages.values()), out
+
+    stock_bytes, stock = kept_bytes()
+    install_fused_group_norms(block)
+    monkeypatch.setenv("FASTDRAG_FORCE_TRITON", "1")
+    fused_bytes, fused = kept_bytes()
+    assert ((fused - stock).norm() / stock.norm()).item() <= 1e-5
+    activation = x.numel() * x.element_size()  # each GroupNorm output: 2 x 12 x 9 x 7 fp32, 6048 bytes
+    # give or take the small tensors each side keeps besides (group statistics, the bias the kernel reads)
+    assert abs(stock_bytes - fused_bytes - 2 * activation) <= 256, (stock_bytes, fused_bytes)

@@ -157,6 +157,39 @@ def test_fused_group_norms_are_as_exact_as_the_stock_ones(autocast):
         assert torch.isfinite(fused_grad).all() and error(fused_grad, want_grad) <= 1.25 * error(stock_grad, want_grad) + 1e-4
 
 
+def test_fused_group_norms_lower_the_peak_memory_of_a_lora_step():
+    """Under autocast the stock GroupNorm keeps an fp32 copy of its input and the SiLU its fp32
+    output for the backward; the fused kernel keeps the fp16 input alone. A LoRA-like step (batch 4,
+    forward and input gradient under the UNet's autocast) must peak lower with it."""
+    import copy
+
+    from fastdrag.autocast import unet_autocast
+    from fastdrag.fused_norms import install_fused_group_norms
+    from fastdrag.models import build_tiny
+
+    stock = build_tiny().to("cuda", torch.float16).unet.to(memory_format=torch.channels_last).requires_grad_(False)
+    fused = copy.deepcopy(stock)
+    install_fused_group_norms(fused)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    latents = torch.randn(4, 4, 64, 64, device="cuda", generator=generator, dtype=torch.float16)
+    text = torch.randn(4, 77, 32, device="cuda", generator=generator, dtype=torch.float16)
+
+    def peak(unet):
+        x = latents.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with unet_autocast(unet, True):
+            out = unet(x, torch.tensor(500, device="cuda"), encoder_hidden_states=text).sample
+        torch.autograd.grad(out.float().square().mean(), x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    peak(stock), peak(fused)  # first calls: cuDNN and Triton warm-up
+    stock_peak, fused_peak = peak(stock), peak(fused)
+    assert fused_peak < 0.9 * stock_peak, (stock_peak / 2**20, fused_peak / 2**20)
+
+
 def test_an_editor_with_fused_group_norms_edits_like_the_stock_one(picture, tmp_path):
     import numpy as np
     from fastdrag import DragEditor
