@@ -9,8 +9,9 @@ Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_
 package's, channels-last on CUDA only), `compile_blocks=true`, which compiles its blocks for this
 variant and every later one in the process, `channels_last_outputs=true`, which keeps the UNet's
 transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
-the process, `fused_group_norm=true`, which runs the UNet's GroupNorms (and the SiLUs after them) as
-one Triton kernel for this variant only (`fastdrag.fused_norms`), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS` for the variant
+the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
+Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
+`fused_geglu=true` for one of the two), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS` for the variant
 (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
 mask term), `release_cached_memory=true`, the editor's option that empties the CUDA caching
 allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
@@ -34,7 +35,7 @@ from fastdrag import DragEditor
 from fastdrag.channels_last import keep_transformer_outputs_channels_last
 from fastdrag.demo import demo_case
 from fastdrag.drag import DragLoop
-from fastdrag.fused_norms import install_fused_group_norms, remove_fused_group_norms
+from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks
 from fastdrag.half_norms import ENV as HALF_NORMS_ENV
 from fastdrag.lora import LoraTrainer
 from fastdrag.regional_compile import compile_blocks
@@ -126,10 +127,10 @@ def main() -> None:
             compile_blocks(unet)  # compilation is paid in warm_up()
         if settings.pop("channels_last_outputs", False):
             keep_transformer_outputs_channels_last(unet)
-        if settings.pop("fused_group_norm", False):
-            install_fused_group_norms(unet)
-        else:
-            remove_fused_group_norms(unet)
+        fused_all = settings.pop("fused_unet_kernels", False)
+        remove_fused_blocks(unet)
+        install_fused_blocks(unet, group_norm=settings.pop("fused_group_norm", fused_all),
+                             geglu=settings.pop("fused_geglu", fused_all))
         use_mask = settings.pop("mask", True)
         editor.release_cached_memory = settings.pop("release_cached_memory", False)
         graph_warmup = settings.pop("graph_warmup", None)

@@ -39,7 +39,7 @@
 # OUT: log.txt, tests.txt, toy_quality.txt, edit_timing.json, bench_*.json (pytest-benchmark), and for the
 # toy group toy_train.txt and toy_unet.tar. parallel-tests' toy cases, toy paths and test files are
 # TOY_CASES (default 4), TOY_PATHS (default "fast half reference"; "fused" adds the fast path with
-# --fused-group-norm) and TEST_FILES (default "kernels_triton gpu attention"); TOY_ARGS adds options to
+# --fused-unet-kernels) and TEST_FILES (default "kernels_triton gpu attention"); TOY_ARGS adds options to
 # the fast path's toy runs. PROFILE_ARGS adds options to the profile group, BENCH_K a -k filter to kernel-bench.
 set -u
 groups=${1:?groups, e.g. all}
@@ -163,8 +163,8 @@ parallel_tests() {
     pids+=($!)
     # shellcheck disable=SC2086
     [[ "$paths" == *" fused "* ]] && (timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
-        --cache-dir /tmp/lora-fused --out /tmp/toy-fused --fused-group-norm ${TOY_ARGS:-} >"$out/toy_fused.txt" 2>&1
-        echo "== toy eval, fast path with --fused-group-norm, exit $?" >>"$out/toy_fused.txt") &
+        --cache-dir /tmp/lora-fused --out /tmp/toy-fused --fused-unet-kernels ${TOY_ARGS:-} >"$out/toy_fused.txt" 2>&1
+        echo "== toy eval, fast path with --fused-unet-kernels, exit $?" >>"$out/toy_fused.txt") &
     pids+=($!)
     [[ "$paths" == *" reference "* ]] && (FASTDRAG_KERNELS=reference timeout "$limit" python3 -m fastdrag.cli toy eval --cases "${TOY_CASES:-4}" --quiet \
         --dtype fp32 --cuda-graphs false --attention-backend sdpa --cache-dir /tmp/lora-reference \
@@ -183,7 +183,7 @@ parallel_tests() {
         python3 -m fastdrag.cli toy compare /tmp/toy-reference /tmp/toy-fast
         echo "== fast path with half-precision norms against the fast path, paired:"
         python3 -m fastdrag.cli toy compare /tmp/toy-fast /tmp/toy-half
-        echo "== fast path with fused GroupNorms against the fast path, paired:"
+        echo "== fast path with fused UNet kernels against the fast path, paired:"
         python3 -m fastdrag.cli toy compare /tmp/toy-fast /tmp/toy-fused
         echo "== fast path against the shipped CPU results (bench/results/toy), paired:"
         python3 -m fastdrag.cli toy compare bench/results/toy /tmp/toy-fast
@@ -255,7 +255,7 @@ for name in "${names[@]}"; do
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
             --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) edit_timing ;;
-        # shellcheck disable=SC2086  # PROFILE_ARGS: e.g. "--fused-group-norm"
+        # shellcheck disable=SC2086  # PROFILE_ARGS: e.g. "--fused-unet-kernels"
         profile) run "$name" 100 python3 bench/profile_stages.py ${PROFILE_ARGS:-} ;;
         memory-origins) run "$name" 150 python3 bench/memory_origins.py --edits 1 ;;
         *) echo "unknown group $name" >>"$log" ;;

@@ -191,8 +191,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="the UNet's weights channels-last (default: the package's, on CUDA only)")
     parser.add_argument("--compile-blocks", action="store_true", help="torch.compile the UNet's blocks first")
-    parser.add_argument("--fused-group-norm", action="store_true",
-                        help="the UNet's GroupNorms (+ SiLU) as one Triton kernel (fastdrag.fused_norms)")
+    parser.add_argument("--fused-unet-kernels", action="store_true",
+                        help="the UNet's GroupNorm + SiLU and GEGLU as fused Triton kernels (fastdrag.fused_blocks)")
     parser.add_argument("--copies", action=argparse.BooleanOptionalAction, default=True,
                         help="trace the layout copies to their source (one more profiled step per stage)")
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -201,7 +201,7 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     editor = DragEditor.from_pretrained(args.model, device=device, dtype=dtype, cache_dir=tempfile.mkdtemp(),
                                         progress=False, channels_last=args.channels_last,
-                                        compile_blocks=args.compile_blocks, fused_group_norm=args.fused_group_norm)
+                                        compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels)
     rows = {}
     for stage, step in stage_steps(editor, args.size):
         rows[stage] = profile_step(step, args.steps, device)
@@ -213,7 +213,7 @@ def main() -> None:
             json.dump({"device": str(device), "model": args.model, "size": args.size, "dtype": str(dtype),
                        "channels_last": editor.components.unet.conv_in.weight.is_contiguous(
                            memory_format=torch.channels_last),
-                       "compile_blocks": args.compile_blocks, "fused_group_norm": args.fused_group_norm,
+                       "compile_blocks": args.compile_blocks, "fused_unet_kernels": args.fused_unet_kernels,
                        "stages": rows}, handle, indent=1)
 
 

@@ -1,8 +1,8 @@
 """Drag-loop kernels: fused Triton vs the PyTorch reference at the SD 1.5 shape.
 
 C = 640 features at 64x64 read at 256x256, 1 to 8 pairs; forward + backward of the motion loss,
-and point tracking. The fused GroupNorm + SiLU against the stock operators, at the LoRA step's
-largest (4 x 320 x 64 x 64, channels-last, under autocast as the step runs). Peak memory is recorded on CUDA. The fused kernels run only on a GPU (the
+and point tracking. The fused GroupNorm + SiLU and GEGLU against the stock operators, at the LoRA
+step's largest (4 x 320 x 64 x 64 channels-last; 4 x 4096 x 2560), under autocast as the step runs. Peak memory is recorded on CUDA. The fused kernels run only on a GPU (the
 interpreter is no speed path), so on the CPU only the reference runs.
 """
 import pytest
@@ -127,5 +127,28 @@ def test_group_norm_silu_forward_backward(benchmark, device, dtype, synchronize,
         with autocast:
             y = norm(x, 32, weight, bias, 1e-5, True)
         torch.autograd.grad(y, x, dy.to(y.dtype))
+
+    measure(benchmark, device, synchronize, step)
+
+
+@pytest.mark.parametrize("kind", ["stock", "fused"])
+def test_geglu_forward_backward(benchmark, device, dtype, synchronize, kind):
+    """GEGLU of SD 1.5's first feed-forward layer in a LoRA step: its 4 x 4096 x 2560 projection to
+    the 1280-wide product, forward and input gradient under autocast."""
+    if kind == "fused" and device.type != "cuda":
+        pytest.skip("the fused Triton kernels are benchmarked on a CUDA GPU only (none here)")
+    from fastdrag.kernels.fused_geglu import geglu as fused
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4096, 2560, generator=generator).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(4, 4096, 1280, generator=generator).to(device, dtype)
+    gate = fused if kind == "fused" else reference.geglu
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    benchmark.group = "GEGLU fwd+bwd, 4x4096x2560"
+
+    def step():
+        with autocast:
+            y = gate(x)
+        torch.autograd.grad(y, x, dy)
 
     measure(benchmark, device, synchronize, step)

@@ -131,9 +131,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-blocks", action="store_true",
                         help="torch.compile the UNet's residual and feed-forward blocks (minutes of compilation "
                              "on the first edit: over 200 s for SD 1.5 on an H100)")
-    parser.add_argument("--fused-group-norm", action="store_true",
-                        help="experimental: the UNet's GroupNorms and the SiLUs after them as one Triton kernel "
-                             "on CUDA (fastdrag.fused_norms; not yet measured on a GPU)")
+    parser.add_argument("--fused-unet-kernels", action="store_true",
+                        help="experimental: the UNet's GroupNorm + SiLU and GEGLU as fused Triton kernels on CUDA "
+                             "(fastdrag.fused_blocks; not yet measured on a GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
 
@@ -238,7 +238,7 @@ def _editor(args):
 
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                                       progress=not args.quiet, channels_last=args.channels_last,
-                                      compile_blocks=args.compile_blocks, fused_group_norm=args.fused_group_norm)
+                                      compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels)
 
 
 def cmd_edit(args) -> int:

@@ -132,7 +132,7 @@ class DragEditor:
                         dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
                         channels_last: Optional[bool] = None, compile_blocks: bool = False,
-                        fused_group_norm: bool = False) -> "DragEditor":
+                        fused_unet_kernels: bool = False) -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
         `channels_last` stores the UNet's convolution weights channels-last; None (the default) does
@@ -142,8 +142,8 @@ class DragEditor:
         `compile_blocks` compiles the UNet's residual and feed-forward blocks with `torch.compile`
         (`fastdrag.regional_compile`): on the H100 the SD 1.5 compilation ran past 200 s without
         finishing; off by default.
-        `fused_group_norm` runs the UNet's GroupNorms, and the SiLUs after them, as one Triton kernel
-        that reads either layout (`fastdrag.fused_norms`); experimental and off until a GPU measures it.
+        `fused_unet_kernels` runs the UNet's GroupNorms with the SiLUs after them, and its GEGLUs, as
+        fused Triton kernels on CUDA (`fastdrag.fused_blocks`); experimental, off until a GPU measures it.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
@@ -154,10 +154,10 @@ class DragEditor:
             channels_last = device.type == "cuda"
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
-        if fused_group_norm:
-            from .fused_norms import install_fused_group_norms
+        if fused_unet_kernels:
+            from .fused_blocks import install_fused_blocks
 
-            install_fused_group_norms(components.unet)
+            install_fused_blocks(components.unet)
         if compile_blocks:
             from .regional_compile import compile_blocks as compile_unet_blocks
 

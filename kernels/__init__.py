@@ -1,4 +1,4 @@
-"""Drag-loop kernels, dispatched by device (imported as `fastdrag.kernels`).
+"""Drag-loop kernels, and two for the UNet's blocks, dispatched by device (imported as `fastdrag.kernels`).
 
 Which path runs (`FASTDRAG_KERNELS`):
 - unset or `triton`: the Triton kernels for CUDA tensors, the PyTorch references of `reference.py`
@@ -12,6 +12,8 @@ Which path runs (`FASTDRAG_KERNELS`):
 the tests' switch.
 Both paths share one contract: supervision `(row, col)` coordinates, an optional `size` at which
 `feat` is read as if resized bilinearly (`align_corners=False`), fp32 accumulation.
+The UNet's kernels (`group_norm`, `geglu`; wired in by `fastdrag.fused_blocks`, opt-in) compute in
+fp32 and round once; their references are the stock operators.
 """
 import importlib.util
 import os
@@ -22,8 +24,10 @@ import torch
 from . import reference
 from .reference import active_pairs
 
-__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "group_norm", "active_pairs",
-           "uses_triton", "kernel_choice"]
+__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "group_norm", "geglu",
+           "active_pairs", "uses_triton", "kernel_choice"]
+
+INT32_ELEMENTS = 2**31  # the UNet kernels index with 32-bit offsets: larger tensors take the reference
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -83,10 +87,25 @@ def masked_l1(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
-    """`silu(group_norm(x))`, or the GroupNorm alone (`fastdrag.fused_norms` wires it into a model).
+    """`silu(group_norm(x))`, or the GroupNorm alone (`fastdrag.fused_blocks` wires it into a model).
     The Triton path reads x in its own layout and rounds once from fp32; inside `torch.compile` or an
     export the reference runs, so that traced graphs hold stock operators."""
-    if uses_triton(x) and not torch.compiler.is_compiling():
+    if _unet_kernel(x):
         from .fused_group_norm import group_norm as fused
         return fused(x, num_groups, weight, bias, eps, silu)
     return reference.group_norm(x, num_groups, weight, bias, eps, silu)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """`a * gelu(g)` for `a, g = x.chunk(2, -1)` (diffusers' GEGLU after its projection); the Triton
+    path computes in fp32 and rounds once, and keeps nothing but `x` for the backward."""
+    if _unet_kernel(x):
+        from .fused_geglu import geglu as fused
+        return fused(x)
+    return reference.geglu(x)
+
+
+def _unet_kernel(x: torch.Tensor) -> bool:
+    """Whether a UNet op (GroupNorm, GEGLU) takes its Triton kernel: as the drag kernels, except inside
+    `torch.compile` or an export, where the reference runs so that traced graphs hold stock operators."""
+    return uses_triton(x) and not torch.compiler.is_compiling() and x.numel() < INT32_ELEMENTS

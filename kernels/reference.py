@@ -147,3 +147,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
     computes in fp32 and rounds once, is this on fp32 copies of the inputs."""
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """`a * gelu(g)` for `a, g = x.chunk(2, -1)`: diffusers' GEGLU after its projection."""
+    hidden, gate = x.chunk(2, dim=-1)
+    return hidden * F.gelu(gate)

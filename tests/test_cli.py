@@ -142,11 +142,11 @@ def test_toy_train_time_budget_sets_the_step_count_unless_capped():
     assert train_config(parse(["toy", "train", "--out", "x"])).colour_weight == TrainConfig().colour_weight
 
 
-@pytest.mark.parametrize("flag, expected", [([], {"channels_last": None, "compile_blocks": False, "fused_group_norm": False}),
+@pytest.mark.parametrize("flag, expected", [([], {"channels_last": None, "compile_blocks": False, "fused_unet_kernels": False}),
                                             (["--channels-last"], {"channels_last": True, "compile_blocks": False}),
                                             (["--no-channels-last"], {"channels_last": False, "compile_blocks": False}),
                                             (["--compile-blocks"], {"channels_last": None, "compile_blocks": True}),
-                                            (["--fused-group-norm"], {"fused_group_norm": True})])
+                                            (["--fused-unet-kernels"], {"fused_unet_kernels": True})])
 def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag, expected):
     from fastdrag import DragEditor
 

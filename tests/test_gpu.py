@@ -122,19 +122,19 @@ def test_half_norms_keep_autocast_normalisation_in_half_precision():
 
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "inference"])
-def test_fused_group_norms_are_as_exact_as_the_stock_ones(autocast):
-    """A channels-last fp16 tiny UNet with its GroupNorms fused, against an fp32 copy of it: under
-    autocast (the LoRA and drag steps) as close as the stock fp32 norms, without it (inversion,
-    denoising) at least as close as the stock fp16 norms, which round twice."""
+def test_fused_unet_kernels_are_as_exact_as_the_stock_operators(autocast):
+    """A channels-last fp16 tiny UNet with its GroupNorms and GEGLUs fused, against an fp32 copy of
+    it: under autocast (the LoRA and drag steps) as close as the stock fp32 norms, without it
+    (inversion, denoising) as close as the stock fp16 operators, which round twice."""
     import copy
 
     from fastdrag.autocast import unet_autocast
-    from fastdrag.fused_norms import install_fused_group_norms
+    from fastdrag.fused_blocks import install_fused_blocks
     from fastdrag.models import build_tiny
 
     stock = build_tiny().to("cuda", torch.float16).unet.to(memory_format=torch.channels_last)
     fused = copy.deepcopy(stock)
-    assert install_fused_group_norms(fused) > 0
+    assert min(install_fused_blocks(fused).values()) > 0
     exact = copy.deepcopy(stock).float()
     generator = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(2, 4, 24, 20, device="cuda", generator=generator)
@@ -157,19 +157,20 @@ def test_fused_group_norms_are_as_exact_as_the_stock_ones(autocast):
         assert torch.isfinite(fused_grad).all() and error(fused_grad, want_grad) <= 1.25 * error(stock_grad, want_grad) + 1e-4
 
 
-def test_fused_group_norms_lower_the_peak_memory_of_a_lora_step():
+def test_fused_unet_kernels_lower_the_peak_memory_of_a_lora_step():
     """Under autocast the stock GroupNorm keeps an fp32 copy of its input and the SiLU its fp32
-    output for the backward; the fused kernel keeps the fp16 input alone. A LoRA-like step (batch 4,
-    forward and input gradient under the UNet's autocast) must peak lower with it."""
+    output for the backward, and GEGLU its GELU's output; the fused kernels keep their fp16 inputs
+    alone. A LoRA-like step (batch 4, forward and input gradient under the UNet's autocast) must
+    peak lower with them."""
     import copy
 
     from fastdrag.autocast import unet_autocast
-    from fastdrag.fused_norms import install_fused_group_norms
+    from fastdrag.fused_blocks import install_fused_blocks
     from fastdrag.models import build_tiny
 
     stock = build_tiny().to("cuda", torch.float16).unet.to(memory_format=torch.channels_last).requires_grad_(False)
     fused = copy.deepcopy(stock)
-    install_fused_group_norms(fused)
+    install_fused_blocks(fused)
     generator = torch.Generator(device="cuda").manual_seed(5)
     latents = torch.randn(4, 4, 64, 64, device="cuda", generator=generator, dtype=torch.float16)
     text = torch.randn(4, 77, 32, device="cuda", generator=generator, dtype=torch.float16)
@@ -190,7 +191,7 @@ def test_fused_group_norms_lower_the_peak_memory_of_a_lora_step():
     assert fused_peak < 0.9 * stock_peak, (stock_peak / 2**20, fused_peak / 2**20)
 
 
-def test_an_editor_with_fused_group_norms_edits_like_the_stock_one(picture, tmp_path):
+def test_an_editor_with_fused_unet_kernels_edits_like_the_stock_one(picture, tmp_path):
     import numpy as np
     from fastdrag import DragEditor
 
@@ -198,7 +199,7 @@ def test_an_editor_with_fused_group_norms_edits_like_the_stock_one(picture, tmp_
     edits = []
     for fused in (False, True):
         editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", cache_dir=tmp_path / str(fused),
-                                            progress=False, fused_group_norm=fused)
+                                            progress=False, fused_unet_kernels=fused)
         edits.append(editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **settings))
     difference = np.abs(np.asarray(edits[0].image, dtype=np.float32) - np.asarray(edits[1].image, dtype=np.float32))
     assert difference.mean() < 3.0, difference.mean()

@@ -1,25 +1,30 @@
-"""Experimental: the UNet's GroupNorms, with the SiLU after them, as one kernel (`fused_group_norm`).
+"""Experimental: the UNet's GroupNorm + SiLU and GEGLU as fused Triton kernels (`fused_unet_kernels`).
 
-Wires `fastdrag.kernels.group_norm` into a stock diffusers UNet by instance attributes, so that the
-model's classes and weights stay as they are and `remove_fused_group_norms` puts every forward back:
+Wires `fastdrag.kernels.group_norm` and `fastdrag.kernels.geglu` into a stock diffusers UNet by
+instance attributes, so that the model's classes and weights stay as they are and
+`remove_fused_blocks` puts every forward back:
 - each `ResnetBlock2D` of the plain kind SD 1.x uses (default time-embedding norm, SiLU, no resampling
   inside the block) gets a forward that runs norm1 + SiLU and norm2 + SiLU fused, and otherwise does
   what diffusers' forward does for that kind;
 - each continuous-input `Transformer2DModel`'s GroupNorm runs fused, without a SiLU;
-- the UNet's output GroupNorm runs fused with its SiLU, and `conv_act` becomes the identity.
-Why: on an H100 a LoRA step spent 30 % of its kernel time in layout copies and casts, the largest of
-them GroupNorm's (bench/RESULTS.md, 2026-11-26): the kernel removes the channels-last copies, the
-autocast casts and the SiLU's own passes. Under autocast it computes what the stock blocks compute
-(fp32 norm and SiLU, rounded once at the next layer's input); without autocast it rounds once where
-the stock fp16 blocks round twice. On the CPU (without `FASTDRAG_FORCE_TRITON`) the kernel's
-dispatcher runs the stock operators, so a patched model computes exactly what the stock one does.
-Off by default until a GPU lease measures it (`DragEditor.from_pretrained(fused_group_norm=True)`).
+- the UNet's output GroupNorm runs fused with its SiLU, and `conv_act` becomes the identity;
+- each `GEGLU` (the feed-forward layers' gate) runs its product fused after its projection.
+Why: on an H100 a LoRA step spent 30 % of its kernel time in layout copies and casts and 20 % in
+elementwise kernels (bench/RESULTS.md, 2026-11-26); GroupNorm's channels-last copies and autocast
+casts were the largest copies, GEGLU's `cat` in the backward among them. The kernels read the
+activations where they lie, compute in fp32 and round once: under autocast the arithmetic of the
+stock fp32 GroupNorm and SiLU (rounded at the next layer's input), and a GEGLU rounded once where the
+stock one rounds its GELU and its product. They keep less for the backward (the inputs only).
+On the CPU (without `FASTDRAG_FORCE_TRITON`) the dispatcher runs the stock operators, so a patched
+model computes exactly what the stock one does. Off by default until a GPU lease measures it
+(`DragEditor.from_pretrained(fused_unet_kernels=True)`).
 """
 from __future__ import annotations
 
 import types
 
 import torch
+from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -36,6 +41,10 @@ def _norm_silu(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _identity(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _geglu(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return kernels.geglu(self.proj(hidden_states))
 
 
 def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -64,24 +73,29 @@ def _plain_resnet(block: ResnetBlock2D) -> bool:
             and block.time_embedding_norm == "default")
 
 
-def install_fused_group_norms(unet: torch.nn.Module) -> int:
-    """Route `unet`'s GroupNorms (and the SiLUs after them) through the fused kernel; returns how many
-    GroupNorms now run fused. Installing twice changes nothing more."""
-    count = 0
+def _install_group_norms(unet: torch.nn.Module) -> None:
     for module in unet.modules():
         if isinstance(module, ResnetBlock2D) and _plain_resnet(module):
             module.forward = types.MethodType(_resnet_forward, module)
-            count += 2
         elif isinstance(module, Transformer2DModel) and getattr(module, "is_input_continuous", False) \
                 and type(module.norm) is torch.nn.GroupNorm:
             module.norm.forward = types.MethodType(_norm, module.norm)
-            count += 1
     norm_out, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
     if type(norm_out) is torch.nn.GroupNorm and type(act) is torch.nn.SiLU:
         norm_out.forward = types.MethodType(_norm_silu, norm_out)
         act.forward = types.MethodType(_identity, act)
-        count += 1
-    return count
+
+
+def install_fused_blocks(unet: torch.nn.Module, group_norm: bool = True, geglu: bool = True) -> dict:
+    """Route `unet`'s GroupNorms (and the SiLUs after them) and GEGLUs through the fused kernels, each
+    kind when asked; returns `fused_counts`. Installing twice changes nothing more."""
+    if group_norm:
+        _install_group_norms(unet)
+    if geglu:
+        for module in unet.modules():
+            if type(module) is GEGLU:
+                module.forward = types.MethodType(_geglu, module)
+    return fused_counts(unet)
 
 
 def _patched_with(module: torch.nn.Module):
@@ -89,17 +103,19 @@ def _patched_with(module: torch.nn.Module):
     return getattr(vars(module).get("forward"), "__func__", None)
 
 
-def remove_fused_group_norms(unet: torch.nn.Module) -> int:
-    """Give the modules `install_fused_group_norms` changed their class's forward back; returns how many."""
+def remove_fused_blocks(unet: torch.nn.Module) -> int:
+    """Give the modules `install_fused_blocks` changed their class's forward back; returns how many."""
     count = 0
     for module in unet.modules():
-        if _patched_with(module) in (_resnet_forward, _norm, _norm_silu, _identity):
+        if _patched_with(module) in (_resnet_forward, _norm, _norm_silu, _identity, _geglu):
             del module.forward
             count += 1
     return count
 
 
-def fused_group_norm_count(unet: torch.nn.Module) -> int:
-    """How many of `unet`'s GroupNorms run fused now."""
-    weights = {_resnet_forward: 2, _norm: 1, _norm_silu: 1}
-    return sum(weights.get(_patched_with(module), 0) for module in unet.modules())
+def fused_counts(unet: torch.nn.Module) -> dict:
+    """How many of `unet`'s GroupNorms and GEGLUs run fused now: {"group_norm": n, "geglu": m}."""
+    norms = {_resnet_forward: 2, _norm: 1, _norm_silu: 1}
+    patched = [_patched_with(module) for module in unet.modules()]
+    return {"group_norm": sum(norms.get(function, 0) for function in patched),
+            "geglu": sum(function is _geglu for function in patched)}
