@@ -50,7 +50,8 @@ def _layer_norm(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 def half_norms(model: torch.nn.Module, active: bool = True) -> Iterator[None]:
     """Inside, each GroupNorm and LayerNorm of `model` with half-precision affine weights (and no
     forward of its own, such as `fastdrag.fused_blocks` gives) normalises in that dtype with autocast
-    off (see the module docstring). What a CUDA graph captures inside keeps doing so on every replay. With `active` false, or no such layer, nothing changes."""
+    off (see the module docstring). What a CUDA graph captures inside keeps doing so on every replay.
+    With `active` false, or no such layer, nothing changes."""
     forwards = {torch.nn.GroupNorm: _group_norm, torch.nn.LayerNorm: _layer_norm}
     patched = []
     if active:
