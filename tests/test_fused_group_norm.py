@@ -91,6 +91,16 @@ def test_half_precision_output_is_rounded_once(dtype):
     assert relative_error(fused, exact) < relative_error(stock, exact)
 
 
+def test_statistics_hold_for_a_mean_far_larger_than_the_spread():
+    """The tiles' partial moments are combined by Chan's formula, not as E[x^2] - E[x]^2, which
+    would cancel to noise here (a spread of 1 around 1000 in fp32)."""
+    generator = torch.Generator().manual_seed(11)
+    x = (1000 + torch.randn(1, 8, 40, 50, generator=generator)).to(DEVICE).to(memory_format=torch.channels_last)
+    weight, bias = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    y = kernels.group_norm(x, 2, weight, bias, 1e-5, False)
+    assert relative_error(y, reference.group_norm(x.double(), 2, weight.double(), bias.double(), 1e-5)) <= 1e-3
+
+
 def test_inputs_that_do_not_flatten_and_gradients_in_another_layout():
     x, weight, bias = inputs((2, 12, 7, 12), True, torch.float32, seed=5)
     sliced = x[..., :9].detach().requires_grad_(True)  # width 9 of 12: its positions do not flatten to one stride
