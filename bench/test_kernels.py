@@ -2,7 +2,7 @@
 
 C = 640 features at 64x64 read at 256x256, 1 to 8 pairs; forward + backward of the motion loss,
 and point tracking. The fused GroupNorm + SiLU and GEGLU against the stock operators, at the LoRA
-step's largest (4 x 320 x 64 x 64 channels-last; 4 x 4096 x 2560), under autocast as the step runs. Peak memory is recorded on CUDA. The fused kernels run only on a GPU (the
+step's largest (1 and 4 x 320 x 64 x 64 channels-last; 4 x 4096 x 2560), under autocast as the step runs. Peak memory is recorded on CUDA. The fused kernels run only on a GPU (the
 interpreter is no speed path), so on the CPU only the reference runs.
 """
 import pytest
@@ -104,10 +104,12 @@ def test_loss_and_tracking(benchmark, device, dtype, synchronize, kind, graphed)
         measure(benchmark, device, synchronize, step)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("kind", ["stock", "fused"])
-def test_group_norm_silu_forward_backward(benchmark, device, dtype, synchronize, kind):
-    """GroupNorm + SiLU of SD 1.5's first resnet block in a LoRA step: batch 4, 320 channels in 32
-    groups at 64x64, channels-last, forward and input gradient under autocast (fp32 norms, stock).
+def test_group_norm_silu_forward_backward(benchmark, device, dtype, synchronize, kind, batch):
+    """GroupNorm + SiLU of SD 1.5's first resnet block in a LoRA step (batch 4) or a drag iteration
+    (batch 1): 320 channels in 32 groups at 64x64, channels-last, forward and input gradient under
+    autocast (fp32 norms, stock).
     In a UNet the stock path pays more: the next convolution casts its fp32 output and copies it
     back to channels-last; that is not in this benchmark."""
     if kind == "fused" and device.type != "cuda":
@@ -115,13 +117,13 @@ def test_group_norm_silu_forward_backward(benchmark, device, dtype, synchronize,
     from fastdrag.kernels.fused_group_norm import group_norm as fused
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 320, 64, 64, generator=generator).to(device, dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 320, 64, 64, generator=generator).to(device, dtype).to(memory_format=torch.channels_last)
     x.requires_grad_(True)
     weight, bias = torch.randn(320, generator=generator).to(device, dtype), torch.randn(320, generator=generator).to(device, dtype)
     dy = torch.randn(x.shape, generator=generator).to(device, dtype).to(memory_format=torch.channels_last)
     norm = fused if kind == "fused" else reference.group_norm
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    benchmark.group = "GroupNorm + SiLU fwd+bwd, 4x320x64x64 channels-last"
+    benchmark.group = f"GroupNorm + SiLU fwd+bwd, {batch}x320x64x64 channels-last"
 
     def step():
         with autocast:
