@@ -6,6 +6,7 @@ import copy
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ..fused_blocks import remove_fused_blocks
 from ..regional_compile import without_compiled_blocks
 
 
@@ -15,7 +16,8 @@ def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     The original keeps its adapter (the editor goes on using it). The copy has the module names
     of the stock model (`...attn1.to_q.weight`), so exported weights are found by those names.
     """
-    merged = without_compiled_blocks(copy.deepcopy(unet))  # traced for export: plain modules
+    merged = without_compiled_blocks(copy.deepcopy(unet))  # traced for export: plain modules,
+    remove_fused_blocks(merged)  # with the stock operators (an exporter need not trace through Triton)
     wrapped = [(name, module) for name, module in merged.named_modules() if isinstance(module, LoraLayer)]
     for name, module in wrapped:
         if module.active_adapters:

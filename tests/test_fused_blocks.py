@@ -161,3 +161,14 @@ def test_a_fused_block_keeps_fewer_activations_for_its_backward(monkeypatch):
     activation = x.numel() * x.element_size()  # each GroupNorm output: 2 x 12 x 9 x 7 fp32, 6048 bytes
     # give or take the small tensors each side keeps besides (group statistics, the bias the kernel reads)
     assert abs(stock_bytes - fused_bytes - 2 * activation) <= 256, (stock_bytes, fused_bytes)
+
+
+def test_the_export_copy_gets_the_stock_blocks(tiny):
+    from fastdrag.export.merge import merged_unet
+
+    unet = copy.deepcopy(tiny.unet)
+    install_fused_blocks(unet)
+    exported = merged_unet(unet)
+    assert fused_counts(exported) == {"group_norm": 0, "geglu": 0}
+    assert not any("forward" in vars(m) for m in exported.modules())
+    assert fused_counts(unet) == every_one(unet)  # the editor's UNet keeps its kernels
