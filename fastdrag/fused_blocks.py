@@ -17,7 +17,9 @@ stock fp32 GroupNorm and SiLU (rounded at the next layer's input), and a GEGLU r
 stock one rounds its GELU and its product. They keep less for the backward (the inputs only).
 On the CPU (without `FASTDRAG_FORCE_TRITON`) the dispatcher runs the stock operators, so a patched
 model computes exactly what the stock one does. Off by default until a GPU lease measures it
-(`DragEditor.from_pretrained(fused_unet_kernels=True)`).
+(`DragEditor.from_pretrained(fused_unet_kernels=True)`). Not part of the LoRA cache key: the
+adapters it trains differ from the stock path's by roundings only (unlike `FASTDRAG_HALF_NORMS`,
+whose fp16 norms measurably changed the edits), a claim the toy benchmark checks on the GPU.
 """
 from __future__ import annotations
 
@@ -88,7 +90,9 @@ def _install_group_norms(unet: torch.nn.Module) -> None:
 
 def install_fused_blocks(unet: torch.nn.Module, group_norm: bool = True, geglu: bool = True) -> dict:
     """Route `unet`'s GroupNorms (and the SiLUs after them) and GEGLUs through the fused kernels, each
-    kind when asked; returns `fused_counts`. Installing twice changes nothing more."""
+    kind when asked; returns `fused_counts`. Installing twice changes nothing more. CUDA graphs
+    captured before keep replaying the stock kernels: install before an editor captures any
+    (`from_pretrained` does), or call its `release()` after."""
     if group_norm:
         _install_group_norms(unet)
     if geglu:
