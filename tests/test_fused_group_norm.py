@@ -19,6 +19,7 @@ CASES = [
     ((3, 30, 5, 6), 3, False, False),
     ((1, 40, 13, 17), 4, True, True),    # 10 channels per group, as SD 1.5's 320 in 32 groups
     ((2, 32, 19, 23), 2, True, False),   # 16 per group: the position loop runs twice
+    ((1, 60, 5, 7), 2, True, True),      # 30 per group, as SD 1.5's 960 (an up block's concatenation)
     ((1, 8, 1, 1), 2, True, True),       # one position
     ((2, 6, 11), 3, False, True),        # one spatial axis
 ]
@@ -69,7 +70,8 @@ def test_group_norm_matches_the_oracle(shape, groups, channels_last, silu, dtype
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="SD 1.5 sizes take minutes under Triton's interpreter: run on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape, channels_last", [((4, 320, 64, 64), True), ((1, 1280, 8, 8), True),
+@pytest.mark.parametrize("shape, channels_last", [((4, 320, 64, 64), True), ((1, 320, 64, 64), True),
+                                                  ((2, 960, 32, 32), True), ((1, 2560, 8, 8), True),
                                                   ((2, 640, 32, 32), False)])
 def test_group_norm_at_sd15_sizes(shape, channels_last, dtype):
     test_group_norm_matches_the_oracle(shape, 32, channels_last, True, dtype)
