@@ -17,25 +17,26 @@ INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit
-def _geglu_forward(x_ptr, y_ptr, n, half, BLOCK: tl.constexpr):
+def _halves(x_ptr, n, half, BLOCK: tl.constexpr):
+    """(output offsets, their mask, offsets of `a` in x, a, g) of this program's block, in fp32."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offsets < n
-    row = offsets // half
-    a_at = row * 2 * half + offsets % half
+    a_at = (offsets // half) * 2 * half + offsets % half
     a = tl.load(x_ptr + a_at, mask=valid, other=0.0).to(tl.float32)
     g = tl.load(x_ptr + a_at + half, mask=valid, other=0.0).to(tl.float32)
+    return offsets, valid, a_at, a, g
+
+
+@triton.jit
+def _geglu_forward(x_ptr, y_ptr, n, half, BLOCK: tl.constexpr):
+    offsets, valid, _, a, g = _halves(x_ptr, n, half, BLOCK)
     y = a * 0.5 * g * (1.0 + tl.erf(g * SQRT_HALF))
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def _geglu_backward(x_ptr, dy_ptr, dx_ptr, n, half, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offsets < n
-    row = offsets // half
-    a_at = row * 2 * half + offsets % half
-    a = tl.load(x_ptr + a_at, mask=valid, other=0.0).to(tl.float32)
-    g = tl.load(x_ptr + a_at + half, mask=valid, other=0.0).to(tl.float32)
+    offsets, valid, a_at, a, g = _halves(x_ptr, n, half, BLOCK)
     dy = tl.load(dy_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.erf(g * SQRT_HALF))
     pdf = tl.exp(-0.5 * g * g) * INV_SQRT_2PI
