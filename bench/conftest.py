@@ -1,4 +1,5 @@
-"""Options of the benchmark suites: `pytest bench/ --benchmark-only [--device cuda] [--dtype fp16]`."""
+"""Options of the benchmark suites: `pytest bench/ --benchmark-only [--device cuda] [--dtype fp16]
+[--model sd15] [--size 512] [--fused-unet-kernels]`."""
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ def pytest_addoption(parser):
     group.addoption("--model", default="tiny", choices=("tiny", "sd15"),
                     help="tiny, or sd15: the SD 1.5 architecture with random weights (no download)")
     group.addoption("--size", type=int, default=None, help="image side in pixels (default: 64 for tiny, 512 for sd15)")
+    group.addoption("--fused-unet-kernels", action="store_true",
+                    help="the stage benchmarks' UNet with its GroupNorm + SiLU and GEGLU as Triton kernels (fastdrag.fused_blocks)")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Per-stage benchmarks and the whole edit, each with its FLOP count and achieved TFLOP/s.
 
     pytest bench/test_stages.py --benchmark-only [--model tiny|sd15] [--size 512] [--device cuda] [--dtype fp16]
+        [--fused-unet-kernels]
 
 Stages: one LoRA step (batch 4), one inversion step, one drag iteration, one reference-controlled
 denoising step (batch 2), VAE encode and decode; then a first edit (LoRA trained) and a repeated
@@ -26,7 +27,8 @@ def setup(request, device, dtype, tmp_path_factory):
     model = {"tiny": "tiny", "sd15": "sd15-random"}[request.config.getoption("--model")]
     size = request.config.getoption("--size") or (64 if model == "tiny" else 512)
     editor = DragEditor.from_pretrained(model, device=device, dtype=dtype, cache_dir=tmp_path_factory.mktemp("lora"),
-                                        progress=False)
+                                        progress=False,
+                                        fused_unet_kernels=request.config.getoption("--fused-unet-kernels"))
     case = demo_case(size)
     inputs = prepare_inputs(case.image, case.points, case.mask)
     c = editor.components
