@@ -385,6 +385,13 @@ def cmd_info(args) -> int:
         lines.append("--compile-blocks: usable here (torch.compile; off by default)")
     except ConfigError as exc:
         lines.append(f"--compile-blocks: not usable: {exc}")
+    from .kernels import kernel_choice, uses_triton
+
+    if uses_triton(torch.empty(0, device=device)):
+        lines.append("--fused-unet-kernels: usable here (Triton on CUDA; experimental, off by default)")
+    else:
+        lines.append(f"--fused-unet-kernels: the stock operators would run (device {device.type}, "
+                     f"FASTDRAG_KERNELS={kernel_choice()})")
     lines.append("optional backends:")
     for status in all_backends():
         state = "usable" if status.usable else "not usable"

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -156,8 +157,12 @@ class DragEditor:
             components.unet.to(memory_format=torch.channels_last)
         if fused_unet_kernels:
             from .fused_blocks import install_fused_blocks
+            from .kernels import uses_triton
 
             install_fused_blocks(components.unet)
+            if not uses_triton(components.unet.conv_in.weight):
+                logger.info("fused UNet kernels: Triton does not run for %s tensors here (FASTDRAG_KERNELS=%s); "
+                            "the stock operators run", device.type, os.environ.get("FASTDRAG_KERNELS", "triton"))
         if compile_blocks:
             from .regional_compile import compile_blocks as compile_unet_blocks
 

@@ -82,6 +82,7 @@ def test_console_script_info_runs():
         assert name in done.stdout
     assert "WARNING" not in done.stderr  # no xformers noise at import
     assert "--compile-blocks: " in done.stdout  # usable, or why not
+    assert "--fused-unet-kernels: the stock operators would run (device cpu" in done.stdout or torch.cuda.is_available()
 
 
 def test_info_says_why_compile_blocks_is_not_usable(monkeypatch, capsys):
