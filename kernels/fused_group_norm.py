@@ -246,6 +246,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
                eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
     """Triton version of `reference.group_norm`: `silu(group_norm(x))` (or without the SiLU) computed
     in fp32 and rounded once to x's dtype, in x's layout."""
+    if x.dim() == 2:  # (N, C): one position
+        return group_norm(x.unsqueeze(-1), num_groups, weight, bias, eps, silu).squeeze(-1)
     channels = x.shape[1]
     if weight is None:
         weight = torch.ones(channels, dtype=x.dtype, device=x.device)

@@ -22,6 +22,7 @@ CASES = [
     ((1, 60, 5, 7), 2, True, True),      # 30 per group, as SD 1.5's 960 (an up block's concatenation)
     ((1, 8, 1, 1), 2, True, True),       # one position
     ((2, 6, 11), 3, False, True),        # one spatial axis
+    ((3, 12), 4, False, True),           # none
 ]
 
 
