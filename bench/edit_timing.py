@@ -11,8 +11,8 @@ variant and every later one in the process, `channels_last_outputs=true`, which 
 transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
 the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
 Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
-`fused_geglu=true` for one of the two), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS` for the variant
-(`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
+`fused_geglu=true` for one of the two), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
+for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
 mask term), `release_cached_memory=true`, the editor's option that empties the CUDA caching
 allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
 CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
