@@ -23,6 +23,10 @@ import triton
 import triton.language as tl
 
 TILE_ELEMENTS = 4096  # positions x channels of one group in one program
+MIN_BLOCK_TILES = 64  # one BLOCK_TILES for every SD 1.x size up to 512 px: fewer compiled variants
+# sizes that take many values but change no code path: not specialised, so that a UNet's ~60 norms
+# compile a handful of variants (SD 1.5: 14 with them specialised), not one per size
+SIZES = ["HW", "groups", "tiles"]
 
 
 @triton.jit
@@ -37,7 +41,7 @@ def _tile(x_ptr, n, g, tile, HW, group_size, stride_n, stride_c, stride_hw,
     return x_ptr + n * stride_n + c[None, :] * stride_c + hw[:, None] * stride_hw, valid, c, c_valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, group_size, groups, tiles,
                      stride_n, stride_c, stride_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     n, g, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -68,7 +72,7 @@ def _group_moments(count_ptr, mean_ptr, m2_ptr, n, g, groups, tiles, eps, BLOCK_
     return mean, 1.0 / tl.sqrt(m2 / total + eps)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _normalise(x_ptr, y_ptr, w_ptr, b_ptr, count_ptr, mean_ptr, m2_ptr, saved_mean_ptr, saved_rstd_ptr,
                HW, group_size, groups, tiles, eps,
                x_stride_n, x_stride_c, x_stride_hw, y_stride_n, y_stride_c, y_stride_hw,
@@ -110,7 +114,7 @@ def _gradients_before_norm(x_ptr, dy_ptr, w_ptr, b_ptr, mean, rstd, n, g, tile, 
     return xhat, dz, w, valid, c, c_valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES + ["C"])
 def _backward_partials(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sum_dxhat_ptr, sum_dxhat_xhat_ptr,
                        dw_ptr, db_ptr, C, HW, group_size, groups, tiles,
                        x_stride_n, x_stride_c, x_stride_hw, dy_stride_n, dy_stride_c, dy_stride_hw,
@@ -130,7 +134,7 @@ def _backward_partials(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sum_dxha
     tl.store(db_ptr + row + c, tl.sum(dz, axis=0), mask=c_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _input_gradient(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sum_dxhat_ptr, sum_dxhat_xhat_ptr,
                     HW, group_size, groups, tiles,
                     x_stride_n, x_stride_c, x_stride_hw, dy_stride_n, dy_stride_c, dy_stride_hw,
@@ -179,7 +183,7 @@ def _grid(x: torch.Tensor, num_groups: int) -> Tuple[int, int, int, int, int, in
     block_c = triton.next_power_of_2(group_size)
     block_hw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(positions))
     tiles = triton.cdiv(positions, block_hw)
-    return positions, group_size, tiles, block_hw, block_c, triton.next_power_of_2(tiles)
+    return positions, group_size, tiles, block_hw, block_c, max(MIN_BLOCK_TILES, triton.next_power_of_2(tiles))
 
 
 def group_norm_forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
