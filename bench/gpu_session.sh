@@ -202,7 +202,7 @@ edit_timing() {
     for variant in ${TIMING_VARIANTS:-defaults unmerged:merge_lora=false half-norms:half_norms=true}; do
         limit=75
         [[ "$variant" != *compile_blocks=true* ]] || limit=240
-        # the fused UNet kernels' Triton compilation (about 30 variants) is paid in the first such process
+        # the fused UNet kernels' Triton compilation (27 variants at SD 1.5) is paid in the first such process
         [[ "$variant" != *fused_* ]] || limit=150
         run "edit-timing ${variant%%:*}" "$limit" env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 \
             bench/edit_timing.py --variant "$variant" --json "$out/edit_timing_${variant%%:*}.json"

@@ -15,7 +15,7 @@ casts were the largest copies, GEGLU's `cat` in the backward among them. The ker
 activations where they lie, compute in fp32 and round once: under autocast the arithmetic of the
 stock fp32 GroupNorm and SiLU (rounded at the next layer's input), and a GEGLU rounded once where the
 stock one rounds its GELU and its product. They keep less for the backward (the inputs only).
-The first forward and backward at each size compile the kernels (about 30 Triton variants for SD 1.5
+The first forward and backward at each size compile the kernels (27 Triton variants for SD 1.5
 at 512 px), which `DragEditor.warm_up()` pays for a server.
 On the CPU (without `FASTDRAG_FORCE_TRITON`) the dispatcher runs the stock operators, so a patched
 model computes exactly what the stock one does. Off by default until a GPU lease measures it
