@@ -43,6 +43,7 @@ KINDS: List[Tuple[str, str]] = [
     ("matmul", r"gemm|cutlass|cublas|addmm|\bmm\b|bmm|matmul|linear|sm\d+_xmma"),
     ("normalisation", r"group_?norm|layer_?norm|batch_?norm|welford|rowwisemoments|fusedparams"),
     ("fastdrag Triton kernels", r"_motion_loss|_track_points|_point_features|_masked_l1"),
+    ("fastdrag UNet kernels", r"^_(partial_moments|normalise|backward_partials|input_gradient|geglu_)"),
     ("reduction", r"reduce|sum|mean|norm"),
     ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|div|sub|where|fill|exp|neg|abs"),
 ]
