@@ -83,11 +83,14 @@ def _parse_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> 
 
 def _one_at_a_time(method):
     """Run `method` under the editor's lock: the UNet's adapter, attention processors, captured CUDA
-    graphs and caches are shared state, so a server's threads calling one editor take turns."""
+    graphs and caches are shared state, so a server's threads calling one editor take turns. On CUDA
+    the editor's GPU is the current device meanwhile: Triton kernels, current streams and graph
+    captures take the current device, which for an editor on `cuda:1` need not be its own."""
 
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        with self._lock:
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with self._lock, on_device:
             return method(self, *args, **kwargs)
 
     return locked

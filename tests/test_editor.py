@@ -245,3 +245,39 @@ def test_edit_runs_the_frozen_lora_merged_and_gives_the_unet_back_as_it_was(edit
     assert all(torch.equal(p, weights[n]) for n, p in unet.named_parameters())
     difference = np.abs(np.asarray(merged.image, dtype=np.float32) - np.asarray(unmerged.image, dtype=np.float32))
     assert difference.max() <= 2 and merged.handles == pytest.approx(unmerged.handles, abs=0.5), difference.max()
+
+
+def test_an_editor_on_a_cuda_device_makes_it_current_while_it_works(monkeypatch):
+    """Triton kernels, current streams and graph captures take the current device: an editor on
+    `cuda:1` makes cuda:1 current for each call (checked with a recording stand-in: no GPU here)."""
+    import threading
+
+    import torch
+
+    from fastdrag import editor as editor_module
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("left")
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+
+    class Holder:
+        def __init__(self, device):
+            self.device, self._lock = torch.device(device), threading.RLock()
+
+        @editor_module._one_at_a_time
+        def work(self):
+            return list(entered)
+
+    assert Holder("cuda:1").work() == [torch.device("cuda", 1)] and entered[-1] == "left"
+    entered.clear()
+    assert Holder("cpu").work() == [] and entered == []
