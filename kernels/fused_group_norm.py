@@ -41,28 +41,33 @@ def _tile(x_ptr, n, g, tile, HW, group_size, stride_n, stride_c, stride_hw,
     return x_ptr + n * stride_n + c[None, :] * stride_c + hw[:, None] * stride_hw, valid, c, c_valid
 
 
+@triton.jit
+def _tile_count(tile, HW, group_size, BLOCK_HW: tl.constexpr):
+    """Elements in tile(s) `tile` of a group: the last one may hold fewer positions."""
+    return (tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW) * group_size).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=SIZES)
-def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, HW, group_size, groups, tiles,
+def _partial_moments(x_ptr, mean_ptr, m2_ptr, HW, group_size, groups, tiles,
                      stride_n, stride_c, stride_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     n, g, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     at, valid, _, _ = _tile(x_ptr, n, g, tile, HW, group_size, stride_n, stride_c, stride_hw, BLOCK_HW, BLOCK_C)
     x = tl.load(at, mask=valid, other=0.0).to(tl.float32)
-    count = tl.sum(tl.sum(valid.to(tl.float32), axis=1), axis=0)
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / _tile_count(tile, HW, group_size, BLOCK_HW)
     centred = tl.where(valid, x - mean, 0.0)
     slot = (n * groups + g) * tiles + tile
-    tl.store(count_ptr + slot, count)
     tl.store(mean_ptr + slot, mean)
     tl.store(m2_ptr + slot, tl.sum(tl.sum(centred * centred, axis=1), axis=0))
 
 
 @triton.jit
-def _group_moments(count_ptr, mean_ptr, m2_ptr, n, g, groups, tiles, eps, BLOCK_TILES: tl.constexpr):
+def _group_moments(mean_ptr, m2_ptr, n, g, HW, group_size, groups, tiles, eps,
+                   BLOCK_HW: tl.constexpr, BLOCK_TILES: tl.constexpr):
     """(mean, rstd) of a group from its tiles' partials."""
     t = tl.arange(0, BLOCK_TILES)
     here = t < tiles
     slot = (n * groups + g) * tiles + t
-    counts = tl.load(count_ptr + slot, mask=here, other=0.0)
+    counts = tl.where(here, _tile_count(t, HW, group_size, BLOCK_HW), 0.0)
     means = tl.load(mean_ptr + slot, mask=here, other=0.0)
     m2s = tl.load(m2_ptr + slot, mask=here, other=0.0)
     total = tl.sum(counts, axis=0)
@@ -73,12 +78,12 @@ def _group_moments(count_ptr, mean_ptr, m2_ptr, n, g, groups, tiles, eps, BLOCK_
 
 
 @triton.jit(do_not_specialize=SIZES)
-def _normalise(x_ptr, y_ptr, w_ptr, b_ptr, count_ptr, mean_ptr, m2_ptr, saved_mean_ptr, saved_rstd_ptr,
+def _normalise(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, m2_ptr, saved_mean_ptr, saved_rstd_ptr,
                HW, group_size, groups, tiles, eps,
                x_stride_n, x_stride_c, x_stride_hw, y_stride_n, y_stride_c, y_stride_hw,
                SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TILES: tl.constexpr):
     n, g, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    mean, rstd = _group_moments(count_ptr, mean_ptr, m2_ptr, n, g, groups, tiles, eps, BLOCK_TILES)
+    mean, rstd = _group_moments(mean_ptr, m2_ptr, n, g, HW, group_size, groups, tiles, eps, BLOCK_HW, BLOCK_TILES)
     if tile == 0:
         tl.store(saved_mean_ptr + n * groups + g, mean)
         tl.store(saved_rstd_ptr + n * groups + g, rstd)
@@ -118,7 +123,8 @@ def _gradients_before_norm(x_ptr, dy_ptr, w_ptr, b_ptr, mean, rstd, n, g, tile, 
 def _backward_partials(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sum_dxhat_ptr, sum_dxhat_xhat_ptr,
                        dw_ptr, db_ptr, C, HW, group_size, groups, tiles,
                        x_stride_n, x_stride_c, x_stride_hw, dy_stride_n, dy_stride_c, dy_stride_hw,
-                       SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                       SILU: tl.constexpr, WEIGHT_GRADS: tl.constexpr, BLOCK_HW: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     n, g, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     mean = tl.load(mean_ptr + n * groups + g)
     rstd = tl.load(rstd_ptr + n * groups + g)
@@ -129,9 +135,10 @@ def _backward_partials(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sum_dxha
     slot = (n * groups + g) * tiles + tile
     tl.store(sum_dxhat_ptr + slot, tl.sum(tl.sum(dxhat, axis=1), axis=0))
     tl.store(sum_dxhat_xhat_ptr + slot, tl.sum(tl.sum(dxhat * xhat, axis=1), axis=0))
-    row = (n * tiles + tile) * C  # per (sample, tile) partial sums of the affine weights' gradients
-    tl.store(dw_ptr + row + c, tl.sum(dz * xhat, axis=0), mask=c_valid)
-    tl.store(db_ptr + row + c, tl.sum(dz, axis=0), mask=c_valid)
+    if WEIGHT_GRADS:  # per (sample, tile) partial sums of the affine weights' gradients
+        row = (n * tiles + tile) * C
+        tl.store(dw_ptr + row + c, tl.sum(dz * xhat, axis=0), mask=c_valid)
+        tl.store(db_ptr + row + c, tl.sum(dz, axis=0), mask=c_valid)
 
 
 @triton.jit(do_not_specialize=SIZES)
@@ -168,10 +175,11 @@ def _strides(t: torch.Tensor) -> Optional[Tuple[int, int, int]]:
 
 
 def _flattenable(t: torch.Tensor, like: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
-    """`t` and its strides; copied (to `like`'s layout, or contiguous) only when its spatial axes do not flatten."""
+    """`t` and its strides; copied (to `like`'s layout, which flattens, or contiguous) only when its
+    spatial axes do not flatten."""
     strides = _strides(t)
     if strides is None:
-        t = torch.empty_like(like).copy_(t) if like is not None and _strides(like) is not None else t.contiguous()
+        t = torch.empty_like(like).copy_(t) if like is not None else t.contiguous()
         strides = _strides(t)
     return t, strides
 
@@ -193,38 +201,41 @@ def group_norm_forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, b
     batch = x.shape[0]
     positions, group_size, tiles, block_hw, block_c, block_tiles = _grid(x, num_groups)
     grid = (batch, num_groups, tiles)
-    counts, means, m2s = torch.empty(3, batch * num_groups * tiles, dtype=torch.float32, device=x.device)
-    _partial_moments[grid](x, counts, means, m2s, positions, group_size, num_groups, tiles, *x_strides,
+    means, m2s = torch.empty(2, batch * num_groups * tiles, dtype=torch.float32, device=x.device)
+    _partial_moments[grid](x, means, m2s, positions, group_size, num_groups, tiles, *x_strides,
                            BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
     y = torch.empty_like(x)
     mean = torch.empty(batch, num_groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    _normalise[grid](x, y, weight, bias, counts, means, m2s, mean, rstd, positions, group_size, num_groups, tiles,
+    _normalise[grid](x, y, weight, bias, means, m2s, mean, rstd, positions, group_size, num_groups, tiles,
                      eps, *x_strides, *_strides(y), SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c,
                      BLOCK_TILES=block_tiles, num_warps=4)
     return y, x, mean, rstd
 
 
 def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        mean: torch.Tensor, rstd: torch.Tensor, silu: bool
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx in x's dtype and layout, fp32 partial dweight and dbias, each (rows, C) to be summed over rows)."""
+                        mean: torch.Tensor, rstd: torch.Tensor, silu: bool, weight_grads: bool
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx in x's dtype and layout, fp32 partial dweight and dbias, each (rows, C) to be summed over
+    rows, or None without `weight_grads`: frozen weights cost no reductions)."""
     dy, dy_strides = _flattenable(dy, like=x)
     batch, channels = x.shape[:2]
     num_groups = mean.shape[1]
     positions, group_size, tiles, block_hw, block_c, block_tiles = _grid(x, num_groups)
     grid = (batch, num_groups, tiles)
     sum_dxhat, sum_dxhat_xhat = torch.empty(2, batch * num_groups * tiles, dtype=torch.float32, device=x.device)
-    dw, db = torch.empty(2, batch * tiles, channels, dtype=torch.float32, device=x.device)
+    # without WEIGHT_GRADS the kernel writes no partials, so any pointer stands in for theirs
+    dw, db = (torch.empty(2, batch * tiles, channels, dtype=torch.float32, device=x.device) if weight_grads
+              else (sum_dxhat, sum_dxhat))
     x_strides = _strides(x)
     _backward_partials[grid](x, dy, weight, bias, mean, rstd, sum_dxhat, sum_dxhat_xhat, dw, db, channels, positions,
                              group_size, num_groups, tiles, *x_strides, *dy_strides,
-                             SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+                             SILU=silu, WEIGHT_GRADS=weight_grads, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
     dx = torch.empty_like(x)
     _input_gradient[grid](x, dy, dx, weight, bias, mean, rstd, sum_dxhat, sum_dxhat_xhat, positions, group_size,
                           num_groups, tiles, *x_strides, *dy_strides, *_strides(dx),
                           SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_TILES=block_tiles, num_warps=4)
-    return dx, dw, db
+    return (dx, dw, db) if weight_grads else (dx, None, None)
 
 
 class GroupNormSiLU(torch.autograd.Function):
@@ -240,7 +251,8 @@ class GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = group_norm_backward(dy, x, weight, bias, mean, rstd, ctx.silu)
+        dx, dw, db = group_norm_backward(dy, x, weight, bias, mean, rstd, ctx.silu,
+                                         weight_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         grad_weight = dw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = db.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx if ctx.needs_input_grad[0] else None, grad_weight, grad_bias, None, None, None
