@@ -11,7 +11,9 @@ variant and every later one in the process, `channels_last_outputs=true`, which 
 transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
 the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
 Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
-`fused_geglu=true` for one of the two), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
+`fused_geglu=true` for one of the two), `frozen_conv=true|false`, which gives the UNet's convolutions
+the input-gradient-only backward (`fastdrag.frozen_conv`; default: on, the package's default) for the
+variant, `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
 for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
 mask term), `release_cached_memory=true`, the editor's option that empties the CUDA caching
 allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
@@ -35,6 +37,7 @@ from fastdrag import DragEditor
 from fastdrag.channels_last import keep_transformer_outputs_channels_last
 from fastdrag.demo import demo_case
 from fastdrag.drag import DragLoop
+from fastdrag.frozen_conv import install_frozen_conv, remove_frozen_conv
 from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks
 from fastdrag.half_norms import ENV as HALF_NORMS_ENV
 from fastdrag.lora import LoraTrainer
@@ -131,6 +134,9 @@ def main() -> None:
         remove_fused_blocks(unet)
         install_fused_blocks(unet, group_norm=settings.pop("fused_group_norm", fused_all),
                              geglu=settings.pop("fused_geglu", fused_all))
+        remove_frozen_conv(unet)
+        if settings.pop("frozen_conv", True):
+            install_frozen_conv(unet)
         use_mask = settings.pop("mask", True)
         editor.release_cached_memory = settings.pop("release_cached_memory", False)
         graph_warmup = settings.pop("graph_warmup", None)

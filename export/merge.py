@@ -6,6 +6,7 @@ import copy
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ..frozen_conv import remove_frozen_conv
 from ..fused_blocks import remove_fused_blocks
 from ..regional_compile import without_compiled_blocks
 
@@ -18,6 +19,7 @@ def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """
     merged = without_compiled_blocks(copy.deepcopy(unet))  # traced for export: plain modules,
     remove_fused_blocks(merged)  # with the stock operators (an exporter need not trace through Triton)
+    remove_frozen_conv(merged)  # nor through an autograd function
     wrapped = [(name, module) for name, module in merged.named_modules() if isinstance(module, LoraLayer)]
     for name, module in wrapped:
         if module.active_adapters:

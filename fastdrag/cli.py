@@ -134,6 +134,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused-unet-kernels", action="store_true",
                         help="experimental: the UNet's GroupNorm + SiLU and GEGLU as fused Triton kernels on CUDA "
                              "(fastdrag.fused_blocks; not yet measured on a GPU)")
+    parser.add_argument("--frozen-conv", action=argparse.BooleanOptionalAction, default=True,
+                        help="the UNet's convolutions keep only their weights for the LoRA step's and the drag's "
+                             "backward: the same numbers, less memory (fastdrag.frozen_conv; default: on)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
 
@@ -238,7 +241,8 @@ def _editor(args):
 
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                                       progress=not args.quiet, channels_last=args.channels_last,
-                                      compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels)
+                                      compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels,
+                                      frozen_conv=args.frozen_conv)
 
 
 def cmd_edit(args) -> int:

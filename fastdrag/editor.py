@@ -28,6 +28,7 @@ from .denoise import denoise_pair
 from .denoiser import TorchDenoiser
 from .drag import DragLoop
 from .errors import InputError
+from .frozen_conv import install_frozen_conv
 from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
 from .inversion import invert
 from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
@@ -136,7 +137,7 @@ class DragEditor:
                         dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
                         channels_last: Optional[bool] = None, compile_blocks: bool = False,
-                        fused_unet_kernels: bool = False) -> "DragEditor":
+                        fused_unet_kernels: bool = False, frozen_conv: bool = True) -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
         `channels_last` stores the UNet's convolution weights channels-last; None (the default) does
@@ -148,6 +149,9 @@ class DragEditor:
         finishing; off by default.
         `fused_unet_kernels` runs the UNet's GroupNorms with the SiLUs after them, and its GEGLUs, as
         fused Triton kernels on CUDA (`fastdrag.fused_blocks`); experimental, off until a GPU measures it.
+        `frozen_conv` lets the UNet's convolutions keep only their weights for the backward of the LoRA
+        step and the drag (`fastdrag.frozen_conv`): the same numbers, 452 MiB less kept by an SD 1.5
+        LoRA step (counted on the meta device).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
@@ -158,6 +162,8 @@ class DragEditor:
             channels_last = device.type == "cuda"
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
+        if frozen_conv:
+            install_frozen_conv(components.unet)
         if fused_unet_kernels:
             from .fused_blocks import install_fused_blocks
             from .kernels import uses_triton
