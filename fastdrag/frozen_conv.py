@@ -4,9 +4,9 @@ PyTorch's convolution keeps its input for the backward even when only the input'
 wanted, which needs the weight alone (a `Linear` with a frozen weight keeps nothing). In a LoRA step
 and a drag iteration every convolution of the UNet is frozen (the adapters sit on the attention
 projections), so each keeps an activation that nothing reads: a resnet's normalised input, a
-transformer's normalised input, an upsampled map. Counted on the meta device at SD 1.5 (batch 4,
-64×64 latents, fp16; bench/RESULTS.md, 2026-11-27) that is 452 MiB of the 3992 MiB a LoRA step's
-forward keeps.
+transformer's normalised input, an upsampled map. Counted on the meta device at SD 1.5 in fp16
+(`bench/kept_memory.py`) that is 452 MiB of the 3062 MiB a LoRA step's forward keeps (batch 4,
+64×64 latents) and 120 of a drag iteration's 739.
 
 `install_frozen_conv(model)` gives each plain `Conv2d` of `model` a forward that, while gradients are
 recorded for an input whose convolution has frozen weight and bias, runs an autograd function keeping

@@ -164,3 +164,24 @@ def test_an_editor_edits_as_it_does_without_it_and_its_export_copy_is_stock(pict
     assert np.array_equal(np.asarray(first.image), np.asarray(second.image)) and first.handles == second.handles
     exported = merged_unet(unet)
     assert frozen_conv_count(exported) == 0 and frozen_conv_count(unet) > 0
+
+
+def test_the_kept_memory_count_sees_the_convolutions_keep_nothing():
+    """bench/kept_memory.py, the meta-device count behind the numbers above, on the tiny model."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from kept_memory import count
+
+    stock, frozen = count("tiny", 64, frozen_conv=False), count("tiny", 64, frozen_conv=True)
+    for stage in ("lora step", "drag iteration"):
+        assert stock[stage]["ConvolutionBackward0._saved_input"]["bytes"] > 0
+        assert not any(name.startswith("ConvolutionBackward0") for name in frozen[stage])
+
+        def total(kept):
+            return sum(entry["bytes"] for entry in kept.values())
+
+        assert total(frozen[stage]) < total(stock[stage])
+    assert frozen["lora step"]["MmBackward0._saved_self"]["bytes"] > 0  # the adapter's inputs, for its gradients
+    assert "MmBackward0._saved_self" not in frozen["drag iteration"]  # nothing trains in the drag

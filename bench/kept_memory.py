@@ -1,0 +1,173 @@
+"""What a LoRA step's and a drag iteration's UNet forward keep for the backward, counted at full
+size on the meta device (no memory, no GPU): the bytes of the distinct activations autograd keeps
+(weights excluded), by the autograd node that keeps them.
+
+    python bench/kept_memory.py [--model sd15-random] [--size 512] [--no-frozen-conv] [--top 12] [--json FILE]
+
+Why: a LoRA step's CUDA graph holds its forward's kept activations at the start of its backward,
+and that pool is the largest part of an edit's GPU memory (bench/RESULTS.md), so what a change does to
+it can be counted here before a GPU measures it.
+
+What is counted, and how it differs from a GPU run:
+- the UNet runs in fp16, channels-last, without autocast (the meta device has none). CUDA autocast
+  runs norms in fp32, so the stock GroupNorm + SiLU keep fp32 copies on a GPU: these counts are a
+  lower bound for the stock model, and what a path without those casts keeps;
+- the LoRA step: the adapter at the defaults, trained (in fp16 here, as autocast runs it), on a batch
+  of `lora_batch_size`; the drag iteration: batch 1, the adapter merged (nothing trains), the latent
+  the only leaf, the whole UNet (the drag with a mask term);
+- attention is counted as a flash kernel keeps it (query, key, value, output and an fp32
+  log-sum-exp per query and head): on the meta device SDPA runs its math path, which keeps the
+  attention matrix that no GPU kernel keeps.
+"""
+import argparse
+import contextlib
+import json
+from collections import defaultdict
+from typing import Dict, Iterator, List
+
+import torch
+import torch.nn.functional as F
+
+from fastdrag.config import LoraConfig
+from fastdrag.frozen_conv import install_frozen_conv
+from fastdrag.lora import install_adapter, lora_parameters
+from fastdrag.models import build_sd15_random, build_tiny
+
+
+class _FlashLike(torch.autograd.Function):
+    """Attention that keeps what a flash kernel keeps; its values are not computed (meta tensors)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        out = torch.empty_like(query)
+        ctx.save_for_backward(query, key, value, out, log_sum_exp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+@contextlib.contextmanager
+def flash_like_attention() -> Iterator[None]:
+    """SDPA replaced by `_FlashLike` for the duration (diffusers calls it through `F`)."""
+    original = F.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        return _FlashLike.apply(query, key, value)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _saved_tensors(node) -> List[torch.Tensor]:
+    """The tensors an autograd node keeps: a built-in node's `_saved_*` attributes, a custom
+    function's `saved_tensors`."""
+    tensors = []
+    for attr in dir(node):
+        if not attr.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, attr)
+        except RuntimeError:  # released, or not a tensor-valued attribute
+            continue
+        values = value if isinstance(value, (tuple, list)) else [value]
+        tensors += [(attr, v) for v in values if isinstance(v, torch.Tensor)]
+    try:
+        tensors += [("saved_tensors", t) for t in getattr(node, "saved_tensors", ())]
+    except RuntimeError:
+        pass
+    return tensors
+
+
+def kept_by_node(output: torch.Tensor, weights: List[torch.Tensor]) -> Dict[str, Dict[str, int]]:
+    """{"Node.attribute": {"bytes": b, "tensors": n}} of the activations the graph behind `output`
+    keeps, each storage counted once (under the first node met that keeps it), weights left out."""
+    weight_storages = {w.untyped_storage()._cdata for w in weights}
+    seen = set()
+    kept: Dict[str, Dict[str, int]] = defaultdict(lambda: {"bytes": 0, "tensors": 0})
+    stack, visited = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr, tensor in _saved_tensors(node):
+            storage = tensor.untyped_storage()
+            if storage._cdata in weight_storages:
+                continue
+            entry = kept[f"{type(node).__name__}.{attr}"]
+            entry["tensors"] += 1
+            if storage._cdata not in seen:
+                seen.add(storage._cdata)
+                entry["bytes"] += storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return dict(kept)
+
+
+def meta_unet(model: str, frozen_conv: bool):
+    """The model's UNet on the meta device in fp16, channels-last, with a fresh adapter at the defaults."""
+    if model == "sd15-random":
+        unet = build_sd15_random(device="meta").unet
+    elif model == "tiny":
+        unet = build_tiny().unet.to("meta")
+    else:
+        raise SystemExit(f"--model {model!r}: sd15-random or tiny")
+    unet = unet.to(torch.float16).to(memory_format=torch.channels_last).requires_grad_(False)
+    install_adapter(unet, LoraConfig(), seed=0)
+    for param in lora_parameters(unet):
+        param.data = param.data.half()  # as autocast runs the LoRA matmuls
+    if frozen_conv:
+        install_frozen_conv(unet)
+    return unet
+
+
+def count(model: str = "sd15-random", size: int = 512, frozen_conv: bool = True) -> Dict[str, Dict]:
+    """{"lora step": kept_by_node(...), "drag iteration": kept_by_node(...)} at this image size."""
+    unet = meta_unet(model, frozen_conv)
+    latent = size // 8
+    weights = list(unet.parameters())
+    results = {}
+    with flash_like_attention():
+        for stage, batch, trains in (("lora step", LoraConfig().lora_batch_size, True), ("drag iteration", 1, False)):
+            if trains:
+                for param in lora_parameters(unet):
+                    param.requires_grad_(True)
+            else:  # merged into the weights in the drag: the branch runs no more
+                unet.disable_adapters()
+            x = torch.empty(batch, unet.config.in_channels, latent, latent, device="meta", dtype=torch.float16,
+                            requires_grad=not trains)
+            text = torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
+            out = unet(x, torch.full((batch,), 500, device="meta"), encoder_hidden_states=text).sample
+            results[stage] = kept_by_node(out, weights)
+    unet.enable_adapters()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15-random", help="sd15-random or tiny")
+    parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are 1/8)")
+    parser.add_argument("--no-frozen-conv", action="store_true", help="the stock convolutions (fastdrag.frozen_conv off)")
+    parser.add_argument("--top", type=int, default=12, help="rows per stage")
+    parser.add_argument("--json", default=None, help="write the counts here")
+    args = parser.parse_args()
+    results = count(args.model, args.size, frozen_conv=not args.no_frozen_conv)
+    for stage, kept in results.items():
+        total = sum(entry["bytes"] for entry in kept.values())
+        print(f"{stage}: {total / 2**20:.1f} MiB kept for the backward ({args.model}, {args.size} px, "
+              f"frozen_conv {'off' if args.no_frozen_conv else 'on'})")
+        for name, entry in sorted(kept.items(), key=lambda item: -item[1]["bytes"])[:args.top]:
+            print(f"  {entry['bytes'] / 2**20:9.1f} MiB  {entry['tensors']:5d} tensors  {name}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
