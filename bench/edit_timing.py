@@ -13,7 +13,8 @@ the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU a
 Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
 `fused_geglu=true` for one of the two), `frozen_conv=true|false`, which gives the UNet's convolutions
 the input-gradient-only backward (`fastdrag.frozen_conv`; default: on, the package's default) for the
-variant, `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
+variant, `sdpa_priority=cudnn|efficient|default`, the order in which the UNet's SDPA attention
+tries its backends (the editor's `sdpa_priority`), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
 for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
 mask term), `release_cached_memory=true`, the editor's option that empties the CUDA caching
 allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
@@ -137,6 +138,7 @@ def main() -> None:
         remove_frozen_conv(unet)
         if settings.pop("frozen_conv", True):
             install_frozen_conv(unet)
+        editor.sdpa_priority = settings.pop("sdpa_priority", "default")
         use_mask = settings.pop("mask", True)
         editor.release_cached_memory = settings.pop("release_cached_memory", False)
         graph_warmup = settings.pop("graph_warmup", None)

@@ -20,7 +20,8 @@
 #                    finish compiling in 205 s on the H100)
 #   memory-origins   bench/memory_origins.py on SD 1.5: the segments the process reserves after warm_up() and an edit,
 #                    each with its pool and the code that reserved it, in the log
-#   attention-bench  bench/test_attention.py --model sd15
+#   attention-bench  bench/test_attention.py --model sd15 (with the SDPA backends at SD 1.5's attention calls,
+#                    forward and backward, under each sdpa_priority: ATTENTION_K="sdpa_priority" runs those alone)
 #   profile          bench/profile_stages.py on SD 1.5: each stage's kernel time by kind (convolution, matmul,
 #                    attention, normalisation, layout copies, ...), in the log
 #   toy              starts the toy UNet's 256-px training in the background (TOY_SECONDS, default 180);
@@ -40,7 +41,8 @@
 # toy group toy_train.txt and toy_unet.tar. parallel-tests' toy cases, toy paths and test files are
 # TOY_CASES (default 4), TOY_PATHS (default "fast half reference"; "fused" adds the fast path with
 # --fused-unet-kernels) and TEST_FILES (default "kernels_triton gpu attention"); TOY_ARGS adds options to
-# the fast path's toy runs. PROFILE_ARGS adds options to the profile group, BENCH_K a -k filter to kernel-bench.
+# the fast path's toy runs. PROFILE_ARGS adds options to the profile group, BENCH_K a -k filter to kernel-bench,
+# ATTENTION_K one to attention-bench.
 set -u
 groups=${1:?groups, e.g. all}
 out=${2:?output folder}
@@ -255,7 +257,7 @@ for name in "${names[@]}"; do
         edit-bench) run "$name" 240 "${bench_file[@]}" bench/test_stages.py -k edit --model sd15 \
             --benchmark-json "$out/bench_edits.json" ;;
         attention-bench) run "$name" 90 "${bench_file[@]}" bench/test_attention.py --model sd15 \
-            --benchmark-json "$out/bench_attention.json" ;;
+            ${ATTENTION_K:+-k "$ATTENTION_K"} --benchmark-json "$out/bench_attention.json" ;;
         edit-timing) edit_timing ;;
         # shellcheck disable=SC2086  # PROFILE_ARGS: e.g. "--fused-unet-kernels"
         profile) run "$name" 100 python3 bench/profile_stages.py ${PROFILE_ARGS:-} ;;

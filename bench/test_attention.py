@@ -65,3 +65,60 @@ def test_stage4_step_sd15(benchmark, device, dtype, synchronize, sd15_unet, back
             benchmark(step)
     finally:
         sd15_unet.to(memory_format=torch.contiguous_format)
+
+
+# The UNet's SDPA calls in a LoRA step (batch 4) at SD 1.5 / 512 px, per level: (batch, query tokens,
+# key tokens, heads, head size); the drag iteration makes the same calls at batch 1
+SD15_ATTENTION_CALLS = {
+    "self 64x64": (4, 4096, 4096, 8, 40),
+    "self 32x32": (4, 1024, 1024, 8, 80),
+    "self 16x16": (4, 256, 256, 8, 160),
+    "cross 64x64": (4, 4096, 77, 8, 40),
+}
+
+
+def _first_backend_usable(priority, query, key, value):
+    """Whether the backend `priority` puts first can run this call (else SDPA would fall back)."""
+    from torch.nn.attention import SDPAParams
+
+    params = SDPAParams(query, key, value, None, 0.0, False, False)
+    check = {"cudnn": torch.backends.cuda.can_use_cudnn_attention,
+             "efficient": torch.backends.cuda.can_use_efficient_attention}.get(priority)
+    return check is None or check(params, False)
+
+
+@pytest.mark.parametrize("call", list(SD15_ATTENTION_CALLS))
+@pytest.mark.parametrize("priority", ["default", "cudnn", "efficient"])
+def test_sdpa_priority_forward_backward_sd15(benchmark, device, dtype, synchronize, call, priority):
+    """One SDPA forward and backward at an SD 1.5 attention call, in diffusers' layout (heads viewed
+    out of the projection), under each `sdpa_priority`: which backend the UNet stages should try first."""
+    if device.type != "cuda":
+        pytest.skip("SDPA's backends are compared on a CUDA GPU only (none here)")
+    import torch.nn.functional as F
+
+    from fastdrag.attention import sdpa_priority
+
+    batch, tokens, key_tokens, heads, head_size = SD15_ATTENTION_CALLS[call]
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def projected(length):
+        return torch.randn(batch, length, heads, head_size, device=device, dtype=dtype,
+                           generator=generator).transpose(1, 2).requires_grad_(True)
+
+    query, key, value = projected(tokens), projected(key_tokens), projected(key_tokens)
+    grad = torch.randn(batch, heads, tokens, head_size, device=device, dtype=dtype, generator=generator)
+    if not _first_backend_usable(priority, query, key, value):
+        pytest.skip(f"{priority} attention cannot run {call} here: SDPA would fall back")
+    benchmark.group = f"SDPA forward + backward, SD 1.5 {call}, batch {batch}"
+    # the forward's two matmuls are 4·B·H·Lq·Lk·D FLOPs; a flash backward's five (recomputing the scores) 2.5 times that
+    flops = 3.5 * 4 * batch * heads * tokens * key_tokens * head_size
+
+    def step():
+        out = F.scaled_dot_product_attention(query, key, value)
+        torch.autograd.grad(out, (query, key, value), grad)
+        synchronize()
+
+    with sdpa_priority(priority):
+        benchmark(step)
+    benchmark.extra_info["TFLOP"] = flops / 1e12
+    benchmark.extra_info["TFLOP/s"] = flops / 1e12 / benchmark.stats.stats.mean

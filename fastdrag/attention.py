@@ -19,12 +19,47 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "xformers")
+# PyTorch SDPA's backends in priority order, by name: "default" keeps PyTorch's own (flash,
+# memory-efficient, math, then cuDNN); "cudnn" tries cuDNN's attention first
+SDPA_PRIORITIES: Dict[str, Optional[List[SDPBackend]]] = {
+    "default": None,
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+}
+
+
+def check_sdpa_priority(name: str) -> str:
+    """`name` if it is one of `SDPA_PRIORITIES`, else a ConfigError naming them."""
+    if name not in SDPA_PRIORITIES:
+        raise ConfigError(f"sdpa_priority must be one of {', '.join(SDPA_PRIORITIES)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def sdpa_priority(name: str) -> Iterator[None]:
+    """PyTorch SDPA tries its backends in the order `SDPA_PRIORITIES[name]` for the duration, each
+    where it supports the call, and only those ("default": PyTorch's order, untouched).
+
+    Why: on a GPU the UNet's own attention (the LoRA step's, the drag's, the unswapped layers of
+    inversion and denoising) runs on SDPA, which takes FlashAttention-2 first; cuDNN's attention
+    (Hopper kernels of its own) supports SD's head sizes (40, 80, 160) forward and backward, and
+    whether it is faster there is for the attention benchmark to say (bench/test_attention.py). The
+    choice is process-wide state while it lasts (PyTorch keeps it in global flags), and CUDA graphs
+    keep the kernels they captured under it.
+    """
+    backends = SDPA_PRIORITIES[check_sdpa_priority(name)]
+    if backends is None:
+        yield
+        return
+    with sdpa_kernel(backends, set_priority=True):
+        yield
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

@@ -137,6 +137,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frozen-conv", action=argparse.BooleanOptionalAction, default=True,
                         help="the UNet's convolutions keep only their weights for the LoRA step's and the drag's "
                              "backward: the same numbers, less memory (fastdrag.frozen_conv; default: on)")
+    parser.add_argument("--sdpa-priority", default="default", choices=["default", "cudnn", "efficient"],
+                        help="the order in which the UNet's SDPA attention tries its backends (default: PyTorch's, "
+                             "FlashAttention first; cudnn: cuDNN's attention first, see bench/RESULTS.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
 
@@ -242,7 +245,7 @@ def _editor(args):
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                                       progress=not args.quiet, channels_last=args.channels_last,
                                       compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels,
-                                      frozen_conv=args.frozen_conv)
+                                      frozen_conv=args.frozen_conv, sdpa_priority=args.sdpa_priority)
 
 
 def cmd_edit(args) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import choose_backend, self_attention_processor_names
+from .attention import check_sdpa_priority, choose_backend, sdpa_priority, self_attention_processor_names
 from .cache_usage import touch
 from .config import EditConfig
 from .cuda_graph import CapturedCalls, GraphPool
@@ -109,7 +109,7 @@ class DragEditor:
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
-                 progress: bool = True, release_cached_memory: bool = False):
+                 progress: bool = True, release_cached_memory: bool = False, sdpa_priority: str = "default"):
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -131,13 +131,28 @@ class DragEditor:
         self._graph_pool: Optional[GraphPool] = None  # the memory every kept graph of this editor captures into
         self._vae_graphs = CapturedCalls()  # the VAE encoder's and decoder's graphs, in that pool
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
+        self._sdpa_priority = check_sdpa_priority(sdpa_priority)
+
+    @property
+    def sdpa_priority(self) -> str:
+        """The order in which the UNet stages' SDPA attention tries its backends (`fastdrag.attention.
+        sdpa_priority`): "default" (PyTorch's), "cudnn" or "efficient". Setting it drops the kept CUDA
+        graphs, which hold the kernels they captured."""
+        return self._sdpa_priority
+
+    @sdpa_priority.setter
+    def sdpa_priority(self, name: str) -> None:
+        if check_sdpa_priority(name) != self._sdpa_priority:
+            self._sdpa_priority = name
+            self.release()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
                         channels_last: Optional[bool] = None, compile_blocks: bool = False,
-                        fused_unet_kernels: bool = False, frozen_conv: bool = True) -> "DragEditor":
+                        fused_unet_kernels: bool = False, frozen_conv: bool = True,
+                        sdpa_priority: str = "default") -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
         `channels_last` stores the UNet's convolution weights channels-last; None (the default) does
@@ -152,7 +167,9 @@ class DragEditor:
         `frozen_conv` lets the UNet's convolutions keep only their weights for the backward of the LoRA
         step and the drag (`fastdrag.frozen_conv`): the same numbers, 452 MiB less kept by an SD 1.5
         LoRA step (counted on the meta device).
+        `sdpa_priority` orders the backends of the UNet stages' SDPA attention (see the property).
         """
+        check_sdpa_priority(sdpa_priority)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
         if device.type == "cpu" and dtype != torch.float32:
@@ -176,7 +193,8 @@ class DragEditor:
             from .regional_compile import compile_blocks as compile_unet_blocks
 
             compile_unet_blocks(components.unet)
-        return cls(components, device, dtype, config=config, cache_dir=cache_dir, progress=progress)
+        return cls(components, device, dtype, config=config, cache_dir=cache_dir, progress=progress,
+                   sdpa_priority=sdpa_priority)
 
     def _schedule(self, config: EditConfig) -> DdimSchedule:
         inv = config.inversion
@@ -329,7 +347,8 @@ class DragEditor:
             trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
                                   cuda_graph=graphed, graph_pool=pool)
         keep = config.keep_lora_trainer
-        losses = run_trainer(trainer, config.lora.lora_steps, self.progress, keep_graph=keep)
+        with sdpa_priority(self._sdpa_priority):
+            losses = run_trainer(trainer, config.lora.lora_steps, self.progress, keep_graph=keep)
         self._lora_trainer = trainer if keep else None
         self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
                                                      "final_loss": f"{losses[-1]:.6f}" if losses else ""})
@@ -519,7 +538,8 @@ class DragEditor:
             self._drag_loop = None
             self._inverted = None
         self.denoiser.graph_pool = self._shared_graph_pool()
-        with merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext():
+        merged = merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext()
+        with merged, sdpa_priority(self._sdpa_priority):
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
             result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
             pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,

@@ -200,3 +200,52 @@ def test_xformers_matches_sdpa_in_fp16():
     with torch.no_grad():
         torch.testing.assert_close(ReferenceAttnProcessor("xformers")(attn, hidden), ReferenceAttnProcessor("sdpa")(attn, hidden),
                                    rtol=1e-2, atol=1e-2)
+
+
+def test_sdpa_priority_orders_the_backends_for_its_duration_and_names_bad_choices():
+    from torch.nn.attention import SDPBackend
+
+    from fastdrag.attention import SDPA_PRIORITIES, sdpa_priority
+
+    before = torch._C._get_sdp_priority_order()
+    with sdpa_priority("cudnn"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    with sdpa_priority("efficient"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # only the backends it lists
+    with sdpa_priority("default"):
+        assert torch._C._get_sdp_priority_order() == before
+    assert torch._C._get_sdp_priority_order() == before and torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(ConfigError, match="default, cudnn, efficient"):
+        with sdpa_priority("fa3"):
+            pass
+    assert list(SDPA_PRIORITIES) == ["default", "cudnn", "efficient"]
+
+
+def test_an_editor_runs_its_unet_attention_under_its_sdpa_priority(picture, tmp_path, fast):
+    """The UNet stages' attention runs under the editor's order; on the CPU (no cuDNN attention) the
+    edit is the default one bit for bit. Changing the order drops the kept graphs."""
+    import numpy as np
+    from torch.nn.attention import SDPBackend
+
+    from fastdrag import DragEditor
+
+    default = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "a", progress=False)
+    cudnn = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "b", progress=False,
+                                       sdpa_priority="cudnn")
+    orders = []
+    attention = next(m for m in cudnn.components.unet.modules() if isinstance(m, Attention))
+    attention.register_forward_pre_hook(lambda module, args: orders.append(torch._C._get_sdp_priority_order()[0]))
+    first = default.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    second = cudnn.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image)) and first.handles == second.handles
+    assert orders and set(orders) == {int(SDPBackend.CUDNN_ATTENTION)}  # every UNet call, LoRA to denoising
+    assert torch._C._get_sdp_priority_order()[0] != int(SDPBackend.CUDNN_ATTENTION)  # and only then
+    assert cudnn._drag_loop is not None
+    cudnn.sdpa_priority = "efficient"
+    assert cudnn.sdpa_priority == "efficient" and cudnn._drag_loop is None
+    with pytest.raises(ConfigError, match="sdpa_priority"):
+        cudnn.sdpa_priority = "fastest"
+    with pytest.raises(ConfigError, match="sdpa_priority"):
+        DragEditor.from_pretrained("tiny", device="cpu", progress=False, sdpa_priority="fastest")

@@ -147,7 +147,10 @@ def test_toy_train_time_budget_sets_the_step_count_unless_capped():
                                             (["--channels-last"], {"channels_last": True, "compile_blocks": False}),
                                             (["--no-channels-last"], {"channels_last": False, "compile_blocks": False}),
                                             (["--compile-blocks"], {"channels_last": None, "compile_blocks": True}),
-                                            (["--fused-unet-kernels"], {"fused_unet_kernels": True})])
+                                            (["--fused-unet-kernels"], {"fused_unet_kernels": True}),
+                                            ([], {"frozen_conv": True, "sdpa_priority": "default"}),
+                                            (["--no-frozen-conv"], {"frozen_conv": False}),
+                                            (["--sdpa-priority", "cudnn"], {"sdpa_priority": "cudnn"})])
 def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag, expected):
     from fastdrag import DragEditor
 
@@ -163,3 +166,12 @@ def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag,
             "--quiet"] + flag
     assert main(args) == 0
     assert {key: seen[key] for key in expected} == expected and seen["cache_dir"] == str(tmp_path / "c")
+
+
+def test_the_sdpa_priority_choices_are_the_packages():
+    from fastdrag.attention import SDPA_PRIORITIES
+    from fastdrag.cli import build_parser
+
+    edit = build_parser()._subparsers._group_actions[0].choices["edit"]
+    action = next(a for a in edit._actions if a.dest == "sdpa_priority")
+    assert list(action.choices) == list(SDPA_PRIORITIES)

@@ -229,6 +229,57 @@ def test_frozen_convolutions_give_the_stock_gradient_and_lower_the_peak_memory_o
     assert peak < 0.95 * stock_peak, (stock_peak / 2**20, peak / 2**20)
 
 
+@pytest.mark.parametrize("call", [(2, 4096, 4096, 8, 40), (2, 1024, 1024, 8, 80), (2, 256, 256, 8, 160),
+                                  (2, 4096, 77, 8, 40)], ids=["self-40", "self-80", "self-160", "cross-40"])
+@pytest.mark.parametrize("priority", ["cudnn", "efficient"])
+def test_each_sdpa_priority_is_as_exact_as_the_default_at_sd_attention_calls(call, priority):
+    """Output and every input gradient of SDPA in diffusers' layout at SD 1.5's head sizes, fp16,
+    against fp32 math: the backend a priority puts first as close as PyTorch's default choice."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPAParams, SDPBackend, sdpa_kernel
+
+    from fastdrag.attention import sdpa_priority
+
+    batch, tokens, key_tokens, heads, head_size = call
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    tensors = [torch.randn(batch, length, heads, head_size, device="cuda", generator=generator).transpose(1, 2)
+               for length in (tokens, key_tokens, key_tokens)]
+    grad = torch.randn(batch, heads, tokens, head_size, device="cuda", generator=generator)
+    half = [t.half().requires_grad_(True) for t in tensors]
+    check = {"cudnn": torch.backends.cuda.can_use_cudnn_attention,
+             "efficient": torch.backends.cuda.can_use_efficient_attention}[priority]
+    if not check(SDPAParams(*half, None, 0.0, False, False), True):
+        pytest.skip(f"{priority} attention cannot run this call on this GPU (see the warning for why)")
+
+    def run(inputs, out_grad):
+        out = F.scaled_dot_product_attention(*inputs)
+        return [out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, out_grad))]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want = run([t.requires_grad_(True) for t in tensors], grad)
+    default = run(half, grad.half())
+    with sdpa_priority(priority):
+        got = run(half, grad.half())
+    error = lambda a, b: ((a - b).norm() / b.norm()).item()
+    for g, d, w in zip(got, default, want):
+        assert torch.isfinite(g).all()
+        assert error(g, w) <= 1.25 * error(d, w) + 1e-3, (priority, error(g, w), error(d, w))
+
+
+def test_an_editor_with_cudnn_attention_first_edits_like_the_default_one(picture, tmp_path):
+    import numpy as np
+    from fastdrag import DragEditor
+
+    settings = dict(lora_steps=4, num_inference_steps=10, drag_steps=6)
+    edits = []
+    for priority in ("default", "cudnn"):
+        editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", cache_dir=tmp_path / priority,
+                                            progress=False, sdpa_priority=priority)
+        edits.append(editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **settings))
+    difference = np.abs(np.asarray(edits[0].image, dtype=np.float32) - np.asarray(edits[1].image, dtype=np.float32))
+    assert difference.mean() < 3.0, difference.mean()
+
+
 def test_an_editor_with_fused_unet_kernels_edits_like_the_stock_one(picture, tmp_path):
     import numpy as np
     from fastdrag import DragEditor
