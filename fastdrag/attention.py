@@ -42,6 +42,18 @@ def check_sdpa_priority(name: str) -> str:
     return name
 
 
+def cudnn_attention_support(device: torch.device) -> Tuple[bool, str]:
+    """(usable, why) for cuDNN's SDPA at SD 1.5's smallest head size (fp16, diffusers' layout) here."""
+    if device.type != "cuda":
+        return False, f"cuDNN attention runs on CUDA only, not on the {device.type}"
+    from torch.nn.attention import SDPAParams
+
+    query = torch.zeros(1, 64, 8, 40, device=device, dtype=torch.float16).transpose(1, 2)
+    if torch.backends.cuda.can_use_cudnn_attention(SDPAParams(query, query, query, None, 0.0, False, False), False):
+        return True, f"cuDNN {torch.backends.cudnn.version()} attention runs fp16 head size 40"
+    return False, "cuDNN attention cannot run fp16 head size 40 on this GPU/cuDNN"
+
+
 @contextlib.contextmanager
 def sdpa_priority(name: str) -> Iterator[None]:
     """PyTorch SDPA tries its backends in the order `SDPA_PRIORITIES[name]` for the duration, each

@@ -399,6 +399,10 @@ def cmd_info(args) -> int:
     else:
         lines.append(f"--fused-unet-kernels: the stock operators would run (device {device.type}, "
                      f"FASTDRAG_KERNELS={kernel_choice()})")
+    from .attention import cudnn_attention_support
+
+    usable, why = cudnn_attention_support(device)
+    lines.append(f"--sdpa-priority cudnn: {'usable here' if usable else 'changes nothing here'} ({why})")
     lines.append("optional backends:")
     for status in all_backends():
         state = "usable" if status.usable else "not usable"
