@@ -159,70 +159,59 @@ def test_fused_unet_kernels_are_as_exact_as_the_stock_operators(autocast, monkey
         assert torch.isfinite(fused_grad).all() and error(fused_grad, want_grad) <= 1.25 * error(stock_grad, want_grad) + 1e-4
 
 
+def tiny_half_unet():
+    """The tiny UNet in fp16, channels-last, frozen, with nothing installed."""
+    from fastdrag.models import build_tiny
+
+    return build_tiny().to("cuda", torch.float16).unet.to(memory_format=torch.channels_last).requires_grad_(False)
+
+
+def lora_like_step(unet, seed):
+    """(output, input gradient, peak bytes above the start) of a LoRA-like step: batch 4 at 64x64, the
+    forward under the UNet's autocast and the gradient of its input."""
+    from fastdrag.autocast import unet_autocast
+
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(4, 4, 64, 64, device="cuda", generator=generator, dtype=torch.float16).requires_grad_(True)
+    text = torch.randn(4, 77, 32, device="cuda", generator=generator, dtype=torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with unet_autocast(unet, True):
+        out = unet(x, torch.tensor(500, device="cuda"), encoder_hidden_states=text).sample
+    (grad,) = torch.autograd.grad(out.float().square().mean(), x)
+    torch.cuda.synchronize()
+    return out, grad, torch.cuda.max_memory_allocated() - base
+
+
 def test_fused_unet_kernels_lower_the_peak_memory_of_a_lora_step():
     """Under autocast the stock GroupNorm keeps an fp32 copy of its input and the SiLU its fp32
     output for the backward, and GEGLU its GELU's output; the fused kernels keep their fp16 inputs
-    alone. A LoRA-like step (batch 4, forward and input gradient under the UNet's autocast) must
-    peak lower with them."""
+    alone. A LoRA-like step must peak lower with them."""
     import copy
 
-    from fastdrag.autocast import unet_autocast
     from fastdrag.fused_blocks import install_fused_blocks
-    from fastdrag.models import build_tiny
 
-    stock = build_tiny().to("cuda", torch.float16).unet.to(memory_format=torch.channels_last).requires_grad_(False)
+    stock = tiny_half_unet()
     fused = copy.deepcopy(stock)
     install_fused_blocks(fused)
-    generator = torch.Generator(device="cuda").manual_seed(5)
-    latents = torch.randn(4, 4, 64, 64, device="cuda", generator=generator, dtype=torch.float16)
-    text = torch.randn(4, 77, 32, device="cuda", generator=generator, dtype=torch.float16)
-
-    def peak(unet):
-        x = latents.clone().requires_grad_(True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with unet_autocast(unet, True):
-            out = unet(x, torch.tensor(500, device="cuda"), encoder_hidden_states=text).sample
-        torch.autograd.grad(out.float().square().mean(), x)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    peak(stock), peak(fused)  # first calls: cuDNN and Triton warm-up
-    stock_peak, fused_peak = peak(stock), peak(fused)
+    lora_like_step(stock, 5), lora_like_step(fused, 5)  # first calls: cuDNN and Triton warm-up
+    stock_peak, fused_peak = lora_like_step(stock, 5)[2], lora_like_step(fused, 5)[2]
     assert fused_peak < 0.9 * stock_peak, (stock_peak / 2**20, fused_peak / 2**20)
 
 
 def test_frozen_convolutions_give_the_stock_gradient_and_lower_the_peak_memory_of_a_lora_step():
     """cuDNN's backward-data kernel from the weight alone gives the stock input gradient, and the
-    convolutions' inputs are no longer kept: a LoRA-like step (batch 4, channels-last, the UNet's
-    autocast) peaks lower."""
+    convolutions' inputs are no longer kept: a LoRA-like step peaks lower."""
     import copy
 
-    from fastdrag.autocast import unet_autocast
     from fastdrag.frozen_conv import install_frozen_conv
-    from fastdrag.models import build_tiny
 
-    stock = build_tiny().to("cuda", torch.float16).unet.to(memory_format=torch.channels_last).requires_grad_(False)
+    stock = tiny_half_unet()
     frozen = copy.deepcopy(stock)
     assert install_frozen_conv(frozen) > 10
-    generator = torch.Generator(device="cuda").manual_seed(6)
-    latents = torch.randn(4, 4, 64, 64, device="cuda", generator=generator, dtype=torch.float16)
-    text = torch.randn(4, 77, 32, device="cuda", generator=generator, dtype=torch.float16)
-
-    def run(unet):
-        x = latents.clone().requires_grad_(True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with unet_autocast(unet, True):
-            out = unet(x, torch.tensor(500, device="cuda"), encoder_hidden_states=text).sample
-        (grad,) = torch.autograd.grad(out.float().square().mean(), x)
-        torch.cuda.synchronize()
-        return out, grad, torch.cuda.max_memory_allocated() - base
-
-    run(stock), run(frozen)  # first calls: cuDNN's algorithm search
-    (stock_out, stock_grad, stock_peak), (out, grad, peak) = run(stock), run(frozen)
+    lora_like_step(stock, 6), lora_like_step(frozen, 6)  # first calls: cuDNN's algorithm search
+    (stock_out, stock_grad, stock_peak), (out, grad, peak) = lora_like_step(stock, 6), lora_like_step(frozen, 6)
     assert torch.equal(out, stock_out)  # the same forward
     assert torch.isfinite(grad).all()
     assert ((grad.float() - stock_grad.float()).norm() / stock_grad.float().norm()).item() <= 1e-3
