@@ -12,7 +12,7 @@ transformer outputs channels-last (`fastdrag.channels_last`) for this variant an
 the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
 Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
 `fused_geglu=true` for one of the two), `frozen_conv=true|false`, which gives the UNet's convolutions
-the input-gradient-only backward (`fastdrag.frozen_conv`; default: on, the package's default) for the
+the input-gradient-only backward (`fastdrag.frozen_conv`; default: the package's, on CUDA only) for the
 variant, `sdpa_priority=cudnn|efficient|default`, the order in which the UNet's SDPA attention
 tries its backends (the editor's `sdpa_priority`), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
 for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
@@ -136,7 +136,7 @@ def main() -> None:
         install_fused_blocks(unet, group_norm=settings.pop("fused_group_norm", fused_all),
                              geglu=settings.pop("fused_geglu", fused_all))
         remove_frozen_conv(unet)
-        if settings.pop("frozen_conv", True):
+        if settings.pop("frozen_conv", device.type == "cuda"):  # the package's default
             install_frozen_conv(unet)
         editor.sdpa_priority = settings.pop("sdpa_priority", "default")
         use_mask = settings.pop("mask", True)

@@ -7,11 +7,14 @@ Stages: one LoRA step (batch 4), one inversion step, one drag iteration, one ref
 denoising step (batch 2), VAE encode and decode; then a first edit (LoRA trained) and a repeated
 edit of the same image (LoRA from the cache) at the default steps.
 """
+import itertools
+from typing import Tuple
+
 import pytest
 import torch
 
 from fastdrag import DragEditor
-from fastdrag.config import LoraConfig
+from fastdrag.config import EditConfig, LoraConfig
 from fastdrag.ddim import DdimSchedule, ddim_inversion_step, ddim_step
 from fastdrag.demo import demo_case
 from fastdrag.denoiser import TorchDenoiser
@@ -50,14 +53,14 @@ def needs_cuda_for(graphs, device):
 _counted_flops = {}  # by `flops_key`: the eager and CUDA-graph variants of a benchmark do the same work
 
 
-def measure(benchmark, synchronize, fn, name, count=None, flops_key=None, **pedantic):
+def measure(benchmark, synchronize, fn, name, count=None, flops_key=None, flops=None, **pedantic):
     """Count FLOPs of one call (of `count` where given: graph replays are invisible to the counter;
-    once per `flops_key`, since counting a whole SD 1.5 edit takes longer than the edit), then time
-    it; record both, the achieved rate and, on CUDA, the peak memory of the timed calls."""
-    if flops_key is None or flops_key not in _counted_flops:
+    once per `flops_key`, since counting a whole SD 1.5 edit takes longer than the edit; or, with
+    `flops`, take them from `flops()` after the timing), then time it; record both, the achieved rate
+    and, on CUDA, the peak memory of the timed calls."""
+    if flops is None and (flops_key is None or flops_key not in _counted_flops):
         _counted_flops[flops_key] = count_flops(count or fn)
         synchronize()
-    flops = _counted_flops[flops_key]
 
     def run():
         fn()
@@ -71,8 +74,9 @@ def measure(benchmark, synchronize, fn, name, count=None, flops_key=None, **peda
         benchmark.pedantic(run, **pedantic)
     else:
         benchmark(run)
-    benchmark.extra_info["TFLOP"] = flops / 1e12
-    benchmark.extra_info["TFLOP/s"] = flops / 1e12 / benchmark.stats.stats.mean
+    total = flops() if flops is not None else _counted_flops[flops_key]
+    benchmark.extra_info["TFLOP"] = total / 1e12
+    benchmark.extra_info["TFLOP/s"] = total / 1e12 / benchmark.stats.stats.mean
     if cuda:
         benchmark.extra_info["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
 
@@ -156,20 +160,64 @@ def record_stages(benchmark, result):
     benchmark.extra_info["drag_steps_run"] = result.drag_steps
 
 
+_first_edit_seeds = itertools.count(EditConfig().seed)  # across the variants: each edit a new image
+_counting_seeds = itertools.count(10**6)  # the short counted edits' own images
+
+
+def edit_step_flops(editor, case) -> Tuple[int, int, int]:
+    """(c, l, d): an edit at the default settings but with `lora_steps` and `drag_steps` steps costs
+    c + lora_steps·l + (drag_steps - 1)·d FLOPs, where `drag_steps` counts the iterations it ran.
+
+    Every LoRA step does the same work, and so does every drag iteration after the first, so three
+    short counted edits, of (1, 1), (2, 1) and (1, 2) steps, fix the three terms. Counting makes
+    every operator a Python call (about 2.5 times an edit's time): three short edits cost less than
+    one long one, and the drag's early stop (a tiny model's handles can arrive after 29 of 80
+    iterations) is taken from each timed edit instead of from the counted one.
+    """
+    if "edit steps" not in _counted_flops:
+        counts = {}
+        for lora_steps, drag_steps in ((1, 1), (2, 1), (1, 2)):
+            results = []
+
+            def short(lora_steps=lora_steps, drag_steps=drag_steps, seed=next(_counting_seeds)):
+                results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, seed=seed,
+                                           lora_steps=lora_steps, drag_steps=drag_steps, cuda_graphs=False))
+
+            counts[lora_steps, drag_steps] = count_flops(short)
+            assert results[0].drag_steps == drag_steps  # no early stop in these: the arithmetic holds
+        _counted_flops["edit steps"] = (counts[1, 1] - counts[2, 1] + counts[1, 1],  # c = count(1, 1) - l
+                                        counts[2, 1] - counts[1, 1], counts[1, 2] - counts[1, 1])
+    return _counted_flops["edit steps"]
+
+
+def edit_rounds(device, rounds):
+    """Timed rounds of a whole edit: one on the CPU, where the tiny model's edit at the default steps
+    takes half a minute and the suite is a smoke test that must stay within five minutes."""
+    return rounds if device.type == "cuda" else 1
+
+
 @pytest.mark.parametrize("graphs", GRAPHS)
-def test_first_edit(benchmark, setup, synchronize, tmp_path, device, graphs):
+def test_first_edit(benchmark, setup, synchronize, device, graphs):
     needs_cuda_for(graphs, device)
     editor, case, *_ = setup
-    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path, progress=False)
-    counter = iter(range(10**6))
+    # the setup editor's cache: the first edit of the module, at the default seed, leaves the adapter
+    # that `test_repeated_edit` would otherwise train first
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=editor.cache.directory,
+                       progress=False)
     results = []
 
-    def edit(cuda_graphs):  # a new seed each round: a new LoRA key, so stage 1 runs every time
-        results.append(fresh.edit(case.image, case.prompt, case.points, mask=case.mask, seed=next(counter),
+    def edit(cuda_graphs):  # a new seed for every edit: a new LoRA key, so stage 1 runs every time
+        results.append(fresh.edit(case.image, case.prompt, case.points, mask=case.mask, seed=next(_first_edit_seeds),
                                   cuda_graphs=cuda_graphs))
 
-    measure(benchmark, synchronize, lambda: edit(graphs), "edit at the defaults", count=lambda: edit(False),
-            flops_key="first edit", rounds=2, iterations=1)
+    fixed, per_lora_step, per_drag_step = edit_step_flops(fresh, case)
+
+    def flops():  # of the timed edits, each with the drag iterations it ran
+        drag_steps = sum(result.drag_steps for result in results) / len(results)
+        return fixed + EditConfig().lora.lora_steps * per_lora_step + (drag_steps - 1) * per_drag_step
+
+    measure(benchmark, synchronize, lambda: edit(graphs), "edit at the defaults", flops=flops,
+            rounds=edit_rounds(device, 2), iterations=1)
     record_stages(benchmark, results[-1])
 
 
@@ -182,7 +230,7 @@ def test_repeated_edit(benchmark, setup, synchronize, device, graphs):
     def edit(cuda_graphs):
         results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, cuda_graphs=cuda_graphs))
 
-    edit(graphs)  # trains and caches the LoRA (and inverts the image)
+    edit(graphs)  # trains and caches the LoRA unless the first-edit benchmark did (and inverts the image)
     measure(benchmark, synchronize, lambda: edit(graphs), "edit at the defaults", count=lambda: edit(False),
-            flops_key="repeated edit", rounds=3, iterations=1)
+            flops_key="repeated edit", rounds=edit_rounds(device, 3), iterations=1)
     record_stages(benchmark, results[-1])

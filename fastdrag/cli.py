@@ -134,9 +134,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused-unet-kernels", action="store_true",
                         help="experimental: the UNet's GroupNorm + SiLU and GEGLU as fused Triton kernels on CUDA "
                              "(fastdrag.fused_blocks; not yet measured on a GPU)")
-    parser.add_argument("--frozen-conv", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--frozen-conv", action=argparse.BooleanOptionalAction, default=None,
                         help="the UNet's convolutions keep only their weights for the LoRA step's and the drag's "
-                             "backward: the same numbers, less memory (fastdrag.frozen_conv; default: on)")
+                             "backward: the same numbers, less memory (fastdrag.frozen_conv; default: on CUDA only)")
     parser.add_argument("--sdpa-priority", default="default", choices=["default", "cudnn", "efficient"],
                         help="the order in which the UNet's SDPA attention tries its backends (default: PyTorch's, "
                              "FlashAttention first; cudnn: cuDNN's attention first, see bench/RESULTS.md)")

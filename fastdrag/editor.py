@@ -151,7 +151,7 @@ class DragEditor:
                         dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
                         channels_last: Optional[bool] = None, compile_blocks: bool = False,
-                        fused_unet_kernels: bool = False, frozen_conv: bool = True,
+                        fused_unet_kernels: bool = False, frozen_conv: Optional[bool] = None,
                         sdpa_priority: str = "default") -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
@@ -166,7 +166,9 @@ class DragEditor:
         fused Triton kernels on CUDA (`fastdrag.fused_blocks`); experimental, off until a GPU measures it.
         `frozen_conv` lets the UNet's convolutions keep only their weights for the backward of the LoRA
         step and the drag (`fastdrag.frozen_conv`): the same numbers, 452 MiB less kept by an SD 1.5
-        LoRA step (counted on the meta device).
+        LoRA step (counted on the meta device). None (the default) turns it on on CUDA only: on the CPU
+        PyTorch's convolution backward copies the input's stand-in out in full, and a tiny model's
+        LoRA step took 0.29 s instead of 0.25 (bench/RESULTS.md).
         `sdpa_priority` orders the backends of the UNet stages' SDPA attention (see the property).
         """
         check_sdpa_priority(sdpa_priority)
@@ -179,6 +181,8 @@ class DragEditor:
             channels_last = device.type == "cuda"
         if channels_last:
             components.unet.to(memory_format=torch.channels_last)
+        if frozen_conv is None:
+            frozen_conv = device.type == "cuda"
         if frozen_conv:
             install_frozen_conv(components.unet)
         if fused_unet_kernels:

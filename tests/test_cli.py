@@ -146,12 +146,13 @@ def test_toy_train_time_budget_sets_the_step_count_unless_capped():
 
 
 @pytest.mark.parametrize("flag, expected", [([], {"channels_last": None, "compile_blocks": False, "fused_unet_kernels": False,
-                                                  "frozen_conv": True, "sdpa_priority": "default"}),
+                                                  "frozen_conv": None, "sdpa_priority": "default"}),
                                             (["--channels-last"], {"channels_last": True, "compile_blocks": False}),
                                             (["--no-channels-last"], {"channels_last": False, "compile_blocks": False}),
                                             (["--compile-blocks"], {"channels_last": None, "compile_blocks": True}),
                                             (["--fused-unet-kernels"], {"fused_unet_kernels": True}),
                                             (["--no-frozen-conv"], {"frozen_conv": False}),
+                                            (["--frozen-conv"], {"frozen_conv": True}),
                                             (["--sdpa-priority", "cudnn"], {"sdpa_priority": "cudnn"})])
 def test_model_options_reach_the_loader(image_file, tmp_path, monkeypatch, flag, expected):
     from fastdrag import DragEditor

@@ -153,12 +153,12 @@ def test_an_editor_edits_as_it_does_without_it_and_its_export_copy_is_stock(pict
     from fastdrag import DragEditor
     from fastdrag.export.merge import merged_unet
 
-    frozen = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "a", progress=False)
-    stock = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "b", progress=False,
-                                       frozen_conv=False)
+    frozen = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "a", progress=False,
+                                        frozen_conv=True)
+    stock = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "b", progress=False)
     unet = frozen.components.unet
-    assert frozen_conv_count(unet) == sum(type(m) is torch.nn.Conv2d for m in unet.modules()) > 0  # the default
-    assert frozen_conv_count(stock.components.unet) == 0
+    assert frozen_conv_count(unet) == sum(type(m) is torch.nn.Conv2d for m in unet.modules()) > 0
+    assert frozen_conv_count(stock.components.unet) == 0  # the CPU's default: off (slower there)
     first = stock.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     second = frozen.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert np.array_equal(np.asarray(first.image), np.asarray(second.image)) and first.handles == second.handles
