@@ -51,6 +51,7 @@ def needs_cuda_for(graphs, device):
 
 
 _counted_flops = {}  # by `flops_key`: the eager and CUDA-graph variants of a benchmark do the same work
+# (and under "edit steps" the terms of `edit_step_flops`)
 
 
 def measure(benchmark, synchronize, fn, name, count=None, flops_key=None, flops=None, **pedantic):
