@@ -77,16 +77,6 @@ SD15_ATTENTION_CALLS = {
 }
 
 
-def _first_backend_usable(priority, query, key, value):
-    """Whether the backend `priority` puts first can run this call (else SDPA would fall back)."""
-    from torch.nn.attention import SDPAParams
-
-    params = SDPAParams(query, key, value, None, 0.0, False, False)
-    check = {"cudnn": torch.backends.cuda.can_use_cudnn_attention,
-             "efficient": torch.backends.cuda.can_use_efficient_attention}.get(priority)
-    return check is None or check(params, False)
-
-
 @pytest.mark.parametrize("call", list(SD15_ATTENTION_CALLS))
 @pytest.mark.parametrize("priority", ["default", "cudnn", "efficient"])
 def test_sdpa_priority_forward_backward_sd15(benchmark, device, dtype, synchronize, call, priority):
@@ -96,7 +86,7 @@ def test_sdpa_priority_forward_backward_sd15(benchmark, device, dtype, synchroni
         pytest.skip("SDPA's backends are compared on a CUDA GPU only (none here)")
     import torch.nn.functional as F
 
-    from fastdrag.attention import sdpa_priority
+    from fastdrag.attention import first_backend_runs, sdpa_priority
 
     batch, tokens, key_tokens, heads, head_size = SD15_ATTENTION_CALLS[call]
     generator = torch.Generator(device=device).manual_seed(0)
@@ -107,7 +97,7 @@ def test_sdpa_priority_forward_backward_sd15(benchmark, device, dtype, synchroni
 
     query, key, value = projected(tokens), projected(key_tokens), projected(key_tokens)
     grad = torch.randn(batch, heads, tokens, head_size, device=device, dtype=dtype, generator=generator)
-    if not _first_backend_usable(priority, query, key, value):
+    if not first_backend_runs(priority, query, key, value):
         pytest.skip(f"{priority} attention cannot run {call} here: SDPA would fall back")
     benchmark.group = f"SDPA forward + backward, SD 1.5 {call}, batch {batch}"
     # the forward's two matmuls are 4·B·H·Lq·Lk·D FLOPs; a flash backward's five (recomputing the scores) 2.5 times that

@@ -42,14 +42,30 @@ def check_sdpa_priority(name: str) -> str:
     return name
 
 
+_CAN_RUN = {SDPBackend.CUDNN_ATTENTION: "can_use_cudnn_attention",
+            SDPBackend.EFFICIENT_ATTENTION: "can_use_efficient_attention",
+            SDPBackend.FLASH_ATTENTION: "can_use_flash_attention"}
+
+
+def first_backend_runs(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       debug: bool = False) -> bool:
+    """Whether the backend `sdpa_priority(name)` tries first can run this SDPA call (no mask, no
+    dropout), else SDPA falls back to the next; "default" is always true. `debug` has PyTorch warn why not."""
+    from torch.nn.attention import SDPAParams
+
+    backends = SDPA_PRIORITIES[check_sdpa_priority(name)]
+    if backends is None:
+        return True
+    can_run = getattr(torch.backends.cuda, _CAN_RUN[backends[0]])
+    return can_run(SDPAParams(query, key, value, None, 0.0, False, False), debug)
+
+
 def cudnn_attention_support(device: torch.device) -> Tuple[bool, str]:
     """(usable, why) for cuDNN's SDPA at SD 1.5's smallest head size (fp16, diffusers' layout) here."""
     if device.type != "cuda":
         return False, f"cuDNN attention runs on CUDA only, not on the {device.type}"
-    from torch.nn.attention import SDPAParams
-
     query = torch.zeros(1, 64, 8, 40, device=device, dtype=torch.float16).transpose(1, 2)
-    if torch.backends.cuda.can_use_cudnn_attention(SDPAParams(query, query, query, None, 0.0, False, False), False):
+    if first_backend_runs("cudnn", query, query, query):
         return True, f"cuDNN {torch.backends.cudnn.version()} attention runs fp16 head size 40"
     return False, "cuDNN attention cannot run fp16 head size 40 on this GPU/cuDNN"
 

@@ -249,3 +249,14 @@ def test_an_editor_runs_its_unet_attention_under_its_sdpa_priority(picture, tmp_
         cudnn.sdpa_priority = "fastest"
     with pytest.raises(ConfigError, match="sdpa_priority"):
         DragEditor.from_pretrained("tiny", device="cpu", progress=False, sdpa_priority="fastest")
+
+
+def test_first_backend_runs_says_whether_the_order_falls_back_for_a_call():
+    from fastdrag.attention import first_backend_runs
+
+    query = torch.randn(1, 64, 8, 40).transpose(1, 2)  # CPU tensors: neither cuDNN's nor the CUDA kernels run them
+    assert first_backend_runs("default", query, query, query)
+    assert not first_backend_runs("cudnn", query, query, query)
+    assert not first_backend_runs("efficient", query, query, query)
+    with pytest.raises(ConfigError, match="sdpa_priority"):
+        first_backend_runs("fa3", query, query, query)

@@ -225,9 +225,9 @@ def test_each_sdpa_priority_is_as_exact_as_the_default_at_sd_attention_calls(cal
     """Output and every input gradient of SDPA in diffusers' layout at SD 1.5's head sizes, fp16,
     against fp32 math: the backend a priority puts first as close as PyTorch's default choice."""
     import torch.nn.functional as F
-    from torch.nn.attention import SDPAParams, SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from fastdrag.attention import sdpa_priority
+    from fastdrag.attention import first_backend_runs, sdpa_priority
 
     batch, tokens, key_tokens, heads, head_size = call
     generator = torch.Generator(device="cuda").manual_seed(7)
@@ -235,9 +235,7 @@ def test_each_sdpa_priority_is_as_exact_as_the_default_at_sd_attention_calls(cal
                for length in (tokens, key_tokens, key_tokens)]
     grad = torch.randn(batch, heads, tokens, head_size, device="cuda", generator=generator)
     half = [t.half().requires_grad_(True) for t in tensors]
-    check = {"cudnn": torch.backends.cuda.can_use_cudnn_attention,
-             "efficient": torch.backends.cuda.can_use_efficient_attention}[priority]
-    if not check(SDPAParams(*half, None, 0.0, False, False), True):
+    if not first_backend_runs(priority, *half, debug=True):
         pytest.skip(f"{priority} attention cannot run this call on this GPU (see the warning for why)")
 
     def run(inputs, out_grad):
