@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelLoadError
@@ -49,10 +49,21 @@ class Components:
         in `dtype` (moving first put fp32 copies on the GPU, twice the final size, and likely left free
         fragments in the segments of the freed fp32 blocks, which stay reserved)."""
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            _move(module, device, dtype)
             module.requires_grad_(False)
             module.eval()
         return self
+
+
+def _move(module: torch.nn.Module, device: Union[str, torch.device], dtype: torch.dtype) -> None:
+    """`module.to(device=device, dtype=dtype)` without diffusers' spurious warning: its `ModelMixin.to`
+    (0.42) says that modules "should be kept in float32: []" at every cast with a dtype, whether the
+    model keeps any module in fp32 or not, so every load printed it twice. A model that does keep some
+    still goes through diffusers' `to`, warning and all."""
+    if isinstance(module, ModelMixin) and not module._keep_in_fp32_modules:
+        torch.nn.Module.to(module, device=device, dtype=dtype)
+    else:
+        module.to(device=device, dtype=dtype)
 
 
 def ddim_scheduler() -> DDIMScheduler:

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -79,3 +81,33 @@ def test_weights_reach_the_device_already_in_their_dtype():
     for module in (components.unet, components.vae, components.text_encoder):
         assert {p.dtype for p in module.parameters()} == {torch.float16} and module.device.type == "meta"
         assert not any(p.requires_grad for p in module.parameters())
+
+
+class _Records(logging.Handler):
+    """Every record a logger handles (diffusers' loggers do not propagate to the root, so caplog misses them)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_loading_a_model_logs_no_warning():
+    """diffusers 0.42 warns that modules "should be kept in float32: []" at every cast with a dtype, even
+    for a model that keeps none: a load must not pass that on to users. A model that does keep some in
+    fp32 still hears it from diffusers."""
+    records, library = _Records(), logging.getLogger("diffusers")
+    library.addHandler(records)
+    try:
+        components = load_components("tiny", dtype=torch.float16)
+        assert records.messages == []
+        assert components.unet.dtype == torch.float16 and components.vae.dtype == torch.float16
+
+        keeping = build_tiny()
+        keeping.vae._keep_in_fp32_modules = ["decoder"]
+        keeping.to("cpu", torch.float16)
+        assert len(records.messages) == 1 and "should be kept in float32: ['decoder']" in records.messages[0]
+    finally:
+        library.removeHandler(records)
