@@ -176,11 +176,9 @@ class DragEditor:
         dtype = _parse_dtype(dtype, device)
         if device.type == "cpu" and dtype != torch.float32:
             raise InputError("half precision runs on CUDA only; use dtype float32 on the CPU")
-        components = load_components(name_or_path, device=device, dtype=dtype)
         if channels_last is None:
             channels_last = device.type == "cuda"
-        if channels_last:
-            components.unet.to(memory_format=torch.channels_last)
+        components = load_components(name_or_path, device=device, dtype=dtype, channels_last=channels_last)
         if frozen_conv is None:
             frozen_conv = device.type == "cuda"
         if frozen_conv:

@@ -363,20 +363,23 @@ def test_graphed_denoiser_matches_the_eager_one(dtype):
 
 
 def test_sd15_random_reaches_the_gpu_without_free_fragments():
-    """The benchmark model loads as a checkpoint does, from the CPU in fp16: what loading it reserves is
-    about what its weights take (cast in place on the GPU, 0.51 GiB of free fragments stayed)."""
+    """The benchmark model loads as a checkpoint does, from the CPU in fp16, the UNet's convolution
+    weights channels-last as the editor loads them on CUDA: what loading it reserves is about what its
+    weights take (cast in place on the GPU, 0.51 GiB of free fragments stayed; the layout converted
+    after the move leaves 137 MiB by bench/load_fragments.py's replay, the one-step load 11)."""
     from fastdrag.models import load_components
 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     reserved = torch.cuda.memory_reserved()
-    components = load_components("sd15-random", device="cuda", dtype=torch.float16)
+    components = load_components("sd15-random", device="cuda", dtype=torch.float16, channels_last=True)
     torch.cuda.synchronize()
     modules = (components.unet, components.vae, components.text_encoder)
     weights = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
     assert all(p.dtype == torch.float16 and p.is_cuda for m in modules for p in m.parameters())
+    assert components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     held = torch.cuda.memory_reserved() - reserved
-    assert weights > 1.9 * 2**30 and held - weights < 0.2 * 2**30, (held / 2**30, weights / 2**30)
+    assert weights > 1.9 * 2**30 and held - weights < 0.1 * 2**30, (held / 2**30, weights / 2**30)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -59,9 +59,13 @@ def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
         load_components("someone/some-model")
 
 
-def test_weights_reach_the_device_already_in_their_dtype():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_weights_reach_the_device_already_in_their_dtype(channels_last):
     """`Components.to` moves and casts each tensor in one step: no fp32 copy of a weight is ever made on
-    the target device (on a GPU such copies took twice the final memory and left free fragments)."""
+    the target device (on a GPU such copies took twice the final memory and left free fragments). With
+    `channels_last` the UNet's convolution weights get their layout in that same step: each is made on
+    the device once, already channels-last (converting after the move left the first copies' blocks
+    free in reserved segments)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     made = []
@@ -70,17 +74,23 @@ def test_weights_reach_the_device_already_in_their_dtype():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if isinstance(out, torch.Tensor):
-                made.append((out.device.type, out.dtype))
+                made.append(out)
             return out
 
     components = build_tiny()
     with Copies():
-        components.to("meta", torch.float16)
-    assert ("meta", torch.float16) in made
-    assert ("meta", torch.float32) not in made
+        components.to("meta", torch.float16, channels_last=channels_last)
+    assert {(t.device.type, t.dtype) for t in made if t.is_floating_point()} == {("meta", torch.float16)}
     for module in (components.unet, components.vae, components.text_encoder):
         assert {p.dtype for p in module.parameters()} == {torch.float16} and module.device.type == "meta"
         assert not any(p.requires_grad for p in module.parameters())
+    made_4d = [t for t in made if t.dim() == 4]
+    unet_4d = [p for p in components.unet.parameters() if p.dim() == 4]
+    vae_4d = [p for p in components.vae.parameters() if p.dim() == 4]
+    assert len(made_4d) == len(unet_4d) + len(vae_4d)  # each convolution weight made once
+    spatial = [p for p in unet_4d if p.shape[-1] > 1]
+    assert spatial and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in spatial)
+    assert all(p.is_contiguous() for p in vae_4d)  # the VAE keeps its layout
 
 
 class _Records(logging.Handler):
@@ -111,3 +121,35 @@ def test_loading_a_model_logs_no_warning():
         assert len(records.messages) == 1 and "should be kept in float32: ['decoder']" in records.messages[0]
     finally:
         library.removeHandler(records)
+
+
+def test_the_load_replay_follows_the_caching_allocators_rules():
+    """bench/load_fragments.py, the replay behind the load's estimate: its segment sizes, best fit,
+    splits and merges are the CUDA caching allocator's, and a convolution weight's layout converted
+    after the move leaves its first copy's segment reserved and free."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from load_fragments import MiB, CachingAllocator, replay_load
+
+    allocator = CachingAllocator()
+    allocator.malloc(300_000)
+    large = allocator.malloc(5 * MiB)
+    allocator.malloc(31 * MiB + 1)
+    assert [s.size for s in allocator.segments] == [2 * MiB, 20 * MiB, 32 * MiB]
+    # 31 MiB + 1 byte rounds to 31 MiB + 512 B; under 1 MiB of its segment would remain: not split
+    assert allocator.allocated() == 300_032 + 5 * MiB + 32 * MiB
+    again = allocator.malloc(5 * MiB)  # the 15 MiB left of the 20 MiB segment, not a new one
+    assert len(allocator.segments) == 3 and again[0] is large[0]
+    allocator.free(large)
+    allocator.free(again)
+    assert [b.size for b in large[0].blocks] == [20 * MiB]  # merged back into one free block
+    tight = allocator.malloc(19 * MiB + 512 * 1024)
+    assert tight[1].size == 20 * MiB and len(allocator.segments) == 3
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(640, 640, 3, device="meta"), torch.nn.Linear(64, 64, device="meta"))
+    in_move = replay_load([model], 4)  # the 14.06 MiB fp32 weight: a 16 MiB segment; the rest: one of 2 MiB
+    after_move = replay_load([model], 4, layout_after_move=model)
+    assert in_move.reserved() == 18 * MiB and in_move.allocated() == after_move.allocated()
+    assert after_move.reserved() == 34 * MiB  # the first copy's 16 MiB segment stays, free
