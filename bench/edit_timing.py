@@ -13,7 +13,7 @@ the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU a
 Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
 `fused_geglu=true` for one of the two), `frozen_conv=true|false`, which gives the UNet's convolutions
 the input-gradient-only backward (`fastdrag.frozen_conv`; default: the package's, on CUDA only) for the
-variant, `sdpa_priority=cudnn|efficient|default`, the order in which the UNet's SDPA attention
+variant, `sdpa_priority=flash|cudnn|efficient|default`, the order in which the UNet's SDPA attention
 tries its backends (the editor's `sdpa_priority`), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
 for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
 mask term), `release_cached_memory=true`, the editor's option that empties the CUDA caching

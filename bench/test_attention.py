@@ -78,15 +78,16 @@ SD15_ATTENTION_CALLS = {
 
 
 @pytest.mark.parametrize("call", list(SD15_ATTENTION_CALLS))
-@pytest.mark.parametrize("priority", ["default", "cudnn", "efficient"])
+@pytest.mark.parametrize("priority", ["default", "flash", "cudnn", "efficient"])
 def test_sdpa_priority_forward_backward_sd15(benchmark, device, dtype, synchronize, call, priority):
     """One SDPA forward and backward at an SD 1.5 attention call, in diffusers' layout (heads viewed
-    out of the projection), under each `sdpa_priority`: which backend the UNet stages should try first."""
+    out of the projection), under each `sdpa_priority`: which backend the UNet stages should try first.
+    `extra_info["backend"]` names the kernel that ran (PyTorch's default differs by GPU)."""
     if device.type != "cuda":
         pytest.skip("SDPA's backends are compared on a CUDA GPU only (none here)")
     import torch.nn.functional as F
 
-    from fastdrag.attention import first_backend_runs, sdpa_priority
+    from fastdrag.attention import chosen_backend, first_backend_runs, sdpa_priority
 
     batch, tokens, key_tokens, heads, head_size = SD15_ATTENTION_CALLS[call]
     generator = torch.Generator(device=device).manual_seed(0)
@@ -110,5 +111,6 @@ def test_sdpa_priority_forward_backward_sd15(benchmark, device, dtype, synchroni
 
     with sdpa_priority(priority):
         benchmark(step)
+        benchmark.extra_info["backend"] = chosen_backend(query, key, value)
     benchmark.extra_info["TFLOP"] = flops / 1e12
     benchmark.extra_info["TFLOP/s"] = flops / 1e12 / benchmark.stats.stats.mean

@@ -26,13 +26,19 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "xformers")
-# PyTorch SDPA's backends in priority order, by name: "default" keeps PyTorch's own (flash,
-# memory-efficient, math, then cuDNN); "cudnn" tries cuDNN's attention first
+# PyTorch SDPA's backends in priority order, by name. "default" keeps PyTorch's own, which differs by
+# GPU: flash, memory-efficient, math (then cuDNN), except on sm90/sm100 GPUs (H100, H200, B200) with a
+# recent cuDNN, where PyTorch tries cuDNN's attention first (`check_prefer_cudnn_attention` in its
+# sdp_utils.cpp; an H100 profile of a LoRA step shows cuDNN's SDPA kernels, bench/RESULTS.md).
+# "flash" tries FlashAttention-2 first, "cudnn" cuDNN's attention, "efficient" the memory-efficient kernel.
 SDPA_PRIORITIES: Dict[str, Optional[List[SDPBackend]]] = {
     "default": None,
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH],
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
 }
+SDPA_BACKEND_NAMES = {SDPBackend.FLASH_ATTENTION: "FlashAttention", SDPBackend.EFFICIENT_ATTENTION: "memory-efficient",
+                      SDPBackend.CUDNN_ATTENTION: "cuDNN", SDPBackend.MATH: "math"}
 
 
 def check_sdpa_priority(name: str) -> str:
@@ -60,14 +66,22 @@ def first_backend_runs(name: str, query: torch.Tensor, key: torch.Tensor, value:
     return can_run(SDPAParams(query, key, value, None, 0.0, False, False), debug)
 
 
-def cudnn_attention_support(device: torch.device) -> Tuple[bool, str]:
-    """(usable, why) for cuDNN's SDPA at SD 1.5's smallest head size (fp16, diffusers' layout) here."""
-    if device.type != "cuda":
-        return False, f"cuDNN attention runs on CUDA only, not on the {device.type}"
-    query = torch.zeros(1, 64, 8, 40, device=device, dtype=torch.float16).transpose(1, 2)
-    if first_backend_runs("cudnn", query, query, query):
-        return True, f"cuDNN {torch.backends.cudnn.version()} attention runs fp16 head size 40"
-    return False, "cuDNN attention cannot run fp16 head size 40 on this GPU/cuDNN"
+def chosen_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
+    """The backend SDPA picks for this call (no mask, no dropout) under the order in force, by name."""
+    choice = SDPBackend(torch._fused_sdp_choice(query, key, value))
+    return SDPA_BACKEND_NAMES.get(choice, choice.name)
+
+
+def sdpa_choices(device: torch.device) -> Dict[str, str]:
+    """For each `SDPA_PRIORITIES` order, the backend SDPA picks here at SD 1.5's smallest head size
+    (40; fp16 on CUDA, fp32 elsewhere; diffusers' layout): what `--sdpa-priority` would change."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    query = torch.zeros(1, 64, 8, 40, device=device, dtype=dtype).transpose(1, 2)
+    choices = {}
+    for name in SDPA_PRIORITIES:
+        with sdpa_priority(name):
+            choices[name] = chosen_backend(query, query, query)
+    return choices
 
 
 @contextlib.contextmanager
@@ -76,11 +90,11 @@ def sdpa_priority(name: str) -> Iterator[None]:
     where it supports the call, and only those ("default": PyTorch's order, untouched).
 
     Why: on a GPU the UNet's own attention (the LoRA step's, the drag's, the unswapped layers of
-    inversion and denoising) runs on SDPA, which takes FlashAttention-2 first; cuDNN's attention
-    (Hopper kernels of its own) supports SD's head sizes (40, 80, 160) forward and backward, and
-    whether it is faster there is for the attention benchmark to say (bench/test_attention.py). The
-    choice is process-wide state while it lasts (PyTorch keeps it in global flags), and CUDA graphs
-    keep the kernels they captured under it.
+    inversion and denoising) runs on SDPA, whose default order depends on the GPU (see
+    `SDPA_PRIORITIES`: cuDNN's attention first on an H100, FlashAttention-2 first on an A100). Both
+    support SD's head sizes (40, 80, 160) forward and backward; which is faster at SD's calls is for
+    the attention benchmark to say (bench/test_attention.py). The choice is process-wide state while
+    it lasts (PyTorch keeps it in global flags), and CUDA graphs keep the kernels they captured under it.
     """
     backends = SDPA_PRIORITIES[check_sdpa_priority(name)]
     if backends is None:

@@ -136,7 +136,7 @@ class DragEditor:
     @property
     def sdpa_priority(self) -> str:
         """The order in which the UNet stages' SDPA attention tries its backends (`fastdrag.attention.
-        sdpa_priority`): "default" (PyTorch's), "cudnn" or "efficient". Setting it drops the kept CUDA
+        sdpa_priority`): "default" (PyTorch's), "flash", "cudnn" or "efficient". Setting it drops the kept CUDA
         graphs, which hold the kernels they captured."""
         return self._sdpa_priority
 

@@ -211,16 +211,20 @@ def test_sdpa_priority_orders_the_backends_for_its_duration_and_names_bad_choice
     with sdpa_priority("cudnn"):
         assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
         assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    with sdpa_priority("flash"):
+        assert torch._C._get_sdp_priority_order()[:2] == [int(SDPBackend.FLASH_ATTENTION),
+                                                         int(SDPBackend.EFFICIENT_ATTENTION)]
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     with sdpa_priority("efficient"):
         assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
         assert not torch.backends.cuda.cudnn_sdp_enabled()  # only the backends it lists
     with sdpa_priority("default"):
         assert torch._C._get_sdp_priority_order() == before
     assert torch._C._get_sdp_priority_order() == before and torch.backends.cuda.cudnn_sdp_enabled()
-    with pytest.raises(ConfigError, match="default, cudnn, efficient"):
+    with pytest.raises(ConfigError, match="default, flash, cudnn, efficient"):
         with sdpa_priority("fa3"):
             pass
-    assert list(SDPA_PRIORITIES) == ["default", "cudnn", "efficient"]
+    assert list(SDPA_PRIORITIES) == ["default", "flash", "cudnn", "efficient"]
 
 
 def test_an_editor_runs_its_unet_attention_under_its_sdpa_priority(picture, tmp_path, fast):
@@ -256,7 +260,21 @@ def test_first_backend_runs_says_whether_the_order_falls_back_for_a_call():
 
     query = torch.randn(1, 64, 8, 40).transpose(1, 2)  # CPU tensors: neither cuDNN's nor the CUDA kernels run them
     assert first_backend_runs("default", query, query, query)
+    assert not first_backend_runs("flash", query, query, query)  # the CUDA kernel's check
     assert not first_backend_runs("cudnn", query, query, query)
     assert not first_backend_runs("efficient", query, query, query)
     with pytest.raises(ConfigError, match="sdpa_priority"):
         first_backend_runs("fa3", query, query, query)
+
+
+def test_sdpa_choices_name_the_backend_each_order_runs_here():
+    """`fastdrag info`'s line: on the CPU every order runs PyTorch's CPU flash kernel for SD's head
+    size, and the math path where the flash kernel is off."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastdrag.attention import SDPA_PRIORITIES, chosen_backend, sdpa_choices
+
+    assert sdpa_choices(torch.device("cpu")) == {name: "FlashAttention" for name in SDPA_PRIORITIES}
+    query = torch.randn(1, 64, 8, 40).transpose(1, 2)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert chosen_backend(query, query, query) == "math"

@@ -83,8 +83,8 @@ def test_console_script_info_runs():
     assert "WARNING" not in done.stderr  # no xformers noise at import
     assert "--compile-blocks: " in done.stdout  # usable, or why not
     assert "--fused-unet-kernels: the stock operators would run (device cpu" in done.stdout or torch.cuda.is_available()
-    assert ("--sdpa-priority cudnn: changes nothing here (cuDNN attention runs on CUDA only, not on the cpu)"
-            in done.stdout or torch.cuda.is_available())
+    assert ("--sdpa-priority: SDPA at SD's head size 40 here runs FlashAttention (default), FlashAttention (flash), "
+            "FlashAttention (cudnn), FlashAttention (efficient)" in done.stdout or torch.cuda.is_available())
 
 
 def test_info_says_why_compile_blocks_is_not_usable(monkeypatch, capsys):

@@ -220,7 +220,7 @@ def test_frozen_convolutions_give_the_stock_gradient_and_lower_the_peak_memory_o
 
 @pytest.mark.parametrize("call", [(2, 4096, 4096, 8, 40), (2, 1024, 1024, 8, 80), (2, 256, 256, 8, 160),
                                   (2, 4096, 77, 8, 40)], ids=["self-40", "self-80", "self-160", "cross-40"])
-@pytest.mark.parametrize("priority", ["cudnn", "efficient"])
+@pytest.mark.parametrize("priority", ["flash", "cudnn", "efficient"])
 def test_each_sdpa_priority_is_as_exact_as_the_default_at_sd_attention_calls(call, priority):
     """Output and every input gradient of SDPA in diffusers' layout at SD 1.5's head sizes, fp16,
     against fp32 math: the backend a priority puts first as close as PyTorch's default choice."""
@@ -253,13 +253,16 @@ def test_each_sdpa_priority_is_as_exact_as_the_default_at_sd_attention_calls(cal
         assert error(g, w) <= 1.25 * error(d, w) + 1e-3, (priority, error(g, w), error(d, w))
 
 
-def test_an_editor_with_cudnn_attention_first_edits_like_the_default_one(picture, tmp_path):
+@pytest.mark.parametrize("other", ["flash", "cudnn"])
+def test_an_editor_with_another_sdpa_priority_edits_like_the_default_one(picture, tmp_path, other):
+    """PyTorch's default order takes cuDNN's attention first on an H100 and FlashAttention first on an
+    A100: whichever the other is, an edit with it first looks like the default one."""
     import numpy as np
     from fastdrag import DragEditor
 
     settings = dict(lora_steps=4, num_inference_steps=10, drag_steps=6)
     edits = []
-    for priority in ("default", "cudnn"):
+    for priority in ("default", other):
         editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", cache_dir=tmp_path / priority,
                                             progress=False, sdpa_priority=priority)
         edits.append(editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **settings))
