@@ -16,7 +16,8 @@ the input-gradient-only backward (`fastdrag.frozen_conv`; default: the package's
 variant, `sdpa_priority=flash|cudnn|efficient|default`, the order in which the UNet's SDPA attention
 tries its backends (the editor's `sdpa_priority`), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
 for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
-mask term), `release_cached_memory=true`, the editor's option that empties the CUDA caching
+mask term), `cudnn_benchmark=true`, which lets cuDNN time its convolution algorithms for each new shape
+(`torch.backends.cudnn.benchmark`) for the variant, `release_cached_memory=true`, the editor's option that empties the CUDA caching
 allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
 CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
 `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
@@ -139,6 +140,9 @@ def main() -> None:
         if settings.pop("frozen_conv", device.type == "cuda"):  # the package's default
             install_frozen_conv(unet)
         editor.sdpa_priority = settings.pop("sdpa_priority", "default")
+        # cuDNN times the algorithms of each new convolution shape and keeps the fastest (in warm_up(),
+        # before any capture) instead of taking its heuristics' choice: a process-wide flag
+        torch.backends.cudnn.benchmark = bool(settings.pop("cudnn_benchmark", False))
         use_mask = settings.pop("mask", True)
         editor.release_cached_memory = settings.pop("release_cached_memory", False)
         graph_warmup = settings.pop("graph_warmup", None)
