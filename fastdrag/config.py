@@ -124,6 +124,8 @@ class EditConfig:
             (self.inversion.num_inversion_steps >= 1, "inversion_strength * num_inference_steps must give at least one step"),
             (self.drag.r_m >= 0 and self.drag.r_p >= 0, "r_m and r_p must be >= 0"),
             (self.drag.drag_steps >= 0, "drag_steps must be >= 0"),
+            (self.lora.lora_lr > 0 and self.drag.drag_lr > 0, "lora_lr and drag_lr must be > 0"),
+            (self.drag.lam >= 0 and self.drag.reach_distance >= 0, "lam and reach_distance must be >= 0"),
             (self.denoise.start_step >= 0, "start_step must be >= 0"),
             (self.denoise.start_layer >= 0, "start_layer must be >= 0"),
             (self.denoise.attention_backend in ("auto", "sdpa", "xformers"), "attention_backend must be auto, sdpa or xformers"),

@@ -27,7 +27,7 @@ from .ddim import DdimSchedule
 from .denoise import denoise_pair
 from .denoiser import TorchDenoiser
 from .drag import DragLoop
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .frozen_conv import install_frozen_conv
 from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
 from .inversion import invert
@@ -68,6 +68,24 @@ class PreparedImage:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _parse_device(device: Union[str, torch.device, None]) -> torch.device:
+    """`device`, or CUDA when there is a GPU and the CPU otherwise; a ConfigError for a CUDA device this
+    machine does not have (instead of PyTorch's assertion at the first tensor moved)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device} asked for, but this machine has no usable CUDA GPU "
+                              f"(torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
@@ -172,7 +190,7 @@ class DragEditor:
         `sdpa_priority` orders the backends of the UNet stages' SDPA attention (see the property).
         """
         check_sdpa_priority(sdpa_priority)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = _parse_device(device)
         dtype = _parse_dtype(dtype, device)
         if device.type == "cpu" and dtype != torch.float32:
             raise InputError("half precision runs on CUDA only; use dtype float32 on the CPU")

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from fastdrag.config import DenoiseConfig, EditConfig, LoraConfig
 from fastdrag.errors import ConfigError
@@ -37,7 +38,26 @@ def test_replace_routes_fields_to_their_stage():
     (dict(inversion_strength=0.0), "inversion_strength"),
     (dict(lora_rank=0), "lora_rank"),
     (dict(size=(100, 64)), "multiple of 8"),
+    (dict(drag_lr=0.0), "lora_lr and drag_lr must be > 0"),
+    (dict(lora_lr=-1e-4), "lora_lr and drag_lr must be > 0"),
+    (dict(lam=-0.1), "lam and reach_distance must be >= 0"),
 ])
 def test_bad_values_are_named(overrides, words):
     with pytest.raises(ConfigError, match=words):
         EditConfig().replace(**overrides)
+
+
+@pytest.mark.parametrize("device, words", [
+    ("gpu", "unknown device 'gpu'"),
+    ("cuda", "no usable CUDA GPU|does not exist"),
+    ("cuda:64", "no usable CUDA GPU|does not exist: this machine has"),
+])
+def test_a_device_this_machine_lacks_is_named_before_loading(device, words):
+    """A CUDA device without a GPU (or past the last one) is a ConfigError that says so, not PyTorch's
+    assertion when the first weight moves; on a machine with a GPU `cuda` itself is fine."""
+    from fastdrag import DragEditor
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: `cuda` is a device it has")
+    with pytest.raises(ConfigError, match=words):
+        DragEditor.from_pretrained("/no/such/model", device=device)
