@@ -24,6 +24,17 @@ def _parse_size(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected AxB (e.g. 512x512), got {text!r}") from exc
 
 
+def _positive_int(text: str) -> int:
+    """A count that must be at least one (cases, scenes, a batch)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _world_size(text: str) -> int:
     """A toy-world side in px: a multiple of 64 (the model's working size), at least 64."""
     try:
@@ -195,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder for checkpoints and the trained weights")
     train.add_argument("--vae-steps", type=int, default=None, help="VAE training steps")
     train.add_argument("--unet-steps", type=int, default=None, help="UNet training steps")
-    train.add_argument("--scenes", type=int, default=None, help="scenes encoded for UNet training")
-    train.add_argument("--unet-batch", type=int, default=None, help="UNet batch size")
+    train.add_argument("--scenes", type=_positive_int, default=None, help="scenes encoded for UNet training")
+    train.add_argument("--unet-batch", type=_positive_int, default=None, help="UNet batch size")
     train.add_argument("--scene-size", type=_world_size, default=None, metavar="PX",
                        help="side of the UNet's training scenes (default 128; the VAE trains at 128 either way)")
     train.add_argument("--unet-lr", type=float, default=None, help="UNet peak learning rate")
@@ -218,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate = toy_commands.add_parser("eval", help="edit toy drag cases and print the quality table")
-    evaluate.add_argument("--cases", type=int, default=16, help="number of drag cases (default 16)")
+    evaluate.add_argument("--cases", type=_positive_int, default=16, help="number of drag cases (default 16)")
     evaluate.add_argument("--case-seed", type=int, default=0, help="seed of the drag cases (default 0)")
     evaluate.add_argument("--out", default="toy-quality", help="results folder (JSON, Markdown, contact sheet)")
     evaluate.add_argument("--world-size", type=_world_size, default=128, metavar="PX",

@@ -66,6 +66,7 @@ def test_points_file_and_its_errors(tmp_path, image_file, capsys):
     (["--drag", "10,10:20,20", "--mask", "/no/mask.png"], "mask file /no/mask.png does not exist"),
     (["--drag", "10,10:20,20", "--model", "/no/model"], "not found"),
     (["--drag", "10,10:20,20", "--start-layer", "99"], "start_layer 99 is past"),
+    (["--drag", "10,10:20,20", "--drag-lr", "0"], "lora_lr and drag_lr must be > 0"),
 ])
 def test_cli_bad_input_is_one_line(image_file, tmp_path, capsys, extra, words):
     code = main(["edit", str(image_file), "--prompt", "x", "--cache-dir", str(tmp_path / "c"),
@@ -73,6 +74,13 @@ def test_cli_bad_input_is_one_line(image_file, tmp_path, capsys, extra, words):
     err = capsys.readouterr().err
     assert code == 2 and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_toy_counts_below_one_are_refused(capsys):
+    for argv in (["toy", "eval", "--cases", "0"], ["toy", "train", "--out", "x", "--unet-batch", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_console_script_info_runs():
