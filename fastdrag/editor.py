@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -53,16 +53,38 @@ class EditResult:
     lora_key: str = ""
 
 
+class LazyPosterior:
+    """The image's VAE posterior, encoded on first use: an edit whose LoRA comes from the cache and whose
+    inversion the editor kept (a repeated edit of the image) needs none."""
+
+    def __init__(self, encode: Callable[[], object]):
+        self._encode, self._value = encode, None
+
+    @property
+    def encoded(self) -> bool:
+        return self._value is not None
+
+    def get(self):
+        if self._value is None:
+            self._value = self._encode()
+        return self._value
+
+
 @dataclass
 class PreparedImage:
     """What an edit derives from the image and prompt before the drag: reusable across drags."""
 
     inputs: EditInputs
     text_embeddings: torch.Tensor
-    posterior: object
+    lazy_posterior: LazyPosterior
     lora_key: str
     lora_cached: bool
     timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def posterior(self):
+        """The image's VAE posterior (encoded now if it was not yet)."""
+        return self.lazy_posterior.get()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -124,6 +146,7 @@ class DragEditor:
     """
 
     EXPORTED_DENOISERS_KEPT = 2  # ONNX Runtime sessions or TensorRT engines, one per LoRA: each holds a UNet
+    PROMPTS_KEPT = 8  # text embeddings of the most recent prompts (118 KB each at SD 1.5 in fp16)
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
@@ -150,6 +173,7 @@ class DragEditor:
         self._vae_graphs = CapturedCalls()  # the VAE encoder's and decoder's graphs, in that pool
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
         self._sdpa_priority = check_sdpa_priority(sdpa_priority)
+        self._prompt_embeddings: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 
     @property
     def sdpa_priority(self) -> str:
@@ -234,7 +258,8 @@ class DragEditor:
     @_one_at_a_time
     def prepare(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
                 config: Optional[EditConfig] = None) -> PreparedImage:
-        """Validate inputs, encode prompt and image, and train or load the image's LoRA."""
+        """Validate inputs, encode the prompt, and train or load the image's LoRA; the image is VAE-encoded
+        here when the LoRA trains, else when an inversion first needs it (`PreparedImage.posterior`)."""
         config = config or self.config
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string; got {type(prompt).__name__}")
@@ -243,12 +268,32 @@ class DragEditor:
         sup_res = config.drag.sup_res
         inputs = prepare_inputs(image, points, mask, config.size, sup_res)
         self._check_sizes(inputs, config)
-        c = self.components
         timings: Dict[str, float] = {}
-        text = self._timed(timings, "text", encode_prompt, c.tokenizer, c.text_encoder, prompt)
-        posterior = self._timed(timings, "vae_encode", self._encode, inputs, config)
-        key, cached = self._timed(timings, "lora", self._lora, inputs.image, prompt, text, posterior, config)
+        text = self._timed(timings, "text", self.text_embeddings, prompt)
+        posterior = LazyPosterior(lambda: self._encode(inputs, config))
+        key = self._lora_key(inputs.image, prompt, config)
+        if not self.cache.path(key).is_file():
+            self._timed(timings, "vae_encode", posterior.get)  # the LoRA trains on it
+        key, cached = self._timed(timings, "lora", self._lora, inputs.image, prompt, text, posterior.get, config)
         return PreparedImage(inputs, text, posterior, key, cached, timings)
+
+    @_one_at_a_time
+    def text_embeddings(self, prompt: str) -> torch.Tensor:
+        """The prompt's CLIP text embeddings (1, 77, D). The `PROMPTS_KEPT` most recent prompts' are kept
+        until `release()`: a server's repeated edits mostly reuse a prompt (its encoding took 11 ms of
+        an H100 edit), and a server may call this ahead of a request."""
+        if prompt in self._prompt_embeddings:
+            self._prompt_embeddings.move_to_end(prompt)
+            return self._prompt_embeddings[prompt]
+        c = self.components
+        text = encode_prompt(c.tokenizer, c.text_encoder, prompt)
+        self._prompt_embeddings[prompt] = text
+        while len(self._prompt_embeddings) > self.PROMPTS_KEPT:
+            self._prompt_embeddings.popitem(last=False)
+        return text
+
+    def _lora_key(self, image: Image.Image, prompt: str, config: EditConfig) -> str:
+        return lora_key(self.components.identity, image, prompt, config.lora, config.seed, self.dtype)
 
     def _check_sizes(self, inputs: EditInputs, config: EditConfig) -> None:
         width, height = inputs.working_size
@@ -336,12 +381,16 @@ class DragEditor:
         self._drop_graphs()
         self._drop_pool()
         self._graph_denoisers.clear()
+        self._prompt_embeddings.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior, config: EditConfig):
+    def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior: Callable[[], object],
+              config: EditConfig):
+        """(key, was cached) of the image's adapter, loaded or trained into the UNet; `posterior()` gives
+        the image's VAE posterior, asked for only when the adapter trains."""
         c = self.components
-        key = lora_key(c.identity, image, prompt, config.lora, config.seed, self.dtype)
+        key = self._lora_key(image, prompt, config)
         if key == self._loaded_key and self.cache.path(key).is_file():
             return key, True
         self._forget_adapter()
@@ -355,6 +404,7 @@ class DragEditor:
             return key, True
         self._check_weight_storage()  # before training: stale graphs' memory is not held through it
         graphed = config.cuda_graphs and config.cuda_graph_lora and self.device.type == "cuda"
+        posterior = posterior()
         trainer = self._lora_trainer
         if trainer is not None and trainer.fits(c.unet, posterior, text, config.lora, cuda_graph=graphed):
             trainer.restart(posterior, text, config.seed)
@@ -384,9 +434,7 @@ class DragEditor:
         if size != picture.size:
             picture = picture.resize(size, Image.BICUBIC)
         c = self.components
-        text = encode_prompt(c.tokenizer, c.text_encoder, prompt)
-        posterior = encode_posterior(c.vae, picture)
-        return self._lora(picture, prompt, text, posterior, config)
+        return self._lora(picture, prompt, self.text_embeddings(prompt), lambda: encode_posterior(c.vae, picture), config)
 
     @_one_at_a_time
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
@@ -399,7 +447,7 @@ class DragEditor:
         picture = load_image(image)
         size = working_size(picture.size, config.size)
         key, _ = self.train_lora(picture, prompt, **overrides)
-        text = encode_prompt(self.components.tokenizer, self.components.text_encoder, prompt)
+        text = self.text_embeddings(prompt)
         return export_loaded(self.components, key, config.lora, size, text, config, Path(output), fmt, fp16, overwrite)
 
     @_one_at_a_time
@@ -476,12 +524,22 @@ class DragEditor:
         weights = merged_target_weights(self.components.unet, targets)
         return {graph: refit_arrays(mapping, weights) for graph, mapping in maps.items()}
 
-    def _invert(self, denoiser, latents: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule,
+    @staticmethod
+    def _inversion_key(prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig) -> tuple:
+        return prepared.lora_key, prepared.inputs.working_size, tuple(schedule.inversion_timesteps), config.backend
+
+    def _inversion_kept(self, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig) -> bool:
+        return self._inverted is not None and self._inverted[0] == self._inversion_key(prepared, schedule, config)
+
+    def _invert(self, denoiser, latents: Optional[torch.Tensor], prepared: PreparedImage, schedule: DdimSchedule,
                 config: EditConfig) -> torch.Tensor:
-        """z_t of the image; a repeated edit of the same image, prompt and adapter reuses the last one."""
-        key = (prepared.lora_key, prepared.inputs.working_size, tuple(schedule.inversion_timesteps), config.backend)
+        """z_t of the image; a repeated edit of the same image, prompt and adapter reuses the last one
+        (then `latents`, the clean latent, may be None)."""
+        key = self._inversion_key(prepared, schedule, config)
         if self._inverted is not None and self._inverted[0] == key:
             return self._inverted[1]
+        if latents is None:
+            latents = (prepared.posterior.mean * self.components.scaling_factor).float()
         z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self.progress)
         self._inverted = (key, z_t)
         return z_t
@@ -547,7 +605,6 @@ class DragEditor:
         inputs, timings = prepared.inputs, dict(prepared.timings)
         c = self.components
         schedule = self._schedule(config)
-        latents = (prepared.posterior.mean * c.scaling_factor).float()
         denoiser = self.denoiser
         denoiser.cuda_graphs = config.cuda_graphs
         if config.backend != "torch":
@@ -558,6 +615,11 @@ class DragEditor:
             self._drag_loop = None
             self._inverted = None
         self.denoiser.graph_pool = self._shared_graph_pool()
+        latents = None  # the clean latent: only an inversion needs it, and a repeated edit keeps its inversion
+        if not self._inversion_kept(prepared, schedule, config):
+            if not prepared.lazy_posterior.encoded:  # the LoRA came from the cache
+                self._timed(timings, "vae_encode", prepared.lazy_posterior.get)
+            latents = (prepared.posterior.mean * c.scaling_factor).float()
         merged = merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext()
         with merged, sdpa_priority(self._sdpa_priority):
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)

@@ -71,16 +71,26 @@ def test_denoising_step_is_one_batch_two_forward(tiny):
     assert 0.9 * plain <= swapped <= plain  # K/V projected for the source rows only
 
 
-def test_the_image_is_encoded_once_per_edit(editor, picture, fast):
-    calls = []
+def test_the_image_is_encoded_once_per_edit_and_not_for_a_repeated_one(editor, picture, fast):
+    """Once for a new image (the LoRA trains on it); not at all for a repeated edit, whose LoRA comes from
+    the cache and whose inversion the editor kept; once again when that inversion is gone."""
+    calls, texts = [], []
     hook = editor.components.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+    text_hook = editor.components.text_encoder.register_forward_hook(lambda *args: texts.append(1))
     try:
-        editor.edit(picture.image, picture.prompt, picture.points, **fast)
-        assert len(calls) == 1
-        editor.edit(picture.image, picture.prompt, picture.points, **fast)  # LoRA from the cache
-        assert len(calls) == 2
+        editor.release()
+        first = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+        assert len(calls) == 1 and len(texts) == 1 and "vae_encode" in first.timings
+        moved = [((x + 2, y), target) for (x, y), target in picture.points]
+        repeated = editor.edit(picture.image, picture.prompt, moved, **fast)  # LoRA cached, inversion kept
+        assert len(calls) == 1 and len(texts) == 1 and "vae_encode" not in repeated.timings
+        assert repeated.lora_cached
+        editor.release()  # drops the kept inversion (and the prompts' embeddings)
+        again = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+        assert len(calls) == 2 and len(texts) == 2 and again.lora_cached and "vae_encode" in again.timings
     finally:
         hook.remove()
+        text_hook.remove()
 
 
 def test_drag_iteration_without_a_mask_stops_the_unet_after_the_feature_block(tiny, picture):
@@ -121,6 +131,7 @@ def test_the_benchmarks_cheap_flop_sum_equals_torchs_flop_counter(tiny, picture,
     from flop_count import count_flops
 
     editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path, progress=False)
+    editor.text_embeddings(picture.prompt)  # kept: neither counted edit encodes the prompt
     seeds = iter(range(2))  # a new LoRA each time: both counts train one
 
     def edit():
