@@ -274,7 +274,7 @@ class DragEditor:
         key = self._lora_key(inputs.image, prompt, config)
         if not self.cache.path(key).is_file():
             self._timed(timings, "vae_encode", posterior.get)  # the LoRA trains on it
-        key, cached = self._timed(timings, "lora", self._lora, inputs.image, prompt, text, posterior.get, config)
+        key, cached = self._timed(timings, "lora", self._lora, inputs.image, prompt, text, posterior.get, config, key)
         return PreparedImage(inputs, text, posterior, key, cached, timings)
 
     @_one_at_a_time
@@ -386,11 +386,11 @@ class DragEditor:
             torch.cuda.empty_cache()
 
     def _lora(self, image: Image.Image, prompt: str, text: torch.Tensor, posterior: Callable[[], object],
-              config: EditConfig):
+              config: EditConfig, key: Optional[str] = None):
         """(key, was cached) of the image's adapter, loaded or trained into the UNet; `posterior()` gives
-        the image's VAE posterior, asked for only when the adapter trains."""
+        the image's VAE posterior, asked for only when the adapter trains; `key`, if known, its cache key."""
         c = self.components
-        key = self._lora_key(image, prompt, config)
+        key = key or self._lora_key(image, prompt, config)
         if key == self._loaded_key and self.cache.path(key).is_file():
             return key, True
         self._forget_adapter()
@@ -433,8 +433,8 @@ class DragEditor:
         size = working_size(picture.size, config.size)
         if size != picture.size:
             picture = picture.resize(size, Image.BICUBIC)
-        c = self.components
-        return self._lora(picture, prompt, self.text_embeddings(prompt), lambda: encode_posterior(c.vae, picture), config)
+        vae = self.components.vae
+        return self._lora(picture, prompt, self.text_embeddings(prompt), lambda: encode_posterior(vae, picture), config)
 
     @_one_at_a_time
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,

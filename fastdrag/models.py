@@ -62,10 +62,9 @@ class Components:
 def _move(module: torch.nn.Module, device: Union[str, torch.device], dtype: torch.dtype,
           memory_format: torch.memory_format = torch.preserve_format) -> None:
     """`module.to(device=device, dtype=dtype, memory_format=memory_format)` (the format of 4-D weights)
-    without diffusers' spurious warning: its `ModelMixin.to`
-    (0.42) says that modules "should be kept in float32: []" at every cast with a dtype, whether the
-    model keeps any module in fp32 or not, so every load printed it twice. A model that does keep some
-    still goes through diffusers' `to`, warning and all."""
+    without diffusers' spurious warning: its `ModelMixin.to` (0.42) says that modules "should be kept
+    in float32: []" at every cast with a dtype, whether the model keeps any module in fp32 or not, so
+    every load printed it twice. A model that does keep some still goes through diffusers' `to`."""
     if isinstance(module, ModelMixin) and not module._keep_in_fp32_modules:
         torch.nn.Module.to(module, device=device, dtype=dtype, memory_format=memory_format)
     else:
