@@ -104,6 +104,12 @@ def test_loss_and_tracking(benchmark, device, dtype, synchronize, kind, graphed)
         measure(benchmark, device, synchronize, step)
 
 
+def record_bandwidth(benchmark, nbytes: int) -> None:
+    """`nbytes` (the least the step must move) per second of the mean round, as GB/s."""
+    if benchmark.stats is not None:
+        benchmark.extra_info["GB/s (least traffic)"] = nbytes / benchmark.stats.stats.mean / 1e9
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("kind", ["stock", "fused"])
 def test_group_norm_silu_forward_backward(benchmark, device, dtype, synchronize, kind, batch):
@@ -133,6 +139,9 @@ def test_group_norm_silu_forward_backward(benchmark, device, dtype, synchronize,
         torch.autograd.grad(y, x, dy.to(y.dtype))
 
     measure(benchmark, device, synchronize, step)
+    # the least any fwd+bwd moves (read x, write y, read dy, write dx), over the time: against the
+    # memory's bandwidth, how far from it each path is
+    record_bandwidth(benchmark, 4 * x.numel() * x.element_size())
 
 
 @pytest.mark.parametrize("kind", ["stock", "fused"])
@@ -158,3 +167,4 @@ def test_geglu_forward_backward(benchmark, device, dtype, synchronize, kind):
         torch.autograd.grad(y, x, dy)
 
     measure(benchmark, device, synchronize, step)
+    record_bandwidth(benchmark, 2 * (x.numel() + dy.numel()) * x.element_size())  # read x and dy, write dx and y
