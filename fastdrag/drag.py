@@ -117,7 +117,9 @@ class DragLoop:
         self.targets = targets.to(device=device, dtype=torch.float32).clone()
         self.mask = latent_mask(mask.to(device) if mask is not None else None, z_t.shape)
         self.latent = z_t.detach().float().clone().requires_grad_(True)
-        self.x_prev0, self.handle_feats = self._anchors()
+        self.x_prev0, self.feat0 = self._anchors()
+        self.handle_feats = kernels.point_features(self.feat0, self.handles, self.sup_res)
+        self._start = self._start_of(z_t, text_embeddings)
         self.before = torch.empty_like(self.latent, requires_grad=False)  # the latent before each step, reused
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.optimizer = torch.optim.Adam([self.latent], lr=config.drag_lr, fused=True if device.type == "cuda" else None,
@@ -142,12 +144,17 @@ class DragLoop:
         return unet_with_features(self.unet, latent, self.t, self.text, block)
 
     def _anchors(self) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        """`x_prev_0` (with a mask term) and the original handles' features, from the start latent."""
+        """`x_prev_0` (with a mask term) and the feature map `F_0`, from the start latent."""
         with torch.no_grad():
             eps0, feat0 = self._forward()
             x_prev0 = None if eps0 is None else ddim_step(self.schedule, self.latent.detach(), eps0.float(),
                                                           self.timestep)
-            return x_prev0, kernels.point_features(feat0, self.handles, self.sup_res)
+            return x_prev0, feat0
+
+    @staticmethod
+    def _start_of(z_t: torch.Tensor, text_embeddings: torch.Tensor) -> tuple:
+        """What the anchors were computed from: the tensors themselves and their in-place versions."""
+        return z_t, z_t._version, text_embeddings, text_embeddings._version
 
     def fits(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
              mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig, sup_res: Tuple[int, int],
@@ -165,18 +172,25 @@ class DragLoop:
                 and (self.autocast and half_norms_enabled()) == self.half_norms)
 
     def restart(self, z_t: torch.Tensor, text_embeddings: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
-                mask: Optional[torch.Tensor], drag_steps: Optional[int] = None) -> None:
+                mask: Optional[torch.Tensor], drag_steps: Optional[int] = None, same_weights: bool = False) -> None:
         """Start a new drag (one that `fits`) in this loop's tensors, in place, as a fresh loop would;
         `drag_steps` replaces the number of steps (e.g. after `DragEditor.warm_up`'s short drag).
 
         Every tensor the graph reads keeps its storage, so a captured CUDA graph replays the new drag
         from its first iteration: a repeated edit pays neither the eager warm-up iterations nor a capture.
+        With `same_weights` (the UNet computes what it computed at the last start, as for an editor's
+        repeated edit of an image) and the same `z_t` and `text_embeddings` tensors, unchanged, as the
+        last start's, `F_0` and `x_prev_0` are the last start's: no UNet forward (an eager one: host-bound
+        at batch 1 on a GPU); only the new handles' features are read from `F_0`.
         """
         _require_frozen(self.unet)
         device = self.latent.device
         if drag_steps is not None and drag_steps != self.config.drag_steps:
             self.config = replace(self.config, drag_steps=drag_steps)
             self.losses = torch.zeros(max(drag_steps, 1), device=device)  # written by the host's loop, not the graph
+        start = self._start_of(z_t, text_embeddings)
+        same_start = same_weights and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                          for a, b in zip(start, self._start))
         with torch.no_grad():
             self.latent.copy_(z_t)
             self.text.copy_(text_embeddings)
@@ -184,12 +198,15 @@ class DragLoop:
             self.targets.copy_(targets)
             if mask is not None:
                 self.mask.copy_(latent_mask(mask.to(device), z_t.shape))
-            x_prev0, handle_feats = self._anchors()
-            if x_prev0 is not None:
-                self.x_prev0.copy_(x_prev0)
-            self.handle_feats.copy_(handle_feats)
+            if not same_start:
+                x_prev0, feat0 = self._anchors()
+                self.feat0.copy_(feat0)
+                if x_prev0 is not None:
+                    self.x_prev0.copy_(x_prev0)
+            self.handle_feats.copy_(kernels.point_features(self.feat0, self.handles, self.sup_res))
             for flag in (self.tracking, self.done, self.steps_run, self.loss, self.losses):
                 flag.zero_()
+        self._start = start
         self.optimizer_step.reset_optimizer()  # Adam as before its first step
         self.scaler.load_state_dict(self.scaler_start)  # in place, like the optimiser's state
         self.watch.reset()

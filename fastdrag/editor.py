@@ -544,15 +544,18 @@ class DragEditor:
         self._inverted = (key, z_t)
         return z_t
 
-    def _drag(self, z_t: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig):
-        """Stage 3; a drag that fits the last one's loop restarts it, skipping the graph's warm-up and capture."""
+    def _drag(self, z_t: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig,
+              inversion_kept: bool = False):
+        """Stage 3; a drag that fits the last one's loop restarts it, skipping the graph's warm-up and capture
+        (and, for a repeated edit of the image, `inversion_kept`, the forward that gives `F_0`)."""
         inputs, unet = prepared.inputs, self.components.unet
         args = (z_t, schedule.drag_timestep, prepared.text_embeddings, inputs.handles)
         loop = self._drag_loop
         if loop is not None and loop.fits(unet, *args, inputs.mask, schedule, config.drag, inputs.sup_res,
                                           config.cuda_graphs):
+            # a kept inversion means the same adapter, merged the same way: the same UNet
             loop.restart(z_t, prepared.text_embeddings, inputs.handles, inputs.targets, inputs.mask,
-                         drag_steps=config.drag.drag_steps)
+                         drag_steps=config.drag.drag_steps, same_weights=inversion_kept)
         else:
             self._drag_loop = None  # free the old graph's memory before capturing another
             loop = DragLoop(unet, *args, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
@@ -616,14 +619,15 @@ class DragEditor:
             self._inverted = None
         self.denoiser.graph_pool = self._shared_graph_pool()
         latents = None  # the clean latent: only an inversion needs it, and a repeated edit keeps its inversion
-        if not self._inversion_kept(prepared, schedule, config):
+        inversion_kept = self._inversion_kept(prepared, schedule, config)
+        if not inversion_kept:
             if not prepared.lazy_posterior.encoded:  # the LoRA came from the cache
                 self._timed(timings, "vae_encode", prepared.lazy_posterior.get)
             latents = (prepared.posterior.mean * c.scaling_factor).float()
         merged = merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext()
         with merged, sdpa_priority(self._sdpa_priority):
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
-            result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config)
+            result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config, inversion_kept)
             pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
                                prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
         edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor,

@@ -182,9 +182,44 @@ def test_restart_refills_every_tensor_in_place(tiny, setting):
     assert set(after) == set(before)
     assert all(after[name].data_ptr() == pointer for name, (pointer, _) in before.items())
     changed = {name for name, (_, value) in before.items() if not torch.equal(after[name], value)}
-    assert {"latent", "text", "handles", "targets", "mask", "x_prev0", "handle_feats", "adam.exp_avg",
+    assert {"latent", "text", "handles", "targets", "mask", "x_prev0", "feat0", "handle_feats", "adam.exp_avg",
             "steps_run"} <= changed
     assert loop.latent.requires_grad and torch.equal(loop.latent.detach(), z_b)
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_a_restart_from_the_same_start_reuses_its_anchors(tiny, setting, with_mask):
+    """A repeated edit drags the same z_t with the same text and weights: with `same_weights` the restart
+    runs no UNet forward for F_0 and x_prev_0 and drags bit for bit as a fresh loop would. A z_t changed
+    in place, another z_t, or no `same_weights` runs it again."""
+    inputs, text, schedule, z_t = setting
+    mask = inputs.mask if with_mask else None
+    t, config = schedule.drag_timestep, DragConfig(drag_steps=4)
+    z_t, text = z_t.clone(), text.clone()
+    loop = DragLoop(tiny.unet, z_t, t, text, inputs.handles, inputs.targets, mask, schedule, config, inputs.sup_res)
+    loop.run(progress=False)
+    forwards = []
+    hook = tiny.unet.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        moved = inputs.handles + torch.tensor([[2.0, -1.0]])
+        loop.restart(z_t, text, moved, inputs.targets, mask, same_weights=True)
+        assert forwards == []  # the anchors are the last start's
+        again = loop.run(progress=False)
+        forwards.clear()
+        expected = DragLoop(tiny.unet, z_t, t, text, moved, inputs.targets, mask, schedule, config,
+                            inputs.sup_res).run(progress=False)
+        assert _same_result(again, expected)
+        for changed_start in ("in place", "other tensor", "weights not said to be the same"):
+            forwards.clear()
+            start = z_t
+            if changed_start == "in place":
+                z_t.mul_(1.0)  # the same values, but written: its version moves
+            elif changed_start == "other tensor":
+                start = z_t.clone()
+            loop.restart(start, text, moved, inputs.targets, mask, same_weights=changed_start != "weights not said to be the same")
+            assert len(forwards) == 1, changed_start
+    finally:
+        hook.remove()
 
 
 def test_a_loop_fits_only_the_same_shapes_and_settings(tiny, setting):
