@@ -18,7 +18,7 @@ segment. Not replayed: several streams, `max_split_size_mb`, expandable segments
 equal free blocks (PyTorch picks the lowest address, the replay the first made).
 """
 import argparse
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -98,7 +98,7 @@ def tensors_in_move_order(module: torch.nn.Module) -> Iterator[torch.Tensor]:
             yield tensor
 
 
-def replay_load(modules: List[torch.nn.Module], dtype_bytes: int, layout_after_move: torch.nn.Module = None
+def replay_load(modules: List[torch.nn.Module], dtype_bytes: int, layout_after_move: Optional[torch.nn.Module] = None
                 ) -> CachingAllocator:
     """The load's allocations: every tensor of `modules` moved in turn; then, with `layout_after_move`,
     each 4-D weight of that module converted as `module.to(memory_format=...)` does (the new copy

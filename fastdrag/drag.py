@@ -156,6 +156,12 @@ class DragLoop:
         """What the anchors were computed from: the tensors themselves and their in-place versions."""
         return z_t, z_t._version, text_embeddings, text_embeddings._version
 
+    def _same_start(self, z_t: torch.Tensor, text_embeddings: torch.Tensor) -> bool:
+        """Whether `z_t` and `text_embeddings` are the last start's tensors, not written since."""
+        last_z, z_version, last_text, text_version = self._start
+        return (z_t is last_z and z_t._version == z_version
+                and text_embeddings is last_text and text_embeddings._version == text_version)
+
     def fits(self, unet, z_t: torch.Tensor, timestep: int, text_embeddings: torch.Tensor, handles: torch.Tensor,
              mask: Optional[torch.Tensor], schedule: DdimSchedule, config: DragConfig, sup_res: Tuple[int, int],
              cuda_graph: bool = False) -> bool:
@@ -188,9 +194,7 @@ class DragLoop:
         if drag_steps is not None and drag_steps != self.config.drag_steps:
             self.config = replace(self.config, drag_steps=drag_steps)
             self.losses = torch.zeros(max(drag_steps, 1), device=device)  # written by the host's loop, not the graph
-        start = self._start_of(z_t, text_embeddings)
-        same_start = same_weights and all(a is b if isinstance(a, torch.Tensor) else a == b
-                                          for a, b in zip(start, self._start))
+        same_start = same_weights and self._same_start(z_t, text_embeddings)
         with torch.no_grad():
             self.latent.copy_(z_t)
             self.text.copy_(text_embeddings)
@@ -206,7 +210,7 @@ class DragLoop:
             self.handle_feats.copy_(kernels.point_features(self.feat0, self.handles, self.sup_res))
             for flag in (self.tracking, self.done, self.steps_run, self.loss, self.losses):
                 flag.zero_()
-        self._start = start
+        self._start = self._start_of(z_t, text_embeddings)
         self.optimizer_step.reset_optimizer()  # Adam as before its first step
         self.scaler.load_state_dict(self.scaler_start)  # in place, like the optimiser's state
         self.watch.reset()

@@ -534,12 +534,10 @@ class DragEditor:
     def _invert(self, denoiser, latents: Optional[torch.Tensor], prepared: PreparedImage, schedule: DdimSchedule,
                 config: EditConfig) -> torch.Tensor:
         """z_t of the image; a repeated edit of the same image, prompt and adapter reuses the last one
-        (then `latents`, the clean latent, may be None)."""
+        (then `latents`, the clean latent, may be None: `edit` computes it only when `_inversion_kept` is false)."""
         key = self._inversion_key(prepared, schedule, config)
         if self._inverted is not None and self._inverted[0] == key:
             return self._inverted[1]
-        if latents is None:
-            latents = (prepared.posterior.mean * self.components.scaling_factor).float()
         z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self.progress)
         self._inverted = (key, z_t)
         return z_t
