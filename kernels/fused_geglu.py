@@ -12,8 +12,10 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+# read inside the kernels, so constexpr: Triton's compiler rejects plain float globals there (its
+# interpreter does not; `fastdrag.kernels.compile_check` catches what only the compiler rejects)
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
