@@ -6,7 +6,8 @@ at its first launch on a GPU. Here the kernels' own wrappers run at SD 1.5's siz
 backward, with every launch turned into a compilation: a stand-in driver names the target GPU and
 each launch compiles (Triton's warm-up path: its front end, LLVM, and the ptxas it ships) without
 running, so the outputs hold no values. Each compiled variant reports the widest global load and
-store of its PTX: a static look at whether its reads are vectorised.
+store of its PTX (are its reads vectorised?) and, from its cubin, the registers and stack each thread
+takes (does it spill? how many warps fit on a multiprocessor?): a static look, not a timing.
 
     python -m fastdrag.kernels.compile_check [--arch 90] [--json FILE]
 
@@ -21,8 +22,11 @@ import contextlib
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -41,6 +45,8 @@ class CompiledVariant:
     widest_load_bits: int
     widest_store_bits: int
     ptx_lines: int
+    registers: Optional[int]  # per thread, from the cubin (None without cuobjdump)
+    stack_bytes: Optional[int]  # per thread: > 0 means registers spill to local memory
 
 
 @dataclass
@@ -73,6 +79,7 @@ class _CompileOnlyDriver:
         return torch.device("cpu")
 
 
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+)")
 _WIDTH = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
 
 
@@ -82,6 +89,26 @@ def ptx_access_bits(ptx: str) -> Tuple[int, int]:
     for op, lanes, bits in _WIDTH.findall(ptx):
         widest[op] = max(widest[op], int(lanes or 1) * int(bits))
     return widest["ld"], widest["st"]
+
+
+def _param_name(fn, path: Tuple[int, ...]) -> str:
+    """A constant's parameter name (Triton keys constants by argument position)."""
+    return fn.arg_names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+
+
+def cubin_resources(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
+    """(registers, stack bytes) per thread of a cubin's kernel, read by the cuobjdump Triton ships;
+    (None, None) without it."""
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return None, None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        listing = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    found = _RESOURCES.search(listing)
+    return (int(found.group(1)), int(found.group(2))) if found else (None, None)
 
 
 @contextlib.contextmanager
@@ -169,12 +196,13 @@ def check(arch: int = DEFAULT_ARCH, cases: Optional[Dict[str, Callable[[], None]
     def record(fn, compiled) -> None:
         src = compiled.src
         load_bits, store_bits = ptx_access_bits(compiled.asm["ptx"])
+        registers, stack = cubin_resources(compiled.asm["cubin"])
         report.variants.append(CompiledVariant(
             kernel=fn.__name__, case=current["case"],
             signature={k: str(v) for k, v in src.signature.items() if v != "constexpr"},
-            constants={str(k): str(v) for k, v in src.constants.items()},
+            constants={_param_name(fn, k): str(v) for k, v in src.constants.items()},
             widest_load_bits=load_bits, widest_store_bits=store_bits,
-            ptx_lines=compiled.asm["ptx"].count("\n")))
+            ptx_lines=compiled.asm["ptx"].count("\n"), registers=registers, stack_bytes=stack))
 
     with compile_only(arch, record):
         for name, run in (all_cases() if cases is None else cases).items():
@@ -204,6 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         seen.add(key)
         print(f"{v.kernel:24s} load {v.widest_load_bits:4d} b  store {v.widest_store_bits:4d} b  "
+              f"registers {v.registers}  stack {v.stack_bytes} B  "
               f"{v.case}: {', '.join(f'{k}={c}' for k, c in v.constants.items())}")
     for case, error in report.failures:
         print(f"FAILED {case}:\n    " + "\n    ".join(error.splitlines()), file=sys.stderr)

@@ -23,6 +23,9 @@ import triton
 import triton.language as tl
 
 TILE_ELEMENTS = 4096  # positions x channels of one group in one program
+NUM_WARPS = 4  # per program: 32 of a tile's 4096 elements per thread; 8 takes 47-80 registers a thread
+# where 4 takes 80-154 (sm_90, `fastdrag.kernels.compile_check`), more warps per multiprocessor;
+# `bench/test_kernels.py` times both on a GPU
 MIN_BLOCK_TILES = 64  # one BLOCK_TILES for every SD 1.x size up to 512 px: fewer compiled variants
 # sizes that take many values but change no code path, not specialised: with these two choices a
 # UNet's ~60 norms compile 7 variants of each kernel at SD 1.5 / 512 px (14 without them)
@@ -203,13 +206,13 @@ def group_norm_forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, b
     grid = (batch, num_groups, tiles)
     means, m2s = torch.empty(2, batch * num_groups * tiles, dtype=torch.float32, device=x.device)
     _partial_moments[grid](x, means, m2s, positions, group_size, num_groups, tiles, *x_strides,
-                           BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+                           BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS)
     y = torch.empty_like(x)
     mean = torch.empty(batch, num_groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     _normalise[grid](x, y, weight, bias, means, m2s, mean, rstd, positions, group_size, num_groups, tiles,
                      eps, *x_strides, *_strides(y), SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c,
-                     BLOCK_TILES=block_tiles, num_warps=4)
+                     BLOCK_TILES=block_tiles, num_warps=NUM_WARPS)
     return y, x, mean, rstd
 
 
@@ -230,11 +233,11 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     x_strides = _strides(x)
     _backward_partials[grid](x, dy, weight, bias, mean, rstd, sum_dxhat, sum_dxhat_xhat, dw, db, channels, positions,
                              group_size, num_groups, tiles, *x_strides, *dy_strides,
-                             SILU=silu, WEIGHT_GRADS=weight_grads, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+                             SILU=silu, WEIGHT_GRADS=weight_grads, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS)
     dx = torch.empty_like(x)
     _input_gradient[grid](x, dy, dx, weight, bias, mean, rstd, sum_dxhat, sum_dxhat_xhat, positions, group_size,
                           num_groups, tiles, *x_strides, *dy_strides, *_strides(dx),
-                          SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_TILES=block_tiles, num_warps=4)
+                          SILU=silu, BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_TILES=block_tiles, num_warps=NUM_WARPS)
     return (dx, dw, db) if weight_grads else (dx, None, None)
 
 

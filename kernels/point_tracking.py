@@ -75,7 +75,7 @@ def track_points(feat, handle_feats, handles, r_p: int = 3, size: Optional[Tuple
     block_c = max(1, min(triton.next_power_of_2(channels), 4096 // block_p))
     _track_points_kernel[(handles.shape[0],)](
         feat, handle_feats.detach().float().contiguous(), _clamped(handles, H, W), out,
-        channels, h, w, H, W, scale_h, scale_w, R_P=r_p, BLOCK_P=block_p, BLOCK_C=block_c,
+        channels, h, w, H, W, scale_h, scale_w, R_P=r_p, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8,
     )
     return out.to(handles.dtype)
 

@@ -78,6 +78,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     widths = {(v["kernel"], v["widest_load_bits"], v["widest_store_bits"]) for v in report["variants"]}
     for kernel in ("_geglu_forward", "_geglu_backward", "_masked_l1_backward"):
         assert (kernel, 128, 128) in widths, sorted(widths)
+    # no kernel spills registers to local memory (point tracking did, with 4 warps: 1016 B a thread)
+    resources = [(v["kernel"], v["registers"], v["stack_bytes"]) for v in report["variants"]]
+    if all(registers is not None for _, registers, _ in resources):
+        assert all(0 < registers <= 255 and stack == 0 for _, registers, stack in resources), resources
 
 
 @needs_compiler
