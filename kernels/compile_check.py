@@ -44,6 +44,8 @@ class CompiledVariant:
     constants: Dict[str, str]
     widest_load_bits: int
     widest_store_bits: int
+    load_widths: Dict[int, int]  # bits per thread -> global load instructions in the PTX
+    store_widths: Dict[int, int]
     ptx_lines: int
     registers: Optional[int]  # per thread, from the cubin (None without cuobjdump)
     stack_bytes: Optional[int]  # per thread: > 0 means registers spill to local memory
@@ -83,12 +85,20 @@ _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+)")
 _WIDTH = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
 
 
+def ptx_access_widths(ptx: str) -> Dict[str, Dict[int, int]]:
+    """{"ld": {bits: instructions}, "st": {...}}: the global loads and stores in PTX text by the bits
+    each thread moves per instruction (16 = one fp16 element, 128 = eight)."""
+    widths: Dict[str, Dict[int, int]] = {"ld": {}, "st": {}}
+    for op, lanes, bits in _WIDTH.findall(ptx):
+        width = int(lanes or 1) * int(bits)
+        widths[op][width] = widths[op].get(width, 0) + 1
+    return widths
+
+
 def ptx_access_bits(ptx: str) -> Tuple[int, int]:
     """(widest global load, widest global store) in bits per thread in PTX text (0 where none)."""
-    widest = {"ld": 0, "st": 0}
-    for op, lanes, bits in _WIDTH.findall(ptx):
-        widest[op] = max(widest[op], int(lanes or 1) * int(bits))
-    return widest["ld"], widest["st"]
+    widths = ptx_access_widths(ptx)
+    return max(widths["ld"], default=0), max(widths["st"], default=0)
 
 
 def _param_name(fn, path: Tuple[int, ...]) -> str:
@@ -195,13 +205,14 @@ def check(arch: int = DEFAULT_ARCH, cases: Optional[Dict[str, Callable[[], None]
 
     def record(fn, compiled) -> None:
         src = compiled.src
-        load_bits, store_bits = ptx_access_bits(compiled.asm["ptx"])
+        widths = ptx_access_widths(compiled.asm["ptx"])
         registers, stack = cubin_resources(compiled.asm["cubin"])
         report.variants.append(CompiledVariant(
             kernel=fn.__name__, case=current["case"],
             signature={k: str(v) for k, v in src.signature.items() if v != "constexpr"},
             constants={_param_name(fn, k): str(v) for k, v in src.constants.items()},
-            widest_load_bits=load_bits, widest_store_bits=store_bits,
+            widest_load_bits=max(widths["ld"], default=0), widest_store_bits=max(widths["st"], default=0),
+            load_widths=widths["ld"], store_widths=widths["st"],
             ptx_lines=compiled.asm["ptx"].count("\n"), registers=registers, stack_bytes=stack))
 
     with compile_only(arch, record):
@@ -231,8 +242,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if key in seen:
             continue
         seen.add(key)
-        print(f"{v.kernel:24s} load {v.widest_load_bits:4d} b  store {v.widest_store_bits:4d} b  "
-              f"registers {v.registers}  stack {v.stack_bytes} B  "
+        loads = " ".join(f"{n}x{bits}b" for bits, n in sorted(v.load_widths.items()))
+        stores = " ".join(f"{n}x{bits}b" for bits, n in sorted(v.store_widths.items()))
+        print(f"{v.kernel:22s} loads {loads or '-':18s} stores {stores or '-':12s} "
+              f"registers {v.registers}, stack {v.stack_bytes} B; "
               f"{v.case}: {', '.join(f'{k}={c}' for k, c in v.constants.items())}")
     for case, error in report.failures:
         print(f"FAILED {case}:\n    " + "\n    ".join(error.splitlines()), file=sys.stderr)

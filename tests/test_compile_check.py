@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fastdrag.kernels.compile_check import ptx_access_bits
+from fastdrag.kernels.compile_check import ptx_access_bits, ptx_access_widths
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
@@ -59,6 +59,7 @@ def test_ptx_access_bits_reads_vector_width_and_element_size():
         ld.shared.v4.b32 { %r5, %r6, %r7, %r8 }, [ %r9 ];
     """
     assert ptx_access_bits(ptx) == (128, 16)
+    assert ptx_access_widths(ptx) == {"ld": {16: 1, 128: 1, 64: 1}, "st": {16: 1}}
     assert ptx_access_bits("st.global.v2.b32 [ %rd1 ], { %r1, %r2 };") == (0, 64)
     assert ptx_access_bits("mov.u32 %r1, 0;") == (0, 0)
 
