@@ -98,6 +98,7 @@ def profile_step(step: Callable[[], object], steps: int, device: torch.device) -
         synchronize()
         wall = time.perf_counter() - start
     by_kind: Dict[str, float] = defaultdict(float)
+    count_by_kind: Dict[str, float] = defaultdict(float)  # kernels (CPU: operator calls) per step
     by_name: Dict[str, float] = defaultdict(float)
     launches = backward_nodes = 0
     for event in prof.key_averages():
@@ -116,12 +117,14 @@ def profile_step(step: Callable[[], object], steps: int, device: torch.device) -
         if micros <= 0:
             continue
         by_kind[kind_of(event.key)] += micros / 1e3 / steps
+        count_by_kind[kind_of(event.key)] += event.count / steps
         by_name[event.key] += micros / 1e3 / steps
     top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
     return {"wall_ms": wall * 1e3 / steps, "device_ms": sum(by_kind.values()),
             "kernels_per_step": launches / steps if device.type == "cuda" else None,
             "backward_nodes_per_step": backward_nodes / steps,
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+            "count_by_kind": dict(count_by_kind),
             "top_ms": [[name[:100], ms] for name, ms in top]}
 
 
@@ -175,7 +178,10 @@ def report(stage: str, row: Dict[str, object]) -> str:
     lines = [f"== {stage}: {row['wall_ms']:.2f} ms wall (eager), {row['device_ms']:.2f} ms "
              f"{'kernel' if row['kernels_per_step'] is not None else 'operator'} time"
              + (f", {row['kernels_per_step']:.0f} kernels" if row["kernels_per_step"] is not None else "")]
-    lines += [f"   {kind:<20} {ms:8.2f} ms {100 * ms / total:5.1f} %" for kind, ms in row["by_kind_ms"].items()]
+    counts = row.get("count_by_kind", {})
+    unit = "kernels" if row["kernels_per_step"] is not None else "calls"
+    lines += [f"   {kind:<20} {ms:8.2f} ms {100 * ms / total:5.1f} %  {counts.get(kind, 0):6.0f} {unit}"
+              for kind, ms in row["by_kind_ms"].items()]
     lines += ["   top:"] + [f"   {ms:8.3f} ms  {name}" for name, ms in row["top_ms"]]
     if row.get("copies_from"):
         for table, title in (("by_mechanism", "all shapes"), ("by_origin", "by shape")):

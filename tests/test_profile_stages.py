@@ -52,6 +52,9 @@ def test_every_stage_is_profiled(tmp_path):
         assert row["wall_ms"] > 0 and row["device_ms"] > 0
         assert sum(row["by_kind_ms"].values()) == pytest.approx(row["device_ms"])
         assert row["by_kind_ms"].get("convolution", 0) > 0 and row["by_kind_ms"].get("attention", 0) > 0
+        # calls counted per kind, for each kind timed (a kind with time ran at least once a step)
+        assert set(row["count_by_kind"]) == set(row["by_kind_ms"]) and all(n >= 1 for n in row["count_by_kind"].values())
+        assert f"{row['count_by_kind']['convolution']:6.0f} calls" in run.stdout
         # each copy traced to its operator chain, shapes and autograd node (or forward), and summed
         # over shapes by chain and node
         origins, mechanisms = row["copies_from"]["by_origin"], row["copies_from"]["by_mechanism"]
