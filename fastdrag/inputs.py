@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -41,20 +41,69 @@ class EditInputs:
         return self.image.size
 
 
+def _upright(picture: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it: its EXIF orientation applied (a phone photo stores its pixels
+    sideways and says so there), so that points picked on the displayed image land where they were
+    picked. The edit is written upright, without the tag."""
+    try:
+        return ImageOps.exif_transpose(picture)
+    except (OSError, ValueError, SyntaxError) as exc:  # a damaged EXIF block: take the pixels as stored
+        logger.warning("ignoring the image's unreadable EXIF orientation: %s", exc)
+        return picture
+
+
+def _eight_bit(picture: Image.Image) -> Image.Image:
+    """16- and 32-bit integer pictures scaled to 8 bits (PIL's own conversion saturates them)."""
+    if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(picture, dtype=np.float64)
+        top = 65535.0 if picture.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.round(np.clip(array, 0, top) * (255.0 / top)).astype(np.uint8))
+    return picture
+
+
+def _to_rgb(picture: Image.Image, what: str) -> Image.Image:
+    picture = _eight_bit(_upright(picture))
+    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
+        logger.warning("%s has transparency; it is dropped (the colours under it are edited as they are)", what)
+    return picture.convert("RGB")
+
+
+def _array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """An image array's values as 0-255 uint8: uint8 as given, other integers if in 0-255, floats if
+    in [0, 1]; anything else is refused rather than wrapped or truncated."""
+    if array.dtype == np.uint8:
+        return array
+    if array.size == 0:
+        raise InputError(f"{what} array is empty")
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise InputError(f"{what} array of {array.dtype} has values outside 0-255 "
+                             f"({array.min()} to {array.max()}); give uint8 pixels")
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(f"{what} array has NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise InputError(f"{what} array of {array.dtype} has values outside [0, 1] "
+                             f"({array.min():g} to {array.max():g}); give floats in [0, 1] or uint8 pixels")
+        return np.round(array * 255.0).astype(np.uint8)
+    raise InputError(f"{what} array must hold uint8 pixels (or floats in [0, 1]); got {array.dtype}")
+
+
 def load_image(image: ImageLike, what: str = "image") -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an HxWx3 uint8 array."""
+    """An upright RGB PIL image from a path, a PIL image, or an HxWx3 array (uint8, or floats in [0, 1])."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image, what)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"{what} array must be HxWx3; got shape {image.shape}")
-        return Image.fromarray(np.asarray(image, dtype=np.uint8))
+        return Image.fromarray(_array_to_uint8(image, what))
     path = Path(image)
     if not path.is_file():
         raise InputError(f"{what} file {path} does not exist")
     try:
         with Image.open(path) as opened:
-            return opened.convert("RGB")
+            return _to_rgb(opened, f"{what} file {path}")
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"{what} file {path} is not a readable image: {exc}") from exc
 
@@ -101,11 +150,11 @@ def load_mask(mask: Optional[ImageLike], size: Tuple[int, int]) -> Optional[np.n
             raise InputError(f"mask file {path} does not exist")
         try:
             with Image.open(path) as opened:
-                array = np.asarray(opened.convert("L"), dtype=np.float64) / 255.0
+                array = np.asarray(_eight_bit(_upright(opened)).convert("L"), dtype=np.float64) / 255.0
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"mask file {path} is not a readable image: {exc}") from exc
     elif isinstance(mask, Image.Image):
-        array = np.asarray(mask.convert("L"), dtype=np.float64) / 255.0
+        array = np.asarray(_eight_bit(_upright(mask)).convert("L"), dtype=np.float64) / 255.0
     else:
         array = np.asarray(mask, dtype=np.float64)
         if array.ndim == 3 and array.shape[2] in (1, 3, 4):

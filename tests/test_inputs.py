@@ -66,3 +66,72 @@ def test_resize_policy_scales_points_and_mask():
     assert inputs.mask.shape == (1, 1, 64, 64) and inputs.mask[0, 0, :, :32].sum() == 0 and inputs.mask[0, 0, :, 33:].all()
     back = sup_to_image(inputs.handles, inputs.sup_res, (70, 50))
     assert back == [(35.0, 25.0)]
+
+
+def _sideways_file(path, upright: Image.Image, orientation: int = 6):
+    """`upright` stored as a phone stores it: pixels turned, EXIF orientation saying how to turn them back."""
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6: the viewer turns 90° clockwise
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, exif=exif)
+    return path
+
+
+def test_an_exif_rotated_photo_is_edited_as_a_viewer_shows_it(tmp_path):
+    """Points picked on the displayed (upright) image land where they were picked."""
+    from fastdrag.inputs import load_image
+    upright = image(width=128, height=64)
+    path = _sideways_file(tmp_path / "phone.png", upright)
+    with Image.open(path) as raw:
+        assert raw.size == (64, 128)  # stored sideways
+    loaded = load_image(path)
+    assert loaded.size == (128, 64)
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(upright))
+    # x = 80 and 90 exist only in the upright picture (the stored one is 64 wide); its mask, stored sideways the same way, fits it
+    mask = Image.fromarray(np.pad(np.full((64, 40), 255, np.uint8), ((0, 0), (50, 38))))
+    inputs = prepare_inputs(path, [((80, 10), (90, 20))], mask=_sideways_file(tmp_path / "mask.png", mask))
+    assert inputs.original_size == (128, 64)
+    assert inputs.mask is not None and inputs.mask[0, 0, :, :50].sum() == 0 and inputs.mask[0, 0, :, 50:90].all()
+
+
+def test_a_16_bit_picture_is_scaled_not_saturated(tmp_path):
+    from fastdrag.inputs import load_image
+    levels = np.array([[0, 32896, 65535, 8224]], dtype=np.uint16).repeat(4, axis=0)
+    path = tmp_path / "deep.png"
+    Image.fromarray(levels).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")  # PIL's own convert("RGB") would saturate these
+    np.testing.assert_array_equal(np.asarray(load_image(path))[0, :, 0], [0, 128, 255, 32])
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.full((8, 8, 3), 1.5, np.float32), r"outside \[0, 1\]"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN or infinite"),
+    (np.full((8, 8, 3), 300, np.int64), "outside 0-255"),
+    (np.full((8, 8, 3), -1, np.int16), "outside 0-255"),
+    (np.ones((8, 8, 3), bool), "must hold uint8"),
+])
+def test_an_image_array_is_never_wrapped_or_truncated(array, words):
+    with pytest.raises(InputError, match=words):
+        prepare_inputs(array, [((1, 1), (5, 5))])
+
+
+def test_image_arrays_of_floats_in_0_1_and_small_integers_are_pixels():
+    from fastdrag.inputs import load_image
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 8, 3))
+    expected = pixels.astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_image(pixels.astype(np.int64))), expected)
+    np.testing.assert_array_equal(np.asarray(load_image((pixels / 255.0).astype(np.float32))), expected)
+
+
+def test_transparency_is_dropped_with_a_warning(caplog):
+    from fastdrag.inputs import load_image
+    rgba = Image.fromarray(np.random.default_rng(2).integers(0, 256, (8, 8, 4), dtype=np.uint8), "RGBA")
+    with caplog.at_level("WARNING", logger="fastdrag.inputs"):
+        loaded = load_image(rgba)
+    assert "transparency" in caplog.text
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(rgba)[..., :3])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastdrag.inputs"):
+        load_image(image())
+    assert caplog.text == ""
