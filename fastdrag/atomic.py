@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-from .errors import OutputExistsError
+from .errors import InputError, OutputExistsError
+
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality is 75
 
 
 def check_writable(path: Union[str, Path], overwrite: bool) -> Path:
@@ -45,9 +47,32 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def image_format(path: Union[str, Path]) -> str:
+    """The PIL format that an image path's extension names (PNG without one); an InputError naming
+    the extension when PIL cannot write it, so that a caller learns it before an edit, not after."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    Image.init()
+    name = Image.registered_extensions().get(suffix)
+    if name is None or name not in Image.SAVE:
+        raise InputError(f"cannot write {suffix} images ({path}): use .png, .jpg or .webp")
+    return name
+
+
+def check_image_output(path: Union[str, Path], overwrite: bool) -> Path:
+    """`check_writable` for an image path whose extension PIL can also write."""
+    image_format(path)
+    return check_writable(path, overwrite)
+
+
 def save_image(image, path: Union[str, Path], overwrite: bool = False) -> Path:
-    """Write a PIL image atomically, refusing to replace an existing file unless `overwrite`."""
+    """Write a PIL image atomically in the format its extension names (JPEG and WebP at quality 95),
+    refusing to replace an existing file unless `overwrite`."""
+    name = image_format(path)
     path = check_writable(path, overwrite)
     with atomic_path(path) as tmp:
-        image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+        image.save(tmp, format=name, **SAVE_OPTIONS.get(name, {}))
     return path

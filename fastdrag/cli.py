@@ -261,7 +261,7 @@ def _editor(args):
 
 
 def cmd_edit(args) -> int:
-    from .atomic import check_writable, save_image
+    from .atomic import check_image_output, save_image
 
     points: List = [parse_drag(text) for text in args.drag]
     if args.points:
@@ -270,7 +270,7 @@ def cmd_edit(args) -> int:
         raise InputError("no drag points: give --drag HX,HY:TX,TY or --points FILE")
     image_path = Path(args.image)
     output = Path(args.output) if args.output else image_path.with_name(f"{image_path.stem}-edited.png")
-    check_writable(output, args.overwrite)
+    check_image_output(output, args.overwrite)
     editor = _editor(args)
     result = editor.edit(args.image, args.prompt, points, mask=args.mask, **config_overrides(args))
     save_image(result.image, output, args.overwrite)

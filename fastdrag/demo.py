@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atomic import check_writable, save_image
+from .atomic import check_image_output, save_image
 from .visualize import side_by_side
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, prog
     output_dir = Path(output_dir)
     paths = {name: output_dir / f"{name}.png" for name in ("input", "edited", "side_by_side")}
     for path in paths.values():
-        check_writable(path, overwrite)
+        check_image_output(path, overwrite)
     case = toy_demo_case() if model == "toy" else demo_case()
     editor = DragEditor.from_pretrained(model, progress=progress)
     result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, **overrides)

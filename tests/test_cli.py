@@ -186,3 +186,16 @@ def test_the_sdpa_priority_choices_are_the_packages():
     edit = build_parser()._subparsers._group_actions[0].choices["edit"]
     action = next(a for a in edit._actions if a.dest == "sdpa_priority")
     assert list(action.choices) == list(SDPA_PRIORITIES)
+
+
+def test_an_output_format_pil_cannot_write_is_refused_before_the_edit(image_file, tmp_path, capsys, monkeypatch):
+    import fastdrag.cli as cli
+
+    def no_edit(args):
+        raise AssertionError("the model was loaded for an output that cannot be written")
+    monkeypatch.setattr(cli, "_editor", no_edit)
+    code = main(["edit", str(image_file), "--prompt", "x", "--drag", "10,10:20,20",
+                 "--output", str(tmp_path / "o.xyz")] + FAST_ARGS)
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write .xyz images" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.xyz").exists()
