@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING, List, Optional, Union
 
 import numpy as np
@@ -10,6 +11,8 @@ from PIL import Image
 
 if TYPE_CHECKING:
     from .cuda_graph import CapturedCalls
+
+logger = logging.getLogger(__name__)
 
 
 def image_to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
@@ -67,11 +70,19 @@ def capture_decoder(vae, latent_shape, graphs: "CapturedCalls") -> None:
 
 @torch.no_grad()
 def encode_prompt(tokenizer, text_encoder, prompt: Union[str, List[str]]) -> torch.Tensor:
-    """CLIP text embeddings (1, 77, D) of the prompt ((B, 77, D) of a list of B prompts)."""
+    """CLIP text embeddings (1, 77, D) of the prompt ((B, 77, D) of a list of B prompts); a prompt longer
+    than the encoder reads is cut, with a warning that says where."""
+    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 10_000 else 77
+    for text in [prompt] if isinstance(prompt, str) else prompt:
+        ids = tokenizer(text, truncation=False).input_ids
+        if len(ids) > max_length:
+            kept = tokenizer.decode(ids[1:max_length - 1])  # without the start and end tokens
+            logger.warning("the prompt is %d tokens; the text encoder reads %d, so only %r counts",
+                           len(ids), max_length, kept)
     tokens = tokenizer(
         prompt,
         padding="max_length",
-        max_length=tokenizer.model_max_length if tokenizer.model_max_length < 10_000 else 77,
+        max_length=max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(text_encoder.device)
