@@ -420,8 +420,12 @@ class DragEditor:
         with sdpa_priority(self._sdpa_priority):
             losses = run_trainer(trainer, config.lora.lora_steps, self.progress, keep_graph=keep)
         self._lora_trainer = trainer if keep else None
-        self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
-                                                     "final_loss": f"{losses[-1]:.6f}" if losses else ""})
+        try:
+            self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
+                                                         "final_loss": f"{losses[-1]:.6f}" if losses else ""})
+        except OSError as exc:  # a full disk or a read-only cache costs the cache, not the trained edit
+            logger.warning("the LoRA could not be cached in %s (%s); this edit goes on, and the next edit "
+                           "of this image trains it again", self.cache.directory, exc)
         self._loaded_key = key
         return key, False
 

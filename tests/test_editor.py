@@ -18,6 +18,21 @@ def test_edit_returns_image_handles_timings_and_config(editor, picture, fast):
     assert again.lora_cached
 
 
+def test_a_lora_cache_that_cannot_be_written_costs_the_cache_not_the_edit(editor, picture, fast, monkeypatch, caplog):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(editor.cache, "save", disk_full)
+    with caplog.at_level("WARNING", logger="fastdrag.editor"):
+        result = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    assert result.image.size == picture.image.size and not result.lora_cached
+    assert "could not be cached" in caplog.text and "No space left on device" in caplog.text
+    monkeypatch.undo()
+    again = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    assert not again.lora_cached  # nothing was cached: trained again, and cached now
+    assert np.asarray(again.image).tobytes() == np.asarray(result.image).tobytes()
+    assert editor.edit(picture.image, picture.prompt, picture.points, **fast).lora_cached
+
+
 def test_same_seed_gives_the_same_bytes(editor, picture, tmp_path, fast):
     from fastdrag import DragEditor
 
