@@ -17,6 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -77,7 +78,11 @@ class LoraCache:
         if not path.is_file():
             return None
         touch(path)  # recently used: pruning the cache (`fastdrag cache`) removes the least recently used
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:  # truncated or damaged on disk: a miss, not a failed edit
+            logger.warning("the cached LoRA %s is unreadable (%s); it is trained again and replaced", path, exc)
+            return None
 
     def require(self, key: str) -> Dict[str, torch.Tensor]:
         """The adapter stored under `key`; a clear error when there is none."""

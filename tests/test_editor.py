@@ -33,6 +33,18 @@ def test_a_lora_cache_that_cannot_be_written_costs_the_cache_not_the_edit(editor
     assert editor.edit(picture.image, picture.prompt, picture.points, **fast).lora_cached
 
 
+def test_a_damaged_cached_lora_is_trained_again_and_replaced(editor, picture, fast, caplog):
+    first = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    [cached] = list(editor.cache.directory.glob("*.safetensors"))
+    cached.write_bytes(cached.read_bytes()[:100])  # cut short, as a crash or a full disk leaves it
+    editor.release()  # forget the adapter in the UNet: the next edit reads the cache
+    with caplog.at_level("WARNING", logger="fastdrag.lora"):
+        again = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    assert "is unreadable" in caplog.text and not again.lora_cached
+    assert np.asarray(again.image).tobytes() == np.asarray(first.image).tobytes()
+    assert editor.cache.load(cached.stem) is not None  # replaced by a whole one
+
+
 def test_same_seed_gives_the_same_bytes(editor, picture, tmp_path, fast):
     from fastdrag import DragEditor
 
