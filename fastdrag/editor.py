@@ -29,7 +29,8 @@ from .denoiser import TorchDenoiser
 from .drag import DragLoop
 from .errors import ConfigError, InputError
 from .frozen_conv import install_frozen_conv
-from .inputs import EditInputs, ImageLike, Points, load_image, prepare_inputs, sup_to_image, working_size
+from .inputs import (EditInputs, ImageLike, Points, load_image, prepare_inputs, size_advice, sup_to_image,
+                     working_size)
 from .inversion import invert
 from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
                    run_trainer)
@@ -303,6 +304,11 @@ class DragEditor:
             raise InputError(f"working size {width}x{height} must be a multiple of {scale * down} for this model")
         self_attention_processor_names(self.components.unet, config.denoise.start_layer)
         choose_backend(config.denoise.attention_backend, self.device, self.dtype)
+        sample_size = self.components.unet.config.sample_size
+        native = scale * (max(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size)
+        advice = size_advice((width, height), native)
+        if advice:
+            logger.warning(advice)
 
     def _forget_adapter(self) -> None:
         """The UNet's adapter is about to change: drop what was derived from its values.

@@ -115,6 +115,21 @@ def working_size(size: Tuple[int, int], requested: Optional[Tuple[int, int]] = N
     return tuple(max(64, 64 * int(round(side / 64))) for side in size)  # type: ignore[return-value]
 
 
+def size_advice(size: Tuple[int, int], native: int) -> Optional[str]:
+    """What to tell a user whose working size is far above the model's native size (more than four
+    times its pixels: an SD 1.x model above 1024x1024): it is slow, takes memory with the area and is
+    off the model's training distribution; the size at the model's own scale is suggested. None otherwise."""
+    width, height = size
+    if width * height <= 4 * native * native:
+        return None
+    scale = native / max(width, height)
+    suggested = tuple(max(64, 64 * int(round(side * scale / 64))) for side in size)
+    ratio = width * height / native ** 2
+    return (f"working at {width}x{height}, {ratio:.{0 if ratio >= 10 else 1}f}x the pixels of the {native}x{native} "
+            f"this model was trained at: slow, memory-hungry and off its training distribution; "
+            f"size=({suggested[0]}, {suggested[1]}) (--size {suggested[0]}x{suggested[1]}) edits at its scale")
+
+
 def parse_points(points: Points, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """Handles and targets as (N, 2) arrays of image `(x, y)`, validated against the image size."""
     width, height = size

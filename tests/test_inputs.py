@@ -135,3 +135,23 @@ def test_transparency_is_dropped_with_a_warning(caplog):
     with caplog.at_level("WARNING", logger="fastdrag.inputs"):
         load_image(image())
     assert caplog.text == ""
+
+
+def test_a_working_size_far_above_the_models_is_advised_against():
+    from fastdrag.inputs import size_advice
+    assert size_advice((1024, 1024), 512) is None and size_advice((512, 768), 512) is None
+    advice = size_advice((4032, 3008), 512)  # a phone photo at its own size
+    assert advice.startswith("working at 4032x3008, 46x the pixels of the 512x512")
+    assert "size=(512, 384) (--size 512x384)" in advice
+    assert "4.2x the pixels" in size_advice((1088, 1024), 512)
+
+
+def test_an_edit_far_above_the_models_size_warns(editor, caplog):
+    big = Image.fromarray(np.random.default_rng(3).integers(0, 256, (128, 192, 3), dtype=np.uint8))
+    with caplog.at_level("WARNING", logger="fastdrag.editor"):
+        editor.edit(big, "x", [((20, 20), (30, 30))], lora_steps=1, num_inference_steps=4, drag_steps=1)
+    assert "working at 192x128, 6.0x the pixels of the 64x64" in caplog.text  # the tiny model's size
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastdrag.editor"):
+        editor.edit(image(), "x", [((20, 20), (30, 30))], lora_steps=1, num_inference_steps=4, drag_steps=1)
+    assert "working at" not in caplog.text
