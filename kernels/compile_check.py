@@ -5,9 +5,10 @@ kernel reading a plain Python float global, for one), so a kernel can pass every
 at its first launch on a GPU. Here the kernels' own wrappers run at SD 1.5's sizes, forward and
 backward, with every launch turned into a compilation: a stand-in driver names the target GPU and
 each launch compiles (Triton's warm-up path: its front end, LLVM, and the ptxas it ships) without
-running, so the outputs hold no values. Each compiled variant reports the widest global load and
-store of its PTX (are its reads vectorised?) and, from its cubin, the registers and stack each thread
-takes (does it spill? how many warps fit on a multiprocessor?): a static look, not a timing.
+running, so the outputs hold no values. Each compiled variant reports its PTX's global loads and
+stores by the bits a thread moves in one (are its reads vectorised?) and, from its cubin, the
+registers and stack a thread takes (does it spill? how many warps fit on a multiprocessor?): a static
+look, not a timing.
 
     python -m fastdrag.kernels.compile_check [--arch 90] [--json FILE]
 
@@ -46,7 +47,6 @@ class CompiledVariant:
     widest_store_bits: int
     load_widths: Dict[int, int]  # bits per thread -> global load instructions in the PTX
     store_widths: Dict[int, int]
-    ptx_lines: int
     registers: Optional[int]  # per thread, from the cubin (None without cuobjdump)
     stack_bytes: Optional[int]  # per thread: > 0 means registers spill to local memory
 
@@ -93,12 +93,6 @@ def ptx_access_widths(ptx: str) -> Dict[str, Dict[int, int]]:
         width = int(lanes or 1) * int(bits)
         widths[op][width] = widths[op].get(width, 0) + 1
     return widths
-
-
-def ptx_access_bits(ptx: str) -> Tuple[int, int]:
-    """(widest global load, widest global store) in bits per thread in PTX text (0 where none)."""
-    widths = ptx_access_widths(ptx)
-    return max(widths["ld"], default=0), max(widths["st"], default=0)
 
 
 def _param_name(fn, path: Tuple[int, ...]) -> str:
@@ -213,14 +207,14 @@ def check(arch: int = DEFAULT_ARCH, cases: Optional[Dict[str, Callable[[], None]
             constants={_param_name(fn, k): str(v) for k, v in src.constants.items()},
             widest_load_bits=max(widths["ld"], default=0), widest_store_bits=max(widths["st"], default=0),
             load_widths=widths["ld"], store_widths=widths["st"],
-            ptx_lines=compiled.asm["ptx"].count("\n"), registers=registers, stack_bytes=stack))
+            registers=registers, stack_bytes=stack))
 
     with compile_only(arch, record):
         for name, run in (all_cases() if cases is None else cases).items():
             current["case"] = name
             try:
                 run()
-            except Exception as error:  # noqa: BLE001 - the report collects every failure
+            except Exception as error:  # the report collects every failure
                 report.failures.append((name, f"{type(error).__name__}: {error}"))
     return report
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fastdrag.kernels.compile_check import ptx_access_bits, ptx_access_widths
+from fastdrag.kernels.compile_check import ptx_access_widths
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
@@ -50,7 +50,7 @@ def _jit_kernels_launched_by_wrappers():
     return names
 
 
-def test_ptx_access_bits_reads_vector_width_and_element_size():
+def test_ptx_access_widths_count_global_accesses_by_vector_width_and_element_size():
     ptx = """
         ld.global.b16 { %rs1 }, [ %rd1 + 0 ];
         @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd2 + 0 ];
@@ -58,10 +58,9 @@ def test_ptx_access_bits_reads_vector_width_and_element_size():
         st.global.b16 [ %rd4 + 0 ], { %rs2 };
         ld.shared.v4.b32 { %r5, %r6, %r7, %r8 }, [ %r9 ];
     """
-    assert ptx_access_bits(ptx) == (128, 16)
-    assert ptx_access_widths(ptx) == {"ld": {16: 1, 128: 1, 64: 1}, "st": {16: 1}}
-    assert ptx_access_bits("st.global.v2.b32 [ %rd1 ], { %r1, %r2 };") == (0, 64)
-    assert ptx_access_bits("mov.u32 %r1, 0;") == (0, 0)
+    assert ptx_access_widths(ptx) == {"ld": {16: 1, 128: 1, 64: 1}, "st": {16: 1}}  # shared memory left out
+    assert ptx_access_widths("st.global.v2.b32 [ %rd1 ], { %r1, %r2 };") == {"ld": {}, "st": {64: 1}}
+    assert ptx_access_widths("mov.u32 %r1, 0;") == {"ld": {}, "st": {}}
 
 
 @needs_compiler
