@@ -186,6 +186,16 @@ def load_mask(mask: Optional[ImageLike], size: Tuple[int, int]) -> Optional[np.n
     return binary
 
 
+def _warn_points_outside(mask: np.ndarray, handles_xy: np.ndarray, targets_xy: np.ndarray) -> None:
+    """Warn about points outside the editable region: the mask term holds that region as it was, so
+    content can neither leave a handle there nor arrive at a target there."""
+    for index, (handle, target) in enumerate(zip(handles_xy, targets_xy)):
+        for name, (x, y) in (("handle", handle), ("target", target)):
+            if mask[int(round(y)), int(round(x))] == 0:
+                logger.warning("%s (%g, %g) of drag pair %d is outside the editable mask, which the edit keeps "
+                               "as it was: widen the mask to cover it", name, x, y, index)
+
+
 def prepare_inputs(
     image: ImageLike,
     points: Points,
@@ -198,6 +208,8 @@ def prepare_inputs(
     original = picture.size
     handles_xy, targets_xy = parse_points(points, original)
     mask_array = load_mask(mask, original)
+    if mask_array is not None:
+        _warn_points_outside(mask_array, handles_xy, targets_xy)
     work_w, work_h = working_size(original, size)
     if work_w % 8 or work_h % 8:
         raise InputError(f"working size {work_w}x{work_h} is not a multiple of 8")

@@ -155,3 +155,15 @@ def test_an_edit_far_above_the_models_size_warns(editor, caplog):
     with caplog.at_level("WARNING", logger="fastdrag.editor"):
         editor.edit(image(), "x", [((20, 20), (30, 30))], lora_steps=1, num_inference_steps=4, drag_steps=1)
     assert "working at" not in caplog.text
+
+
+def test_points_outside_the_editable_mask_are_warned_about(caplog):
+    left_half = np.zeros((64, 64))
+    left_half[:, :32] = 1
+    with caplog.at_level("WARNING", logger="fastdrag.inputs"):
+        prepare_inputs(image(), [((10, 10), (20, 30))], mask=left_half)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="fastdrag.inputs"):
+        prepare_inputs(image(), [((10, 10), (20, 30)), ((40, 5), (50, 60))], mask=left_half)
+    assert "handle (40, 5) of drag pair 1 is outside the editable mask" in caplog.text
+    assert "target (50, 60) of drag pair 1 is outside" in caplog.text and "pair 0" not in caplog.text
