@@ -220,6 +220,8 @@ for part in sys.argv[2:]:
 if rows:
     json.dump(rows, open(sys.argv[1], "w"), indent=1)
 EOF
+    # the table of bench/RESULTS.md, from the rows just written
+    [[ ! -s "$out/edit_timing.json" ]] || python3 bench/timing_table.py "$out/edit_timing.json" >>"$log" 2>&1
 }
 
 expand() {
