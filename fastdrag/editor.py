@@ -304,11 +304,12 @@ class DragEditor:
             raise InputError(f"working size {width}x{height} must be a multiple of {scale * down} for this model")
         self_attention_processor_names(self.components.unet, config.denoise.start_layer)
         choose_backend(config.denoise.attention_backend, self.device, self.dtype)
-        sample_size = self.components.unet.config.sample_size
-        native = scale * (max(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size)
-        advice = size_advice((width, height), native)
-        if advice:
-            logger.warning(advice)
+        sample_size = self.components.unet.config.sample_size  # latent pixels it was trained at, if known
+        if sample_size:
+            native = scale * (max(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size)
+            advice = size_advice((width, height), native)
+            if advice:
+                logger.warning(advice)
 
     def _forget_adapter(self) -> None:
         """The UNet's adapter is about to change: drop what was derived from its values.

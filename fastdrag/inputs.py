@@ -61,8 +61,13 @@ def _eight_bit(picture: Image.Image) -> Image.Image:
     return picture
 
 
+def _as_shown(picture: Image.Image) -> Image.Image:
+    """Upright and in 8 bits: the picture a viewer shows, which points and masks refer to."""
+    return _eight_bit(_upright(picture))
+
+
 def _to_rgb(picture: Image.Image, what: str) -> Image.Image:
-    picture = _eight_bit(_upright(picture))
+    picture = _as_shown(picture)
     if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
         logger.warning("%s has transparency; it is dropped (the colours under it are edited as they are)", what)
     return picture.convert("RGB")
@@ -165,11 +170,11 @@ def load_mask(mask: Optional[ImageLike], size: Tuple[int, int]) -> Optional[np.n
             raise InputError(f"mask file {path} does not exist")
         try:
             with Image.open(path) as opened:
-                array = np.asarray(_eight_bit(_upright(opened)).convert("L"), dtype=np.float64) / 255.0
+                array = np.asarray(_as_shown(opened).convert("L"), dtype=np.float64) / 255.0
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"mask file {path} is not a readable image: {exc}") from exc
     elif isinstance(mask, Image.Image):
-        array = np.asarray(_eight_bit(_upright(mask)).convert("L"), dtype=np.float64) / 255.0
+        array = np.asarray(_as_shown(mask).convert("L"), dtype=np.float64) / 255.0
     else:
         array = np.asarray(mask, dtype=np.float64)
         if array.ndim == 3 and array.shape[2] in (1, 3, 4):
