@@ -13,7 +13,9 @@ look, not a timing.
     python -m fastdrag.kernels.compile_check [--arch 90] [--json FILE]
 
 Run it in a process of its own with `TRITON_INTERPRET` unset: under the interpreter `triton.jit`
-makes interpreted functions, which cannot be compiled. It changes Triton's active driver and its
+makes interpreted functions, which cannot be compiled. To check another Triton release (a GPU
+machine's), install it beside this one (`pip install --no-deps --target DIR triton==X`) and run with
+`PYTHONPATH=DIR`. It changes Triton's active driver and its
 launch while it runs and restores both after.
 """
 from __future__ import annotations
