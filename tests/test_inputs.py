@@ -94,7 +94,7 @@ def test_an_exif_rotated_photo_is_edited_as_a_viewer_shows_it(tmp_path):
     assert inputs.mask is not None and inputs.mask[0, 0, :, :50].sum() == 0 and inputs.mask[0, 0, :, 50:90].all()
 
 
-def test_a_16_bit_picture_is_scaled_not_saturated(tmp_path):
+def test_16_bit_and_float_pictures_are_scaled_not_saturated(tmp_path):
     from fastdrag.inputs import load_image
     levels = np.array([[0, 32896, 65535, 8224]], dtype=np.uint16).repeat(4, axis=0)
     path = tmp_path / "deep.png"
@@ -102,6 +102,9 @@ def test_a_16_bit_picture_is_scaled_not_saturated(tmp_path):
     with Image.open(path) as opened:
         assert opened.mode.startswith("I")  # PIL's own convert("RGB") would saturate these
     np.testing.assert_array_equal(np.asarray(load_image(path))[0, :, 0], [0, 128, 255, 32])
+    floats = tmp_path / "float.tif"  # a float TIFF in [0, 1]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0, 0.25]], dtype=np.float32).repeat(4, axis=0), "F").save(floats)
+    np.testing.assert_array_equal(np.asarray(load_image(floats))[0, :, 1], [0, 128, 255, 64])
 
 
 @pytest.mark.parametrize("array, words", [
