@@ -79,9 +79,6 @@ class _CompileOnlyDriver:
     def get_current_target(self):
         return self.target
 
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
-
 
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+)")
 _WIDTH = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
@@ -102,12 +99,21 @@ def _param_name(fn, path: Tuple[int, ...]) -> str:
     return fn.arg_names[path[0]] + "".join(f"[{i}]" for i in path[1:])
 
 
+def nvidia_tool(name: str) -> Optional[Path]:
+    """A binary that Triton's NVIDIA backend ships (`ptxas`, `cuobjdump`), or None without it."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return path if path.exists() else None
+
+
 def cubin_resources(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
     """(registers, stack bytes) per thread of a cubin's kernel, read by the cuobjdump Triton ships;
     (None, None) without it."""
-    import triton
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
+    cuobjdump = nvidia_tool("cuobjdump")
+    if cuobjdump is None:
         return None, None
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"

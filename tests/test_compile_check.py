@@ -14,21 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from fastdrag.kernels.compile_check import ptx_access_widths
+from fastdrag.kernels.compile_check import nvidia_tool, ptx_access_widths
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
-
-def _ptxas_missing() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "triton is not installed"
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return "" if ptxas.exists() else f"this triton ships no ptxas ({ptxas}): it cannot compile for NVIDIA GPUs here"
-
-
-needs_compiler = pytest.mark.skipif(bool(_ptxas_missing()), reason=_ptxas_missing() or "compiler present")
+needs_compiler = pytest.mark.skipif(
+    nvidia_tool("ptxas") is None,
+    reason="no triton with its NVIDIA backend's ptxas here: the kernels cannot be compiled for a GPU")
 
 
 def _run(args, tmp_path, script=None):
