@@ -11,7 +11,8 @@ variant and every later one in the process, `channels_last_outputs=true`, which 
 transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
 the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
 Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
-`fused_geglu=true` for one of the two), `frozen_conv=true|false`, which gives the UNet's convolutions
+`fused_geglu=true` for one of the two), `lean_blocks=false`, which gives the UNet and the VAE diffusers'
+stock blocks back for the variant (`fastdrag.lean_blocks`; default: on), `frozen_conv=true|false`, which gives the UNet's convolutions
 the input-gradient-only backward (`fastdrag.frozen_conv`; default: the package's, on CUDA only) for the
 variant, `sdpa_priority=flash|cudnn|efficient|default`, the order in which the UNet's SDPA attention
 tries its backends (the editor's `sdpa_priority`), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
@@ -41,6 +42,7 @@ from fastdrag.demo import demo_case
 from fastdrag.drag import DragLoop
 from fastdrag.frozen_conv import install_frozen_conv, remove_frozen_conv
 from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks
+from fastdrag.lean_blocks import install_lean_blocks, remove_lean_blocks
 from fastdrag.half_norms import ENV as HALF_NORMS_ENV
 from fastdrag.lora import LoraTrainer
 from fastdrag.regional_compile import compile_blocks
@@ -134,6 +136,11 @@ def main() -> None:
             keep_transformer_outputs_channels_last(unet)
         fused_all = settings.pop("fused_unet_kernels", False)
         remove_fused_blocks(unet)
+        lean = settings.pop("lean_blocks", True)  # the package's default
+        for model in (unet, editor.components.vae):
+            remove_lean_blocks(model)
+            if lean:
+                install_lean_blocks(model)
         install_fused_blocks(unet, group_norm=settings.pop("fused_group_norm", fused_all),
                              geglu=settings.pop("fused_geglu", fused_all))
         remove_frozen_conv(unet)

@@ -215,7 +215,8 @@ class ReferenceAttnProcessor:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        # SD's factor is 1: no division, which would be a kernel each way that changes nothing
+        return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
 
 
 def transformer_blocks(unet: torch.nn.Module) -> List[str]:

@@ -148,6 +148,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frozen-conv", action=argparse.BooleanOptionalAction, default=None,
                         help="the UNet's convolutions keep only their weights for the LoRA step's and the drag's "
                              "backward: the same numbers, less memory (fastdrag.frozen_conv; default: on CUDA only)")
+    parser.add_argument("--lean-blocks", action=argparse.BooleanOptionalAction, default=True,
+                        help="leave out the UNet's and VAE's operations that change no number (divisions by 1, a "
+                             "training-mode copy): the same edits, fewer kernels (fastdrag.lean_blocks; default: on)")
     parser.add_argument("--sdpa-priority", default="default", choices=["default", "flash", "cudnn", "efficient"],
                         help="the order in which the UNet's SDPA attention tries its backends (default: PyTorch's, "
                              "which takes cuDNN's attention first on an H100 and FlashAttention first on an A100; "
@@ -257,7 +260,8 @@ def _editor(args):
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                                       progress=not args.quiet, channels_last=args.channels_last,
                                       compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels,
-                                      frozen_conv=args.frozen_conv, sdpa_priority=args.sdpa_priority)
+                                      frozen_conv=args.frozen_conv, sdpa_priority=args.sdpa_priority,
+                                      lean_blocks=args.lean_blocks)
 
 
 def cmd_edit(args) -> int:

@@ -5,7 +5,7 @@ instance attributes, so that the model's classes and weights stay as they are an
 `remove_fused_blocks` puts every forward back:
 - each `ResnetBlock2D` of the plain kind SD 1.x uses (default time-embedding norm, SiLU, no resampling
   inside the block) gets a forward that runs norm1 + SiLU and norm2 + SiLU fused, and otherwise does
-  what diffusers' forward does for that kind;
+  what the lean forward of `fastdrag.lean_blocks` does (diffusers' arithmetic without its no-op work);
 - each continuous-input `Transformer2DModel`'s GroupNorm runs fused, without a SiLU;
 - the UNet's output GroupNorm runs fused with its SiLU, and `conv_act` becomes the identity;
 - each `GEGLU` (the feed-forward layers' gate) runs its product fused after its projection.
@@ -33,6 +33,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from . import kernels
+from .lean_blocks import plain_resnet, resnet_forward
 
 
 def _norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -51,35 +52,19 @@ def _geglu(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.T
     return kernels.geglu(self.proj(hidden_states))
 
 
+def _fused_norm_silu(block: ResnetBlock2D, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
+
+
 def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """diffusers' `ResnetBlock2D.forward` for the kind `_plain_resnet` accepts, each norm and SiLU fused."""
-    norm1, norm2 = self.norm1, self.norm2
-    hidden_states = kernels.group_norm(input_tensor, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps, silu=True)
-    hidden_states = self.conv1(hidden_states)
-    if self.time_emb_proj is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
-    if temb is not None:
-        hidden_states = hidden_states + temb
-    hidden_states = kernels.group_norm(hidden_states, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps, silu=True)
-    hidden_states = self.dropout(hidden_states)
-    hidden_states = self.conv2(hidden_states)
-    if self.conv_shortcut is not None:
-        input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
-
-
-def _plain_resnet(block: ResnetBlock2D) -> bool:
-    """Whether `_resnet_forward` computes what `block`'s own forward does."""
-    return (type(block.norm1) is torch.nn.GroupNorm and type(block.norm2) is torch.nn.GroupNorm
-            and type(block.nonlinearity) is torch.nn.SiLU and block.upsample is None and block.downsample is None
-            and block.time_embedding_norm == "default")
+    """The lean resnet forward (`fastdrag.lean_blocks`) with each norm and its SiLU fused."""
+    return resnet_forward(self, input_tensor, temb, _fused_norm_silu)
 
 
 def _install_group_norms(unet: torch.nn.Module) -> None:
     for module in unet.modules():
-        if isinstance(module, ResnetBlock2D) and _plain_resnet(module):
+        if isinstance(module, ResnetBlock2D) and plain_resnet(module) and _patched_with(module) is not _resnet_forward:
+            module._forward_before_fused = vars(module).get("forward")  # the lean one, or None: the class's
             module.forward = types.MethodType(_resnet_forward, module)
         elif isinstance(module, Transformer2DModel) and getattr(module, "is_input_continuous", False) \
                 and type(module.norm) is torch.nn.GroupNorm:
@@ -110,11 +95,15 @@ def _patched_with(module: torch.nn.Module):
 
 
 def remove_fused_blocks(unet: torch.nn.Module) -> int:
-    """Give the modules `install_fused_blocks` changed their class's forward back; returns how many."""
+    """Give the modules `install_fused_blocks` changed the forward they had back (a resnet its lean one,
+    `fastdrag.lean_blocks`, where it had it; the others their class's); returns how many."""
     count = 0
     for module in unet.modules():
         if _patched_with(module) in (_resnet_forward, _norm, _norm_silu, _identity, _geglu):
             del module.forward
+            before = vars(module).pop("_forward_before_fused", None)
+            if before is not None:
+                module.forward = before
             count += 1
     return count
 

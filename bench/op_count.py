@@ -1,0 +1,193 @@
+"""The tensor operations of each UNet stage and the bytes they touch, counted at full size on the meta
+device (no memory, no GPU), with the package's blocks against diffusers' stock ones.
+
+    python bench/op_count.py [--model sd15-random] [--size 512] [--stages lora,drag,denoise,decode] [--top 8] [--json FILE]
+
+Why: a drag iteration on an H100 is about 3,100 kernels in 18.6 ms (bench/RESULTS.md), 6 µs each,
+so at batch 1 the number of kernels counts as much as the bytes they move. Each operation counted
+here is at least one kernel on a GPU (a cuDNN convolution or an SDPA backward is several), so what a
+change removes can be counted before a GPU times it.
+
+What is counted: every ATen operation that computes (views, `detach` and allocations are not), and
+the bytes of its tensor inputs and outputs (weights included). The stages:
+- `lora`: one LoRA step's forward and backward (batch `lora_batch_size`, the adapter trained, the
+  UNet in training mode); the optimiser step is not counted;
+- `drag`: one drag iteration's UNet forward and backward (batch 1, the adapter merged, the latent the
+  only leaf, the whole UNet: the drag with a mask term);
+- `denoise`: one denoising step's forward (batch 2, the reference K/V swap on);
+- `decode`: the VAE decoding one latent.
+The UNet runs in fp16 with channels-last weights and the frozen convolutions (the CUDA defaults);
+attention is one operation each way, as a fused kernel runs it (`kept_memory.flash_like_attention`).
+Not seen here: autocast's casts (the meta device has no autocast), and layout copies, because the
+meta device's convolution returns NCHW activations where a CUDA one with channels-last weights
+returns channels-last ones (so, for one, the LoRA step's copies of a resnet's input before its
+shortcut convolution, which the lean blocks remove, are counted on the CPU with real tensors instead:
+tests/test_lean_blocks.py).
+"""
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kept_memory import flash_like_attention  # noqa: E402
+
+from fastdrag.attention import reference_control  # noqa: E402
+from fastdrag.config import DenoiseConfig, LoraConfig  # noqa: E402
+from fastdrag.frozen_conv import install_frozen_conv  # noqa: E402
+from fastdrag.lean_blocks import install_lean_blocks  # noqa: E402
+from fastdrag.lora import install_adapter, lora_parameters  # noqa: E402
+from fastdrag.models import build_sd15_random, build_tiny  # noqa: E402
+
+STAGES = ("lora", "drag", "denoise", "decode")
+NOT_COMPUTING = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
+                 "select", "split", "split_with_sizes", "chunk", "unbind", "as_strided", "alias", "detach",
+                 "empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided", "lift_fresh"}
+
+
+class OpCount(TorchDispatchMode):
+    """Inside, every computing operation adds one to `ops[name]` and its tensors' bytes to `bytes[name]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.bytes: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        if name not in NOT_COMPUTING:
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            self.ops[name] += 1
+            self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+    def summary(self) -> dict:
+        return {"ops": sum(self.ops.values()), "bytes": sum(self.bytes.values()),
+                "by_op": {name: {"ops": n, "bytes": self.bytes[name]} for name, n in self.ops.most_common()}}
+
+
+def meta_components(model: str):
+    """The model's UNet (fp16, channels-last, frozen convolutions, a fresh adapter at the defaults) and
+    VAE (fp16) on the meta device."""
+    components = build_sd15_random(device="meta") if model == "sd15-random" else build_tiny() if model == "tiny" else None
+    if components is None:
+        raise SystemExit(f"--model {model!r}: sd15-random or tiny")
+    unet = components.unet.to("meta", torch.float16).to(memory_format=torch.channels_last).requires_grad_(False)
+    install_adapter(unet, LoraConfig(), seed=0)
+    for param in lora_parameters(unet):
+        param.data = param.data.half()  # as autocast runs the LoRA matmuls
+    install_frozen_conv(unet)
+    vae = components.vae.to("meta", torch.float16).requires_grad_(False).eval()
+    return unet, vae
+
+
+def _latent(batch: int, channels: int, side: int, leaf: bool = False) -> torch.Tensor:
+    return torch.empty(batch, channels, side, side, device="meta", dtype=torch.float16, requires_grad=leaf)
+
+
+def _text(unet, batch: int) -> torch.Tensor:
+    return torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
+
+
+def stage_calls(unet, vae, size: int) -> Dict[str, Callable[[], None]]:
+    """Each stage as a call that runs it once."""
+    side, batch = size // 8, LoraConfig().lora_batch_size
+    channels = unet.config.in_channels
+
+    def lora() -> None:
+        unet.enable_adapters()
+        unet.train()
+        for param in lora_parameters(unet):
+            param.requires_grad_(True)
+        try:
+            out = unet(_latent(batch, channels, side), torch.full((batch,), 500, device="meta"), _text(unet, batch)).sample
+            out.float().square().mean().backward()
+        finally:
+            for param in lora_parameters(unet):
+                param.requires_grad_(False)
+                param.grad = None
+            unet.eval()
+
+    def drag() -> None:
+        unet.disable_adapters()  # merged into the weights in the drag: the branch runs no more
+        try:
+            latent = _latent(1, channels, side, leaf=True)
+            out = unet(latent, torch.full((1,), 500, device="meta"), _text(unet, 1)).sample
+            out.float().sum().backward()
+        finally:
+            unet.enable_adapters()
+
+    def denoise() -> None:
+        unet.disable_adapters()
+        try:
+            with torch.no_grad(), reference_control(unet, DenoiseConfig().start_layer, "sdpa"):
+                unet(_latent(2, channels, side), torch.full((2,), 500, device="meta"), _text(unet, 2))
+        finally:
+            unet.enable_adapters()
+
+    def decode() -> None:
+        with torch.no_grad():
+            vae.decode(torch.empty(1, vae.config.latent_channels, side, side, device="meta", dtype=torch.float16))
+
+    return {"lora": lora, "drag": drag, "denoise": denoise, "decode": decode}
+
+
+def count(model: str = "sd15-random", size: int = 512, stages=STAGES, lean: bool = True) -> Dict[str, dict]:
+    """{stage: OpCount.summary()} with the package's blocks (`lean`) or diffusers' stock ones."""
+    unet, vae = meta_components(model)
+    if lean:
+        install_lean_blocks(unet)
+        install_lean_blocks(vae)
+    calls = stage_calls(unet, vae, size)
+    results = {}
+    with flash_like_attention():
+        for stage in stages:
+            if stage not in calls:
+                raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+            with OpCount() as counter:
+                calls[stage]()
+            results[stage] = counter.summary()
+    return results
+
+
+def compare(model: str = "sd15-random", size: int = 512, stages=STAGES) -> Dict[str, Dict[str, dict]]:
+    """{"stock": count(lean=False), "lean": count(lean=True)}."""
+    return {"stock": count(model, size, stages, lean=False), "lean": count(model, size, stages, lean=True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15-random", help="sd15-random or tiny")
+    parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are 1/8)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES))
+    parser.add_argument("--top", type=int, default=8, help="operations listed per stage, by count")
+    parser.add_argument("--json", default=None, help="write the counts here")
+    args = parser.parse_args()
+    results = compare(args.model, args.size, [s for s in args.stages.split(",") if s])
+    print(f"{args.model}, {args.size} px: operations (GB touched), diffusers' stock blocks -> the package's lean ones")
+    for stage, stock in results["stock"].items():
+        lean = results["lean"][stage]
+        print(f"{stage:8s} {stock['ops']:6d} ({stock['bytes'] / 1e9:6.2f} GB) -> {lean['ops']:6d} "
+              f"({lean['bytes'] / 1e9:6.2f} GB): {stock['ops'] - lean['ops']} operations fewer")
+        for name, entry in list(lean["by_op"].items())[:args.top]:
+            before = stock["by_op"].get(name, {"ops": 0})["ops"]
+            print(f"   {entry['ops']:5d} {name}" + (f" (stock {before})" if before != entry["ops"] else ""))
+        gone = {name: entry["ops"] - lean["by_op"].get(name, {"ops": 0})["ops"] for name, entry in stock["by_op"].items()}
+        removed = {name: n for name, n in gone.items() if n}
+        if removed:
+            print("   removed: " + ", ".join(f"{n} {name}" for name, n in sorted(removed.items(), key=lambda kv: -kv[1])))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

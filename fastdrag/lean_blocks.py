@@ -1,0 +1,134 @@
+"""The UNet's and VAE's blocks without operations that change no number (`lean_blocks`, on by default).
+
+diffusers' blocks run a few tensor operations that, for SD 1.x, leave every value as it was:
+- each attention layer divides its output by `rescale_output_factor` and each `ResnetBlock2D` its
+  output by `output_scale_factor`, both 1.0: at SD 1.5 that is 54 activation-sized kernels in a UNet
+  forward and 54 more in its backward (a drag iteration, a LoRA step), and 15 in a VAE decode at the
+  image's own size;
+- in training mode (the LoRA step) a `ResnetBlock2D` with a shortcut convolution makes its input
+  contiguous before it, for DDP's sake: with channels-last activations (the CUDA default) that copies
+  the input to NCHW, which the convolution then copies back (14 resnets of SD 1.5 at batch 4).
+`install_lean_blocks(model)` gives each plain `ResnetBlock2D` (the kind `fused_blocks` also takes) a
+forward without them, and each attention layer that runs diffusers' `AttnProcessor2_0` the
+`LeanAttnProcessor`, which makes the same calls without the division. Results are bit for bit the
+stock ones (tests/test_lean_blocks.py), so it needs no GPU measurement to be on;
+`bench/op_count.py` counts what it removes.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+
+NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]
+
+
+def _stock_norm_act(block: ResnetBlock2D, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return block.nonlinearity(norm(x))
+
+
+def resnet_forward(block: ResnetBlock2D, input_tensor: torch.Tensor, temb: Optional[torch.Tensor],
+                   norm_act: NormAct = _stock_norm_act) -> torch.Tensor:
+    """diffusers' `ResnetBlock2D.forward` for a block `plain_resnet` accepts, each GroupNorm and the SiLU
+    after it computed by `norm_act`, without the shortcut's input copy or a division by 1."""
+    hidden_states = block.conv1(norm_act(block, block.norm1, input_tensor))
+    if block.time_emb_proj is not None:
+        if not block.skip_time_act:
+            temb = block.nonlinearity(temb)
+        temb = block.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None and block.time_embedding_norm == "default":
+        hidden_states = hidden_states + temb
+    hidden_states = block.conv2(block.dropout(norm_act(block, block.norm2, hidden_states)))
+    if block.conv_shortcut is not None:
+        input_tensor = block.conv_shortcut(input_tensor)
+    output = input_tensor + hidden_states
+    return output if block.output_scale_factor == 1.0 else output / block.output_scale_factor
+
+
+def _lean_resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: Optional[torch.Tensor],
+                         *args, **kwargs) -> torch.Tensor:
+    return resnet_forward(self, input_tensor, temb)
+
+
+def plain_resnet(block: ResnetBlock2D) -> bool:
+    """Whether `resnet_forward` computes what `block`'s own forward does: GroupNorms, SiLU, no resampling
+    inside the block, and the time embedding added before `norm2` ("default") or none at all (the
+    VAE decoder's "group" blocks, which have no time-embedding projection and ignore `temb`)."""
+    return (type(block.norm1) is torch.nn.GroupNorm and type(block.norm2) is torch.nn.GroupNorm
+            and type(block.nonlinearity) is torch.nn.SiLU and block.upsample is None and block.downsample is None
+            and (block.time_embedding_norm == "default"
+                 or (block.time_embedding_norm == "group" and block.time_emb_proj is None)))
+
+
+class LeanAttnProcessor:
+    """diffusers' `AttnProcessor2_0` without its division by `rescale_output_factor` when that is 1.
+
+    It makes the stock processor's calls in the same order (projections, the same SDPA call, output
+    projection) for plain attention: token inputs (B, L, C), no mask, no spatial or group norm, no
+    cross-attention norm, no query/key norm, no residual inside the layer (every attention layer of an
+    SD 1.x UNet). Any other call goes to the stock processor.
+    """
+
+    def __init__(self):
+        self.stock = AttnProcessor2_0()
+
+    @staticmethod
+    def takes(attn: Attention) -> bool:
+        """Whether this layer is plain attention (its calls may still have a mask or 4-D inputs)."""
+        return (attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross
+                and attn.norm_q is None and attn.norm_k is None and not attn.residual_connection)
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if hidden_states.ndim != 3 or attention_mask is not None or not self.takes(attn):
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), attn_mask=None, dropout_p=0.0,
+                                             is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
+
+
+def install_lean_blocks(model: torch.nn.Module) -> dict:
+    """Give `model`'s plain resnets (those without a forward of their own, e.g. `fused_blocks`') the
+    lean forward and its stock-processor attention layers the lean processor; returns `lean_counts`.
+    Installing twice changes nothing more. CUDA graphs captured before keep replaying the stock kernels."""
+    for module in model.modules():
+        if isinstance(module, ResnetBlock2D) and plain_resnet(module) and "forward" not in vars(module):
+            module.forward = types.MethodType(_lean_resnet_forward, module)
+        elif isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0 and LeanAttnProcessor.takes(module):
+            module.set_processor(LeanAttnProcessor())
+    return lean_counts(model)
+
+
+def remove_lean_blocks(model: torch.nn.Module) -> int:
+    """Give the modules `install_lean_blocks` changed their stock forward or processor back; returns how many."""
+    count = 0
+    for module in model.modules():
+        if getattr(vars(module).get("forward"), "__func__", None) is _lean_resnet_forward:
+            del module.forward
+            count += 1
+        elif isinstance(module, Attention) and isinstance(module.processor, LeanAttnProcessor):
+            module.set_processor(AttnProcessor2_0())
+            count += 1
+    return count
+
+
+def lean_counts(model: torch.nn.Module) -> dict:
+    """How many of `model`'s resnets and attention layers run lean: {"resnet": n, "attention": m}."""
+    modules = list(model.modules())
+    return {"resnet": sum(getattr(vars(m).get("forward"), "__func__", None) is _lean_resnet_forward for m in modules),
+            "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules)}

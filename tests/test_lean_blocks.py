@@ -1,0 +1,184 @@
+"""`fastdrag.lean_blocks`: the UNet's and VAE's blocks without operations that change no number, bit for
+bit the stock ones, and the operations they leave out."""
+import copy
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks
+from fastdrag.lean_blocks import LeanAttnProcessor, install_lean_blocks, lean_counts, remove_lean_blocks
+from fastdrag.config import LoraConfig
+from fastdrag.lora import install_adapter, lora_parameters
+
+
+class Ops(TorchDispatchMode):
+    """Counts the ATen operations run inside, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[func._overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def resnets_and_attention(model):
+    modules = list(model.modules())
+    return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
+            "attention": sum(isinstance(m, Attention) for m in modules)}
+
+
+def adapted_unet(tiny, channels_last=True):
+    """The tiny UNet with a LoRA adapter, its weights channels-last (as on CUDA) so activations are too."""
+    unet = copy.deepcopy(tiny.unet)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    install_adapter(unet, LoraConfig(), seed=3)
+    for param in lora_parameters(unet):  # a trained adapter: its up-projection is no longer zero
+        with torch.no_grad():
+            param.normal_(std=0.05)
+        param.requires_grad_(True)
+    return unet
+
+
+def lora_step(unet, seed=0, size=(12, 10)):
+    """A LoRA step's forward and backward (training mode, batch 2, the adapter's gradients) and a drag
+    iteration's (eval mode, batch 1, the latent's gradient), on fresh random inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, unet.config.in_channels, *size, generator=generator)
+    text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator)
+    params = lora_parameters(unet)
+    unet.train()
+    out = unet(latents, torch.tensor([901, 17]), text).sample
+    weight_grads = torch.autograd.grad(out.square().mean(), params)
+    unet.eval()
+    latent = latents[:1].clone().requires_grad_(True)
+    eps = unet(latent, torch.tensor([500]), text[:1]).sample
+    (latent_grad,) = torch.autograd.grad(eps, latent, torch.randn(eps.shape, generator=generator))
+    return [out, eps, latent_grad, *weight_grads]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_lean_unet_trains_and_drags_bit_for_bit_as_the_stock_one(tiny, channels_last):
+    unet = adapted_unet(tiny, channels_last)
+    stock = lora_step(unet)
+    assert install_lean_blocks(unet) == resnets_and_attention(unet)
+    assert install_lean_blocks(unet) == lean_counts(unet)  # twice: the same
+    lean = lora_step(unet)
+    assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
+    assert all(torch.equal(a, b) for a, b in zip(lean, stock))
+
+
+def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):
+    """Counted with real channels-last tensors on the CPU, where the meta device sees no layouts: in
+    training mode each resnet with a shortcut convolution copied its input to NCHW first."""
+    unet = adapted_unet(tiny)
+    shortcuts = sum(isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None for m in unet.modules())
+    blocks = resnets_and_attention(unet)
+    assert shortcuts > 0
+
+    def forward_ops(train):
+        unet.train(train)
+        latents = torch.randn(2, 4, 12, 10).to(memory_format=torch.channels_last)
+        with torch.no_grad(), Ops() as ops:
+            unet(latents, torch.tensor([901, 17]), torch.randn(2, 7, unet.config.cross_attention_dim))
+        return ops.count
+
+    stock = {train: forward_ops(train) for train in (True, False)}
+    install_lean_blocks(unet)
+    lean = {train: forward_ops(train) for train in (True, False)}
+    for train in (True, False):
+        assert stock[train]["div"] - lean[train]["div"] == blocks["resnet"] + blocks["attention"]
+    assert stock[True]["clone"] - stock[False]["clone"] == shortcuts  # the stock training-mode copies
+    assert lean[True]["clone"] == lean[False]["clone"] == stock[False]["clone"]
+
+
+def test_other_blocks_and_calls_keep_the_stock_arithmetic():
+    """Blocks the lean forward does not take keep their own; a factor that is not 1 still divides; an
+    attention call with a mask, a residual or a 4-D input goes to the stock processor."""
+    torch.manual_seed(0)
+    scale_shift = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=2, time_embedding_norm="scale_shift")
+    resampling = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=2, up=True)
+    halved = ResnetBlock2D(in_channels=8, out_channels=6, temb_channels=16, groups=2, output_scale_factor=2.0)
+    decoder_like = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=2, time_embedding_norm="group")
+    model = torch.nn.ModuleList([scale_shift, resampling, halved, decoder_like])
+    stock = copy.deepcopy(model)
+    assert install_lean_blocks(model)["resnet"] == 2
+    assert "forward" not in vars(scale_shift) and "forward" not in vars(resampling)
+    x, temb = torch.randn(2, 8, 5, 7), torch.randn(2, 16)
+    assert torch.equal(halved(x, temb), stock[2](x, temb))
+    assert torch.equal(decoder_like(x, None), stock[3](x, None))
+    assert torch.equal(decoder_like(x, temb), stock[3](x, temb))  # a "group" block ignores temb
+
+    attn = Attention(query_dim=16, heads=2, dim_head=8, rescale_output_factor=2.0)
+    with_residual = Attention(query_dim=16, heads=2, dim_head=8, residual_connection=True)
+    for layer in (attn, with_residual):
+        reference = copy.deepcopy(layer)
+        install_lean_blocks(layer)
+        tokens, context = torch.randn(2, 9, 16), torch.randn(2, 5, 16)
+        assert torch.equal(layer(tokens), reference(tokens))
+        assert torch.equal(layer(tokens, context), reference(tokens, context))
+        mask = torch.randn(2, 1, 5) > 0
+        assert torch.equal(layer(tokens, context, attention_mask=mask), reference(tokens, context, attention_mask=mask))
+        image = torch.randn(2, 16, 3, 3)
+        assert torch.equal(layer(image), reference(image))
+    assert isinstance(attn.processor, LeanAttnProcessor)
+    assert type(with_residual.processor) is AttnProcessor2_0  # not a plain layer: left as it was
+
+
+def test_the_lean_vae_decodes_and_encodes_bit_for_bit(tiny):
+    vae = copy.deepcopy(tiny.vae)
+    generator = torch.Generator().manual_seed(5)
+    latent, image = torch.randn(1, 4, 6, 5, generator=generator), torch.rand(1, 3, 48, 40, generator=generator) * 2 - 1
+    decoded, encoded = vae.decode(latent).sample, vae.encode(image).latent_dist.mean
+    assert install_lean_blocks(vae)["resnet"] == resnets_and_attention(vae)["resnet"]
+    assert torch.equal(vae.decode(latent).sample, decoded) and torch.equal(vae.encode(image).latent_dist.mean, encoded)
+
+
+def test_removing_the_lean_blocks_and_the_fused_ones_on_top(tiny):
+    unet = copy.deepcopy(tiny.unet)
+    install_lean_blocks(unet)
+    lean = {name: vars(m).get("forward") for name, m in unet.named_modules()}
+    install_fused_blocks(unet, geglu=False)
+    assert lean_counts(unet)["resnet"] == 0  # the fused forward replaced the lean one
+    remove_fused_blocks(unet)
+    assert {name: vars(m).get("forward") for name, m in unet.named_modules()} == lean
+    assert not any("_forward_before_fused" in vars(m) for m in unet.modules())
+    assert remove_lean_blocks(unet) == sum(resnets_and_attention(unet).values())
+    assert not any("forward" in vars(m) for m in unet.modules())
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+def test_an_editor_edits_bit_for_bit_with_and_without_lean_blocks(picture, tmp_path, fast):
+    from fastdrag import DragEditor
+
+    results = []
+    for lean in (True, False):
+        editor = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / str(lean), progress=False,
+                                            lean_blocks=lean)
+        assert lean_counts(editor.components.unet)["resnet"] == (resnets_and_attention(editor.components.unet)["resnet"]
+                                                                 if lean else 0)
+        results.append(editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast))
+    assert results[0].handles == results[1].handles
+    assert np.array_equal(np.asarray(results[0].image), np.asarray(results[1].image))
+
+
+def test_the_op_count_sees_only_divisions_go():
+    """bench/op_count.py, the meta-device count behind the numbers in the docs, on the tiny model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from op_count import compare
+
+    results = compare("tiny", 64)
+    for stage, stock in results["stock"].items():
+        lean = results["lean"][stage]
+        assert stock["ops"] > lean["ops"] > 0, stage
+        removed = {name: entry["ops"] - lean["by_op"].get(name, {"ops": 0})["ops"] for name, entry in stock["by_op"].items()}
+        assert {name for name, n in removed.items() if n} == {"div"}, (stage, removed)
