@@ -13,7 +13,8 @@ the bytes of its tensor inputs and outputs (weights included). The stages:
 - `lora`: one LoRA step's forward and backward (batch `lora_batch_size`, the adapter trained, the
   UNet in training mode); the optimiser step is not counted;
 - `drag`: one drag iteration's UNet forward and backward (batch 1, the adapter merged, the latent the
-  only leaf, the whole UNet: the drag with a mask term);
+  only leaf, the whole UNet: the drag with a mask term), with the lean blocks inside the drag loop's
+  kept conditioning (`fastdrag.fixed_conditioning`, computed once per drag: not counted);
 - `denoise`: one denoising step's forward (batch 2, the reference K/V swap on);
 - `decode`: the VAE decoding one latent.
 The UNet runs in fp16 with channels-last weights and the frozen convolutions (the CUDA defaults);
@@ -25,6 +26,7 @@ shortcut convolution, which the lean blocks remove, are counted on the CPU with 
 tests/test_lean_blocks.py).
 """
 import argparse
+import contextlib
 import json
 import sys
 from collections import Counter
@@ -40,6 +42,7 @@ from kept_memory import flash_like_attention  # noqa: E402
 
 from fastdrag.attention import reference_control  # noqa: E402
 from fastdrag.config import DenoiseConfig, LoraConfig  # noqa: E402
+from fastdrag.fixed_conditioning import FixedConditioning  # noqa: E402
 from fastdrag.frozen_conv import install_frozen_conv  # noqa: E402
 from fastdrag.lean_blocks import install_lean_blocks  # noqa: E402
 from fastdrag.lora import install_adapter, lora_parameters  # noqa: E402
@@ -97,8 +100,8 @@ def _text(unet, batch: int) -> torch.Tensor:
     return torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
 
 
-def stage_calls(unet, vae, size: int) -> Dict[str, Callable[[], None]]:
-    """Each stage as a call that runs it once."""
+def stage_calls(unet, vae, size: int, lean: bool = True) -> Dict[str, Callable[[], None]]:
+    """Each stage as a call that runs it once; `lean`: the drag with its kept conditioning, as the drag loop runs it."""
     side, batch = size // 8, LoraConfig().lora_batch_size
     channels = unet.config.in_channels
 
@@ -116,11 +119,17 @@ def stage_calls(unet, vae, size: int) -> Dict[str, Callable[[], None]]:
                 param.grad = None
             unet.eval()
 
+    drag_timestep, drag_text = torch.full((), 500, device="meta"), _text(unet, 1)
+    unet.disable_adapters()  # computed once per drag (here, before counting), with the adapter merged
+    fixed = FixedConditioning(unet, _latent(1, channels, side), drag_timestep, drag_text)
+    unet.enable_adapters()
+
     def drag() -> None:
         unet.disable_adapters()  # merged into the weights in the drag: the branch runs no more
         try:
             latent = _latent(1, channels, side, leaf=True)
-            out = unet(latent, torch.full((1,), 500, device="meta"), _text(unet, 1)).sample
+            with fixed.active() if lean else contextlib.nullcontext():
+                out = unet(latent, drag_timestep, drag_text).sample
             out.float().sum().backward()
         finally:
             unet.enable_adapters()
@@ -141,12 +150,13 @@ def stage_calls(unet, vae, size: int) -> Dict[str, Callable[[], None]]:
 
 
 def count(model: str = "sd15-random", size: int = 512, stages=STAGES, lean: bool = True) -> Dict[str, dict]:
-    """{stage: OpCount.summary()} with the package's blocks (`lean`) or diffusers' stock ones."""
+    """{stage: OpCount.summary()} with the package's blocks (`lean`: the lean blocks, and the drag's kept
+    conditioning) or diffusers' stock ones (and every drag iteration computing its conditioning)."""
     unet, vae = meta_components(model)
     if lean:
         install_lean_blocks(unet)
         install_lean_blocks(vae)
-    calls = stage_calls(unet, vae, size)
+    calls = stage_calls(unet, vae, size, lean)
     results = {}
     with flash_like_attention():
         for stage in stages:

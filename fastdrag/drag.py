@@ -23,6 +23,7 @@ from .config import DragConfig
 from .cuda_graph import OptimizerStep
 from .ddim import DdimSchedule, ddim_step
 from .features import unet_features, unet_with_features
+from .fixed_conditioning import FixedConditioning
 from .half_norms import enabled as half_norms_enabled
 
 
@@ -118,6 +119,8 @@ class DragLoop:
         self.mask = latent_mask(mask.to(device) if mask is not None else None, z_t.shape)
         self.latent = z_t.detach().float().clone().requires_grad_(True)
         self.x_prev0, self.feat0 = self._anchors()
+        # the time embedding, its projections and the text's cross-attention K/V: the same every iteration
+        self.fixed = FixedConditioning(unet, self.latent.detach().to(self.dtype), self.t, self.text, self._autocast)
         self.handle_feats = kernels.point_features(self.feat0, self.handles, self.sup_res)
         self._start = self._start_of(z_t, text_embeddings)
         self.before = torch.empty_like(self.latent, requires_grad=False)  # the latent before each step, reused
@@ -134,6 +137,10 @@ class DragLoop:
         self.watch = ArrivalWatch(device, check_every)
         self.optimizer_step = OptimizerStep(self._iteration, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device,
                                             pool=graph_pool)
+
+    def _autocast(self):
+        """The context of an iteration's UNet forward."""
+        return unet_autocast(self.unet, self.autocast, norms_in_half=self.half_norms)
 
     def _forward(self) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """(eps, features) of the current latent; without a mask term nothing needs eps, so the
@@ -202,6 +209,7 @@ class DragLoop:
             self.targets.copy_(targets)
             if mask is not None:
                 self.mask.copy_(latent_mask(mask.to(device), z_t.shape))
+            self.fixed.refresh()  # the text, and the weights of another image's adapter
             if not same_start:
                 x_prev0, feat0 = self._anchors()
                 self.feat0.copy_(feat0)
@@ -231,7 +239,7 @@ class DragLoop:
     def _iteration(self) -> None:
         """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
         config = self.config
-        with unet_autocast(self.unet, self.autocast, norms_in_half=self.half_norms):
+        with self._autocast(), self.fixed.active():
             eps, feat = self._forward()
         tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
         self.handles.copy_(torch.where(self.tracking & ~self.done, tracked, self.handles))

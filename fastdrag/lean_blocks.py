@@ -37,9 +37,13 @@ def resnet_forward(block: ResnetBlock2D, input_tensor: torch.Tensor, temb: Optio
     after it computed by `norm_act`, without the shortcut's input copy or a division by 1."""
     hidden_states = block.conv1(norm_act(block, block.norm1, input_tensor))
     if block.time_emb_proj is not None:
-        if not block.skip_time_act:
-            temb = block.nonlinearity(temb)
-        temb = block.time_emb_proj(temb)[:, :, None, None]
+        fixed = vars(block).get("fixed_time_projection")  # a drag's, kept by fastdrag.fixed_conditioning
+        if fixed is not None:
+            temb = fixed
+        else:
+            if not block.skip_time_act:
+                temb = block.nonlinearity(temb)
+            temb = block.time_emb_proj(temb)[:, :, None, None]
     if temb is not None and block.time_embedding_norm == "default":
         hidden_states = hidden_states + temb
     hidden_states = block.conv2(block.dropout(norm_act(block, block.norm2, hidden_states)))
@@ -89,7 +93,12 @@ class LeanAttnProcessor:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         batch = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query = attn.to_q(hidden_states)
+        fixed = vars(attn).get("fixed_key_value")  # a drag's (text, key, value), kept by fastdrag.fixed_conditioning
+        if fixed is not None and encoder_hidden_states is fixed[0]:
+            key, value = fixed[1], fixed[2]
+        else:
+            key, value = attn.to_k(context), attn.to_v(context)
         head_dim = key.shape[-1] // attn.heads
 
         def heads(x: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from fastdrag.config import DragConfig
@@ -7,6 +9,7 @@ from fastdrag.drag import DragLoop, drag
 from fastdrag.features import unet_with_features
 from fastdrag.inputs import prepare_inputs
 from fastdrag.inversion import invert
+from fastdrag.lean_blocks import install_lean_blocks
 from fastdrag import kernels
 from fastdrag.kernels.reference import bilinear, gather, resize, window_offsets
 from fastdrag.vae import encode_posterior, encode_prompt
@@ -108,29 +111,39 @@ def _same_result(a, b):
             and torch.equal(a.losses, b.losses))
 
 
-@pytest.mark.parametrize("with_mask", [True, False])
-def test_restarted_loop_drags_as_a_fresh_loop_would(tiny, setting, with_mask):
+def _lean(unet):
+    """A copy of `unet` with the lean blocks, whose resnets and attention take the drag's kept
+    conditioning (`fastdrag.fixed_conditioning`)."""
+    lean = copy.deepcopy(unet)
+    install_lean_blocks(lean)
+    return lean
+
+
+@pytest.mark.parametrize("with_mask, blocks", [(True, "stock"), (False, "stock"), (True, "lean")])
+def test_restarted_loop_drags_as_a_fresh_loop_would(tiny, setting, with_mask, blocks):
     """A loop restarted in place (what a repeated edit does) gives bit for bit what a new loop gives,
-    after a drag that ran its steps and after one that stopped early (its 'arrived' flag set)."""
+    after a drag that ran its steps and after one that stopped early (its 'arrived' flag set); with the
+    lean blocks its kept text keys and values are refreshed for the new text."""
     inputs, text, schedule, z_t = setting
+    unet = tiny.unet if blocks == "stock" else _lean(tiny.unet)
     config = DragConfig(drag_steps=8)
     z_b, text_b, handles_b, targets_b, mask_b = _another_drag(inputs, text, z_t)
     mask_a, mask_b = (inputs.mask, mask_b) if with_mask else (None, None)
     near = inputs.handles + torch.tensor([[1.0, 1.0]])
 
     def fresh(*drag_args):
-        return DragLoop(tiny.unet, drag_args[0], schedule.drag_timestep, *drag_args[1:], schedule, config,
+        return DragLoop(unet, drag_args[0], schedule.drag_timestep, *drag_args[1:], schedule, config,
                         inputs.sup_res).run(progress=False)
 
     drag_a = (z_t, text, inputs.handles, inputs.targets, mask_a)
     drag_b = (z_b, text_b, handles_b, targets_b, mask_b)
     early = (z_t, text, inputs.handles, near, mask_a)
-    loop = DragLoop(tiny.unet, z_t, schedule.drag_timestep, text, inputs.handles, inputs.targets, mask_a, schedule,
+    loop = DragLoop(unet, z_t, schedule.drag_timestep, text, inputs.handles, inputs.targets, mask_a, schedule,
                     config, inputs.sup_res)
     first = loop.run(progress=False)
     assert _same_result(first, fresh(*drag_a))
     for drag_args in (drag_b, early, drag_b, drag_a):
-        assert loop.fits(tiny.unet, drag_args[0], schedule.drag_timestep, drag_args[1], drag_args[2], drag_args[4],
+        assert loop.fits(unet, drag_args[0], schedule.drag_timestep, drag_args[1], drag_args[2], drag_args[4],
                          schedule, config, inputs.sup_res)
         loop.restart(*drag_args)
         again = loop.run(progress=False)
@@ -164,6 +177,7 @@ def _tensors(loop):
     found = {name: value for name, value in vars(loop).items() if isinstance(value, torch.Tensor)}
     for state in loop.optimizer.state.values():
         found.update({f"adam.{key}": value for key, value in state.items()})
+    found.update({f"fixed.{index}": value for index, value in enumerate(loop.fixed.values)})
     return found
 
 
@@ -184,6 +198,8 @@ def test_restart_refills_every_tensor_in_place(tiny, setting):
     changed = {name for name, (_, value) in before.items() if not torch.equal(after[name], value)}
     assert {"latent", "text", "handles", "targets", "mask", "x_prev0", "feat0", "handle_feats", "adam.exp_avg",
             "steps_run"} <= changed
+    keys_and_values = {f"fixed.{index}" for index in range(len(loop.fixed.values))[-2 * len(loop.fixed.cross_attention):]}
+    assert keys_and_values and keys_and_values <= changed  # of the new text
     assert loop.latent.requires_grad and torch.equal(loop.latent.detach(), z_b)
 
 
