@@ -9,6 +9,7 @@ flag is simply read each step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Tuple
@@ -120,7 +121,9 @@ class DragLoop:
         self.latent = z_t.detach().float().clone().requires_grad_(True)
         self.x_prev0, self.feat0 = self._anchors()
         # the time embedding, its projections and the text's cross-attention K/V: the same every iteration
-        self.fixed = FixedConditioning(unet, self.latent.detach().to(self.dtype), self.t, self.text, self._autocast)
+        # (its context holds no reference to the loop: a dropped loop, and its graph, must go without a collection)
+        self.fixed = FixedConditioning(unet, self.latent.detach().to(self.dtype), self.t, self.text,
+                                       functools.partial(unet_autocast, unet, self.autocast, norms_in_half=self.half_norms))
         self.handle_feats = kernels.point_features(self.feat0, self.handles, self.sup_res)
         self._start = self._start_of(z_t, text_embeddings)
         self.before = torch.empty_like(self.latent, requires_grad=False)  # the latent before each step, reused
@@ -137,10 +140,6 @@ class DragLoop:
         self.watch = ArrivalWatch(device, check_every)
         self.optimizer_step = OptimizerStep(self._iteration, self.optimizer, self.cuda_graph, self.GRAPH_WARMUP, device,
                                             pool=graph_pool)
-
-    def _autocast(self):
-        """The context of an iteration's UNet forward."""
-        return unet_autocast(self.unet, self.autocast, norms_in_half=self.half_norms)
 
     def _forward(self) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """(eps, features) of the current latent; without a mask term nothing needs eps, so the
@@ -239,7 +238,7 @@ class DragLoop:
     def _iteration(self) -> None:
         """One iteration on the loop's own tensors, in place: what a CUDA graph captures."""
         config = self.config
-        with self._autocast(), self.fixed.active():
+        with unet_autocast(self.unet, self.autocast, norms_in_half=self.half_norms), self.fixed.active():
             eps, feat = self._forward()
         tracked = kernels.track_points(feat.detach(), self.handle_feats, self.handles, config.r_p, size=self.sup_res)
         self.handles.copy_(torch.where(self.tracking & ~self.done, tracked, self.handles))
