@@ -41,7 +41,7 @@ def resnet_forward(block: ResnetBlock2D, input_tensor: torch.Tensor, temb: Optio
     after it computed by `norm_act`, without the shortcut's input copy or a division by 1."""
     hidden_states = block.conv1(norm_act(block, block.norm1, input_tensor))
     if block.time_emb_proj is not None:
-        fixed = vars(block).get("fixed_time_projection")  # a drag's, kept by fastdrag.fixed_conditioning
+        fixed = getattr(block, "fixed_time_projection", None)  # a drag's, kept by fastdrag.fixed_conditioning
         if fixed is not None:
             temb = fixed
         else:
@@ -98,7 +98,7 @@ class LeanAttnProcessor:
         batch = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = attn.to_q(hidden_states)
-        fixed = vars(attn).get("fixed_key_value")  # a drag's (text, key, value), kept by fastdrag.fixed_conditioning
+        fixed = getattr(attn, "fixed_key_value", None)  # a drag's (text, key, value), kept by fastdrag.fixed_conditioning
         if fixed is not None and encoder_hidden_states is fixed[0]:
             key, value = fixed[1], fixed[2]
         else:

@@ -1,28 +1,21 @@
 """`fastdrag.fixed_conditioning`: a drag's time embedding, its projections and the text's cross-attention
 keys and values kept across forwards, bit for bit what the forward computes, and the operations it saves."""
 import copy
-from collections import Counter
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdrag.config import LoraConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from op_count import OpCount  # noqa: E402  (what bench/op_count.py counts: the operations that compute)
+
+from fastdrag.config import LoraConfig  # noqa: E402
 from fastdrag.fixed_conditioning import FixedConditioning, applies
 from fastdrag.lean_blocks import install_lean_blocks
 from fastdrag.lora import install_adapter, lora_parameters
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[func._overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture()
@@ -54,11 +47,11 @@ def forward_and_gradient(unet, latent, timestep, text):
 
 def test_the_kept_values_give_the_forward_and_gradient_bit_for_bit_with_fewer_operations(unet):
     latent, timestep, text = inputs(unet)
-    with Ops() as stock_ops:
+    with OpCount() as stock_ops:
         stock = forward_and_gradient(unet, latent, timestep, text)
     fixed = FixedConditioning(unet, latent, timestep, text)
     assert fixed.enabled and len(fixed.values) == 2 + len(fixed.resnets) + 2 * len(fixed.cross_attention)
-    with fixed.active(), Ops() as kept_ops:
+    with fixed.active(), OpCount() as kept_ops:
         kept = forward_and_gradient(unet, latent, timestep, text)
         again = forward_and_gradient(unet, latent + 1, timestep, text)  # another latent: still right
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
@@ -67,7 +60,7 @@ def test_the_kept_values_give_the_forward_and_gradient_bit_for_bit_with_fewer_op
     # per forward: the sinusoid's sin and cos, the MLP's and the resnets' SiLUs, a matmul for each of
     # the MLP's two layers and each resnet's projection, and three (base, LoRA down and up, the adapter
     # unmerged) for each cross-attention layer's key and value
-    saved = {name: stock_ops.count[name] - kept_ops.count[name] / 2 for name in ("sin", "cos", "silu", "mm", "addmm")}
+    saved = {name: stock_ops.ops[name] - kept_ops.ops[name] / 2 for name in ("sin", "cos", "silu", "mm", "addmm")}
     resnets, cross = len(fixed.resnets), len(fixed.cross_attention)
     assert saved["sin"] == saved["cos"] == 1
     assert saved["silu"] == 1 + resnets
@@ -108,9 +101,9 @@ def test_other_text_and_stock_blocks_compute_their_own(unet, tiny):
     assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(unet, latent, timestep, other)))
     stock = copy.deepcopy(tiny.unet)  # diffusers' blocks: only the time embedding is taken
     fixed = FixedConditioning(stock, latent, timestep, text)
-    with fixed.active(), Ops() as ops:
+    with fixed.active(), OpCount() as ops:
         kept = forward_and_gradient(stock, latent, timestep, text)
-    assert ops.count["sin"] == 0
+    assert ops.ops["sin"] == 0
     assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(stock, latent, timestep, text)))
 
 

@@ -2,7 +2,6 @@
 bit the stock ones, and the operations they leave out."""
 import copy
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,24 +9,14 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
-from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from op_count import OpCount  # noqa: E402  (what bench/op_count.py counts: the operations that compute)
 
 from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks
 from fastdrag.lean_blocks import LeanAttnProcessor, install_lean_blocks, lean_counts, remove_lean_blocks
 from fastdrag.config import LoraConfig
 from fastdrag.lora import install_adapter, lora_parameters
-
-
-class Ops(TorchDispatchMode):
-    """Counts the ATen operations run inside, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[func._overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def resnets_and_attention(model):
@@ -88,9 +77,9 @@ def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):
     def forward_ops(train):
         unet.train(train)
         latents = torch.randn(2, 4, 12, 10).to(memory_format=torch.channels_last)
-        with torch.no_grad(), Ops() as ops:
+        with torch.no_grad(), OpCount() as ops:
             unet(latents, torch.tensor([901, 17]), torch.randn(2, 7, unet.config.cross_attention_dim))
-        return ops.count
+        return ops.ops
 
     stock = {train: forward_ops(train) for train in (True, False)}
     install_lean_blocks(unet)
@@ -175,7 +164,6 @@ def test_the_op_count_sees_divisions_and_the_drags_conditioning_go():
     """bench/op_count.py, the meta-device count behind the numbers in the docs, on the tiny model: the
     lean blocks remove divisions only, and the drag's kept conditioning its time embedding's and
     cross-attention keys' and values' operations."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from op_count import compare
 
     results = compare("tiny", 64)
