@@ -7,13 +7,18 @@ diffusers' blocks run a few tensor operations that, for SD 1.x, leave every valu
   LoRA step's), and 14 in a VAE decode, up to the image's own size;
 - in training mode (the LoRA step) a `ResnetBlock2D` with a shortcut convolution makes its input
   contiguous before it, for DDP's sake: with channels-last activations (the CUDA default) that copies
-  the input to NCHW, which the convolution then copies back (14 resnets of SD 1.5 at batch 4).
+  the input to NCHW, which the convolution then copies back (14 resnets of SD 1.5 at batch 4);
+- peft's LoRA `Linear` multiplies its branch by the adapter's scale, `lora_alpha / r`, which is 1 at
+  DragDiffusion's settings (alpha = rank): 128 activation-sized multiplications in a LoRA step's
+  forward at SD 1.5 and 128 in its backward.
 `install_lean_blocks(model)` gives each plain `ResnetBlock2D` (the kind `fused_blocks` also takes) a
-forward without them, and each attention layer that runs diffusers' `AttnProcessor2_0` the
-`LeanAttnProcessor`, which makes the same calls without the division. Results are bit for bit the
+forward without them, each attention layer that runs diffusers' `AttnProcessor2_0` the
+`LeanAttnProcessor`, which makes the same calls without the division, and each peft LoRA `Linear`
+a forward without the multiplication by a scale of 1 (adapters added later get it from
+`fastdrag.lora.install_adapter`). Results are bit for bit the
 stock ones (tests/test_lean_blocks.py), so it needs no GPU measurement to be on;
 `bench/op_count.py` counts what it removes (counted on the meta device at SD 1.5 / 512 px: a drag
-iteration 1,393 -> 1,285 operations, a LoRA step 2,585 -> 2,478, a denoising step 691 -> 643, a VAE
+iteration 1,393 -> 1,285 operations, a LoRA step 2,585 -> 2,222, a denoising step 691 -> 643, a VAE
 decode 139 -> 125). The VAE's one attention layer (a residual and a group norm inside it) keeps the
 stock processor. Its resnets and attention layers are also where a drag's kept conditioning
 (`fastdrag.fixed_conditioning`) reaches the forward.
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+from peft.tuners.lora.layer import Linear as LoraLinear
 
 NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]
 
@@ -115,15 +121,54 @@ class LeanAttnProcessor:
         return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
 
 
+def _plain_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> Optional[str]:
+    """The one active adapter of `layer` when it is a plain LoRA of scale 1 on an ordinary call, else None."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}) or layer.scaling[active[0]] != 1.0:
+        return None
+    return active[0]
+
+
+def _lean_lora_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA `Linear.forward` for one plain adapter of scale 1, without its multiplication by 1:
+    the base layer, the input cast peft makes (off under `disable_input_dtype_casting`), the branch, the
+    sum in the base output's dtype. Any other call runs peft's own forward."""
+    adapter = _plain_adapter(self, args, kwargs)
+    if adapter is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    lora_a = self.lora_A[adapter]
+    x = self._cast_input_dtype(x, lora_a.weight.dtype)
+    return (result + self.lora_B[adapter](lora_a(self.lora_dropout[adapter](x)))).to(result.dtype)
+
+
+def install_lean_lora(model: torch.nn.Module) -> int:
+    """Give each peft LoRA `Linear` of `model` without a forward of its own the lean one; returns how many have it."""
+    for module in model.modules():
+        if type(module) is LoraLinear and "forward" not in vars(module):
+            module.forward = types.MethodType(_lean_lora_forward, module)
+    return lean_counts(model)["lora"]
+
+
+def runs_lean(model: torch.nn.Module) -> bool:
+    """Whether `install_lean_blocks` gave `model` any lean block (so that adapters added later get theirs)."""
+    counts = lean_counts(model)
+    return counts["resnet"] + counts["attention"] > 0
+
+
 def install_lean_blocks(model: torch.nn.Module) -> dict:
     """Give `model`'s plain resnets (those without a forward of their own, e.g. `fused_blocks`') the
-    lean forward and its stock-processor attention layers the lean processor; returns `lean_counts`.
+    lean forward, its stock-processor attention layers the lean processor and its LoRA layers the lean
+    forward; returns `lean_counts`.
     Installing twice changes nothing more. CUDA graphs captured before keep replaying the stock kernels."""
     for module in model.modules():
         if isinstance(module, ResnetBlock2D) and plain_resnet(module) and "forward" not in vars(module):
             module.forward = types.MethodType(_lean_resnet_forward, module)
         elif isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0 and LeanAttnProcessor.takes(module):
             module.set_processor(LeanAttnProcessor())
+    install_lean_lora(model)
     return lean_counts(model)
 
 
@@ -131,7 +176,7 @@ def remove_lean_blocks(model: torch.nn.Module) -> int:
     """Give the modules `install_lean_blocks` changed their stock forward or processor back; returns how many."""
     count = 0
     for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) is _lean_resnet_forward:
+        if getattr(vars(module).get("forward"), "__func__", None) in (_lean_resnet_forward, _lean_lora_forward):
             del module.forward
             count += 1
         elif isinstance(module, Attention) and isinstance(module.processor, LeanAttnProcessor):
@@ -141,7 +186,10 @@ def remove_lean_blocks(model: torch.nn.Module) -> int:
 
 
 def lean_counts(model: torch.nn.Module) -> dict:
-    """How many of `model`'s resnets and attention layers run lean: {"resnet": n, "attention": m}."""
+    """How many of `model`'s resnets, attention layers and LoRA layers run lean: {"resnet": n, "attention": m,
+    "lora": k}."""
     modules = list(model.modules())
-    return {"resnet": sum(getattr(vars(m).get("forward"), "__func__", None) is _lean_resnet_forward for m in modules),
-            "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules)}
+    forwards = [getattr(vars(m).get("forward"), "__func__", None) for m in modules]
+    return {"resnet": forwards.count(_lean_resnet_forward),
+            "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules),
+            "lora": forwards.count(_lean_lora_forward)}

@@ -30,6 +30,7 @@ from .ddim import noised
 from .errors import InputError
 from .half_norms import HALF
 from .half_norms import enabled as half_norms_enabled
+from .lean_blocks import install_lean_lora, runs_lean
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> Non
         for layer in lora_layers(unet):
             layer.reset_lora_parameters(ADAPTER, True)
     unet.requires_grad_(False)
+    if runs_lean(unet):  # the new LoRA layers too (fastdrag.lean_blocks)
+        install_lean_lora(unet)
     unet._fastdrag_lora_config = config
 
 

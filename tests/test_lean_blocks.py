@@ -16,13 +16,15 @@ from op_count import OpCount  # noqa: E402  (what bench/op_count.py counts: the 
 from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks
 from fastdrag.lean_blocks import LeanAttnProcessor, install_lean_blocks, lean_counts, remove_lean_blocks
 from fastdrag.config import LoraConfig
-from fastdrag.lora import install_adapter, lora_parameters
+from fastdrag.lora import ADAPTER, install_adapter, lora_parameters
+from peft.tuners.lora.layer import Linear as LoraLinear
 
 
 def resnets_and_attention(model):
     modules = list(model.modules())
     return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
-            "attention": sum(isinstance(m, Attention) for m in modules)}
+            "attention": sum(isinstance(m, Attention) for m in modules),
+            "lora": sum(type(m) is LoraLinear for m in modules)}
 
 
 def adapted_unet(tiny, channels_last=True):
@@ -68,7 +70,8 @@ def test_the_lean_unet_trains_and_drags_bit_for_bit_as_the_stock_one(tiny, chann
 
 def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):
     """Counted with real channels-last tensors on the CPU, where the meta device sees no layouts: in
-    training mode each resnet with a shortcut convolution copied its input to NCHW first."""
+    training mode each resnet with a shortcut convolution copied its input to NCHW first; each LoRA
+    layer multiplied its branch by its scale of 1."""
     unet = adapted_unet(tiny)
     shortcuts = sum(isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None for m in unet.modules())
     blocks = resnets_and_attention(unet)
@@ -86,6 +89,7 @@ def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):
     lean = {train: forward_ops(train) for train in (True, False)}
     for train in (True, False):
         assert stock[train]["div"] - lean[train]["div"] == blocks["resnet"] + blocks["attention"]
+        assert stock[train]["mul"] - lean[train]["mul"] == blocks["lora"] > 0  # the scale of 1
     assert stock[True]["clone"] - stock[False]["clone"] == shortcuts  # the stock training-mode copies
     assert lean[True]["clone"] == lean[False]["clone"] == stock[False]["clone"]
 
@@ -121,6 +125,30 @@ def test_other_blocks_and_calls_keep_the_stock_arithmetic():
         assert torch.equal(layer(image), reference(image))
     assert isinstance(attn.processor, LeanAttnProcessor)
     assert type(with_residual.processor) is AttnProcessor2_0  # not a plain layer: left as it was
+
+
+def test_adapters_added_later_run_lean_and_other_scales_keep_their_multiplication(tiny):
+    unet = copy.deepcopy(tiny.unet)
+    install_lean_blocks(unet)
+    install_adapter(unet, LoraConfig(lora_rank=4), seed=1)  # as an editor's first LoRA stage does
+    layers = [m for m in unet.modules() if type(m) is LoraLinear]
+    assert layers and lean_counts(unet)["lora"] == len(layers)
+    for layer in layers:  # a trained adapter, and a scale of 2 where alpha is not the rank
+        with torch.no_grad():
+            layer.lora_B[ADAPTER].weight.normal_(std=0.05)
+    x = torch.randn(2, 9, layers[0].in_features)
+    stock = copy.deepcopy(layers[0])
+    del stock.forward  # peft's own
+    assert torch.equal(layers[0](x), stock(x))
+    layers[0].scaling[ADAPTER] = stock.scaling[ADAPTER] = 2.0
+    with OpCount() as ops:
+        out = layers[0](x)
+    assert ops.ops["mul"] == 1 and torch.equal(out, stock(x))
+    layers[1].merge()  # merged (the drag's): peft's forward, the base layer alone
+    y = torch.randn(2, 9, layers[1].in_features)
+    with OpCount() as ops:
+        assert torch.equal(layers[1](y), layers[1].base_layer(y))
+    assert ops.ops["mm"] + ops.ops["addmm"] == 2  # one for each side: no LoRA branch
 
 
 def test_the_lean_vae_decodes_and_encodes_bit_for_bit(tiny):
@@ -176,5 +204,5 @@ def test_the_op_count_sees_divisions_and_the_drags_conditioning_go():
         gone = {name for name, n in removed.items() if n}
         if stage == "drag":
             assert {"div", "mm", "silu", "sin", "cos"} <= gone <= conditioning, removed
-        else:
-            assert gone == {"div"}, (stage, removed)
+        else:  # the LoRA step's LoRA layers no longer multiply by their scale of 1
+            assert gone == ({"div", "mul"} if stage == "lora" else {"div"}), (stage, removed)
