@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from op_count import OpCount  # noqa: E402  (what bench/op_count.py counts: the operations that compute)
 
 from fastdrag.config import LoraConfig  # noqa: E402
-from fastdrag.fixed_conditioning import FixedConditioning, applies
-from fastdrag.lean_blocks import install_lean_blocks
-from fastdrag.lora import install_adapter, lora_parameters
+from fastdrag.fixed_conditioning import FixedConditioning, applies  # noqa: E402
+from fastdrag.lean_blocks import install_lean_blocks  # noqa: E402
+from fastdrag.lora import install_adapter, lora_parameters  # noqa: E402
 
 
 @pytest.fixture()

@@ -9,18 +9,19 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+from peft.tuners.lora.layer import Linear as LoraLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from op_count import OpCount  # noqa: E402  (what bench/op_count.py counts: the operations that compute)
 
-from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks
-from fastdrag.lean_blocks import LeanAttnProcessor, install_lean_blocks, lean_counts, remove_lean_blocks
-from fastdrag.config import LoraConfig
-from fastdrag.lora import ADAPTER, install_adapter, lora_parameters
-from peft.tuners.lora.layer import Linear as LoraLinear
+from fastdrag.config import LoraConfig  # noqa: E402
+from fastdrag.fused_blocks import install_fused_blocks, remove_fused_blocks  # noqa: E402
+from fastdrag.lean_blocks import LeanAttnProcessor, install_lean_blocks, lean_counts, remove_lean_blocks  # noqa: E402
+from fastdrag.lora import ADAPTER, install_adapter, lora_parameters  # noqa: E402
 
 
-def resnets_and_attention(model):
+def blocks_of(model):
+    """How many resnets, attention layers and LoRA layers `model` has: what the lean blocks take."""
     modules = list(model.modules())
     return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
             "attention": sum(isinstance(m, Attention) for m in modules),
@@ -61,7 +62,7 @@ def lora_step(unet, seed=0, size=(12, 10)):
 def test_the_lean_unet_trains_and_drags_bit_for_bit_as_the_stock_one(tiny, channels_last):
     unet = adapted_unet(tiny, channels_last)
     stock = lora_step(unet)
-    assert install_lean_blocks(unet) == resnets_and_attention(unet)
+    assert install_lean_blocks(unet) == blocks_of(unet)
     assert install_lean_blocks(unet) == lean_counts(unet)  # twice: the same
     lean = lora_step(unet)
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
@@ -74,7 +75,7 @@ def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):
     layer multiplied its branch by its scale of 1."""
     unet = adapted_unet(tiny)
     shortcuts = sum(isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None for m in unet.modules())
-    blocks = resnets_and_attention(unet)
+    blocks = blocks_of(unet)
     assert shortcuts > 0
 
     def forward_ops(train):
@@ -156,7 +157,7 @@ def test_the_lean_vae_decodes_and_encodes_bit_for_bit(tiny):
     generator = torch.Generator().manual_seed(5)
     latent, image = torch.randn(1, 4, 6, 5, generator=generator), torch.rand(1, 3, 48, 40, generator=generator) * 2 - 1
     decoded, encoded = vae.decode(latent).sample, vae.encode(image).latent_dist.mean
-    assert install_lean_blocks(vae)["resnet"] == resnets_and_attention(vae)["resnet"]
+    assert install_lean_blocks(vae)["resnet"] == blocks_of(vae)["resnet"]
     assert torch.equal(vae.decode(latent).sample, decoded) and torch.equal(vae.encode(image).latent_dist.mean, encoded)
 
 
@@ -169,7 +170,7 @@ def test_removing_the_lean_blocks_and_the_fused_ones_on_top(tiny):
     remove_fused_blocks(unet)
     assert {name: vars(m).get("forward") for name, m in unet.named_modules()} == lean
     assert not any("_forward_before_fused" in vars(m) for m in unet.modules())
-    assert remove_lean_blocks(unet) == sum(resnets_and_attention(unet).values())
+    assert remove_lean_blocks(unet) == sum(blocks_of(unet).values())
     assert not any("forward" in vars(m) for m in unet.modules())
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
 
@@ -181,7 +182,7 @@ def test_an_editor_edits_bit_for_bit_with_and_without_lean_blocks(picture, tmp_p
     for lean in (True, False):
         editor = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / str(lean), progress=False,
                                             lean_blocks=lean)
-        assert lean_counts(editor.components.unet)["resnet"] == (resnets_and_attention(editor.components.unet)["resnet"]
+        assert lean_counts(editor.components.unet)["resnet"] == (blocks_of(editor.components.unet)["resnet"]
                                                                  if lean else 0)
         results.append(editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast))
     assert results[0].handles == results[1].handles
