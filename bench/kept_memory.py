@@ -110,14 +110,22 @@ def kept_by_node(output: torch.Tensor, weights: List[torch.Tensor]) -> Dict[str,
     return dict(kept)
 
 
-def meta_unet(model: str, frozen_conv: bool):
-    """The model's UNet on the meta device in fp16, channels-last, with a fresh adapter at the defaults."""
+def meta_model(model: str):
+    """The model's components, built (sd15-random) or moved (tiny) onto the meta device."""
     if model == "sd15-random":
-        unet = build_sd15_random(device="meta").unet
-    elif model == "tiny":
-        unet = build_tiny().unet.to("meta")
-    else:
-        raise SystemExit(f"--model {model!r}: sd15-random or tiny")
+        return build_sd15_random(device="meta")
+    if model == "tiny":
+        components = build_tiny()
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.to("meta")
+        return components
+    raise SystemExit(f"--model {model!r}: sd15-random or tiny")
+
+
+def meta_unet(model: str, frozen_conv: bool, unet=None):
+    """The model's UNet (or `unet`, already on the meta device) in fp16, channels-last, with a fresh
+    adapter at the defaults."""
+    unet = unet if unet is not None else meta_model(model).unet
     unet = unet.to(torch.float16).to(memory_format=torch.channels_last).requires_grad_(False)
     install_adapter(unet, LoraConfig(), seed=0)
     for param in lora_parameters(unet):

@@ -38,15 +38,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kept_memory import flash_like_attention  # noqa: E402
+from kept_memory import flash_like_attention, meta_model, meta_unet  # noqa: E402
 
 from fastdrag.attention import reference_control  # noqa: E402
 from fastdrag.config import DenoiseConfig, LoraConfig  # noqa: E402
 from fastdrag.fixed_conditioning import FixedConditioning  # noqa: E402
-from fastdrag.frozen_conv import install_frozen_conv  # noqa: E402
 from fastdrag.lean_blocks import install_lean_blocks  # noqa: E402
-from fastdrag.lora import install_adapter, lora_parameters  # noqa: E402
-from fastdrag.models import build_sd15_random, build_tiny  # noqa: E402
+from fastdrag.lora import lora_parameters  # noqa: E402
 
 STAGES = ("lora", "drag", "denoise", "decode")
 NOT_COMPUTING = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
@@ -78,18 +76,11 @@ class OpCount(TorchDispatchMode):
 
 
 def meta_components(model: str):
-    """The model's UNet (fp16, channels-last, frozen convolutions, a fresh adapter at the defaults) and
-    VAE (fp16) on the meta device."""
-    components = build_sd15_random(device="meta") if model == "sd15-random" else build_tiny() if model == "tiny" else None
-    if components is None:
-        raise SystemExit(f"--model {model!r}: sd15-random or tiny")
-    unet = components.unet.to("meta", torch.float16).to(memory_format=torch.channels_last).requires_grad_(False)
-    install_adapter(unet, LoraConfig(), seed=0)
-    for param in lora_parameters(unet):
-        param.data = param.data.half()  # as autocast runs the LoRA matmuls
-    install_frozen_conv(unet)
-    vae = components.vae.to("meta", torch.float16).requires_grad_(False).eval()
-    return unet, vae
+    """The model's UNet (`kept_memory.meta_unet`: fp16, channels-last, frozen convolutions, a fresh
+    adapter at the defaults) and VAE (fp16) on the meta device."""
+    components = meta_model(model)
+    vae = components.vae.to(torch.float16).requires_grad_(False).eval()
+    return meta_unet(model, frozen_conv=True, unet=components.unet), vae
 
 
 def _latent(batch: int, channels: int, side: int, leaf: bool = False) -> torch.Tensor:
@@ -120,15 +111,17 @@ def stage_calls(unet, vae, size: int, lean: bool = True) -> Dict[str, Callable[[
             unet.eval()
 
     drag_timestep, drag_text = torch.full((), 500, device="meta"), _text(unet, 1)
-    unet.disable_adapters()  # computed once per drag (here, before counting), with the adapter merged
-    fixed = FixedConditioning(unet, _latent(1, channels, side), drag_timestep, drag_text)
-    unet.enable_adapters()
+    fixed = None
+    if lean:  # computed once per drag (here, before counting), with the adapter merged
+        unet.disable_adapters()
+        fixed = FixedConditioning(unet, _latent(1, channels, side), drag_timestep, drag_text)
+        unet.enable_adapters()
 
     def drag() -> None:
         unet.disable_adapters()  # merged into the weights in the drag: the branch runs no more
         try:
             latent = _latent(1, channels, side, leaf=True)
-            with fixed.active() if lean else contextlib.nullcontext():
+            with fixed.active() if fixed is not None else contextlib.nullcontext():
                 out = unet(latent, drag_timestep, drag_text).sample
             out.float().sum().backward()
         finally:

@@ -54,6 +54,7 @@ class FixedConditioning:
         self.cross_attention: List[Attention] = [m for m in modules if isinstance(m, Attention) and m.is_cross_attention]
         self.values: List[torch.Tensor] = []
         self.refresh()
+        self.assignments = self._assignments() if self.enabled else []  # the values' tensors stay: refreshed in place
 
     def _compute(self) -> List[torch.Tensor]:
         """[t_emb, emb, each resnet's projection, each cross-attention layer's key and value], as the forward has them."""
@@ -95,10 +96,7 @@ class FixedConditioning:
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Inside, the UNet's forwards take the kept values (for `timestep` and `text` only)."""
-        if not self.enabled:
-            yield
-            return
-        assignments = self._assignments()
+        assignments = self.assignments
         for module, name, _ in assignments:
             if name in vars(module):
                 raise RuntimeError(f"{type(module).__name__} already has its own {name}")

@@ -33,7 +33,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from . import kernels
-from .lean_blocks import plain_resnet, resnet_forward
+from .lean_blocks import own_forward, plain_resnet, resnet_forward
 
 
 def _norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch
 
 def _install_group_norms(unet: torch.nn.Module) -> None:
     for module in unet.modules():
-        if isinstance(module, ResnetBlock2D) and plain_resnet(module) and _patched_with(module) is not _resnet_forward:
+        if isinstance(module, ResnetBlock2D) and plain_resnet(module) and own_forward(module) is not _resnet_forward:
             module._forward_before_fused = vars(module).get("forward")  # the lean one, or None: the class's
             module.forward = types.MethodType(_resnet_forward, module)
         elif isinstance(module, Transformer2DModel) and getattr(module, "is_input_continuous", False) \
@@ -89,17 +89,12 @@ def install_fused_blocks(unet: torch.nn.Module, group_norm: bool = True, geglu: 
     return fused_counts(unet)
 
 
-def _patched_with(module: torch.nn.Module):
-    """The function of this module's own `forward` attribute, None without one."""
-    return getattr(vars(module).get("forward"), "__func__", None)
-
-
 def remove_fused_blocks(unet: torch.nn.Module) -> int:
     """Give the modules `install_fused_blocks` changed the forward they had back (a resnet its lean one,
     `fastdrag.lean_blocks`, where it had it; the others their class's); returns how many."""
     count = 0
     for module in unet.modules():
-        if _patched_with(module) in (_resnet_forward, _norm, _norm_silu, _identity, _geglu):
+        if own_forward(module) in (_resnet_forward, _norm, _norm_silu, _identity, _geglu):
             del module.forward
             before = vars(module).pop("_forward_before_fused", None)
             if before is not None:
@@ -111,6 +106,6 @@ def remove_fused_blocks(unet: torch.nn.Module) -> int:
 def fused_counts(unet: torch.nn.Module) -> dict:
     """How many of `unet`'s GroupNorms and GEGLUs run fused now: {"group_norm": n, "geglu": m}."""
     norms = {_resnet_forward: 2, _norm: 1, _norm_silu: 1}
-    patched = [_patched_with(module) for module in unet.modules()]
+    patched = [own_forward(module) for module in unet.modules()]
     return {"group_norm": sum(norms.get(function, 0) for function in patched),
             "geglu": sum(function is _geglu for function in patched)}

@@ -55,14 +55,15 @@ def _upright(picture: Image.Image) -> Image.Image:
 def _eight_bit(picture: Image.Image) -> Image.Image:
     """16- and 32-bit integer pictures scaled to 8 bits (PIL's own conversion saturates them), and float
     ones in [0, 1] (a float TIFF) scaled by 255 (PIL's would make them black)."""
+    def scaled(array: np.ndarray, top: float) -> Image.Image:
+        return Image.fromarray(np.round(np.clip(array, 0, top) * (255.0 / top)).astype(np.uint8))
+
     if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(picture, dtype=np.float64)
-        top = 65535.0 if picture.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.round(np.clip(array, 0, top) * (255.0 / top)).astype(np.uint8))
+        return scaled(array, 65535.0 if picture.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0)
     if picture.mode == "F":
         array = np.nan_to_num(np.asarray(picture, dtype=np.float64))
-        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
-        return Image.fromarray(np.round(np.clip(array, 0, top) * (255.0 / top)).astype(np.uint8))
+        return scaled(array, 1.0 if array.max(initial=0) <= 1.0 else 255.0)
     return picture
 
 
@@ -133,7 +134,7 @@ def size_advice(size: Tuple[int, int], native: int) -> Optional[str]:
     if width * height <= 4 * native * native:
         return None
     scale = native / max(width, height)
-    suggested = tuple(max(64, 64 * int(round(side * scale / 64))) for side in size)
+    suggested = working_size((width * scale, height * scale))
     ratio = width * height / native ** 2
     return (f"working at {width}x{height}, {ratio:.{0 if ratio >= 10 else 1}f}x the pixels of the {native}x{native} "
             f"this model was trained at: slow, memory-hungry and off its training distribution; "

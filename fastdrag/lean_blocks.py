@@ -37,6 +37,11 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]
 
 
+def own_forward(module: torch.nn.Module):
+    """The function of `module`'s own `forward` attribute (one these modules install), None without one."""
+    return getattr(vars(module).get("forward"), "__func__", None)
+
+
 def _stock_norm_act(block: ResnetBlock2D, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return block.nonlinearity(norm(x))
 
@@ -176,7 +181,7 @@ def remove_lean_blocks(model: torch.nn.Module) -> int:
     """Give the modules `install_lean_blocks` changed their stock forward or processor back; returns how many."""
     count = 0
     for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) in (_lean_resnet_forward, _lean_lora_forward):
+        if own_forward(module) in (_lean_resnet_forward, _lean_lora_forward):
             del module.forward
             count += 1
         elif isinstance(module, Attention) and isinstance(module.processor, LeanAttnProcessor):
@@ -189,7 +194,7 @@ def lean_counts(model: torch.nn.Module) -> dict:
     """How many of `model`'s resnets, attention layers and LoRA layers run lean: {"resnet": n, "attention": m,
     "lora": k}."""
     modules = list(model.modules())
-    forwards = [getattr(vars(m).get("forward"), "__func__", None) for m in modules]
+    forwards = [own_forward(m) for m in modules]
     return {"resnet": forwards.count(_lean_resnet_forward),
             "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules),
             "lora": forwards.count(_lean_lora_forward)}
