@@ -15,7 +15,8 @@ diffusers' blocks run a few tensor operations that, for SD 1.x, leave every valu
 forward without them, each attention layer that runs diffusers' `AttnProcessor2_0` the
 `LeanAttnProcessor`, which makes the same calls without the division, and each peft LoRA `Linear`
 a forward without the multiplication by a scale of 1 (adapters added later get it from
-`fastdrag.lora.install_adapter`). Results are bit for bit the
+`fastdrag.lora.install_adapter`), and each linear layer the pre-hook of `fastdrag.shared_casts`, which
+under autocast casts an fp32 input read by several layers once, not once per layer. Results are bit for bit the
 stock ones (tests/test_lean_blocks.py), so it needs no GPU measurement to be on;
 `bench/op_count.py` counts what it removes (counted on the meta device at SD 1.5 / 512 px: a drag
 iteration 1,393 -> 1,285 operations, a LoRA step 2,585 -> 2,222, a denoising step 691 -> 643, a VAE
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from peft.tuners.lora.layer import Linear as LoraLinear
+
+from .shared_casts import install_shared_casts, remove_shared_casts, shared_cast_count
 
 NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]
 
@@ -150,10 +153,12 @@ def _lean_lora_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> to
 
 
 def install_lean_lora(model: torch.nn.Module) -> int:
-    """Give each peft LoRA `Linear` of `model` without a forward of its own the lean one; returns how many have it."""
+    """Give each peft LoRA `Linear` of `model` without a forward of its own the lean one, and its linear
+    layers the shared casts; returns how many LoRA layers run lean."""
     for module in model.modules():
         if type(module) is LoraLinear and "forward" not in vars(module):
             module.forward = types.MethodType(_lean_lora_forward, module)
+    install_shared_casts(model)
     return lean_counts(model)["lora"]
 
 
@@ -178,8 +183,9 @@ def install_lean_blocks(model: torch.nn.Module) -> dict:
 
 
 def remove_lean_blocks(model: torch.nn.Module) -> int:
-    """Give the modules `install_lean_blocks` changed their stock forward or processor back; returns how many."""
-    count = 0
+    """Give the modules `install_lean_blocks` changed their stock forward or processor back, and take the
+    shared casts off; returns how many modules it changed."""
+    count = remove_shared_casts(model)
     for module in model.modules():
         if own_forward(module) in (_lean_resnet_forward, _lean_lora_forward):
             del module.forward
@@ -191,10 +197,11 @@ def remove_lean_blocks(model: torch.nn.Module) -> int:
 
 
 def lean_counts(model: torch.nn.Module) -> dict:
-    """How many of `model`'s resnets, attention layers and LoRA layers run lean: {"resnet": n, "attention": m,
-    "lora": k}."""
+    """How many of `model`'s resnets, attention layers and LoRA layers run lean, and how many linear layers
+    share their input's casts: {"resnet": n, "attention": m, "lora": k, "linear": l}."""
     modules = list(model.modules())
     forwards = [own_forward(m) for m in modules]
     return {"resnet": forwards.count(_lean_resnet_forward),
             "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules),
-            "lora": forwards.count(_lean_lora_forward)}
+            "lora": forwards.count(_lean_lora_forward),
+            "linear": shared_cast_count(model)}

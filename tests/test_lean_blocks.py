@@ -21,11 +21,12 @@ from fastdrag.lora import ADAPTER, install_adapter, lora_parameters  # noqa: E40
 
 
 def blocks_of(model):
-    """How many resnets, attention layers and LoRA layers `model` has: what the lean blocks take."""
+    """How many resnets, attention layers, LoRA layers and linear layers `model` has: what the lean blocks take."""
     modules = list(model.modules())
     return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
             "attention": sum(isinstance(m, Attention) for m in modules),
-            "lora": sum(type(m) is LoraLinear for m in modules)}
+            "lora": sum(type(m) is LoraLinear for m in modules),
+            "linear": sum(type(m) is torch.nn.Linear for m in modules)}
 
 
 def adapted_unet(tiny, channels_last=True):
@@ -134,6 +135,7 @@ def test_adapters_added_later_run_lean_and_other_scales_keep_their_multiplicatio
     install_adapter(unet, LoraConfig(lora_rank=4), seed=1)  # as an editor's first LoRA stage does
     layers = [m for m in unet.modules() if type(m) is LoraLinear]
     assert layers and lean_counts(unet)["lora"] == len(layers)
+    assert lean_counts(unet)["linear"] == blocks_of(unet)["linear"]  # the adapters' linear layers share casts too
     for layer in layers:  # a trained adapter, and a scale of 2 where alpha is not the rank
         with torch.no_grad():
             layer.lora_B[ADAPTER].weight.normal_(std=0.05)
@@ -171,7 +173,7 @@ def test_removing_the_lean_blocks_and_the_fused_ones_on_top(tiny):
     assert {name: vars(m).get("forward") for name, m in unet.named_modules()} == lean
     assert not any("_forward_before_fused" in vars(m) for m in unet.modules())
     assert remove_lean_blocks(unet) == sum(blocks_of(unet).values())
-    assert not any("forward" in vars(m) for m in unet.modules())
+    assert not any("forward" in vars(m) or m._forward_pre_hooks for m in unet.modules())
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
 
 
