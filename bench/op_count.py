@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kept_memory import flash_like_attention, meta_model, meta_unet  # noqa: E402
@@ -44,7 +46,9 @@ from fastdrag.attention import reference_control  # noqa: E402
 from fastdrag.config import DenoiseConfig, LoraConfig  # noqa: E402
 from fastdrag.fixed_conditioning import FixedConditioning  # noqa: E402
 from fastdrag.lean_blocks import install_lean_blocks  # noqa: E402
-from fastdrag.lora import lora_parameters  # noqa: E402
+from fastdrag.lora import install_adapter, lora_parameters  # noqa: E402
+from fastdrag.models import build_tiny  # noqa: E402
+from fastdrag import shared_casts  # noqa: E402
 
 STAGES = ("lora", "drag", "denoise", "decode")
 NOT_COMPUTING = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
@@ -73,6 +77,75 @@ class OpCount(TorchDispatchMode):
     def summary(self) -> dict:
         return {"ops": sum(self.ops.values()), "bytes": sum(self.bytes.values()),
                 "by_op": {name: {"ops": n, "bytes": self.bytes[name]} for name, n in self.ops.most_common()}}
+
+
+class CudaNormPolicy(TorchFunctionMode):
+    """CUDA autocast's policy for GroupNorm and LayerNorm, on the CPU: under CPU autocast every floating
+    tensor argument of `F.group_norm` and `F.layer_norm` cast to fp32 (a copy where it is not fp32) and
+    the norm computed with autocast off, as CUDA autocast computes it (CPU autocast leaves norms in the
+    input's dtype)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.group_norm, F.layer_norm) and torch.is_autocast_enabled("cpu"):
+            args, kwargs = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                                    (args, kwargs))
+            with torch.autocast("cpu", enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_like_autocast(dtype: torch.dtype = torch.bfloat16):
+    """CPU autocast to `dtype` with CUDA's fp32 norms (`CudaNormPolicy`), and the package's norms treating
+    the CPU as they treat CUDA (`fastdrag.shared_casts.FP32_NORM_DEVICES`): what the CUDA stages cast,
+    counted on the CPU."""
+    added = "cpu" not in shared_casts.FP32_NORM_DEVICES
+    shared_casts.FP32_NORM_DEVICES.add("cpu")
+    try:
+        with torch.autocast("cpu", dtype=dtype, cache_enabled=False), CudaNormPolicy():
+            yield
+    finally:
+        if added:
+            shared_casts.FP32_NORM_DEVICES.discard("cpu")
+
+
+def autocast_casts(lean: bool = True, size: int = 64) -> Dict[str, int]:
+    """The casts (`_to_copy`, forward and backward) of a LoRA step and a drag iteration under
+    `cuda_like_autocast`, on the tiny model: SD 1.5's layers (16 transformer blocks, 22 resnets, 61
+    GroupNorms, 48 LayerNorms, 128 LoRA layers) at small widths, so the same count of casts. The LoRA
+    step's latents and text reach the UNet in half precision, as `fastdrag.lora.lora_loss` passes them, and
+    the drag's fp32 latent is cast, as `fastdrag.drag` does; the drag runs the adapter merged (here:
+    disabled, the same layers)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    dtype = torch.bfloat16
+    unet = build_tiny().unet.to(dtype)  # half-precision weights and fp32 LoRA master weights, as on CUDA
+    install_adapter(unet, LoraConfig(), seed=0)
+    params = lora_parameters(unet)
+    for param in params:
+        param.requires_grad_(True)
+    if lean:
+        install_lean_blocks(unet)
+    side, batch = size // 8, LoraConfig().lora_batch_size
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim).to(dtype)
+    counts = {}
+    with cuda_like_autocast(dtype), disable_input_dtype_casting(unet):
+        unet.train()
+        with torch.no_grad():  # a step before: what is made once (the norms' fp32 weights) is not counted
+            unet(torch.randn(batch, 4, side, side).to(dtype), torch.randint(0, 1000, (batch,)), text)
+        with OpCount() as counter:
+            out = unet(torch.randn(batch, 4, side, side).to(dtype), torch.randint(0, 1000, (batch,)), text).sample
+            torch.autograd.grad(out.float().square().mean(), params)
+        counts["lora"] = counter.ops["_to_copy"]
+        unet.eval()
+        unet.disable_adapters()
+        latent = torch.randn(1, 4, side, side, requires_grad=True)  # the fp32 leaf, cast in the forward
+        with OpCount() as counter:
+            eps = unet(latent.to(dtype), torch.tensor([500]), text[:1]).sample
+            torch.autograd.grad(eps.float().sum(), latent)
+        counts["drag"] = counter.ops["_to_copy"]
+    return counts
 
 
 def meta_components(model: str):
@@ -187,6 +260,12 @@ def main() -> None:
         removed = {name: n for name, n in gone.items() if n}
         if removed:
             print("   removed: " + ", ".join(f"{n} {name}" for name, n in sorted(removed.items(), key=lambda kv: -kv[1])))
+    casts = {"stock": autocast_casts(lean=False), "lean": autocast_casts(lean=True)}
+    print("casts under CUDA's autocast (fp16/bf16, norms in fp32; counted on the CPU on the tiny model, which has "
+          "SD 1.5's layers), forward and backward:")
+    for stage, stock in casts["stock"].items():
+        print(f"{stage:8s} {stock:6d} -> {casts['lean'][stage]:6d}: {stock - casts['lean'][stage]} casts fewer")
+    results["autocast_casts"] = casts
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -61,18 +61,25 @@ def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch
     return resnet_forward(self, input_tensor, temb, _fused_norm_silu)
 
 
+def _fuse(module: torch.nn.Module, function) -> None:
+    """Give `module` the fused forward `function`, keeping the forward of its own it had (a lean one) for
+    `remove_fused_blocks`."""
+    if own_forward(module) is not function:
+        module._forward_before_fused = vars(module).get("forward")  # None: the class's
+        module.forward = types.MethodType(function, module)
+
+
 def _install_group_norms(unet: torch.nn.Module) -> None:
     for module in unet.modules():
-        if isinstance(module, ResnetBlock2D) and plain_resnet(module) and own_forward(module) is not _resnet_forward:
-            module._forward_before_fused = vars(module).get("forward")  # the lean one, or None: the class's
-            module.forward = types.MethodType(_resnet_forward, module)
+        if isinstance(module, ResnetBlock2D) and plain_resnet(module):
+            _fuse(module, _resnet_forward)
         elif isinstance(module, Transformer2DModel) and getattr(module, "is_input_continuous", False) \
                 and type(module.norm) is torch.nn.GroupNorm:
-            module.norm.forward = types.MethodType(_norm, module.norm)
+            _fuse(module.norm, _norm)
     norm_out, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
     if type(norm_out) is torch.nn.GroupNorm and type(act) is torch.nn.SiLU:
-        norm_out.forward = types.MethodType(_norm_silu, norm_out)
-        act.forward = types.MethodType(_identity, act)
+        _fuse(norm_out, _norm_silu)
+        _fuse(act, _identity)
 
 
 def install_fused_blocks(unet: torch.nn.Module, group_norm: bool = True, geglu: bool = True) -> dict:

@@ -24,6 +24,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .shared_casts import NORM_FORWARDS
+
 ENV = "FASTDRAG_HALF_NORMS"
 HALF = (torch.float16, torch.bfloat16)
 
@@ -53,14 +55,18 @@ def half_norms(model: torch.nn.Module, active: bool = True) -> Iterator[None]:
     off (see the module docstring). What a CUDA graph captures inside keeps doing so on every replay.
     With `active` false, or no such layer, nothing changes."""
     forwards = {torch.nn.GroupNorm: _group_norm, torch.nn.LayerNorm: _layer_norm}
+    replaceable = (None, *NORM_FORWARDS.values())  # the class's, or the one that keeps fp32 weights; a fused one stays
     patched = []
     if active:
-        patched = [m for m in model.modules() if type(m) in forwards and getattr(m, "weight", None) is not None
-                   and m.weight.dtype in HALF and "forward" not in vars(m)]  # a fused GroupNorm stays fused
-    for module in patched:
+        patched = [(m, vars(m).get("forward")) for m in model.modules()
+                   if type(m) in forwards and getattr(m, "weight", None) is not None and m.weight.dtype in HALF
+                   and getattr(vars(m).get("forward"), "__func__", None) in replaceable]
+    for module, _ in patched:
         module.forward = types.MethodType(forwards[type(module)], module)  # an instance attribute shadows the class's
     try:
         yield
     finally:
-        for module in patched:
+        for module, before in patched:
             del module.forward
+            if before is not None:
+                module.forward = before

@@ -15,8 +15,10 @@ diffusers' blocks run a few tensor operations that, for SD 1.x, leave every valu
 forward without them, each attention layer that runs diffusers' `AttnProcessor2_0` the
 `LeanAttnProcessor`, which makes the same calls without the division, and each peft LoRA `Linear`
 a forward without the multiplication by a scale of 1 (adapters added later get it from
-`fastdrag.lora.install_adapter`), and each linear layer the pre-hook of `fastdrag.shared_casts`, which
-under autocast casts an fp32 input read by several layers once, not once per layer. Results are bit for bit the
+`fastdrag.lora.install_adapter`); and from `fastdrag.shared_casts`, each linear layer a pre-hook that
+under autocast casts an fp32 input read by several layers once, not once per layer, and each GroupNorm
+and LayerNorm a forward that under CUDA autocast passes kept fp32 copies of its weights instead of
+casting them at every call. Results are bit for bit the
 stock ones (tests/test_lean_blocks.py), so it needs no GPU measurement to be on;
 `bench/op_count.py` counts what it removes (counted on the meta device at SD 1.5 / 512 px: a drag
 iteration 1,393 -> 1,285 operations, a LoRA step 2,585 -> 2,222, a denoising step 691 -> 643, a VAE
@@ -35,7 +37,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from .shared_casts import install_shared_casts, remove_shared_casts, shared_cast_count
+from .shared_casts import (fp32_affine_count, install_fp32_affine, install_shared_casts, remove_fp32_affine,
+                           remove_shared_casts, shared_cast_count)
 
 NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]
 
@@ -178,6 +181,7 @@ def install_lean_blocks(model: torch.nn.Module) -> dict:
             module.forward = types.MethodType(_lean_resnet_forward, module)
         elif isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0 and LeanAttnProcessor.takes(module):
             module.set_processor(LeanAttnProcessor())
+    install_fp32_affine(model)
     install_lean_lora(model)
     return lean_counts(model)
 
@@ -185,7 +189,7 @@ def install_lean_blocks(model: torch.nn.Module) -> dict:
 def remove_lean_blocks(model: torch.nn.Module) -> int:
     """Give the modules `install_lean_blocks` changed their stock forward or processor back, and take the
     shared casts off; returns how many modules it changed."""
-    count = remove_shared_casts(model)
+    count = remove_shared_casts(model) + remove_fp32_affine(model)
     for module in model.modules():
         if own_forward(module) in (_lean_resnet_forward, _lean_lora_forward):
             del module.forward
@@ -197,11 +201,13 @@ def remove_lean_blocks(model: torch.nn.Module) -> int:
 
 
 def lean_counts(model: torch.nn.Module) -> dict:
-    """How many of `model`'s resnets, attention layers and LoRA layers run lean, and how many linear layers
-    share their input's casts: {"resnet": n, "attention": m, "lora": k, "linear": l}."""
+    """How many of `model`'s resnets, attention layers and LoRA layers run lean, how many linear layers
+    share their input's casts and how many norms keep fp32 weights: {"resnet", "attention", "lora",
+    "linear", "norm"}."""
     modules = list(model.modules())
     forwards = [own_forward(m) for m in modules]
     return {"resnet": forwards.count(_lean_resnet_forward),
             "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules),
             "lora": forwards.count(_lean_lora_forward),
-            "linear": shared_cast_count(model)}
+            "linear": shared_cast_count(model),
+            "norm": fp32_affine_count(model)}

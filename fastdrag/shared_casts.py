@@ -1,6 +1,6 @@
-"""One half-precision copy of an fp32 activation for every linear layer that reads it under autocast.
+"""Casts that autocast repeats at every call, made once: the same values, fewer kernels.
 
-Autocast casts each linear layer's fp32 input to half precision inside the layer, so an activation
+**An fp32 activation read by several linear layers.** Autocast casts each linear layer's fp32 input to half precision inside the layer, so an activation
 read by several layers is cast once per layer. Under CUDA autocast LayerNorm runs in fp32, and in
 SD 1.x each self-attention layer's normalised input feeds `to_q`, `to_k` and `to_v`: 3 casts of
 the same tensor in a drag iteration, and 6 while LoRA trains (each adapter's A matrix reads it too;
@@ -15,15 +15,29 @@ autocast's, gradients add up in the same order, and a forward makes one cast whe
 (tests/test_shared_casts.py). Its readers also keep that one copy for their backward instead of one
 each. Outside autocast, for inputs that are not fp32 and while `torch.compile` traces (which fuses
 the casts itself), the hook changes nothing.
+
+**The normalisation layers' weights.** CUDA autocast runs GroupNorm and LayerNorm in fp32, so each
+call casts the layer's half-precision weight and bias up (autocast caches casts only of weights that
+train): 2 kernels for each of SD 1.5's 61 GroupNorms and 48 LayerNorms in every forward of a LoRA
+step or a drag iteration. `install_fp32_affine(model)` gives each GroupNorm and LayerNorm a forward
+that, where autocast computes norms in fp32 (`FP32_NORM_DEVICES`), passes fp32 copies of them, kept on
+the layer and made again when the weights change (in place or moved); fp16 -> fp32 is exact, so the
+output is autocast's bit for bit. A CUDA graph replays the copies it captured, so a norm's weights
+changed in place after a capture reach its replays only through an eager forward (no editor changes
+them: its stages change adapter weights only).
 """
 from __future__ import annotations
 
+import types
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 HALF = (torch.float16, torch.bfloat16)
+FP32_NORM_DEVICES = {"cuda"}  # where autocast runs GroupNorm and LayerNorm in fp32 (the CPU's keeps the input's dtype)
 _KEPT = "_fastdrag_half_copy"
+_KEPT_AFFINE = "_fastdrag_fp32_affine"
 
 
 class _SharedHalf(torch.autograd.Function):
@@ -91,3 +105,59 @@ def remove_shared_casts(model: torch.nn.Module) -> int:
 def shared_cast_count(model: torch.nn.Module) -> int:
     """How many of `model`'s layers have the shared-cast pre-hook."""
     return sum(_has_hook(module) for module in model.modules())
+
+
+def _fp32_affine(norm: torch.nn.Module, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`norm`'s (weight, bias) as this call should pass them: their kept fp32 copies where autocast would
+    cast them to fp32, else the parameters themselves."""
+    weight, bias = norm.weight, norm.bias
+    device = x.device.type
+    if (weight is None or weight.dtype not in HALF or device not in FP32_NORM_DEVICES
+            or not torch.is_autocast_enabled(device) or torch.compiler.is_compiling()):
+        return weight, bias
+    stamp = tuple((p._version, p.data_ptr(), p.device) for p in (weight, bias) if p is not None)
+    kept = vars(norm).get(_KEPT_AFFINE)
+    if kept is None or kept[0] != stamp:
+        copies = tuple(None if p is None else p.detach().float() for p in (weight, bias))
+        kept = (stamp, copies)
+        setattr(norm, _KEPT_AFFINE, kept)
+    return kept[1]
+
+
+def _group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = _fp32_affine(self, x)
+    return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def _layer_norm(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = _fp32_affine(self, x)
+    return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+NORM_FORWARDS = {torch.nn.GroupNorm: _group_norm, torch.nn.LayerNorm: _layer_norm}
+
+
+def install_fp32_affine(model: torch.nn.Module) -> int:
+    """Give each GroupNorm and LayerNorm of `model` with affine weights and no forward of its own the
+    forward that passes fp32 copies of them under autocast; returns how many have it."""
+    for module in model.modules():
+        function = NORM_FORWARDS.get(type(module))
+        if function is not None and module.weight is not None and "forward" not in vars(module):
+            module.forward = types.MethodType(function, module)
+    return fp32_affine_count(model)
+
+
+def remove_fp32_affine(model: torch.nn.Module) -> int:
+    """Give each norm that has that forward its class's back (and drop its copies); returns how many."""
+    count = 0
+    for module in model.modules():
+        if getattr(vars(module).get("forward"), "__func__", None) in NORM_FORWARDS.values():
+            del module.forward
+            vars(module).pop(_KEPT_AFFINE, None)
+            count += 1
+    return count
+
+
+def fp32_affine_count(model: torch.nn.Module) -> int:
+    """How many of `model`'s norms have the forward of `install_fp32_affine`."""
+    return sum(getattr(vars(m).get("forward"), "__func__", None) in NORM_FORWARDS.values() for m in model.modules())

@@ -21,12 +21,14 @@ from fastdrag.lora import ADAPTER, install_adapter, lora_parameters  # noqa: E40
 
 
 def blocks_of(model):
-    """How many resnets, attention layers, LoRA layers and linear layers `model` has: what the lean blocks take."""
+    """How many resnets, attention layers, LoRA layers, linear layers and affine norms `model` has: what the
+    lean blocks take."""
     modules = list(model.modules())
     return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
             "attention": sum(isinstance(m, Attention) for m in modules),
             "lora": sum(type(m) is LoraLinear for m in modules),
-            "linear": sum(type(m) is torch.nn.Linear for m in modules)}
+            "linear": sum(type(m) is torch.nn.Linear for m in modules),
+            "norm": sum(type(m) in (torch.nn.GroupNorm, torch.nn.LayerNorm) and m.weight is not None for m in modules)}
 
 
 def adapted_unet(tiny, channels_last=True):

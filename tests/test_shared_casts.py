@@ -1,13 +1,12 @@
 """`fastdrag.shared_casts`: under autocast an fp32 activation read by several linear layers is cast once,
-with every value and gradient bit for bit autocast's own.
+and the norms' weights are not cast at every call; every value and gradient bit for bit autocast's own.
 
 CUDA autocast runs GroupNorm and LayerNorm in fp32 (their inputs and weights cast up, an fp32 output);
-CPU autocast runs them in the input's dtype. `cuda_like_norms` makes the CPU's norms do what CUDA's
-do, so that the tiny UNet under CPU autocast has the activations that SD 1.5 has on a GPU: fp32
-normalised inputs to the attention layers' projections."""
+CPU autocast runs them in the input's dtype. `op_count.cuda_like_autocast` makes the CPU's autocast do
+what CUDA's does with norms, so that the tiny UNet in half precision under it casts what SD 1.5 casts
+on a GPU: fp32 normalised inputs to the attention projections, half-precision norm weights cast up."""
 import copy
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,109 +15,91 @@ import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from op_count import OpCount  # noqa: E402
+from op_count import OpCount, autocast_casts, cuda_like_autocast  # noqa: E402
 
 from fastdrag.config import LoraConfig  # noqa: E402
 from fastdrag.lean_blocks import install_lean_blocks  # noqa: E402
 from fastdrag.lora import install_adapter, lora_parameters  # noqa: E402
-from fastdrag.shared_casts import install_shared_casts, remove_shared_casts, shared_cast_count, shared_half  # noqa: E402
+from fastdrag.shared_casts import (install_fp32_affine, install_shared_casts, remove_fp32_affine,  # noqa: E402
+                                   remove_shared_casts, shared_cast_count, shared_half)
 
-
-def _fp32_group_norm(self, x):
-    with torch.autocast(x.device.type, enabled=False):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-
-
-def _fp32_layer_norm(self, x):
-    with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-
-
-def cuda_like_norms(model):
-    """Each GroupNorm and LayerNorm of `model` normalises as under CUDA autocast: everything cast to fp32."""
-    forwards = {torch.nn.GroupNorm: _fp32_group_norm, torch.nn.LayerNorm: _fp32_layer_norm}
-    for module in model.modules():
-        if type(module) in forwards:
-            module.forward = types.MethodType(forwards[type(module)], module)
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def transformer_blocks(unet):
     return [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
 
 
-@pytest.fixture(scope="module")
-def adapted(tiny):
-    """The tiny UNet with a trained-looking adapter, the lean blocks and CUDA's fp32 norms."""
-    unet = copy.deepcopy(tiny.unet)
+def adapted_unet(tiny, dtype):
+    """The tiny UNet in `dtype` with a trained-looking adapter (fp32 master weights) and the lean blocks."""
+    unet = copy.deepcopy(tiny.unet).to(dtype)
     install_adapter(unet, LoraConfig(), seed=3)
     for param in lora_parameters(unet):
         with torch.no_grad():
             param.normal_(std=0.05)
         param.requires_grad_(True)
     install_lean_blocks(unet)
-    cuda_like_norms(unet)
     return unet
 
 
-def autocast_steps(unet, dtype, seed=0, size=(11, 9)):
+@pytest.fixture(scope="module")
+def adapted(tiny):
+    return adapted_unet(tiny, torch.bfloat16)
+
+
+def autocast_steps(unet, seed=0, size=(11, 9)):
     """A LoRA step (training mode, batch 2, the adapter's gradients) and a drag iteration (eval mode, batch
-    1, the latent's gradient) under CPU autocast to `dtype`, as `fastdrag.autocast.unet_autocast` runs
-    them; returns their outputs and gradients and the forwards' operation counts."""
+    1, the fp32 latent's gradient) under CUDA-like autocast to the UNet's dtype, with what the steps pass
+    (`fastdrag.lora.lora_loss`, `fastdrag.drag`); returns their outputs and gradients and the counts of
+    operations of each forward (after one forward before: what is made once is not counted)."""
+    dtype = unet.dtype
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, unet.config.in_channels, *size, generator=generator)
-    text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator).to(dtype)  # as the steps pass it
+    text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator).to(dtype)
     params = lora_parameters(unet)
-    with torch.autocast("cpu", dtype=dtype, cache_enabled=False), disable_input_dtype_casting(unet):
+    with cuda_like_autocast(dtype), disable_input_dtype_casting(unet):
         unet.train()
+        with torch.no_grad():
+            unet(latents.to(dtype), torch.tensor([901, 17]), text)
         with OpCount() as lora_ops:
-            out = unet(latents, torch.tensor([901, 17]), text).sample
+            out = unet(latents.to(dtype), torch.tensor([901, 17]), text).sample
         weight_grads = torch.autograd.grad(out.float().square().mean(), params)
         unet.eval()
         latent = latents[:1].clone().requires_grad_(True)
         with OpCount() as drag_ops:
-            eps = unet(latent, torch.tensor([500]), text[:1]).sample
+            eps = unet(latent.to(dtype), torch.tensor([500]), text[:1]).sample
         (latent_grad,) = torch.autograd.grad(eps.float(), latent, torch.randn(eps.shape, generator=generator))
     return [out, eps, latent_grad, *weight_grads], lora_ops.ops, drag_ops.ops
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_shared_casts_train_and_drag_bit_for_bit_with_one_cast_per_activation(adapted, dtype):
+def test_shared_casts_train_and_drag_bit_for_bit_with_fewer_casts(tiny, dtype):
     """Each self-attention layer's normalised input had 6 readers (to_q, to_k, to_v and their adapters' A
-    matrices) and each cross-attention layer's query input 2: one cast each now, 6 fewer per block."""
-    remove_shared_casts(adapted)
-    stock, stock_lora, stock_drag = autocast_steps(adapted, dtype)
-    assert install_shared_casts(adapted) == sum(type(m) is torch.nn.Linear for m in adapted.modules())
-    shared, shared_lora, shared_drag = autocast_steps(adapted, dtype)
+    matrices) and each cross-attention layer's query input 2: one cast each now, 6 fewer per block; each
+    norm's weight and bias are no longer cast: 2 fewer per norm."""
+    unet = adapted_unet(tiny, dtype)
+    linears = sum(type(m) is torch.nn.Linear for m in unet.modules())
+    norms = sum(type(m) in NORMS for m in unet.modules())
+    assert remove_shared_casts(unet) == linears and remove_fp32_affine(unet) == norms
+    stock, stock_lora, stock_drag = autocast_steps(unet)
+    assert install_shared_casts(unet) == linears and install_fp32_affine(unet) == norms
+    shared, shared_lora, shared_drag = autocast_steps(unet)
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(shared, stock))
-    blocks = len(transformer_blocks(adapted))
-    assert blocks == 16
-    assert stock_lora["_to_copy"] - shared_lora["_to_copy"] == 6 * blocks
-    assert stock_drag["_to_copy"] - shared_drag["_to_copy"] == 6 * blocks
+    blocks = len(transformer_blocks(unet))
+    assert (blocks, norms) == (16, 109)  # SD 1.5's
+    assert stock_lora["_to_copy"] - shared_lora["_to_copy"] == 6 * blocks + 2 * norms
+    assert stock_drag["_to_copy"] - shared_drag["_to_copy"] == 6 * blocks + 2 * norms
     assert {k: v for k, v in shared_lora.items() if k != "_to_copy"} == \
         {k: v for k, v in stock_lora.items() if k != "_to_copy"}  # nothing else changed
 
 
-def test_a_merged_adapter_shares_the_three_projections_cast(adapted):
-    """The drag runs the adapter merged: to_q, to_k and to_v read the normalised input, 2 casts fewer."""
-    unet = copy.deepcopy(adapted)
-    for module in unet.modules():
-        if hasattr(module, "merge") and hasattr(module, "lora_A"):
-            module.merge()
-    cuda_like_norms(unet)
-    latent = torch.randn(1, 4, 7, 10).requires_grad_(True)
-    text = torch.randn(1, 5, unet.config.cross_attention_dim).half()
-
-    def drag_iteration():
-        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False), OpCount() as ops:
-            eps = unet(latent, torch.tensor([500]), text).sample
-        return eps, torch.autograd.grad(eps.float().sum(), latent)[0], ops.ops
-
-    shared = drag_iteration()
-    remove_shared_casts(unet)
-    stock = drag_iteration()
-    assert torch.equal(shared[0], stock[0]) and torch.equal(shared[1], stock[1])
-    assert stock[2]["_to_copy"] - shared[2]["_to_copy"] == 2 * len(transformer_blocks(unet))
+def test_the_op_count_counts_the_casts_of_a_merged_adapter(tiny):
+    """bench/op_count.py's count (the drag with its adapter merged: to_q, to_k and to_v read the normalised
+    input, 2 casts fewer per block; the norms' weights, 2 per norm) and the LoRA step's."""
+    stock, lean = autocast_casts(lean=False), autocast_casts(lean=True)
+    assert stock["drag"] - lean["drag"] == 2 * 16 + 2 * 109
+    assert stock["lora"] - lean["lora"] == 6 * 16 + 2 * 109
 
 
 def test_the_readers_keep_one_copy_for_their_backward(adapted):
@@ -136,8 +117,8 @@ def test_the_readers_keep_one_copy_for_their_backward(adapted):
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
             return tensor
 
-        latents = torch.randn(2, 4, 11, 9)
-        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), disable_input_dtype_casting(adapted), \
+        latents = torch.randn(2, 4, 11, 9).bfloat16()
+        with cuda_like_autocast(torch.bfloat16), disable_input_dtype_casting(adapted), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             adapted.train()
             adapted(latents, torch.tensor([901, 17]), torch.randn(2, 7, 32).bfloat16())
@@ -154,6 +135,24 @@ def test_the_readers_keep_one_copy_for_their_backward(adapted):
     assert len(shapes) == len(blocks) == 16
     copies_fewer = sum(2 * 2 * positions * channels * 2 for positions, channels in shapes.values())  # 2 of 3, batch 2, bf16
     assert stock - shared == copies_fewer > 0
+
+
+def test_norm_weights_follow_changes_and_stay_put_outside_cuda_like_autocast(adapted):
+    norm = next(m for m in adapted.modules() if type(m) is torch.nn.GroupNorm)
+    x = torch.randn(2, norm.num_channels, 5, 3).bfloat16()
+    with cuda_like_autocast(torch.bfloat16):
+        before = norm(x)
+        with torch.no_grad():
+            norm.weight.mul_(1.5)  # in place: the kept fp32 copy is stale
+        after = norm(x)
+        expected = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
+        assert torch.equal(after, expected) and not torch.equal(after, before)
+    with torch.no_grad():
+        norm.weight.div_(1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU's own autocast: norms in the input's dtype
+        out = norm(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, F.group_norm(x, norm.num_groups, norm.weight, norm.bias,
+                                                                         norm.eps))
 
 
 def test_a_changed_input_is_cast_again_and_other_inputs_are_left_alone():
@@ -177,3 +176,17 @@ def test_a_changed_input_is_cast_again_and_other_inputs_are_left_alone():
     assert out.dtype == torch.float32 and "_to_copy" not in ops.ops
     assert shared_half(x, torch.bfloat16) is shared_half(x, torch.bfloat16)  # kept, no grad: the copy itself
     assert remove_shared_casts(model) == 2 and shared_cast_count(model) == 0
+
+
+def test_half_norms_replace_the_kept_weight_norms_and_give_them_back(adapted):
+    """The experimental fp16 norms (`fastdrag.half_norms`) take these norms too while inside, and leave
+    each with the forward it had."""
+    from fastdrag.half_norms import half_norms
+
+    norms = [m for m in adapted.modules() if type(m) in NORMS]
+    before = [vars(m)["forward"] for m in norms]
+    x = torch.randn(2, 9, norms[-1].normalized_shape[0]).bfloat16()
+    with cuda_like_autocast(torch.bfloat16), half_norms(adapted):
+        assert all(vars(m)["forward"].__func__.__module__ == "fastdrag.half_norms" for m in norms)
+        assert norms[-1](x).dtype == torch.bfloat16  # normalised in half precision
+    assert [vars(m)["forward"] for m in norms] == before
