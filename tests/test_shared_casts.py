@@ -185,8 +185,9 @@ def test_half_norms_replace_the_kept_weight_norms_and_give_them_back(adapted):
 
     norms = [m for m in adapted.modules() if type(m) in NORMS]
     before = [vars(m)["forward"] for m in norms]
-    x = torch.randn(2, 9, norms[-1].normalized_shape[0]).bfloat16()
+    layer_norm = next(m for m in norms if type(m) is torch.nn.LayerNorm)
+    x = torch.randn(2, 9, layer_norm.normalized_shape[0]).bfloat16()
     with cuda_like_autocast(torch.bfloat16), half_norms(adapted):
         assert all(vars(m)["forward"].__func__.__module__ == "fastdrag.half_norms" for m in norms)
-        assert norms[-1](x).dtype == torch.bfloat16  # normalised in half precision
+        assert layer_norm(x).dtype == torch.bfloat16  # normalised in half precision
     assert [vars(m)["forward"] for m in norms] == before
