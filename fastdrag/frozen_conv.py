@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .patching import own_forward
+
 
 class _FrozenConv2d(torch.autograd.Function):
     """conv2d whose backward gives the input's gradient only, from the weight alone."""
@@ -79,7 +81,7 @@ def install_frozen_conv(model: torch.nn.Module) -> int:
 
 
 def _patched(module: torch.nn.Module) -> bool:
-    return getattr(vars(module).get("forward"), "__func__", None) is _forward
+    return own_forward(module) is _forward
 
 
 def remove_frozen_conv(model: torch.nn.Module) -> int:

@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .patching import own_forward
 from .shared_casts import NORM_FORWARDS
 
 ENV = "FASTDRAG_HALF_NORMS"
@@ -60,7 +61,7 @@ def half_norms(model: torch.nn.Module, active: bool = True) -> Iterator[None]:
     if active:
         patched = [(m, vars(m).get("forward")) for m in model.modules()
                    if type(m) in forwards and getattr(m, "weight", None) is not None and m.weight.dtype in HALF
-                   and getattr(vars(m).get("forward"), "__func__", None) in replaceable]
+                   and own_forward(m) in replaceable]
     for module, _ in patched:
         module.forward = types.MethodType(forwards[type(module)], module)  # an instance attribute shadows the class's
     try:

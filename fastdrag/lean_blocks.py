@@ -37,15 +37,11 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from .patching import own_forward
 from .shared_casts import (fp32_affine_count, install_fp32_affine, install_shared_casts, remove_fp32_affine,
                            remove_shared_casts, shared_cast_count)
 
 NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]
-
-
-def own_forward(module: torch.nn.Module):
-    """The function of `module`'s own `forward` attribute (one these modules install), None without one."""
-    return getattr(vars(module).get("forward"), "__func__", None)
 
 
 def _stock_norm_act(block: ResnetBlock2D, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """Casts that autocast repeats at every call, made once: the same values, fewer kernels.
 
-**An fp32 activation read by several linear layers.** Autocast casts each linear layer's fp32 input to half precision inside the layer, so an activation
-read by several layers is cast once per layer. Under CUDA autocast LayerNorm runs in fp32, and in
-SD 1.x each self-attention layer's normalised input feeds `to_q`, `to_k` and `to_v`: 3 casts of
-the same tensor in a drag iteration, and 6 while LoRA trains (each adapter's A matrix reads it too;
-a cross-attention layer's query input 2). On an H100 such casts and their gradients' casts were the
-largest copy kernels of a LoRA step (bench/RESULTS.md, 2026-11-26).
+**An fp32 activation read by several linear layers.** Autocast casts each linear layer's fp32 input to
+half precision inside the layer, so an activation read by several layers is cast once per layer. Under
+CUDA autocast LayerNorm runs in fp32, and in SD 1.x each self-attention layer's normalised input feeds
+`to_q`, `to_k` and `to_v`: 3 casts of the same tensor in a drag iteration, and 6 while LoRA trains (each
+adapter's A matrix reads it too; a cross-attention layer's query input 2). On an H100 such casts and
+their gradients' casts were the largest copy kernels of a LoRA step (bench/RESULTS.md, 2026-11-26).
 
 `install_shared_casts(model)` gives each `torch.nn.Linear` a forward pre-hook that, under autocast
 to fp16 or bf16, hands the layer the one half copy of its fp32 input (made at its first reader,
@@ -33,6 +33,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .patching import own_forward
 
 HALF = (torch.float16, torch.bfloat16)
 FP32_NORM_DEVICES = {"cuda"}  # where autocast runs GroupNorm and LayerNorm in fp32 (the CPU's keeps the input's dtype)
@@ -151,7 +153,7 @@ def remove_fp32_affine(model: torch.nn.Module) -> int:
     """Give each norm that has that forward its class's back (and drop its copies); returns how many."""
     count = 0
     for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) in NORM_FORWARDS.values():
+        if own_forward(module) in NORM_FORWARDS.values():
             del module.forward
             vars(module).pop(_KEPT_AFFINE, None)
             count += 1
@@ -160,4 +162,4 @@ def remove_fp32_affine(model: torch.nn.Module) -> int:
 
 def fp32_affine_count(model: torch.nn.Module) -> int:
     """How many of `model`'s norms have the forward of `install_fp32_affine`."""
-    return sum(getattr(vars(m).get("forward"), "__func__", None) in NORM_FORWARDS.values() for m in model.modules())
+    return sum(own_forward(m) in NORM_FORWARDS.values() for m in model.modules())

@@ -451,26 +451,18 @@ def test_release_frees_the_memory_of_the_kept_graphs(picture, tmp_path):
     assert torch.cuda.memory_reserved() < held
 
 
-def test_shared_casts_under_cuda_autocast_cast_each_normalised_input_once():
-    """`fastdrag.shared_casts` under CUDA's own autocast, where LayerNorm hands the attention projections
-    fp32: a LoRA step's forward bit for bit the same with 6 casts fewer per transformer block (to_q,
-    to_k, to_v and their adapters' A matrices read one copy), the gradients the same (to run-to-run
-    noise: attention backward kernels may add in another order). tests/test_shared_casts.py checks
-    bit-equal gradients on the CPU, with CUDA's fp32 norms imitated."""
-    import sys
-    from pathlib import Path
-
+def cuda_lora_case(lean: bool):
+    """The tiny fp16 UNet on CUDA with an adapter whose branch computes something (B is 0 after install),
+    the lean blocks where asked, and a LoRA step's inputs: (components, LoRA params, lora_loss's other
+    arguments)."""
     from fastdrag.config import LoraConfig
     from fastdrag.lean_blocks import install_lean_blocks
-    from fastdrag.lora import install_adapter, lora_loss, lora_parameters
+    from fastdrag.lora import install_adapter, lora_parameters
     from fastdrag.models import build_tiny
-    from fastdrag.shared_casts import install_shared_casts, remove_shared_casts
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from op_count import OpCount
 
     tiny = build_tiny().to("cuda", torch.float16)
-    install_lean_blocks(tiny.unet)
+    if lean:
+        install_lean_blocks(tiny.unet)
     install_adapter(tiny.unet, LoraConfig(), seed=3)
     generator = torch.Generator().manual_seed(4)
     params = lora_parameters(tiny.unet)
@@ -480,20 +472,43 @@ def test_shared_casts_under_cuda_autocast_cast_each_normalised_input_once():
     latents, noise = (torch.randn(3, 4, 16, 16, generator=generator).cuda() for _ in range(2))
     timesteps = torch.randint(0, 1000, (3,), generator=generator).cuda()
     text = torch.randn(3, 77, 32, generator=generator).to("cuda", torch.float16)
-    alphas = tiny.scheduler.alphas_cumprod.cuda()
+    return tiny, params, (latents, noise, timesteps, text, tiny.scheduler.alphas_cumprod.cuda())
+
+
+def test_shared_casts_under_cuda_autocast_cast_inputs_and_norm_weights_once():
+    """`fastdrag.shared_casts` under CUDA's own autocast, where LayerNorm hands the attention projections
+    fp32 and casts its fp16 weights up: a LoRA step's forward bit for bit the same with 6 casts fewer
+    per transformer block (to_q, to_k, to_v and their adapters' A matrices read one copy) and 2 fewer
+    per norm (its kept fp32 weight and bias), the gradients the same (to run-to-run noise: attention
+    backward kernels may add in another order). tests/test_shared_casts.py checks bit-equal gradients
+    on the CPU, with CUDA's fp32 norms imitated."""
+    import sys
+    from pathlib import Path
+
+    from fastdrag.lora import lora_loss
+    from fastdrag.shared_casts import (install_fp32_affine, install_shared_casts, remove_fp32_affine,
+                                       remove_shared_casts)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from op_count import OpCount
+
+    tiny, params, arguments = cuda_lora_case(lean=True)
 
     def step():
         with OpCount() as ops:
-            loss = lora_loss(tiny.unet, latents, noise, timesteps, text, alphas)
+            loss = lora_loss(tiny.unet, *arguments)
         return loss.detach(), torch.autograd.grad(loss, params), ops.ops["_to_copy"]
 
+    step()  # the first: the norms' fp32 weights are made
     loss, grads, casts = step()
     remove_shared_casts(tiny.unet)
+    norms = remove_fp32_affine(tiny.unet)
     stock_loss, stock_grads, stock_casts = step()
-    install_shared_casts(tiny.unet)
+    install_shared_casts(tiny.unet), install_fp32_affine(tiny.unet)
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in tiny.unet.modules())
     assert torch.isfinite(loss) and torch.equal(loss, stock_loss)
-    assert stock_casts - casts == 6 * blocks, (stock_casts, casts)
+    assert (blocks, norms) == (16, 109)
+    assert stock_casts - casts == 6 * blocks + 2 * norms, (stock_casts, casts)
     for got, want in zip(grads, stock_grads):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     tiny.unet.requires_grad_(False)
@@ -510,21 +525,9 @@ def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
     import fastdrag.lora
     from torch.profiler import profile
 
-    from fastdrag.config import LoraConfig
-    from fastdrag.lora import install_adapter, lora_layers, lora_loss, lora_parameters
-    from fastdrag.models import build_tiny
+    from fastdrag.lora import lora_layers, lora_loss
 
-    tiny = build_tiny().to("cuda", torch.float16)
-    install_adapter(tiny.unet, LoraConfig(), seed=3)
-    generator = torch.Generator().manual_seed(4)
-    params = lora_parameters(tiny.unet)
-    for param in params:  # B is 0 after install: give the branch something to compute
-        param.data = (torch.randn(param.shape, generator=generator) * 0.1).cuda()
-        param.requires_grad_(True)
-    latents, noise = (torch.randn(3, 4, 16, 16, generator=generator).cuda() for _ in range(2))
-    timesteps = torch.randint(0, 1000, (3,), generator=generator).cuda()
-    text = torch.randn(3, 77, 32, generator=generator).to("cuda", torch.float16)
-    alphas = tiny.scheduler.alphas_cumprod.cuda()
+    tiny, params, arguments = cuda_lora_case(lean=False)
 
     half_inputs = []  # LoRA calls whose input is fp16: under CUDA autocast LayerNorm hands q/k/v fp32
     hooks = [layer.register_forward_pre_hook(lambda module, args: half_inputs.append(args[0].dtype == torch.float16))
@@ -535,7 +538,7 @@ def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
         for param in params:
             param.grad = None
         with profile(record_shapes=True) as prof:
-            loss = lora_loss(tiny.unet, latents, noise, timesteps, text, alphas)
+            loss = lora_loss(tiny.unet, *arguments)
             loss.backward()
             torch.cuda.synchronize()
         copies = Counter({(str(event.input_shapes), str(getattr(event, "input_dtypes", ""))): event.count
