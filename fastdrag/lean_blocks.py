@@ -8,11 +8,17 @@ diffusers' blocks run a few tensor operations that, for SD 1.x, leave every valu
 - in training mode (the LoRA step) a `ResnetBlock2D` with a shortcut convolution makes its input
   contiguous before it, for DDP's sake: with channels-last activations (the CUDA default) that copies
   the input to NCHW, which the convolution then copies back (14 resnets of SD 1.5 at batch 4);
+- each `Transformer2DModel` with convolution projections (SD 1.x's) makes its tokens NCHW-contiguous
+  before `proj_out`; with channels-last weights (the CUDA default) the convolution computes
+  channels-last and copies them back, so the tokens, already channels-last when seen as an image,
+  are copied twice: 16 activation-sized copies in each of SD 1.5's UNet forwards that a drag's or a
+  LoRA step's backward does not need either;
 - peft's LoRA `Linear` multiplies its branch by the adapter's scale, `lora_alpha / r`, which is 1 at
   DragDiffusion's settings (alpha = rank): 128 activation-sized multiplications in a LoRA step's
   forward at SD 1.5 and 128 in its backward.
 `install_lean_blocks(model)` gives each plain `ResnetBlock2D` (the kind `fused_blocks` also takes) a
-forward without them, each attention layer that runs diffusers' `AttnProcessor2_0` the
+forward without them, each such transformer an output step that hands `proj_out` its tokens as they
+lie where its weight is channels-last, each attention layer that runs diffusers' `AttnProcessor2_0` the
 `LeanAttnProcessor`, which makes the same calls without the division, and each peft LoRA `Linear`
 a forward without the multiplication by a scale of 1 (adapters added later get it from
 `fastdrag.lora.install_adapter`); and from `fastdrag.shared_casts`, each linear layer a pre-hook that
@@ -35,12 +41,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .patching import own_forward
 from .shared_casts import (fp32_affine_count, install_fp32_affine, install_shared_casts, remove_fp32_affine,
                            remove_shared_casts, shared_cast_count)
 
+OUTPUT_STEP = "_get_output_for_continuous_inputs"  # the transformer's method the lean one shadows
 NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]
 
 
@@ -83,6 +91,31 @@ def plain_resnet(block: ResnetBlock2D) -> bool:
             and type(block.nonlinearity) is torch.nn.SiLU and block.upsample is None and block.downsample is None
             and (block.time_embedding_norm == "default"
                  or (block.time_embedding_norm == "group" and block.time_emb_proj is None)))
+
+
+def channels_last_conv(conv: torch.nn.Module) -> bool:
+    """Whether `conv` is a `Conv2d` whose weight lies channels-last (NHWC strides, not also NCHW's): cuDNN
+    and oneDNN then compute channels-last whatever the input's layout, converting an NCHW input first."""
+    if not isinstance(conv, torch.nn.Conv2d) or conv.weight.dim() != 4:
+        return False
+    _, channels, height, width = conv.weight.shape
+    strides = conv.weight.stride()
+    return (strides == (channels * height * width, 1, width * channels, channels)
+            and strides != (channels * height * width, height * width, width, 1))
+
+
+def _lean_transformer_output(self: Transformer2DModel, hidden_states: torch.Tensor, residual: torch.Tensor,
+                             batch_size: int, height: int, width: int, inner_dim: int) -> torch.Tensor:
+    """diffusers' `_get_output_for_continuous_inputs` for conv projections without the NCHW copy: the
+    tokens (B, H*W, C), seen as an image, are channels-last already, which is what a channels-last
+    `proj_out` computes on (it would copy an NCHW input back). The same data reach the same kernel. Any
+    other case runs diffusers' own."""
+    if self.use_linear_projection or not hidden_states.is_contiguous() or not channels_last_conv(self.proj_out):
+        return type(self)._get_output_for_continuous_inputs(self, hidden_states=hidden_states, residual=residual,
+                                                            batch_size=batch_size, height=height, width=width,
+                                                            inner_dim=inner_dim)
+    image = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+    return self.proj_out(image) + residual
 
 
 class LeanAttnProcessor:
@@ -169,14 +202,18 @@ def runs_lean(model: torch.nn.Module) -> bool:
 
 def install_lean_blocks(model: torch.nn.Module) -> dict:
     """Give `model`'s plain resnets (those without a forward of their own, e.g. `fused_blocks`') the
-    lean forward, its stock-processor attention layers the lean processor and its LoRA layers the lean
-    forward; returns `lean_counts`.
+    lean forward, its transformers the lean output step, its stock-processor attention layers the lean
+    processor, its LoRA layers the lean forward, and the shared casts (`fastdrag.shared_casts`);
+    returns `lean_counts`.
     Installing twice changes nothing more. CUDA graphs captured before keep replaying the stock kernels."""
     for module in model.modules():
         if isinstance(module, ResnetBlock2D) and plain_resnet(module) and "forward" not in vars(module):
             module.forward = types.MethodType(_lean_resnet_forward, module)
         elif isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0 and LeanAttnProcessor.takes(module):
             module.set_processor(LeanAttnProcessor())
+        elif isinstance(module, Transformer2DModel) and getattr(module, "is_input_continuous", False) \
+                and OUTPUT_STEP not in vars(module):
+            setattr(module, OUTPUT_STEP, types.MethodType(_lean_transformer_output, module))
     install_fp32_affine(model)
     install_lean_lora(model)
     return lean_counts(model)
@@ -190,19 +227,27 @@ def remove_lean_blocks(model: torch.nn.Module) -> int:
         if own_forward(module) in (_lean_resnet_forward, _lean_lora_forward):
             del module.forward
             count += 1
+        elif _lean_output(module):
+            delattr(module, OUTPUT_STEP)
+            count += 1
         elif isinstance(module, Attention) and isinstance(module.processor, LeanAttnProcessor):
             module.set_processor(AttnProcessor2_0())
             count += 1
     return count
 
 
+def _lean_output(module: torch.nn.Module) -> bool:
+    return own_forward(module, OUTPUT_STEP) is _lean_transformer_output
+
+
 def lean_counts(model: torch.nn.Module) -> dict:
-    """How many of `model`'s resnets, attention layers and LoRA layers run lean, how many linear layers
-    share their input's casts and how many norms keep fp32 weights: {"resnet", "attention", "lora",
-    "linear", "norm"}."""
+    """How many of `model`'s resnets, transformers' output steps, attention layers and LoRA layers run
+    lean, how many linear layers share their input's casts and how many norms keep fp32 weights:
+    {"resnet", "transformer", "attention", "lora", "linear", "norm"}."""
     modules = list(model.modules())
     forwards = [own_forward(m) for m in modules]
     return {"resnet": forwards.count(_lean_resnet_forward),
+            "transformer": sum(_lean_output(m) for m in modules),
             "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules),
             "lora": forwards.count(_lean_lora_forward),
             "linear": shared_cast_count(model),

@@ -451,6 +451,35 @@ def test_release_frees_the_memory_of_the_kept_graphs(picture, tmp_path):
     assert torch.cuda.memory_reserved() < held
 
 
+def test_lean_transformer_output_skips_both_nchw_copies_on_cuda():
+    """The lean blocks' transformer output step on CUDA with channels-last weights: the same forward bit
+    for bit, and 2 copies fewer per transformer (diffusers' NCHW copy before proj_out and the one
+    cuDNN's convolution makes back to channels-last, a tensor operation of `_convolution` here; the CPU
+    test sees only the first)."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    from fastdrag.lean_blocks import install_lean_blocks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from op_count import OpCount
+
+    stock = tiny_half_unet()
+    lean = copy.deepcopy(stock)
+    assert install_lean_blocks(lean)["transformer"] == 16
+    generator = torch.Generator(device="cuda").manual_seed(8)
+    latents = torch.randn(2, 4, 40, 24, device="cuda", generator=generator, dtype=torch.float16)
+    text = torch.randn(2, 77, 32, device="cuda", generator=generator, dtype=torch.float16)
+    outputs, clones = [], []
+    for unet in (stock, lean):
+        with torch.no_grad(), OpCount() as ops:
+            outputs.append(unet(latents.to(memory_format=torch.channels_last), 500, text).sample)
+        clones.append(ops.ops["clone"])
+    assert torch.isfinite(outputs[0]).all() and torch.equal(outputs[0], outputs[1])
+    assert clones[0] - clones[1] == 2 * 16, clones
+
+
 def cuda_lora_case(lean: bool):
     """The tiny fp16 UNet on CUDA with an adapter whose branch computes something (B is 0 after install),
     the lean blocks where asked, and a LoRA step's inputs: (components, LoRA params, lora_loss's other

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -25,6 +26,7 @@ def blocks_of(model):
     lean blocks take."""
     modules = list(model.modules())
     return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
+            "transformer": sum(isinstance(m, Transformer2DModel) for m in modules),
             "attention": sum(isinstance(m, Attention) for m in modules),
             "lora": sum(type(m) is LoraLinear for m in modules),
             "linear": sum(type(m) is torch.nn.Linear for m in modules),
@@ -74,8 +76,9 @@ def test_the_lean_unet_trains_and_drags_bit_for_bit_as_the_stock_one(tiny, chann
 
 def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):
     """Counted with real channels-last tensors on the CPU, where the meta device sees no layouts: in
-    training mode each resnet with a shortcut convolution copied its input to NCHW first; each LoRA
-    layer multiplied its branch by its scale of 1."""
+    training mode each resnet with a shortcut convolution copied its input to NCHW first; each
+    transformer copied its tokens to NCHW before `proj_out` (which oneDNN here, and cuDNN in a
+    separate copy, turned back to channels-last); each LoRA layer multiplied its branch by its scale of 1."""
     unet = adapted_unet(tiny)
     shortcuts = sum(isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None for m in unet.modules())
     blocks = blocks_of(unet)
@@ -95,7 +98,8 @@ def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):
         assert stock[train]["div"] - lean[train]["div"] == blocks["resnet"] + blocks["attention"]
         assert stock[train]["mul"] - lean[train]["mul"] == blocks["lora"] > 0  # the scale of 1
     assert stock[True]["clone"] - stock[False]["clone"] == shortcuts  # the stock training-mode copies
-    assert lean[True]["clone"] == lean[False]["clone"] == stock[False]["clone"]
+    assert stock[False]["clone"] == blocks["transformer"] > 0  # the stock NCHW copies before proj_out
+    assert lean[True]["clone"] == lean[False]["clone"] == 0
 
 
 def test_other_blocks_and_calls_keep_the_stock_arithmetic():
@@ -193,14 +197,22 @@ def test_an_editor_edits_bit_for_bit_with_and_without_lean_blocks(picture, tmp_p
     assert np.array_equal(np.asarray(results[0].image), np.asarray(results[1].image))
 
 
+def tiny_unet_modules():
+    from fastdrag.models import build_tiny
+
+    return list(build_tiny().unet.modules())
+
+
 def test_the_op_count_sees_divisions_and_the_drags_conditioning_go():
     """bench/op_count.py, the meta-device count behind the numbers in the docs, on the tiny model: the
-    lean blocks remove divisions only, and the drag's kept conditioning its time embedding's and
-    cross-attention keys' and values' operations."""
+    lean blocks remove divisions, the LoRA scale's multiplications and the transformers' NCHW copies
+    (one each: the meta device's convolution makes no copy of its own), and the drag's kept
+    conditioning its time embedding's and cross-attention keys' and values' operations."""
     from op_count import compare
 
-    results = compare("tiny", 64)
-    conditioning = {"div", "mm", "addmm", "silu", "mul", "cat", "_to_copy", "arange", "exp", "sin", "cos"}
+    results = compare("tiny", 128)  # the mid block at 2x2: at 1x1 an NCHW copy is no copy
+    conditioning = {"div", "clone", "mm", "addmm", "silu", "mul", "cat", "_to_copy", "arange", "exp", "sin", "cos"}
+    transformers = sum(type(m).__name__ == "Transformer2DModel" for m in tiny_unet_modules())
     for stage, stock in results["stock"].items():
         lean = results["lean"][stage]
         assert stock["ops"] > lean["ops"] > 0, stage
@@ -208,6 +220,10 @@ def test_the_op_count_sees_divisions_and_the_drags_conditioning_go():
         assert all(n >= 0 for n in removed.values()) and set(lean["by_op"]) <= set(stock["by_op"]), (stage, removed)
         gone = {name for name, n in removed.items() if n}
         if stage == "drag":
-            assert {"div", "mm", "silu", "sin", "cos"} <= gone <= conditioning, removed
+            assert {"div", "clone", "mm", "silu", "sin", "cos"} <= gone <= conditioning, removed
+        elif stage == "decode":  # the VAE has no transformer
+            assert gone == {"div"}, removed
         else:  # the LoRA step's LoRA layers no longer multiply by their scale of 1
-            assert gone == ({"div", "mul"} if stage == "lora" else {"div"}), (stage, removed)
+            assert gone == ({"div", "mul", "clone"} if stage == "lora" else {"div", "clone"}), (stage, removed)
+        if stage != "decode":
+            assert removed["clone"] == transformers, (stage, removed)
