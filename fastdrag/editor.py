@@ -215,10 +215,11 @@ class DragEditor:
         LoRA step took 0.29 s instead of 0.25 (bench/RESULTS.md).
         `sdpa_priority` orders the backends of the UNet stages' SDPA attention (see the property).
         `lean_blocks` leaves out the operations of diffusers' blocks that change no number (`fastdrag.
-        lean_blocks`: divisions by 1, LoRA's multiplication by its scale of 1, a training-mode copy), and lets
-        the drag keep its conditioning across iterations (`fastdrag.fixed_conditioning`): bit for bit the
-        same edits, an SD 1.5 drag iteration 1,194 tensor operations instead of 1,393 and a LoRA step 2,222
-        instead of 2,585 (counted on the meta device: `bench/op_count.py`).
+        lean_blocks`: divisions by 1, LoRA's multiplication by its scale of 1, layout copies, autocast's
+        repeated casts), and lets the drag keep its conditioning across iterations
+        (`fastdrag.fixed_conditioning`): bit for bit the same edits, an SD 1.5 drag iteration 1,178 tensor
+        operations instead of 1,393 and a LoRA step 2,206 instead of 2,585 (counted on the meta device:
+        `bench/op_count.py`), and 250 and 314 casts fewer under autocast (counted on the CPU).
         """
         check_sdpa_priority(sdpa_priority)
         device = _parse_device(device)

@@ -3,7 +3,7 @@
 Every iteration of the drag loop runs the UNet at the same timestep on the same text, with frozen
 weights. So the time embedding (the sinusoid and its MLP), each resnet's projection of it, and each
 cross-attention layer's keys and values of the text come out the same every time: at SD 1.5, 91 of
-a drag iteration's 1,285 tensor operations with the lean blocks (1,194 left; counted on the meta
+a drag iteration's 1,269 tensor operations with the lean blocks (1,178 left; counted on the meta
 device by `bench/op_count.py`), each a small kernel on a GPU. `FixedConditioning`
 computes them once, with the same modules under the same autocast, into tensors that it keeps and
 refreshes in place (`refresh`), so a CUDA graph captured with them reads the new values of a

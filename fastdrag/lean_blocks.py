@@ -27,8 +27,10 @@ and LayerNorm a forward that under CUDA autocast passes kept fp32 copies of its 
 casting them at every call. Results are bit for bit the
 stock ones (tests/test_lean_blocks.py), so it needs no GPU measurement to be on;
 `bench/op_count.py` counts what it removes (counted on the meta device at SD 1.5 / 512 px: a drag
-iteration 1,393 -> 1,285 operations, a LoRA step 2,585 -> 2,222, a denoising step 691 -> 643, a VAE
-decode 139 -> 125). The VAE's one attention layer (a residual and a group norm inside it) keeps the
+iteration 1,393 -> 1,269 operations, a LoRA step 2,585 -> 2,206, a denoising step 691 -> 627, a VAE
+decode 139 -> 125; the meta device's convolution makes no layout copy of its own, so each transformer
+counts one of its two copies; autocast's casts are counted on the CPU, 250 fewer in a drag iteration
+and 314 in a LoRA step: `fastdrag.shared_casts`). The VAE's one attention layer (a residual and a group norm inside it) keeps the
 stock processor. Its resnets and attention layers are also where a drag's kept conditioning
 (`fastdrag.fixed_conditioning`) reaches the forward.
 """
