@@ -66,7 +66,7 @@ def shared_half(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _autocast_half(x: torch.Tensor) -> Optional[torch.dtype]:
     """The half dtype autocast would cast `x` to for a linear layer, or None where it would not cast it."""
-    if torch.compiler.is_compiling() or x.dtype != torch.float32:
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.is_inference():  # (no version counter)
         return None
     device = x.device.type
     if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
@@ -114,7 +114,7 @@ def _fp32_affine(norm: torch.nn.Module, x: torch.Tensor) -> Tuple[Optional[torch
     cast them to fp32, else the parameters themselves."""
     weight, bias = norm.weight, norm.bias
     device = x.device.type
-    if (torch.compiler.is_compiling() or weight is None or weight.dtype not in HALF
+    if (torch.compiler.is_compiling() or weight is None or weight.dtype not in HALF or weight.is_inference()
             or device not in FP32_NORM_DEVICES or not torch.is_autocast_enabled(device)):
         return weight, bias
     stamp = tuple((p._version, p.data_ptr(), p.device) for p in (weight, bias) if p is not None)

@@ -175,6 +175,9 @@ def test_a_changed_input_is_cast_again_and_other_inputs_are_left_alone():
         out = first(x)  # no autocast: fp32, no cast at all
     assert out.dtype == torch.float32 and "_to_copy" not in ops.ops
     assert shared_half(x, torch.bfloat16) is shared_half(x, torch.bfloat16)  # kept, no grad: the copy itself
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.randn(3, 13)  # an inference tensor has no version counter to keep a copy by: autocast's casts
+        assert torch.equal(first(y), F.linear(y.bfloat16(), first.weight.bfloat16(), first.bias.bfloat16()))
     assert remove_shared_casts(model) == 2 and shared_cast_count(model) == 0
 
 
