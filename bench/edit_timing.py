@@ -7,9 +7,7 @@ full suite with FLOP counts).
 Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_graph_lora=false`,
 `channels_last=true|false`, which converts the UNet's weights for that variant (default: the
 package's, channels-last on CUDA only), `compile_blocks=true`, which compiles its blocks for this
-variant and every later one in the process, `channels_last_outputs=true`, which keeps the UNet's
-transformer outputs channels-last (`fastdrag.channels_last`) for this variant and every later one in
-the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
+variant and every later one in the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
 Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
 `fused_geglu=true` for one of the two), `lean_blocks=false`, which gives the UNet and the VAE diffusers'
 stock blocks back for the variant (`fastdrag.lean_blocks`; default: on), `frozen_conv=true|false`, which gives the UNet's convolutions
@@ -37,7 +35,6 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 
 from fastdrag import DragEditor
-from fastdrag.channels_last import keep_transformer_outputs_channels_last
 from fastdrag.demo import demo_case
 from fastdrag.drag import DragLoop
 from fastdrag.frozen_conv import install_frozen_conv, remove_frozen_conv
@@ -132,8 +129,6 @@ def main() -> None:
         unet.to(memory_format=memory_format)
         if settings.pop("compile_blocks", False):
             compile_blocks(unet)  # compilation is paid in warm_up()
-        if settings.pop("channels_last_outputs", False):
-            keep_transformer_outputs_channels_last(unet)
         fused_all = settings.pop("fused_unet_kernels", False)
         remove_fused_blocks(unet)
         lean = settings.pop("lean_blocks", True)  # the package's default
