@@ -38,6 +38,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.profiler import profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -82,16 +83,19 @@ class OpCount(TorchDispatchMode):
 
 
 class CudaNormPolicy(TorchFunctionMode):
-    """CUDA autocast's policy for GroupNorm and LayerNorm, on the CPU: under CPU autocast every floating
-    tensor argument of `F.group_norm` and `F.layer_norm` cast to fp32 (a copy where it is not fp32) and
-    the norm computed with autocast off, as CUDA autocast computes it (CPU autocast leaves norms in the
-    input's dtype)."""
+    """CUDA's GroupNorm and LayerNorm, on the CPU: under CPU autocast every floating tensor argument of
+    `F.group_norm` and `F.layer_norm` cast to fp32 (a copy where it is not fp32) and the norm computed
+    with autocast off, as CUDA autocast computes it (CPU autocast leaves norms in the input's dtype);
+    and GroupNorm's input made NCHW-contiguous first, as CUDA's GroupNorm does (the CPU's keeps a
+    channels-last input's layout), so that its output is NCHW."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (F.group_norm, F.layer_norm) and torch.is_autocast_enabled("cpu"):
             args, kwargs = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                                     (args, kwargs))
+            if func is F.group_norm:
+                args = (args[0].contiguous(),) + tuple(args[1:])
             with torch.autocast("cpu", enabled=False):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
@@ -112,17 +116,20 @@ def cuda_like_autocast(dtype: torch.dtype = torch.bfloat16):
             shared_casts.FP32_NORM_DEVICES.discard("cpu")
 
 
-def autocast_casts(lean: bool = True, size: int = 64) -> Dict[str, int]:
-    """The casts (`_to_copy`, forward and backward) of a LoRA step and a drag iteration under
-    `cuda_like_autocast`, on the tiny model: SD 1.5's layers (16 transformer blocks, 22 resnets, 61
-    GroupNorms, 48 LayerNorms, 128 LoRA layers) at small widths, so the same count of casts. The LoRA
+def autocast_casts(lean: bool = True, size: int = 64) -> Dict[str, Dict[str, int]]:
+    """{stage: {"casts": n, "copies": m}}: the casts (`_to_copy`) and all the copies the profiler sees
+    (`aten::copy_`: casts, layout conversions, NCHW copies), forward and backward, of a LoRA step and a
+    drag iteration under `cuda_like_autocast`, on the tiny model in bf16 and channels-last (as on CUDA):
+    SD 1.5's layers (16 transformer blocks, 22 resnets, 61 GroupNorms, 48 LayerNorms, 128 LoRA layers)
+    at small widths, so the same counts. The LoRA
     step's latents and text reach the UNet in half precision, as `fastdrag.lora.lora_loss` passes them, and
     the drag's fp32 latent is cast, as `fastdrag.drag` does; the drag runs the adapter merged (here:
     disabled, the same layers)."""
     from peft.helpers import disable_input_dtype_casting
 
     dtype = torch.bfloat16
-    unet = build_tiny().unet.to(dtype)  # half-precision weights and fp32 LoRA master weights, as on CUDA
+    # half-precision channels-last weights and fp32 LoRA master weights, as on CUDA
+    unet = build_tiny().unet.to(dtype).to(memory_format=torch.channels_last)
     install_adapter(unet, LoraConfig(), seed=0)
     params = lora_parameters(unet)
     for param in params:
@@ -136,18 +143,22 @@ def autocast_casts(lean: bool = True, size: int = 64) -> Dict[str, int]:
         unet.train()
         with torch.no_grad():  # a step before: what is made once (the norms' fp32 weights) is not counted
             unet(torch.randn(batch, 4, side, side).to(dtype), torch.randint(0, 1000, (batch,)), text)
-        with OpCount() as counter:
+        with OpCount() as counter, profile() as prof:
             out = unet(torch.randn(batch, 4, side, side).to(dtype), torch.randint(0, 1000, (batch,)), text).sample
             torch.autograd.grad(out.float().square().mean(), params)
-        counts["lora"] = counter.ops["_to_copy"]
+        counts["lora"] = {"casts": counter.ops["_to_copy"], "copies": _copies(prof)}
         unet.eval()
         unet.disable_adapters()
         latent = torch.randn(1, 4, side, side, requires_grad=True)  # the fp32 leaf, cast in the forward
-        with OpCount() as counter:
+        with OpCount() as counter, profile() as prof:
             eps = unet(latent.to(dtype), torch.tensor([500]), text[:1]).sample
             torch.autograd.grad(eps.float().sum(), latent)
-        counts["drag"] = counter.ops["_to_copy"]
+        counts["drag"] = {"casts": counter.ops["_to_copy"], "copies": _copies(prof)}
     return counts
+
+
+def _copies(prof) -> int:
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::copy_")
 
 
 def meta_components(model: str):
@@ -263,10 +274,12 @@ def main() -> None:
         if removed:
             print("   removed: " + ", ".join(f"{n} {name}" for name, n in sorted(removed.items(), key=lambda kv: -kv[1])))
     casts = {"stock": autocast_casts(lean=False), "lean": autocast_casts(lean=True)}
-    print("casts under CUDA's autocast (fp16/bf16, norms in fp32; counted on the CPU on the tiny model, which has "
-          "SD 1.5's layers), forward and backward:")
+    print("under CUDA's autocast (norms in fp32; counted on the CPU on the tiny model, which has SD 1.5's layers), "
+          "forward and backward, stock -> lean:")
     for stage, stock in casts["stock"].items():
-        print(f"{stage:8s} {stock:6d} -> {casts['lean'][stage]:6d}: {stock - casts['lean'][stage]} casts fewer")
+        lean = casts["lean"][stage]
+        print(f"{stage:8s} casts {stock['casts']:5d} -> {lean['casts']:5d}; all copies (casts and layout copies) "
+              f"{stock['copies']:5d} -> {lean['copies']:5d}: {stock['copies'] - lean['copies']} fewer")
     results["autocast_casts"] = casts
     if args.json:
         with open(args.json, "w") as handle:

@@ -47,7 +47,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .patching import own_forward
-from .shared_casts import (fp32_affine_count, install_fp32_affine, install_shared_casts, remove_fp32_affine,
+from .shared_casts import (channels_last_conv, fp32_affine_count, install_fp32_affine, install_shared_casts, remove_fp32_affine,
                            remove_shared_casts, shared_cast_count)
 
 OUTPUT_STEP = "_get_output_for_continuous_inputs"  # the transformer's method the lean one shadows
@@ -93,17 +93,6 @@ def plain_resnet(block: ResnetBlock2D) -> bool:
             and type(block.nonlinearity) is torch.nn.SiLU and block.upsample is None and block.downsample is None
             and (block.time_embedding_norm == "default"
                  or (block.time_embedding_norm == "group" and block.time_emb_proj is None)))
-
-
-def channels_last_conv(conv: torch.nn.Module) -> bool:
-    """Whether `conv` is a `Conv2d` whose weight lies channels-last (NHWC strides, not also NCHW's): cuDNN
-    and oneDNN then compute channels-last whatever the input's layout, converting an NCHW input first."""
-    if not isinstance(conv, torch.nn.Conv2d) or conv.weight.dim() != 4:
-        return False
-    _, channels, height, width = conv.weight.shape
-    strides = conv.weight.stride()
-    return (strides == (channels * height * width, 1, width * channels, channels)
-            and strides != (channels * height * width, height * width, width, 1))
 
 
 def _lean_transformer_output(self: Transformer2DModel, hidden_states: torch.Tensor, residual: torch.Tensor,
@@ -244,13 +233,13 @@ def _lean_output(module: torch.nn.Module) -> bool:
 
 def lean_counts(model: torch.nn.Module) -> dict:
     """How many of `model`'s resnets, transformers' output steps, attention layers and LoRA layers run
-    lean, how many linear layers share their input's casts and how many norms keep fp32 weights:
-    {"resnet", "transformer", "attention", "lora", "linear", "norm"}."""
+    lean, how many linear and convolution layers have `fastdrag.shared_casts`' pre-hooks and how many
+    norms keep fp32 weights: {"resnet", "transformer", "attention", "lora", "cast", "norm"}."""
     modules = list(model.modules())
     forwards = [own_forward(m) for m in modules]
     return {"resnet": forwards.count(_lean_resnet_forward),
             "transformer": sum(_lean_output(m) for m in modules),
             "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules),
             "lora": forwards.count(_lean_lora_forward),
-            "linear": shared_cast_count(model),
+            "cast": shared_cast_count(model),
             "norm": fp32_affine_count(model)}

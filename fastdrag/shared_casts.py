@@ -16,6 +16,15 @@ autocast's, gradients add up in the same order, and a forward makes one cast whe
 each. Outside autocast, for inputs that are not fp32 and while `torch.compile` traces (which fuses
 the casts itself), the hook changes nothing.
 
+**An fp32 input to a channels-last convolution.** Under CUDA autocast a resnet's convolutions read
+GroupNorm + SiLU's fp32 output, and a transformer's `proj_in` GroupNorm's, in NCHW memory (CUDA's
+GroupNorm computes NCHW). Autocast casts it to half precision in that layout, and then the
+convolution, whose weights are channels-last, copies it to channels-last: two passes over it. Each
+`Conv2d` with channels-last weights gets a pre-hook that makes them one, casting such an input to
+half precision and channels-last in one copy (`Tensor.to(dtype, memory_format=...)`): the same values
+reach the same kernel, and the gradient comes back through that copy's backward as it came back
+through autocast's cast (61 convolutions of each SD 1.5 forward).
+
 **The normalisation layers' weights.** CUDA autocast runs GroupNorm and LayerNorm in fp32, so each
 call casts the layer's half-precision weight and bias up (autocast caches casts only of weights that
 train): 2 kernels for each of SD 1.5's 61 GroupNorms and 48 LayerNorms in every forward of a LoRA
@@ -82,30 +91,56 @@ def _share_input(module: torch.nn.Linear, args: tuple) -> Optional[tuple]:
     return None if dtype is None else (shared_half(args[0], dtype),) + tuple(args[1:])
 
 
+def channels_last_conv(conv: torch.nn.Module) -> bool:
+    """Whether `conv` is a `Conv2d` whose weight lies channels-last (NHWC strides, not also NCHW's): cuDNN
+    and oneDNN then compute channels-last whatever the input's layout, converting an NCHW input first."""
+    if not isinstance(conv, torch.nn.Conv2d) or conv.weight.dim() != 4:
+        return False
+    _, channels, height, width = conv.weight.shape
+    strides = conv.weight.stride()
+    return (strides == (channels * height * width, 1, width * channels, channels)
+            and strides != (channels * height * width, height * width, width, 1))
+
+
+def _cast_to_layout(module: torch.nn.Conv2d, args: tuple) -> Optional[tuple]:
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
+        return None
+    x = args[0]
+    dtype = _autocast_half(x)
+    if dtype is None or x.is_contiguous(memory_format=torch.channels_last) or not channels_last_conv(module):
+        return None
+    return (x.to(dtype=dtype, memory_format=torch.channels_last),) + tuple(args[1:])
+
+
+HOOKS = {torch.nn.Linear: _share_input, torch.nn.Conv2d: _cast_to_layout}
+
+
 def _has_hook(module: torch.nn.Module) -> bool:
-    return any(hook is _share_input for hook in module._forward_pre_hooks.values())
+    return any(hook in HOOKS.values() for hook in module._forward_pre_hooks.values())
 
 
 def install_shared_casts(model: torch.nn.Module) -> int:
-    """Give each `torch.nn.Linear` of `model` the shared-cast pre-hook (once); returns how many have it."""
+    """Give each `torch.nn.Linear` and `torch.nn.Conv2d` of `model` its pre-hook (once); returns how many
+    layers have one."""
     for module in model.modules():
-        if type(module) is torch.nn.Linear and not _has_hook(module):
-            module.register_forward_pre_hook(_share_input)
+        hook = HOOKS.get(type(module))
+        if hook is not None and not _has_hook(module):
+            module.register_forward_pre_hook(hook)
     return shared_cast_count(model)
 
 
 def remove_shared_casts(model: torch.nn.Module) -> int:
-    """Take the pre-hook off every layer of `model` that has it; returns how many had it."""
+    """Take the pre-hooks off every layer of `model` that has one; returns how many had one."""
     count = 0
     for module in model.modules():
-        for key in [key for key, hook in module._forward_pre_hooks.items() if hook is _share_input]:
+        for key in [key for key, hook in module._forward_pre_hooks.items() if hook in HOOKS.values()]:
             del module._forward_pre_hooks[key]
             count += 1
     return count
 
 
 def shared_cast_count(model: torch.nn.Module) -> int:
-    """How many of `model`'s layers have the shared-cast pre-hook."""
+    """How many of `model`'s layers have one of these pre-hooks."""
     return sum(_has_hook(module) for module in model.modules())
 
 

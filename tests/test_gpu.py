@@ -507,8 +507,9 @@ def cuda_lora_case(lean: bool):
 def test_shared_casts_under_cuda_autocast_cast_inputs_and_norm_weights_once():
     """`fastdrag.shared_casts` under CUDA's own autocast, where LayerNorm hands the attention projections
     fp32 and casts its fp16 weights up: a LoRA step's forward bit for bit the same with 6 casts fewer
-    per transformer block (to_q, to_k, to_v and their adapters' A matrices read one copy) and 2 fewer
-    per norm (its kept fp32 weight and bias), the gradients the same (to run-to-run noise: attention
+    per transformer block (to_q, to_k, to_v and their adapters' A matrices read one copy), 2 fewer per
+    norm (its kept fp32 weight and bias) and one layout copy fewer per convolution that read an fp32
+    NCHW input, the gradients the same (to run-to-run noise: attention
     backward kernels may add in another order). tests/test_shared_casts.py checks bit-equal gradients
     on the CPU, with CUDA's fp32 norms imitated."""
     import sys
@@ -521,23 +522,37 @@ def test_shared_casts_under_cuda_autocast_cast_inputs_and_norm_weights_once():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from op_count import OpCount
 
+    from torch.profiler import profile
+
     tiny, params, arguments = cuda_lora_case(lean=True)
+    tiny.unet.to(memory_format=torch.channels_last)  # as the editor loads it on CUDA
+    nchw_inputs = []  # convolutions handed an fp32 NCHW input (CUDA's GroupNorm computes NCHW)
+    hooks = [m.register_forward_pre_hook(lambda module, args: nchw_inputs.append(
+        args[0].dtype == torch.float32 and not args[0].is_contiguous(memory_format=torch.channels_last)))
+        for m in tiny.unet.modules() if type(m) is torch.nn.Conv2d]  # after the shared casts' hooks: what reached the layer
 
     def step():
-        with OpCount() as ops:
+        nchw_inputs.clear()
+        with OpCount() as ops, profile() as prof:
             loss = lora_loss(tiny.unet, *arguments)
-        return loss.detach(), torch.autograd.grad(loss, params), ops.ops["_to_copy"]
+        clones = sum(event.count for event in prof.key_averages() if event.key == "aten::clone")
+        return loss.detach(), torch.autograd.grad(loss, params), ops.ops["_to_copy"], clones, sum(nchw_inputs)
 
     step()  # the first: the norms' fp32 weights are made
-    loss, grads, casts = step()
+    loss, grads, casts, clones, nchw = step()
     remove_shared_casts(tiny.unet)
     norms = remove_fp32_affine(tiny.unet)
-    stock_loss, stock_grads, stock_casts = step()
+    stock_loss, stock_grads, stock_casts, stock_clones, stock_nchw = step()
     install_shared_casts(tiny.unet), install_fp32_affine(tiny.unet)
+    for hook in hooks:
+        hook.remove()
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in tiny.unet.modules())
     assert torch.isfinite(loss) and torch.equal(loss, stock_loss)
     assert (blocks, norms) == (16, 109)
     assert stock_casts - casts == 6 * blocks + 2 * norms, (stock_casts, casts)
+    # each convolution that got an fp32 NCHW input now gets it cast and laid out in one copy: the
+    # convolution's own conversion (a clone) goes (61 if CUDA's GroupNorm hands out NCHW, as it did)
+    assert nchw == 0 and stock_clones - clones == stock_nchw, (stock_clones, clones, stock_nchw)
     for got, want in zip(grads, stock_grads):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     tiny.unet.requires_grad_(False)

@@ -22,14 +22,14 @@ from fastdrag.lora import ADAPTER, install_adapter, lora_parameters  # noqa: E40
 
 
 def blocks_of(model):
-    """How many resnets, attention layers, LoRA layers, linear layers and affine norms `model` has: what the
-    lean blocks take."""
+    """How many resnets, transformers, attention layers, LoRA layers, linear and convolution layers and
+    affine norms `model` has: what the lean blocks take."""
     modules = list(model.modules())
     return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
             "transformer": sum(isinstance(m, Transformer2DModel) for m in modules),
             "attention": sum(isinstance(m, Attention) for m in modules),
             "lora": sum(type(m) is LoraLinear for m in modules),
-            "linear": sum(type(m) is torch.nn.Linear for m in modules),
+            "cast": sum(type(m) in (torch.nn.Linear, torch.nn.Conv2d) for m in modules),
             "norm": sum(type(m) in (torch.nn.GroupNorm, torch.nn.LayerNorm) and m.weight is not None for m in modules)}
 
 
@@ -180,7 +180,7 @@ def test_adapters_added_later_run_lean_and_other_scales_keep_their_multiplicatio
     install_adapter(unet, LoraConfig(lora_rank=4), seed=1)  # as an editor's first LoRA stage does
     layers = [m for m in unet.modules() if type(m) is LoraLinear]
     assert layers and lean_counts(unet)["lora"] == len(layers)
-    assert lean_counts(unet)["linear"] == blocks_of(unet)["linear"]  # the adapters' linear layers share casts too
+    assert lean_counts(unet)["cast"] == blocks_of(unet)["cast"]  # the adapters' linear layers share casts too
     for layer in layers:  # a trained adapter, and a scale of 2 where alpha is not the rank
         with torch.no_grad():
             layer.lora_B[ADAPTER].weight.normal_(std=0.05)

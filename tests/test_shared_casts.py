@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
+from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from op_count import OpCount, autocast_casts, cuda_like_autocast  # noqa: E402
@@ -31,8 +32,9 @@ def transformer_blocks(unet):
 
 
 def adapted_unet(tiny, dtype):
-    """The tiny UNet in `dtype` with a trained-looking adapter (fp32 master weights) and the lean blocks."""
-    unet = copy.deepcopy(tiny.unet).to(dtype)
+    """The tiny UNet in `dtype` and channels-last (as on CUDA) with a trained-looking adapter (fp32 master
+    weights) and the lean blocks."""
+    unet = copy.deepcopy(tiny.unet).to(dtype).to(memory_format=torch.channels_last)
     install_adapter(unet, LoraConfig(), seed=3)
     for param in lora_parameters(unet):
         with torch.no_grad():
@@ -51,7 +53,9 @@ def autocast_steps(unet, seed=0, size=(11, 9)):
     """A LoRA step (training mode, batch 2, the adapter's gradients) and a drag iteration (eval mode, batch
     1, the fp32 latent's gradient) under CUDA-like autocast to the UNet's dtype, with what the steps pass
     (`fastdrag.lora.lora_loss`, `fastdrag.drag`); returns their outputs and gradients and the counts of
-    operations of each forward (after one forward before: what is made once is not counted)."""
+    operations of each forward (after one forward before: what is made once is not counted), with the
+    copies the profiler sees in each forward (autocast's casts, convolutions' layout conversions) as
+    "copies"."""
     dtype = unet.dtype
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, unet.config.in_channels, *size, generator=generator)
@@ -61,14 +65,16 @@ def autocast_steps(unet, seed=0, size=(11, 9)):
         unet.train()
         with torch.no_grad():
             unet(latents.to(dtype), torch.tensor([901, 17]), text)
-        with OpCount() as lora_ops:
+        with OpCount() as lora_ops, profile() as lora_profile:
             out = unet(latents.to(dtype), torch.tensor([901, 17]), text).sample
         weight_grads = torch.autograd.grad(out.float().square().mean(), params)
         unet.eval()
         latent = latents[:1].clone().requires_grad_(True)
-        with OpCount() as drag_ops:
+        with OpCount() as drag_ops, profile() as drag_profile:
             eps = unet(latent.to(dtype), torch.tensor([500]), text[:1]).sample
         (latent_grad,) = torch.autograd.grad(eps.float(), latent, torch.randn(eps.shape, generator=generator))
+    for ops, prof in ((lora_ops, lora_profile), (drag_ops, drag_profile)):
+        ops.ops["copies"] = sum(event.count for event in prof.key_averages() if event.key == "aten::copy_")
     return [out, eps, latent_grad, *weight_grads], lora_ops.ops, drag_ops.ops
 
 
@@ -76,13 +82,15 @@ def autocast_steps(unet, seed=0, size=(11, 9)):
 def test_shared_casts_train_and_drag_bit_for_bit_with_fewer_casts(tiny, dtype):
     """Each self-attention layer's normalised input had 6 readers (to_q, to_k, to_v and their adapters' A
     matrices) and each cross-attention layer's query input 2: one cast each now, 6 fewer per block; each
-    norm's weight and bias are no longer cast: 2 fewer per norm."""
+    norm's weight and bias are no longer cast: 2 fewer per norm; and each convolution reading GroupNorm's
+    fp32 NCHW output (a resnet's two, a transformer's `proj_in`, the UNet's `conv_out`) gets it cast and
+    laid out channels-last in one copy, not two."""
     unet = adapted_unet(tiny, dtype)
-    linears = sum(type(m) is torch.nn.Linear for m in unet.modules())
+    layers = sum(type(m) in (torch.nn.Linear, torch.nn.Conv2d) for m in unet.modules())
     norms = sum(type(m) in NORMS for m in unet.modules())
-    assert remove_shared_casts(unet) == linears and remove_fp32_affine(unet) == norms
+    assert remove_shared_casts(unet) == layers and remove_fp32_affine(unet) == norms
     stock, stock_lora, stock_drag = autocast_steps(unet)
-    assert install_shared_casts(unet) == linears and install_fp32_affine(unet) == norms
+    assert install_shared_casts(unet) == layers and install_fp32_affine(unet) == norms
     shared, shared_lora, shared_drag = autocast_steps(unet)
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(shared, stock))
@@ -90,16 +98,22 @@ def test_shared_casts_train_and_drag_bit_for_bit_with_fewer_casts(tiny, dtype):
     assert (blocks, norms) == (16, 109)  # SD 1.5's
     assert stock_lora["_to_copy"] - shared_lora["_to_copy"] == 6 * blocks + 2 * norms
     assert stock_drag["_to_copy"] - shared_drag["_to_copy"] == 6 * blocks + 2 * norms
-    assert {k: v for k, v in shared_lora.items() if k != "_to_copy"} == \
-        {k: v for k, v in stock_lora.items() if k != "_to_copy"}  # nothing else changed
+    convolutions = 2 * 22 + 16 + 1
+    assert stock_lora["copies"] - shared_lora["copies"] == 6 * blocks + 2 * norms + convolutions
+    assert stock_drag["copies"] - shared_drag["copies"] == 6 * blocks + 2 * norms + convolutions
+    assert {k: v for k, v in shared_lora.items() if k not in ("_to_copy", "copies")} == \
+        {k: v for k, v in stock_lora.items() if k not in ("_to_copy", "copies")}  # nothing else changed
 
 
 def test_the_op_count_counts_the_casts_of_a_merged_adapter(tiny):
     """bench/op_count.py's count (the drag with its adapter merged: to_q, to_k and to_v read the normalised
-    input, 2 casts fewer per block; the norms' weights, 2 per norm) and the LoRA step's."""
+    input, 2 casts fewer per block; the norms' weights, 2 per norm) and the LoRA step's; its count of all
+    copies also sees the 61 convolutions' merged copies and the transformers' NCHW copies."""
     stock, lean = autocast_casts(lean=False), autocast_casts(lean=True)
-    assert stock["drag"] - lean["drag"] == 2 * 16 + 2 * 109
-    assert stock["lora"] - lean["lora"] == 6 * 16 + 2 * 109
+    assert stock["drag"]["casts"] - lean["drag"]["casts"] == 2 * 16 + 2 * 109
+    assert stock["lora"]["casts"] - lean["lora"]["casts"] == 6 * 16 + 2 * 109
+    for stage in ("lora", "drag"):  # and the convolutions' and the transformers' layout copies
+        assert stock[stage]["copies"] - lean[stage]["copies"] > stock[stage]["casts"] - lean[stage]["casts"] + 61
 
 
 def test_the_readers_keep_one_copy_for_their_backward(adapted):
@@ -194,3 +208,33 @@ def test_half_norms_replace_the_kept_weight_norms_and_give_them_back(adapted):
         assert all(vars(m)["forward"].__func__.__module__ == "fastdrag.half_norms" for m in norms)
         assert layer_norm(x).dtype == torch.bfloat16  # normalised in half precision
     assert [vars(m)["forward"] for m in norms] == before
+
+
+def test_an_fp32_nchw_input_reaches_a_channels_last_convolution_in_one_copy():
+    """Under autocast an fp32 NCHW input to a convolution with channels-last weights (what CUDA's GroupNorm
+    hands a resnet's convolutions) is cast and laid out channels-last in one copy, where autocast's cast
+    and the convolution's conversion made two (the profiler counts the copies); the output and the
+    input's gradient are the stock ones. An input already channels-last, NCHW weights or no autocast:
+    left as they were."""
+    torch.manual_seed(2)
+    channels_last = torch.nn.Conv2d(6, 5, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)
+    nchw = torch.nn.Conv2d(6, 5, 3, padding=1).bfloat16()
+    x = torch.randn(2, 6, 7, 9)
+
+    def run(conv, x, autocast=True):
+        x = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), profile() as prof:
+            out = conv(x if autocast else x.bfloat16())
+        (grad,) = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum(), x)
+        return out, grad, sum(event.count for event in prof.key_averages() if event.key == "aten::copy_")
+
+    cases = [(channels_last, x), (channels_last, x.contiguous(memory_format=torch.channels_last)), (nchw, x)]
+    stock = [run(conv, inputs) for conv, inputs in cases] + [run(channels_last, x, autocast=False)]
+    assert install_shared_casts(channels_last) == install_shared_casts(nchw) == 1
+    hooked = [run(conv, inputs) for conv, inputs in cases] + [run(channels_last, x, autocast=False)]
+    for (out, grad, _), (want, want_grad, _) in zip(hooked, stock):
+        assert torch.isfinite(want).all() and want_grad.abs().sum() > 0
+        assert out.dtype == want.dtype and torch.equal(out, want) and torch.equal(grad, want_grad)
+    assert [copies for *_, copies in stock] == [2, 1, 1, 2]
+    assert [copies for *_, copies in hooked] == [1, 1, 1, 2]
+    assert hooked[0][0].is_contiguous(memory_format=torch.channels_last)
