@@ -20,8 +20,10 @@ the bytes of its tensor inputs and outputs (weights included). The stages:
 The UNet runs in fp16 with channels-last weights and the frozen convolutions (the CUDA defaults);
 attention is one operation each way, as a fused kernel runs it (`kept_memory.flash_like_attention`).
 Autocast's casts are not seen on the meta device (it has no autocast); `autocast_casts` counts them
-on the CPU instead, on the tiny model (SD 1.5's layers at small widths, so the same casts), under CPU
-autocast made to treat norms as CUDA's does (`cuda_like_autocast`): the last lines of the output.
+on the CPU instead, with every copy the profiler sees (casts and layout copies, forward and
+backward), on the tiny model (SD 1.5's layers at small widths, so the same counts) in bf16 and
+channels-last, under CPU autocast made to treat norms as CUDA's does (`cuda_like_autocast`): the last
+lines of the output.
 Layout copies are not seen either, because the meta device's convolution returns NCHW activations
 where a CUDA one with channels-last weights returns channels-last ones (so, for one, the LoRA step's
 copies of a resnet's input before its shortcut convolution, which the lean blocks remove, are
