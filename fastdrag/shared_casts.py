@@ -1,4 +1,5 @@
-"""Casts that autocast repeats at every call, made once: the same values, fewer kernels.
+"""Autocast's casts made once: shared by a tensor's readers, merged with a layout copy, or kept for
+weights. The same values, fewer kernels.
 
 **An fp32 activation read by several linear layers.** Autocast casts each linear layer's fp32 input to
 half precision inside the layer, so an activation read by several layers is cast once per layer. Under
@@ -13,8 +14,9 @@ kept on the tensor while the tensor is unchanged) through a node of its own whos
 autocast's cast's: the gradient cast back to fp32. So every value and gradient is bit for bit
 autocast's, gradients add up in the same order, and a forward makes one cast where it made several
 (tests/test_shared_casts.py). Its readers also keep that one copy for their backward instead of one
-each. Outside autocast, for inputs that are not fp32 and while `torch.compile` traces (which fuses
-the casts itself), the hook changes nothing.
+each. Outside autocast, for inputs that are not fp32, for inference tensors (which have no version
+counter to keep a copy by) and while `torch.compile` traces (which fuses the casts itself), the hooks
+change nothing.
 
 **An fp32 input to a channels-last convolution.** Under CUDA autocast a resnet's convolutions read
 GroupNorm + SiLU's fp32 output, and a transformer's `proj_in` GroupNorm's, in NCHW memory (CUDA's
