@@ -11,28 +11,26 @@ diffusers' blocks run a few tensor operations that, for SD 1.x, leave every valu
 - each `Transformer2DModel` with convolution projections (SD 1.x's) makes its tokens NCHW-contiguous
   before `proj_out`; with channels-last weights (the CUDA default) the convolution computes
   channels-last and copies them back, so the tokens, already channels-last when seen as an image,
-  are copied twice: 16 activation-sized copies in each of SD 1.5's UNet forwards that a drag's or a
-  LoRA step's backward does not need either;
+  are copied twice: 32 activation-sized copies in every SD 1.5 UNet forward, in every stage;
 - peft's LoRA `Linear` multiplies its branch by the adapter's scale, `lora_alpha / r`, which is 1 at
   DragDiffusion's settings (alpha = rank): 128 activation-sized multiplications in a LoRA step's
   forward at SD 1.5 and 128 in its backward.
 `install_lean_blocks(model)` gives each plain `ResnetBlock2D` (the kind `fused_blocks` also takes) a
 forward without them, each such transformer an output step that hands `proj_out` its tokens as they
 lie where its weight is channels-last, each attention layer that runs diffusers' `AttnProcessor2_0` the
-`LeanAttnProcessor`, which makes the same calls without the division, and each peft LoRA `Linear`
-a forward without the multiplication by a scale of 1 (adapters added later get it from
-`fastdrag.lora.install_adapter`); and from `fastdrag.shared_casts`, each linear layer a pre-hook that
-under autocast casts an fp32 input read by several layers once, not once per layer, and each GroupNorm
-and LayerNorm a forward that under CUDA autocast passes kept fp32 copies of its weights instead of
-casting them at every call. Results are bit for bit the
-stock ones (tests/test_lean_blocks.py), so it needs no GPU measurement to be on;
-`bench/op_count.py` counts what it removes (counted on the meta device at SD 1.5 / 512 px: a drag
-iteration 1,393 -> 1,269 operations, a LoRA step 2,585 -> 2,206, a denoising step 691 -> 627, a VAE
-decode 139 -> 125; the meta device's convolution makes no layout copy of its own, so each transformer
-counts one of its two copies; autocast's casts are counted on the CPU, 250 fewer in a drag iteration
-and 314 in a LoRA step: `fastdrag.shared_casts`). The VAE's one attention layer (a residual and a group norm inside it) keeps the
-stock processor. Its resnets and attention layers are also where a drag's kept conditioning
-(`fastdrag.fixed_conditioning`) reaches the forward.
+`LeanAttnProcessor`, which makes the same calls without the division, and each peft LoRA `Linear` a
+forward without the multiplication by a scale of 1 (adapters added later get it from
+`fastdrag.lora.install_adapter`); and `fastdrag.shared_casts`' autocast casts made once (an fp32 input
+read by several linear layers, an fp32 NCHW input to a channels-last convolution, the norms' weights).
+Results are bit for bit the stock ones (tests/test_lean_blocks.py, tests/test_shared_casts.py), so it
+needs no GPU measurement to be on. `bench/op_count.py` counts what it removes: on the meta device at
+SD 1.5 / 512 px a drag iteration 1,393 -> 1,269 operations, a LoRA step 2,585 -> 2,206, a denoising
+step 691 -> 627, a VAE decode 139 -> 125 (the meta device's convolution makes no layout copy of its
+own, so each transformer counts one of its two copies); on the CPU under CUDA-like autocast, a drag
+iteration's copies (casts and layout copies) 1,186 -> 691, a LoRA step's 2,093 -> 1,257. The VAE's
+one attention layer (a residual and a group norm inside it) keeps the stock processor. Its resnets
+and attention layers are also where a drag's kept conditioning (`fastdrag.fixed_conditioning`)
+reaches the forward.
 """
 from __future__ import annotations
 
