@@ -123,10 +123,9 @@ def autocast_casts(lean: bool = True, size: int = 64) -> Dict[str, Dict[str, int
     (`aten::copy_`: casts, layout conversions, NCHW copies), forward and backward, of a LoRA step and a
     drag iteration under `cuda_like_autocast`, on the tiny model in bf16 and channels-last (as on CUDA):
     SD 1.5's layers (16 transformer blocks, 22 resnets, 61 GroupNorms, 48 LayerNorms, 128 LoRA layers)
-    at small widths, so the same counts. The LoRA
-    step's latents and text reach the UNet in half precision, as `fastdrag.lora.lora_loss` passes them, and
-    the drag's fp32 latent is cast, as `fastdrag.drag` does; the drag runs the adapter merged (here:
-    disabled, the same layers)."""
+    at small widths, so the same counts. The LoRA step's latents and text reach the UNet in half
+    precision, as `fastdrag.lora.lora_loss` passes them, and the drag's fp32 latent is cast, as
+    `fastdrag.drag` does; the drag runs the adapter merged (here: disabled, the same layers)."""
     from peft.helpers import disable_input_dtype_casting
 
     dtype = torch.bfloat16

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .patching import own_forward
-from .shared_casts import NORM_FORWARDS
+from .shared_casts import HALF, NORM_FORWARDS
 
 ENV = "FASTDRAG_HALF_NORMS"
-HALF = (torch.float16, torch.bfloat16)
 
 
 def enabled() -> bool:

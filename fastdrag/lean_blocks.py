@@ -45,8 +45,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .patching import own_forward
-from .shared_casts import (channels_last_conv, fp32_affine_count, install_fp32_affine, install_shared_casts, remove_fp32_affine,
-                           remove_shared_casts, shared_cast_count)
+from .shared_casts import (channels_last_conv, fp32_affine_count, install_fp32_affine, install_shared_casts,
+                           remove_fp32_affine, remove_shared_casts, shared_cast_count)
 
 OUTPUT_STEP = "_get_output_for_continuous_inputs"  # the transformer's method the lean one shadows
 NormAct = Callable[[ResnetBlock2D, torch.nn.GroupNorm, torch.Tensor], torch.Tensor]

@@ -28,7 +28,7 @@ from .config import LoraConfig
 from .cuda_graph import OptimizerStep
 from .ddim import noised
 from .errors import InputError
-from .half_norms import HALF
+from .shared_casts import HALF
 from .half_norms import enabled as half_norms_enabled
 from .lean_blocks import install_lean_lora, runs_lean
 

@@ -543,7 +543,8 @@ def test_shared_casts_under_cuda_autocast_cast_inputs_and_norm_weights_once():
     remove_shared_casts(tiny.unet)
     norms = remove_fp32_affine(tiny.unet)
     stock_loss, stock_grads, stock_casts, stock_clones, stock_nchw = step()
-    install_shared_casts(tiny.unet), install_fp32_affine(tiny.unet)
+    install_shared_casts(tiny.unet)
+    install_fp32_affine(tiny.unet)
     for hook in hooks:
         hook.remove()
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in tiny.unet.modules())

@@ -152,7 +152,7 @@ def test_the_readers_keep_one_copy_for_their_backward(adapted):
 
 
 def test_norm_weights_follow_changes_and_stay_put_outside_cuda_like_autocast(adapted):
-    norm = next(m for m in adapted.modules() if type(m) is torch.nn.GroupNorm)
+    norm = copy.deepcopy(next(m for m in adapted.modules() if type(m) is torch.nn.GroupNorm))  # the fixture's stays
     x = torch.randn(2, norm.num_channels, 5, 3).bfloat16()
     with cuda_like_autocast(torch.bfloat16):
         before = norm(x)
