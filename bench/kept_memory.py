@@ -2,13 +2,15 @@
 size on the meta device (no memory, no GPU): the bytes of the distinct activations autograd keeps
 (weights excluded), by the autograd node that keeps them.
 
-    python bench/kept_memory.py [--model sd15-random] [--size 512] [--no-frozen-conv] [--top 12] [--json FILE]
+    python bench/kept_memory.py [--model sd15-random] [--size 512] [--no-frozen-conv] [--no-lean-blocks] [--top 12] [--json FILE]
 
 Why: a LoRA step's CUDA graph holds its forward's kept activations at the start of its backward,
 and that pool is the largest part of an edit's GPU memory (bench/RESULTS.md), so what a change does to
 it can be counted here before a GPU measures it.
 
 What is counted, and how it differs from a GPU run:
+- the UNet as an editor runs it on CUDA: frozen convolutions (`--no-frozen-conv`: PyTorch's own) and
+  the lean blocks (`--no-lean-blocks`: diffusers' stock blocks, e.g. GEGLUs that keep their GELU's output);
 - the UNet runs in fp16, channels-last, without autocast (the meta device has none). CUDA autocast
   runs norms in fp32, so the stock GroupNorm + SiLU keep fp32 copies on a GPU: these counts are a
   lower bound for the stock model, and what a path without those casts keeps;
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from fastdrag.config import LoraConfig
 from fastdrag.frozen_conv import install_frozen_conv
+from fastdrag.lean_blocks import install_lean_blocks
 from fastdrag.lora import install_adapter, lora_parameters
 from fastdrag.models import build_sd15_random, build_tiny
 
@@ -122,9 +125,9 @@ def meta_model(model: str):
     raise SystemExit(f"--model {model!r}: sd15-random or tiny")
 
 
-def meta_unet(model: str, frozen_conv: bool, unet=None):
+def meta_unet(model: str, frozen_conv: bool, unet=None, lean_blocks: bool = False):
     """The model's UNet (or `unet`, already on the meta device) in fp16, channels-last, with a fresh
-    adapter at the defaults."""
+    adapter at the defaults; with `lean_blocks`, the lean blocks an editor installs (`fastdrag.lean_blocks`)."""
     unet = unet if unet is not None else meta_model(model).unet
     unet = unet.to(torch.float16).to(memory_format=torch.channels_last).requires_grad_(False)
     install_adapter(unet, LoraConfig(), seed=0)
@@ -132,12 +135,15 @@ def meta_unet(model: str, frozen_conv: bool, unet=None):
         param.data = param.data.half()  # as autocast runs the LoRA matmuls
     if frozen_conv:
         install_frozen_conv(unet)
+    if lean_blocks:
+        install_lean_blocks(unet)
     return unet
 
 
-def count(model: str = "sd15-random", size: int = 512, frozen_conv: bool = True) -> Dict[str, Dict]:
+def count(model: str = "sd15-random", size: int = 512, frozen_conv: bool = True,
+          lean_blocks: bool = True) -> Dict[str, Dict]:
     """{"lora step": kept_by_node(...), "drag iteration": kept_by_node(...)} at this image size."""
-    unet = meta_unet(model, frozen_conv)
+    unet = meta_unet(model, frozen_conv, lean_blocks=lean_blocks)
     latent = size // 8
     weights = list(unet.parameters())
     results = {}
@@ -162,14 +168,16 @@ def main() -> None:
     parser.add_argument("--model", default="sd15-random", help="sd15-random or tiny")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are 1/8)")
     parser.add_argument("--no-frozen-conv", action="store_true", help="the stock convolutions (fastdrag.frozen_conv off)")
+    parser.add_argument("--no-lean-blocks", action="store_true", help="diffusers' stock blocks (fastdrag.lean_blocks off)")
     parser.add_argument("--top", type=int, default=12, help="rows per stage")
     parser.add_argument("--json", default=None, help="write the counts here")
     args = parser.parse_args()
-    results = count(args.model, args.size, frozen_conv=not args.no_frozen_conv)
+    results = count(args.model, args.size, frozen_conv=not args.no_frozen_conv, lean_blocks=not args.no_lean_blocks)
     for stage, kept in results.items():
         total = sum(entry["bytes"] for entry in kept.values())
         print(f"{stage}: {total / 2**20:.1f} MiB kept for the backward ({args.model}, {args.size} px, "
-              f"frozen_conv {'off' if args.no_frozen_conv else 'on'})")
+              f"frozen_conv {'off' if args.no_frozen_conv else 'on'}, "
+              f"lean_blocks {'off' if args.no_lean_blocks else 'on'})")
         for name, entry in sorted(kept.items(), key=lambda item: -item[1]["bytes"])[:args.top]:
             print(f"  {entry['bytes'] / 2**20:9.1f} MiB  {entry['tensors']:5d} tensors  {name}")
     if args.json:

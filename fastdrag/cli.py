@@ -150,8 +150,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "backward: the same numbers, less memory (fastdrag.frozen_conv; default: on CUDA only)")
     parser.add_argument("--lean-blocks", action=argparse.BooleanOptionalAction, default=True,
                         help="leave out the UNet's and VAE's operations that change no number (divisions by 1, LoRA's "
-                             "scale of 1, layout copies, autocast's repeated casts): the same edits, fewer kernels "
-                             "(fastdrag.lean_blocks, fastdrag.shared_casts; default: on)")
+                             "scale of 1, layout copies, autocast's repeated casts; GEGLUs keep only their projection): "
+                             "the same edits, fewer kernels, less memory (fastdrag.lean_blocks, fastdrag.shared_casts, "
+                             "fastdrag.lean_geglu; default: on)")
     parser.add_argument("--sdpa-priority", default="default", choices=["default", "flash", "cudnn", "efficient"],
                         help="the order in which the UNet's SDPA attention tries its backends (default: PyTorch's, "
                              "which takes cuDNN's attention first on an H100 and FlashAttention first on an A100; "

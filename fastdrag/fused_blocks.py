@@ -93,7 +93,7 @@ def install_fused_blocks(unet: torch.nn.Module, group_norm: bool = True, geglu: 
     if geglu:
         for module in unet.modules():
             if type(module) is GEGLU:
-                module.forward = types.MethodType(_geglu, module)
+                _fuse(module, _geglu)
     return fused_counts(unet)
 
 

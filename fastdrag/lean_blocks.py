@@ -14,16 +14,19 @@ diffusers' blocks run a few tensor operations that, for SD 1.x, leave every valu
   are copied twice: 32 activation-sized copies in every SD 1.5 UNet forward, in every stage;
 - peft's LoRA `Linear` multiplies its branch by the adapter's scale, `lora_alpha / r`, which is 1 at
   DragDiffusion's settings (alpha = rank): 128 activation-sized multiplications in a LoRA step's
-  forward at SD 1.5 and 128 in its backward.
+  forward at SD 1.5 and 128 in its backward;
+- each `GEGLU` leaves its GELU's output to autograd and concatenates its two gradients in the
+  backward (`fastdrag.lean_geglu` keeps the projection alone, computes the GELU again and writes both
+  gradients into one buffer: 352 MiB less kept by an SD 1.5 LoRA step, 88 MiB less by a drag iteration).
 `install_lean_blocks(model)` gives each plain `ResnetBlock2D` (the kind `fused_blocks` also takes) a
 forward without them, each such transformer an output step that hands `proj_out` its tokens as they
 lie where its weight is channels-last, each attention layer that runs diffusers' `AttnProcessor2_0` the
-`LeanAttnProcessor`, which makes the same calls without the division, and each peft LoRA `Linear` a
+`LeanAttnProcessor`, which makes the same calls without the division, each peft LoRA `Linear` a
 forward without the multiplication by a scale of 1 (adapters added later get it from
-`fastdrag.lora.install_adapter`); and `fastdrag.shared_casts`' autocast casts made once (an fp32 input
-read by several linear layers, an fp32 NCHW input to a channels-last convolution, the norms' weights).
-Results are bit for bit the stock ones (tests/test_lean_blocks.py, tests/test_shared_casts.py), so it
-needs no GPU measurement to be on. `bench/op_count.py` counts what it removes: on the meta device at
+`fastdrag.lora.install_adapter`), each GEGLU the lean product; and `fastdrag.shared_casts`' autocast
+casts made once (an fp32 input read by several linear layers, an fp32 NCHW input to a channels-last
+convolution, the norms' weights). Results are bit for bit the stock ones (tests/test_lean_blocks.py,
+tests/test_shared_casts.py, tests/test_lean_geglu.py), so it needs no GPU measurement to be on. `bench/op_count.py` counts what it removes: on the meta device at
 SD 1.5 / 512 px a drag iteration 1,393 -> 1,269 operations, a LoRA step 2,585 -> 2,206, a denoising
 step 691 -> 627, a VAE decode 139 -> 125 (the meta device's convolution makes no layout copy of its
 own, so each transformer counts one of its two copies); on the CPU under CUDA-like autocast, a drag
@@ -44,6 +47,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from .lean_geglu import install_lean_geglu, lean_geglu_count, remove_lean_geglu
 from .patching import own_forward
 from .shared_casts import (channels_last_conv, fp32_affine_count, install_fp32_affine, install_shared_casts,
                            remove_fp32_affine, remove_shared_casts, shared_cast_count)
@@ -204,6 +208,7 @@ def install_lean_blocks(model: torch.nn.Module) -> dict:
                 and OUTPUT_STEP not in vars(module):
             setattr(module, OUTPUT_STEP, types.MethodType(_lean_transformer_output, module))
     install_fp32_affine(model)
+    install_lean_geglu(model)
     install_lean_lora(model)
     return lean_counts(model)
 
@@ -211,7 +216,7 @@ def install_lean_blocks(model: torch.nn.Module) -> dict:
 def remove_lean_blocks(model: torch.nn.Module) -> int:
     """Give the modules `install_lean_blocks` changed their stock forward or processor back, and take the
     shared casts off; returns how many modules it changed."""
-    count = remove_shared_casts(model) + remove_fp32_affine(model)
+    count = remove_shared_casts(model) + remove_fp32_affine(model) + remove_lean_geglu(model)
     for module in model.modules():
         if own_forward(module) in (_lean_resnet_forward, _lean_lora_forward):
             del module.forward
@@ -230,14 +235,15 @@ def _lean_output(module: torch.nn.Module) -> bool:
 
 
 def lean_counts(model: torch.nn.Module) -> dict:
-    """How many of `model`'s resnets, transformers' output steps, attention layers and LoRA layers run
-    lean, how many linear and convolution layers have `fastdrag.shared_casts`' pre-hooks and how many
-    norms keep fp32 weights: {"resnet", "transformer", "attention", "lora", "cast", "norm"}."""
+    """How many of `model`'s resnets, transformers' output steps, attention layers, LoRA layers and GEGLUs
+    run lean, how many linear and convolution layers have `fastdrag.shared_casts`' pre-hooks and how many
+    norms keep fp32 weights: {"resnet", "transformer", "attention", "lora", "geglu", "cast", "norm"}."""
     modules = list(model.modules())
     forwards = [own_forward(m) for m in modules]
     return {"resnet": forwards.count(_lean_resnet_forward),
             "transformer": sum(_lean_output(m) for m in modules),
             "attention": sum(isinstance(m, Attention) and isinstance(m.processor, LeanAttnProcessor) for m in modules),
             "lora": forwards.count(_lean_lora_forward),
+            "geglu": lean_geglu_count(model),
             "cast": shared_cast_count(model),
             "norm": fp32_affine_count(model)}

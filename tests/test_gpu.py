@@ -480,6 +480,27 @@ def test_lean_transformer_output_skips_both_nchw_copies_on_cuda():
     assert clones[0] - clones[1] == 2 * 16, clones
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lean_geglu_is_bit_for_bit_the_stock_one_on_cuda(dtype):
+    """`fastdrag.lean_geglu` on CUDA at an SD 1.5 feed-forward size and an odd one: the product and the
+    projection's gradient, written into the two halves of one buffer, bit for bit the stock ones
+    (tests/test_lean_geglu.py checks the CPU)."""
+    from fastdrag.lean_geglu import geglu_product
+
+    generator = torch.Generator(device="cuda").manual_seed(9)
+    for shape in [(4, 1024, 2 * 2560), (3, 77, 2 * 37)]:
+        projection = (torch.randn(shape, device="cuda", generator=generator) * 3).to(dtype).requires_grad_(True)
+        grad = torch.randn(shape[:-1] + (shape[-1] // 2,), device="cuda", generator=generator).to(dtype)
+        value, gate = projection.chunk(2, dim=-1)
+        stock = value * torch.nn.functional.gelu(gate)
+        (stock_grad,) = torch.autograd.grad(stock, projection, grad)
+        lean = geglu_product(projection)
+        assert type(lean.grad_fn).__name__ == "GegluProductBackward"
+        (lean_grad,) = torch.autograd.grad(lean, projection, grad)
+        assert torch.isfinite(stock_grad).all()
+        assert torch.equal(lean, stock) and torch.equal(lean_grad, stock_grad), shape
+
+
 def cuda_lora_case(lean: bool):
     """The tiny fp16 UNet on CUDA with an adapter whose branch computes something (B is 0 after install),
     the lean blocks where asked, and a LoRA step's inputs: (components, LoRA params, lora_loss's other

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -22,13 +23,14 @@ from fastdrag.lora import ADAPTER, install_adapter, lora_parameters  # noqa: E40
 
 
 def blocks_of(model):
-    """How many resnets, transformers, attention layers, LoRA layers, linear and convolution layers and
-    affine norms `model` has: what the lean blocks take."""
+    """How many resnets, transformers, attention layers, LoRA layers, GEGLUs, linear and convolution
+    layers and affine norms `model` has: what the lean blocks take."""
     modules = list(model.modules())
     return {"resnet": sum(isinstance(m, ResnetBlock2D) for m in modules),
             "transformer": sum(isinstance(m, Transformer2DModel) for m in modules),
             "attention": sum(isinstance(m, Attention) for m in modules),
             "lora": sum(type(m) is LoraLinear for m in modules),
+            "geglu": sum(type(m) is GEGLU for m in modules),
             "cast": sum(type(m) in (torch.nn.Linear, torch.nn.Conv2d) for m in modules),
             "norm": sum(type(m) in (torch.nn.GroupNorm, torch.nn.LayerNorm) and m.weight is not None for m in modules)}
 
@@ -246,23 +248,30 @@ def test_the_op_count_sees_divisions_and_the_drags_conditioning_go():
     """bench/op_count.py, the meta-device count behind the numbers in the docs, on the tiny model: the
     lean blocks remove divisions, the LoRA scale's multiplications and the transformers' NCHW copies
     (one each: the meta device's convolution makes no copy of its own), and the drag's kept
-    conditioning its time embedding's and cross-attention keys' and values' operations."""
+    conditioning its time embedding's and cross-attention keys' and values' operations; in a backward
+    each GEGLU computes its GELU again instead of concatenating its gradients."""
     from op_count import compare
 
     results = compare("tiny", 128)  # the mid block at 2x2: at 1x1 an NCHW copy is no copy
     conditioning = {"div", "clone", "mm", "addmm", "silu", "mul", "cat", "_to_copy", "arange", "exp", "sin", "cos"}
-    transformers = sum(type(m).__name__ == "Transformer2DModel" for m in tiny_unet_modules())
+    modules = tiny_unet_modules()
+    transformers = sum(type(m).__name__ == "Transformer2DModel" for m in modules)
+    geglus = sum(type(m).__name__ == "GEGLU" for m in modules)
+    assert geglus > 0
     for stage, stock in results["stock"].items():
         lean = results["lean"][stage]
         assert stock["ops"] > lean["ops"] > 0, stage
         removed = {name: entry["ops"] - lean["by_op"].get(name, {"ops": 0})["ops"] for name, entry in stock["by_op"].items()}
+        if stage in ("lora", "drag"):  # these run a backward
+            assert removed.pop("gelu") == -geglus and removed["cat"] >= geglus, (stage, removed)
         assert all(n >= 0 for n in removed.values()) and set(lean["by_op"]) <= set(stock["by_op"]), (stage, removed)
         gone = {name for name, n in removed.items() if n}
         if stage == "drag":
             assert {"div", "clone", "mm", "silu", "sin", "cos"} <= gone <= conditioning, removed
+            assert removed["cat"] == geglus + 2, removed  # and the time embedding's two
         elif stage == "decode":  # the VAE has no transformer
             assert gone == {"div"}, removed
         else:  # the LoRA step's LoRA layers no longer multiply by their scale of 1
-            assert gone == ({"div", "mul", "clone"} if stage == "lora" else {"div", "clone"}), (stage, removed)
+            assert gone == ({"div", "mul", "clone", "cat"} if stage == "lora" else {"div", "clone"}), (stage, removed)
         if stage != "decode":
             assert removed["clone"] == transformers, (stage, removed)
