@@ -48,6 +48,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .lean_geglu import install_lean_geglu, lean_geglu_count, remove_lean_geglu
+from .lora_casts import half_weights
 from .patching import own_forward
 from .shared_casts import (channels_last_conv, fp32_affine_count, install_fp32_affine, install_shared_casts,
                            remove_fp32_affine, remove_shared_casts, shared_cast_count)
@@ -167,14 +168,44 @@ def _plain_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> Optional[str
 def _lean_lora_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's LoRA `Linear.forward` for one plain adapter of scale 1, without its multiplication by 1:
     the base layer, the input cast peft makes (off under `disable_input_dtype_casting`), the branch, the
-    sum in the base output's dtype. Any other call runs peft's own forward."""
+    sum in the base output's dtype. Within `fastdrag.lora_casts.half_adapter_weights` the branch's two
+    matmuls take the half weights made there for all layers at once (`_branch`). Any other call runs
+    peft's own forward."""
     adapter = _plain_adapter(self, args, kwargs)
     if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    lora_a = self.lora_A[adapter]
+    lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
     x = self._cast_input_dtype(x, lora_a.weight.dtype)
-    return (result + self.lora_B[adapter](lora_a(self.lora_dropout[adapter](x)))).to(result.dtype)
+    x = self.lora_dropout[adapter](x)
+    halves = half_weights(self, adapter)
+    if halves is None or lora_a._forward_hooks or lora_b._forward_hooks:
+        branch = lora_b(lora_a(x))
+    else:
+        branch = _branch(lora_b, halves[1], _branch(lora_a, halves[0], x))
+    return (result + branch).to(result.dtype)
+
+
+def _branch(layer: torch.nn.Linear, half_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` (a bias-free LoRA matrix, its forward pre-hooks run as a call would run them) with
+    `half_weight`, the cast autocast would make of its weight, in its place."""
+    for hook in layer._forward_pre_hooks.values():
+        changed = hook(layer, (x,))
+        if changed is not None:
+            x = changed[0] if isinstance(changed, tuple) else changed
+    return F.linear(x, half_weight)
+
+
+def lean_lora_layers(model: torch.nn.Module) -> list:
+    """`(layer, adapter)` for each LoRA layer of `model` that runs the lean forward on one plain adapter:
+    what `fastdrag.lora_casts.half_adapter_weights` takes."""
+    layers = []
+    for module in model.modules():
+        if own_forward(module) is _lean_lora_forward:
+            adapter = _plain_adapter(module, (), {})
+            if adapter is not None and module.lora_A[adapter].bias is None and module.lora_B[adapter].bias is None:
+                layers.append((module, adapter))
+    return layers
 
 
 def install_lean_lora(model: torch.nn.Module) -> int:

@@ -30,7 +30,8 @@ from .ddim import noised
 from .errors import InputError
 from .shared_casts import HALF
 from .half_norms import enabled as half_norms_enabled
-from .lean_blocks import install_lean_lora, runs_lean
+from .lean_blocks import install_lean_lora, lean_lora_layers, runs_lean
+from .lora_casts import half_adapter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,8 @@ def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`."""
     noisy = noised(latents, noise, timesteps, alphas_cumprod)
     autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
-    with unet_autocast(unet, autocast, norms_in_half=autocast and half_norms_enabled()):
+    with unet_autocast(unet, autocast, norms_in_half=autocast and half_norms_enabled()), \
+            half_adapter_weights(lean_lora_layers(unet)):
         prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
     return F.mse_loss(prediction.float(), noise.float())
 

@@ -580,6 +580,41 @@ def test_shared_casts_under_cuda_autocast_cast_inputs_and_norm_weights_once():
     tiny.unet.requires_grad_(False)
 
 
+def test_lora_weights_cast_in_two_multi_tensor_copies_on_cuda(monkeypatch):
+    """`fastdrag.lora_casts` under CUDA's own autocast: a LoRA step's loss bit for bit the same, its LoRA
+    gradients the same (to run-to-run noise: attention backward kernels may add in another order), and
+    about 4 kernels fewer per LoRA layer (its two weights' casts and their gradients' casts, made by a
+    few multi-tensor launches instead: `torch._foreach_copy_`'s fast path). tests/test_lora_casts.py
+    checks bit-equal gradients and the exact count of casts on the CPU."""
+    import fastdrag.lora
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastdrag.lora import lora_layers, lora_loss
+
+    tiny, params, arguments = cuda_lora_case(lean=True)
+    layers = len(lora_layers(tiny.unet))
+
+    def step(one_pass):
+        with monkeypatch.context() as patch:
+            if not one_pass:
+                patch.setattr(fastdrag.lora, "lean_lora_layers", lambda model: [])
+            lora_loss(tiny.unet, *arguments)  # the norms' fp32 weights are made at a first step
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                loss = lora_loss(tiny.unet, *arguments)
+                grads = torch.autograd.grad(loss, params)
+                torch.cuda.synchronize()
+        kernels = sum(event.device_type == torch.autograd.DeviceType.CUDA for event in prof.events())
+        return loss.detach(), grads, kernels
+
+    loss, grads, kernels = step(True)
+    stock_loss, stock_grads, stock_kernels = step(False)
+    tiny.unet.requires_grad_(False)
+    assert layers == 128 and torch.isfinite(loss) and torch.equal(loss, stock_loss)
+    for got, want in zip(grads, stock_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    assert stock_kernels - kernels >= 4 * layers - 16, (stock_kernels, kernels)
+
+
 def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
     """`lora_loss` under CUDA fp16 autocast (`unet_autocast`) against the same step with peft's
     fp16 -> fp32 -> fp16 input cast left on: the same loss bit for bit, the same LoRA gradients (to
