@@ -220,7 +220,8 @@ class DragEditor:
         keep its conditioning across iterations
         (`fastdrag.fixed_conditioning`): bit for bit the same edits, an SD 1.5 drag iteration 1,178 tensor
         operations instead of 1,393 and a LoRA step 2,206 instead of 2,585 (counted on the meta device:
-        `bench/op_count.py`), and 250 and 314 casts fewer under autocast (counted on the CPU).
+        `bench/op_count.py`), and 250 and 826 casts fewer under autocast (counted on the CPU; the LoRA
+        step's weights cast in one pass, `fastdrag.lora_casts`).
         """
         check_sdpa_priority(sdpa_priority)
         device = _parse_device(device)

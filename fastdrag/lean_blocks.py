@@ -30,7 +30,8 @@ tests/test_shared_casts.py, tests/test_lean_geglu.py), so it needs no GPU measur
 SD 1.5 / 512 px a drag iteration 1,393 -> 1,269 operations, a LoRA step 2,585 -> 2,206, a denoising
 step 691 -> 627, a VAE decode 139 -> 125 (the meta device's convolution makes no layout copy of its
 own, so each transformer counts one of its two copies); on the CPU under CUDA-like autocast, a drag
-iteration's copies (casts and layout copies) 1,186 -> 691, a LoRA step's 2,093 -> 1,257. The VAE's
+iteration's copies (casts and layout copies) 1,186 -> 691, a LoRA step's 2,093 -> 747 (with its LoRA
+weights cast in one pass, `fastdrag.lora_casts`, which the lean LoRA forward takes). The VAE's
 one attention layer (a residual and a group norm inside it) keeps the stock processor. Its resnets
 and attention layers are also where a drag's kept conditioning (`fastdrag.fixed_conditioning`)
 reaches the forward.
