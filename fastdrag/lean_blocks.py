@@ -26,8 +26,8 @@ forward without the multiplication by a scale of 1 (adapters added later get it 
 `fastdrag.lora.install_adapter`), each GEGLU the lean product; and `fastdrag.shared_casts`' autocast
 casts made once (an fp32 input read by several linear layers, an fp32 NCHW input to a channels-last
 convolution, the norms' weights). Results are bit for bit the stock ones (tests/test_lean_blocks.py,
-tests/test_shared_casts.py, tests/test_lean_geglu.py), so it needs no GPU measurement to be on. `bench/op_count.py` counts what it removes: on the meta device at
-SD 1.5 / 512 px a drag iteration 1,393 -> 1,269 operations, a LoRA step 2,585 -> 2,206, a denoising
+tests/test_shared_casts.py, tests/test_lean_geglu.py), so it needs no GPU measurement to be on.
+`bench/op_count.py` counts what it removes: on the meta device at SD 1.5 / 512 px a drag iteration 1,393 -> 1,269 operations, a LoRA step 2,585 -> 2,206, a denoising
 step 691 -> 627, a VAE decode 139 -> 125 (the meta device's convolution makes no layout copy of its
 own, so each transformer counts one of its two copies); on the CPU under CUDA-like autocast, a drag
 iteration's copies (casts and layout copies) 1,186 -> 691, a LoRA step's 2,093 -> 747 (with its LoRA
@@ -180,11 +180,22 @@ def _lean_lora_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> to
     x = self._cast_input_dtype(x, lora_a.weight.dtype)
     x = self.lora_dropout[adapter](x)
     halves = half_weights(self, adapter)
-    if halves is None or lora_a._forward_hooks or lora_b._forward_hooks:
+    if halves is None or not (_only_pre_hooks(lora_a) and _only_pre_hooks(lora_b)):
         branch = lora_b(lora_a(x))
     else:
         branch = _branch(lora_b, halves[1], _branch(lora_a, halves[0], x))
     return (result + branch).to(result.dtype)
+
+
+def _only_pre_hooks(layer: torch.nn.Module) -> bool:
+    """Whether a call of `layer` runs nothing but its forward and its plain forward pre-hooks (no forward
+    or backward hooks, no keyword pre-hooks, no global hooks), so that `_branch` can stand in for it."""
+    from torch.nn.modules import module as torch_module
+
+    return not (layer._forward_hooks or layer._backward_hooks or layer._backward_pre_hooks
+                or layer._forward_pre_hooks_with_kwargs or torch_module._global_forward_pre_hooks
+                or torch_module._global_forward_hooks or torch_module._global_backward_hooks
+                or torch_module._global_backward_pre_hooks)
 
 
 def _branch(layer: torch.nn.Linear, half_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
