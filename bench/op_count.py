@@ -160,7 +160,7 @@ def autocast_casts(lean: bool = True, size: int = 64) -> Dict[str, Dict[str, int
 
 
 def _copies(prof) -> int:
-    """The profiler's copies, a multi-tensor copy (`_foreach_copy_`: one launch per few hundred tensors on
+    """The profiler's copies, a multi-tensor copy (`_foreach_copy_`: one launch per few dozen tensors on
     CUDA, a copy each on the CPU) counted as one."""
     def within_foreach(event) -> bool:
         parent = event.cpu_parent

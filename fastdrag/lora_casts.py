@@ -4,7 +4,7 @@ Under autocast each LoRA layer's A and B matmuls cast their fp32 master weights 
 every call, and the backward casts each weight's gradient back to fp32: at SD 1.5's 128 LoRA layers
 that is 256 small cast kernels in a LoRA step's forward and 256 in its backward, about a tenth of the
 step's 5,000 kernels on an H100 (bench/RESULTS.md). `half_adapter_weights(layers)` makes all of a
-step's half weights in one multi-tensor copy (`torch._foreach_copy_`, one launch per few hundred
+step's half weights in one multi-tensor copy (`torch._foreach_copy_`, one launch per few dozen
 tensors on CUDA) and casts all their gradients back in another; the lean LoRA forward
 (`fastdrag.lean_blocks`) takes them. The same roundings (a copy to half rounds to nearest, as
 autocast's cast does), the same gradients in the same layouts, bit for bit (tests/test_lora_casts.py).
