@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -190,8 +191,6 @@ def _lean_lora_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> to
 def _only_pre_hooks(layer: torch.nn.Module) -> bool:
     """Whether a call of `layer` runs nothing but its forward and its plain forward pre-hooks (no forward
     or backward hooks, no keyword pre-hooks, no global hooks), so that `_branch` can stand in for it."""
-    from torch.nn.modules import module as torch_module
-
     return not (layer._forward_hooks or layer._backward_hooks or layer._backward_pre_hooks
                 or layer._forward_pre_hooks_with_kwargs or torch_module._global_forward_pre_hooks
                 or torch_module._global_forward_hooks or torch_module._global_backward_hooks

@@ -26,14 +26,19 @@ from diffusers.models.activations import GEGLU
 from .patching import own_forward
 
 
+def stock_product(projection: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU product of its projection's halves, as its forward computes it."""
+    value, gate = projection.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
 class GegluProduct(torch.autograd.Function):
     """`a * gelu(g)` for `(a, g) = projection.chunk(2, -1)`, keeping only `projection`."""
 
     @staticmethod
     def forward(ctx, projection: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(projection)
-        value, gate = projection.chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return stock_product(projection)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -52,8 +57,7 @@ def geglu_product(projection: torch.Tensor) -> torch.Tensor:
     if (torch.is_grad_enabled() and projection.requires_grad and projection.is_contiguous()
             and not torch.compiler.is_compiling()):
         return GegluProduct.apply(projection)
-    value, gate = projection.chunk(2, dim=-1)
-    return value * F.gelu(gate)
+    return stock_product(projection)
 
 
 def _lean_geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

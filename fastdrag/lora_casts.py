@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .shared_casts import HALF
+from .shared_casts import autocast_half_dtype
 
 _KEPT = "_fastdrag_half_lora_weights"
 
@@ -46,13 +46,6 @@ class HalfWeights(torch.autograd.Function):
         return (None, *out)
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
-        return None
-    dtype = torch.get_autocast_dtype(device.type)
-    return dtype if dtype in HALF else None
-
-
 @contextlib.contextmanager
 def half_adapter_weights(layers: Sequence[Tuple[torch.nn.Module, str]]) -> Iterator[int]:
     """Within: each `(peft LoRA layer, adapter)` of `layers` whose A and B weights are fp32 and train has
@@ -62,7 +55,7 @@ def half_adapter_weights(layers: Sequence[Tuple[torch.nn.Module, str]]) -> Itera
     chosen = [(layer, adapter) for layer, adapter in layers
               if all(w.dtype == torch.float32 and w.requires_grad
                      for w in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight))]
-    dtype = _autocast_dtype(chosen[0][0].lora_A[chosen[0][1]].weight.device) if chosen else None
+    dtype = autocast_half_dtype(chosen[0][0].lora_A[chosen[0][1]].weight.device.type) if chosen else None
     if dtype is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield 0
         return

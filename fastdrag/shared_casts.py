@@ -75,15 +75,19 @@ def shared_half(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _SharedHalf.apply(x, kept[1]) if x.requires_grad and torch.is_grad_enabled() else kept[1]
 
 
+def autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The half dtype autocast computes matmuls in on `device_type`, None where it is off or not half."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype if dtype in HALF else None
+
+
 def _autocast_half(x: torch.Tensor) -> Optional[torch.dtype]:
     """The half dtype autocast would cast `x` to for a linear layer, or None where it would not cast it."""
     if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.is_inference():  # (no version counter)
         return None
-    device = x.device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return None
-    dtype = torch.get_autocast_dtype(device)
-    return dtype if dtype in HALF else None
+    return autocast_half_dtype(x.device.type)
 
 
 def _share_input(module: torch.nn.Linear, args: tuple) -> Optional[tuple]:
