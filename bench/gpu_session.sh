@@ -69,7 +69,9 @@ EOF
 fi
 # the package without installing it (the device machine): kernels/ and export/ are fastdrag.kernels and
 # fastdrag.export; an installed checkout (pip install -e .) already maps them
-if ! python3 -c "import fastdrag.kernels, fastdrag.export" 2>/dev/null; then
+# (checked from / : a warm machine keeps the links from an earlier call, and a script run from bench/ does not
+# see the working directory)
+if ! (cd / && python3 -c "import fastdrag.kernels, fastdrag.export" 2>/dev/null); then
     [ -e fastdrag/kernels ] || ln -s ../kernels fastdrag/kernels
     [ -e fastdrag/export ] || ln -s ../export fastdrag/export
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
