@@ -69,7 +69,7 @@ EDIT_FIELD_HELP = {
     "cuda_graphs": "CUDA only: replay the UNet's calls as CUDA graphs",
     "cuda_graph_lora": "CUDA only, with --cuda-graphs: replay the LoRA training step too",
     "keep_lora_trainer": "keep the LoRA trainer and its CUDA graph for the next image of the same size",
-    "cuda_graph_vae": "CUDA only, with --cuda-graphs (experimental): replay the VAE's encoder and decoder too",
+    "cuda_graph_vae": "CUDA only, with --cuda-graphs: replay the VAE's encoder and decoder too",
     "merge_lora": "fold the frozen LoRA into the UNet's weights for inversion, drag and denoising",
 }
 

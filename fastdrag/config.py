@@ -81,11 +81,11 @@ class EditConfig:
     # than not keeping it: 8.18 GiB reserved at every edit, against 9.3-13.7 GiB without (bench/RESULTS.md).
     # `DragEditor.release()` frees it
     keep_lora_trainer: bool = True
-    # CUDA only, with cuda_graphs (experimental, off until measured on a GPU): replay the VAE's encoder
-    # and decoder as CUDA graphs in that pool, the decoder captured before the edit's other graphs, so their
-    # activations use the pool's idle memory instead of about 1 GiB of their own beside it (H100,
-    # SD 1.5 / 512 px: 8.18 GiB reserved, about 1 GiB of it the eager VAE's cache; bench/RESULTS.md)
-    cuda_graph_vae: bool = False
+    # CUDA only, with cuda_graphs: replay the VAE's encoder and decoder as CUDA graphs in that pool, the
+    # decoder captured before the edit's other graphs, so their activations use the pool's idle memory
+    # instead of memory of their own beside it (H100, SD 1.5 / 512 px: 6.89 -> 6.10 GiB reserved, the
+    # same edit times; bench/RESULTS.md, twenty-fourth session)
+    cuda_graph_vae: bool = True
     # Fold the frozen LoRA into the UNet's weights for inversion, drag and denoising (one matmul per
     # LoRA layer; restored exactly after the edit). The same arithmetic up to one rounding of each
     # merged weight, as the exported backends run it; in fp16 on CUDA it removes the LoRA branch's

@@ -62,10 +62,10 @@ def test_cuda_only_memory_options_change_nothing_on_the_cpu(editor, picture, tmp
     same bytes, and no VAE graph or pool is made (tests/test_gpu.py checks them on a GPU)."""
     from fastdrag import DragEditor
 
-    plain = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    plain = editor.edit(picture.image, picture.prompt, picture.points, cuda_graph_vae=False, **fast)
     other = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False,
                        release_cached_memory=True)
-    asked = other.edit(picture.image, picture.prompt, picture.points, cuda_graph_vae=True, **fast)
+    asked = other.edit(picture.image, picture.prompt, picture.points, **fast)  # cuda_graph_vae on by default
     assert asked.config.cuda_graph_vae and not plain.config.cuda_graph_vae
     assert np.asarray(asked.image).tobytes() == np.asarray(plain.image).tobytes()
     assert not other._vae_graphs.graphs and other._graph_pool is None
