@@ -345,11 +345,12 @@ def cmd_toy(args) -> int:
         print(f"trained into {args.out}: VAE {timings['vae_s']:.0f} s, UNet {timings['unet_s']:.0f} s")
         return 0
     if args.toy_command == "compare":
-        from .toy.compare import load_report, markdown, paired_differences, size_note
+        from .toy.compare import changed_cases, changed_line, load_report, markdown, paired_differences, size_note
 
         base, new = load_report(args.base), load_report(args.new)
         name = lambda path: Path(path).resolve().parent.name if Path(path).name == "quality.json" else Path(path).name
         print(markdown(paired_differences(base, new), name(args.base), name(args.new), size_note(base, new)), end="")
+        print("\n" + changed_line(changed_cases(base, new)))
         return 0
     from .toy.quality import evaluate
 

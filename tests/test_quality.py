@@ -123,6 +123,23 @@ def test_paired_comparison_of_two_reports():
     assert "tracked" not in by_measure                 # only one report has it
 
 
+def test_changed_cases_count_the_jumps_each_way_with_a_sign_test():
+    from fastdrag.toy.compare import changed_cases, changed_line, sign_test
+
+    # as on the H100 with the fused UNet kernels: most cases the same, two jumped, both down
+    base = _report([0.60, 0.83, 0.43, 0.79, 0.41, 0.20])
+    new = _report([0.60, 0.79, 0.43, 0.47, 0.29, 0.23])
+    changed = changed_cases(base, new)
+    assert (changed.higher, changed.lower, changed.cases) == (0, 2, 6)
+    assert changed.p_value == pytest.approx(0.5)  # two jumps one way: as likely as not by chance
+    assert changed_line(changed) == ("cases whose moved changed by more than 0.05: 2 of 6 (0 higher, 2 lower; "
+                                     "sign test p = 0.50)")
+    assert changed_cases(base, new, threshold=0.02).higher == 1
+    assert changed_cases(base, base).p_value == 1.0
+    assert sign_test(0, 8) == pytest.approx(2 / 256) and sign_test(4, 4) == 1.0
+    assert sign_test(1, 9) == pytest.approx(2 * 11 / 1024)
+
+
 def test_paired_comparison_refuses_different_cases(tmp_path):
     from fastdrag.errors import InputError
     from fastdrag.toy.compare import load_report, paired_differences
@@ -151,6 +168,7 @@ def test_toy_compare_command_prints_the_paired_table(tmp_path, capsys):
     assert main(["toy", "compare", str(tmp_path / "old"), str(tmp_path / "new" / "quality.json")]) == 0
     table = capsys.readouterr().out
     assert "| moved | 0.400 | 0.600 | +0.200 ± 0.058 | 3 |" in table, table
+    assert "changed by more than 0.05: 3 of 3 (3 higher, 0 lower; sign test p = 0.25)" in table, table
     assert "world sizes differ" not in table
     assert main(["toy", "compare", str(tmp_path / "old"), str(tmp_path / "none")]) == 2
 
