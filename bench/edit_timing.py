@@ -7,9 +7,9 @@ full suite with FLOP counts).
 Each variant (edit settings, e.g. `eager:cuda_graphs=false` or `lora-eager:cuda_graph_lora=false`,
 `channels_last=true|false`, which converts the UNet's weights for that variant (default: the
 package's, channels-last on CUDA only), `compile_blocks=true`, which compiles its blocks for this
-variant and every later one in the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU and GEGLU as fused
-Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm=true` or
-`fused_geglu=true` for one of the two), `lean_blocks=false`, which gives the UNet and the VAE diffusers'
+variant and every later one in the process, `fused_unet_kernels=true`, which runs the UNet's GroupNorm + SiLU, LayerNorm and GEGLU as fused
+Triton kernels for this variant only (`fastdrag.fused_blocks`; `fused_group_norm`, `fused_layer_norm`,
+`fused_geglu=true|false` set each kind on its own), `lean_blocks=false`, which gives the UNet and the VAE diffusers'
 stock blocks back for the variant (`fastdrag.lean_blocks`; default: on), `frozen_conv=true|false`, which gives the UNet's convolutions
 the input-gradient-only backward (`fastdrag.frozen_conv`; default: the package's, on CUDA only) for the
 variant, `sdpa_priority=flash|cudnn|efficient|default`, the order in which the UNet's SDPA attention
@@ -137,7 +137,8 @@ def main() -> None:
             if lean:
                 install_lean_blocks(model)
         install_fused_blocks(unet, group_norm=settings.pop("fused_group_norm", fused_all),
-                             geglu=settings.pop("fused_geglu", fused_all))
+                             geglu=settings.pop("fused_geglu", fused_all),
+                             layer_norm=settings.pop("fused_layer_norm", fused_all))
         remove_frozen_conv(unet)
         if settings.pop("frozen_conv", device.type == "cuda"):  # the package's default
             install_frozen_conv(unet)

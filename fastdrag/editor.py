@@ -206,8 +206,10 @@ class DragEditor:
         `compile_blocks` compiles the UNet's residual and feed-forward blocks with `torch.compile`
         (`fastdrag.regional_compile`): on the H100 the SD 1.5 compilation ran past 200 s without
         finishing; off by default.
-        `fused_unet_kernels` runs the UNet's GroupNorms with the SiLUs after them, and its GEGLUs, as
-        fused Triton kernels on CUDA (`fastdrag.fused_blocks`); experimental, off until a GPU measures it.
+        `fused_unet_kernels` runs the UNet's GroupNorms with the SiLUs after them, its LayerNorms and its
+        GEGLUs as fused Triton kernels on CUDA (`fastdrag.fused_blocks`); experimental: on an H100 a first
+        edit took 4.94 s instead of 6.30, but it stays off until a larger paired toy run shows its edits
+        score the same (bench/RESULTS.md).
         `frozen_conv` lets the UNet's convolutions keep only their weights for the backward of the LoRA
         step and the drag (`fastdrag.frozen_conv`): the same numbers, 452 MiB less kept by an SD 1.5
         LoRA step (counted on the meta device). None (the default) turns it on on CUDA only: on the CPU

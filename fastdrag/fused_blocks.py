@@ -1,6 +1,6 @@
-"""Experimental: the UNet's GroupNorm + SiLU and GEGLU as fused Triton kernels (`fused_unet_kernels`).
+"""Experimental: the UNet's GroupNorm + SiLU, LayerNorm and GEGLU as fused Triton kernels (`fused_unet_kernels`).
 
-Wires `fastdrag.kernels.group_norm` and `fastdrag.kernels.geglu` into a stock diffusers UNet by
+Wires `fastdrag.kernels.group_norm`, `.layer_norm` and `.geglu` into a stock diffusers UNet by
 instance attributes, so that the model's classes and weights stay as they are and
 `remove_fused_blocks` puts every forward back:
 - each `ResnetBlock2D` of the plain kind SD 1.x uses (default time-embedding norm, SiLU, no resampling
@@ -8,18 +8,23 @@ instance attributes, so that the model's classes and weights stay as they are an
   what the lean forward of `fastdrag.lean_blocks` does (diffusers' arithmetic without its no-op work);
 - each continuous-input `Transformer2DModel`'s GroupNorm runs fused, without a SiLU;
 - the UNet's output GroupNorm runs fused with its SiLU, and `conv_act` becomes the identity;
+- each LayerNorm over one axis (a transformer block's three) runs fused, its output in the input's dtype;
 - each `GEGLU` (the feed-forward layers' gate) runs its product fused after its projection.
 Why: on an H100 a LoRA step spent 30 % of its kernel time in layout copies and casts and 20 % in
 elementwise kernels (bench/RESULTS.md, 2026-11-26); GroupNorm's channels-last copies and autocast
 casts were the largest copies, GEGLU's `cat` in the backward among them. The kernels read the
 activations where they lie, compute in fp32 and round once: under autocast the arithmetic of the
-stock fp32 GroupNorm and SiLU (rounded at the next layer's input), and a GEGLU rounded once where the
-stock one rounds its GELU and its product. They keep less for the backward (the inputs only).
-The first forward and backward at each size compile the kernels (27 Triton variants for SD 1.5
-at 512 px), which `DragEditor.warm_up()` pays for a server.
+stock fp32 GroupNorm and SiLU (rounded at the next layer's input), a LayerNorm rounded once at its
+output as its readers' casts round autocast's fp32 one (their gradients then add up in half precision),
+and a GEGLU rounded once where the stock one rounds its GELU and its product. They keep less for the
+backward (the inputs only, in their own dtype).
+The first forward and backward at each size compile the kernels, which `DragEditor.warm_up()` pays
+for a server.
 On the CPU (without `FASTDRAG_FORCE_TRITON`) the dispatcher runs the stock operators, so a patched
-model computes exactly what the stock one does. Off by default until a GPU lease measures it
-(`DragEditor.from_pretrained(fused_unet_kernels=True)`). Not part of the LoRA cache key: the
+model computes exactly what the stock one does. Off by default (`DragEditor.from_pretrained(
+fused_unet_kernels=True)`): on an H100 (SD 1.5 / 512 px, before the fused LayerNorm) a first edit took
+4.94 s instead of 6.30 and a repeated one 1.52 s instead of 1.94, but on 16 paired toy cases two took
+another drag path, both for the worse, so a larger paired run decides (bench/RESULTS.md). Not part of the LoRA cache key: the
 adapters it trains differ from the stock path's by roundings only (unlike `FASTDRAG_HALF_NORMS`,
 whose fp16 norms measurably changed the edits), a claim the toy benchmark checks on the GPU.
 """
@@ -47,6 +52,10 @@ def _norm_silu(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _identity(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _layer_norm(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def _geglu(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -83,17 +92,19 @@ def _install_group_norms(unet: torch.nn.Module) -> None:
         _fuse(act, _identity)
 
 
-def install_fused_blocks(unet: torch.nn.Module, group_norm: bool = True, geglu: bool = True) -> dict:
-    """Route `unet`'s GroupNorms (and the SiLUs after them) and GEGLUs through the fused kernels, each
-    kind when asked; returns `fused_counts`. Installing twice changes nothing more. CUDA graphs
+def install_fused_blocks(unet: torch.nn.Module, group_norm: bool = True, geglu: bool = True,
+                         layer_norm: bool = True) -> dict:
+    """Route `unet`'s GroupNorms (and the SiLUs after them), LayerNorms and GEGLUs through the fused
+    kernels, each kind when asked; returns `fused_counts`. Installing twice changes nothing more. CUDA graphs
     captured before keep replaying the stock kernels: install before an editor captures any
     (`from_pretrained` does), or call its `release()` after."""
     if group_norm:
         _install_group_norms(unet)
-    if geglu:
-        for module in unet.modules():
-            if type(module) is GEGLU:
-                _fuse(module, _geglu)
+    for module in unet.modules():
+        if geglu and type(module) is GEGLU:
+            _fuse(module, _geglu)
+        elif layer_norm and type(module) is torch.nn.LayerNorm and len(module.normalized_shape) == 1:
+            _fuse(module, _layer_norm)
     return fused_counts(unet)
 
 
@@ -102,7 +113,7 @@ def remove_fused_blocks(unet: torch.nn.Module) -> int:
     `fastdrag.lean_blocks`, where it had it; the others their class's); returns how many."""
     count = 0
     for module in unet.modules():
-        if own_forward(module) in (_resnet_forward, _norm, _norm_silu, _identity, _geglu):
+        if own_forward(module) in (_resnet_forward, _norm, _norm_silu, _identity, _layer_norm, _geglu):
             del module.forward
             before = vars(module).pop("_forward_before_fused", None)
             if before is not None:
@@ -112,8 +123,10 @@ def remove_fused_blocks(unet: torch.nn.Module) -> int:
 
 
 def fused_counts(unet: torch.nn.Module) -> dict:
-    """How many of `unet`'s GroupNorms and GEGLUs run fused now: {"group_norm": n, "geglu": m}."""
+    """How many of `unet`'s GroupNorms, LayerNorms and GEGLUs run fused now:
+    {"group_norm": n, "layer_norm": l, "geglu": m}."""
     norms = {_resnet_forward: 2, _norm: 1, _norm_silu: 1}
     patched = [own_forward(module) for module in unet.modules()]
     return {"group_norm": sum(norms.get(function, 0) for function in patched),
+            "layer_norm": sum(function is _layer_norm for function in patched),
             "geglu": sum(function is _geglu for function in patched)}

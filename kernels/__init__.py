@@ -12,8 +12,8 @@ Which path runs (`FASTDRAG_KERNELS`):
 the tests' switch.
 Both paths share one contract: supervision `(row, col)` coordinates, an optional `size` at which
 `feat` is read as if resized bilinearly (`align_corners=False`), fp32 accumulation.
-The UNet's kernels (`group_norm`, `geglu`; wired in by `fastdrag.fused_blocks`, opt-in) compute in
-fp32 and round once; their references are the stock operators.
+The UNet's kernels (`group_norm`, `layer_norm`, `geglu`; wired in by `fastdrag.fused_blocks`, opt-in)
+compute in fp32 and round once; their references are the stock operators.
 """
 import importlib.util
 import os
@@ -24,7 +24,7 @@ import torch
 from . import reference
 from .reference import active_pairs
 
-__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "group_norm", "geglu",
+__all__ = ["motion_supervision_loss", "track_points", "masked_l1", "point_features", "group_norm", "layer_norm", "geglu",
            "active_pairs", "uses_triton", "kernel_choice"]
 
 INT32_ELEMENTS = 2**31  # the UNet kernels index with 32-bit offsets: larger tensors take the reference
@@ -96,6 +96,16 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
     return reference.group_norm(x, num_groups, weight, bias, eps, silu)
 
 
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over x's last axis; the Triton path computes in fp32, rounds once to x's dtype and
+    keeps x (not an fp32 copy of it) for the backward."""
+    if _unet_kernel(x):
+        from .fused_layer_norm import layer_norm as fused
+        return fused(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps)
+
+
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """`a * gelu(g)` for `a, g = x.chunk(2, -1)` (diffusers' GEGLU after its projection); the Triton
     path computes in fp32 and rounds once, and keeps nothing but `x` for the backward."""
@@ -106,6 +116,6 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _unet_kernel(x: torch.Tensor) -> bool:
-    """Whether a UNet op (GroupNorm, GEGLU) takes its Triton kernel: as the drag kernels, except inside
+    """Whether a UNet op (GroupNorm, LayerNorm, GEGLU) takes its Triton kernel: as the drag kernels, except inside
     `torch.compile` or an export, where the reference runs so that traced graphs hold stock operators."""
     return uses_triton(x) and not torch.compiler.is_compiling() and x.numel() < INT32_ELEMENTS

@@ -157,7 +157,7 @@ def compile_only(arch: int, record: Callable[[object, object], None]) -> Iterato
 
 def all_cases() -> Dict[str, Callable[[], None]]:
     """What to compile: each wrapper at SD 1.5 / 512 px sizes, in the dtypes and layouts it meets."""
-    from . import fused_geglu, fused_group_norm, mask_term, motion_supervision, point_tracking
+    from . import fused_geglu, fused_group_norm, fused_layer_norm, mask_term, motion_supervision, point_tracking
 
     def drag(dtype: torch.dtype) -> Callable[[], None]:
         def run() -> None:
@@ -184,6 +184,15 @@ def all_cases() -> Dict[str, Callable[[], None]]:
                     fused_group_norm.group_norm(x, 32, weight, bias, 1e-5, silu).sum().backward()
         return run
 
+    def layer_norm(dtype: torch.dtype, affine_grads: bool) -> Callable[[], None]:
+        def run() -> None:
+            for tokens, width in ((4096, 320), (1024, 640), (256, 1280)):  # a transformer block's tokens
+                x = torch.randn(4, tokens, width, dtype=dtype, requires_grad=True)
+                weight = torch.randn(width, dtype=dtype, requires_grad=affine_grads)
+                bias = torch.randn(width, dtype=dtype, requires_grad=affine_grads)
+                fused_layer_norm.layer_norm(x, weight, bias, 1e-5).sum().backward()
+        return run
+
     def geglu(dtype: torch.dtype) -> Callable[[], None]:
         def run() -> None:
             x = torch.randn(4, 4096, 2560, dtype=dtype, requires_grad=True)
@@ -194,8 +203,10 @@ def all_cases() -> Dict[str, Callable[[], None]]:
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         cases[f"drag loop {name}"] = drag(dtype)
         cases[f"group norm {name} channels-last"] = group_norm(dtype, True, False)
+        cases[f"layer norm {name}"] = layer_norm(dtype, False)
         cases[f"geglu {name}"] = geglu(dtype)
     cases["group norm fp16 NCHW, affine gradients"] = group_norm(torch.float16, False, True)
+    cases["layer norm fp16, affine gradients"] = layer_norm(torch.float16, True)
     return cases
 
 

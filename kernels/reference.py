@@ -153,3 +153,10 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     """`a * gelu(g)` for `a, g = x.chunk(2, -1)`: diffusers' GEGLU after its projection."""
     hidden, gate = x.chunk(2, dim=-1)
     return hidden * F.gelu(gate)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over x's last axis with PyTorch's own operator: what a stock `torch.nn.LayerNorm`
+    computes (under CUDA autocast, in fp32)."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)

@@ -58,7 +58,7 @@ def test_ptx_access_widths_count_global_accesses_by_vector_width_and_element_siz
 @needs_compiler
 def test_every_kernel_compiles_for_sm90(tmp_path):
     report_file = tmp_path / "report.json"
-    cases = ["drag loop fp16", "group norm fp16 channels-last", "geglu fp16"]
+    cases = ["drag loop fp16", "group norm fp16 channels-last", "layer norm fp16", "geglu fp16"]
     result = _run([f"--case={case}" for case in cases] + ["--json", str(report_file)], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_file.read_text())

@@ -1,4 +1,4 @@
-"""`fastdrag.fused_blocks`: which GroupNorms and GEGLUs it routes through the fused kernels, and that
+"""`fastdrag.fused_blocks`: which GroupNorms, LayerNorms and GEGLUs it routes through the fused kernels, and that
 the model computes what the stock one does (exactly on the reference path, within rounding on the
 Triton one)."""
 import copy
@@ -19,7 +19,11 @@ def group_norms(module):
 
 
 def every_one(module):
-    return {"group_norm": group_norms(module), "geglu": sum(isinstance(m, GEGLU) for m in module.modules())}
+    return {"group_norm": group_norms(module), "layer_norm": sum(isinstance(m, torch.nn.LayerNorm) for m in module.modules()),
+            "geglu": sum(isinstance(m, GEGLU) for m in module.modules())}
+
+
+NONE = {"group_norm": 0, "layer_norm": 0, "geglu": 0}
 
 
 def unet_inputs(unet, batch=2, size=(12, 10), seed=0):
@@ -29,18 +33,18 @@ def unet_inputs(unet, batch=2, size=(12, 10), seed=0):
     return latents, torch.tensor([500, 300][:batch]), text
 
 
-def test_every_group_norm_and_geglu_runs_fused_and_the_unet_computes_what_the_stock_one_does(tiny):
+def test_every_norm_and_geglu_runs_fused_and_the_unet_computes_what_the_stock_one_does(tiny):
     unet = copy.deepcopy(tiny.unet)
     latents, timesteps, text = unet_inputs(unet)
     stock = unet(latents, timesteps, text).sample
-    assert install_fused_blocks(unet, geglu=False) == {"group_norm": group_norms(unet), "geglu": 0}
+    assert install_fused_blocks(unet, geglu=False, layer_norm=False) == {**NONE, "group_norm": group_norms(unet)}
     everything = every_one(unet)
     assert min(everything.values()) > 0
     assert install_fused_blocks(unet) == fused_counts(unet) == everything
     assert install_fused_blocks(unet) == everything  # twice: the same
     fused = unet(latents, timesteps, text).sample
     assert torch.equal(fused, stock)  # the CPU dispatches to the stock operators
-    assert remove_fused_blocks(unet) > 0 and fused_counts(unet) == {"group_norm": 0, "geglu": 0}
+    assert remove_fused_blocks(unet) > 0 and fused_counts(unet) == NONE
     assert not any("forward" in vars(m) for m in unet.modules())
     assert torch.equal(unet(latents, timesteps, text).sample, stock)
 
@@ -109,7 +113,7 @@ def test_an_editor_with_fused_unet_kernels_edits_as_the_stock_one(picture, tmp_p
     fused = DragEditor.from_pretrained("tiny", device="cpu", cache_dir=tmp_path / "b", progress=False,
                                        fused_unet_kernels=True)
     unet = fused.components.unet
-    assert fused_counts(unet) == every_one(unet) and fused_counts(stock.components.unet) == {"group_norm": 0, "geglu": 0}
+    assert fused_counts(unet) == every_one(unet) and fused_counts(stock.components.unet) == NONE
     first = stock.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     second = fused.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert np.array_equal(np.asarray(first.image), np.asarray(second.image)) and first.handles == second.handles
@@ -168,6 +172,6 @@ def test_the_export_copy_gets_the_stock_blocks(tiny):
     unet = copy.deepcopy(tiny.unet)
     install_fused_blocks(unet)
     exported = merged_unet(unet)
-    assert fused_counts(exported) == {"group_norm": 0, "geglu": 0}
+    assert fused_counts(exported) == NONE
     assert not any("forward" in vars(m) for m in exported.modules())
     assert fused_counts(unet) == every_one(unet)  # the editor's UNet keeps its kernels

@@ -123,7 +123,7 @@ def test_half_norms_keep_autocast_normalisation_in_half_precision():
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "inference"])
 def test_fused_unet_kernels_are_as_exact_as_the_stock_operators(autocast, monkeypatch):
-    """A channels-last fp16 tiny UNet with its GroupNorms and GEGLUs fused, against an fp32 copy of
+    """A channels-last fp16 tiny UNet with its GroupNorms, LayerNorms and GEGLUs fused, against an fp32 copy of
     it: under autocast (the LoRA and drag steps) as close as the stock fp32 norms, without it
     (inversion, denoising) as close as the stock fp16 operators, which round twice."""
     import copy
@@ -185,9 +185,9 @@ def lora_like_step(unet, seed):
 
 
 def test_fused_unet_kernels_lower_the_peak_memory_of_a_lora_step():
-    """Under autocast the stock GroupNorm keeps an fp32 copy of its input and the SiLU its fp32
-    output for the backward, and GEGLU its GELU's output; the fused kernels keep their fp16 inputs
-    alone. A LoRA-like step must peak lower with them."""
+    """Under autocast the stock GroupNorm and LayerNorm keep fp32 copies of their inputs and the SiLU
+    its fp32 output for the backward, and GEGLU its GELU's output; the fused kernels keep their fp16
+    inputs alone. A LoRA-like step must peak lower with them."""
     import copy
 
     from fastdrag.fused_blocks import install_fused_blocks
