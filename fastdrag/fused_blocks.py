@@ -21,12 +21,13 @@ backward (the inputs only, in their own dtype).
 The first forward and backward at each size compile the kernels, which `DragEditor.warm_up()` pays
 for a server.
 On the CPU (without `FASTDRAG_FORCE_TRITON`) the dispatcher runs the stock operators, so a patched
-model computes exactly what the stock one does. Off by default (`DragEditor.from_pretrained(
-fused_unet_kernels=True)`): on an H100 (SD 1.5 / 512 px, before the fused LayerNorm) a first edit took
-4.94 s instead of 6.30 and a repeated one 1.52 s instead of 1.94, but on 16 paired toy cases two took
-another drag path, both for the worse, so a larger paired run decides (bench/RESULTS.md). Not part of the LoRA cache key: the
-adapters it trains differ from the stock path's by roundings only (unlike `FASTDRAG_HALF_NORMS`,
-whose fp16 norms measurably changed the edits), a claim the toy benchmark checks on the GPU.
+model computes exactly what the stock one does. Off by default
+(`DragEditor.from_pretrained(fused_unet_kernels=True)`): on an H100 (SD 1.5 / 512 px, before the fused
+LayerNorm) a first edit took 4.94 s instead of 6.30 and a repeated one 1.52 s instead of 1.94, but on
+16 paired toy cases two took another drag path, both for the worse, so a larger paired run decides
+(bench/RESULTS.md). Not part of the LoRA cache key: the adapters it trains differ from the stock
+path's by roundings only (unlike `FASTDRAG_HALF_NORMS`, whose fp16 norms measurably changed the
+edits), a claim the toy benchmark checks on the GPU.
 """
 from __future__ import annotations
 
