@@ -269,9 +269,8 @@ def distances_to_the_fp32_edit(picture, tmp_path, **options):
     round differently (FlashAttention against cuDNN's attention, the fused UNet kernels against the stock
     operators) made images 12.8 and 13.6 apart on average (twenty-fourth session); on the CPU a relative
     change of 1e-3 in the UNet's weights moves the fp32 edit by 3.2, and another seed by 17.4. So an
-    option is judged, as the
-    operator tests judge it, by how close its fp16 edit comes to the exact (fp32) one, against the stock
-    fp16 edit's distance from it."""
+    option is judged, as the operator tests judge it, by how close its fp16 edit comes to the exact
+    (fp32) one, against the stock fp16 edit's distance from it."""
     import numpy as np
     from fastdrag import DragEditor
 
