@@ -117,5 +117,6 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 
 def _unet_kernel(x: torch.Tensor) -> bool:
     """Whether a UNet op (GroupNorm, LayerNorm, GEGLU) takes its Triton kernel: as the drag kernels, except inside
-    `torch.compile` or an export, where the reference runs so that traced graphs hold stock operators."""
-    return uses_triton(x) and not torch.compiler.is_compiling() and x.numel() < INT32_ELEMENTS
+    `torch.compile` or an export, where the reference runs so that traced graphs hold stock operators,
+    and for an empty tensor (no grid to launch)."""
+    return uses_triton(x) and not torch.compiler.is_compiling() and 0 < x.numel() < INT32_ELEMENTS

@@ -79,6 +79,13 @@ def test_frozen_weights_get_no_gradient_and_the_input_gradient_is_the_same():
     assert weight.grad is None and relative_error(dx, dx_want) <= 1e-5
 
 
+def test_an_empty_input_takes_the_stock_operator():
+    x = torch.empty(2, 0, 24, device=DEVICE, requires_grad=True)
+    weight, bias = torch.ones(24, device=DEVICE), torch.zeros(24, device=DEVICE)
+    y = kernels.layer_norm(x, weight, bias, 1e-5)
+    assert y.shape == x.shape and y.grad_fn.name() == "NativeLayerNormBackward0"
+
+
 def test_strided_input_and_no_affine_weights():
     """A transposed input (no unit stride on the normalised axis) and a LayerNorm without weights."""
     generator = torch.Generator().manual_seed(6)
