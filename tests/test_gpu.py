@@ -496,6 +496,22 @@ def test_lean_transformer_output_skips_both_nchw_copies_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_written_channels_last_is_bit_for_bit_the_nchw_one_on_cuda(dtype):
+    """A question for a change not yet built (bench/RESULTS.md, still open): in the inference stages a
+    resnet's SiLU could write CUDA's NCHW GroupNorm output straight into channels-last memory, the
+    layout its convolution then copies it to (44 copies fewer per SD 1.5 forward). That is exact only
+    if CUDA's SiLU computes each value alike whatever its output's strides. On the CPU it does not (an
+    fp32 SiLU into a strided output takes the scalar `exp`), so this asks the GPU."""
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    for channels, side in ((320, 64), (640, 32), (1280, 16), (4, 7)):
+        x = torch.randn(2, channels, side, side, device="cuda", generator=generator, dtype=dtype) * 3
+        stock = torch.nn.functional.silu(x).contiguous(memory_format=torch.channels_last)
+        direct = torch.empty_like(x, memory_format=torch.channels_last)
+        torch.ops.aten.silu.out(x, out=direct)
+        assert direct.is_contiguous(memory_format=torch.channels_last) and torch.equal(direct, stock), channels
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lean_geglu_is_bit_for_bit_the_stock_one_on_cuda(dtype):
     """`fastdrag.lean_geglu` on CUDA at an SD 1.5 feed-forward size and an odd one: the product and the
     projection's gradient, written into the two halves of one buffer, bit for bit the stock ones
