@@ -40,7 +40,8 @@
 # OUT: log.txt, tests.txt, toy_quality.txt, edit_timing.json, bench_*.json (pytest-benchmark), and for the
 # toy group toy_train.txt and toy_unet.tar. parallel-tests' toy cases, toy paths and test files are
 # TOY_CASES (default 4), TOY_PATHS (default "fast half reference"; "fused" adds the fast path with
-# --fused-unet-kernels) and TEST_FILES (default "kernels_triton gpu attention"); TOY_ARGS adds options to
+# --fused-unet-kernels) and TEST_FILES (default "kernels_triton gpu attention"); TEST_K a -k filter to every test
+# file (e.g. "not compiled_blocks": that test does not finish compiling beside the others); TOY_ARGS adds options to
 # the fast path's toy runs. PROFILE_ARGS adds options to the profile group, BENCH_K a -k filter to kernel-bench,
 # ATTENTION_K one to attention-bench.
 set -u
@@ -148,7 +149,7 @@ parallel_tests() {
     # CPU model, the host side of eager loops) oversubscribed them and a CPU test hit its timeout
     local -x OMP_NUM_THREADS=3
     for file in ${TEST_FILES:-kernels_triton gpu attention}; do
-        (timeout "$limit" "${test_file[@]}" "tests/test_$file.py" >"$out/tests_$file.txt" 2>&1
+        (timeout "$limit" "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} "tests/test_$file.py" >"$out/tests_$file.txt" 2>&1
             echo "== tests/test_$file.py exit $?" >>"$out/tests_$file.txt") &
         pids+=($!)
     done
@@ -247,9 +248,9 @@ for name in "${names[@]}"; do
     group_start=$SECONDS
     case "$name" in
     toy) start_toy ;;
-    kernel-tests) run "$name" 240 "${test_file[@]}" tests/test_kernels_triton.py ;;
-    gpu-tests) run "$name" 200 "${test_file[@]}" tests/test_gpu.py ;;
-    attention-tests) run "$name" 120 "${test_file[@]}" tests/test_attention.py ;;
+    kernel-tests) run "$name" 240 "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} tests/test_kernels_triton.py ;;
+    gpu-tests) run "$name" 200 "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} tests/test_gpu.py ;;
+    attention-tests) run "$name" 120 "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} tests/test_attention.py ;;
     parallel-tests) parallel_tests ;;
     *-bench | edit-timing | profile | memory-origins)
         finish_toy

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and coreutils' timeout")
 
 
-def run_session(groups: str, out: Path, seconds: int) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def run_session(groups: str, out: Path, seconds: int, **variables: str) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1", **variables}
     subprocess.run(["bash", "bench/gpu_session.sh", groups, str(out), str(seconds)], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=seconds + 60)
     return (out / "log.txt").read_text()
@@ -26,6 +26,12 @@ def test_groups_run_in_order_and_unknown_ones_are_named(tmp_path):
     assert "== gpu-tests exit 0" in log and "skipped" in log  # pytest ran tests/test_gpu.py and every test skipped
     assert "unknown group no-such-group" in log
     assert log.index("== gpu-tests exit") < log.index("unknown group")
+
+
+def test_test_k_filters_the_test_groups(tmp_path):
+    """TEST_K reaches pytest's -k: a filter that matches nothing leaves pytest nothing to run (exit 5)."""
+    log = run_session("gpu-tests", tmp_path, 300, TEST_K="no_test_is_named_so")
+    assert "== gpu-tests exit 5" in log, log
 
 
 def test_aliases_expand_and_the_deadline_skips_what_does_not_fit(tmp_path):
