@@ -431,7 +431,7 @@ def test_graphed_vae_matches_the_eager_one(dtype):
     assert not graphs.graphs
 
 
-def test_edit_with_cuda_graphs_matches_the_eager_edit(picture, tmp_path):
+def test_edit_with_cuda_graphs_matches_the_eager_edit(picture, tmp_path, no_tf32):
     import numpy as np
     from fastdrag import DragEditor
 
