@@ -127,7 +127,8 @@ run() {
 
 # one pytest per file, each test under a thread-method timeout: a hang (a GPU kernel that never returns
 # cannot be interrupted by a signal) costs one file, not the session
-test_file=(python3 -m pytest -v -rfsP --tb=short --durations=5 --timeout 100 --timeout-method thread -p no:cacheprovider)
+test_file=(python3 -m pytest -v -rfsP --tb=short --durations=5 --timeout 100 --timeout-method thread -p no:cacheprovider
+    ${TEST_K:+-k "$TEST_K"})
 bench_file=(env "FASTDRAG_KERNELS=${FASTDRAG_KERNELS:-triton}" python3 -m pytest -q -p no:cacheprovider --benchmark-only)
 
 # correctness checks that may share the GPU, at once: the three test files, and the toy quality
@@ -149,7 +150,7 @@ parallel_tests() {
     # CPU model, the host side of eager loops) oversubscribed them and a CPU test hit its timeout
     local -x OMP_NUM_THREADS=3
     for file in ${TEST_FILES:-kernels_triton gpu attention}; do
-        (timeout "$limit" "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} "tests/test_$file.py" >"$out/tests_$file.txt" 2>&1
+        (timeout "$limit" "${test_file[@]}" "tests/test_$file.py" >"$out/tests_$file.txt" 2>&1
             echo "== tests/test_$file.py exit $?" >>"$out/tests_$file.txt") &
         pids+=($!)
     done
@@ -248,9 +249,9 @@ for name in "${names[@]}"; do
     group_start=$SECONDS
     case "$name" in
     toy) start_toy ;;
-    kernel-tests) run "$name" 240 "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} tests/test_kernels_triton.py ;;
-    gpu-tests) run "$name" 200 "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} tests/test_gpu.py ;;
-    attention-tests) run "$name" 120 "${test_file[@]}" ${TEST_K:+-k "$TEST_K"} tests/test_attention.py ;;
+    kernel-tests) run "$name" 240 "${test_file[@]}" tests/test_kernels_triton.py ;;
+    gpu-tests) run "$name" 200 "${test_file[@]}" tests/test_gpu.py ;;
+    attention-tests) run "$name" 120 "${test_file[@]}" tests/test_attention.py ;;
     parallel-tests) parallel_tests ;;
     *-bench | edit-timing | profile | memory-origins)
         finish_toy

@@ -104,6 +104,18 @@ def test_loss_and_tracking(benchmark, device, dtype, synchronize, kind, graphed)
         measure(benchmark, device, synchronize, step)
 
 
+def autocast_step(device, dtype, forward, x, dy):
+    """A benchmark step: `forward()` under autocast (as the LoRA step and the drag run a UNet op), then
+    the gradient of `x` for the output gradient `dy`."""
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            y = forward()
+        torch.autograd.grad(y, x, dy.to(y.dtype))
+    return step
+
+
 def record_bandwidth(benchmark, nbytes: int) -> None:
     """`nbytes` (the least the step must move) per second of the mean round, as GB/s."""
     if benchmark.stats is not None:
@@ -133,14 +145,8 @@ def test_group_norm_silu_forward_backward(benchmark, device, dtype, synchronize,
         norm = fused_group_norm.group_norm
     else:
         norm = reference.group_norm
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     benchmark.group = f"GroupNorm + SiLU fwd+bwd, {batch}x320x64x64 channels-last"
-
-    def step():
-        with autocast:
-            y = norm(x, 32, weight, bias, 1e-5, True)
-        torch.autograd.grad(y, x, dy.to(y.dtype))
-
+    step = autocast_step(device, dtype, lambda: norm(x, 32, weight, bias, 1e-5, True), x, dy)
     measure(benchmark, device, synchronize, step)
     # the least any fwd+bwd moves (read x, write y, read dy, write dx), over the time: against the
     # memory's bandwidth, how far from it each path is
@@ -161,15 +167,8 @@ def test_geglu_forward_backward(benchmark, device, dtype, synchronize, kind):
         from fastdrag.kernels.fused_geglu import geglu as gate
     else:
         gate = reference.geglu
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     benchmark.group = "GEGLU fwd+bwd, 4x4096x2560"
-
-    def step():
-        with autocast:
-            y = gate(x)
-        torch.autograd.grad(y, x, dy)
-
-    measure(benchmark, device, synchronize, step)
+    measure(benchmark, device, synchronize, autocast_step(device, dtype, lambda: gate(x), x, dy))
     record_bandwidth(benchmark, 2 * (x.numel() + dy.numel()) * x.element_size())  # read x and dy, write dx and y
 
 
@@ -191,13 +190,6 @@ def test_layer_norm_forward_backward(benchmark, device, dtype, synchronize, kind
         from fastdrag.kernels.fused_layer_norm import layer_norm as norm
     else:
         norm = reference.layer_norm
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     benchmark.group = f"LayerNorm fwd+bwd, {batch}x4096x320"
-
-    def step():
-        with autocast:
-            y = norm(x, weight, bias, 1e-5)
-        torch.autograd.grad(y, x, dy.to(y.dtype))
-
-    measure(benchmark, device, synchronize, step)
+    measure(benchmark, device, synchronize, autocast_step(device, dtype, lambda: norm(x, weight, bias, 1e-5), x, dy))
     record_bandwidth(benchmark, 4 * x.numel() * x.element_size())  # read x and dy, write y and dx

@@ -122,7 +122,7 @@ def test_half_norms_keep_autocast_normalisation_in_half_precision():
 
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "inference"])
-def test_fused_unet_kernels_are_as_exact_as_the_stock_operators(autocast, monkeypatch):
+def test_fused_unet_kernels_are_as_exact_as_the_stock_operators(autocast, no_tf32):
     """A channels-last fp16 tiny UNet with its GroupNorms, LayerNorms and GEGLUs fused, against an fp32 copy of
     it: under autocast (the LoRA and drag steps) as close as the stock fp32 norms, without it
     (inversion, denoising) as close as the stock fp16 operators, which round twice."""
@@ -136,8 +136,6 @@ def test_fused_unet_kernels_are_as_exact_as_the_stock_operators(autocast, monkey
     fused = copy.deepcopy(stock)
     assert min(install_fused_blocks(fused).values()) > 0
     exact = copy.deepcopy(stock).float()
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # an fp32 oracle, not a 10-bit one
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     generator = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(2, 4, 24, 20, device="cuda", generator=generator)
     text = torch.randn(2, 77, 32, device="cuda", generator=generator)
