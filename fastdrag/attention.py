@@ -7,6 +7,9 @@ row of its pair. Keys and values are projected for the source rows only, and the
 pair are viewed as one query sequence of twice the length (a free view of the contiguous
 batch), so no K/V copy and no query concatenation is ever made. The attention itself runs on
 xformers' memory-efficient kernel where it works, else on PyTorch SDPA.
+
+With a `SourceKV` the processor either records the source rows' keys and values of each step, or
+(a repeated edit of an image) takes a batch of edited rows alone and reads the recorded ones.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from diffusers.models.attention_processor import Attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError
+from .source_kv import SourceKV
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +163,19 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 class ReferenceAttnProcessor:
-    """Self-attention where both rows of each (source, edited) pair use the source row's K/V."""
+    """Self-attention where both rows of each (source, edited) pair use the source row's K/V.
 
-    def __init__(self, backend: str = "sdpa"):
+    With `source_kv` (and this layer's `name` in it): while it records, the source rows' keys and
+    values are also written into it; otherwise every row of the batch is an edited row, whose
+    queries attend to the keys and values recorded for this layer at the current step.
+    """
+
+    def __init__(self, backend: str = "sdpa", source_kv: Optional[SourceKV] = None, name: str = ""):
         if backend not in ATTENTION:
             raise ConfigError(f"unknown attention backend {backend!r}; use one of {', '.join(ATTENTION)}")
         self.backend = backend
+        self.source_kv = source_kv
+        self.name = name
 
     def __call__(
         self,
@@ -188,24 +199,34 @@ class ReferenceAttnProcessor:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         batch, length, _ = hidden_states.shape
-        if batch % 2:
+        kept = self.source_kv is not None and not self.source_kv.recording
+        if batch % 2 and not kept:
             raise ValueError(f"reference control needs (source, edited) pairs in the batch; got batch {batch}")
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        pairs, heads = batch // 2, attn.heads
+        heads = attn.heads
         query = attn.to_q(hidden_states)
-        source = hidden_states[0::2]
-        key, value = attn.to_k(source), attn.to_v(source)
         head_dim = query.shape[-1] // heads
+        if kept:  # edited rows alone: the source rows' keys and values were recorded
+            pairs, rows = batch, 1
+            key, value = self.source_kv.read(self.name)
+            if key.shape != (pairs, length, heads, head_dim):
+                raise ValueError(f"layer {self.name}: recorded keys {tuple(key.shape)} do not fit "
+                                 f"{pairs} edited rows of length {length}")
+        else:
+            pairs, rows = batch // 2, 2
+            source = hidden_states[0::2]
+            key = attn.to_k(source).reshape(pairs, length, heads, head_dim)
+            value = attn.to_v(source).reshape(pairs, length, heads, head_dim)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if self.source_kv is not None:
+                self.source_kv.record(self.name, key, value)
         # the pair's two rows are adjacent in memory: one query sequence of length 2L per pair
-        query = query.reshape(pairs, 2 * length, heads, head_dim)
-        key = key.reshape(pairs, length, heads, head_dim)
-        value = value.reshape(pairs, length, heads, head_dim)
+        query = query.reshape(pairs, rows * length, heads, head_dim)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         out = attention_function(self.backend, head_dim)(query, key, value, attn.scale)
         out = out.reshape(batch, length, heads * head_dim).to(query.dtype)
 
@@ -242,14 +263,20 @@ def self_attention_processor_names(unet: torch.nn.Module, start_layer: int) -> L
 
 
 @contextlib.contextmanager
-def reference_control(unet: torch.nn.Module, start_layer: int, backend: str = "auto") -> Iterator[List[str]]:
-    """Install the K/V-swap processor on the chosen self-attention layers; restore the originals on exit."""
+def reference_control(unet: torch.nn.Module, start_layer: int, backend: str = "auto",
+                      source_kv: Optional[SourceKV] = None) -> Iterator[List[str]]:
+    """Install the K/V-swap processor on the chosen self-attention layers; restore the originals on exit.
+    With `source_kv`, each chosen layer records into it or reads from it (`ReferenceAttnProcessor`)."""
     chosen = self_attention_processor_names(unet, start_layer)
     resolved, why = choose_backend(backend, unet.device, unet.dtype)
     logger.debug("reference attention on %s (%s)", resolved, why)
     original: Dict[str, object] = dict(unet.attn_processors)
-    swap = ReferenceAttnProcessor(resolved)
-    unet.set_attn_processor({name: (swap if name in chosen else proc) for name, proc in original.items()})
+    if source_kv is None:
+        shared = ReferenceAttnProcessor(resolved)
+        swaps = {name: shared for name in chosen}
+    else:
+        swaps = {name: ReferenceAttnProcessor(resolved, source_kv, name) for name in chosen}
+    unet.set_attn_processor({name: swaps.get(name, proc) for name, proc in original.items()})
     try:
         yield chosen
     finally:

@@ -71,6 +71,7 @@ EDIT_FIELD_HELP = {
     "keep_lora_trainer": "keep the LoRA trainer and its CUDA graph for the next image of the same size",
     "cuda_graph_vae": "CUDA only, with --cuda-graphs: replay the VAE's encoder and decoder too",
     "merge_lora": "fold the frozen LoRA into the UNet's weights for inversion, drag and denoising",
+    "keep_source_kv": "keep the source branch's keys and values, so a repeated edit denoises one branch",
 }
 
 

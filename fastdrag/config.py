@@ -91,6 +91,11 @@ class EditConfig:
     # merged weight, as the exported backends run it; in fp16 on CUDA it removes the LoRA branch's
     # fp32 matmuls and casts (bench/RESULTS.md)
     merge_lora: bool = True
+    # PyTorch backend: keep the source branch's self-attention keys and values of the swapped denoising
+    # steps after an edit, so that a repeated edit of the image (its inversion kept) denoises the edited
+    # branch alone, at batch 1 (`fastdrag.source_kv`). Holds them between edits (SD 1.5 / 512 px in fp16:
+    # 0.82 GB for 35 steps). Off until a GPU measures what it saves
+    keep_source_kv: bool = False
 
     STAGES = ("lora", "inversion", "drag", "denoise")
 

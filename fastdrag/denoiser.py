@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, Iterator, Optional, Protocol, Tuple
+from typing import Dict, Iterator, Optional, Protocol
 
 import torch
 
 from .attention import reference_control
 from .cuda_graph import capture, on_side_stream
+from .source_kv import SourceKV
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ class Denoiser(Protocol):
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor: ...
 
     def reference_control(self, start_layer: int, backend: str = "auto") -> contextlib.AbstractContextManager: ...
+    # a denoiser that can keep the source branch's keys and values (`fastdrag.source_kv`) also takes
+    # `source_kv=` in `reference_control` and says so by `keeps_source_kv = True`
 
 
 class TorchDenoiser:
@@ -34,12 +37,13 @@ class TorchDenoiser:
     rather than holding graph memory for every size it has seen.
     """
 
-    MAX_GRAPHS = 8  # an edit needs 2 (inversion; denoising with the K/V swap)
+    MAX_GRAPHS = 8  # an edit needs 2 (inversion; denoising with the K/V swap), 3 with kept source keys and values
+    keeps_source_kv = True
 
     def __init__(self, unet: torch.nn.Module, cuda_graphs: bool = False):
         self.unet = unet
         self.cuda_graphs = cuda_graphs
-        self.mode: Optional[Tuple[int, str]] = None   # the K/V-swap mode now on, part of a graph's key
+        self.mode: Optional[tuple] = None   # the K/V-swap mode now on, part of a graph's key
         self.graphs: Dict[tuple, _CapturedForward] = {}
         self.graph_pool = None  # a `GraphPool` handle shared with other graphs, set by the owner; else one of its own
         self._own_pool = None
@@ -74,9 +78,12 @@ class TorchDenoiser:
         return captured(latents, timestep, text_embeddings).to(latents.dtype, copy=True)
 
     @contextlib.contextmanager
-    def reference_control(self, start_layer: int, backend: str = "auto") -> Iterator[None]:
-        with reference_control(self.unet, start_layer, backend):
+    def reference_control(self, start_layer: int, backend: str = "auto",
+                          source_kv: Optional[SourceKV] = None) -> Iterator[None]:
+        with reference_control(self.unet, start_layer, backend, source_kv):
             self.mode = (start_layer, backend)
+            if source_kv is not None:  # a graph writes or reads the slots of one generation
+                self.mode += ("record" if source_kv.recording else "kept", id(source_kv), source_kv.generation)
             try:
                 yield
             finally:

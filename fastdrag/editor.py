@@ -24,7 +24,7 @@ from .cache_usage import touch
 from .config import EditConfig
 from .cuda_graph import CapturedCalls, GraphPool
 from .ddim import DdimSchedule
-from .denoise import denoise_pair
+from .denoise import denoise_edited, denoise_pair
 from .denoiser import TorchDenoiser
 from .drag import DragLoop
 from .errors import ConfigError, InputError
@@ -36,6 +36,7 @@ from .inversion import invert
 from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
                    run_trainer)
 from .models import Components, load_components
+from .source_kv import SourceKV
 from .vae import capture_decoder, decode, encode_posterior, encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class DragEditor:
         self._graph_denoisers: "OrderedDict[tuple, tuple]" = OrderedDict()  # exported denoisers, least recent first
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
+        self._source_kv = SourceKV()  # the last denoising's source keys and values (config.keep_source_kv)
         self._drag_loop: Optional[DragLoop] = None  # the last drag's loop (and graph), restarted when it fits
         self._lora_trainer: Optional[LoraTrainer] = None  # the last LoRA trainer (and graph), restarted when it fits
         self._merged_mode = True  # whether the graphs kept ran with the LoRA merged (config.merge_lora)
@@ -332,7 +334,12 @@ class DragEditor:
         initialised, trained, loaded or merged in place, so they stay: `_check_weight_storage` drops
         them when the weights move instead (a new adapter rank, say)."""
         self._loaded_key = None
-        self._inverted = None      # z_t was inverted with the old adapter
+        self._forget_inversion()   # z_t was inverted with the old adapter
+
+    def _forget_inversion(self) -> None:
+        """Drop the kept z_t, and the source keys and values denoised from it (their slots stay)."""
+        self._inverted = None
+        self._source_kv.forget()
 
     def _drop_graphs(self) -> None:
         """Drop the graphs that read the UNet's weights. Where the VAE's graphs are in their pool and
@@ -399,6 +406,7 @@ class DragEditor:
         drag's loop, the last inversion and the exported denoisers' sessions or engines (e.g. before
         a long idle spell). The next edit loads its LoRA from the cache and captures again."""
         self._forget_adapter()
+        self._source_kv.clear()
         self._drop_graphs()
         self._drop_pool()
         self._graph_denoisers.clear()
@@ -586,6 +594,22 @@ class DragEditor:
             self._drag_loop = loop
         return loop.run(progress=self.progress)
 
+    def _denoise(self, denoiser, z_t: torch.Tensor, edited: torch.Tensor, prepared: PreparedImage,
+                 schedule: DdimSchedule, config: EditConfig) -> torch.Tensor:
+        """Stage 4; returns the edited branch's clean latent. With `keep_source_kv` (PyTorch backend) a
+        denoising records the source branch's keys and values, and a repeated edit of the image, whose
+        inversion is the recorded one's, denoises the edited branch alone with them."""
+        text, source_kv = prepared.text_embeddings, self._source_kv
+        if not (config.keep_source_kv and getattr(denoiser, "keeps_source_kv", False)):
+            source_kv.clear()  # off: hold nothing
+            return denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self.progress)[1:]
+        key = (self._inversion_key(prepared, schedule, config), config.denoise, config.merge_lora, self._sdpa_priority)
+        if source_kv.holds(key):
+            return denoise_edited(denoiser, edited, text, schedule, config.denoise, source_kv, progress=self.progress)
+        pair = denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self.progress,
+                            record=source_kv, record_key=key)
+        return pair[1:]
+
     @_one_at_a_time
     def warm_up(self, size: Optional[Tuple[int, int]] = None, **overrides) -> Dict[str, float]:
         """Run one short edit of a synthetic `size` image (default: the model's native size) and forget it.
@@ -600,8 +624,9 @@ class DragEditor:
         where a later edit fits it: the denoiser's graphs at this size, the LoRA trainer's (with
         `keep_lora_trainer`, the default) and the drag loop's (for one handle and a mask: the warm-up
         drags one, under a mask, at the edit's own schedule, whose drag timestep the graph holds), so
-        a first request pays neither their eager steps nor their capture.
-        Returns the warm-up edit's seconds per stage.
+        a first request pays neither their eager steps nor their capture. With `keep_source_kv` it edits
+        the image twice, so that a repeated edit's batch-1 denoising is captured too.
+        Returns the (first) warm-up edit's seconds per stage.
         """
         native = self.components.unet.config.sample_size * self.components.vae_scale
         width, height = size or (native, native)
@@ -616,6 +641,8 @@ class DragEditor:
             self.cache = LoraCache(Path(scratch))
             try:
                 result = self.edit(image, "", points, mask=mask, **{**overrides, **short})
+                if result.config.keep_source_kv:  # a repeated edit's denoising: its graph, at batch 1
+                    self.edit(image, "", points, mask=mask, **{**overrides, **short})
             finally:
                 self.cache = user_cache
                 self._forget_adapter()
@@ -639,7 +666,7 @@ class DragEditor:
             self._merged_mode = config.merge_lora
             self.denoiser.reset()
             self._drag_loop = None
-            self._inverted = None
+            self._forget_inversion()
         self.denoiser.graph_pool = self._shared_graph_pool()
         latents = None  # the clean latent: only an inversion needs it, and a repeated edit keeps its inversion
         inversion_kept = self._inversion_kept(prepared, schedule, config)
@@ -651,9 +678,9 @@ class DragEditor:
         with merged, sdpa_priority(self._sdpa_priority):
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
             result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config, inversion_kept)
-            pair = self._timed(timings, "denoise", denoise_pair, denoiser, z_t, result.latent,
-                               prepared.text_embeddings, schedule, config.denoise, progress=self.progress)
-        edited = self._timed(timings, "vae_decode", decode, c.vae, pair[1:], c.scaling_factor,
+            edited_latent = self._timed(timings, "denoise", self._denoise, denoiser, z_t, result.latent,
+                                        prepared, schedule, config)
+        edited = self._timed(timings, "vae_decode", decode, c.vae, edited_latent, c.scaling_factor,
                              self._vae_graphs_for(config))
         if edited.size != inputs.original_size:
             edited = edited.resize(inputs.original_size, Image.BICUBIC)
