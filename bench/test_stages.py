@@ -4,8 +4,9 @@
         [--fused-unet-kernels]
 
 Stages: one LoRA step (batch 4), one inversion step, one drag iteration, one reference-controlled
-denoising step (batch 2), VAE encode and decode; then a first edit (LoRA trained) and a repeated
-edit of the same image (LoRA from the cache) at the default steps.
+denoising step (batch 2) and a repeated edit's (batch 1, the source branch's keys and values kept),
+VAE encode and decode; then a first edit (LoRA trained) and a repeated edit of the same image (LoRA
+from the cache) at the default steps.
 """
 import itertools
 from typing import Tuple
@@ -21,6 +22,7 @@ from fastdrag.denoiser import TorchDenoiser
 from fastdrag.drag import DragLoop
 from fastdrag.inputs import prepare_inputs
 from fastdrag.lora import LoraTrainer, merged_adapter
+from fastdrag.source_kv import SourceKV
 from fastdrag.vae import decode, encode_posterior, encode_prompt
 from flop_count import count_flops
 
@@ -142,6 +144,30 @@ def test_denoising_step(benchmark, setup, synchronize, device, graphs):
             eager.reference_control(start_layer):
         measure(benchmark, synchronize, lambda: ddim_step(schedule, pair, denoiser(pair, 341, text2), 341),
                 "stage 4: denoising step (batch 2, K/V swap)", count=lambda: eager(pair, 341, text2))
+
+
+@pytest.mark.parametrize("graphs", GRAPHS)
+def test_denoising_step_with_kept_source(benchmark, setup, synchronize, device, graphs):
+    """A repeated edit's denoising step with `keep_source_kv`: the edited branch alone (batch 1), its
+    swapped layers reading the source branch's keys and values that a batch-2 step recorded; beside
+    `test_denoising_step`'s batch 2 in the same run."""
+    needs_cuda_for(graphs, device)
+    editor, _, _, text, _, schedule, z0 = setup
+    denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
+    pair, edited = torch.cat([z0, z0 + 0.1]), z0 + 0.1
+    start_layer, store = editor.config.denoise.start_layer, SourceKV()
+    with merged_adapter(editor.components.unet):
+        store.begin(pair, 1, start_layer, recording=True)
+        store.set_step(0)
+        with eager.reference_control(start_layer, source_kv=store):
+            eager(pair, 341, text.expand(2, -1, -1))
+        store.finish("benchmark")
+        store.begin(edited, 1, start_layer, recording=False)
+        store.set_step(0)
+        with denoiser.reference_control(start_layer, source_kv=store), \
+                eager.reference_control(start_layer, source_kv=store):
+            measure(benchmark, synchronize, lambda: ddim_step(schedule, edited, denoiser(edited, 341, text), 341),
+                    "stage 4: denoising step (batch 1, kept source K/V)", count=lambda: eager(edited, 341, text))
 
 
 def test_vae_encode(benchmark, setup, synchronize):

@@ -71,6 +71,28 @@ def test_denoising_step_is_one_batch_two_forward(tiny):
     assert 0.9 * plain <= swapped <= plain  # K/V projected for the source rows only
 
 
+def test_a_repeated_edits_denoising_step_with_kept_source_keys_and_values_is_one_batch_one_forward(tiny):
+    """`keep_source_kv`: the edited branch alone, its swapped layers reading recorded keys and values
+    (projecting none), costs at most one plain batch-1 forward: half the pair's step."""
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.source_kv import SourceKV
+
+    denoiser, store = TorchDenoiser(tiny.unet), SourceKV()
+    start_layer = DenoiseConfig().start_layer
+    pair, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    store.begin(pair, 1, start_layer, recording=True)
+    store.set_step(0)
+    with denoiser.reference_control(start_layer, source_kv=store):
+        swapped_pair = count(lambda: denoiser(pair, 421, text))
+    store.finish("image")
+    store.begin(pair[1:], 1, start_layer, recording=False)
+    plain_one = count(lambda: denoiser(pair[1:], 421, text[1:]))
+    with denoiser.reference_control(start_layer, source_kv=store):
+        kept_one = count(lambda: denoiser(pair[1:], 421, text[1:]))
+    assert 0.9 * plain_one <= kept_one < plain_one  # no key or value projected
+    assert kept_one <= 0.5 * swapped_pair
+
+
 def test_the_image_is_encoded_once_per_edit_and_not_for_a_repeated_one(editor, picture, fast):
     """Once for a new image (the LoRA trains on it); not at all for a repeated edit, whose LoRA comes from
     the cache and whose inversion the editor kept; once again when that inversion is gone."""

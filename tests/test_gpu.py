@@ -377,6 +377,73 @@ def test_graphed_denoiser_matches_the_eager_one(dtype):
     assert not graphed.graphs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graphed_denoising_of_the_edited_branch_alone_matches_the_pair(dtype, no_tf32):
+    """Kept source keys and values (`keep_source_kv`) through CUDA graphs: the recording pair's graph
+    writes them into the slots at the device step index, the edited branch's batch-1 graph reads them
+    back, and its replays neither capture again nor sync with the host. fp32 (TF32 off): the eager
+    pair's edited row; fp16: about as close to that fp32 result as the graphed fp16 pair's is."""
+    from fastdrag.config import DenoiseConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.denoise import denoise_edited, denoise_pair
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.models import build_tiny
+    from fastdrag.source_kv import SourceKV
+
+    components = build_tiny()
+    schedule = DdimSchedule.from_scheduler(components.scheduler, 10, 7)
+    config = DenoiseConfig(start_step=2)  # two plain steps first: a batch-1 graph without the swap too
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    source, edited = (torch.randn(1, 4, 8, 8, device="cuda", generator=generator) for _ in range(2))
+    text = torch.randn(1, 77, 32, device="cuda", generator=generator)
+    exact = denoise_pair(TorchDenoiser(components.unet.to("cuda", torch.float32)), source, edited, text, schedule,
+                         config, progress=False)
+    graphed = TorchDenoiser(components.unet.to("cuda", dtype), cuda_graphs=True)
+    store = SourceKV()
+    pair = denoise_pair(graphed, source, edited, text, schedule, config, progress=False, record=store,
+                        record_key="image")
+    alone = denoise_edited(graphed, edited, text, schedule, config, store, progress=False)
+    assert torch.isfinite(alone).all() and store.holds("image")
+    error = lambda x: float((x - exact[1:]).abs().max())
+    if dtype == torch.float32:
+        torch.testing.assert_close(pair, exact, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(alone, exact[1:], rtol=1e-4, atol=1e-4)
+    else:
+        assert error(alone) <= 2 * error(pair[1:]) + 1e-3, (error(alone), error(pair[1:]))
+    graphs = set(graphed.graphs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = denoise_edited(graphed, edited, text, schedule, config, store, progress=False)
+        other = denoise_edited(graphed, source, text, schedule, config, store, progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert set(graphed.graphs) == graphs and len(graphs) == 4  # plain batch 1 and 2, recording, reading
+    assert torch.equal(again, alone)
+    assert not torch.allclose(other, alone, atol=1e-2)  # another edited latent: not a stale output
+
+
+def test_a_repeated_edit_with_kept_source_keys_and_values_matches_one_without(picture, tmp_path, no_tf32):
+    import numpy as np
+    from fastdrag import DragEditor
+
+    settings = dict(lora_steps=4, num_inference_steps=10, drag_steps=6, reach_distance=0)
+    moved = [((hx + 4, hy - 2), (tx - 3, ty)) for (hx, hy), (tx, ty) in picture.points]
+    images = {}
+    for keep in (False, True):
+        editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path / str(keep),
+                                            progress=False)
+        editor.warm_up(keep_source_kv=keep, **settings)
+        editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, keep_source_kv=keep, **settings)
+        graphs = len(editor.denoiser.graphs)
+        result = editor.edit(picture.image, picture.prompt, moved, mask=picture.mask, keep_source_kv=keep, **settings)
+        assert result.lora_cached and len(editor.denoiser.graphs) == graphs  # warm_up captured them all
+        assert (editor._source_kv.nbytes > 0) == keep
+        images[keep] = np.asarray(result.image, dtype=np.float32)
+    difference = np.abs(images[True] - images[False])
+    assert difference.mean() < 3.0, difference.mean()
+
+
 def test_sd15_random_reaches_the_gpu_without_free_fragments():
     """The benchmark model loads as a checkpoint does, from the CPU in fp16, the UNet's convolution
     weights channels-last as the editor loads them on CUDA: what loading it reserves is about what its
