@@ -94,7 +94,7 @@ class EditConfig:
     # PyTorch backend: keep the source branch's self-attention keys and values of the swapped denoising
     # steps after an edit, so that a repeated edit of the image (its inversion kept) denoises the edited
     # branch alone, at batch 1 (`fastdrag.source_kv`). Holds them between edits (SD 1.5 / 512 px in fp16:
-    # 0.82 GB for 35 steps). Off until a GPU measures what it saves
+    # 0.83 GB for 35 steps). Off until a GPU measures what it saves
     keep_source_kv: bool = False
 
     STAGES = ("lora", "inversion", "drag", "denoise")
