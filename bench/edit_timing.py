@@ -15,7 +15,7 @@ the input-gradient-only backward (`fastdrag.frozen_conv`; default: the package's
 variant, `sdpa_priority=flash|cudnn|efficient|default`, the order in which the UNet's SDPA attention
 tries its backends (the editor's `sdpa_priority`), `half_norms=true|false`, which sets `FASTDRAG_HALF_NORMS`
 for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
-mask term), `cudnn_benchmark=true`, which lets cuDNN time its convolution algorithms for each new shape
+mask term), `keep_source_kv=true` (an edit setting: each row's `kept_kv_GB` says what it holds), `cudnn_benchmark=true`, which lets cuDNN time its convolution algorithms for each new shape
 (`torch.backends.cudnn.benchmark`) for the variant, `release_cached_memory=true`, the editor's option that empties the CUDA caching
 allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
 CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
@@ -175,7 +175,8 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             row = {"variant": name, "edit": kind, "total_s": time.perf_counter() - start,
-                   **{f"{stage}_s": seconds for stage, seconds in timings.items()}, "drag_steps": drag_steps}
+                   **{f"{stage}_s": seconds for stage, seconds in timings.items()}, "drag_steps": drag_steps,
+                   "kept_kv_GB": editor._source_kv.nbytes / 1e9}  # held between edits with keep_source_kv
             if device.type == "cuda":
                 row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 # what the process holds: replays of kept CUDA graphs use their pools' reserved memory,

@@ -60,7 +60,7 @@ def test_first_and_repeated_edits_are_timed(tmp_path):
     quick = "lora_steps=2,drag_steps=2,num_inference_steps=5"
     out = tmp_path / "timing.json"
     subprocess.run([sys.executable, "bench/edit_timing.py", "--model", "tiny", "--size", "64", "--repeats", "1",
-                    "--variant", f"a:{quick}", "--variant", f"b:release_cached_memory=true,channels_last=true,mask=false,half_norms=true,fused_unet_kernels=true,graph_warmup=1,cudnn_benchmark=true,sdpa_priority=flash,{quick}", "--json", str(out)],
+                    "--variant", f"a:{quick}", "--variant", f"b:release_cached_memory=true,channels_last=true,mask=false,half_norms=true,fused_unet_kernels=true,graph_warmup=1,cudnn_benchmark=true,sdpa_priority=flash,keep_source_kv=true,{quick}", "--json", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     rows = json.loads(out.read_text())
     assert [(r["variant"], r["edit"]) for r in rows] == [
@@ -72,6 +72,7 @@ def test_first_and_repeated_edits_are_timed(tmp_path):
             assert row["drag_s"] > 0 and row["drag_steps"] is None
             continue
         assert row["drag_steps"] <= 2
+        assert (row["kept_kv_GB"] > 0) == (row["variant"] == "b")  # b keeps the source keys and values
         if row["edit"] == "repeated":
             assert row["lora_s"] < 0.05 and row["inversion_s"] < 0.05  # from the caches
         else:
