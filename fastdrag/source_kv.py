@@ -26,7 +26,7 @@ class SourceKV:
 
     def __init__(self):
         self.slots: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self.layout: Optional[tuple] = None   # (latent shape, dtype, swapped steps, start layer) of the slots
+        self.layout: Optional[tuple] = None   # (pairs, latent shape, dtype, swapped steps, start layer) of the slots
         self.generation = 0                   # bumped whenever slots are freed
         self.valid_for: Optional[Hashable] = None  # the key of the complete recording the slots hold
         self.recording = False
@@ -44,8 +44,10 @@ class SourceKV:
 
     def begin(self, latents: torch.Tensor, steps: int, start_layer: int, recording: bool) -> None:
         """Before a denoising of `latents` whose last `steps` steps swap keys and values: record into the
-        slots (freeing them first if they were laid out for another shape) or read a kept recording."""
-        layout = (tuple(latents.shape[1:]), latents.dtype, steps, start_layer)
+        slots (freeing them first if they were laid out for another shape) or read a kept recording.
+        Recording, `latents` holds (source, edited) pairs; reading, the edited rows alone."""
+        pairs = latents.shape[0] // 2 if recording else latents.shape[0]
+        layout = (pairs, tuple(latents.shape[1:]), latents.dtype, steps, start_layer)
         if recording:
             if layout != self.layout:
                 self.clear()
@@ -100,7 +102,7 @@ class SourceKV:
         return keys.index_select(0, row)[0], values.index_select(0, row)[0]
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
-        steps = self.layout[2]
+        steps = self.layout[3]
         if like.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("SourceKV slots must be allocated before a CUDA graph capture (in its warm-up)")
         # on the denoising's stream even inside a graph's side-stream warm-up, so that the caching

@@ -66,6 +66,9 @@ def test_reading_needs_a_complete_recording_of_the_same_layout():
     store.finish("key")
     with pytest.raises(RuntimeError, match="no complete recording"):  # another latent size
         store.begin(torch.zeros(1, 4, 6, 3), steps=2, start_layer=0, recording=False)
+    with pytest.raises(RuntimeError, match="no complete recording"):  # two edited rows for one recorded pair
+        store.begin(torch.zeros(2, 4, 5, 3), steps=2, start_layer=0, recording=False)
+    store.begin(torch.zeros(1, 4, 5, 3), steps=2, start_layer=0, recording=False)  # the recorded layout
     store.forget()
     with pytest.raises(RuntimeError, match="no complete recording"):
         store.begin(torch.zeros(1, 4, 5, 3), steps=2, start_layer=0, recording=False)
