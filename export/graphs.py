@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
-from ..attention import reference_control
+from ..attention import reference_control, self_attention_processor_names
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,53 @@ class UNetEps(torch.nn.Module):
         return self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
 
 
+class KVExchange:
+    """What the swapped layers' `ReferenceAttnProcessor`s read and record in an exported graph: the
+    source keys and values become the reference graph's extra outputs (recording) or the kept graph's
+    extra inputs (reading), by layer name."""
+
+    def __init__(self, recording: bool):
+        self.recording = recording
+        self.values: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.values[name] = (key, value)
+
+    def read(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.values[name]
+
+
+def source_kv_names(count: int) -> List[str]:
+    """The graphs' names of the swapped layers' source keys and values, in forward order, key then value."""
+    return [f"source_{kind}_{index}" for index in range(count) for kind in ("key", "value")]
+
+
+class UNetEpsRecordingKV(torch.nn.Module):
+    """(latents, timestep, text embeddings) of (source, edited) pairs -> (predicted noise, then each
+    swapped layer's source keys and values), under `reference_control(..., source_kv=exchange)`."""
+
+    def __init__(self, unet, layers: List[str], exchange: KVExchange):
+        super().__init__()
+        self.unet, self.layers, self.exchange = unet, layers, exchange
+
+    def forward(self, latents, timestep, text):
+        eps = self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        return (eps, *[tensor for layer in self.layers for tensor in self.exchange.values[layer]])
+
+
+class UNetEpsKeptKV(torch.nn.Module):
+    """(edited latents, timestep, text embeddings, then each swapped layer's source keys and values)
+    -> predicted noise: the edited branch of a reference step alone."""
+
+    def __init__(self, unet, layers: List[str], exchange: KVExchange):
+        super().__init__()
+        self.unet, self.layers, self.exchange = unet, layers, exchange
+
+    def forward(self, latents, timestep, text, *source_kv):
+        self.exchange.values = {layer: (source_kv[2 * i], source_kv[2 * i + 1]) for i, layer in enumerate(self.layers)}
+        return self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+
 class VaeDecode(torch.nn.Module):
     """Unscaled latents (latent / scaling_factor) -> image in [-1, 1]."""
 
@@ -96,9 +143,11 @@ def _np_dtype(dtype: torch.dtype) -> str:
 
 
 def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: int,
-               unet_dtype: torch.dtype, vae_dtype: torch.dtype) -> List[GraphJob]:
+               unet_dtype: torch.dtype, vae_dtype: torch.dtype, keep_source_kv: bool = False) -> List[GraphJob]:
     """The four graphs of an export at a fixed image size: inversion UNet (batch 1), reference
-    UNet (batch 2, K/V swap from `start_layer` inside the graph), VAE decoder and encoder."""
+    UNet (batch 2, K/V swap from `start_layer` inside the graph), VAE decoder and encoder. With
+    `keep_source_kv` the reference UNet also gives each swapped layer's source keys and values, and a
+    fifth graph, `unet_kept` (batch 1), takes them with an edited latent: a repeated edit's step."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (vae.config.latent_channels, height // scale, width // scale)
     ud, vd = _np_dtype(unet_dtype), _np_dtype(vae_dtype)
@@ -124,7 +173,28 @@ def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: i
                  VaeEncodeMean(vae), (rand(1, 3, height, width, dtype=vae_dtype).clamp(-1, 1),)),
     ]
     jobs[1].spec.extra["reference_control"] = {"start_layer": start_layer}
+    if keep_source_kv:
+        jobs += _source_kv_jobs(jobs[1], jobs[0], unet, start_layer)
     return jobs
+
+
+def _source_kv_jobs(reference: GraphJob, inversion: GraphJob, unet, start_layer: int) -> List[GraphJob]:
+    """Turn the reference job into one that also outputs the swapped layers' source keys and values,
+    and return the kept job that takes them; their shapes come from one eager run of the example."""
+    layers = self_attention_processor_names(unet, start_layer)
+    recording, reading = KVExchange(recording=True), KVExchange(recording=False)
+    reference.module = UNetEpsRecordingKV(unet, layers, recording)
+    reference.context = lambda: reference_control(unet, start_layer, "sdpa", source_kv=recording)
+    with torch.no_grad(), reference.context():
+        outputs = reference.module(*reference.example)
+    names, dtype = source_kv_names(len(layers)), reference.spec.outputs[0].dtype
+    kv_specs = [TensorSpec(name, tuple(tensor.shape), dtype) for name, tensor in zip(names, outputs[1:])]
+    reference.spec.outputs += kv_specs
+    kept = GraphSpec("unet_kept", inputs=list(inversion.spec.inputs) + kv_specs, outputs=list(inversion.spec.outputs))
+    kept.extra["reference_control"] = {"start_layer": start_layer}
+    example = (*inversion.example, *[tensor.contiguous() for tensor in outputs[1:]])
+    return [GraphJob(kept, UNetEpsKeptKV(unet, layers, reading), example,
+                     lambda: reference_control(unet, start_layer, "sdpa", source_kv=reading))]
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..attention import self_attention_processor_names
 from ..ddim import DdimSchedule
 from ..errors import ConfigError, OutputExistsError
 from .graphs import export_onnx, graph_jobs
@@ -28,10 +29,11 @@ def check_output(folder: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{folder} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
-REFITTABLE = ("unet_inversion", "unet_reference")
+REFITTABLE = ("unet_inversion", "unet_reference", "unet_kept")  # the UNet graphs an export may hold
 
 
-def _write_refit_maps(folder: Path, artifacts: Dict[str, object], unet, targets) -> Optional[Dict[str, object]]:
+def _write_refit_maps(folder: Path, artifacts: Dict[str, object], unet, targets,
+                      start_layer: int) -> Optional[Dict[str, object]]:
     """Which initializers of the UNet graphs hold the LoRA-target weights (`refit.json`), so the same
     graphs can later run another image's LoRA (ONNX Runtime initializer overrides, TensorRT refit)
     instead of being exported again. None, with a log line, for graphs where a weight is not found."""
@@ -40,14 +42,33 @@ def _write_refit_maps(folder: Path, artifacts: Dict[str, object], unet, targets)
     from .refit import refit_map, save_refit_maps
 
     maps = {}
-    for name in REFITTABLE:
+    graphs = [name for name in REFITTABLE if name in artifacts]
+    # the kept graph takes the swapped layers' keys and values as inputs: their projections are not in it
+    swapped = [name[:-len(".processor")] for name in self_attention_processor_names(unet, start_layer)]
+    kept_unused = [f"{layer}.{projection}.weight" for layer in swapped for projection in ("to_k", "to_v")]
+    for name in graphs:
         try:
-            maps[name] = refit_map(onnx.load(str(folder / artifacts[name]["file"])), unet, targets)
+            maps[name] = refit_map(onnx.load(str(folder / artifacts[name]["file"])), unet, targets,
+                                   unused=kept_unused if name == "unet_kept" else ())
         except ValueError as exc:
             logger.info("%s cannot be refitted with another LoRA: %s", name, exc)
             return None
     save_refit_maps(folder / "refit.json", maps, targets)
-    return {"file": "refit.json", "targets": list(targets), "graphs": list(REFITTABLE)}
+    return {"file": "refit.json", "targets": list(targets), "graphs": graphs}
+
+
+def source_kv_protocol(artifacts: Dict[str, object], config) -> Dict[str, object]:
+    """The manifest's description of how a service keeps the source branch's keys and values."""
+    tensors = [t["name"] for t in artifacts["unet_kept"]["inputs"] if t["name"].startswith("source_")]
+    return {
+        "tensors": tensors,
+        "steps": max(config.inversion.num_inversion_steps - config.denoise.start_step, 0),
+        "how": ("At each denoising step from reference_control.start_step on, unet_reference also outputs these "
+                "tensors (the source branch's keys and values of the swapped layers). A later edit of the same "
+                "image (the same z_t, prompt and LoRA) may run that step as unet_kept instead: the edited latent "
+                "alone at batch 1, with the tensors that step gave as inputs of the same names. Its eps is "
+                "unet_reference's edited row (batch 2, row 1)."),
+    }
 
 
 def export_loaded(components, lora_key: str, lora_config, image_size, text_embeddings: torch.Tensor, config,
@@ -78,7 +99,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
     try:
         artifacts: Dict[str, object] = {}
         opset = None
-        for job in graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype):
+        for job in graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
+                              keep_source_kv=config.keep_source_kv):
             job.spec.file = f"{job.spec.name}.onnx"
             logger.info("exporting %s", job.spec.name)
             opset = export_onnx(job, staging / job.spec.file)
@@ -86,7 +108,7 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             if data_file.exists():  # weights as ONNX external data: ship the side file with the graph
                 job.spec.extra["external_data"] = data_file.name
             artifacts[job.spec.name] = job.spec.to_dict()
-        refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets)
+        refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets, config.denoise.start_layer)
         artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
         schedule = DdimSchedule.from_scheduler(components.scheduler, config.inversion.num_inference_steps,
                                                config.inversion.num_inversion_steps)
@@ -105,12 +127,14 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
         }
         if refit is not None:
             data["refit"] = refit
+        if "unet_kept" in artifacts:
+            data["source_kv"] = source_kv_protocol(artifacts, config)
         if fmt == "tensorrt":
             from .tensorrt import BuildSettings, build_engine
 
             settings = BuildSettings(fp16=True)
             data["engines"] = {}
-            for name in ("unet_inversion", "unet_reference", "vae_decoder", "vae_encoder"):
+            for name in [name for name in artifacts if name != "text_embedding"]:
                 build_started = time.perf_counter()
                 build_engine(staging / f"{name}.onnx", staging / f"{name}.plan", settings)
                 data["engines"][name] = {"file": f"{name}.plan", "flags": settings.flags(),

@@ -37,9 +37,12 @@ def target_weights(unet: torch.nn.Module, targets: Iterable[str]) -> Dict[str, t
             if isinstance(module, torch.nn.Linear) and name.endswith(targets) and ".attn" in name}
 
 
-def refit_map(onnx_model, unet: torch.nn.Module, targets: Iterable[str]) -> Dict[str, List[RefitEntry]]:
+def refit_map(onnx_model, unet: torch.nn.Module, targets: Iterable[str],
+              unused: Iterable[str] = ()) -> Dict[str, List[RefitEntry]]:
     """For every LoRA-target weight of `unet` (the merged model the graph was exported from), the
-    initializers of `onnx_model` that hold it. Raises if one is missing: such a graph cannot be refitted."""
+    initializers of `onnx_model` that hold it. Raises if one is missing: such a graph cannot be refitted.
+    `unused` names weights the graph does not compute with (the kept graph's swapped layers' key and
+    value projections, whose results are its inputs): they map to nothing."""
     from onnx import numpy_helper
 
     by_digest: Dict[str, List[Tuple[str, str]]] = {}
@@ -49,7 +52,11 @@ def refit_map(onnx_model, unet: torch.nn.Module, targets: Iterable[str]) -> Dict
             by_digest.setdefault(_digest(array), []).append((initializer.name, array.dtype.name))
     mapping: Dict[str, List[RefitEntry]] = {}
     missing = []
+    unused = set(unused)
     for name, weight in target_weights(unet, targets).items():
+        if name in unused:
+            mapping[name] = []
+            continue
         array = weight.detach().cpu().numpy()
         found = [RefitEntry(n, False, d) for n, d in by_digest.get(_digest(array), [])]
         found += [RefitEntry(n, True, d) for n, d in by_digest.get(_digest(array.T), [])]

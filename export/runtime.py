@@ -2,7 +2,9 @@
 
 Both implement the `Denoiser` interface of `fastdrag.denoiser`: `__call__(latents, t, text)` runs
 the batch-1 inversion graph (row by row for a larger batch), and inside `reference_control(...)`
-a (source, edited) batch runs the batch-2 graph that carries the K/V swap.
+a (source, edited) batch runs the batch-2 graph that carries the K/V swap. An export made with
+`keep_source_kv` also keeps the source branch's keys and values (`fastdrag.source_kv`): the batch-2
+graph outputs them, and its `unet_kept` graph takes them with the edited latent alone.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..source_kv import SourceKV
 from .manifest import Manifest
 
 _NP = {"float32": np.float32, "float16": np.float16}
@@ -20,35 +23,65 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16}
 
 
 class _GraphDenoiser:
-    """Shared logic: which graph answers a call, and the start-layer check."""
+    """Shared logic: which graph answers a call, the start-layer check, and the kept keys and values."""
+
+    UNET_GRAPHS = ("unet_inversion", "unet_reference", "unet_kept")
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         self.reference = False
+        self.source_kv: Optional[SourceKV] = None
         self.start_layer = int(manifest.data["artifacts"]["unet_reference"]["reference_control"]["start_layer"])
+        self.graph_names = [name for name in self.UNET_GRAPHS if name in manifest.data["artifacts"]]
+        self.keeps_source_kv = "unet_kept" in self.graph_names
+        tensors = manifest.data.get("source_kv", {}).get("tensors", [])
+        self.kv_tensors = list(zip(tensors[0::2], tensors[1::2]))  # (key, value) names per swapped layer
 
-    def _run(self, graph: str, latents: torch.Tensor, timestep: int, text: torch.Tensor) -> torch.Tensor:
+    def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The graph's outputs by name, each in the caller's hands (not a buffer the next run overwrites)."""
         raise NotImplementedError
 
+    def _eps(self, graph: str, latents: torch.Tensor, timestep: int, text: torch.Tensor, **extra):
+        feeds = {"latents": latents, "timestep": torch.full((1,), float(timestep), device=latents.device),
+                 "text_embeddings": text, **extra}
+        outputs = self._run(graph, feeds)
+        return outputs.pop("eps").to(latents.dtype), outputs
+
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
+        if self.reference and self.source_kv is not None and not self.source_kv.recording:
+            if latents.shape[0] != 1:
+                raise ValueError(f"the exported kept graph takes one edited latent; got {latents.shape[0]}")
+            kept = {}
+            for index, (key_name, value_name) in enumerate(self.kv_tensors):
+                kept[key_name], kept[value_name] = self.source_kv.read(str(index))
+            return self._eps("unet_kept", latents, timestep, text_embeddings, **kept)[0]
         if self.reference:
             if latents.shape[0] != 2:
                 raise ValueError(f"the exported reference graph takes a batch of 2; got {latents.shape[0]}")
-            return self._run("unet_reference", latents, timestep, text_embeddings)
-        rows = [self._run("unet_inversion", latents[i:i + 1], timestep, text_embeddings[i:i + 1])
+            eps, outputs = self._eps("unet_reference", latents, timestep, text_embeddings)
+            if self.source_kv is not None:
+                for index, (key_name, value_name) in enumerate(self.kv_tensors):
+                    self.source_kv.record(str(index), outputs[key_name], outputs[value_name])
+            return eps
+        rows = [self._eps("unet_inversion", latents[i:i + 1], timestep, text_embeddings[i:i + 1])[0]
                 for i in range(latents.shape[0])]
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     @contextlib.contextmanager
-    def reference_control(self, start_layer: int, backend: str = "auto") -> Iterator[None]:
+    def reference_control(self, start_layer: int, backend: str = "auto",
+                          source_kv: Optional[SourceKV] = None) -> Iterator[None]:
+        """The batch-2 reference graph within; with `source_kv` (an export with `keep_source_kv`) it also
+        records the source keys and values, or, while `source_kv` reads, the kept graph runs instead."""
         if start_layer != self.start_layer:
             raise ConfigError(f"the exported reference graph swaps K/V from layer {self.start_layer}, "
                               f"not {start_layer}: export again with that start_layer")
-        self.reference = True
+        if source_kv is not None and not self.keeps_source_kv:
+            raise ConfigError(f"{self.manifest.folder} has no kept-keys-and-values graph: export with keep_source_kv")
+        self.reference, self.source_kv = True, source_kv
         try:
             yield
         finally:
-            self.reference = False
+            self.reference, self.source_kv = False, None
 
 
 class OnnxRuntimeDenoiser(_GraphDenoiser):
@@ -66,7 +99,7 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.override_values = []  # ONNX Runtime reads them while its sessions live: keep them
         self.sessions = {}
-        for name in ("unet_inversion", "unet_reference"):
+        for name in self.graph_names:
             options = ort.SessionOptions()
             options.log_severity_level = 3
             for initializer, array in (overrides or {}).get(name, {}).items():
@@ -76,27 +109,27 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
             self.sessions[name] = ort.InferenceSession(str(manifest.path(name)), options, providers=providers)
         self.specs = manifest.graphs
 
-    def _run(self, graph: str, latents: torch.Tensor, timestep: int, text: torch.Tensor) -> torch.Tensor:
+    def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         spec = self.specs[graph]
         dtypes = {t.name: t.dtype for t in spec.inputs}
         session = self.sessions[graph]
-        feeds = {"latents": latents, "timestep": torch.full((1,), float(timestep), device=latents.device),
-                 "text_embeddings": text}
-        if latents.is_cuda and "CUDAExecutionProvider" in session.get_providers():
+        device = feeds["latents"].device
+        if device.type == "cuda" and "CUDAExecutionProvider" in session.get_providers():
             binding = session.io_binding()
             keep = []
             for name, tensor in feeds.items():
                 tensor = tensor.to(_TORCH[dtypes[name]]).contiguous()
                 keep.append(tensor)
                 binding.bind_input(name, "cuda", tensor.device.index or 0, _NP[dtypes[name]], tuple(tensor.shape), tensor.data_ptr())
-            out_spec = spec.outputs[0]
-            out = torch.empty(out_spec.shape, dtype=_TORCH[out_spec.dtype], device=latents.device)
-            binding.bind_output(out_spec.name, "cuda", out.device.index or 0, _NP[out_spec.dtype], tuple(out.shape), out.data_ptr())
+            outputs = {}
+            for out_spec in spec.outputs:
+                out = outputs[out_spec.name] = torch.empty(out_spec.shape, dtype=_TORCH[out_spec.dtype], device=device)
+                binding.bind_output(out_spec.name, "cuda", out.device.index or 0, _NP[out_spec.dtype], tuple(out.shape), out.data_ptr())
             session.run_with_iobinding(binding)
-            return out.to(latents.dtype)
+            return outputs
         arrays = {name: tensor.detach().cpu().numpy().astype(_NP[dtypes[name]]) for name, tensor in feeds.items()}
-        (eps,) = session.run(None, arrays)
-        return torch.from_numpy(eps).to(device=latents.device, dtype=latents.dtype)
+        results = session.run(None, arrays)
+        return {out_spec.name: torch.from_numpy(array).to(device) for out_spec, array in zip(spec.outputs, results)}
 
 
 class TensorRTDenoiser(_GraphDenoiser):
@@ -107,17 +140,15 @@ class TensorRTDenoiser(_GraphDenoiser):
 
         super().__init__(manifest)
         engines = manifest.data.get("engines", {})
-        missing = [name for name in ("unet_inversion", "unet_reference") if name not in engines]
+        missing = [name for name in self.graph_names if name not in engines]
         if missing:
             raise ConfigError(f"{manifest.folder} has no TensorRT engines for {', '.join(missing)}: export with --format tensorrt")
-        self.engines = {name: Engine(manifest.folder / engines[name]["file"]) for name in ("unet_inversion", "unet_reference")}
+        self.engines = {name: Engine(manifest.folder / engines[name]["file"]) for name in self.graph_names}
 
-    def _run(self, graph: str, latents: torch.Tensor, timestep: int, text: torch.Tensor) -> torch.Tensor:
+    def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         engine = self.engines[graph]
-        dtype = engine.inputs["latents"][1]
-        feed = {"latents": latents.to(dtype), "timestep": torch.full((1,), float(timestep), device=latents.device),
-                "text_embeddings": text.to(dtype)}
-        return engine.infer(feed)["eps"].to(latents.dtype).clone()
+        feed = {name: feeds[name].to(dtype) for name, (_, dtype) in engine.inputs.items()}
+        return {name: out.clone() for name, out in engine.infer(feed).items()}  # the engine reuses its buffers
 
 
 def load_denoiser(backend: str, manifest: Manifest, overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None):

@@ -7,7 +7,10 @@ fastdrag, tokenizer or diffusers):
 
 IMAGE.npy is a (1, 3, H, W) float32 image in [-1, 1] at the export's size; OUT.npy receives the
 latent z_t at the drag timestep. A service runs the denoising loop the same way with the
-`unet_reference` graph and `schedule.denoise`, then `vae_decoder` on latent / scaling_factor.
+`unet_reference` graph and `schedule.denoise`, then `vae_decoder` on latent / scaling_factor:
+`denoise` below. An export made with `keep_source_kv` has the `unet_kept` graph too, and `denoise`
+shows the manifest's `source_kv` protocol: the pair's denoising keeps the keys and values each swapped
+step gives, and a later edit of the same image denoises its edited latent alone with them.
 """
 import json
 import sys
@@ -42,6 +45,43 @@ def invert(folder: Path, image: np.ndarray) -> np.ndarray:
         (eps,) = unet.run(None, feed)
         x = ddim(x, eps.astype(np.float64), step["alpha_from"], step["alpha_to"])
     return x.astype(np.float32)
+
+
+def denoise(folder: Path, source: np.ndarray, edited: np.ndarray, kept=None):
+    """(clean latents, kept keys and values). Without `kept`: the (source, edited) pair through
+    `unet_reference` (plain attention before `start_step`, as that graph's batch-1 rows are the
+    inversion graph's), returning the (2, ...) latents and, where the export keeps them, each swapped
+    step's keys and values by name. With `kept` (what a pair's run of the same source returned): the
+    edited latent alone through `unet_kept`, returning its (1, ...) latent."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    artifacts = manifest["artifacts"]
+    session = lambda name: ort.InferenceSession(str(folder / artifacts[name]["file"]), providers=["CPUExecutionProvider"])
+    dtype = lambda name, tensor: np.dtype(next(t["dtype"] for t in artifacts[name]["inputs"] if t["name"] == tensor))
+    start_step = manifest["reference_control"]["start_step"]
+    text = read_tensor(folder, artifacts["text_embedding"])
+    names = manifest.get("source_kv", {}).get("tensors", [])
+    plain, swapped = session("unet_inversion"), session("unet_kept" if kept is not None else "unet_reference")
+    x = (edited if kept is not None else np.concatenate([source, edited])).astype(np.float64)
+    recorded = []
+    for index, step in enumerate(manifest["schedule"]["denoise"]):
+        t = np.array([step["t"]], dtype=np.float32)
+        if index < start_step:  # ordinary attention: each row alone
+            rows = [plain.run(None, {"latents": row[None].astype(dtype("unet_inversion", "latents")), "timestep": t,
+                                     "text_embeddings": text.astype(dtype("unet_inversion", "text_embeddings"))})[0]
+                    for row in x]
+            eps = np.concatenate(rows)
+        else:
+            graph = "unet_kept" if kept is not None else "unet_reference"
+            feed = {"latents": x.astype(dtype(graph, "latents")), "timestep": t,
+                    "text_embeddings": np.repeat(text, len(x), axis=0).astype(dtype(graph, "text_embeddings"))}
+            if kept is not None:
+                feed.update(kept[index - start_step])
+            outputs = swapped.run(None, feed)
+            eps = outputs[0]
+            if kept is None and names:
+                recorded.append(dict(zip(names, outputs[1:])))
+        x = ddim(x, eps.astype(np.float64), step["alpha_from"], step["alpha_to"])
+    return x.astype(np.float32), (recorded if kept is None and names else None)
 
 
 if __name__ == "__main__":

@@ -503,12 +503,15 @@ class DragEditor:
         ONNX Runtime: one export per model, size and settings; another image's LoRA runs on the same
         graphs, its merged weights given to ONNX Runtime in place of the exported ones (the graphs'
         `refit.json` says where they go), so a new image costs no export. TensorRT: one export per
-        LoRA (refitting its engines in an edit is not verified on a GPU yet).
+        LoRA (refitting its engines in an edit is not verified on a GPU yet). With `keep_source_kv` the
+        export has the graphs that keep the source branch's keys and values (a folder of its own).
         """
         fmt = "tensorrt" if config.backend == "tensorrt" else "onnx"
         fp16 = self.dtype == torch.float16
         width, height = prepared.inputs.working_size
         settings = f"{width}x{height}-L{config.denoise.start_layer}-{fmt}-{'fp16' if fp16 else 'fp32'}"
+        if config.keep_source_kv:  # the reference graph with the keys and values as outputs, and the kept graph
+            settings += "-kv"
         own = folder = self.cache.directory / "exports" / f"{prepared.lora_key}-{settings}"
         if config.backend == "onnxruntime":
             shared = hashlib.sha256(json.dumps([self.components.identity, sorted(config.lora.lora_targets)]).encode())

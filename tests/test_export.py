@@ -299,6 +299,107 @@ def test_onnxruntime_edits_of_new_images_reuse_one_export_with_their_lora_weight
                                   reference(pair, 421, text.expand(2, -1, -1))) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def exported_kv(exported, tmp_path_factory):
+    """The same picture's export with `keep_source_kv`: its reference graph also gives the swapped
+    layers' source keys and values, and its `unet_kept` graph takes them."""
+    editor, _, _, case = exported
+    folder = tmp_path_factory.mktemp("export-kv")
+    editor.release()  # other tests give the shared UNet other adapters: load the picture's from the cache again
+    return editor.export(case.image, case.prompt, folder / "out", keep_source_kv=True, **LORA)
+
+
+def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported, exported_kv):
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.export.refit import load_refit_maps
+    from fastdrag.source_kv import SourceKV
+
+    _, plain_manifest, merged, _ = exported
+    names = exported_kv.data["source_kv"]["tensors"]
+    assert names == [f"source_{kind}_{i}" for i in range(6) for kind in ("key", "value")]
+    assert exported_kv.data["source_kv"]["steps"] == 35
+    reference, kept = exported_kv.graphs["unet_reference"], exported_kv.graphs["unet_kept"]
+    assert [t.name for t in reference.outputs] == ["eps", *names]
+    assert [t.name for t in kept.inputs] == ["latents", "timestep", "text_embeddings", *names]
+    assert kept.inputs[0].shape == (1, 4, 8, 8) and kept.outputs[0].shape == (1, 4, 8, 8)
+    assert "unet_kept" not in plain_manifest.graphs and len(plain_manifest.graphs["unet_reference"].outputs) == 1
+
+    generator = torch.Generator().manual_seed(6)
+    pair, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    t = np.array([341.0], dtype=np.float32)
+    eps, *kv = ort_session(exported_kv.path("unet_reference")).run(
+        None, {"latents": pair.numpy(), "timestep": t, "text_embeddings": text.expand(2, -1, -1).numpy()})
+    (plain_eps,) = ort_session(plain_manifest.path("unet_reference")).run(
+        None, {"latents": pair.numpy(), "timestep": t, "text_embeddings": text.expand(2, -1, -1).numpy()})
+    assert relative_error(eps, plain_eps) < 1e-5  # the outputs added, the same reference step
+    store = SourceKV()  # PyTorch's recording of the same step: the same keys and values, layer by layer
+    store.begin(pair, 1, 10, recording=True)
+    store.set_step(0)
+    with torch.no_grad(), TorchDenoiser(merged).reference_control(10, "sdpa", source_kv=store):
+        TorchDenoiser(merged)(pair, 341, text.expand(2, -1, -1))
+    recorded = [tensor[0].numpy() for pair_of in store.slots.values() for tensor in pair_of]
+    assert len(recorded) == len(kv) and all(relative_error(a, b) < 1e-4 for a, b in zip(kv, recorded))
+
+    run_kept = lambda latents: ort_session(exported_kv.path("unet_kept")).run(
+        None, {"latents": latents, "timestep": t, "text_embeddings": text.numpy(), **dict(zip(names, kv))})[0]
+    assert relative_error(run_kept(pair[1:].numpy()), eps[1:]) < 1e-5
+    assert relative_error(run_kept(pair[:1].numpy()), eps[1:]) > 1e-3  # the latent input matters
+
+    _, maps = load_refit_maps(exported_kv.folder / "refit.json")
+    assert sorted(maps) == ["unet_inversion", "unet_kept", "unet_reference"]
+    unused = [name for name, entries in maps["unet_kept"].items() if not entries]
+    assert len(unused) == 12 and all(".attn1.to_k." in n or ".attn1.to_v." in n for n in unused)  # blocks 10-15
+    assert all(maps["unet_reference"][name] for name in unused)  # the reference graph projects them
+
+
+def test_standalone_numpy_loops_keep_the_source_keys_and_values(exported, exported_kv):
+    """`export/standalone.py`'s `denoise`, the model of a C++ service: the pair's loop keeps each
+    swapped step's keys and values, and the edited latent alone with them ends where the pair's
+    edited row does; the pair's loop is PyTorch's."""
+    import importlib.util as loader
+    from fastdrag.config import DenoiseConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.denoise import denoise_pair
+    from fastdrag.denoiser import TorchDenoiser
+
+    editor, _, merged, _ = exported
+    spec = loader.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
+    standalone = loader.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    generator = torch.Generator().manual_seed(8)
+    source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
+    pair, kept = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy())
+    assert len(kept) == 35 and list(kept[0]) == exported_kv.data["source_kv"]["tensors"]
+    alone, _ = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy(), kept=kept)
+    assert alone.shape == (1, 4, 8, 8) and relative_error(alone, pair[1:]) < 1e-4
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    text = torch.from_numpy(exported_kv.text_embedding().copy())
+    expected = denoise_pair(TorchDenoiser(merged), source, edited, text, schedule, DenoiseConfig(), progress=False)
+    assert relative_error(pair, expected) < 1e-4
+
+
+def test_onnxruntime_repeated_edits_denoise_one_branch_with_kept_keys_and_values(editor, picture, fast, monkeypatch):
+    """`keep_source_kv` on the ONNX Runtime backend: an export of its own with the kept graph, the
+    repeated edit's denoising through it, and another image's LoRA refitted into all three UNet graphs."""
+    from fastdrag import editor as editor_module
+    from fastdrag.denoise import denoise_edited
+
+    calls = []
+    monkeypatch.setattr(editor_module, "denoise_edited",
+                        lambda *args, **kwargs: calls.append(1) or denoise_edited(*args, **kwargs))
+    moved = [((hx + 4, hy - 2), (tx - 3, ty)) for (hx, hy), (tx, ty) in picture.points]
+    settings = dict(fast, mask=picture.mask, backend="onnxruntime", keep_source_kv=True)
+    for seed in (1, 2):  # seed 2: the first seed's graphs, refitted with its LoRA weights
+        editor.edit(picture.image, picture.prompt, picture.points, seed=seed, **settings)
+        repeated = editor.edit(picture.image, picture.prompt, moved, seed=seed, **settings)
+        on_torch = editor.edit(picture.image, picture.prompt, moved, mask=picture.mask, seed=seed, **fast)
+        difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(repeated.image, dtype=np.int16))
+        assert difference.mean() < 0.5 and difference.max() <= 8, (seed, difference.mean(), difference.max())
+    assert calls == [1, 1]
+    (folder,) = (editor.cache.directory / "exports").iterdir()
+    assert folder.name.endswith("-kv")
+
+
 def test_the_optimiser_runs_without_rules_that_scan_the_whole_graph():
     """A rewrite rule with several output nodes lists the whole graph at every node it is tried on
     (with them, optimising a tiny UNet graph took 20.7 s, without them 4.7 s, to the same graph): `export_onnx` optimises without them,
