@@ -249,6 +249,27 @@ def test_tensorrt_build_run_and_refit(exported, tmp_path):
     engine.refit(refit_arrays(refit_map(onnx.load(str(manifest.path("unet_inversion"))), merged.cpu(), ("to_q", "to_k", "to_v", "to_out.0")), merged.cpu()))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
+def test_tensorrt_engines_keep_the_source_keys_and_values(exported_kv, tmp_path):
+    """The kept graph's engine beside the reference graph's (built from the `keep_source_kv` export's
+    ONNX graphs): a pair's step records the keys and values, and the edited latent alone with them
+    gives the pair's edited row."""
+    from fastdrag.export.tensorrt import BuildSettings, Engine, build_engine
+
+    settings = BuildSettings(fp16=False)
+    engines = {name: Engine(build_engine(exported_kv.path(name), tmp_path / f"{name}.plan", settings))
+               for name in ("unet_reference", "unet_kept")}
+    names = exported_kv.data["source_kv"]["tensors"]
+    pair, text = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(1, 77, 32, device="cuda")
+    t = torch.tensor([341.0], device="cuda")
+    outputs = {name: out.clone() for name, out in engines["unet_reference"].infer(
+        {"latents": pair, "timestep": t, "text_embeddings": text.expand(2, -1, -1).contiguous()}).items()}
+    kept = engines["unet_kept"].infer({"latents": pair[1:].contiguous(), "timestep": t, "text_embeddings": text,
+                                       **{name: outputs[name] for name in names}})["eps"]
+    assert relative_error(kept.cpu(), outputs["eps"][1:].cpu()) < 1e-3
+
+
 def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported):
     from fastdrag.export.refit import load_refit_maps, merged_target_weights, target_weights
 
