@@ -251,16 +251,20 @@ def test_first_edit(benchmark, setup, synchronize, device, graphs):
     record_stages(benchmark, results[-1])
 
 
+@pytest.mark.parametrize("kept", [pytest.param(False, id="pair"), pytest.param(True, id="kept-kv")])
 @pytest.mark.parametrize("graphs", GRAPHS)
-def test_repeated_edit(benchmark, setup, synchronize, device, graphs):
+def test_repeated_edit(benchmark, setup, synchronize, device, graphs, kept):
+    """A repeated edit (LoRA and inversion cached); `kept-kv`: with `keep_source_kv`, its denoising runs
+    the edited branch alone with the source branch's kept keys and values."""
     needs_cuda_for(graphs, device)
     editor, case, *_ = setup
     results = []
 
     def edit(cuda_graphs):
-        results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, cuda_graphs=cuda_graphs))
+        results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, cuda_graphs=cuda_graphs,
+                                   keep_source_kv=kept))
 
     edit(graphs)  # trains and caches the LoRA unless the first-edit benchmark did (and inverts the image)
     measure(benchmark, synchronize, lambda: edit(graphs), "edit at the defaults", count=lambda: edit(False),
-            flops_key="repeated edit", rounds=edit_rounds(device, 3), iterations=1)
+            flops_key=("repeated edit", kept), rounds=edit_rounds(device, 3), iterations=1)
     record_stages(benchmark, results[-1])
