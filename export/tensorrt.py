@@ -93,13 +93,19 @@ class Engine:
                 self.outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
 
     def infer(self, feed: Dict[str, torch.Tensor], stream: Optional[torch.cuda.Stream] = None) -> Dict[str, torch.Tensor]:
-        """Run on CUDA tensors (bound by address; no copies); returns the engine's output buffers."""
+        """Run on CUDA tensors (bound by address; contiguous ones without a copy); returns the engine's
+        output buffers."""
+        # a non-contiguous input's contiguous copy must live until the engine is enqueued: freed earlier,
+        # the next input's copy could take its memory; freed after, only work the stream orders after the
+        # engine can reuse it
+        bound = []
         for name, (shape, dtype) in self.inputs.items():
             tensor = feed[name]
             if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_cuda:
                 raise FastDragError(f"input {name} must be a CUDA {dtype} tensor of shape {shape}; "
                                     f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
-            self.context.set_tensor_address(name, tensor.contiguous().data_ptr())
+            bound.append(tensor.contiguous())
+            self.context.set_tensor_address(name, bound[-1].data_ptr())
         for name, tensor in self.outputs.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
         stream = stream or torch.cuda.current_stream()
