@@ -150,6 +150,9 @@ class DragEditor:
 
     EXPORTED_DENOISERS_KEPT = 2  # ONNX Runtime sessions or TensorRT engines, one per LoRA: each holds a UNet
     PROMPTS_KEPT = 8  # text embeddings of the most recent prompts (118 KB each at SD 1.5 in fp16)
+    # inverted latents z_t of the most recent images (64 KB each at 512 px): a server whose users take
+    # turns editing their images skips the inversion of each one's next edit, not only of the last image's
+    INVERSIONS_KEPT = 8
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
@@ -167,7 +170,7 @@ class DragEditor:
         self.denoiser = TorchDenoiser(components.unet)
         self._graph_denoisers: "OrderedDict[tuple, tuple]" = OrderedDict()  # exported denoisers, least recent first
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
-        self._inverted: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, z_t) of the last inversion
+        self._inversions: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()  # key -> z_t, least recent first
         self._source_kv = SourceKV()  # the last denoising's source keys and values (config.keep_source_kv)
         self._drag_loop: Optional[DragLoop] = None  # the last drag's loop (and graph), restarted when it fits
         self._lora_trainer: Optional[LoraTrainer] = None  # the last LoRA trainer (and graph), restarted when it fits
@@ -328,17 +331,20 @@ class DragEditor:
                 logger.warning(advice)
 
     def _forget_adapter(self) -> None:
-        """The UNet's adapter is about to change: drop what was derived from its values.
+        """The UNet's adapter is about to change: the next edit loads or trains its own.
 
         Captured graphs (the denoiser's, the drag loop's) read weights by address, and a new adapter is
         initialised, trained, loaded or merged in place, so they stay: `_check_weight_storage` drops
-        them when the weights move instead (a new adapter rank, say)."""
+        them when the weights move instead (a new adapter rank, say). Kept inversions stay too: each is
+        keyed by its adapter's cache key, and an adapter loaded from the cache is the one it was
+        inverted with (one trained again is not: `_lora` drops its inversions)."""
         self._loaded_key = None
-        self._forget_inversion()   # z_t was inverted with the old adapter
 
-    def _forget_inversion(self) -> None:
-        """Drop the kept z_t, and the source keys and values denoised from it (their slots stay)."""
-        self._inverted = None
+    def _forget_inversions(self, which: Optional[Callable[[tuple], bool]] = None) -> None:
+        """Drop the kept inversions (those whose key `which` picks), and the source keys and values of
+        the last denoising (their slots stay)."""
+        for key in [key for key in self._inversions if which is None or which(key)]:
+            del self._inversions[key]
         self._source_kv.forget()
 
     def _drop_graphs(self) -> None:
@@ -403,9 +409,10 @@ class DragEditor:
     @_one_at_a_time
     def release(self) -> None:
         """Free what the editor holds between edits beyond its models: captured CUDA graphs, the last
-        drag's loop, the last inversion and the exported denoisers' sessions or engines (e.g. before
+        drag's loop, the kept inversions and the exported denoisers' sessions or engines (e.g. before
         a long idle spell). The next edit loads its LoRA from the cache and captures again."""
         self._forget_adapter()
+        self._forget_inversions()
         self._source_kv.clear()
         self._drop_graphs()
         self._drop_pool()
@@ -432,6 +439,7 @@ class DragEditor:
             self._loaded_key = key
             return key, True
         self._check_weight_storage()  # before training: stale graphs' memory is not held through it
+        self._forget_inversions(lambda kept: kept[0] == key)  # inverted with this key's adapter of before
         graphed = config.cuda_graphs and config.cuda_graph_lora and self.device.type == "cuda"
         posterior = posterior()
         trainer = self._lora_trainer
@@ -565,17 +573,20 @@ class DragEditor:
         return prepared.lora_key, prepared.inputs.working_size, tuple(schedule.inversion_timesteps), config.backend
 
     def _inversion_kept(self, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig) -> bool:
-        return self._inverted is not None and self._inverted[0] == self._inversion_key(prepared, schedule, config)
+        return self._inversion_key(prepared, schedule, config) in self._inversions
 
     def _invert(self, denoiser, latents: Optional[torch.Tensor], prepared: PreparedImage, schedule: DdimSchedule,
                 config: EditConfig) -> torch.Tensor:
         """z_t of the image; a repeated edit of the same image, prompt and adapter reuses the last one
         (then `latents`, the clean latent, may be None: `edit` computes it only when `_inversion_kept` is false)."""
         key = self._inversion_key(prepared, schedule, config)
-        if self._inverted is not None and self._inverted[0] == key:
-            return self._inverted[1]
+        if key in self._inversions:
+            self._inversions.move_to_end(key)
+            return self._inversions[key]
         z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self.progress)
-        self._inverted = (key, z_t)
+        while len(self._inversions) >= self.INVERSIONS_KEPT:
+            self._inversions.popitem(last=False)
+        self._inversions[key] = z_t
         return z_t
 
     def _drag(self, z_t: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig,
@@ -639,7 +650,7 @@ class DragEditor:
         mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 1
         points = [((0.4 * width, 0.4 * height), (0.55 * width, 0.5 * height))]
         short = dict(lora_steps=LoraTrainer.GRAPH_WARMUP + 2, drag_steps=DragLoop.GRAPH_WARMUP + 2, backend="torch")
-        user_cache = self.cache
+        user_cache, kept_before = self.cache, set(self._inversions)
         with tempfile.TemporaryDirectory(prefix="fastdrag-warm-up-") as scratch:
             self.cache = LoraCache(Path(scratch))
             try:
@@ -649,6 +660,7 @@ class DragEditor:
             finally:
                 self.cache = user_cache
                 self._forget_adapter()
+                self._forget_inversions(lambda key: key not in kept_before)
         return result.timings
 
     @_one_at_a_time
@@ -669,7 +681,7 @@ class DragEditor:
             self._merged_mode = config.merge_lora
             self.denoiser.reset()
             self._drag_loop = None
-            self._forget_inversion()
+            self._forget_inversions()
         self.denoiser.graph_pool = self._shared_graph_pool()
         latents = None  # the clean latent: only an inversion needs it, and a repeated edit keeps its inversion
         inversion_kept = self._inversion_kept(prepared, schedule, config)

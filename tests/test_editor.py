@@ -103,6 +103,43 @@ def test_repeated_edit_reuses_the_inversion_and_drag_loop_and_matches_a_fresh_on
     assert np.asarray(again.image).tobytes() == np.asarray(reference.image).tobytes()
 
 
+def test_images_edited_in_turn_keep_their_inversions(editor, picture, tmp_path, fast, monkeypatch):
+    """A server's users taking turns: each image's next edit skips its inversion (the most recent
+    `INVERSIONS_KEPT`), and gives a fresh editor's image; an adapter trained again is inverted again."""
+    from fastdrag import DragEditor, editor as editor_module
+
+    calls = []
+    real_invert = editor_module.invert
+    monkeypatch.setattr(editor_module, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    others = [(np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8) for seed in (8, 9)]
+    images = [picture.image, *others]
+    edit = lambda image, **extra: editor.edit(image, picture.prompt, picture.points, mask=picture.mask,
+                                              **dict(fast, **extra))
+    first = [edit(image) for image in images[:2]]
+    assert len(calls) == 2
+    again = edit(images[0])  # after the other image's edit: its adapter loaded again, its inversion kept
+    assert len(calls) == 2 and again.lora_cached
+    assert np.asarray(again.image).tobytes() == np.asarray(first[0].image).tobytes()
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    moved = [((x + 3, y), target) for (x, y), target in picture.points]
+    turned = editor.edit(images[1], picture.prompt, moved, mask=picture.mask, **fast)  # another drag, kept inversion
+    assert len(calls) == 2
+    expected = fresh.edit(images[1], picture.prompt, moved, mask=picture.mask, **fast)  # (inverts: counted)
+    assert np.asarray(turned.image).tobytes() == np.asarray(expected.image).tobytes()
+
+    calls.clear()
+    editor.cache.path(again.lora_key).unlink()  # pruned from the cache: the next edit trains it again
+    edit(images[1])
+    assert len(calls) == 0
+    edit(images[0])
+    assert len(calls) == 1  # trained again: inverted again
+    monkeypatch.setattr(editor, "INVERSIONS_KEPT", 2)
+    edit(images[2])  # a third image pushes out the least recent one (images[1])
+    assert len(calls) == 2 and len(editor._inversions) == 2
+    edit(images[1])
+    assert len(calls) == 3
+
+
 def test_a_new_image_restarts_the_kept_trainer_and_drag_loop_and_matches_a_fresh_editor(editor, picture, tmp_path, fast):
     """A new adapter is trained and merged in place, so the LoRA trainer and the drag loop (with their
     CUDA graphs on a GPU) carry over to the next image of the same size; a new adapter rank, whose
@@ -207,9 +244,9 @@ def test_release_drops_what_an_editor_keeps_and_the_next_edit_is_unchanged(edito
     from fastdrag import DragEditor
 
     first = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
-    assert editor._drag_loop is not None and editor._inverted is not None
+    assert editor._drag_loop is not None and editor._inversions
     editor.release()
-    assert editor._drag_loop is None and editor._inverted is None and not editor.denoiser.graphs
+    assert editor._drag_loop is None and not editor._inversions and not editor.denoiser.graphs
     again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
     assert again.lora_cached  # from the cache on disk, which release() leaves alone
     assert np.asarray(again.image).tobytes() == np.asarray(first.image).tobytes()
