@@ -577,7 +577,7 @@ class DragEditor:
 
     def _invert(self, denoiser, latents: Optional[torch.Tensor], prepared: PreparedImage, schedule: DdimSchedule,
                 config: EditConfig) -> torch.Tensor:
-        """z_t of the image; a repeated edit of the same image, prompt and adapter reuses the last one
+        """z_t of the image; a repeated edit of the same image, prompt and adapter reuses its kept one
         (then `latents`, the clean latent, may be None: `edit` computes it only when `_inversion_kept` is false)."""
         key = self._inversion_key(prepared, schedule, config)
         if key in self._inversions:
