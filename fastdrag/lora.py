@@ -172,18 +172,31 @@ def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> Non
         installed = None
     if installed is None:
         unet.add_adapter(peft_config(config), adapter_name=ADAPTER)
-    for param in lora_parameters(unet):
-        param.data = param.data.float()
+    layers = lora_layers(unet)
+    params = [weight for layer in layers for weight in _adapter_weights(layer)]
+    for param in params:
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
     # initialised here, in fp32, not by add_adapter (whose layer construction draws first, in the
     # model's dtype): the same seed gives the same adapter on a fresh or a used model of any dtype
-    with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
+    device = params[0].device if params else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for layer in lora_layers(unet):
+        for layer in layers:
             layer.reset_lora_parameters(ADAPTER, True)
-    unet.requires_grad_(False)
-    if runs_lean(unet):  # the new LoRA layers too (fastdrag.lean_blocks)
-        install_lean_lora(unet)
+    if installed is None:
+        unet.requires_grad_(False)
+        if runs_lean(unet):  # the new LoRA layers too (fastdrag.lean_blocks)
+            install_lean_lora(unet)
+    else:  # the same layers re-initialised: only their weights may have been set training (LoraTrainer)
+        for param in params:
+            param.requires_grad_(False)
     unet._fastdrag_lora_config = config
+
+
+def _adapter_weights(layer: LoraLayer) -> List[torch.nn.Parameter]:
+    """The adapter's parameters of one LoRA layer (A and B weights, and biases where it has them)."""
+    return [param for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]) for param in module.parameters()]
 
 
 def adapter_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -191,6 +204,23 @@ def adapter_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_adapter_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Copy a cached adapter (`adapter_state`'s keys) into the installed one.
+
+    A state whose keys are exactly the installed adapter's weights, as `adapter_state` names them, is
+    copied straight into them (one multi-tensor copy): peft's `set_peft_model_state_dict` walks the
+    model's modules several times, 40 ms of host time for SD 1.5's 256 tensors on a 2-core CPU, and
+    a user taking a turn pays it at every return (bench/RESULTS.md). Any other state goes through peft,
+    which names what does not fit."""
+    slots = {f"{name}.{kind}.weight": matrix.weight for name, layer in unet.named_modules()
+             if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A
+             for kind, matrix in (("lora_A", layer.lora_A[ADAPTER]), ("lora_B", layer.lora_B[ADAPTER]))
+             if matrix.bias is None}
+    if slots and slots.keys() == state.keys():
+        targets = list(slots.values())
+        sources = [state[key].to(device=param.device, dtype=param.dtype) for key, param in slots.items()]
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)
+        return
     device = unet.device
     result = set_peft_model_state_dict(unet, {k: v.to(device) for k, v in state.items()}, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", [])

@@ -75,6 +75,54 @@ def test_same_seed_gives_the_same_adapter_on_a_fresh_or_a_used_model(dtype):
     assert any(v.abs().sum() > 0 for k, v in fresh.items() if "lora_A" in k)
 
 
+def test_a_used_adapter_is_reinstalled_frozen_and_lean_and_a_half_cast_one_back_in_fp32():
+    """Re-installing the same adapter re-initialises its layers in place: weights a trainer set training
+    are frozen again, the rest of the UNet stays frozen, its LoRA layers keep the lean forward, and
+    weights cast to half precision (a user's `.half()`) come back to fp32 masters."""
+    from fastdrag.lean_blocks import install_lean_blocks, lean_counts
+    from fastdrag.models import build_tiny
+
+    unet = build_tiny().unet
+    install_lean_blocks(unet)
+    config = LoraConfig(lora_rank=4)
+    install_adapter(unet, config, seed=1)
+    lean = lean_counts(unet)["lora"]
+    assert lean > 0
+    for param in lora_parameters(unet):
+        param.requires_grad_(True)
+    lora_parameters(unet)[0].data = lora_parameters(unet)[0].data.half()
+    install_adapter(unet, config, seed=1)
+    assert not any(p.requires_grad for p in unet.parameters())
+    assert lean_counts(unet)["lora"] == lean
+    assert all(p.dtype == torch.float32 for p in lora_parameters(unet))
+
+
+def test_a_cached_adapter_loads_in_one_copy_as_peft_would_load_it(monkeypatch):
+    """`load_adapter_state` copies a state with exactly the adapter's keys straight into its weights
+    (no peft call); a state that does not fit goes through peft, which names the keys."""
+    import fastdrag.lora as lora_module
+    from fastdrag.lora import load_adapter_state
+    from fastdrag.models import build_tiny
+
+    unet = build_tiny().unet
+    config = LoraConfig(lora_rank=4)
+    install_adapter(unet, config, seed=1)
+    generator = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=generator) for k, v in adapter_state(unet).items()}
+    install_adapter(unet, config, seed=2)
+    peft_load = lora_module.set_peft_model_state_dict
+    monkeypatch.setattr(lora_module, "set_peft_model_state_dict", lambda *a, **k: pytest.fail("peft was called"))
+    load_adapter_state(unet, {k: v.half() for k, v in state.items()})  # a half state: cast to the fp32 masters
+    loaded = adapter_state(unet)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k].half().float()) for k in state)
+    load_adapter_state(unet, state)
+    assert all(torch.equal(adapter_state(unet)[k], state[k]) for k in state)
+    monkeypatch.setattr(lora_module, "set_peft_model_state_dict", peft_load)
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        load_adapter_state(unet, {**state, "up_blocks.9.attn1.to_q.lora_A.weight": torch.zeros(4, 32)})
+
+
 def test_lora_key_changes_with_everything_that_determines_the_adapter():
     from PIL import Image
 
