@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError
 from .source_kv import SourceKV
+from .weights import first_weight
 
 logger = logging.getLogger(__name__)
 
@@ -269,9 +270,7 @@ def reference_control(unet: torch.nn.Module, start_layer: int, backend: str = "a
     """Install the K/V-swap processor on the chosen self-attention layers; restore the originals on exit.
     With `source_kv`, each chosen layer records into it or reads from it (`ReferenceAttnProcessor`)."""
     chosen = self_attention_processor_names(unet, start_layer)
-    # the UNet's device and dtype from its first weight: diffusers' `device` and `dtype` walk every
-    # module (7 ms each for SD 1.5 on a 2-core CPU), and this runs at every denoising
-    weight = next(p for p in unet.parameters() if p.is_floating_point())
+    weight = first_weight(unet)  # runs at every denoising: not diffusers' `device` and `dtype`
     resolved, why = choose_backend(backend, weight.device, weight.dtype)
     logger.debug("reference attention on %s (%s)", resolved, why)
     # only the chosen layers' processors change (diffusers' `set_attn_processor` walks and sets them all)

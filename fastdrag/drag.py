@@ -26,6 +26,7 @@ from .ddim import DdimSchedule, ddim_step
 from .features import unet_features, unet_with_features
 from .fixed_conditioning import FixedConditioning
 from .half_norms import enabled as half_norms_enabled
+from .weights import first_weight
 
 
 @dataclass
@@ -173,7 +174,7 @@ class DragLoop:
              cuda_graph: bool = False) -> bool:
         """Whether `restart` can take this drag: the same UNet, shapes and settings (the number of steps
         aside: the host counts them), so the same graph."""
-        return (unet is self.unet and unet.dtype == self.dtype and z_t.shape == self.latent.shape
+        return (unet is self.unet and first_weight(unet).dtype == self.dtype and z_t.shape == self.latent.shape
                 and z_t.device == self.latent.device and text_embeddings.shape == self.text.shape
                 and handles.shape == self.handles.shape and (mask is None) == (self.mask is None)
                 and timestep == self.timestep

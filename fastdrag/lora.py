@@ -32,6 +32,7 @@ from .shared_casts import HALF
 from .half_norms import enabled as half_norms_enabled
 from .lean_blocks import install_lean_lora, lean_lora_layers, runs_lean
 from .lora_casts import half_adapter_weights
+from .weights import first_weight
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class LoraTrainer:
         """Whether `restart` can take this image: the same UNet and weights' storage, shapes and settings
         (the number of steps aside), so the same graph."""
         current = lora_parameters(unet)
-        return (unet is self.unet and (cuda_graph and unet.device.type == "cuda") == self.cuda_graph
+        return (unet is self.unet and (cuda_graph and first_weight(unet).is_cuda) == self.cuda_graph
                 and len(current) == len(self.params)
                 and all(p is q and p.data_ptr() == ptr for p, q, ptr in zip(current, self.params, self.param_storage))
                 and posterior.mean.shape == self.mean.shape and posterior.mean.device == self.mean.device

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .weights import first_weight
+
 if TYPE_CHECKING:
     from .cuda_graph import CapturedCalls
 
@@ -44,7 +46,8 @@ def encode_posterior(vae, image: Image.Image, graphs: Optional["CapturedCalls"] 
     With `graphs` (CUDA), the encoder replays a CUDA graph of theirs."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    pixels = image_to_tensor(image, vae.device, vae.dtype)
+    weight = first_weight(vae)
+    pixels = image_to_tensor(image, weight.device, weight.dtype)
     if graphs is None or not pixels.is_cuda:
         return vae.encode(pixels).latent_dist
     return DiagonalGaussianDistribution(graphs("vae_encode", functools.partial(_moments, vae), pixels).clone())
@@ -54,7 +57,7 @@ def encode_posterior(vae, image: Image.Image, graphs: Optional["CapturedCalls"] 
 def decode(vae, latents: torch.Tensor, scaling_factor: float, graphs: Optional["CapturedCalls"] = None) -> Image.Image:
     """Decode scaled latents (1, 4, h, w) to an 8-bit RGB image. With `graphs` (CUDA), the decoder
     replays a CUDA graph of theirs (its output is copied to the host at once)."""
-    latents = latents.to(vae.dtype) / scaling_factor
+    latents = latents.to(first_weight(vae).dtype) / scaling_factor
     if graphs is None or not latents.is_cuda:
         return tensor_to_image(_pixels(vae, latents))
     return tensor_to_image(graphs("vae_decode", functools.partial(_pixels, vae), latents))
@@ -63,7 +66,8 @@ def decode(vae, latents: torch.Tensor, scaling_factor: float, graphs: Optional["
 def capture_decoder(vae, latent_shape, graphs: "CapturedCalls") -> None:
     """Capture the decoder's graph for latents of `latent_shape` now, if it is not there yet (before
     the other graphs of an edit: `DragEditor._encode` says why)."""
-    latents = torch.zeros(latent_shape, device=vae.device, dtype=vae.dtype)
+    weight = first_weight(vae)
+    latents = torch.zeros(latent_shape, device=weight.device, dtype=weight.dtype)
     if not graphs.has("vae_decode", latents):
         graphs("vae_decode", functools.partial(_pixels, vae), latents)
 

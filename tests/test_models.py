@@ -153,3 +153,20 @@ def test_the_load_replay_follows_the_caching_allocators_rules():
     after_move = replay_load([model], 4, layout_after_move=model)
     assert in_move.reserved() == 18 * MiB and in_move.allocated() == after_move.allocated()
     assert after_move.reserved() == 34 * MiB  # the first copy's 16 MiB segment stays, free
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_first_weight_gives_the_device_and_dtype_diffusers_properties_give(dtype):
+    """`fastdrag.weights.first_weight` stands in for diffusers' `device` and `dtype` on the hot path,
+    also with an adapter's fp32 weights inside a half-precision UNet."""
+    from fastdrag.config import LoraConfig
+    from fastdrag.lora import install_adapter
+    from fastdrag.models import build_tiny
+    from fastdrag.weights import first_weight
+
+    components = build_tiny()
+    unet, vae = components.unet.to(dtype), components.vae.to(dtype)
+    install_adapter(unet, LoraConfig(lora_rank=4), seed=0)  # fp32 master weights in a `dtype` UNet
+    for model in (unet, vae):
+        weight = first_weight(model)
+        assert (weight.device, weight.dtype) == (model.device, model.dtype) == (torch.device("cpu"), dtype)
