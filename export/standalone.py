@@ -30,17 +30,32 @@ def ddim(x: np.ndarray, eps: np.ndarray, alpha_from: float, alpha_to: float) -> 
     return np.sqrt(alpha_to) * x0 + np.sqrt(1.0 - alpha_to) * eps
 
 
+class Export:
+    """An export folder as a service reads it: the manifest, a session per graph, each input's dtype."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.manifest = json.loads((folder / "manifest.json").read_text())
+        self.artifacts = self.manifest["artifacts"]
+
+    def session(self, graph: str) -> ort.InferenceSession:
+        return ort.InferenceSession(str(self.folder / self.artifacts[graph]["file"]), providers=["CPUExecutionProvider"])
+
+    def dtype(self, graph: str, tensor: str) -> np.dtype:
+        return np.dtype(next(t["dtype"] for t in self.artifacts[graph]["inputs"] if t["name"] == tensor))
+
+    def text(self) -> np.ndarray:
+        return read_tensor(self.folder, self.artifacts["text_embedding"])
+
+
 def invert(folder: Path, image: np.ndarray) -> np.ndarray:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    artifacts = manifest["artifacts"]
-    session = lambda name: ort.InferenceSession(str(folder / artifacts[name]["file"]), providers=["CPUExecutionProvider"])
-    dtype = lambda name, tensor: np.dtype(next(t["dtype"] for t in artifacts[name]["inputs"] if t["name"] == tensor))
-    encoder, unet = session("vae_encoder"), session("unet_inversion")
-    (mean,) = encoder.run(None, {"image": image.astype(dtype("vae_encoder", "image"))})
-    x = mean.astype(np.float64) * manifest["model"]["scaling_factor"]
-    text = read_tensor(folder, artifacts["text_embedding"]).astype(dtype("unet_inversion", "text_embeddings"))
-    for step in manifest["schedule"]["inversion"]:
-        feed = {"latents": x.astype(dtype("unet_inversion", "latents")),
+    export = Export(folder)
+    encoder, unet = export.session("vae_encoder"), export.session("unet_inversion")
+    (mean,) = encoder.run(None, {"image": image.astype(export.dtype("vae_encoder", "image"))})
+    x = mean.astype(np.float64) * export.manifest["model"]["scaling_factor"]
+    text = export.text().astype(export.dtype("unet_inversion", "text_embeddings"))
+    for step in export.manifest["schedule"]["inversion"]:
+        feed = {"latents": x.astype(export.dtype("unet_inversion", "latents")),
                 "timestep": np.array([step["t"]], dtype=np.float32), "text_embeddings": text}
         (eps,) = unet.run(None, feed)
         x = ddim(x, eps.astype(np.float64), step["alpha_from"], step["alpha_to"])
@@ -53,27 +68,26 @@ def denoise(folder: Path, source: np.ndarray, edited: np.ndarray, kept=None):
     inversion graph's), returning the (2, ...) latents and, where the export keeps them, each swapped
     step's keys and values by name. With `kept` (what a pair's run of the same source returned): the
     edited latent alone through `unet_kept`, returning its (1, ...) latent."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    artifacts = manifest["artifacts"]
-    session = lambda name: ort.InferenceSession(str(folder / artifacts[name]["file"]), providers=["CPUExecutionProvider"])
-    dtype = lambda name, tensor: np.dtype(next(t["dtype"] for t in artifacts[name]["inputs"] if t["name"] == tensor))
+    export = Export(folder)
+    manifest = export.manifest
     start_step = manifest["reference_control"]["start_step"]
-    text = read_tensor(folder, artifacts["text_embedding"])
+    text = export.text()
     names = manifest.get("source_kv", {}).get("tensors", [])
-    plain, swapped = session("unet_inversion"), session("unet_kept" if kept is not None else "unet_reference")
+    graph = "unet_kept" if kept is not None else "unet_reference"
+    plain, swapped = export.session("unet_inversion"), export.session(graph)
     x = (edited if kept is not None else np.concatenate([source, edited])).astype(np.float64)
     recorded = []
     for index, step in enumerate(manifest["schedule"]["denoise"]):
         t = np.array([step["t"]], dtype=np.float32)
         if index < start_step:  # ordinary attention: each row alone
-            rows = [plain.run(None, {"latents": row[None].astype(dtype("unet_inversion", "latents")), "timestep": t,
-                                     "text_embeddings": text.astype(dtype("unet_inversion", "text_embeddings"))})[0]
+            rows = [plain.run(None, {"latents": row[None].astype(export.dtype("unet_inversion", "latents")),
+                                     "timestep": t,
+                                     "text_embeddings": text.astype(export.dtype("unet_inversion", "text_embeddings"))})[0]
                     for row in x]
             eps = np.concatenate(rows)
         else:
-            graph = "unet_kept" if kept is not None else "unet_reference"
-            feed = {"latents": x.astype(dtype(graph, "latents")), "timestep": t,
-                    "text_embeddings": np.repeat(text, len(x), axis=0).astype(dtype(graph, "text_embeddings"))}
+            feed = {"latents": x.astype(export.dtype(graph, "latents")), "timestep": t,
+                    "text_embeddings": np.repeat(text, len(x), axis=0).astype(export.dtype(graph, "text_embeddings"))}
             if kept is not None:
                 feed.update(kept[index - start_step])
             outputs = swapped.run(None, feed)

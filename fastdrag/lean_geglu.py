@@ -23,13 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 
+from .kernels.reference import geglu as stock_product  # diffusers' GEGLU product of the projection's halves
 from .patching import own_forward
-
-
-def stock_product(projection: torch.Tensor) -> torch.Tensor:
-    """diffusers' GEGLU product of its projection's halves, as its forward computes it."""
-    value, gate = projection.chunk(2, dim=-1)
-    return value * F.gelu(gate)
 
 
 class GegluProduct(torch.autograd.Function):

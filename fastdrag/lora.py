@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -106,8 +106,14 @@ def peft_config(config: LoraConfig) -> PeftLoraConfig:
                           target_modules=list(config.lora_targets))
 
 
+def named_lora_layers(unet: torch.nn.Module) -> List[Tuple[str, LoraLayer]]:
+    """(module name, layer) of each LoRA layer of the package's adapter."""
+    return [(name, module) for name, module in unet.named_modules()
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A]
+
+
 def lora_layers(unet: torch.nn.Module) -> List[LoraLayer]:
-    return [module for module in unet.modules() if isinstance(module, LoraLayer) and ADAPTER in module.lora_A]
+    return [layer for _, layer in named_lora_layers(unet)]
 
 
 def lora_parameters(unet: torch.nn.Module) -> List[torch.nn.Parameter]:
@@ -212,8 +218,7 @@ def load_adapter_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
     model's modules several times, 40 ms of host time for SD 1.5's 256 tensors on a 2-core CPU, and
     a user taking a turn pays it at every return (bench/RESULTS.md). Any other state goes through peft,
     which names what does not fit."""
-    slots = {f"{name}.{kind}.weight": matrix.weight for name, layer in unet.named_modules()
-             if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A
+    slots = {f"{name}.{kind}.weight": matrix.weight for name, layer in named_lora_layers(unet)
              for kind, matrix in (("lora_A", layer.lora_A[ADAPTER]), ("lora_B", layer.lora_B[ADAPTER]))
              if matrix.bias is None}
     if slots and slots.keys() == state.keys():
