@@ -15,6 +15,7 @@ import torch
 from ..attention import self_attention_processor_names
 from ..ddim import DdimSchedule
 from ..errors import ConfigError, OutputExistsError
+from .drag_graph import drag_job, drag_protocol
 from .graphs import export_onnx, graph_jobs
 from .manifest import Manifest, load_manifest, save_manifest, schedule_entries, write_tensor
 from .merge import merged_unet
@@ -29,29 +30,39 @@ def check_output(folder: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{folder} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
-REFITTABLE = ("unet_inversion", "unet_reference", "unet_kept")  # the UNet graphs an export may hold
+REFITTABLE = ("unet_inversion", "unet_reference", "unet_kept", "unet_drag")  # the UNet graphs an export may hold
 
 
-def _write_refit_maps(folder: Path, artifacts: Dict[str, object], unet, targets,
-                      start_layer: int) -> Optional[Dict[str, object]]:
-    """Which initializers of the UNet graphs hold the LoRA-target weights (`refit.json`), so the same
-    graphs can later run another image's LoRA (ONNX Runtime initializer overrides, TensorRT refit)
-    instead of being exported again. None, with a log line, for graphs where a weight is not found."""
+def _refit_map_of(folder: Path, artifacts: Dict[str, object], name: str, unet, targets, unused):
+    """One graph's refit map, or None (with a log line) when a LoRA-target weight is not among its initializers."""
     import onnx
 
-    from .refit import refit_map, save_refit_maps
+    from .refit import refit_map
 
-    maps = {}
-    graphs = [name for name in REFITTABLE if name in artifacts]
+    try:
+        return refit_map(onnx.load(str(folder / artifacts[name]["file"])), unet, targets, unused=unused)
+    except ValueError as exc:
+        logger.info("%s cannot be refitted with another LoRA: %s", name, exc)
+        return None
+
+
+def _write_refit_maps(folder: Path, artifacts: Dict[str, object], unet, targets, start_layer: int,
+                      known: Dict[str, object]) -> Optional[Dict[str, object]]:
+    """Which initializers of the UNet graphs hold the LoRA-target weights (`refit.json`), so the same
+    graphs can later run another image's LoRA (ONNX Runtime initializer overrides, TensorRT refit)
+    instead of being exported again. `known` holds maps already found (the fp32 drag graph's, found
+    before the UNet was halved). None when a graph's weights are not all found."""
+    from .refit import save_refit_maps
+
     # the kept graph takes the swapped layers' keys and values as inputs: their projections are not in it
     swapped = [name[:-len(".processor")] for name in self_attention_processor_names(unet, start_layer)]
     kept_unused = [f"{layer}.{projection}.weight" for layer in swapped for projection in ("to_k", "to_v")]
+    graphs = [name for name in REFITTABLE if name in artifacts]
+    maps = {}
     for name in graphs:
-        try:
-            maps[name] = refit_map(onnx.load(str(folder / artifacts[name]["file"])), unet, targets,
-                                   unused=kept_unused if name == "unet_kept" else ())
-        except ValueError as exc:
-            logger.info("%s cannot be refitted with another LoRA: %s", name, exc)
+        maps[name] = known[name] if name in known else _refit_map_of(
+            folder, artifacts, name, unet, targets, kept_unused if name == "unet_kept" else ())
+        if maps[name] is None:
             return None
     save_refit_maps(folder / "refit.json", maps, targets)
     return {"file": "refit.json", "targets": list(targets), "graphs": graphs}
@@ -72,35 +83,41 @@ def source_kv_protocol(artifacts: Dict[str, object], config) -> Dict[str, object
 
 
 def export_loaded(components, lora_key: str, lora_config, image_size, text_embeddings: torch.Tensor, config,
-                  output: Path, fmt: str = "onnx", fp16: bool = False, overwrite: bool = False) -> Manifest:
+                  output: Path, fmt: str = "onnx", fp16: bool = False, overwrite: bool = False,
+                  drag_points: int = 0) -> Manifest:
     """Export the UNet of `components` with its loaded LoRA merged in, for `image_size` (width, height).
 
-    Everything is written into a temporary folder beside `output` and moved there at the end, so a
-    failed export leaves nothing half-written.
+    With `drag_points` > 0 the export also holds `unet_drag` (`export/drag_graph.py`): one drag
+    iteration for that many point pairs, in fp32, with the UNet's input gradient, so a service can run
+    the drag too. Everything is written into a temporary folder beside `output` and moved there at the
+    end, so a failed export leaves nothing half-written.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
+    if isinstance(drag_points, bool) or not isinstance(drag_points, int) or drag_points < 0:
+        raise ConfigError(f"drag_points must be a whole number >= 0 (0: no drag graph); got {drag_points!r}")
     output = Path(output)
     check_output(output, overwrite)
     width, height = image_size
     started = time.perf_counter()
     unet = merged_unet(components.unet)
-    unet_dtype = torch.float16 if fp16 else torch.float32
+    schedule = DdimSchedule.from_scheduler(components.scheduler, config.inversion.num_inference_steps,
+                                           config.inversion.num_inversion_steps)
     vae = components.vae
-    vae_dtype = torch.float32 if (not fp16 or getattr(vae.config, "force_upcast", True)) else torch.float16
-    if fp16:
-        unet = unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
-    original_vae_dtype = vae.dtype
-    if vae_dtype != original_vae_dtype:
-        vae.to(vae_dtype)
+    latent_shape = (1, vae.config.latent_channels, height // components.vae_scale, width // components.vae_scale)
+    sup_res = tuple(config.drag.sup_res) if config.drag.sup_res is not None else (height // 2, width // 2)
     text_dim = int(text_embeddings.shape[-1])
+    unet_dtype = torch.float16 if fp16 else torch.float32
+    vae_dtype = torch.float32 if (not fp16 or getattr(vae.config, "force_upcast", True)) else torch.float16
+    original_vae_dtype = vae.dtype
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         artifacts: Dict[str, object] = {}
         opset = None
-        for job in graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
-                              keep_source_kv=config.keep_source_kv):
+
+        def write(job) -> None:
+            nonlocal opset
             job.spec.file = f"{job.spec.name}.onnx"
             logger.info("exporting %s", job.spec.name)
             opset = export_onnx(job, staging / job.spec.file)
@@ -108,17 +125,28 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             if data_file.exists():  # weights as ONNX external data: ship the side file with the graph
                 job.spec.extra["external_data"] = data_file.name
             artifacts[job.spec.name] = job.spec.to_dict()
-        refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets, config.denoise.start_layer)
+
+        drag_map = None
+        if drag_points:  # in fp32, before the UNet is halved (the traced graph holds its weights)
+            write(drag_job(unet.float(), latent_shape, text_dim, drag_points, schedule, config.drag, sup_res))
+            drag_map = _refit_map_of(staging, artifacts, "unet_drag", unet, lora_config.lora_targets, ())
+        if fp16:
+            unet = unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
+        if vae_dtype != original_vae_dtype:
+            vae.to(vae_dtype)
+        for job in graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
+                              keep_source_kv=config.keep_source_kv):
+            write(job)
+        refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets, config.denoise.start_layer,
+                                  {"unet_drag": drag_map} if drag_points else {})
         artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
-        schedule = DdimSchedule.from_scheduler(components.scheduler, config.inversion.num_inference_steps,
-                                               config.inversion.num_inversion_steps)
         data = {
             "created_by": "fastdrag",
             "model": {"identity": components.identity, "scaling_factor": components.scaling_factor,
                       "vae_scale_factor": components.vae_scale},
             "lora": {"key": lora_key, "config": dataclasses.asdict(lora_config)},
             "image": {"width": width, "height": height},
-            "latent_shape": [1, vae.config.latent_channels, height // components.vae_scale, width // components.vae_scale],
+            "latent_shape": list(latent_shape),
             "precision": {"unet": "fp16" if fp16 else "fp32", "vae": "fp16" if vae_dtype == torch.float16 else "fp32"},
             "opset": opset,
             "reference_control": {"start_layer": config.denoise.start_layer, "start_step": config.denoise.start_step},
@@ -129,12 +157,15 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             data["refit"] = refit
         if "unet_kept" in artifacts:
             data["source_kv"] = source_kv_protocol(artifacts, config)
+        if drag_points:
+            data["drag"] = drag_protocol(config.drag, drag_points, sup_res, schedule.drag_timestep)
         if fmt == "tensorrt":
             from .tensorrt import BuildSettings, build_engine
 
-            settings = BuildSettings(fp16=True)
             data["engines"] = {}
             for name in [name for name in artifacts if name != "text_embedding"]:
+                # the drag graph's gradient stays in fp32: in fp16 it would underflow without loss scaling
+                settings = BuildSettings(fp16=name != "unet_drag")
                 build_started = time.perf_counter()
                 build_engine(staging / f"{name}.onnx", staging / f"{name}.plan", settings)
                 data["engines"][name] = {"file": f"{name}.plan", "flags": settings.flags(),

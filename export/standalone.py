@@ -10,7 +10,9 @@ latent z_t at the drag timestep. A service runs the denoising loop the same way 
 `unet_reference` graph and `schedule.denoise`, then `vae_decoder` on latent / scaling_factor:
 `denoise` below. An export made with `keep_source_kv` has the `unet_kept` graph too, and `denoise`
 shows the manifest's `source_kv` protocol: the pair's denoising keeps the keys and values each swapped
-step gives, and a later edit of the same image denoises its edited latent alone with them.
+step gives, and a later edit of the same image denoises its edited latent alone with them. An export
+made with `drag_points` has the `unet_drag` graph, and `drag` runs the manifest's `drag` protocol
+(the drag loop, its Adam steps on the service's side) between the two.
 """
 import json
 import sys
@@ -96,6 +98,63 @@ def denoise(folder: Path, source: np.ndarray, edited: np.ndarray, kept=None):
                 recorded.append(dict(zip(names, outputs[1:])))
         x = ddim(x, eps.astype(np.float64), step["alpha_from"], step["alpha_to"])
     return x.astype(np.float32), (recorded if kept is None and names else None)
+
+
+class Adam:
+    """torch.optim.Adam's update (no weight decay) in float32, as the drag loop takes it."""
+
+    def __init__(self, lr: float, betas, eps: float):
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.m = self.v = None
+        self.steps = 0
+
+    def step(self, param: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        if self.m is None:
+            self.m, self.v = np.zeros_like(param), np.zeros_like(param)
+        self.steps += 1
+        self.m = self.m + (grad - self.m) * np.float32(1 - self.beta1)
+        self.v = self.v * np.float32(self.beta2) + grad * grad * np.float32(1 - self.beta2)
+        correction1 = 1 - self.beta1 ** self.steps
+        correction2 = 1 - self.beta2 ** self.steps
+        denominator = np.sqrt(self.v) / np.float32(np.sqrt(correction2)) + np.float32(self.eps)
+        return (param - np.float32(self.lr / correction1) * self.m / denominator).astype(np.float32)
+
+
+def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray, mask=None, steps=None):
+    """(edited z_t, final handles, iterations run): the manifest's `drag` protocol on `unet_drag`.
+
+    `handles` and `targets` are (N, 2) (row, col) at the supervision size, N the export's `points`;
+    `mask` is the editable mask at latent size (1 = may change), None for none; `steps` replaces the
+    manifest's number of iterations."""
+    export = Export(folder)
+    protocol = export.manifest["drag"]
+    session = export.session(protocol["graph"])
+    handles, targets = np.asarray(handles, np.float32), np.asarray(targets, np.float32)
+    if handles.shape != (protocol["points"], 2) or targets.shape != handles.shape:
+        raise ValueError(f"this export's drag graph takes {protocol['points']} point pairs as ({protocol['points']}, 2) arrays; "
+                         f"got handles {handles.shape} and targets {targets.shape}")
+    shape = {t["name"]: t["shape"] for t in export.artifacts[protocol["graph"]]["inputs"]}
+    feed = {"text_embeddings": export.text().astype(np.float32), "targets": targets,
+            "mask": np.ones(shape["mask"], np.float32) if mask is None else np.asarray(mask, np.float32).reshape(shape["mask"])}
+
+    def run(latent, points, tracking, features, x_prev0):
+        outputs = session.run(None, {**feed, "latents": latent, "handles": points, "tracking": np.array([tracking], np.float32),
+                                     "handle_features": features, "x_prev0": x_prev0})
+        return dict(zip([o.name for o in session.get_outputs()], outputs))
+
+    latent = np.asarray(z_t, np.float32)
+    anchors = run(latent, handles, 0.0, np.zeros(shape["handle_features"], np.float32), np.zeros_like(latent))
+    features, x_prev0 = anchors["handle_features_now"], anchors["x_prev"]
+    adam = Adam(protocol["lr"], protocol["adam"]["betas"], protocol["adam"]["eps"])
+    run_steps = 0
+    for index in range(protocol["steps"] if steps is None else steps):
+        out = run(latent, handles, float(index > 0), features, x_prev0)
+        handles = out["tracked_handles"]
+        run_steps += 1
+        if (np.linalg.norm(targets - handles, axis=-1) < protocol["reach_distance"]).all():
+            break
+        latent = adam.step(latent, out["grad"])
+    return latent, handles, run_steps
 
 
 if __name__ == "__main__":

@@ -24,15 +24,24 @@ def _parse_size(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected AxB (e.g. 512x512), got {text!r}") from exc
 
 
-def _positive_int(text: str) -> int:
-    """A count that must be at least one (cases, scenes, a batch)."""
+def _count_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    """A count that must be at least one (cases, scenes, a batch)."""
+    return _count_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    """A count that may be zero (point pairs of an optional graph)."""
+    return _count_at_least(text, 0)
 
 
 def _world_size(text: str) -> int:
@@ -196,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="folder for the graphs, engines and manifest.json")
     export.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"), help="onnx, or onnx plus TensorRT engines")
     export.add_argument("--fp16", action="store_true", help="write the UNet graphs in fp16")
+    export.add_argument("--drag-points", type=_non_negative_int, default=0, metavar="N",
+                        help="also write unet_drag: one drag iteration (with the UNet's input gradient, fp32) for N "
+                             "point pairs, so a service can run the drag (default 0: no drag graph)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     _add_common(export)
     add_config_options(export)
@@ -315,7 +327,7 @@ def cmd_lora(args) -> int:
 def cmd_export(args) -> int:
     editor = _editor(args)
     manifest = editor.export(args.image, args.prompt, args.output, fmt=args.format, fp16=args.fp16,
-                             overwrite=args.overwrite, **config_overrides(args))
+                             overwrite=args.overwrite, drag_points=args.drag_points, **config_overrides(args))
     files = ", ".join(entry["file"] for entry in manifest.data["artifacts"].values())
     print(f"wrote {manifest.folder}: manifest.json, {files} ({manifest.data['export_seconds']} s)")
     return 0

@@ -479,8 +479,9 @@ class DragEditor:
 
     @_one_at_a_time
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
-               overwrite: bool = False, **overrides):
-        """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`."""
+               overwrite: bool = False, drag_points: int = 0, **overrides):
+        """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`;
+        with `drag_points` > 0 also the drag iteration's graph for that many point pairs (`unet_drag`)."""
         from .export.pipeline import check_output, export_loaded
 
         config = self.config.replace(**overrides)
@@ -489,7 +490,8 @@ class DragEditor:
         size = working_size(picture.size, config.size)
         key, _ = self.train_lora(picture, prompt, **overrides)
         text = self.text_embeddings(prompt)
-        return export_loaded(self.components, key, config.lora, size, text, config, Path(output), fmt, fp16, overwrite)
+        return export_loaded(self.components, key, config.lora, size, text, config, Path(output), fmt, fp16, overwrite,
+                             drag_points)
 
     @_one_at_a_time
     def merged_unet_for(self, lora_key: str, **overrides) -> torch.nn.Module:

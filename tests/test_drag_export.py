@@ -1,0 +1,191 @@
+"""The drag iteration's exported graph (`unet_drag`): against PyTorch's drag step and drag loop, its
+refit with another LoRA, and the standalone protocol a C++ service follows."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+POINTS = 2
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def session(model):
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def standalone_module():
+    spec = importlib.util.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """An export of the demo picture with the drag graph for two point pairs, and its merged UNet."""
+    from fastdrag import DragEditor
+    from fastdrag.demo import demo_case
+    from fastdrag.export import merged_unet
+
+    folder = tmp_path_factory.mktemp("drag-export")
+    editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=folder / "cache", progress=False)
+    case = demo_case()
+    manifest = editor.export(case.image, case.prompt, folder / "out", lora_steps=2, drag_points=POINTS)
+    return editor, manifest, merged_unet(tiny.unet)
+
+
+def drag_case(manifest, seed):
+    """A latent, border handles whose patches leave the map, targets, and a random editable mask."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = manifest.data["latent_shape"]
+    height, width = manifest.data["drag"]["supervision_size"]
+    handles = torch.tensor([[0.0, 5.0], [height - 1.0, width - 2.0]])
+    targets = torch.tensor([[4.0, 9.0], [height - 6.0, width - 1.0]])
+    mask = (torch.rand(1, 1, *shape[2:], generator=generator) > 0.3).float()
+    return torch.randn(*shape, generator=generator), handles, targets, mask
+
+
+def graph_feed(manifest, latent, handles, targets, mask, tracking, features, x_prev0):
+    from fastdrag.export.manifest import read_tensor
+
+    text = read_tensor(manifest.folder, manifest.data["artifacts"]["text_embedding"])
+    return {"latents": latent.numpy(), "text_embeddings": np.array(text, np.float32), "handles": handles.numpy(),
+            "targets": targets.numpy(), "handle_features": features.numpy(), "x_prev0": x_prev0.numpy(),
+            "mask": mask.numpy(), "tracking": np.array([tracking], np.float32)}
+
+
+def eager_step(unet, manifest, editor):
+    from fastdrag.config import DragConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.export.drag_graph import drag_step
+
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    return drag_step(unet, schedule, manifest.data["drag"]["timestep"], DragConfig(),
+                     tuple(manifest.data["drag"]["supervision_size"]))
+
+
+def test_the_drag_graph_computes_pytorchs_drag_iteration(exported):
+    """Gradient, tracking, loss, x_prev and the handles' features under ONNX Runtime are PyTorch's, with
+    tracking on, a mask, and handles on the border whose patches leave the map."""
+    editor, manifest, merged = exported
+    spec = manifest.data["artifacts"]["unet_drag"]
+    assert [t["name"] for t in spec["inputs"]][:3] == ["latents", "text_embeddings", "handles"]
+    assert spec["inputs"][2]["shape"] == [POINTS, 2] and all(t["dtype"] == "float32" for t in spec["inputs"])
+    latent, handles, targets, mask = drag_case(manifest, 1)
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(spec["inputs"][4]["shape"], generator=generator)
+    x_prev0 = latent + 0.1 * torch.randn(latent.shape, generator=generator)
+    feed = graph_feed(manifest, latent, handles, targets, mask, 1.0, features, x_prev0)
+    outputs = dict(zip([o["name"] for o in spec["outputs"]], session(manifest.path("unet_drag")).run(None, feed)))
+    text = torch.from_numpy(feed["text_embeddings"])
+    expected = eager_step(merged, manifest, editor)(latent, text, handles, targets, features, x_prev0, mask, torch.ones(1))
+    names = ("grad", "tracked_handles", "loss", "x_prev", "handle_features_now")
+    for name, want in zip(names, expected):
+        assert np.isfinite(outputs[name]).all(), name
+        assert relative_error(outputs[name], want) < 1e-5, name
+    assert np.abs(outputs["grad"]).max() > 0
+    assert not np.array_equal(outputs["tracked_handles"], handles.numpy())  # random features: tracking moved them
+
+
+def test_the_standalone_drag_loop_is_pytorchs_drag(exported):
+    """`export/standalone.py`'s `drag` (the manifest's protocol in numpy) gives what `fastdrag.drag.drag`
+    gives: the anchors' run, an Adam step, then a tracking step. Longer loops part by rounding alone, as
+    PyTorch's own loop does from a latent changed by 1e-7 (a drag's Adam steps amplify a near-zero
+    gradient's rounding to a full step)."""
+    from fastdrag.config import DragConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.drag import drag
+
+    editor, manifest, merged = exported
+    standalone = standalone_module()
+    latent, handles, targets, mask = drag_case(manifest, 3)
+    text = torch.from_numpy(standalone.Export(manifest.folder).text().copy())
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    protocol = manifest.data["drag"]
+    sup_res = tuple(protocol["supervision_size"])
+    for latent_mask in (mask, None):
+        expected = drag(merged, latent, protocol["timestep"], text, handles, targets, latent_mask, schedule,
+                        DragConfig(drag_steps=2), sup_res, progress=False)
+        result, final_handles, steps = standalone.drag(manifest.folder, latent.numpy(), handles.numpy(), targets.numpy(),
+                                                       None if latent_mask is None else latent_mask.numpy(), steps=2)
+        assert steps == expected.steps == 2
+        np.testing.assert_array_equal(final_handles, expected.handles.numpy())
+        assert np.abs(result - expected.latent.numpy()).max() < 1e-5
+        assert np.abs(result - latent.numpy()).max() > 1e-3  # it moved
+    # every handle already within reach: both stop at the first iteration, the latent as it was
+    near = handles + torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expected = drag(merged, latent, protocol["timestep"], text, handles, near, mask, schedule, DragConfig(), sup_res,
+                    progress=False)
+    result, _, steps = standalone.drag(manifest.folder, latent.numpy(), handles.numpy(), near.numpy(), mask.numpy())
+    assert steps == expected.steps == 1
+    np.testing.assert_array_equal(result, latent.numpy())
+    with pytest.raises(ValueError, match="2 point pairs"):
+        standalone.drag(manifest.folder, latent.numpy(), handles[:1].numpy(), targets[:1].numpy())
+
+
+def test_the_drag_graph_refits_to_another_lora(exported):
+    """Its refit map covers every LoRA-target weight, and the mapped initializers replaced by another
+    LoRA's merged weights give that LoRA's drag step."""
+    import onnx
+    from onnx import numpy_helper
+
+    from fastdrag.config import LoraConfig
+    from fastdrag.export import merged_unet
+    from fastdrag.export.refit import load_refit_maps, refit_arrays
+    from fastdrag.lora import install_adapter, lora_parameters
+
+    editor, manifest, merged = exported
+    assert "unet_drag" in manifest.data["refit"]["graphs"]
+    _, maps = load_refit_maps(manifest.folder / "refit.json")
+    assert len(maps["unet_drag"]) == 16 * 2 * 4 and all(maps["unet_drag"].values())
+    unet = editor.components.unet
+    editor.release()
+    install_adapter(unet, LoraConfig(), seed=4)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in lora_parameters(unet):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    other = merged_unet(unet)
+    editor.release()  # the editor's adapter is no longer the one it loaded
+    model = onnx.load(str(manifest.path("unet_drag")))
+    arrays = refit_arrays(maps["unet_drag"], other)
+    for initializer in model.graph.initializer:
+        if initializer.name in arrays:
+            initializer.CopyFrom(numpy_helper.from_array(arrays[initializer.name], initializer.name))
+    latent, handles, targets, mask = drag_case(manifest, 5)
+    features = torch.randn(POINTS, manifest.data["artifacts"]["unet_drag"]["inputs"][4]["shape"][1], generator=generator)
+    feed = graph_feed(manifest, latent, handles, targets, mask, 0.0, features, latent)
+    (grad, *_rest) = session(model.SerializeToString()).run(None, feed)
+    text = torch.from_numpy(feed["text_embeddings"])
+    args = (latent, text, handles, targets, features, latent, mask, torch.zeros(1))
+    assert relative_error(grad, eager_step(other, manifest, editor)(*args)[0]) < 1e-5
+    assert relative_error(grad, eager_step(merged, manifest, editor)(*args)[0]) > 1e-3
+
+
+def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
+    from fastdrag.errors import ConfigError
+    from fastdrag.export.pipeline import export_loaded
+
+    editor, manifest, _ = exported
+    protocol = json.loads((manifest.folder / "manifest.json").read_text())["drag"]
+    assert protocol["points"] == POINTS and protocol["steps"] == 80 and protocol["lr"] == 0.01
+    assert protocol["timestep"] == manifest.data["schedule"]["drag_timestep"]
+    assert protocol["supervision_size"] == [manifest.data["image"]["height"] // 2, manifest.data["image"]["width"] // 2]
+    for wrong in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="drag_points"):
+            export_loaded(editor.components, "key", editor.config.lora, (64, 64), torch.zeros(1, 77, 32), editor.config,
+                          tmp_path / "out", drag_points=wrong)
+    assert not (tmp_path / "out").exists()
