@@ -189,3 +189,33 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
             export_loaded(editor.components, "key", editor.config.lora, (64, 64), torch.zeros(1, 77, 32), editor.config,
                           tmp_path / "out", drag_points=wrong)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
+def test_tensorrt_drag_engine_gives_the_onnx_graphs_gradient(exported, tmp_path):
+    """The drag graph's engine, built as the export builds it (fp32: fp16 off), gives ONNX Runtime's
+    gradient and tracking."""
+    from fastdrag.export.tensorrt import BuildSettings, Engine, build_engine
+
+    _, manifest, _ = exported
+    engine = Engine(build_engine(manifest.path("unet_drag"), tmp_path / "unet_drag.plan", BuildSettings(fp16=False)))
+    latent, handles, targets, mask = drag_case(manifest, 6)
+    features = torch.randn(POINTS, manifest.data["artifacts"]["unet_drag"]["inputs"][4]["shape"][1])
+    feed = graph_feed(manifest, latent, handles, targets, mask, 1.0, features, latent + 0.05)
+    expected = dict(zip([o["name"] for o in manifest.data["artifacts"]["unet_drag"]["outputs"]],
+                        session(manifest.path("unet_drag")).run(None, feed)))
+    outputs = engine.infer({name: torch.from_numpy(value).cuda() for name, value in feed.items()})
+    assert relative_error(outputs["grad"].cpu(), expected["grad"]) < 1e-3
+    np.testing.assert_array_equal(outputs["tracked_handles"].cpu().numpy(), expected["tracked_handles"])
+
+
+def test_the_export_command_takes_a_count_of_drag_points(capsys):
+    from fastdrag.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["export", "a.png", "--prompt", "p", "--output", "o"]).drag_points == 0
+    assert parse(["export", "a.png", "--prompt", "p", "--output", "o", "--drag-points", "3"]).drag_points == 3
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["export", "a.png", "--prompt", "p", "--output", "o", "--drag-points", "-1"])
+    assert exit_info.value.code == 2 and "must be at least 0" in capsys.readouterr().err
