@@ -1,9 +1,14 @@
 """Denoiser backends: one inversion step (batch 1) and one reference-controlled denoising step
-(batch 2) on torch, ONNX Runtime, and TensorRT where it runs, at the tiny model's shape.
+(batch 2) on torch, ONNX Runtime, and TensorRT where it runs, at the tiny model's shape; and one
+drag iteration: PyTorch's drag loop against the exported drag graph (`unet_drag`) with the Adam
+step in numpy, as `export/standalone.py` runs it.
 
 The exported graphs carry a freshly trained LoRA merged in (what an edit exports on first use).
 """
 import importlib.util
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -22,7 +27,8 @@ def exported(tmp_path_factory, device, dtype):
     editor = DragEditor.from_pretrained("tiny", device=device, dtype=dtype, cache_dir=folder / "cache", progress=False)
     case = demo_case()
     fmt = "tensorrt" if importlib.util.find_spec("tensorrt") and device.type == "cuda" else "onnx"
-    manifest = editor.export(case.image, case.prompt, folder / "out", fmt=fmt, fp16=dtype == torch.float16, lora_steps=1)
+    manifest = editor.export(case.image, case.prompt, folder / "out", fmt=fmt, fp16=dtype == torch.float16, lora_steps=1,
+                             drag_points=1)
     return editor, manifest
 
 
@@ -65,3 +71,72 @@ def test_denoise_step(benchmark, exported, device, synchronize, backend):
 
     with denoiser.reference_control(manifest.data["reference_control"]["start_layer"]):
         benchmark(step)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "tensorrt"])
+def test_drag_iteration(benchmark, exported, device, synchronize, backend):
+    """One drag iteration (forward, tracking, loss, backward, Adam) with one point pair and a mask."""
+    from fastdrag.config import DragConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.drag import DragLoop
+    from fastdrag.lora import merged_adapter
+
+    editor, manifest = exported
+    protocol = manifest.data["drag"]
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(*manifest.data["latent_shape"], generator=generator)
+    text = torch.from_numpy(manifest.text_embedding().copy())
+    handles, targets = torch.tensor([[10.0, 12.0]]), torch.tensor([[20.0, 25.0]])
+    mask = torch.ones(1, 1, *latent.shape[2:])
+    mask[..., :2, :] = 0
+    benchmark.group = "drag iteration (1 point, mask, tiny, 64x64)"
+    if backend == "torch":
+        schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+        unet = editor.components.unet
+        with merged_adapter(unet):
+            loop = DragLoop(unet, latent.to(device), protocol["timestep"], text.to(device, editor.dtype), handles,
+                            targets, mask, schedule, DragConfig(drag_steps=10**6, reach_distance=0.0),
+                            tuple(protocol["supervision_size"]), cuda_graph=device.type == "cuda")
+            counter = iter(range(10**6))
+
+            def step():
+                loop.step(next(counter))
+                synchronize()
+
+            benchmark(step)
+        return
+    run = _graph_runner(backend, manifest, device)
+    spec = importlib.util.spec_from_file_location("standalone", Path(__file__).resolve().parents[1] / "export" / "standalone.py")
+    standalone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    adam = standalone.Adam(protocol["lr"], protocol["adam"]["betas"], protocol["adam"]["eps"])
+    channels = manifest.data["artifacts"]["unet_drag"]["inputs"][4]["shape"][1]
+    state = {"latents": latent.numpy(), "handles": handles.numpy()}
+    fixed = {"text_embeddings": text.float().numpy(), "targets": targets.numpy(), "x_prev0": latent.numpy(),
+             "handle_features": np.zeros((1, channels), np.float32), "mask": mask.numpy(),
+             "tracking": np.ones(1, np.float32)}
+
+    def step():
+        out = run({**fixed, **state})
+        state["handles"] = out["tracked_handles"]
+        state["latents"] = adam.step(state["latents"], out["grad"])
+
+    benchmark(step)
+
+
+def _graph_runner(backend, manifest, device):
+    """The drag graph as a function of numpy feeds, on ONNX Runtime or as its TensorRT engine."""
+    if backend == "tensorrt":
+        if "engines" not in manifest.data:
+            pytest.skip("TensorRT needs the tensorrt package and a CUDA GPU (not available here)")
+        from fastdrag.export.tensorrt import Engine
+
+        engine = Engine(manifest.folder / manifest.data["engines"]["unet_drag"]["file"])
+        return lambda feed: {name: value.cpu().numpy() for name, value in engine.infer(
+            {name: torch.from_numpy(value).to(device) for name, value in feed.items()}).items()}
+    import onnxruntime as ort
+
+    providers = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(manifest.path("unet_drag")), providers=providers)
+    names = [output.name for output in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(None, feed)))

@@ -8,6 +8,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..frozen_conv import remove_frozen_conv
 from ..fused_blocks import remove_fused_blocks
+from ..lean_blocks import remove_lean_blocks
 from ..regional_compile import without_compiled_blocks
 
 
@@ -20,6 +21,7 @@ def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     merged = without_compiled_blocks(copy.deepcopy(unet))  # traced for export: plain modules,
     remove_fused_blocks(merged)  # with the stock operators (an exporter need not trace through Triton)
     remove_frozen_conv(merged)  # nor through an autograd function
+    remove_lean_blocks(merged)  # nor through the lean blocks' (the drag graph traces their backward)
     wrapped = [(name, module) for name, module in merged.named_modules() if isinstance(module, LoraLayer)]
     for name, module in wrapped:
         if module.active_adapters:

@@ -126,10 +126,10 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
                 job.spec.extra["external_data"] = data_file.name
             artifacts[job.spec.name] = job.spec.to_dict()
 
-        drag_map = None
+        known_maps = {}
         if drag_points:  # in fp32, before the UNet is halved (the traced graph holds its weights)
             write(drag_job(unet.float(), latent_shape, text_dim, drag_points, schedule, config.drag, sup_res))
-            drag_map = _refit_map_of(staging, artifacts, "unet_drag", unet, lora_config.lora_targets, ())
+            known_maps["unet_drag"] = _refit_map_of(staging, artifacts, "unet_drag", unet, lora_config.lora_targets, ())
         if fp16:
             unet = unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
         if vae_dtype != original_vae_dtype:
@@ -138,7 +138,7 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
                               keep_source_kv=config.keep_source_kv):
             write(job)
         refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets, config.denoise.start_layer,
-                                  {"unet_drag": drag_map} if drag_points else {})
+                                  known_maps)
         artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
         data = {
             "created_by": "fastdrag",

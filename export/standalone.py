@@ -157,6 +157,40 @@ def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray
     return latent, handles, run_steps
 
 
+def decode(folder: Path, latent: np.ndarray) -> np.ndarray:
+    """`vae_decoder` on latent / scaling_factor: the (1, 3, H, W) image in [-1, 1]."""
+    export = Export(folder)
+    scaled = latent / export.manifest["model"]["scaling_factor"]
+    (image,) = export.session("vae_decoder").run(None, {"latents": scaled.astype(export.dtype("vae_decoder", "latents"))})
+    return image.astype(np.float32)
+
+
+def edit(folder: Path, image: np.ndarray, points, mask=None, drag_steps=None) -> np.ndarray:
+    """A whole edit from the export folder alone: invert, drag (the export's `drag` graph), denoise the
+    (source, edited) pair, decode the edited row. `image` is (1, 3, H, W) in [-1, 1] at the export's size;
+    `points` are ((hx, hy), (tx, ty)) pairs in its pixels, as many as the drag graph takes; `mask` is an
+    (H, W) array in [0, 1], above 0.5 where the image may change, or None; `drag_steps` replaces the
+    manifest's number of drag iterations. Returns the edited image."""
+    manifest = Export(folder).manifest
+    height, width = manifest["image"]["height"], manifest["image"]["width"]
+    sup_h, sup_w = manifest["drag"]["supervision_size"]
+    z_t = invert(folder, image)
+    pairs = np.asarray(points, np.float64)  # (N, 2 [handle, target], 2 [x, y])
+
+    def to_supervision(xy: np.ndarray) -> np.ndarray:  # image (x, y) -> (row, col) on the supervision map
+        rows = np.clip(np.round(xy[:, 1] * sup_h / height), 0, sup_h - 1)
+        cols = np.clip(np.round(xy[:, 0] * sup_w / width), 0, sup_w - 1)
+        return np.stack([rows, cols], -1).astype(np.float32)
+
+    latent_mask = None
+    if mask is not None and (np.asarray(mask) > 0.5).any():  # nearest, as the editor downsamples it
+        scale = manifest["model"]["vae_scale_factor"]
+        latent_mask = (np.asarray(mask) > 0.5).astype(np.float32)[::scale, ::scale][None, None]
+    edited, _, _ = drag(folder, z_t, to_supervision(pairs[:, 0]), to_supervision(pairs[:, 1]), latent_mask, drag_steps)
+    clean, _ = denoise(folder, z_t, edited)
+    return decode(folder, clean[1:])
+
+
 if __name__ == "__main__":
     folder, image_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     np.save(out_path, invert(folder, np.load(image_path)))

@@ -191,6 +191,26 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_whole_edit_from_the_export_folder_alone_is_the_editors_edit(exported):
+    """`export/standalone.py`'s `edit` (invert, drag on `unet_drag`, denoise the pair, decode: what a C++
+    service runs) gives the editor's edit of the same picture, points, mask and settings (two drag steps:
+    longer drags part by rounding alone, see above)."""
+    from fastdrag.demo import demo_case
+
+    editor, _, _ = exported
+    case = demo_case()
+    points = list(case.points) + [((40.0, 20.0), (44.0, 26.0))]
+    editor.release()  # other tests gave the shared UNet other adapters: load the picture's from the cache again
+    result = editor.edit(case.image, case.prompt, points, mask=case.mask, lora_steps=2, drag_steps=2)
+    assert result.drag_steps == 2
+    image = np.asarray(case.image.convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+    edited = standalone_module().edit(exported[1].folder, image, points, case.mask, drag_steps=2)
+    pixels = ((np.clip(edited[0], -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).round()
+    expected = np.asarray(result.image, np.float32)
+    assert np.abs(pixels - expected).mean() < 0.5 and np.abs(pixels - expected).max() <= 4
+    assert np.abs(expected - (image[0].transpose(1, 2, 0) + 1.0) * 127.5).mean() > 2  # the edit changed the picture
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
                     reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
 def test_tensorrt_drag_engine_gives_the_onnx_graphs_gradient(exported, tmp_path):
