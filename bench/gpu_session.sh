@@ -72,10 +72,13 @@ fi
 # fastdrag.export; an installed checkout (pip install -e .) already maps them
 # (checked from / : a warm machine keeps the links from an earlier call, and a script run from bench/ does not
 # see the working directory)
+# (a folder holding only a link to fastdrag/ goes on the path, not the root: the root's kernels/ would shadow
+# Hugging Face's `kernels` package, which transformers >= 5.2x requires)
 if ! (cd / && python3 -c "import fastdrag.kernels, fastdrag.export" 2>/dev/null); then
     [ -e fastdrag/kernels ] || ln -s ../kernels fastdrag/kernels
     [ -e fastdrag/export ] || ln -s ../export fastdrag/export
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    mkdir -p /tmp/fastdrag-path && ln -sfn "$PWD/fastdrag" /tmp/fastdrag-path/fastdrag
+    export PYTHONPATH="/tmp/fastdrag-path${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 {

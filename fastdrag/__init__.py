@@ -1,5 +1,8 @@
 """fastdrag: DragDiffusion point-based image editing on Stable Diffusion 1.x, fast and deployable."""
 from . import _quiet  # noqa: F401  (first: silences xformers at import)
+from ._checkout_path import import_hub_kernels
+
+import_hub_kernels()  # before transformers looks for it (fastdrag._checkout_path)
 from .config import DenoiseConfig, DragConfig, EditConfig, InversionConfig, LoraConfig
 from .errors import ConfigError, FastDragError, InputError, ModelLoadError, OutputExistsError
 
