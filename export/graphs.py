@@ -152,7 +152,8 @@ def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: i
     latent = (vae.config.latent_channels, height // scale, width // scale)
     ud, vd = _np_dtype(unet_dtype), _np_dtype(vae_dtype)
     generator = torch.Generator().manual_seed(0)
-    rand = lambda *shape, dtype: torch.randn(*shape, generator=generator).to(dtype)
+    unet_device, vae_device = next(unet.parameters()).device, next(vae.parameters()).device  # an editor's on CUDA
+    rand = lambda *shape, dtype, device=unet_device: torch.randn(*shape, generator=generator).to(device, dtype)
 
     def unet_job(name: str, batch: int, context) -> GraphJob:
         spec = GraphSpec(
@@ -161,16 +162,17 @@ def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: i
                     TensorSpec("text_embeddings", (batch, 77, text_dim), ud)],
             outputs=[TensorSpec("eps", (batch, *latent), ud)],
         )
-        example = (rand(batch, *latent, dtype=unet_dtype), torch.tensor([500.0]), rand(batch, 77, text_dim, dtype=unet_dtype))
+        example = (rand(batch, *latent, dtype=unet_dtype), torch.tensor([500.0], device=unet_device),
+                   rand(batch, 77, text_dim, dtype=unet_dtype))
         return GraphJob(spec, UNetEps(unet), example, context)
 
     jobs = [
         unet_job("unet_inversion", 1, contextlib.nullcontext),
         unet_job("unet_reference", 2, lambda: reference_control(unet, start_layer, "sdpa")),
         GraphJob(GraphSpec("vae_decoder", [TensorSpec("latents", (1, *latent), vd)], [TensorSpec("image", (1, 3, height, width), vd)]),
-                 VaeDecode(vae), (rand(1, *latent, dtype=vae_dtype),)),
+                 VaeDecode(vae), (rand(1, *latent, dtype=vae_dtype, device=vae_device),)),
         GraphJob(GraphSpec("vae_encoder", [TensorSpec("image", (1, 3, height, width), vd)], [TensorSpec("latent_mean", (1, *latent), vd)]),
-                 VaeEncodeMean(vae), (rand(1, 3, height, width, dtype=vae_dtype).clamp(-1, 1),)),
+                 VaeEncodeMean(vae), (rand(1, 3, height, width, dtype=vae_dtype, device=vae_device).clamp(-1, 1),)),
     ]
     jobs[1].spec.extra["reference_control"] = {"start_layer": start_layer}
     if keep_source_kv:

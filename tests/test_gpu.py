@@ -969,3 +969,40 @@ def test_compiled_blocks_replay_in_cuda_graphs(picture):
     change_eager, change_graphed = eager.latent - z_t, graphed.latent - z_t
     assert (change_graphed - change_eager).norm() <= 0.25 * change_eager.norm()
     torch.testing.assert_close(graphed.handles, eager.handles, rtol=0, atol=2.0)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+def test_an_editor_on_cuda_exports_graphs_that_compute_its_unet(picture, tmp_path, no_tf32):
+    """An fp16 editor on CUDA exports (its graphs' example inputs on its device), and ONNX Runtime's
+    inversion graph gives the CUDA UNet's eps; the drag graph traces on CUDA, and its traced step gives
+    the eager step's gradient there."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fastdrag import DragEditor
+    from fastdrag.config import DragConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.export import merged_unet
+    from fastdrag.export.drag_graph import drag_job, drag_step
+
+    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", cache_dir=tmp_path / "cache", progress=False)
+    manifest = editor.export(picture.image, picture.prompt, tmp_path / "out", fp16=True, lora_steps=2)
+    assert manifest.data["precision"]["unet"] == "fp16"
+    merged = merged_unet(editor.components.unet)
+    x, text = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 77, 32, device="cuda")
+    session = ort.InferenceSession(str(manifest.path("unet_inversion")), providers=["CPUExecutionProvider"])
+    (eps,) = session.run(None, {"latents": x.half().cpu().numpy(), "timestep": np.array([300.0], np.float32),
+                                "text_embeddings": text.half().cpu().numpy()})
+    with torch.no_grad():
+        expected = merged(x.half(), 300, text.half()).sample.float().cpu().numpy()
+    assert np.isfinite(eps).all()
+    assert np.linalg.norm(eps.astype(np.float32) - expected) / np.linalg.norm(expected) < 2e-2
+
+    unet = merged.float()
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    job = drag_job(unet, (1, 4, 8, 8), 32, 1, schedule, DragConfig(), (32, 32))
+    assert all(tensor.is_cuda for tensor in job.example)
+    traced = job.module(*job.example)
+    eager = drag_step(unet, schedule, schedule.drag_timestep, DragConfig(), (32, 32))(*job.example)
+    assert torch.isfinite(traced[0]).all() and float(traced[0].norm()) > 0
+    assert float((traced[0] - eager[0]).norm() / eager[0].norm()) < 1e-4 and torch.equal(traced[1], eager[1])
