@@ -47,13 +47,20 @@ def exported(tiny, tmp_path_factory):
     return editor, manifest, merged_unet(tiny.unet)
 
 
-def drag_case(manifest, seed):
-    """A latent, border handles whose patches leave the map, targets, and a random editable mask."""
+def drag_case(manifest, seed, border=False):
+    """A latent, handles, targets and a random editable mask. `border`: handles on the map's border, whose
+    motion supervision patches leave the map; else inside it, where tracking meets no structural tie (the
+    4x upsampled feature map repeats its border rows and columns, so a window over them compares equal
+    features, and rounding alone picks among them)."""
     generator = torch.Generator().manual_seed(seed)
     shape = manifest.data["latent_shape"]
     height, width = manifest.data["drag"]["supervision_size"]
-    handles = torch.tensor([[0.0, 5.0], [height - 1.0, width - 2.0]])
-    targets = torch.tensor([[4.0, 9.0], [height - 6.0, width - 1.0]])
+    if border:
+        handles = torch.tensor([[0.0, 5.0], [height - 1.0, width - 2.0]])
+        targets = torch.tensor([[4.0, 9.0], [height - 6.0, width - 1.0]])
+    else:
+        handles = torch.tensor([[8.0, 10.0], [20.0, 17.0]])
+        targets = torch.tensor([[12.0, 16.0], [16.0, 22.0]])
     mask = (torch.rand(1, 1, *shape[2:], generator=generator) > 0.3).float()
     return torch.randn(*shape, generator=generator), handles, targets, mask
 
@@ -78,26 +85,31 @@ def eager_step(unet, manifest, editor):
 
 
 def test_the_drag_graph_computes_pytorchs_drag_iteration(exported):
-    """Gradient, tracking, loss, x_prev and the handles' features under ONNX Runtime are PyTorch's, with
-    tracking on, a mask, and handles on the border whose patches leave the map."""
+    """Gradient, tracking, loss, x_prev and the handles' features under ONNX Runtime are PyTorch's, with a
+    mask: handles on the border whose patches leave the map (tracking off), and handles inside it with
+    tracking on."""
     editor, manifest, merged = exported
     spec = manifest.data["artifacts"]["unet_drag"]
     assert [t["name"] for t in spec["inputs"]][:3] == ["latents", "text_embeddings", "handles"]
     assert spec["inputs"][2]["shape"] == [POINTS, 2] and all(t["dtype"] == "float32" for t in spec["inputs"])
-    latent, handles, targets, mask = drag_case(manifest, 1)
-    generator = torch.Generator().manual_seed(2)
-    features = torch.randn(spec["inputs"][4]["shape"], generator=generator)
-    x_prev0 = latent + 0.1 * torch.randn(latent.shape, generator=generator)
-    feed = graph_feed(manifest, latent, handles, targets, mask, 1.0, features, x_prev0)
-    outputs = dict(zip([o["name"] for o in spec["outputs"]], session(manifest.path("unet_drag")).run(None, feed)))
-    text = torch.from_numpy(feed["text_embeddings"])
-    expected = eager_step(merged, manifest, editor)(latent, text, handles, targets, features, x_prev0, mask, torch.ones(1))
-    names = ("grad", "tracked_handles", "loss", "x_prev", "handle_features_now")
-    for name, want in zip(names, expected):
-        assert np.isfinite(outputs[name]).all(), name
-        assert relative_error(outputs[name], want) < 1e-5, name
-    assert np.abs(outputs["grad"]).max() > 0
-    assert not np.array_equal(outputs["tracked_handles"], handles.numpy())  # random features: tracking moved them
+    graph = session(manifest.path("unet_drag"))
+    step = eager_step(merged, manifest, editor)
+    for border, tracking in ((True, 0.0), (False, 1.0)):
+        latent, handles, targets, mask = drag_case(manifest, 1, border)
+        generator = torch.Generator().manual_seed(2)
+        features = torch.randn(spec["inputs"][4]["shape"], generator=generator)
+        x_prev0 = latent + 0.1 * torch.randn(latent.shape, generator=generator)
+        feed = graph_feed(manifest, latent, handles, targets, mask, tracking, features, x_prev0)
+        outputs = dict(zip([o["name"] for o in spec["outputs"]], graph.run(None, feed)))
+        text = torch.from_numpy(feed["text_embeddings"])
+        expected = step(latent, text, handles, targets, features, x_prev0, mask, torch.full((1,), tracking))
+        names = ("grad", "tracked_handles", "loss", "x_prev", "handle_features_now")
+        for name, want in zip(names, expected):
+            assert np.isfinite(outputs[name]).all(), name
+            assert relative_error(outputs[name], want) < 1e-5, (name, border)
+        assert np.abs(outputs["grad"]).max() > 0
+        # random features: tracking moves the handles, and only with tracking on
+        assert np.array_equal(outputs["tracked_handles"], handles.numpy()) == (not tracking)
 
 
 def test_the_standalone_drag_loop_is_pytorchs_drag(exported):
