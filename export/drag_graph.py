@@ -185,5 +185,7 @@ def drag_protocol(config: DragConfig, points: int, sup_res: Tuple[int, int], tim
                 "keep its x_prev as x_prev0 and its handle_features_now as handle_features. "
                 "Then for k in 0..steps-1: run it on the current latent with tracking = (k > 0); the handles "
                 "become tracked_handles; if every |target - handle| < reach_distance, stop (the latent stays); "
-                "else take one Adam step on the latent (fp32) with grad. The result is the edited z_t."),
+                "else take one Adam step on the latent (fp32) with grad. The result is the edited z_t. "
+                "Fewer pairs than points: pad with pairs whose handle is its target, feeding their handles "
+                "unchanged at every run (a pair within reach adds nothing to the loss and does not hold up the stop)."),
     }

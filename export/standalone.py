@@ -123,23 +123,29 @@ class Adam:
 def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray, mask=None, steps=None):
     """(edited z_t, final handles, iterations run): the manifest's `drag` protocol on `unet_drag`.
 
-    `handles` and `targets` are (N, 2) (row, col) at the supervision size, N the export's `points`;
-    `mask` is the editable mask at latent size (1 = may change), None for none; `steps` replaces the
-    manifest's number of iterations."""
+    `handles` and `targets` are (M, 2) (row, col) at the supervision size, M at most the export's
+    `points`: the graph's other pairs are padding, each a handle on its target (such a pair is within
+    reach, so it adds nothing to the loss or its gradient, and it does not hold up the stop), its handle
+    fed again as it was at every iteration. `mask` is the editable mask at latent size (1 = may change),
+    None for none; `steps` replaces the manifest's number of iterations."""
     export = Export(folder)
     protocol = export.manifest["drag"]
     session = export.session(protocol["graph"])
     handles, targets = np.asarray(handles, np.float32), np.asarray(targets, np.float32)
-    if handles.shape != (protocol["points"], 2) or targets.shape != handles.shape:
-        raise ValueError(f"this export's drag graph takes {protocol['points']} point pairs as ({protocol['points']}, 2) arrays; "
+    count = len(handles)
+    if handles.ndim != 2 or handles.shape[1:] != (2,) or targets.shape != handles.shape or not 1 <= count <= protocol["points"]:
+        raise ValueError(f"this export's drag graph takes 1 to {protocol['points']} point pairs as (M, 2) arrays; "
                          f"got handles {handles.shape} and targets {targets.shape}")
+    padding = np.zeros((protocol["points"] - count, 2), np.float32)
+    targets = np.concatenate([targets, padding])
     shape = {t["name"]: t["shape"] for t in export.artifacts[protocol["graph"]]["inputs"]}
     feed = {"text_embeddings": export.text().astype(np.float32), "targets": targets,
             "mask": np.ones(shape["mask"], np.float32) if mask is None else np.asarray(mask, np.float32).reshape(shape["mask"])}
 
     def run(latent, points, tracking, features, x_prev0):
-        outputs = session.run(None, {**feed, "latents": latent, "handles": points, "tracking": np.array([tracking], np.float32),
-                                     "handle_features": features, "x_prev0": x_prev0})
+        outputs = session.run(None, {**feed, "latents": latent, "handles": np.concatenate([points, padding]),
+                                     "tracking": np.array([tracking], np.float32), "handle_features": features,
+                                     "x_prev0": x_prev0})
         return dict(zip([o.name for o in session.get_outputs()], outputs))
 
     latent = np.asarray(z_t, np.float32)
@@ -149,9 +155,9 @@ def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray
     run_steps = 0
     for index in range(protocol["steps"] if steps is None else steps):
         out = run(latent, handles, float(index > 0), features, x_prev0)
-        handles = out["tracked_handles"]
+        handles = out["tracked_handles"][:count]
         run_steps += 1
-        if (np.linalg.norm(targets - handles, axis=-1) < protocol["reach_distance"]).all():
+        if (np.linalg.norm(targets[:count] - handles, axis=-1) < protocol["reach_distance"]).all():
             break
         latent = adam.step(latent, out["grad"])
     return latent, handles, run_steps
@@ -168,7 +174,7 @@ def decode(folder: Path, latent: np.ndarray) -> np.ndarray:
 def edit(folder: Path, image: np.ndarray, points, mask=None, drag_steps=None) -> np.ndarray:
     """A whole edit from the export folder alone: invert, drag (the export's `drag` graph), denoise the
     (source, edited) pair, decode the edited row. `image` is (1, 3, H, W) in [-1, 1] at the export's size;
-    `points` are ((hx, hy), (tx, ty)) pairs in its pixels, as many as the drag graph takes; `mask` is an
+    `points` are ((hx, hy), (tx, ty)) pairs in its pixels, at most as many as the drag graph takes; `mask` is an
     (H, W) array in [0, 1], above 0.5 where the image may change, or None; `drag_steps` replaces the
     manifest's number of drag iterations. Returns the edited image."""
     manifest = Export(folder).manifest

@@ -114,7 +114,8 @@ def test_the_drag_graph_computes_pytorchs_drag_iteration(exported):
 
 def test_the_standalone_drag_loop_is_pytorchs_drag(exported):
     """`export/standalone.py`'s `drag` (the manifest's protocol in numpy) gives what `fastdrag.drag.drag`
-    gives: the anchors' run, an Adam step, then a tracking step. Longer loops part by rounding alone, as
+    gives: the anchors' run, an Adam step, then a tracking step, also for fewer pairs than the graph
+    takes. Longer loops part by rounding alone, as
     PyTorch's own loop does from a latent changed by 1e-7 (a drag's Adam steps amplify a near-zero
     gradient's rounding to a full step)."""
     from fastdrag.config import DragConfig
@@ -144,8 +145,17 @@ def test_the_standalone_drag_loop_is_pytorchs_drag(exported):
     result, _, steps = standalone.drag(manifest.folder, latent.numpy(), handles.numpy(), near.numpy(), mask.numpy())
     assert steps == expected.steps == 1
     np.testing.assert_array_equal(result, latent.numpy())
-    with pytest.raises(ValueError, match="2 point pairs"):
-        standalone.drag(manifest.folder, latent.numpy(), handles[:1].numpy(), targets[:1].numpy())
+    # fewer pairs than the graph takes: the rest padded, each a handle on its target, adds nothing
+    expected = drag(merged, latent, protocol["timestep"], text, handles[1:], targets[1:], mask, schedule,
+                    DragConfig(drag_steps=2), sup_res, progress=False)
+    result, final_handles, steps = standalone.drag(manifest.folder, latent.numpy(), handles[1:].numpy(),
+                                                   targets[1:].numpy(), mask.numpy(), steps=2)
+    assert steps == expected.steps == 2 and final_handles.shape == (1, 2)
+    np.testing.assert_array_equal(final_handles, expected.handles.numpy())
+    assert np.abs(result - expected.latent.numpy()).max() < 1e-5
+    three = torch.cat([handles, handles[:1]])
+    with pytest.raises(ValueError, match="1 to 2 point pairs"):
+        standalone.drag(manifest.folder, latent.numpy(), three.numpy(), three.numpy())
 
 
 def test_the_drag_graph_refits_to_another_lora(exported):
