@@ -66,8 +66,8 @@ def interpolation_matrix(size_out: int, size_in: int, align_corners: bool) -> to
 
 def _bilinear_upsample_grad(grad, output_size, input_size, align_corners, scales_h=None, scales_w=None):
     """Bilinear resizing's input gradient: the transposed interpolation matrices on both sides."""
-    rows = interpolation_matrix(output_size[0], input_size[2], align_corners).to(grad.dtype)
-    cols = interpolation_matrix(output_size[1], input_size[3], align_corners).to(grad.dtype)
+    rows = interpolation_matrix(output_size[0], input_size[2], align_corners).to(grad.device, grad.dtype)
+    cols = interpolation_matrix(output_size[1], input_size[3], align_corners).to(grad.device, grad.dtype)
     return rows.T @ grad @ cols
 
 
