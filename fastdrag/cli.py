@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"), help="onnx, or onnx plus TensorRT engines")
     export.add_argument("--fp16", action="store_true", help="write the UNet graphs in fp16")
     export.add_argument("--drag-points", type=_non_negative_int, default=0, metavar="N",
-                        help="also write unet_drag: one drag iteration (with the UNet's input gradient, fp32) for N "
-                             "point pairs, so a service can run the drag (default 0: no drag graph)")
+                        help="also write unet_drag: one drag iteration (with the UNet's input gradient, fp32) for up "
+                             "to N point pairs, so a service can run the drag (default 0: no drag graph)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     _add_common(export)
     add_config_options(export)

@@ -481,7 +481,7 @@ class DragEditor:
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
                overwrite: bool = False, drag_points: int = 0, **overrides):
         """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`;
-        with `drag_points` > 0 also the drag iteration's graph for that many point pairs (`unet_drag`)."""
+        with `drag_points` > 0 also the drag iteration's graph for up to that many point pairs (`unet_drag`)."""
         from .export.pipeline import check_output, export_loaded
 
         config = self.config.replace(**overrides)
