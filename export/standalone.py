@@ -4,9 +4,11 @@ Reads only `manifest.json`, the ONNX graphs and the text-embedding file (numpy +
 fastdrag, tokenizer or diffusers):
 
     python export/standalone.py EXPORT_DIR IMAGE.npy OUT.npy
+    python export/standalone.py edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy]
 
 IMAGE.npy is a (1, 3, H, W) float32 image in [-1, 1] at the export's size; OUT.npy receives the
-latent z_t at the drag timestep. A service runs the denoising loop the same way with the
+latent z_t at the drag timestep, or with `edit` (an export with a drag graph) the edited image, as
+`edit` below makes it from POINTS.json ([[[hx, hy], [tx, ty]], ...] in pixels) and MASK.npy ((H, W)). A service runs the denoising loop the same way with the
 `unet_reference` graph and `schedule.denoise`, then `vae_decoder` on latent / scaling_factor:
 `denoise` below. An export made with `keep_source_kv` has the `unet_kept` graph too, and `denoise`
 shows the manifest's `source_kv` protocol: the pair's denoising keeps the keys and values each swapped
@@ -198,7 +200,12 @@ def edit(folder: Path, image: np.ndarray, points, mask=None, drag_steps=None) ->
 
 
 if __name__ == "__main__":
-    folder, image_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    np.save(out_path, invert(folder, np.load(image_path)))
+    if sys.argv[1] == "edit":
+        folder, image_path, points_path, out_path = Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+        mask_array = np.load(sys.argv[6]) if len(sys.argv) > 6 else None
+        np.save(out_path, edit(folder, np.load(image_path), json.loads(Path(points_path).read_text()), mask_array))
+    else:
+        folder, image_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+        np.save(out_path, invert(folder, np.load(image_path)))
     assert not any(name.split(".")[0] in ("fastdrag", "torch", "diffusers", "transformers") for name in sys.modules), \
         "the standalone loop must not need the Python stack"

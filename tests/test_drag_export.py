@@ -233,6 +233,31 @@ def test_a_whole_edit_from_the_export_folder_alone_is_the_editors_edit(exported)
     assert np.abs(expected - (image[0].transpose(1, 2, 0) + 1.0) * 127.5).mean() > 2  # the edit changed the picture
 
 
+def test_the_standalone_edit_runs_without_the_python_stack(exported, tmp_path):
+    """`python export/standalone.py edit ...` (numpy and ONNX Runtime alone: the script asserts that no
+    fastdrag, torch, diffusers or transformers module was imported) writes the edit `edit` makes in
+    process, at the manifest's settings (80 drag steps)."""
+    import subprocess
+    import sys
+
+    from fastdrag.demo import demo_case
+
+    _, manifest, _ = exported
+    case = demo_case()
+    image = np.asarray(case.image.convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "mask.npy", np.asarray(case.mask))
+    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
+    done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), "edit", str(manifest.folder),
+                           str(tmp_path / "image.npy"), str(tmp_path / "points.json"), str(tmp_path / "out.npy"),
+                           str(tmp_path / "mask.npy")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    edited = np.load(tmp_path / "out.npy")
+    assert edited.shape == image.shape and np.isfinite(edited).all()
+    expected = standalone_module().edit(manifest.folder, image, case.points, np.asarray(case.mask))
+    np.testing.assert_array_equal(edited, expected)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
                     reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
 def test_tensorrt_drag_engine_gives_the_onnx_graphs_gradient(exported, tmp_path):
