@@ -24,9 +24,6 @@ from .graphs import GraphJob, GraphSpec, TensorSpec
 
 aten = torch.ops.aten
 
-DRAG_INPUTS = ("latents", "text_embeddings", "handles", "targets", "handle_features", "x_prev0", "mask", "tracking")
-DRAG_OUTPUTS = ("grad", "tracked_handles", "loss", "x_prev", "handle_features_now")
-
 
 def _convolution_input_grad(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
                             groups, output_mask):
@@ -110,17 +107,6 @@ def drag_step(unet, schedule: DdimSchedule, timestep: int, config: DragConfig, s
     return step
 
 
-class _Traced(torch.nn.Module):
-    """A traced function as a module for the exporter."""
-
-    def __init__(self, graph: torch.fx.GraphModule):
-        super().__init__()
-        self.graph_module = graph
-
-    def forward(self, *inputs):
-        return self.graph_module(*inputs)
-
-
 def drag_job(unet, latent_shape: Tuple[int, ...], text_dim: int, points: int, schedule: DdimSchedule,
              config: DragConfig, sup_res: Tuple[int, int]) -> GraphJob:
     """The `unet_drag` graph for `points` handle/target pairs at a fixed latent size (batch 1, fp32):
@@ -154,7 +140,7 @@ def drag_job(unet, latent_shape: Tuple[int, ...], text_dim: int, points: int, sc
                  TensorSpec("handle_features_now", (points, channels), f32)],
     )
     spec.extra["timestep"] = schedule.drag_timestep
-    return GraphJob(spec, _Traced(graph), example)
+    return GraphJob(spec, graph, example)  # a GraphModule: the exporter takes it as a module
 
 
 @contextlib.contextmanager

@@ -144,11 +144,13 @@ def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray
     feed = {"text_embeddings": export.text().astype(np.float32), "targets": targets,
             "mask": np.ones(shape["mask"], np.float32) if mask is None else np.asarray(mask, np.float32).reshape(shape["mask"])}
 
+    names = [output.name for output in session.get_outputs()]
+
     def run(latent, points, tracking, features, x_prev0):
         outputs = session.run(None, {**feed, "latents": latent, "handles": np.concatenate([points, padding]),
                                      "tracking": np.array([tracking], np.float32), "handle_features": features,
                                      "x_prev0": x_prev0})
-        return dict(zip([o.name for o in session.get_outputs()], outputs))
+        return dict(zip(names, outputs))
 
     latent = np.asarray(z_t, np.float32)
     anchors = run(latent, handles, 0.0, np.zeros(shape["handle_features"], np.float32), np.zeros_like(latent))
