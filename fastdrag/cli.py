@@ -458,6 +458,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FastDragError as exc:
         print(f"fastdrag: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every output file is written whole or not at all
+        print("fastdrag: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Hashable, Optional
+from typing import Hashable, Optional, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import DenoiseConfig
 from .ddim import DdimSchedule, ddim_step
 from .denoiser import Denoiser
+from .progress import Progress, as_progress
 from .source_kv import SourceKV
 
 
 def denoise_pair(denoiser: Denoiser, source: torch.Tensor, edited: torch.Tensor, text_embeddings: torch.Tensor,
-                 schedule: DdimSchedule, config: DenoiseConfig, progress: bool = True,
+                 schedule: DdimSchedule, config: DenoiseConfig, progress: Union[bool, Progress] = True,
                  record: Optional[SourceKV] = None, record_key: Hashable = None) -> torch.Tensor:
     """Denoise `[source, edited]` from the drag timestep to 0; returns the (2, 4, h, w) clean latents.
 
@@ -28,7 +28,7 @@ def denoise_pair(denoiser: Denoiser, source: torch.Tensor, edited: torch.Tensor,
 
 
 def denoise_edited(denoiser: Denoiser, edited: torch.Tensor, text_embeddings: torch.Tensor, schedule: DdimSchedule,
-                   config: DenoiseConfig, kept: SourceKV, progress: bool = True) -> torch.Tensor:
+                   config: DenoiseConfig, kept: SourceKV, progress: Union[bool, Progress] = True) -> torch.Tensor:
     """Denoise the edited latent alone, its swapped layers reading the source branch's keys and values
     that `kept` recorded in a `denoise_pair` of the same source latent, prompt, adapter and settings:
     the edited row of that pair's result, without the source branch's forwards. Returns (1, 4, h, w)."""
@@ -36,7 +36,7 @@ def denoise_edited(denoiser: Denoiser, edited: torch.Tensor, text_embeddings: to
 
 
 def _denoise(denoiser: Denoiser, x: torch.Tensor, text_embeddings: torch.Tensor, schedule: DdimSchedule,
-             config: DenoiseConfig, progress: bool, source_kv: Optional[SourceKV], recording: bool,
+             config: DenoiseConfig, progress: Union[bool, Progress], source_kv: Optional[SourceKV], recording: bool,
              key: Hashable) -> torch.Tensor:
     text = text_embeddings.expand(x.shape[0], -1, -1)
     timesteps = schedule.denoise_timesteps
@@ -47,7 +47,8 @@ def _denoise(denoiser: Denoiser, x: torch.Tensor, text_embeddings: torch.Tensor,
         source_kv.begin(x, max(len(timesteps) - config.start_step, 0), config.start_layer, recording)
         swapped = {"source_kv": source_kv}
     with contextlib.ExitStack() as stack:
-        for index, t in enumerate(tqdm(timesteps, desc="denoise", disable=not progress, leave=False)):
+        for index in as_progress(progress).steps("denoise", len(timesteps)):
+            t = timesteps[index]
             if index == config.start_step:
                 stack.enter_context(denoiser.reference_control(config.start_layer, config.attention_backend, **swapped))
             if source_kv is not None and index >= config.start_step:

@@ -12,11 +12,10 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import kernels
 from .autocast import unet_autocast
@@ -26,6 +25,7 @@ from .ddim import DdimSchedule, ddim_step
 from .features import unet_features, unet_with_features
 from .fixed_conditioning import FixedConditioning
 from .half_norms import enabled as half_norms_enabled
+from .progress import Progress, as_progress
 from .weights import first_weight
 
 
@@ -257,10 +257,10 @@ class DragLoop:
             self.latent.copy_(torch.where(self.done, self.before, self.latent))
             self.loss.copy_(torch.where(self.done, torch.zeros_like(loss), loss.detach()))
 
-    def run(self, progress: bool = True) -> DragResult:
+    def run(self, progress: Union[bool, Progress] = True) -> DragResult:
         """Iterate until every handle arrived or the step limit; the loop's tensors stay for a `restart`."""
         with sync_debug(self.latent.device):
-            for index in tqdm(range(self.config.drag_steps), desc="drag", disable=not progress, leave=False):
+            for index in as_progress(progress).steps("drag", self.config.drag_steps):
                 if self.step(index):
                     break
         return self.result()
@@ -287,7 +287,7 @@ def drag(
     config: DragConfig,
     sup_res: Tuple[int, int],
     check_every: int = 4,
-    progress: bool = True,
+    progress: Union[bool, Progress] = True,
     cuda_graph: bool = False,
 ) -> DragResult:
     """Optimise the latent so the content under each handle moves to its target.

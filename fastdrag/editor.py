@@ -36,6 +36,7 @@ from .inversion import invert
 from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
                    run_trainer)
 from .models import Components, load_components
+from .progress import Progress, StepCallback
 from .source_kv import SourceKV
 from .vae import capture_decoder, decode, encode_posterior, encode_prompt
 
@@ -181,6 +182,7 @@ class DragEditor:
         self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
         self._sdpa_priority = check_sdpa_priority(sdpa_priority)
         self._prompt_embeddings: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._on_step: Optional[StepCallback] = None  # the running call's callback (`edit`'s `on_step`)
 
     @property
     def sdpa_priority(self) -> str:
@@ -274,6 +276,19 @@ class DragEditor:
             torch.cuda.empty_cache()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return result
+
+    def _progress(self) -> Progress:
+        """How the stage about to run reports its steps: the bar (`progress`) and the call's `on_step`."""
+        return Progress(self.progress, self._on_step)
+
+    @contextlib.contextmanager
+    def _reporting(self, on_step: Optional[StepCallback]):
+        """Report the stages of the call inside to `on_step` (and restore the outer call's afterwards)."""
+        outer, self._on_step = self._on_step, on_step
+        try:
+            yield
+        finally:
+            self._on_step = outer
 
     @_one_at_a_time
     def prepare(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
@@ -455,7 +470,7 @@ class DragEditor:
                                   cuda_graph=graphed, graph_pool=pool)
         keep = config.keep_lora_trainer
         with sdpa_priority(self._sdpa_priority):
-            losses = run_trainer(trainer, config.lora.lora_steps, self.progress, keep_graph=keep)
+            losses = run_trainer(trainer, config.lora.lora_steps, self._progress(), keep_graph=keep)
         self._lora_trainer = trainer if keep else None
         try:
             self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
@@ -467,8 +482,13 @@ class DragEditor:
         return key, False
 
     @_one_at_a_time
-    def train_lora(self, image: ImageLike, prompt: str, **overrides) -> Tuple[str, bool]:
-        """Train (or find in the cache) the LoRA of an image; returns (key, was cached)."""
+    def train_lora(self, image: ImageLike, prompt: str, on_step: Optional[StepCallback] = None,
+                   **overrides) -> Tuple[str, bool]:
+        """Train (or find in the cache) the LoRA of an image; returns (key, was cached). `on_step` as in `edit`."""
+        with self._reporting(on_step):
+            return self._train_lora(image, prompt, **overrides)
+
+    def _train_lora(self, image: ImageLike, prompt: str, **overrides) -> Tuple[str, bool]:
         config = self.config.replace(**overrides)
         picture = load_image(image)
         size = working_size(picture.size, config.size)
@@ -585,7 +605,7 @@ class DragEditor:
         if key in self._inversions:
             self._inversions.move_to_end(key)
             return self._inversions[key]
-        z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self.progress)
+        z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self._progress())
         while len(self._inversions) >= self.INVERSIONS_KEPT:
             self._inversions.popitem(last=False)
         self._inversions[key] = z_t
@@ -608,7 +628,7 @@ class DragEditor:
             loop = DragLoop(unet, *args, inputs.targets, inputs.mask, schedule, config.drag, inputs.sup_res,
                             cuda_graph=config.cuda_graphs, graph_pool=self._shared_graph_pool())
             self._drag_loop = loop
-        return loop.run(progress=self.progress)
+        return loop.run(progress=self._progress())
 
     def _denoise(self, denoiser, z_t: torch.Tensor, edited: torch.Tensor, prepared: PreparedImage,
                  schedule: DdimSchedule, config: EditConfig) -> torch.Tensor:
@@ -618,11 +638,11 @@ class DragEditor:
         text, source_kv = prepared.text_embeddings, self._source_kv
         if not (config.keep_source_kv and getattr(denoiser, "keeps_source_kv", False)):
             source_kv.clear()  # off: hold nothing
-            return denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self.progress)[1:]
+            return denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self._progress())[1:]
         key = (self._inversion_key(prepared, schedule, config), config.denoise, config.merge_lora, self._sdpa_priority)
         if source_kv.holds(key):
-            return denoise_edited(denoiser, edited, text, schedule, config.denoise, source_kv, progress=self.progress)
-        pair = denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self.progress,
+            return denoise_edited(denoiser, edited, text, schedule, config.denoise, source_kv, progress=self._progress())
+        pair = denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self._progress(),
                             record=source_kv, record_key=key)
         return pair[1:]
 
@@ -667,8 +687,20 @@ class DragEditor:
 
     @_one_at_a_time
     def edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
-             **overrides) -> EditResult:
-        """Move the content under each handle to its target; points are `[((hx, hy), (tx, ty)), ...]`."""
+             on_step: Optional[StepCallback] = None, **overrides) -> EditResult:
+        """Move the content under each handle to its target; points are `[((hx, hy), (tx, ty)), ...]`.
+
+        `on_step(stage, done, total)`, if given, is called by the stages that loop ("lora", "inversion",
+        "drag", "denoise"; a stage the editor skips, as a cached LoRA's, calls nothing) with 0 before their
+        first step and after each step (`fastdrag.progress`). An exception it raises (`EditCancelled`, say)
+        ends the edit there: it propagates from here, nothing is cached from the unfinished stage, and the
+        editor's next edit is what it would have been without this one.
+        """
+        with self._reporting(on_step):
+            return self._edit(image, prompt, points, mask, **overrides)
+
+    def _edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike],
+              **overrides) -> EditResult:
         config = self.config.replace(**overrides)
         total_start = time.perf_counter()
         prepared = self.prepare(image, prompt, points, mask, config)

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .autocast import unet_autocast
@@ -32,6 +31,7 @@ from .shared_casts import HALF
 from .half_norms import enabled as half_norms_enabled
 from .lean_blocks import install_lean_lora, lean_lora_layers, runs_lean
 from .lora_casts import half_adapter_weights
+from .progress import Progress, as_progress
 from .weights import first_weight
 
 logger = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def train_lora(
     scaling_factor: float,
     config: LoraConfig,
     seed: int,
-    progress: bool = True,
+    progress: Union[bool, Progress] = True,
     cuda_graph: bool = False,
 ) -> List[float]:
     """Fine-tune a fresh adapter on one image; returns the loss of every step."""
@@ -365,10 +365,11 @@ def train_lora(
     return run_trainer(trainer, config.lora_steps, progress)
 
 
-def run_trainer(trainer: LoraTrainer, steps: int, progress: bool = True, keep_graph: bool = False) -> List[float]:
+def run_trainer(trainer: LoraTrainer, steps: int, progress: Union[bool, Progress] = True,
+                keep_graph: bool = False) -> List[float]:
     """`steps` steps of a new or restarted trainer, then `finish`; returns the loss of every step."""
     try:
-        losses = [trainer.step() for _ in tqdm(range(steps), desc="LoRA", disable=not progress, leave=False)]
+        losses = [trainer.step() for _ in as_progress(progress).steps("lora", steps)]
     finally:
         trainer.finish(keep_graph)
     return [float(v) for v in losses]

@@ -52,6 +52,23 @@ def test_edit_end_to_end(tmp_path, image_file, picture, capsys):
     assert not list(tmp_path.glob(".out.png*"))  # no temporary files left behind
 
 
+def test_ctrl_c_during_an_edit_exits_130_with_one_line_and_writes_nothing(tmp_path, image_file, picture, capsys,
+                                                                          monkeypatch):
+    from fastdrag import drag
+
+    def interrupted(self, index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(drag.DragLoop, "step", interrupted)  # as if Ctrl-C came during the drag
+    output = tmp_path / "out.png"
+    (h, t), = picture.points
+    code = main(["edit", str(image_file), "--prompt", picture.prompt, "--drag", f"{h[0]},{h[1]}:{t[0]},{t[1]}",
+                 "--output", str(output), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS)
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["fastdrag: interrupted"]
+    assert not list(tmp_path.glob("*out.png*"))
+
+
 def test_points_file_and_its_errors(tmp_path, image_file, capsys):
     points = tmp_path / "points.json"
     points.write_text(json.dumps({"handles": [[10, 10], [30, 30]], "targets": [[20, 20]]}))
