@@ -134,6 +134,9 @@ def _one_at_a_time(method):
 
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
+        if self._in_callback:  # the lock is re-entrant, so only the thread running the edit gets here
+            raise RuntimeError(f"an edit's on_step callback called DragEditor.{method.__name__}: the edit is "
+                               "still running (raise EditCancelled to stop it instead)")
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._lock, on_device:
             return method(self, *args, **kwargs)
@@ -183,6 +186,7 @@ class DragEditor:
         self._sdpa_priority = check_sdpa_priority(sdpa_priority)
         self._prompt_embeddings: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._on_step: Optional[StepCallback] = None  # the running call's callback (`edit`'s `on_step`)
+        self._in_callback = False  # whether that callback is running (it may not call the editor)
 
     @property
     def sdpa_priority(self) -> str:
@@ -284,7 +288,14 @@ class DragEditor:
     @contextlib.contextmanager
     def _reporting(self, on_step: Optional[StepCallback]):
         """Report the stages of the call inside to `on_step` (and restore the outer call's afterwards)."""
-        outer, self._on_step = self._on_step, on_step
+        def guarded(stage: str, done: int, total: int) -> None:
+            self._in_callback = True
+            try:
+                on_step(stage, done, total)
+            finally:
+                self._in_callback = False
+
+        outer, self._on_step = self._on_step, (guarded if on_step is not None else None)
         try:
             yield
         finally:

@@ -336,7 +336,7 @@ def test_an_editor_on_a_cuda_device_makes_it_current_while_it_works(monkeypatch)
 
     class Holder:
         def __init__(self, device):
-            self.device, self._lock = torch.device(device), threading.RLock()
+            self.device, self._lock, self._in_callback = torch.device(device), threading.RLock(), False
 
         @editor_module._one_at_a_time
         def work(self):

@@ -123,3 +123,20 @@ def test_an_edit_stopped_in_any_stage_leaves_the_editor_as_a_fresh_one(editor, p
         expected = fresh.edit(other, "another prompt", moved, mask=picture.mask, **options)
         assert np.asarray(repeated.image).tobytes() == np.asarray(expected.image).tobytes()
         assert repeated.handles == expected.handles
+
+
+def test_a_callback_that_calls_the_editor_is_refused_and_the_editor_stays_usable(editor, picture, tmp_path, fast):
+    """The lock is re-entrant for the editor's own calls, so without the guard a callback's `release()`
+    or `edit()` would change the running edit's state under it."""
+    from fastdrag import DragEditor
+
+    def meddle(stage, done, total):
+        if stage == "drag" and done == 1:
+            editor.release()
+
+    with pytest.raises(RuntimeError, match="on_step callback called DragEditor.release"):
+        editor.edit(picture.image, picture.prompt, picture.points, on_step=meddle, **fast)
+    after = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(picture.image, picture.prompt, picture.points, **fast)
+    assert np.asarray(after.image).tobytes() == np.asarray(expected.image).tobytes()
