@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -12,6 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..atomic import replace_path
 from ..attention import self_attention_processor_names
 from ..ddim import DdimSchedule
 from ..errors import ConfigError, OutputExistsError
@@ -172,9 +172,7 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
                                          "build_seconds": round(time.perf_counter() - build_started, 2)}
         data["export_seconds"] = round(time.perf_counter() - started, 2)
         save_manifest(staging, data)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(staging, output)
+        replace_path(staging, output)
     finally:
         if vae.dtype != original_vae_dtype:
             vae.to(original_vae_dtype)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -45,6 +47,34 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def replace_path(staged: Union[str, Path], path: Union[str, Path]) -> None:
+    """Put `staged` (a finished file or folder beside `path`) at `path`, replacing what is there.
+
+    A folder cannot be renamed over a non-empty one, and deleting the old one first would leave, if
+    interrupted, a half-deleted export whose manifest names files that are gone. So the old one is
+    renamed aside (a hidden name beside it), the new one renamed into place, and only then is the old
+    one deleted: `path` holds the whole old output or the whole new one, never a part of either (for
+    the instant between the two renames it holds nothing, the old one whole beside it). If the new
+    one cannot be put in place, the old one goes back.
+    """
+    staged, path = Path(staged), Path(path)
+    aside = None
+    if path.exists() or path.is_symlink():
+        aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
+        os.replace(path, aside)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, path)
+        raise
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink()
 
 
 def image_format(path: Union[str, Path]) -> str:

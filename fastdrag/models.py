@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import urllib.parse
@@ -88,13 +89,16 @@ def tokenizer_folder() -> Path:
     """Folder holding the built-in byte-level tokenizer files (written on first use)."""
     folder = Path(os.environ.get("FASTDRAG_CACHE", Path.home() / ".cache" / "fastdrag")) / "tokenizer-bytes-v1"
     if not (folder / "vocab.json").exists() or not (folder / "merges.txt").exists():
-        tmp = Path(tempfile.mkdtemp(prefix="tok-", dir=folder.parent if folder.parent.exists() else None))
-        write_byte_tokenizer(tmp)
         folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=folder.parent))  # beside it: a rename, not a copy across disks
         try:
+            write_byte_tokenizer(tmp)
             os.replace(tmp, folder)
         except OSError:  # another process wrote it first
-            pass
+            if not (folder / "vocab.json").exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

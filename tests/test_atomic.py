@@ -1,11 +1,12 @@
 """Atomic writes: all or nothing, and the permissions a plain write would give."""
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from fastdrag.atomic import atomic_path, save_image
+from fastdrag.atomic import atomic_path, replace_path, save_image
 from fastdrag.errors import OutputExistsError
 
 
@@ -59,3 +60,51 @@ def test_images_are_written_in_the_format_their_extension_names(tmp_path):
     with pytest.raises(InputError, match=r"cannot write \.xyz images"):
         save_image(picture, tmp_path / "f.xyz")
     assert not list(tmp_path.glob("*f.xyz*"))
+
+
+def _folder(path, files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def _contents(path):
+    return {child.name: child.read_text() for child in path.iterdir()}
+
+
+def test_a_folder_replaces_another_whole_and_leaves_nothing_beside_it(tmp_path):
+    old = _folder(tmp_path / "export", {"manifest.json": "old", "unet.onnx": "old weights"})
+    new = _folder(tmp_path / ".export.staging", {"manifest.json": "new"})
+    replace_path(new, old)
+    assert _contents(tmp_path / "export") == {"manifest.json": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # the old one deleted, the staging renamed
+    replace_path(_folder(tmp_path / ".first", {"a": "1"}), tmp_path / "fresh")  # nothing there before
+    assert _contents(tmp_path / "fresh") == {"a": "1"}
+    (tmp_path / "file.txt").write_text("old")
+    (tmp_path / ".file.new").write_text("new")
+    replace_path(tmp_path / ".file.new", tmp_path / "file.txt")
+    assert (tmp_path / "file.txt").read_text() == "new"
+
+
+def test_an_old_folder_is_never_half_deleted_and_comes_back_when_the_new_one_cannot_be_put_in_place(tmp_path,
+                                                                                                 monkeypatch):
+    from fastdrag import atomic
+
+    old = _folder(tmp_path / "export", {"manifest.json": "old", "unet.onnx": "old weights"})
+    new = _folder(tmp_path / ".export.staging", {"manifest.json": "new"})
+    real_replace, seen = os.replace, []
+
+    def interrupted(source, destination):
+        seen.append((Path(source).name, Path(destination).name))
+        if len(seen) == 2:  # Ctrl-C once the old one is aside, before the new one is in place
+            assert _contents(Path(destination).parent / seen[0][1]) == {"manifest.json": "old", "unet.onnx": "old weights"}
+            raise KeyboardInterrupt
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_path(new, old)
+    assert seen[0][0] == "export" and seen[0][1].startswith(".export.old-") and seen[1] == (".export.staging", "export")
+    assert _contents(old) == {"manifest.json": "old", "unet.onnx": "old weights"}  # put back, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.staging", "export"]

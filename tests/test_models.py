@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,34 @@ def test_first_weight_gives_the_device_and_dtype_diffusers_properties_give(dtype
     for model in (unet, vae):
         weight = first_weight(model)
         assert (weight.device, weight.dtype) == (model.device, model.dtype) == (torch.device("cpu"), dtype)
+
+
+def test_the_tokenizer_files_are_written_once_inside_a_new_cache_and_a_lost_race_leaves_nothing(tmp_path,
+                                                                                                 monkeypatch):
+    """The files are staged beside their folder (a rename, never a copy across disks from /tmp), in a
+    cache folder that may not exist yet; a process that loses the race to another leaves no staging."""
+    import os
+
+    from fastdrag import models
+
+    cache = tmp_path / "new" / "cache"
+    monkeypatch.setenv("FASTDRAG_CACHE", str(cache))
+    staged = []
+    real_mkdtemp = models.tempfile.mkdtemp
+    monkeypatch.setattr(models.tempfile, "mkdtemp", lambda **kw: staged.append(kw["dir"]) or real_mkdtemp(**kw))
+    folder = models.tokenizer_folder()
+    assert staged == [cache] and sorted(p.name for p in folder.iterdir()) >= ["merges.txt", "vocab.json"]
+    assert [p.name for p in cache.iterdir()] == [folder.name]
+
+    other = tmp_path / "other"
+    monkeypatch.setenv("FASTDRAG_CACHE", str(other))
+    real_replace = os.replace
+
+    def another_process_first(source, destination):
+        models.write_byte_tokenizer(Path(destination))  # the winner's files land first
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(models.os, "replace", another_process_first)
+    folder = models.tokenizer_folder()
+    monkeypatch.setattr(models.os, "replace", real_replace)
+    assert (folder / "vocab.json").is_file() and [p.name for p in other.iterdir()] == [folder.name]
