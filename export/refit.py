@@ -6,6 +6,11 @@ value: each target weight of the merged UNet is matched to the initializer holdi
 transposed). The same graph refitted with another image's merged weights is that image's model:
 an engine refitted (TensorRT), or a session given them as initializer overrides (ONNX Runtime).
 Every export writes its maps to `refit.json`.
+
+A service that has an export but no PyTorch runs another image on it from a refit-weights file
+(`save_refit_weights`, written by `DragEditor.refit_weights` / `fastdrag refit`): one safetensors file
+with that image's merged LoRA-target weights, by the parameter names `refit.json` maps to each
+graph's initializers, and its prompt's text embeddings.
 """
 from __future__ import annotations
 
@@ -101,12 +106,44 @@ def load_refit_maps(path: Path) -> Tuple[Tuple[str, ...], Dict[str, Dict[str, Li
 
 
 def refit_arrays(mapping: Dict[str, List[RefitEntry]], unet) -> Dict[str, np.ndarray]:
-    """Initializer name -> new value, from a newly merged UNet (or its `merged_target_weights`), laid
-    out as the graph holds it."""
+    """Initializer name -> new value, from a newly merged UNet (or its `merged_target_weights`, or the
+    weights of a refit-weights file), laid out as the graph holds it."""
     weights = unet if isinstance(unet, dict) else dict(unet.named_parameters())
     arrays = {}
     for name, entries in mapping.items():
-        value = weights[name].detach().cpu().numpy()
+        value = weights[name]
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         for entry in entries:
             arrays[entry.initializer] = np.ascontiguousarray(value.T if entry.transposed else value).astype(entry.dtype)
     return arrays
+
+
+REFIT_WEIGHTS_FORMAT = "fastdrag-refit-weights"
+TEXT_EMBEDDING = "text_embedding"  # the refit-weights file's tensor of the prompt's text embeddings
+
+
+def save_refit_weights(path: Path, weights: Dict[str, torch.Tensor], text_embeddings: torch.Tensor,
+                       metadata: Dict[str, str]) -> None:
+    """Write a refit-weights file atomically: `weights` (merged LoRA-target weights by parameter name),
+    the prompt's `text_embeddings` (fp32) as `text_embedding`, and `metadata` (strings) beside the format."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_path
+
+    tensors = {name: weight.detach().cpu().contiguous() for name, weight in weights.items()}
+    tensors[TEXT_EMBEDDING] = text_embeddings.detach().float().cpu().contiguous()
+    with atomic_path(path) as staged:
+        save_file(tensors, str(staged), metadata={"format": REFIT_WEIGHTS_FORMAT, "version": "1", **metadata})
+
+
+def load_refit_weights(path: Path) -> Tuple[Dict[str, np.ndarray], np.ndarray, Dict[str, str]]:
+    """(weights by parameter name, text embeddings, metadata) of a refit-weights file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as opened:
+        metadata = opened.metadata() or {}
+        if metadata.get("format") != REFIT_WEIGHTS_FORMAT:
+            raise ValueError(f"{path} is not a fastdrag refit-weights file (format {metadata.get('format')!r})")
+        arrays = {name: opened.get_tensor(name) for name in opened.keys()}
+    text = arrays.pop(TEXT_EMBEDDING)
+    return arrays, text, metadata

@@ -3,8 +3,8 @@
 Reads only `manifest.json`, the ONNX graphs and the text-embedding file (numpy + onnxruntime; no
 fastdrag, tokenizer or diffusers):
 
-    python export/standalone.py EXPORT_DIR IMAGE.npy OUT.npy
-    python export/standalone.py edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy]
+    python export/standalone.py EXPORT_DIR IMAGE.npy OUT.npy [--refit WEIGHTS.safetensors]
+    python export/standalone.py edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [--refit WEIGHTS.safetensors]
 
 IMAGE.npy is a (1, 3, H, W) float32 image in [-1, 1] at the export's size; OUT.npy receives the
 latent z_t at the drag timestep, or with `edit` (an export with a drag graph) the edited image, as
@@ -15,10 +15,16 @@ shows the manifest's `source_kv` protocol: the pair's denoising keeps the keys a
 step gives, and a later edit of the same image denoises its edited latent alone with them. An export
 made with `drag_points` has the `unet_drag` graph, and `drag` runs the manifest's `drag` protocol
 (the drag loop, its Adam steps on the service's side) between the two.
+
+`--refit` runs another image on the same export: WEIGHTS.safetensors (`fastdrag refit`) holds that
+image's merged LoRA-target weights and its prompt's text embeddings. Each graph's session takes the
+weights in place of its initializers as `refit.json` maps them (`Export.session`; a TensorRT service
+refits its engines by the same names), and the text embeddings replace `text_embedding.bin`.
 """
 import json
 import sys
 from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -34,26 +40,76 @@ def ddim(x: np.ndarray, eps: np.ndarray, alpha_from: float, alpha_to: float) -> 
     return np.sqrt(alpha_to) * x0 + np.sqrt(1.0 - alpha_to) * eps
 
 
-class Export:
-    """An export folder as a service reads it: the manifest, a session per graph, each input's dtype."""
+SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4"}
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.manifest = json.loads((folder / "manifest.json").read_text())
+
+def read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(tensors, metadata) of a safetensors file: 8 bytes (little-endian) giving the header's length,
+    the header (JSON: each tensor's dtype, shape and byte range in what follows; `__metadata__`), the bytes."""
+    raw = Path(path).read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    metadata = header.pop("__metadata__", {})
+    body = memoryview(raw)[8 + length:]
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        tensors[name] = np.frombuffer(body[begin:end], dtype=SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return tensors, metadata
+
+
+class Export:
+    """An export folder as a service reads it: the manifest, a session per graph, each input's dtype;
+    with `refit`, another image's weights and text embeddings (a `fastdrag refit` file) in place of its own."""
+
+    def __init__(self, folder: Path, refit: Optional[Path] = None):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
         self.artifacts = self.manifest["artifacts"]
+        self.overrides: Dict[str, Dict[str, np.ndarray]] = {}  # per graph: initializer -> value
+        self.refit_text = None
+        if refit is not None:
+            weights, metadata = read_safetensors(refit)
+            if metadata.get("format") != "fastdrag-refit-weights":
+                raise ValueError(f"{refit} is not a fastdrag refit-weights file")
+            if metadata.get("model") != self.manifest["model"]["identity"] or "refit" not in self.manifest:
+                raise ValueError(f"{refit} holds weights of model {metadata.get('model')!r}; {self.folder} was exported "
+                                 f"from {self.manifest['model']['identity']!r}" + ("" if "refit" in self.manifest else
+                                                                                  " and has no refit map"))
+            self.refit_text = weights.pop("text_embedding")
+            maps = json.loads((self.folder / self.manifest["refit"]["file"]).read_text())["graphs"]
+            for graph, mapping in maps.items():  # weight name -> [[initializer, transposed, dtype], ...]
+                self.overrides[graph] = {
+                    initializer: np.ascontiguousarray(weights[name].T if transposed else weights[name]).astype(dtype)
+                    for name, entries in mapping.items() for initializer, transposed, dtype in entries}
+        self._values = []  # ONNX Runtime reads the overriding values while its sessions live
 
     def session(self, graph: str) -> ort.InferenceSession:
-        return ort.InferenceSession(str(self.folder / self.artifacts[graph]["file"]), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        for initializer, array in self.overrides.get(graph, {}).items():
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._values.append(value)
+            options.add_initializer(initializer, value)
+        return ort.InferenceSession(str(self.folder / self.artifacts[graph]["file"]), options,
+                                    providers=["CPUExecutionProvider"])
 
     def dtype(self, graph: str, tensor: str) -> np.dtype:
         return np.dtype(next(t["dtype"] for t in self.artifacts[graph]["inputs"] if t["name"] == tensor))
 
     def text(self) -> np.ndarray:
+        if self.refit_text is not None:
+            return self.refit_text
         return read_tensor(self.folder, self.artifacts["text_embedding"])
 
 
-def invert(folder: Path, image: np.ndarray) -> np.ndarray:
-    export = Export(folder)
+def as_export(folder: Union[Path, str, Export]) -> Export:
+    """An export folder's path, or an `Export` already read (one with refit weights, say)."""
+    return folder if isinstance(folder, Export) else Export(Path(folder))
+
+
+def invert(folder: Union[Path, Export], image: np.ndarray) -> np.ndarray:
+    export = as_export(folder)
     encoder, unet = export.session("vae_encoder"), export.session("unet_inversion")
     (mean,) = encoder.run(None, {"image": image.astype(export.dtype("vae_encoder", "image"))})
     x = mean.astype(np.float64) * export.manifest["model"]["scaling_factor"]
@@ -66,13 +122,13 @@ def invert(folder: Path, image: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def denoise(folder: Path, source: np.ndarray, edited: np.ndarray, kept=None):
+def denoise(folder: Union[Path, Export], source: np.ndarray, edited: np.ndarray, kept=None):
     """(clean latents, kept keys and values). Without `kept`: the (source, edited) pair through
     `unet_reference` (plain attention before `start_step`, as that graph's batch-1 rows are the
     inversion graph's), returning the (2, ...) latents and, where the export keeps them, each swapped
     step's keys and values by name. With `kept` (what a pair's run of the same source returned): the
     edited latent alone through `unet_kept`, returning its (1, ...) latent."""
-    export = Export(folder)
+    export = as_export(folder)
     manifest = export.manifest
     start_step = manifest["reference_control"]["start_step"]
     text = export.text()
@@ -122,7 +178,7 @@ class Adam:
         return (param - np.float32(self.lr / correction1) * self.m / denominator).astype(np.float32)
 
 
-def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray, mask=None, steps=None):
+def drag(folder: Union[Path, Export], z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray, mask=None, steps=None):
     """(edited z_t, final handles, iterations run): the manifest's `drag` protocol on `unet_drag`.
 
     `handles` and `targets` are (M, 2) (row, col) at the supervision size, M at most the export's
@@ -130,7 +186,7 @@ def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray
     reach, so it adds nothing to the loss or its gradient, and it does not hold up the stop), its handle
     fed again as it was at every iteration. `mask` is the editable mask at latent size (1 = may change),
     None for none; `steps` replaces the manifest's number of iterations."""
-    export = Export(folder)
+    export = as_export(folder)
     protocol = export.manifest["drag"]
     session = export.session(protocol["graph"])
     handles, targets = np.asarray(handles, np.float32), np.asarray(targets, np.float32)
@@ -167,24 +223,25 @@ def drag(folder: Path, z_t: np.ndarray, handles: np.ndarray, targets: np.ndarray
     return latent, handles, run_steps
 
 
-def decode(folder: Path, latent: np.ndarray) -> np.ndarray:
+def decode(folder: Union[Path, Export], latent: np.ndarray) -> np.ndarray:
     """`vae_decoder` on latent / scaling_factor: the (1, 3, H, W) image in [-1, 1]."""
-    export = Export(folder)
+    export = as_export(folder)
     scaled = latent / export.manifest["model"]["scaling_factor"]
     (image,) = export.session("vae_decoder").run(None, {"latents": scaled.astype(export.dtype("vae_decoder", "latents"))})
     return image.astype(np.float32)
 
 
-def edit(folder: Path, image: np.ndarray, points, mask=None, drag_steps=None) -> np.ndarray:
+def edit(folder: Union[Path, Export], image: np.ndarray, points, mask=None, drag_steps=None) -> np.ndarray:
     """A whole edit from the export folder alone: invert, drag (the export's `drag` graph), denoise the
     (source, edited) pair, decode the edited row. `image` is (1, 3, H, W) in [-1, 1] at the export's size;
     `points` are ((hx, hy), (tx, ty)) pairs in its pixels, at most as many as the drag graph takes; `mask` is an
     (H, W) array in [0, 1], above 0.5 where the image may change, or None; `drag_steps` replaces the
     manifest's number of drag iterations. Returns the edited image."""
-    manifest = Export(folder).manifest
+    export = as_export(folder)
+    manifest = export.manifest
     height, width = manifest["image"]["height"], manifest["image"]["width"]
     sup_h, sup_w = manifest["drag"]["supervision_size"]
-    z_t = invert(folder, image)
+    z_t = invert(export, image)
     pairs = np.asarray(points, np.float64)  # (N, 2 [handle, target], 2 [x, y])
 
     def to_supervision(xy: np.ndarray) -> np.ndarray:  # image (x, y) -> (row, col) on the supervision map
@@ -196,18 +253,23 @@ def edit(folder: Path, image: np.ndarray, points, mask=None, drag_steps=None) ->
     if mask is not None and (np.asarray(mask) > 0.5).any():  # nearest, as the editor downsamples it
         scale = manifest["model"]["vae_scale_factor"]
         latent_mask = (np.asarray(mask) > 0.5).astype(np.float32)[::scale, ::scale][None, None]
-    edited, _, _ = drag(folder, z_t, to_supervision(pairs[:, 0]), to_supervision(pairs[:, 1]), latent_mask, drag_steps)
-    clean, _ = denoise(folder, z_t, edited)
-    return decode(folder, clean[1:])
+    edited, _, _ = drag(export, z_t, to_supervision(pairs[:, 0]), to_supervision(pairs[:, 1]), latent_mask, drag_steps)
+    clean, _ = denoise(export, z_t, edited)
+    return decode(export, clean[1:])
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "edit":
-        folder, image_path, points_path, out_path = Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-        mask_array = np.load(sys.argv[6]) if len(sys.argv) > 6 else None
-        np.save(out_path, edit(folder, np.load(image_path), json.loads(Path(points_path).read_text()), mask_array))
+    args = sys.argv[1:]
+    refit = None
+    if "--refit" in args:
+        at = args.index("--refit")
+        refit, args = Path(args[at + 1]), args[:at] + args[at + 2:]
+    if args[0] == "edit":
+        export, image_path, points_path, out_path = Export(Path(args[1]), refit), args[2], args[3], args[4]
+        mask_array = np.load(args[5]) if len(args) > 5 else None
+        np.save(out_path, edit(export, np.load(image_path), json.loads(Path(points_path).read_text()), mask_array))
     else:
-        folder, image_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-        np.save(out_path, invert(folder, np.load(image_path)))
+        export, image_path, out_path = Export(Path(args[0]), refit), args[1], args[2]
+        np.save(out_path, invert(export, np.load(image_path)))
     assert not any(name.split(".")[0] in ("fastdrag", "torch", "diffusers", "transformers") for name in sys.modules), \
         "the standalone loop must not need the Python stack"

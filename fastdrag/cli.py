@@ -212,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(export)
     add_config_options(export)
 
+    refit = commands.add_parser("refit", help="write an image's weights and text embeddings for an export made "
+                                                     "from another image (a service runs it without a new export)")
+    refit.add_argument("image", help="input image file")
+    refit.add_argument("--prompt", required=True, help="text describing the image")
+    refit.add_argument("--export", required=True, help="an export folder (fastdrag export) of the same model and size")
+    refit.add_argument("--output", required=True, help="the .safetensors file to write")
+    refit.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_common(refit)
+    add_config_options(refit)
+
     cache = commands.add_parser("cache", help="what the LoRA cache holds on disk; prune it to a size")
     cache.add_argument("--cache-dir", default=None, help="LoRA cache folder (default: ~/.cache/fastdrag/lora)")
     cache.add_argument("--prune-to", default=None, metavar="SIZE",
@@ -333,6 +343,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_refit(args) -> int:
+    editor = _editor(args)
+    path = editor.refit_weights(args.image, args.prompt, args.export, args.output, overwrite=args.overwrite,
+                                **config_overrides(args))
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) for {args.export}")
+    return 0
+
+
 BUDGETED_STEP_CAP = 1_000_000  # with --time-budget and no --unet-steps, the budget alone sets the step count
 
 
@@ -445,8 +463,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "cache": cmd_cache, "toy": cmd_toy,
-            "info": cmd_info}
+COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "refit": cmd_refit,
+            "cache": cmd_cache, "toy": cmd_toy, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

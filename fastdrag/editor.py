@@ -538,6 +538,51 @@ class DragEditor:
         self._loaded_key = lora_key
         return merged_unet(self.components.unet)
 
+    @_one_at_a_time
+    def refit_weights(self, image: ImageLike, prompt: str, export: Union[str, Path], output: Union[str, Path],
+                      overwrite: bool = False, **overrides) -> Path:
+        """Write what a service needs to edit `image` on `export`, an export made from another image.
+
+        The file (safetensors) holds this image's merged LoRA-target weights, by the parameter names
+        that the export's `refit.json` maps to each UNet graph's initializers, and its prompt's text
+        embeddings (`text_embedding`, fp32), in place of the export's. The LoRA is trained here, or
+        found in the cache. The weights are fp16 when the editor is, else fp32; the service casts each
+        weight to its initializer's dtype. `export/standalone.py` shows how a service applies them.
+        A new image then costs this file, not a whole export and its engine builds.
+        """
+        from .atomic import check_writable
+        from .export import load_manifest
+        from .export.refit import load_refit_maps, merged_target_weights, save_refit_weights
+
+        config = self.config.replace(**overrides)
+        output = check_writable(output, overwrite)
+        manifest = load_manifest(Path(export))
+        data, identity = manifest.data, self.components.identity
+        if data["model"]["identity"] != identity:
+            raise InputError(f"{manifest.folder} was exported from model {data['model']['identity']!r}; "
+                             f"this editor holds {identity!r}")
+        if "refit" not in data:
+            raise InputError(f"{manifest.folder} has no refit map (refit.json): its graphs cannot take another "
+                             "image's weights; export the image itself instead")
+        targets, _ = load_refit_maps(manifest.folder / data["refit"]["file"])
+        if sorted(targets) != sorted(config.lora.lora_targets):
+            raise InputError(f"{manifest.folder} can be refitted for LoRA targets {list(targets)}, "
+                             f"not {list(config.lora.lora_targets)}")
+        picture = load_image(image)
+        size = working_size(picture.size, config.size)
+        exported = (data["image"]["width"], data["image"]["height"])
+        if size != exported:
+            raise InputError(f"the image works at {size[0]}x{size[1]}, but {manifest.folder}'s graphs take "
+                             f"{exported[0]}x{exported[1]}: pass size={exported} (--size "
+                             f"{exported[0]}x{exported[1]}) or use an export of that size")
+        key, _ = self._train_lora(picture, prompt, **overrides)
+        dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
+        weights = {name: weight.to(dtype) for name, weight in merged_target_weights(self.components.unet, targets).items()}
+        save_refit_weights(output, weights, self.text_embeddings(prompt),
+                           {"model": identity, "lora_key": key, "prompt": prompt, "width": str(size[0]),
+                            "height": str(size[1]), "targets": json.dumps(list(targets))})
+        return output
+
     def _exported_denoiser(self, prepared: PreparedImage, config: EditConfig):
         """The exported-graph denoiser of this image's LoRA, exporting on first use (into the cache).
 

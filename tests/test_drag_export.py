@@ -258,6 +258,105 @@ def test_the_standalone_edit_runs_without_the_python_stack(exported, tmp_path):
     np.testing.assert_array_equal(edited, expected)
 
 
+def mirrored_case():
+    """The demo picture mirrored left to right, its points and mask with it: another image of the export's size."""
+    from PIL import Image
+
+    from fastdrag.demo import demo_case
+
+    case = demo_case()
+    width = case.image.size[0]
+    image = Image.fromarray(np.ascontiguousarray(np.asarray(case.image)[:, ::-1]))
+    points = [((width - hx, hy), (width - tx, ty)) for (hx, hy), (tx, ty) in case.points]
+    return image, "a mirrored picture", points, np.ascontiguousarray(np.asarray(case.mask)[:, ::-1])
+
+
+REFIT_SETTINGS = dict(lora_steps=3, lora_lr=0.02)  # a LoRA far enough from the export's to tell them apart
+
+
+def test_another_image_runs_on_the_export_from_its_refit_weights(exported, tmp_path):
+    """`fastdrag refit` writes an image's merged LoRA-target weights and text embeddings for an export made
+    from another image; the standalone protocol with that file computes the image's own UNet (and not the
+    export's) and makes the editor's edit of it."""
+    import subprocess
+    import sys
+
+    from fastdrag.cli import main
+    from fastdrag.export.refit import load_refit_maps, load_refit_weights
+
+    editor, manifest, _ = exported
+    image, prompt, points, mask = mirrored_case()
+    editor.release()
+    image.save(tmp_path / "mirrored.png")
+    path = tmp_path / "mirrored.safetensors"
+    assert main(["refit", str(tmp_path / "mirrored.png"), "--prompt", prompt, "--export", str(manifest.folder),
+                 "--output", str(path), "--cache-dir", str(editor.cache.directory), "--quiet",
+                 "--lora-steps", str(REFIT_SETTINGS["lora_steps"]), "--lora-lr", str(REFIT_SETTINGS["lora_lr"])]) == 0
+    weights, text, metadata = load_refit_weights(path)
+    _, maps = load_refit_maps(manifest.folder / "refit.json")
+    assert set(weights) == set(maps["unet_inversion"]) and metadata["prompt"] == prompt
+    assert metadata["model"] == manifest.data["model"]["identity"] and metadata["lora_key"] != manifest.data["lora"]["key"]
+    np.testing.assert_array_equal(text, editor.text_embeddings(prompt).numpy())
+
+    key, cached = editor.train_lora(image, prompt, **REFIT_SETTINGS)  # the CLI cached it: the editor loads it
+    assert cached and key == metadata["lora_key"]
+    standalone = standalone_module()
+    refitted, own = standalone.Export(manifest.folder, refit=path), standalone.Export(manifest.folder)
+    generator = torch.Generator().manual_seed(11)
+    latent = torch.randn(*manifest.data["latent_shape"], generator=generator)
+    timestep = manifest.data["schedule"]["drag_timestep"]
+    feed = {"latents": latent.numpy(), "timestep": np.array([timestep], np.float32), "text_embeddings": text}
+    with torch.no_grad():
+        expected = editor.components.unet(latent, timestep, encoder_hidden_states=torch.from_numpy(text)).sample
+    assert relative_error(refitted.session("unet_inversion").run(None, feed)[0], expected) < 1e-5
+    assert relative_error(own.session("unet_inversion").run(None, feed)[0], expected) > 1e-3
+
+    editor.release()
+    result = editor.edit(image, prompt, points, mask=mask, drag_steps=2, **REFIT_SETTINGS)
+    pixels_in = np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+    edited = standalone.edit(refitted, pixels_in, points, mask, drag_steps=2)
+    pixels = ((np.clip(edited[0], -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).round()
+    reference = np.asarray(result.image, np.float32)
+    assert np.abs(pixels - reference).mean() < 0.5 and np.abs(pixels - reference).max() <= 4
+
+    np.save(tmp_path / "image.npy", pixels_in)  # the command line, in a process without the Python stack
+    done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), str(manifest.folder),
+                           str(tmp_path / "image.npy"), str(tmp_path / "z_t.npy"), "--refit", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "z_t.npy"), standalone.invert(refitted, pixels_in))
+
+
+def test_refit_weights_refuse_an_export_they_cannot_serve(exported, tmp_path):
+    import shutil
+
+    from fastdrag.errors import InputError, OutputExistsError
+    from fastdrag.export.refit import save_refit_weights
+
+    editor, manifest, _ = exported
+    image, prompt, _, _ = mirrored_case()
+    out = tmp_path / "w.safetensors"
+    with pytest.raises(InputError, match="works at 128x128, but .* take 64x64: pass size=\\(64, 64\\)"):
+        editor.refit_weights(image.resize((128, 128)), prompt, manifest.folder, out, **REFIT_SETTINGS)
+    with pytest.raises(InputError, match="can be refitted for LoRA targets"):
+        editor.refit_weights(image, prompt, manifest.folder, out, lora_targets=("to_q",), **REFIT_SETTINGS)
+    other_model = tmp_path / "other-model"
+    shutil.copytree(manifest.folder, other_model)
+    data = json.loads((other_model / "manifest.json").read_text())
+    data["model"]["identity"] = "someone/else"
+    (other_model / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="exported from model 'someone/else'"):
+        editor.refit_weights(image, prompt, other_model, out, **REFIT_SETTINGS)
+    assert not out.exists()
+    out.write_bytes(b"x")
+    with pytest.raises(OutputExistsError):
+        editor.refit_weights(image, prompt, manifest.folder, out, **REFIT_SETTINGS)
+    save_refit_weights(out, {}, torch.zeros(1, 77, 32), {"model": "someone/else"})
+    with pytest.raises(ValueError, match="holds weights of model 'someone/else'"):
+        standalone_module().Export(manifest.folder, refit=out)
+    editor.release()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
                     reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
 def test_tensorrt_drag_engine_gives_the_onnx_graphs_gradient(exported, tmp_path):
