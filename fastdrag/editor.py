@@ -134,11 +134,11 @@ def _one_at_a_time(method):
 
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        if self._in_callback:  # the lock is re-entrant, so only the thread running the edit gets here
-            raise RuntimeError(f"an edit's on_step callback called DragEditor.{method.__name__}: the edit is "
-                               "still running (raise EditCancelled to stop it instead)")
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._lock, on_device:
+            if self._in_callback:  # holding the (re-entrant) lock: the edit's own thread, inside its callback
+                raise RuntimeError(f"an edit's on_step callback called DragEditor.{method.__name__}: the edit is "
+                                   "still running (raise EditCancelled to stop it instead)")
             return method(self, *args, **kwargs)
 
     return locked

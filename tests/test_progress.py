@@ -140,3 +140,29 @@ def test_a_callback_that_calls_the_editor_is_refused_and_the_editor_stays_usable
     fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
     expected = fresh.edit(picture.image, picture.prompt, picture.points, **fast)
     assert np.asarray(after.image).tobytes() == np.asarray(expected.image).tobytes()
+
+
+def test_another_thread_calling_the_editor_during_a_callback_waits_its_turn(editor, picture, fast):
+    """Only the edit's own thread is refused: another thread's call waits for the edit, as without a callback."""
+    import threading
+    import time
+
+    outcome = {}
+
+    def other_thread():
+        try:
+            outcome["text"] = editor.text_embeddings("another prompt")
+        except Exception as exc:  # noqa: BLE001 - what the other thread met is the test's subject
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=other_thread)
+
+    def on_step(stage, done, total):
+        if stage == "drag" and done == 1:
+            worker.start()
+            time.sleep(0.3)  # the other thread reaches the editor while this callback runs
+
+    editor.edit(picture.image, picture.prompt, picture.points, on_step=on_step, **fast)
+    worker.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["text"].shape[:2] == (1, 77)
