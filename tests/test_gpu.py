@@ -883,6 +883,36 @@ def test_an_editor_restarts_its_kept_graphs_for_a_new_image(picture, tmp_path, n
     assert kept.handles == pytest.approx(expected.handles, abs=2.0)
 
 
+@pytest.mark.parametrize("stage", ["lora", "drag", "denoise"])
+def test_an_edit_stopped_after_its_graphs_were_captured_leaves_them_usable(picture, tmp_path, no_tf32, stage):
+    """An `on_step` callback's exception stops a graphed edit between replays (after the LoRA step's, the
+    drag loop's and the denoiser's captures); the editor's next edit of that image restarts the kept graphs
+    and edits like a fresh editor, within the graph-vs-eager bounds above."""
+    import numpy as np
+    from fastdrag import DragEditor, EditCancelled
+
+    settings = dict(lora_steps=6, num_inference_steps=10, drag_steps=6, reach_distance=0, keep_lora_trainer=True,
+                    cuda_graph_vae=True)
+    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path / "a", progress=False)
+    editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **settings)
+    trainer, loop = editor._lora_trainer, editor._drag_loop
+
+    def stop(name, done, total):
+        if name == stage and done == total - 1:
+            raise EditCancelled(name)
+
+    other = (np.random.default_rng(8).random((64, 64, 3)) * 255).astype(np.uint8)
+    with pytest.raises(EditCancelled):
+        editor.edit(other, "another prompt", picture.points, mask=picture.mask, on_step=stop, **settings)
+    resumed = editor.edit(other, "another prompt", picture.points, mask=picture.mask, **settings)
+    assert editor._lora_trainer is trainer and editor._drag_loop is loop  # restarted, not captured again
+    fresh = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp32", cache_dir=tmp_path / "b", progress=False)
+    expected = fresh.edit(other, "another prompt", picture.points, mask=picture.mask, **settings)
+    difference = np.abs(np.asarray(resumed.image, dtype=np.float32) - np.asarray(expected.image, dtype=np.float32))
+    assert difference.mean() < 3.0, difference.mean()
+    assert resumed.handles == pytest.approx(expected.handles, abs=2.0)
+
+
 def test_a_garbage_collection_cannot_fall_inside_a_capture():
     """A dropped graph in a reference cycle dies at a garbage collection; one inside another capture
     would destroy it mid-capture, which CUDA refuses (a toy evaluation failed so once in 48 edits).
