@@ -7,6 +7,7 @@ edited image is resized back to the input's size.
 from __future__ import annotations
 
 import logging
+import os
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +83,10 @@ def _to_rgb(picture: Image.Image, what: str) -> Image.Image:
 def _array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     """An image array's values as 0-255 uint8: uint8 as given, other integers if in 0-255, floats if
     in [0, 1]; anything else is refused rather than wrapped or truncated."""
+    if array.size == 0:
+        raise InputError(f"{what} array is empty (shape {array.shape})")
     if array.dtype == np.uint8:
         return array
-    if array.size == 0:
-        raise InputError(f"{what} array is empty")
     if np.issubdtype(array.dtype, np.integer):
         if array.min() < 0 or array.max() > 255:
             raise InputError(f"{what} array of {array.dtype} has values outside 0-255 "
@@ -102,13 +103,24 @@ def _array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
 
 
 def load_image(image: ImageLike, what: str = "image") -> Image.Image:
-    """An upright RGB PIL image from a path, a PIL image, or an HxWx3 array (uint8, or floats in [0, 1])."""
+    """An upright RGB PIL image from a path, a PIL image, or an array (uint8, or floats in [0, 1]):
+    HxWx3, or as a PIL image of that mode would be, HxW or HxWx1 (grey) and HxWx4 (transparency dropped)."""
     if isinstance(image, Image.Image):
         return _to_rgb(image, what)
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise InputError(f"{what} array must be HxWx3; got shape {image.shape}")
-        return Image.fromarray(_array_to_uint8(image, what))
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise InputError(f"{what} array must be HxWx3 (or HxW grey, HxWx4 with transparency); "
+                             f"got shape {image.shape}")
+        pixels = _array_to_uint8(image, what)
+        if pixels.ndim == 2:
+            return Image.fromarray(pixels, "L").convert("RGB")
+        if pixels.shape[2] == 4:
+            return _to_rgb(Image.fromarray(pixels, "RGBA"), what)
+        return Image.fromarray(pixels)
+    if not isinstance(image, (str, os.PathLike)):
+        raise InputError(f"{what} must be a file path, a PIL image or an HxWx3 array; got {type(image).__name__}")
     path = Path(image)
     if not path.is_file():
         raise InputError(f"{what} file {path} does not exist")
@@ -182,7 +194,13 @@ def load_mask(mask: Optional[ImageLike], size: Tuple[int, int]) -> Optional[np.n
     elif isinstance(mask, Image.Image):
         array = np.asarray(_as_shown(mask).convert("L"), dtype=np.float64) / 255.0
     else:
-        array = np.asarray(mask, dtype=np.float64)
+        try:
+            array = np.asarray(mask, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"mask must be a file path, a PIL image or an HxW array of numbers; "
+                             f"got {type(mask).__name__}") from exc
+        if not np.isfinite(array).all():
+            raise InputError("mask array has NaN or infinite values")
         if array.ndim == 3 and array.shape[2] in (1, 3, 4):
             array = array[..., 0]
         if array.max(initial=0) > 1:

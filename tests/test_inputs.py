@@ -170,3 +170,38 @@ def test_points_outside_the_editable_mask_are_warned_about(caplog):
         prepare_inputs(image(), [((10, 10), (20, 30)), ((40, 5), (50, 60))], mask=left_half)
     assert "handle (40, 5) of drag pair 1 is outside the editable mask" in caplog.text
     assert "target (50, 60) of drag pair 1 is outside" in caplog.text and "pair 0" not in caplog.text
+
+
+def test_grey_and_transparent_image_arrays_load_as_their_pil_images_do(caplog):
+    from fastdrag.inputs import load_image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (8, 10, 4), dtype=np.uint8)
+    grey = pixels[..., 0]
+    for array in (grey, grey[..., None], grey / 255.0):
+        np.testing.assert_array_equal(np.asarray(load_image(array)), np.asarray(Image.fromarray(grey).convert("RGB")))
+    with caplog.at_level("WARNING", logger="fastdrag.inputs"):
+        loaded = load_image(pixels)
+    assert "transparency" in caplog.text
+    np.testing.assert_array_equal(np.asarray(loaded), pixels[..., :3])
+
+
+@pytest.mark.parametrize("bad, words", [
+    (None, "must be a file path, a PIL image or an HxWx3 array; got NoneType"),
+    (12, "got int"),
+    (np.zeros((0, 0, 3), np.uint8), r"image array is empty \(shape \(0, 0, 3\)\)"),
+    (np.zeros((4, 8, 8, 3), np.uint8), r"must be HxWx3 .*got shape \(4, 8, 8, 3\)"),
+    (np.zeros((8, 8, 2), np.uint8), r"got shape \(8, 8, 2\)"),
+])
+def test_an_image_that_is_not_one_is_named(bad, words):
+    with pytest.raises(InputError, match=words):
+        prepare_inputs(bad, [((1, 1), (5, 5))])
+
+
+@pytest.mark.parametrize("mask, words", [
+    (np.full((64, 64), np.nan), "mask array has NaN or infinite values"),
+    (np.where(np.eye(64) > 0, np.inf, 1.0), "mask array has NaN or infinite values"),
+    ([["a"] * 64] * 64, "mask must be a file path, a PIL image or an HxW array of numbers; got list"),
+])
+def test_a_mask_that_is_not_numbers_is_refused_not_taken_for_no_mask(mask, words):
+    with pytest.raises(InputError, match=words):
+        prepare_inputs(image(), [((1, 1), (5, 5))], mask)
