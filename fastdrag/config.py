@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -120,6 +122,11 @@ class EditConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values the method cannot run with."""
+        for holder in (self, self.lora, self.inversion, self.drag, self.denoise):
+            for spec in dataclasses.fields(holder):
+                problem = _type_problem(spec.type, getattr(holder, spec.name))
+                if problem:
+                    raise ConfigError(f"{spec.name} must be {problem}; got {getattr(holder, spec.name)!r}")
         checks = [
             (self.lora.lora_rank >= 1, "lora_rank must be >= 1"),
             (self.lora.lora_steps >= 0, "lora_steps must be >= 0"),
@@ -132,6 +139,7 @@ class EditConfig:
             (self.lora.lora_lr > 0 and self.drag.drag_lr > 0, "lora_lr and drag_lr must be > 0"),
             (self.drag.lam >= 0 and self.drag.reach_distance >= 0, "lam and reach_distance must be >= 0"),
             (self.denoise.start_step >= 0, "start_step must be >= 0"),
+            (self.drag.sup_res is None or min(self.drag.sup_res) >= 1, "sup_res must be None or (h, w), each >= 1"),
             (self.denoise.start_layer >= 0, "start_layer must be >= 0"),
             (self.denoise.attention_backend in ("auto", "sdpa", "xformers"), "attention_backend must be auto, sdpa or xformers"),
         ]
@@ -145,6 +153,28 @@ class EditConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _type_problem(annotation: str, value: Any) -> Optional[str]:
+    """What `value` should be for a field annotated `annotation` (None if it is that), so that a seed of
+    "x" or 2.5 drag steps is refused up front instead of failing somewhere in a stage."""
+    if annotation == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        return "a whole number"  # (numpy's integers are Integral; its bools are not)
+    if annotation == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value)):
+        return "a finite number"
+    if annotation == "bool" and not (isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b"):
+        return "true or false"
+    if annotation == "Optional[Tuple[int, int]]" and value is not None and (
+            not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)):
+        return "None or two whole numbers"
+    if annotation == "Tuple[str, ...]" and (isinstance(value, str) or not isinstance(value, (tuple, list)) or not value
+                                            or not all(isinstance(v, str) and v for v in value)):
+        return "a non-empty sequence of module names"
+    if annotation == "str" and not isinstance(value, str):
+        return "a string"
+    return None
 
 
 def field_names() -> dict:

@@ -26,7 +26,7 @@ from .cache_usage import touch
 from .config import LoraConfig
 from .cuda_graph import OptimizerStep
 from .ddim import noised
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .shared_casts import HALF
 from .half_norms import enabled as half_norms_enabled
 from .lean_blocks import install_lean_lora, lean_lora_layers, runs_lean
@@ -176,9 +176,15 @@ def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> Non
     installed = getattr(unet, "_fastdrag_lora_config", None)
     if installed is not None and (installed.lora_rank, installed.lora_targets) != (config.lora_rank, config.lora_targets):
         unet.delete_adapters(ADAPTER)
-        installed = None
+        unet._fastdrag_lora_config = installed = None  # gone: if adding the new one fails, the next call adds afresh
     if installed is None:
-        unet.add_adapter(peft_config(config), adapter_name=ADAPTER)
+        _check_targets(unet, config.lora_targets)
+        try:
+            unet.add_adapter(peft_config(config), adapter_name=ADAPTER)
+        except BaseException:
+            if not hasattr(unet, "peft_config"):  # diffusers marked an adapter loaded before peft failed
+                unet._hf_peft_config_loaded = False
+            raise
     layers = lora_layers(unet)
     params = [weight for layer in layers for weight in _adapter_weights(layer)]
     for param in params:
@@ -199,6 +205,22 @@ def install_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> Non
         for param in params:
             param.requires_grad_(False)
     unet._fastdrag_lora_config = config
+
+
+def _check_targets(unet: torch.nn.Module, targets: Tuple[str, ...]) -> None:
+    """Refuse LoRA targets that name no module, or a module other than a linear layer (what the merge, the
+    exports and their refit maps handle), before the UNet is changed."""
+    for target in targets:
+        found = [(name, module.get_base_layer() if isinstance(module, LoraLayer) else module)
+                 for name, module in unet.named_modules() if name == target or name.endswith("." + target)]
+        if not found:
+            raise ConfigError(f"lora_targets entry {target!r} names no module of the UNet (the published "
+                              f"targets: {', '.join(LoraConfig.lora_targets)})")
+        other = [(name, module) for name, module in found if not isinstance(module, torch.nn.Linear)]
+        if other:
+            name, module = other[0]
+            raise ConfigError(f"lora_targets entry {target!r} names {name}, a {type(module).__name__}: LoRA targets "
+                              f"must be linear layers, as the published {', '.join(LoraConfig.lora_targets)} are")
 
 
 def _adapter_weights(layer: LoraLayer) -> List[torch.nn.Parameter]:

@@ -41,6 +41,18 @@ def test_replace_routes_fields_to_their_stage():
     (dict(drag_lr=0.0), "lora_lr and drag_lr must be > 0"),
     (dict(lora_lr=-1e-4), "lora_lr and drag_lr must be > 0"),
     (dict(lam=-0.1), "lam and reach_distance must be >= 0"),
+    (dict(seed="x"), "seed must be a whole number; got 'x'"),
+    (dict(drag_steps=2.5), "drag_steps must be a whole number; got 2.5"),
+    (dict(lora_steps=True), "lora_steps must be a whole number; got True"),
+    (dict(lora_lr=float("inf")), "lora_lr must be a finite number; got inf"),
+    (dict(drag_lr=float("nan")), "drag_lr must be a finite number; got nan"),
+    (dict(lam="0.1"), "lam must be a finite number"),
+    (dict(cuda_graphs="no"), "cuda_graphs must be true or false; got 'no'"),
+    (dict(lora_targets="to_q"), "lora_targets must be a non-empty sequence of module names"),
+    (dict(lora_targets=()), "lora_targets must be a non-empty sequence of module names"),
+    (dict(sup_res=(0, 32)), r"sup_res must be None or \(h, w\), each >= 1"),
+    (dict(sup_res=(32.5, 32)), "sup_res must be None or two whole numbers"),
+    (dict(backend=None), "backend must be a string"),
 ])
 def test_bad_values_are_named(overrides, words):
     with pytest.raises(ConfigError, match=words):
@@ -61,3 +73,11 @@ def test_a_device_this_machine_lacks_is_named_before_loading(device, words):
         pytest.skip("this machine has a CUDA GPU: `cuda` is a device it has")
     with pytest.raises(ConfigError, match=words):
         DragEditor.from_pretrained("/no/such/model", device=device)
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_are():
+    import numpy as np
+
+    config = EditConfig().replace(seed=np.int64(3), lam=np.float32(0.25), drag_steps=np.int32(5),
+                                  cuda_graphs=np.bool_(False), sup_res=(np.int64(32), 32), size=[64, 128])
+    assert (config.seed, config.drag.lam, config.drag.drag_steps, bool(config.cuda_graphs)) == (3, 0.25, 5, False)

@@ -345,3 +345,30 @@ def test_an_editor_on_a_cuda_device_makes_it_current_while_it_works(monkeypatch)
     assert Holder("cuda:1").work() == [torch.device("cuda", 1)] and entered[-1] == "left"
     entered.clear()
     assert Holder("cpu").work() == [] and entered == []
+
+
+def test_lora_targets_that_cannot_carry_a_lora_are_named_and_a_failed_adapter_leaves_the_editor_working(
+        editor, picture, fast, monkeypatch):
+    """Bad targets are refused before the UNet changes; and when adding an adapter fails anyway (here peft
+    itself, after a rank change deleted the old adapter), the next edit adds one afresh: diffusers had marked
+    an adapter loaded, and every later edit failed with "no attribute 'peft_config'"."""
+    import peft
+
+    from fastdrag.errors import ConfigError
+
+    first = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    for targets, words in [(("nope",), "'nope' names no module"),
+                           (("time_embedding",), "time_embedding, a TimestepEmbedding: LoRA targets must be linear"),
+                           (("to_q", "to_out"), r"'to_out' names .*to_out, a ModuleList")]:
+        with pytest.raises(ConfigError, match=words):
+            editor.edit(picture.image, picture.prompt, picture.points, lora_targets=targets, **fast)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("peft failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(peft, "inject_adapter_in_model", broken)
+        with pytest.raises(RuntimeError, match="peft failed"):
+            editor.edit(picture.image, picture.prompt, picture.points, lora_rank=8, **fast)
+    again = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    assert np.asarray(again.image).tobytes() == np.asarray(first.image).tobytes()
