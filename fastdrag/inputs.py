@@ -115,9 +115,9 @@ def load_image(image: ImageLike, what: str = "image") -> Image.Image:
                              f"got shape {image.shape}")
         pixels = _array_to_uint8(image, what)
         if pixels.ndim == 2:
-            return Image.fromarray(pixels, "L").convert("RGB")
+            return Image.fromarray(pixels).convert("RGB")  # mode L
         if pixels.shape[2] == 4:
-            return _to_rgb(Image.fromarray(pixels, "RGBA"), what)
+            return _to_rgb(Image.fromarray(pixels), what)  # mode RGBA
         return Image.fromarray(pixels)
     if not isinstance(image, (str, os.PathLike)):
         raise InputError(f"{what} must be a file path, a PIL image or an HxWx3 array; got {type(image).__name__}")
