@@ -182,7 +182,7 @@ class DragEditor:
         self._weight_storage: Optional[tuple] = None  # the UNet weights' addresses the kept graphs read
         self._graph_pool: Optional[GraphPool] = None  # the memory every kept graph of this editor captures into
         self._vae_graphs = CapturedCalls()  # the VAE encoder's and decoder's graphs, in that pool
-        self._lock = threading.RLock()  # re-entrant: export() calls train_lora()
+        self._lock = threading.RLock()  # re-entrant: export() calls text_embeddings()
         self._sdpa_priority = check_sdpa_priority(sdpa_priority)
         self._prompt_embeddings: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._on_step: Optional[StepCallback] = None  # the running call's callback (`edit`'s `on_step`)
@@ -510,16 +510,22 @@ class DragEditor:
 
     @_one_at_a_time
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
-               overwrite: bool = False, drag_points: int = 0, **overrides):
+               overwrite: bool = False, drag_points: int = 0, on_step: Optional[StepCallback] = None, **overrides):
         """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`;
-        with `drag_points` > 0 also the drag iteration's graph for up to that many point pairs (`unet_drag`)."""
+        with `drag_points` > 0 also the drag iteration's graph for up to that many point pairs (`unet_drag`).
+        `on_step` as in `edit` (the LoRA stage reports)."""
+        with self._reporting(on_step):
+            return self._export(image, prompt, output, fmt, fp16, overwrite, drag_points, **overrides)
+
+    def _export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str, fp16: bool, overwrite: bool,
+                drag_points: int, **overrides):
         from .export.pipeline import check_output, export_loaded
 
         config = self.config.replace(**overrides)
         check_output(Path(output), overwrite)
         picture = load_image(image)
         size = working_size(picture.size, config.size)
-        key, _ = self.train_lora(picture, prompt, **overrides)
+        key, _ = self._train_lora(picture, prompt, **overrides)
         text = self.text_embeddings(prompt)
         return export_loaded(self.components, key, config.lora, size, text, config, Path(output), fmt, fp16, overwrite,
                              drag_points)
@@ -540,7 +546,7 @@ class DragEditor:
 
     @_one_at_a_time
     def refit_weights(self, image: ImageLike, prompt: str, export: Union[str, Path], output: Union[str, Path],
-                      overwrite: bool = False, **overrides) -> Path:
+                      overwrite: bool = False, on_step: Optional[StepCallback] = None, **overrides) -> Path:
         """Write what a service needs to edit `image` on `export`, an export made from another image.
 
         The file (safetensors) holds this image's merged LoRA-target weights, by the parameter names
@@ -548,7 +554,7 @@ class DragEditor:
         embeddings (`text_embedding`, fp32), in place of the export's. The LoRA is trained here, or
         found in the cache. The weights are fp16 when the editor is, else fp32; the service casts each
         weight to its initializer's dtype. `export/standalone.py` shows how a service applies them.
-        A new image then costs this file, not a whole export and its engine builds.
+        A new image then costs this file, not a whole export and its engine builds. `on_step` as in `edit`.
         """
         from .atomic import check_writable
         from .export import load_manifest
@@ -575,7 +581,8 @@ class DragEditor:
             raise InputError(f"the image works at {size[0]}x{size[1]}, but {manifest.folder}'s graphs take "
                              f"{exported[0]}x{exported[1]}: pass size={exported} (--size "
                              f"{exported[0]}x{exported[1]}) or use an export of that size")
-        key, _ = self._train_lora(picture, prompt, **overrides)
+        with self._reporting(on_step):
+            key, _ = self._train_lora(picture, prompt, **overrides)
         dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
         weights = {name: weight.to(dtype) for name, weight in merged_target_weights(self.components.unet, targets).items()}
         save_refit_weights(output, weights, self.text_embeddings(prompt),

@@ -297,6 +297,11 @@ def test_another_image_runs_on_the_export_from_its_refit_weights(exported, tmp_p
     assert set(weights) == set(maps["unet_inversion"]) and metadata["prompt"] == prompt
     assert metadata["model"] == manifest.data["model"]["identity"] and metadata["lora_key"] != manifest.data["lora"]["key"]
     np.testing.assert_array_equal(text, editor.text_embeddings(prompt).numpy())
+    calls = []  # a LoRA not yet cached (another seed) trains, and reports its steps
+    editor.refit_weights(image, prompt, manifest.folder, tmp_path / "seed5.safetensors", seed=5,
+                         on_step=lambda *call: calls.append(call), **REFIT_SETTINGS)
+    assert calls == [("lora", done, REFIT_SETTINGS["lora_steps"]) for done in range(REFIT_SETTINGS["lora_steps"] + 1)]
+    assert load_refit_weights(tmp_path / "seed5.safetensors")[2]["lora_key"] != metadata["lora_key"]
 
     key, cached = editor.train_lora(image, prompt, **REFIT_SETTINGS)  # the CLI cached it: the editor loads it
     assert cached and key == metadata["lora_key"]

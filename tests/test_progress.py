@@ -166,3 +166,13 @@ def test_another_thread_calling_the_editor_during_a_callback_waits_its_turn(edit
     worker.join(timeout=60)
     assert "error" not in outcome, outcome.get("error")
     assert outcome["text"].shape[:2] == (1, 77)
+
+
+def test_an_export_reports_its_lora_stage(editor, picture, fast, tmp_path, monkeypatch):
+    from fastdrag.export import pipeline
+
+    monkeypatch.setattr(pipeline, "export_loaded", lambda *args, **kwargs: "exported")  # the graphs: not this test's
+    calls = []
+    assert editor.export(picture.image, picture.prompt, tmp_path / "out", on_step=lambda *call: calls.append(call),
+                         lora_steps=fast["lora_steps"]) == "exported"
+    assert _runs(calls) == [("lora", [(d, fast["lora_steps"]) for d in range(fast["lora_steps"] + 1)])]
