@@ -72,10 +72,15 @@ class Export:
             weights, metadata = read_safetensors(refit)
             if metadata.get("format") != "fastdrag-refit-weights":
                 raise ValueError(f"{refit} is not a fastdrag refit-weights file")
-            if metadata.get("model") != self.manifest["model"]["identity"] or "refit" not in self.manifest:
-                raise ValueError(f"{refit} holds weights of model {metadata.get('model')!r}; {self.folder} was exported "
-                                 f"from {self.manifest['model']['identity']!r}" + ("" if "refit" in self.manifest else
-                                                                                  " and has no refit map"))
+            identity, size = self.manifest["model"]["identity"], self.manifest["image"]
+            if metadata.get("model") != identity:
+                raise ValueError(f"{refit} holds weights of model {metadata.get('model')!r}; {self.folder} was "
+                                 f"exported from {identity!r}")
+            if (metadata.get("width"), metadata.get("height")) != (str(size["width"]), str(size["height"])):
+                raise ValueError(f"{refit} is for {metadata.get('width')}x{metadata.get('height')} images; "
+                                 f"{self.folder}'s graphs take {size['width']}x{size['height']}")
+            if "refit" not in self.manifest:
+                raise ValueError(f"{self.folder} has no refit map: its graphs cannot take another image's weights")
             self.refit_text = weights.pop("text_embedding")
             maps = json.loads((self.folder / self.manifest["refit"]["file"]).read_text())["graphs"]
             for graph, mapping in maps.items():  # weight name -> [[initializer, transposed, dtype], ...]
@@ -263,6 +268,8 @@ if __name__ == "__main__":
     refit = None
     if "--refit" in args:
         at = args.index("--refit")
+        if at + 1 >= len(args):
+            sys.exit("--refit needs the refit-weights file (fastdrag refit) after it")
         refit, args = Path(args[at + 1]), args[:at] + args[at + 2:]
     if args[0] == "edit":
         export, image_path, points_path, out_path = Export(Path(args[1]), refit), args[2], args[3], args[4]

@@ -165,6 +165,7 @@ class DragEditor:
         self.device = device
         self.dtype = dtype
         self.config = config or EditConfig()
+        self.config.validate()  # a config built by hand, not through `replace`, is checked here
         self.cache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
         self.progress = progress
         # after each stage, return the CUDA caching allocator's free blocks to the driver, so the eager

@@ -7,8 +7,8 @@ edited image is resized back to the input's size.
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union

@@ -81,3 +81,10 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_are():
     config = EditConfig().replace(seed=np.int64(3), lam=np.float32(0.25), drag_steps=np.int32(5),
                                   cuda_graphs=np.bool_(False), sup_res=(np.int64(32), 32), size=[64, 128])
     assert (config.seed, config.drag.lam, config.drag.drag_steps, bool(config.cuda_graphs)) == (3, 0.25, 5, False)
+
+
+def test_an_editor_checks_a_config_built_by_hand(tiny):
+    from fastdrag import DragEditor
+
+    with pytest.raises(ConfigError, match="seed must be a whole number"):
+        DragEditor(tiny, torch.device("cpu"), torch.float32, config=EditConfig(seed="42"))

@@ -356,8 +356,12 @@ def test_refit_weights_refuse_an_export_they_cannot_serve(exported, tmp_path):
     out.write_bytes(b"x")
     with pytest.raises(OutputExistsError):
         editor.refit_weights(image, prompt, manifest.folder, out, **REFIT_SETTINGS)
-    save_refit_weights(out, {}, torch.zeros(1, 77, 32), {"model": "someone/else"})
+    save_refit_weights(out, {}, torch.zeros(1, 77, 32), {"model": "someone/else", "width": "64", "height": "64"})
     with pytest.raises(ValueError, match="holds weights of model 'someone/else'"):
+        standalone_module().Export(manifest.folder, refit=out)
+    save_refit_weights(out, {}, torch.zeros(1, 77, 32), {"model": manifest.data["model"]["identity"], "width": "128",
+                                                         "height": "64"})
+    with pytest.raises(ValueError, match="is for 128x64 images; .* take 64x64"):
         standalone_module().Export(manifest.folder, refit=out)
     editor.release()
 
