@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..atomic import replace_path
+from ..atomic import check_folder_writable, replace_path
 from ..attention import self_attention_processor_names
 from ..ddim import DdimSchedule
 from ..errors import ConfigError, OutputExistsError
@@ -25,9 +25,19 @@ logger = logging.getLogger(__name__)
 FORMATS = ("onnx", "tensorrt")
 
 
-def check_output(folder: Path, overwrite: bool) -> None:
+def check_output(folder: Path, overwrite: bool, fmt: str = "onnx") -> None:
+    """What can be known before minutes of LoRA training and export: the format (and for TensorRT, that
+    it is installed), no non-empty output folder unless `overwrite`, and a parent folder, where the
+    export is staged, that can be written."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
+    if fmt == "tensorrt":
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise OutputExistsError(f"{folder} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    check_folder_writable(folder.parent, folder)
 
 
 REFITTABLE = ("unet_inversion", "unet_reference", "unet_kept", "unet_drag")  # the UNet graphs an export may hold
@@ -92,12 +102,10 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
     the drag too. Everything is written into a temporary folder beside `output` and moved there at the
     end, so a failed export leaves nothing half-written.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
     if isinstance(drag_points, bool) or not isinstance(drag_points, int) or drag_points < 0:
         raise ConfigError(f"drag_points must be a whole number >= 0 (0: no drag graph); got {drag_points!r}")
     output = Path(output)
-    check_output(output, overwrite)
+    check_output(output, overwrite, fmt)
     width, height = image_size
     started = time.perf_counter()
     unet = merged_unet(components.unet)

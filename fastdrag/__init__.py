@@ -4,14 +4,15 @@ from ._checkout_path import import_hub_kernels
 
 import_hub_kernels()  # before transformers looks for it (fastdrag._checkout_path)
 from .config import DenoiseConfig, DragConfig, EditConfig, InversionConfig, LoraConfig
-from .errors import ConfigError, FastDragError, InputError, ModelLoadError, OutputExistsError
+from .errors import ConfigError, FastDragError, InputError, ModelLoadError, OutputError, OutputExistsError
 from .progress import EditCancelled
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DragEditor", "EditResult", "EditConfig", "LoraConfig", "InversionConfig", "DragConfig", "DenoiseConfig",
-    "FastDragError", "InputError", "ModelLoadError", "OutputExistsError", "ConfigError", "EditCancelled",
+    "FastDragError", "InputError", "ModelLoadError", "OutputExistsError", "OutputError", "ConfigError",
+    "EditCancelled",
 ]
 
 

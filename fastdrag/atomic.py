@@ -9,18 +9,31 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Union
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputError, OutputExistsError
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality is 75
 
 
 def check_writable(path: Union[str, Path], overwrite: bool) -> Path:
-    """Refuse an existing output unless `overwrite`; create the parent folder."""
+    """Refuse an existing output unless `overwrite`; create the parent folder and check that a file can
+    be written in it, so that an edit or export learns it before its work, not after."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_folder_writable(path.parent, path)
     return path
+
+
+def check_folder_writable(folder: Path, output: Path) -> None:
+    """Make `folder` (where `output` and its temporary sibling go) and write a probe file in it; an
+    OutputError that names `output` and the reason if either fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc} ({folder})") from exc
 
 
 def _umask() -> int:
@@ -103,6 +116,9 @@ def save_image(image, path: Union[str, Path], overwrite: bool = False) -> Path:
     refusing to replace an existing file unless `overwrite`."""
     name = image_format(path)
     path = check_writable(path, overwrite)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format=name, **SAVE_OPTIONS.get(name, {}))
+    try:
+        with atomic_path(path) as tmp:
+            image.save(tmp, format=name, **SAVE_OPTIONS.get(name, {}))
+    except OSError as exc:  # a full disk, say: the old file, if any, is as it was
+        raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
     return path

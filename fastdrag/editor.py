@@ -350,6 +350,12 @@ class DragEditor:
             raise InputError(f"working size {width}x{height} must be a multiple of {scale * down} for this model")
         self_attention_processor_names(self.components.unet, config.denoise.start_layer)
         choose_backend(config.denoise.attention_backend, self.device, self.dtype)
+        if config.backend != "torch":  # before the LoRA trains, not after
+            from .backends import onnxruntime_status, tensorrt_status
+
+            status = onnxruntime_status() if config.backend == "onnxruntime" else tensorrt_status()
+            if not status.usable:
+                raise ConfigError(f"backend {config.backend} cannot run here: {status.reason}")
         sample_size = self.components.unet.config.sample_size  # latent pixels it was trained at, if known
         if sample_size:
             native = scale * (max(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size)
@@ -523,7 +529,7 @@ class DragEditor:
         from .export.pipeline import check_output, export_loaded
 
         config = self.config.replace(**overrides)
-        check_output(Path(output), overwrite)
+        check_output(Path(output), overwrite, fmt)
         picture = load_image(image)
         size = working_size(picture.size, config.size)
         key, _ = self._train_lora(picture, prompt, **overrides)

@@ -17,5 +17,9 @@ class OutputExistsError(FastDragError, FileExistsError):
     """An output path exists and overwriting was not asked for."""
 
 
+class OutputError(FastDragError, OSError):
+    """An output cannot be written where it was asked for (a folder that cannot be made, no permission, a full disk)."""
+
+
 class ConfigError(FastDragError, ValueError):
     """A configuration value is out of range or unknown."""

@@ -108,3 +108,30 @@ def test_an_old_folder_is_never_half_deleted_and_comes_back_when_the_new_one_can
     assert seen[0][0] == "export" and seen[0][1].startswith(".export.old-") and seen[1] == (".export.staging", "export")
     assert _contents(old) == {"manifest.json": "old", "unet.onnx": "old weights"}  # put back, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export.staging", "export"]
+
+
+def test_an_output_that_cannot_be_written_is_named_before_the_work_and_a_failed_write_keeps_the_old_file(
+        tmp_path, monkeypatch):
+    from fastdrag.atomic import check_writable
+    from fastdrag.errors import OutputError
+    from fastdrag.export.pipeline import check_output
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match=f"cannot write {blocker}/out.png"):
+        check_writable(blocker / "out.png", overwrite=False)
+    with pytest.raises(OutputError, match=f"cannot write {blocker}/export"):
+        check_output(blocker / "export", overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]  # no probe left behind
+
+    path = tmp_path / "edited.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(path)
+    before = path.read_bytes()
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OutputError, match="could not write .*edited.png: No space left on device"):
+        save_image(Image.new("RGB", (4, 4)), path, overwrite=True)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "edited.png"]

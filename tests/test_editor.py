@@ -372,3 +372,19 @@ def test_lora_targets_that_cannot_carry_a_lora_are_named_and_a_failed_adapter_le
             editor.edit(picture.image, picture.prompt, picture.points, lora_rank=8, **fast)
     again = editor.edit(picture.image, picture.prompt, picture.points, **fast)
     assert np.asarray(again.image).tobytes() == np.asarray(first.image).tobytes()
+
+
+def test_a_backend_or_export_format_this_machine_cannot_run_is_refused_before_the_lora_trains(editor, picture, fast,
+                                                                                              tmp_path):
+    import importlib.util
+
+    from fastdrag.errors import ConfigError, FastDragError
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(ConfigError, match="backend tensorrt cannot run here: not installed"):
+        editor.edit(picture.image, picture.prompt, picture.points, backend="tensorrt", **fast)
+    with pytest.raises(FastDragError, match="TensorRT is not installed"):
+        editor.export(picture.image, picture.prompt, tmp_path / "export", fmt="tensorrt", **fast)
+    assert not list(editor.cache.directory.rglob("*.safetensors"))  # no LoRA was trained for either
+    assert not (tmp_path / "export").exists()
