@@ -216,3 +216,13 @@ def test_an_output_format_pil_cannot_write_is_refused_before_the_edit(image_file
     err = capsys.readouterr().err
     assert code == 2 and "cannot write .xyz images" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.xyz").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for command in (["toy", "eval", "--cases", "1", "--out", str(blocker / "eval")],
+                    ["toy", "train", "--out", str(blocker / "train"), "--vae-steps", "1", "--unet-steps", "1"],
+                    ["demo", "--model", "tiny", "--output", str(blocker / "demo")]):
+        assert main(command + ["--quiet"]) == 2, command
+        assert f"cannot write {blocker}/" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_folder_writable
 from .world import SIZE, DragCase, interior, make_drag_case
 
 
@@ -161,6 +161,8 @@ def evaluate(editor, cases: int = 16, seed: int = 0, out: Optional[Path] = None,
     """Edit `cases` drag cases (fixed seed) and score each against the truth; write JSON, Markdown and a
     contact sheet into `out` when given. `world_size` renders the same cases at another size (shapes
     and drags scale with it, so *moved* and *area ratio* stay comparable; *MD* is in its pixels)."""
+    if out is not None:  # before minutes of edits, not after
+        check_folder_writable(Path(out), Path(out) / "quality.json")
     rng = np.random.default_rng(seed)
     drag_cases = [make_drag_case(rng, world_size) for _ in range(cases)]
     results, outputs = [], []
@@ -182,7 +184,6 @@ def evaluate(editor, cases: int = 16, seed: int = 0, out: Optional[Path] = None,
               "world_size": world_size}
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "quality.json") as tmp:
             tmp.write_text(json.dumps(report, indent=1))
         with atomic_path(out / "quality.md") as tmp:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import check_folder_writable
 from ..config import DragConfig
 from ..ddim import noised
 from ..features import unet_with_features
@@ -285,7 +286,7 @@ def train_toy(out: Path, config: Optional[TrainConfig] = None, device: Optional[
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_folder_writable(out, out / "unet.safetensors")  # an OutputError naming it, not a traceback
     timings = {}
     start = time.perf_counter()
     if config.vae_from:
