@@ -75,7 +75,17 @@ def _write_refit_maps(folder: Path, artifacts: Dict[str, object], unet, targets,
         if maps[name] is None:
             return None
     save_refit_maps(folder / "refit.json", maps, targets)
-    return {"file": "refit.json", "targets": list(targets), "graphs": graphs}
+    return {"file": "refit.json", "targets": list(targets), "graphs": graphs, "how": REFIT_HOW}
+
+
+REFIT_HOW = (
+    "refit.json maps, per graph, each LoRA-target weight (by the UNet's parameter name) to the initializers "
+    "that hold it: [initializer, transposed, dtype]. To run another image on these graphs, take its refit-weights "
+    "file (safetensors, written by `fastdrag refit IMAGE --prompt P --export THIS_FOLDER --output FILE`): for each "
+    "graph and weight, put the file's tensor of that name, transposed where the entry says so and cast to its dtype, "
+    "in place of each listed initializer (ONNX Runtime initializer overrides; a TensorRT refit by weight name). "
+    "Use the file's `text_embedding` tensor in place of artifacts.text_embedding. export/standalone.py --refit "
+    "does it with ONNX Runtime.")
 
 
 def source_kv_protocol(artifacts: Dict[str, object], config) -> Dict[str, object]:

@@ -274,8 +274,11 @@ def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported
     from fastdrag.export.refit import load_refit_maps, merged_target_weights, target_weights
 
     editor, manifest, merged, _ = exported
-    assert manifest.data["refit"] == {"file": "refit.json", "targets": ["to_q", "to_k", "to_v", "to_out.0"],
-                                      "graphs": ["unet_inversion", "unet_reference"]}
+    refit = dict(manifest.data["refit"])
+    how = refit.pop("how")
+    assert "fastdrag refit" in how and "text_embedding" in how and "transposed" in how
+    assert refit == {"file": "refit.json", "targets": ["to_q", "to_k", "to_v", "to_out.0"],
+                     "graphs": ["unet_inversion", "unet_reference"]}
     targets, maps = load_refit_maps(manifest.folder / "refit.json")
     expected = set(target_weights(merged, targets))
     assert set(maps) == {"unet_inversion", "unet_reference"}
