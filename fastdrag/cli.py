@@ -171,6 +171,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
 
 
+def _add_progress_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress-json", action="store_true",
+                        help='instead of progress bars, one JSON line per step on stderr: {"stage": "drag", "done": 3, '
+                             '"total": 80} (for a program that runs this one; other stderr lines are log messages)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdrag", description="DragDiffusion point-based image editing")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,12 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--output", help="edited image path (default: IMAGE-edited.png beside the input)")
     edit.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_common(edit)
+    _add_progress_json(edit)
     add_config_options(edit)
 
     demo = commands.add_parser("demo", help="drag a shape in a toy scene (model `toy`) and write a side-by-side view")
     demo.add_argument("--output", default="fastdrag-demo", help="output folder (default: fastdrag-demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing pictures")
     _add_common(demo)
+    _add_progress_json(demo)
     demo.set_defaults(model="toy")
     add_config_options(demo)
 
@@ -197,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("image", help="input image file")
     lora.add_argument("--prompt", required=True, help="text describing the image")
     _add_common(lora)
+    _add_progress_json(lora)
     add_config_options(lora)
 
     export = commands.add_parser("export", help="export the image's LoRA-merged denoiser to ONNX (and TensorRT)")
@@ -210,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "to N point pairs, so a service can run the drag (default 0: no drag graph)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     _add_common(export)
+    _add_progress_json(export)
     add_config_options(export)
 
     refit = commands.add_parser("refit", help="write an image's weights and text embeddings for an export made "
@@ -220,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("--output", required=True, help="the .safetensors file to write")
     refit.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_common(refit)
+    _add_progress_json(refit)
     add_config_options(refit)
 
     cache = commands.add_parser("cache", help="what the LoRA cache holds on disk; prune it to a size")
@@ -280,11 +291,22 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("fastdrag").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def _json_progress(args):
+    """The `on_step` of --progress-json (None without it): one JSON line per step on stderr."""
+    if not getattr(args, "progress_json", False):
+        return None
+
+    def report(stage: str, done: int, total: int) -> None:
+        print(json.dumps({"stage": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
+
+    return report
+
+
 def _editor(args):
     from .editor import DragEditor
 
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                                      progress=not args.quiet, channels_last=args.channels_last,
+                                      progress=not (args.quiet or getattr(args, "progress_json", False)), channels_last=args.channels_last,
                                       compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels,
                                       frozen_conv=args.frozen_conv, sdpa_priority=args.sdpa_priority,
                                       lean_blocks=args.lean_blocks)
@@ -302,7 +324,8 @@ def cmd_edit(args) -> int:
     output = Path(args.output) if args.output else image_path.with_name(f"{image_path.stem}-edited.png")
     check_image_output(output, args.overwrite)
     editor = _editor(args)
-    result = editor.edit(args.image, args.prompt, points, mask=args.mask, **config_overrides(args))
+    result = editor.edit(args.image, args.prompt, points, mask=args.mask, on_step=_json_progress(args),
+                         **config_overrides(args))
     save_image(result.image, output, args.overwrite)
     summary = {
         "output": str(output),
@@ -319,7 +342,8 @@ def cmd_edit(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    paths, result = run_demo(Path(args.output), model=args.model, overwrite=args.overwrite, progress=not args.quiet,
+    paths, result = run_demo(Path(args.output), model=args.model, overwrite=args.overwrite,
+                             progress=not (args.quiet or args.progress_json), on_step=_json_progress(args),
                              **config_overrides(args))
     print(f"wrote {paths['input']}, {paths['edited']} and {paths['side_by_side']} "
           f"in {result.timings['total']:.1f} s ({result.drag_steps} drag steps)")
@@ -328,7 +352,7 @@ def cmd_demo(args) -> int:
 
 def cmd_lora(args) -> int:
     editor = _editor(args)
-    key, cached = editor.train_lora(args.image, args.prompt, **config_overrides(args))
+    key, cached = editor.train_lora(args.image, args.prompt, on_step=_json_progress(args), **config_overrides(args))
     state = "found in the cache" if cached else "trained and cached"
     print(f"LoRA {key} {state}: {editor.cache.path(key)}")
     return 0
@@ -337,7 +361,8 @@ def cmd_lora(args) -> int:
 def cmd_export(args) -> int:
     editor = _editor(args)
     manifest = editor.export(args.image, args.prompt, args.output, fmt=args.format, fp16=args.fp16,
-                             overwrite=args.overwrite, drag_points=args.drag_points, **config_overrides(args))
+                             overwrite=args.overwrite, drag_points=args.drag_points, on_step=_json_progress(args),
+                             **config_overrides(args))
     files = ", ".join(entry["file"] for entry in manifest.data["artifacts"].values())
     print(f"wrote {manifest.folder}: manifest.json, {files} ({manifest.data['export_seconds']} s)")
     return 0
@@ -346,7 +371,7 @@ def cmd_export(args) -> int:
 def cmd_refit(args) -> int:
     editor = _editor(args)
     path = editor.refit_weights(args.image, args.prompt, args.export, args.output, overwrite=args.overwrite,
-                                **config_overrides(args))
+                                on_step=_json_progress(args), **config_overrides(args))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) for {args.export}")
     return 0
 

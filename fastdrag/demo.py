@@ -52,8 +52,9 @@ def toy_demo_case() -> DemoCase:
 
 
 def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, progress: bool = True,
-             **overrides) -> Tuple[Dict[str, Path], EditResult]:
-    """Edit the demo case and write input, output and side-by-side pictures into `output_dir`."""
+             on_step=None, **overrides) -> Tuple[Dict[str, Path], EditResult]:
+    """Edit the demo case and write input, output and side-by-side pictures into `output_dir`;
+    `on_step` as in `DragEditor.edit`."""
     from .editor import DragEditor
 
     output_dir = Path(output_dir)
@@ -62,7 +63,7 @@ def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, prog
         check_image_output(path, overwrite)
     case = toy_demo_case() if model == "toy" else demo_case()
     editor = DragEditor.from_pretrained(model, progress=progress)
-    result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, **overrides)
+    result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, on_step=on_step, **overrides)
     picture = side_by_side(case.image, result.image, [p[0] for p in case.points], [p[1] for p in case.points],
                            result.handles, case.mask)
     save_image(case.image, paths["input"], overwrite)

@@ -226,3 +226,23 @@ def test_an_output_folder_that_cannot_be_made_is_named_before_the_work(tmp_path,
                     ["demo", "--model", "tiny", "--output", str(blocker / "demo")]):
         assert main(command + ["--quiet"]) == 2, command
         assert f"cannot write {blocker}/" in capsys.readouterr().err
+
+
+def test_progress_json_reports_every_step_as_a_json_line_instead_of_bars(tmp_path, image_file, picture, capsys):
+    (h, t), = picture.points
+    args = ["edit", str(image_file), "--prompt", picture.prompt, "--drag", f"{h[0]},{h[1]}:{t[0]},{t[1]}",
+            "--output", str(tmp_path / "out.png"), "--cache-dir", str(tmp_path / "c"), "--progress-json",
+            "--lora-steps", "3", "--num-inference-steps", "10", "--drag-steps", "5"]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    reports = [json.loads(line) for line in lines]
+    stages = [report["stage"] for report in reports]
+    assert sorted(set(stages), key=stages.index) == ["lora", "inversion", "drag", "denoise"]
+    lora = [(r["done"], r["total"]) for r in reports if r["stage"] == "lora"]
+    assert lora == [(done, 3) for done in range(4)]
+    assert main(["lora", str(image_file), "--prompt", "another prompt", "--cache-dir", str(tmp_path / "c"),
+                 "--progress-json", "--lora-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert [json.loads(line) for line in err.splitlines() if line.startswith("{")] == [
+        {"stage": "lora", "done": done, "total": 2} for done in range(3)]
+    assert "it/s" not in err  # no tqdm bar beside the JSON lines
