@@ -305,8 +305,9 @@ def _json_progress(args):
 def _editor(args):
     from .editor import DragEditor
 
+    bars = not (args.quiet or getattr(args, "progress_json", False))
     return DragEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                                      progress=not (args.quiet or getattr(args, "progress_json", False)), channels_last=args.channels_last,
+                                      progress=bars, channels_last=args.channels_last,
                                       compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels,
                                       frozen_conv=args.frozen_conv, sdpa_priority=args.sdpa_priority,
                                       lean_blocks=args.lean_blocks)
