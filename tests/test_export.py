@@ -177,8 +177,11 @@ def test_refit_map_covers_every_lora_weight_and_refits_to_another_image(exported
 
 def test_edit_on_onnxruntime_matches_torch(editor, picture, fast):
     on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
-    on_ort = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime", **fast)
+    steps = []  # the exported denoiser's stages report their steps as the PyTorch one's do
+    on_ort = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
+                         on_step=lambda stage, done, total: steps.append(stage), **fast)
     assert "export" in on_ort.timings and on_ort.lora_cached
+    assert {"inversion", "denoise"} <= set(steps) and "lora" not in steps  # the LoRA came from the cache
     difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(on_ort.image, dtype=np.int16))
     assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
     assert on_torch.handles == on_ort.handles
