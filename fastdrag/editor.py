@@ -565,7 +565,7 @@ class DragEditor:
         """
         from .atomic import check_writable
         from .export import load_manifest
-        from .export.refit import load_refit_maps, merged_target_weights, save_refit_weights
+        from .export.refit import merged_target_weights, save_refit_weights
 
         config = self.config.replace(**overrides)
         output = check_writable(output, overwrite)
@@ -577,10 +577,7 @@ class DragEditor:
         if "refit" not in data:
             raise InputError(f"{manifest.folder} has no refit map (refit.json): its graphs cannot take another "
                              "image's weights; export the image itself instead")
-        targets, _ = load_refit_maps(manifest.folder / data["refit"]["file"])
-        if sorted(targets) != sorted(config.lora.lora_targets):
-            raise InputError(f"{manifest.folder} can be refitted for LoRA targets {list(targets)}, "
-                             f"not {list(config.lora.lora_targets)}")
+        targets, _ = self._refit_maps(manifest, config)
         picture = load_image(image)
         size = working_size(picture.size, config.size)
         exported = (data["image"]["width"], data["image"]["height"])
@@ -649,14 +646,22 @@ class DragEditor:
         manifest.check_size(width, height)
         return manifest
 
-    def _refit_overrides(self, manifest, config: EditConfig):
-        """The loaded LoRA's merged weights, per UNet graph, under the initializer names that hold them."""
-        from .export.refit import load_refit_maps, merged_target_weights, refit_arrays
+    @staticmethod
+    def _refit_maps(manifest, config: EditConfig):
+        """(targets, each UNet graph's refit map) of an export, refused if they are for other LoRA targets."""
+        from .export.refit import load_refit_maps
 
         targets, maps = load_refit_maps(manifest.folder / manifest.data["refit"]["file"])
         if sorted(targets) != sorted(config.lora.lora_targets):
-            raise InputError(f"{manifest.folder} can be refitted for LoRA targets {targets}, "
-                             f"not {tuple(config.lora.lora_targets)}")
+            raise InputError(f"{manifest.folder} can be refitted for LoRA targets {list(targets)}, "
+                             f"not {list(config.lora.lora_targets)}")
+        return targets, maps
+
+    def _refit_overrides(self, manifest, config: EditConfig):
+        """The loaded LoRA's merged weights, per UNet graph, under the initializer names that hold them."""
+        from .export.refit import merged_target_weights, refit_arrays
+
+        targets, maps = self._refit_maps(manifest, config)
         weights = merged_target_weights(self.components.unet, targets)
         return {graph: refit_arrays(mapping, weights) for graph, mapping in maps.items()}
 
