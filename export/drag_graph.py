@@ -17,7 +17,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..config import DragConfig
-from ..ddim import DdimSchedule, ddim_move
+from ..ddim import DdimSchedule, ddim_move, predicted_noise
 from ..features import unet_with_features
 from ..kernels import reference
 from .graphs import GraphJob, GraphSpec, TensorSpec
@@ -99,7 +99,8 @@ def drag_step(unet, schedule: DdimSchedule, timestep: int, config: DragConfig, s
             tracked = reference.track_points(feat.detach(), handle_features, handles, config.r_p, size=size)
             tracked = torch.where(tracking > 0.5, tracked, handles)
             loss = reference.motion_supervision_loss(feat, tracked, targets, config.r_m, size=size)
-            x_prev = ddim_move(latent, eps.float(), alpha, alpha_prev)
+            eps = predicted_noise(eps.float(), latent, alpha, schedule.prediction_type)
+            x_prev = ddim_move(latent, eps, alpha, alpha_prev)
             loss = loss + config.lam * reference.masked_l1(x_prev, x_prev0, mask)
             (grad,) = torch.autograd.grad(loss, [latent])
         return grad, tracked, loss.detach().reshape(1), x_prev.detach(), here

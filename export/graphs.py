@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from ..attention import reference_control, self_attention_processor_names
+from ..ddim import predicted_noise, prediction_type_of
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +49,34 @@ class GraphSpec:
                 "outputs": [t.to_dict() for t in self.outputs], **self.extra}
 
 
+class OutputAsNoise(torch.nn.Module):
+    """The UNet's output turned into noise inside a graph (`fastdrag.ddim.predicted_noise`, with the
+    alpha gathered at the graph's timestep input), so that every exported UNet graph outputs noise
+    whatever the model predicts, and a service's loops are the same for SD 2.x's v-models. For a
+    noise-predicting model it adds nothing to the graph."""
+
+    def __init__(self, scheduler=None):
+        super().__init__()
+        self.prediction_type = "epsilon" if scheduler is None else prediction_type_of(scheduler)
+        table = None if self.prediction_type == "epsilon" else scheduler.alphas_cumprod.float().cpu()
+        self.register_buffer("alphas_cumprod", table, persistent=False)
+
+    def forward(self, output, latents, timestep):
+        if self.prediction_type == "epsilon":
+            return output
+        alpha = self.alphas_cumprod.to(latents.device)[timestep.long()].view(-1, 1, 1, 1)
+        return predicted_noise(output.float(), latents.float(), alpha, self.prediction_type).to(output.dtype)
+
+
 class UNetEps(torch.nn.Module):
     """(latents, timestep, text embeddings) -> predicted noise."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, noise: OutputAsNoise):
         super().__init__()
-        self.unet = unet
+        self.unet, self.noise = unet, noise
 
     def forward(self, latents, timestep, text):
-        return self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        return self.noise(self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0], latents, timestep)
 
 
 class KVExchange:
@@ -84,12 +104,12 @@ class UNetEpsRecordingKV(torch.nn.Module):
     """(latents, timestep, text embeddings) of (source, edited) pairs -> (predicted noise, then each
     swapped layer's source keys and values), under `reference_control(..., source_kv=exchange)`."""
 
-    def __init__(self, unet, layers: List[str], exchange: KVExchange):
+    def __init__(self, unet, layers: List[str], exchange: KVExchange, noise: OutputAsNoise):
         super().__init__()
-        self.unet, self.layers, self.exchange = unet, layers, exchange
+        self.unet, self.layers, self.exchange, self.noise = unet, layers, exchange, noise
 
     def forward(self, latents, timestep, text):
-        eps = self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        eps = self.noise(self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0], latents, timestep)
         return (eps, *[tensor for layer in self.layers for tensor in self.exchange.values[layer]])
 
 
@@ -97,13 +117,13 @@ class UNetEpsKeptKV(torch.nn.Module):
     """(edited latents, timestep, text embeddings, then each swapped layer's source keys and values)
     -> predicted noise: the edited branch of a reference step alone."""
 
-    def __init__(self, unet, layers: List[str], exchange: KVExchange):
+    def __init__(self, unet, layers: List[str], exchange: KVExchange, noise: OutputAsNoise):
         super().__init__()
-        self.unet, self.layers, self.exchange = unet, layers, exchange
+        self.unet, self.layers, self.exchange, self.noise = unet, layers, exchange, noise
 
     def forward(self, latents, timestep, text, *source_kv):
         self.exchange.values = {layer: (source_kv[2 * i], source_kv[2 * i + 1]) for i, layer in enumerate(self.layers)}
-        return self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        return self.noise(self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0], latents, timestep)
 
 
 class VaeDecode(torch.nn.Module):
@@ -143,17 +163,20 @@ def _np_dtype(dtype: torch.dtype) -> str:
 
 
 def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: int,
-               unet_dtype: torch.dtype, vae_dtype: torch.dtype, keep_source_kv: bool = False) -> List[GraphJob]:
+               unet_dtype: torch.dtype, vae_dtype: torch.dtype, keep_source_kv: bool = False,
+               scheduler=None) -> List[GraphJob]:
     """The four graphs of an export at a fixed image size: inversion UNet (batch 1), reference
     UNet (batch 2, K/V swap from `start_layer` inside the graph), VAE decoder and encoder. With
     `keep_source_kv` the reference UNet also gives each swapped layer's source keys and values, and a
-    fifth graph, `unet_kept` (batch 1), takes them with an edited latent: a repeated edit's step."""
+    fifth graph, `unet_kept` (batch 1), takes them with an edited latent: a repeated edit's step.
+    The UNet graphs output noise; `scheduler` says what the model outputs (`OutputAsNoise`)."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (vae.config.latent_channels, height // scale, width // scale)
     ud, vd = _np_dtype(unet_dtype), _np_dtype(vae_dtype)
     generator = torch.Generator().manual_seed(0)
     unet_device, vae_device = next(unet.parameters()).device, next(vae.parameters()).device  # an editor's on CUDA
     rand = lambda *shape, dtype, device=unet_device: torch.randn(*shape, generator=generator).to(device, dtype)
+    noise = OutputAsNoise(scheduler)
 
     def unet_job(name: str, batch: int, context) -> GraphJob:
         spec = GraphSpec(
@@ -164,7 +187,7 @@ def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: i
         )
         example = (rand(batch, *latent, dtype=unet_dtype), torch.tensor([500.0], device=unet_device),
                    rand(batch, 77, text_dim, dtype=unet_dtype))
-        return GraphJob(spec, UNetEps(unet), example, context)
+        return GraphJob(spec, UNetEps(unet, noise), example, context)
 
     jobs = [
         unet_job("unet_inversion", 1, contextlib.nullcontext),
@@ -176,16 +199,17 @@ def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: i
     ]
     jobs[1].spec.extra["reference_control"] = {"start_layer": start_layer}
     if keep_source_kv:
-        jobs += _source_kv_jobs(jobs[1], jobs[0], unet, start_layer)
+        jobs += _source_kv_jobs(jobs[1], jobs[0], unet, start_layer, noise)
     return jobs
 
 
-def _source_kv_jobs(reference: GraphJob, inversion: GraphJob, unet, start_layer: int) -> List[GraphJob]:
+def _source_kv_jobs(reference: GraphJob, inversion: GraphJob, unet, start_layer: int,
+                    noise: OutputAsNoise) -> List[GraphJob]:
     """Turn the reference job into one that also outputs the swapped layers' source keys and values,
     and return the kept job that takes them; their shapes come from one eager run of the example."""
     layers = self_attention_processor_names(unet, start_layer)
     recording, reading = KVExchange(recording=True), KVExchange(recording=False)
-    reference.module = UNetEpsRecordingKV(unet, layers, recording)
+    reference.module = UNetEpsRecordingKV(unet, layers, recording, noise)
     reference.context = lambda: reference_control(unet, start_layer, "sdpa", source_kv=recording)
     with torch.no_grad(), reference.context():
         outputs = reference.module(*reference.example)
@@ -195,7 +219,7 @@ def _source_kv_jobs(reference: GraphJob, inversion: GraphJob, unet, start_layer:
     kept = GraphSpec("unet_kept", inputs=list(inversion.spec.inputs) + kv_specs, outputs=list(inversion.spec.outputs))
     kept.extra["reference_control"] = {"start_layer": start_layer}
     example = (*inversion.example, *[tensor.contiguous() for tensor in outputs[1:]])
-    return [GraphJob(kept, UNetEpsKeptKV(unet, layers, reading), example,
+    return [GraphJob(kept, UNetEpsKeptKV(unet, layers, reading, noise), example,
                      lambda: reference_control(unet, start_layer, "sdpa", source_kv=reading))]
 
 

@@ -153,7 +153,7 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
         if vae_dtype != original_vae_dtype:
             vae.to(vae_dtype)
         for job in graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
-                              keep_source_kv=config.keep_source_kv):
+                              keep_source_kv=config.keep_source_kv, scheduler=components.scheduler):
             write(job)
         refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets, config.denoise.start_layer,
                                   known_maps)
@@ -161,7 +161,9 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
         data = {
             "created_by": "fastdrag",
             "model": {"identity": components.identity, "scaling_factor": components.scaling_factor,
-                      "vae_scale_factor": components.vae_scale},
+                      "vae_scale_factor": components.vae_scale, "prediction_type": schedule.prediction_type,
+                      "unet_graphs_output": "noise (eps): the model's own output is turned into noise inside each "
+                                            "UNet graph"},
             "lora": {"key": lora_key, "config": dataclasses.asdict(lora_config)},
             "image": {"width": width, "height": height},
             "latent_shape": list(latent_shape),

@@ -143,6 +143,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny",
                         help="built-in name (tiny, toy, sd15-random), diffusers folder, toy weights folder "
                              "(from `fastdrag toy train`), .safetensors/.ckpt file or hub id")
+    parser.add_argument("--single-file-config", default=None,
+                        help="for a .safetensors/.ckpt --model: the diffusers folder or hub id whose configuration "
+                             "it has (without one, diffusers fetches it from the hub)")
+    parser.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"],
+                        help="what the model's UNet outputs (default: its scheduler config says; epsilon for SD 1.x, "
+                             "v_prediction for SD 2.x's 768 px models)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--cache-dir", default=None, help="LoRA cache folder (default: ~/.cache/fastdrag/lora)")
@@ -310,7 +316,8 @@ def _editor(args):
                                       progress=bars, channels_last=args.channels_last,
                                       compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels,
                                       frozen_conv=args.frozen_conv, sdpa_priority=args.sdpa_priority,
-                                      lean_blocks=args.lean_blocks)
+                                      lean_blocks=args.lean_blocks, prediction_type=args.prediction_type,
+                                      single_file_config=args.single_file_config)
 
 
 def cmd_edit(args) -> int:
@@ -341,11 +348,11 @@ def cmd_edit(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import demo_paths, run_demo
 
-    paths, result = run_demo(Path(args.output), model=args.model, overwrite=args.overwrite,
-                             progress=not (args.quiet or args.progress_json), on_step=_json_progress(args),
-                             **config_overrides(args))
+    demo_paths(Path(args.output), args.overwrite)  # before the model loads
+    paths, result = run_demo(Path(args.output), model=args.model, overwrite=args.overwrite, editor=_editor(args),
+                             on_step=_json_progress(args), **config_overrides(args))
     print(f"wrote {paths['input']}, {paths['edited']} and {paths['side_by_side']} "
           f"in {result.timings['total']:.1f} s ({result.drag_steps} drag steps)")
     return 0

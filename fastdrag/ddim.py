@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Union
 
 import torch
 from diffusers import DDIMScheduler
@@ -21,6 +21,7 @@ class DdimSchedule:
     alphas_cumprod: torch.Tensor   # (1000,) float64 on the CPU
     final_alpha_cumprod: float
     num_inversion_steps: int
+    prediction_type: str = "epsilon"  # what the UNet's output stands for (`predicted_noise`)
 
     @classmethod
     def from_scheduler(cls, scheduler: DDIMScheduler, num_inference_steps: int, num_inversion_steps: int) -> "DdimSchedule":
@@ -32,6 +33,7 @@ class DdimSchedule:
             alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64).cpu(),
             final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
             num_inversion_steps=min(num_inversion_steps, num_inference_steps),
+            prediction_type=prediction_type_of(scheduler),
         )
 
     @property
@@ -52,9 +54,62 @@ class DdimSchedule:
         """alphas_cumprod[t], or the final alpha for a negative t."""
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
 
+    def noise(self, prediction: torch.Tensor, latents: torch.Tensor, t: int) -> torch.Tensor:
+        """The noise that the UNet's `prediction` at timestep `t` on `latents` stands for."""
+        return predicted_noise(prediction, latents, self.alpha(t), self.prediction_type)
+
     def step_coefficients(self, t: int) -> tuple:
         """(alpha at t, alpha at t - step_size): what a DDIM step between them needs."""
         return self.alpha(t), self.alpha(t - self.step_size)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type_of(scheduler: DDIMScheduler) -> str:
+    """The scheduler's `prediction_type` (SD 1.x and SD 2.x-base: "epsilon"; SD 2.x at 768 px:
+    "v_prediction"), refused by name when the stages cannot read noise from it."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    check_prediction_type(kind)
+    return kind
+
+
+def check_prediction_type(kind: str) -> None:
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {kind!r} is not supported: use one of {', '.join(PREDICTION_TYPES)}")
+
+
+Alpha = Union[float, torch.Tensor]
+
+
+def predicted_noise(prediction: torch.Tensor, latents: torch.Tensor, alpha: Alpha, prediction_type: str) -> torch.Tensor:
+    """The noise a UNet output stands for, given the `latents` it saw and `alpha` (alphas_cumprod at the
+    timestep it was given): the output itself for "epsilon", `sqrt(a)·v + sqrt(1-a)·x` for
+    "v_prediction", `(x - sqrt(a)·x0) / sqrt(1-a)` for "sample". Every stage reads noise, so a model
+    of any of the three runs through the same DDIM arithmetic. The alpha is the model's timestep's,
+    also in inversion, where the latent is one step below it: the output is converted as the model
+    meant it (diffusers' `DDIMInverseScheduler` uses the latent's own alpha instead)."""
+    if prediction_type == "epsilon":
+        return prediction
+    if prediction_type == "v_prediction":
+        return alpha ** 0.5 * prediction + (1 - alpha) ** 0.5 * latents
+    if prediction_type == "sample":
+        return (latents - alpha ** 0.5 * prediction) / (1 - alpha) ** 0.5
+    check_prediction_type(prediction_type)
+    raise AssertionError(prediction_type)
+
+
+def training_target(latents: torch.Tensor, noise: torch.Tensor, alpha: Alpha, prediction_type: str) -> torch.Tensor:
+    """What the UNet should output for `latents` noised with `noise` at `alpha` (the LoRA's MSE target):
+    the noise, the velocity `sqrt(a)·noise - sqrt(1-a)·x0` (diffusers' `get_velocity`), or the clean latents."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha ** 0.5 * noise - (1 - alpha) ** 0.5 * latents
+    if prediction_type == "sample":
+        return latents
+    check_prediction_type(prediction_type)
+    raise AssertionError(prediction_type)
 
 
 def noised(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,

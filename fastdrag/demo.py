@@ -51,18 +51,25 @@ def toy_demo_case() -> DemoCase:
     return DemoCase(case.scene.image, case.scene.prompt, case.points, case.mask)
 
 
-def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, progress: bool = True,
-             on_step=None, **overrides) -> Tuple[Dict[str, Path], EditResult]:
-    """Edit the demo case and write input, output and side-by-side pictures into `output_dir`;
-    `on_step` as in `DragEditor.edit`."""
-    from .editor import DragEditor
-
-    output_dir = Path(output_dir)
-    paths = {name: output_dir / f"{name}.png" for name in ("input", "edited", "side_by_side")}
+def demo_paths(output_dir: Path, overwrite: bool = False) -> Dict[str, Path]:
+    """The demo's three pictures in `output_dir`, refused (`check_image_output`) before any work."""
+    paths = {name: Path(output_dir) / f"{name}.png" for name in ("input", "edited", "side_by_side")}
     for path in paths.values():
         check_image_output(path, overwrite)
+    return paths
+
+
+def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, progress: bool = True,
+             on_step=None, editor=None, **overrides) -> Tuple[Dict[str, Path], EditResult]:
+    """Edit the demo case and write input, output and side-by-side pictures into `output_dir`;
+    `on_step` as in `DragEditor.edit`. `editor` is the `DragEditor` of `model` to edit with (loaded
+    with its device, dtype, cache and fast paths), else one loaded with the defaults; `model` picks the case."""
+    from .editor import DragEditor
+
+    paths = demo_paths(output_dir, overwrite)
     case = toy_demo_case() if model == "toy" else demo_case()
-    editor = DragEditor.from_pretrained(model, progress=progress)
+    if editor is None:
+        editor = DragEditor.from_pretrained(model, progress=progress)
     result = editor.edit(case.image, case.prompt, case.points, mask=case.mask, on_step=on_step, **overrides)
     picture = side_by_side(case.image, result.image, [p[0] for p in case.points], [p[1] for p in case.points],
                            result.handles, case.mask)

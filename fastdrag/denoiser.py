@@ -1,6 +1,7 @@
 """The denoiser interface used by the forward-only stages (inversion and denoising).
 
-A denoiser maps (latents, timestep, text embeddings) to predicted noise. `reference_control`
+A denoiser maps (latents, timestep, text embeddings) to predicted noise, whatever its model outputs
+(`fastdrag.ddim.predicted_noise`). `reference_control`
 switches it to the K/V-swap mode of stage 4 for a batch of (source, edited) pairs. Other backends
 (ONNX Runtime, TensorRT) implement the same two methods.
 """
@@ -14,6 +15,7 @@ import torch
 
 from .attention import reference_control
 from .cuda_graph import capture, on_side_stream
+from .ddim import predicted_noise, prediction_type_of
 from .source_kv import SourceKV
 
 logger = logging.getLogger(__name__)
@@ -35,14 +37,18 @@ class TorchDenoiser:
     Call `reset()` when the UNet's weights change storage (a new adapter): graphs read weights by address.
     At most `MAX_GRAPHS` are kept: a server that sees many image sizes drops them all and recaptures,
     rather than holding graph memory for every size it has seen.
+    `scheduler` says what the UNet outputs (its `prediction_type`; noise without one) and gives the
+    alphas that turn another output into noise.
     """
 
     MAX_GRAPHS = 8  # an edit needs 2 (inversion; denoising with the K/V swap), 3 with kept source keys and values
     keeps_source_kv = True
 
-    def __init__(self, unet: torch.nn.Module, cuda_graphs: bool = False):
+    def __init__(self, unet: torch.nn.Module, cuda_graphs: bool = False, scheduler=None):
         self.unet = unet
         self.cuda_graphs = cuda_graphs
+        self.prediction_type = "epsilon" if scheduler is None else prediction_type_of(scheduler)
+        self.alphas_cumprod = None if scheduler is None else scheduler.alphas_cumprod.to(torch.float64).cpu()
         self.mode: Optional[tuple] = None   # the K/V-swap mode now on, part of a graph's key
         self.graphs: Dict[tuple, _CapturedForward] = {}
         self.graph_pool = None  # a `GraphPool` handle shared with other graphs, set by the owner; else one of its own
@@ -56,11 +62,15 @@ class TorchDenoiser:
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
         if self.cuda_graphs and latents.is_cuda:
-            return self._replay(latents, timestep, text_embeddings)
-        dtype = self.unet.dtype
-        t = torch.full((), timestep, device=latents.device, dtype=torch.long)  # a fill, not a host-to-device copy
-        eps = self.unet(latents.to(dtype), t, encoder_hidden_states=text_embeddings.to(dtype)).sample
-        return eps.to(latents.dtype)
+            prediction = self._replay(latents, timestep, text_embeddings)
+        else:
+            dtype = self.unet.dtype
+            t = torch.full((), timestep, device=latents.device, dtype=torch.long)  # a fill, not a host-to-device copy
+            prediction = self.unet(latents.to(dtype), t, encoder_hidden_states=text_embeddings.to(dtype)).sample
+            prediction = prediction.to(latents.dtype)
+        if self.prediction_type == "epsilon":
+            return prediction
+        return predicted_noise(prediction, latents, float(self.alphas_cumprod[timestep]), self.prediction_type)
 
     def _replay(self, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor) -> torch.Tensor:
         key = (tuple(latents.shape), tuple(text_embeddings.shape), latents.device, self.mode)

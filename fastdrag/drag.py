@@ -154,9 +154,13 @@ class DragLoop:
         """`x_prev_0` (with a mask term) and the feature map `F_0`, from the start latent."""
         with torch.no_grad():
             eps0, feat0 = self._forward()
-            x_prev0 = None if eps0 is None else ddim_step(self.schedule, self.latent.detach(), eps0.float(),
-                                                          self.timestep)
+            x_prev0 = None if eps0 is None else self._x_prev(self.latent.detach(), eps0)
             return x_prev0, feat0
+
+    def _x_prev(self, latent: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The DDIM step of `latent` from the drag timestep, given the UNet's output on it."""
+        t = self.timestep
+        return ddim_step(self.schedule, latent, self.schedule.noise(prediction.float(), latent, t), t)
 
     @staticmethod
     def _start_of(z_t: torch.Tensor, text_embeddings: torch.Tensor) -> tuple:
@@ -179,6 +183,7 @@ class DragLoop:
                 and handles.shape == self.handles.shape and (mask is None) == (self.mask is None)
                 and timestep == self.timestep
                 and schedule.step_coefficients(timestep) == self.schedule.step_coefficients(self.timestep)
+                and schedule.prediction_type == self.schedule.prediction_type
                 and replace(config, drag_steps=0) == replace(self.config, drag_steps=0)
                 and tuple(sup_res) == tuple(self.sup_res)
                 and (cuda_graph and z_t.device.type == "cuda") == self.cuda_graph
@@ -247,7 +252,7 @@ class DragLoop:
         self.done.logical_or_(((self.targets - self.handles).norm(dim=-1) < config.reach_distance).all())
         loss = kernels.motion_supervision_loss(feat, self.handles, self.targets, config.r_m, size=self.sup_res)
         if self.mask is not None:
-            x_prev = ddim_step(self.schedule, self.latent, eps.float(), self.timestep)
+            x_prev = self._x_prev(self.latent, eps)
             loss = loss + config.lam * kernels.masked_l1(x_prev, self.x_prev0, self.mask)
         self.before.copy_(self.latent.detach())
         self.scaler.scale(loss).backward()

@@ -172,7 +172,7 @@ class DragEditor:
         # stages' do not stay reserved beside the graphs' pool between edits (H100, SD 1.5: 3.78 -> 2.78
         # GiB in the default pool between edits, but the same 8.17 GiB peak, the VAE's; off by default)
         self.release_cached_memory = release_cached_memory
-        self.denoiser = TorchDenoiser(components.unet)
+        self.denoiser = TorchDenoiser(components.unet, scheduler=components.scheduler)
         self._graph_denoisers: "OrderedDict[tuple, tuple]" = OrderedDict()  # exported denoisers, least recent first
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inversions: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()  # key -> z_t, least recent first
@@ -208,8 +208,15 @@ class DragEditor:
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
                         channels_last: Optional[bool] = None, compile_blocks: bool = False,
                         fused_unet_kernels: bool = False, frozen_conv: Optional[bool] = None,
-                        sdpa_priority: str = "default", lean_blocks: bool = True) -> "DragEditor":
+                        sdpa_priority: str = "default", lean_blocks: bool = True,
+                        prediction_type: Optional[str] = None,
+                        single_file_config: Optional[str] = None) -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
+
+        What the UNet outputs comes from the model's scheduler config; `prediction_type` ("epsilon",
+        "v_prediction" as SD 2.x's 768 px models, or "sample") overrides it (`load_components`).
+        `single_file_config` is the diffusers folder (or hub id) whose configuration a single-file
+        checkpoint has: without it diffusers fetches the configuration from the hub.
 
         `channels_last` stores the UNet's convolution weights channels-last; None (the default) does
         so on CUDA only. On an H100 at SD 1.5 / 512 px, each variant in a process of its own, it made a
@@ -244,7 +251,8 @@ class DragEditor:
             raise InputError("half precision runs on CUDA only; use dtype float32 on the CPU")
         if channels_last is None:
             channels_last = device.type == "cuda"
-        components = load_components(name_or_path, device=device, dtype=dtype, channels_last=channels_last)
+        components = load_components(name_or_path, device=device, dtype=dtype, channels_last=channels_last,
+                                     prediction_type=prediction_type, single_file_config=single_file_config)
         if frozen_conv is None:
             frozen_conv = device.type == "cuda"
         if frozen_conv:

@@ -25,7 +25,7 @@ from .autocast import unet_autocast
 from .cache_usage import touch
 from .config import LoraConfig
 from .cuda_graph import OptimizerStep
-from .ddim import noised
+from .ddim import noised, prediction_type_of, training_target
 from .errors import ConfigError, InputError
 from .shared_casts import HALF
 from .half_norms import enabled as half_norms_enabled
@@ -257,14 +257,20 @@ def load_adapter_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
 
 
 def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-              text_embeddings: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`."""
+              text_embeddings: torch.Tensor, alphas_cumprod: torch.Tensor,
+              prediction_type: str = "epsilon") -> torch.Tensor:
+    """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`, against what the UNet
+    outputs (`prediction_type`: the noise, the velocity or the clean latents)."""
     noisy = noised(latents, noise, timesteps, alphas_cumprod)
+    target = noise
+    if prediction_type != "epsilon":
+        alpha = alphas_cumprod[timesteps].view(-1, *[1] * (latents.dim() - 1))
+        target = training_target(latents, noise, alpha, prediction_type)
     autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
     with unet_autocast(unet, autocast, norms_in_half=autocast and half_norms_enabled()), \
             half_adapter_weights(lean_lora_layers(unet)):
         prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
-    return F.mse_loss(prediction.float(), noise.float())
+    return F.mse_loss(prediction.float(), target.float())
 
 
 class LoraTrainer:
@@ -288,6 +294,7 @@ class LoraTrainer:
         install_adapter(unet, config, seed)
         self.unet, self.scaling_factor, self.config = unet, scaling_factor, config
         self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.prediction_type = prediction_type_of(scheduler)
         self.half_norms = half_norms_enabled()  # what a captured step computes with
         self.params = lora_parameters(unet)
         for param in self.params:
@@ -357,7 +364,8 @@ class LoraTrainer:
         """One step on the trainer's own buffers, in place: what a CUDA graph captures."""
         latents = (self.mean + self.std * self.sample_noise) * self.scaling_factor
         text = self.text.expand(self.batch, -1, -1)
-        loss = lora_loss(self.unet, latents, self.noise, self.timesteps, text, self.alphas_cumprod)
+        loss = lora_loss(self.unet, latents, self.noise, self.timesteps, text, self.alphas_cumprod,
+                         self.prediction_type)
         loss.backward()
         self.optimizer.step()
         self.loss.copy_(loss.detach())

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .ddim import PREDICTION_TYPES, check_prediction_type
 from .errors import ModelLoadError
 from .tokenizer_files import write_byte_tokenizer
 
@@ -72,8 +73,10 @@ def _move(module: torch.nn.Module, device: Union[str, torch.device], dtype: torc
         module.to(device=device, dtype=dtype, memory_format=memory_format)
 
 
-def ddim_scheduler() -> DDIMScheduler:
-    """The DDIM scheduler of DESIGN.md: SD 1.x betas, no clipping, final alpha not forced to one."""
+def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """The DDIM scheduler of DESIGN.md: SD 1.x betas, no clipping, final alpha not forced to one; the
+    model's `prediction_type` (what its UNet outputs) is the one setting a model brings to it."""
+    check_prediction_type(prediction_type)
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -82,6 +85,7 @@ def ddim_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -208,7 +212,17 @@ def _from_diffusers_folders(source: str, **kwargs) -> Components:
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity="")
+    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(_folder_prediction_type(source, **kwargs)),
+                      identity="")
+
+
+def _folder_prediction_type(source: str, **kwargs) -> str:
+    """The `prediction_type` of a diffusers model's `scheduler/` config ("epsilon" when it has none)."""
+    try:
+        config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError):  # diffusers' error for a model without a scheduler folder
+        return "epsilon"
+    return config.get("prediction_type", "epsilon")
 
 
 def _load_folder(folder: Path) -> Components:
@@ -237,7 +251,8 @@ def _load_single_file(path: Path, config: Optional[str]) -> Components:
         ) from exc
     stat = path.stat()
     identity = f"file:{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:16]}"
-    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(), identity=identity)
+    scheduler = ddim_scheduler(pipe.scheduler.config.get("prediction_type", "epsilon"))
+    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, identity=identity)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -281,10 +296,17 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     single_file_config: Optional[str] = None,
     channels_last: bool = False,
+    prediction_type: Optional[str] = None,
 ) -> Components:
     """Load a model by built-in name (`tiny`, `toy`, `sd15-random`), local diffusers folder, toy weights
     folder (written by `fastdrag toy train`), single file, or hub id; `channels_last` lays the UNet's
-    convolution weights out channels-last as they move (`Components.to`)."""
+    convolution weights out channels-last as they move (`Components.to`).
+
+    What the UNet outputs (noise, "epsilon"; velocity, "v_prediction", as SD 2.x's 768 px models; or
+    the clean latent, "sample") comes from the model's scheduler config; `prediction_type` overrides it
+    for a checkpoint that does not say (a single file of a v-model loaded without its config)."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     name = str(name_or_path)
     if name == "tiny":
         components = build_tiny()
@@ -319,4 +341,9 @@ def load_components(
                 f"model {name!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
                 "an existing folder or file, or a hub id of the form 'owner/name'"
             )
+    if prediction_type is not None:
+        components.scheduler = ddim_scheduler(prediction_type)
+    kind = components.scheduler.config.prediction_type
+    if kind != "epsilon":  # a LoRA trained for one output does not fit another: the cache keys say which
+        components.identity += f":{kind}"
     return components.to(device, dtype, channels_last)

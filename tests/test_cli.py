@@ -27,6 +27,7 @@ def test_demo_writes_both_pictures(tmp_path):
         assert Image.open(out / f"{name}.png").size[0] >= 64
     side = Image.open(out / "side_by_side.png")
     assert side.size[0] > 2 * side.size[1]
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1  # the demo's LoRA went to --cache-dir
     # existing pictures are not replaced without --overwrite
     assert main(["demo", "--model", "tiny", "--output", str(out)] + FAST_ARGS) == 2
     assert main(["demo", "--model", "tiny", "--output", str(out), "--overwrite", "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == 0
@@ -152,6 +153,20 @@ def test_lora_command_trains_then_finds_the_cache(image_file, tmp_path, capsys):
     assert main(args) == 0
     assert "found in the cache" in capsys.readouterr().out
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
+
+
+def test_the_prediction_type_option_trains_the_lora_of_that_kind(image_file, tmp_path, capsys):
+    """A v-model's LoRA trains against the velocity: another adapter, under another key, than the
+    same weights read as a noise predictor (tests/test_prediction_type.py checks the stages)."""
+    args = ["lora", str(image_file), "--prompt", "a ball", "--cache-dir", str(tmp_path / "c"), "--lora-steps", "2",
+            "--quiet"]
+    assert main(args) == 0
+    assert main(args + ["--prediction-type", "v_prediction"]) == 0
+    first, second = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
+    assert first != second
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+    with pytest.raises(SystemExit):  # argparse's usage error names the choices
+        main(args + ["--prediction-type", "velocity"])
 
 
 def test_toy_train_time_budget_sets_the_step_count_unless_capped():
