@@ -208,3 +208,39 @@ def test_an_unknown_prediction_type_is_refused_by_name(tmp_path):
         load_components(str(tmp_path / "flow"))
     with pytest.raises(ModelLoadError, match="prediction_type 'velocity'"):
         load_components("tiny", prediction_type="velocity")
+
+
+def _sd2_shaped(lean: bool):
+    """The tiny model with SD 2.x's UNet differences: linear projections in and out of the transformers,
+    a head count per block, attention upcast, and the velocity as output (random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from fastdrag.lean_blocks import install_lean_blocks
+
+    components = build_tiny()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        components.unet = UNet2DConditionModel(
+            sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+            attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, upcast_attention=True, norm_num_groups=8)
+    components.scheduler = ddim_scheduler("v_prediction")
+    if lean:
+        install_lean_blocks(components.unet)
+        install_lean_blocks(components.vae)
+    return components
+
+
+def test_an_sd2_shaped_model_edits_alike_with_and_without_the_lean_blocks(picture, tmp_path):
+    """The lean blocks rewrite the transformers' forwards: with linear projections too."""
+    edits = []
+    for lean in (False, True):
+        editor = DragEditor(_sd2_shaped(lean), torch.device("cpu"), torch.float32, cache_dir=tmp_path / str(lean),
+                            progress=False)
+        result = editor.edit(picture.image, picture.prompt, picture.points, picture.mask, lora_steps=3,
+                             num_inference_steps=10, drag_steps=4)
+        edits.append((np.asarray(result.image).astype(int), result.handles))
+    (plain, plain_handles), (lean, lean_handles) = edits
+    assert np.abs(plain - lean).max() <= 1 and plain_handles == lean_handles
+    assert np.abs(plain - np.asarray(picture.image).astype(int)).mean() > 0.5  # it edited something
