@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastdrag", "fastdrag.toy", "fastdrag.kernels", "fastdrag.export"],
     package_dir={"fastdrag": "fastdrag", "fastdrag.kernels": "kernels", "fastdrag.export": "export"},
-    package_data={"fastdrag.toy": ["weights/*.safetensors", "weights/*.json"]},
+    package_data={"fastdrag": ["py.typed"], "fastdrag.toy": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",
