@@ -221,6 +221,8 @@ def _folder_prediction_type(source: str, **kwargs) -> str:
     try:
         config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
     except (OSError, ValueError):  # diffusers' error for a model without a scheduler folder
+        logger.warning("%s has no scheduler/scheduler_config.json: its UNet is taken to predict noise (epsilon); "
+                       "for a v-model (SD 2.x at 768 px) pass prediction_type='v_prediction'", source)
         return "epsilon"
     return config.get("prediction_type", "epsilon")
 

@@ -188,13 +188,15 @@ def _save(components, folder, scheduler_config=None):
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
 
 
-def test_a_model_folder_says_what_its_unet_outputs_and_a_caller_can_override_it(tmp_path):
+def test_a_model_folder_says_what_its_unet_outputs_and_a_caller_can_override_it(tmp_path, caplog):
     tiny = build_tiny()
     _save(tiny, tmp_path / "v", {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"})
     _save(tiny, tmp_path / "plain")
     loaded = load_components(str(tmp_path / "v"))
     assert loaded.scheduler.config.prediction_type == "v_prediction"
+    assert not caplog.records
     assert load_components(str(tmp_path / "plain")).scheduler.config.prediction_type == "epsilon"
+    assert "no scheduler/scheduler_config.json" in caplog.text  # an assumption the user is told
     overridden = load_components(str(tmp_path / "v"), prediction_type="epsilon")
     assert overridden.scheduler.config.prediction_type == "epsilon"
     # a LoRA trained against one kind's target is not another's: the cache keys (identity) differ
