@@ -35,7 +35,7 @@ from .inputs import (EditInputs, ImageLike, Points, load_image, prepare_inputs, 
 from .inversion import invert
 from .lora import (LoraCache, LoraTrainer, adapter_state, install_adapter, load_adapter_state, lora_key, merged_adapter,
                    run_trainer)
-from .models import Components, load_components
+from .models import Components, check_supported, load_components
 from .progress import Progress, StepCallback
 from .source_kv import SourceKV
 from .vae import capture_decoder, decode, encode_posterior, encode_prompt
@@ -161,6 +161,7 @@ class DragEditor:
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
                  config: Optional[EditConfig] = None, cache_dir: Optional[Union[str, Path]] = None,
                  progress: bool = True, release_cached_memory: bool = False, sdpa_priority: str = "default"):
+        check_supported(components)  # components built by hand, not through `load_components`, too
         self.components = components
         self.device = device
         self.dtype = dtype

@@ -61,6 +61,31 @@ class Components:
         return self
 
 
+def check_supported(components: Components) -> None:
+    """Refuse, by name, a model whose UNet is not a text-to-image SD 1.x/2.x UNet for its VAE and text
+    encoder: inpainting, depth or instruction UNets (more input channels than the latent has), UNets
+    with extra conditioning (SDXL's text and time embeddings, class labels) or a text width the
+    cross-attention does not take. Each would otherwise fail deep inside the first stage."""
+    unet, vae, text = components.unet.config, components.vae.config, components.text_encoder.config
+    latent = vae.latent_channels
+    if unet.in_channels != latent:
+        raise ModelLoadError(
+            f"the UNet takes {unet.in_channels} input channels and the VAE's latent has {latent}: an inpainting, "
+            "depth or instruction model (9, 5 or 8 channels) cannot drag; load the text-to-image model")
+    if unet.out_channels != latent:
+        raise ModelLoadError(f"the UNet outputs {unet.out_channels} channels and the VAE's latent has {latent}: "
+                             "only a UNet that predicts the latent's own channels can be inverted and denoised")
+    extra = [f"{name}={getattr(unet, name)!r}" for name in ("addition_embed_type", "class_embed_type")
+             if getattr(unet, name, None) is not None]
+    if extra:
+        raise ModelLoadError(f"the UNet needs conditioning besides the text ({', '.join(extra)}; SDXL's is "
+                             "'text_time'): fastdrag edits SD 1.x and 2.x architectures")
+    widths = unet.cross_attention_dim if isinstance(unet.cross_attention_dim, (list, tuple)) else [unet.cross_attention_dim]
+    if any(width != text.hidden_size for width in widths):
+        raise ModelLoadError(f"the UNet's cross-attention takes text of width {unet.cross_attention_dim} and the text "
+                             f"encoder gives {text.hidden_size}: the text encoder is not this UNet's")
+
+
 def _move(module: torch.nn.Module, device: Union[str, torch.device], dtype: torch.dtype,
           memory_format: torch.memory_format = torch.preserve_format) -> None:
     """`module.to(device=device, dtype=dtype, memory_format=memory_format)` (the format of 4-D weights)
@@ -343,6 +368,7 @@ def load_components(
                 f"model {name!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
                 "an existing folder or file, or a hub id of the form 'owner/name'"
             )
+    check_supported(components)
     if prediction_type is not None:
         components.scheduler = ddim_scheduler(prediction_type)
     kind = components.scheduler.config.prediction_type

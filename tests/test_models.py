@@ -202,3 +202,32 @@ def test_the_tokenizer_files_are_written_once_inside_a_new_cache_and_a_lost_race
     folder = models.tokenizer_folder()
     monkeypatch.setattr(models.os, "replace", real_replace)
     assert (folder / "vocab.json").is_file() and [p.name for p in other.iterdir()] == [folder.name]
+
+
+def _unet_like_tiny(**changes):
+    from diffusers import UNet2DConditionModel
+
+    config = {key: value for key, value in build_tiny().unet.config.items() if not key.startswith("_")}
+    config.update(changes)
+    return UNet2DConditionModel.from_config(config)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"in_channels": 9}, "the UNet takes 9 input channels and the VAE's latent has 4: an inpainting"),
+    ({"out_channels": 8}, "the UNet outputs 8 channels"),
+    ({"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80},
+     "conditioning besides the text (addition_embed_type='text_time'"),
+    ({"cross_attention_dim": 48}, "takes text of width 48 and the text encoder gives 32"),
+])
+def test_a_unet_that_cannot_drag_is_refused_by_name_before_any_stage(changes, words, tmp_path):
+    """Each of these failed inside the LoRA's first forward with a shape or type error."""
+    from fastdrag import DragEditor
+
+    components = build_tiny()
+    components.unet = _unet_like_tiny(**changes)
+    with pytest.raises(ModelLoadError, match=words.replace("(", r"\(")):
+        DragEditor(components, torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):  # and from a folder, through load_components
+        getattr(components, name).save_pretrained(tmp_path / "model" / name)
+    with pytest.raises(ModelLoadError, match=words.replace("(", r"\(")):
+        load_components(str(tmp_path / "model"))
