@@ -146,6 +146,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-file-config", default=None,
                         help="for a .safetensors/.ckpt --model: the diffusers folder or hub id whose configuration "
                              "it has (without one, diffusers fetches it from the hub)")
+    parser.add_argument("--variant", default=None,
+                        help="a diffusers model's weights variant, e.g. fp16 (*.fp16.safetensors; a local folder that "
+                             "holds only one variant loads it unasked)")
     parser.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"],
                         help="what the model's UNet outputs (default: its scheduler config says; epsilon for SD 1.x, "
                              "v_prediction for SD 2.x's 768 px models)")
@@ -317,7 +320,7 @@ def _editor(args):
                                       compile_blocks=args.compile_blocks, fused_unet_kernels=args.fused_unet_kernels,
                                       frozen_conv=args.frozen_conv, sdpa_priority=args.sdpa_priority,
                                       lean_blocks=args.lean_blocks, prediction_type=args.prediction_type,
-                                      single_file_config=args.single_file_config)
+                                      single_file_config=args.single_file_config, variant=args.variant)
 
 
 def cmd_edit(args) -> int:

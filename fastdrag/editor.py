@@ -211,13 +211,14 @@ class DragEditor:
                         fused_unet_kernels: bool = False, frozen_conv: Optional[bool] = None,
                         sdpa_priority: str = "default", lean_blocks: bool = True,
                         prediction_type: Optional[str] = None,
-                        single_file_config: Optional[str] = None) -> "DragEditor":
+                        single_file_config: Optional[str] = None, variant: Optional[str] = None) -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
         What the UNet outputs comes from the model's scheduler config; `prediction_type` ("epsilon",
         "v_prediction" as SD 2.x's 768 px models, or "sample") overrides it (`load_components`).
         `single_file_config` is the diffusers folder (or hub id) whose configuration a single-file
-        checkpoint has: without it diffusers fetches the configuration from the hub.
+        checkpoint has: without it diffusers fetches the configuration from the hub. `variant` picks a
+        diffusers model's weights variant ("fp16"); a local folder with only one variant's files loads unasked.
 
         `channels_last` stores the UNet's convolution weights channels-last; None (the default) does
         so on CUDA only. On an H100 at SD 1.5 / 512 px, each variant in a process of its own, it made a
@@ -253,7 +254,8 @@ class DragEditor:
         if channels_last is None:
             channels_last = device.type == "cuda"
         components = load_components(name_or_path, device=device, dtype=dtype, channels_last=channels_last,
-                                     prediction_type=prediction_type, single_file_config=single_file_config)
+                                     prediction_type=prediction_type, single_file_config=single_file_config,
+                                     variant=variant)
         if frozen_conv is None:
             frozen_conv = device.type == "cuda"
         if frozen_conv:

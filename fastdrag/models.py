@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -232,13 +233,29 @@ def _from_diffusers(source: str, **kwargs) -> Components:
         return _from_diffusers_folders(source, **kwargs)
 
 
-def _from_diffusers_folders(source: str, **kwargs) -> Components:
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+def _from_diffusers_folders(source: str, variant: Optional[str] = None, **kwargs) -> Components:
+    weights = lambda part: {"variant": variant or _local_variant(Path(source) / part)}
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights("unet"), **kwargs)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights("vae"), **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights("text_encoder"), **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
     return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(_folder_prediction_type(source, **kwargs)),
                       identity="")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _local_variant(folder: Path) -> Optional[str]:
+    """The weights variant a local component folder holds, when it holds only variant files (a model
+    saved or downloaded with `variant="fp16"` has `diffusion_pytorch_model.fp16.safetensors` and no plain
+    file, which diffusers does not look for unless told). None: plain files, or not a local folder."""
+    if not folder.is_dir():
+        return None
+    stems = [path.name[: -len(path.suffix)] for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES]
+    # "diffusion_pytorch_model.fp16-00001-of-00002": variant fp16, one shard of two
+    variants = {re.sub(r"-\d+-of-\d+$", "", stem.split(".", 1)[1]) if "." in stem else None for stem in stems}
+    return variants.pop() if len(variants) == 1 else None
 
 
 def _folder_prediction_type(source: str, **kwargs) -> str:
@@ -252,12 +269,12 @@ def _folder_prediction_type(source: str, **kwargs) -> str:
     return config.get("prediction_type", "epsilon")
 
 
-def _load_folder(folder: Path) -> Components:
+def _load_folder(folder: Path, variant: Optional[str] = None) -> Components:
     missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / name).is_dir()]
     if missing:
         raise ModelLoadError(f"model folder {folder} is not a diffusers Stable Diffusion folder: missing {', '.join(m + '/' for m in missing)}")
     try:
-        components = _from_diffusers(str(folder))
+        components = _from_diffusers(str(folder), variant=variant)
     except Exception as exc:  # noqa: BLE001 - any library failure becomes one clear error
         raise ModelLoadError(f"could not load the model folder {folder}: {exc}") from exc
     components.identity = f"folder:{_fingerprint(folder)}"
@@ -294,10 +311,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(repo_id: str) -> Components:
+def _load_hub(repo_id: str, variant: Optional[str] = None) -> Components:
     """A hub model from the local cache, else downloaded; a clear error when neither works."""
     try:
-        components = _from_diffusers(repo_id, local_files_only=True)
+        components = _from_diffusers(repo_id, local_files_only=True, variant=variant)
     except Exception:  # noqa: BLE001 - not cached: download below
         if not _hub_reachable():
             raise ModelLoadError(
@@ -306,7 +323,7 @@ def _load_hub(repo_id: str) -> Components:
                 "Pass a local diffusers folder or a .safetensors/.ckpt file instead."
             ) from None
         try:
-            components = _from_diffusers(repo_id)
+            components = _from_diffusers(repo_id, variant=variant)
         except Exception as exc:  # noqa: BLE001
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
@@ -324,6 +341,7 @@ def load_components(
     single_file_config: Optional[str] = None,
     channels_last: bool = False,
     prediction_type: Optional[str] = None,
+    variant: Optional[str] = None,
 ) -> Components:
     """Load a model by built-in name (`tiny`, `toy`, `sd15-random`), local diffusers folder, toy weights
     folder (written by `fastdrag toy train`), single file, or hub id; `channels_last` lays the UNet's
@@ -331,7 +349,9 @@ def load_components(
 
     What the UNet outputs (noise, "epsilon"; velocity, "v_prediction", as SD 2.x's 768 px models; or
     the clean latent, "sample") comes from the model's scheduler config; `prediction_type` overrides it
-    for a checkpoint that does not say (a single file of a v-model loaded without its config)."""
+    for a checkpoint that does not say (a single file of a v-model loaded without its config).
+    `variant` picks a diffusers model's weights variant ("fp16": `*.fp16.safetensors`, half the download);
+    a local folder that holds only one variant's files is loaded with it unasked."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     name = str(name_or_path)
@@ -354,7 +374,7 @@ def load_components(
         if path.is_dir():
             from .toy.model import load_toy, missing_parts  # a folder written by `fastdrag toy train`?
 
-            components = _load_folder(path) if missing_parts(path) else load_toy(path)
+            components = _load_folder(path, variant) if missing_parts(path) else load_toy(path)
         elif path.suffix in (".safetensors", ".ckpt"):
             if not path.is_file():
                 raise ModelLoadError(f"model file {path} does not exist")
@@ -362,7 +382,7 @@ def load_components(
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a diffusers folder nor a .safetensors/.ckpt file")
         elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-            components = _load_hub(name)
+            components = _load_hub(name, variant)
         else:
             raise ModelLoadError(
                 f"model {name!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "

@@ -231,3 +231,38 @@ def test_a_unet_that_cannot_drag_is_refused_by_name_before_any_stage(changes, wo
         getattr(components, name).save_pretrained(tmp_path / "model" / name)
     with pytest.raises(ModelLoadError, match=words.replace("(", r"\(")):
         load_components(str(tmp_path / "model"))
+
+
+def test_a_folder_of_fp16_variant_weights_loads_unasked_and_a_variant_can_be_chosen(tmp_path):
+    """A model saved or downloaded with variant="fp16" has only `*.fp16.safetensors`, which diffusers
+    does not look for unless told: loading it failed with "no file named diffusion_pytorch_model.bin"."""
+    from fastdrag.cli import main
+
+    tiny = build_tiny()
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(tiny, name).half().save_pretrained(tmp_path / "half" / name, variant="fp16")
+        getattr(tiny, name).float()
+    tiny.tokenizer.save_pretrained(tmp_path / "half" / "tokenizer")
+    loaded = load_components(str(tmp_path / "half"))
+    for name in ("unet", "vae", "text_encoder"):
+        for (key, value), stored in zip(getattr(loaded, name).state_dict().items(), getattr(tiny, name).state_dict().values()):
+            assert torch.equal(value, stored.half().float()), (name, key)
+    # beside plain weights (a folder of both) the plain ones load, unless the variant is asked for
+    for name in ("unet", "vae", "text_encoder"):
+        (getattr(tiny, name).state_dict()[next(iter(getattr(tiny, name).state_dict()))]).add_(1)  # tell them apart
+        getattr(tiny, name).save_pretrained(tmp_path / "half" / name)
+    plain, chosen = load_components(str(tmp_path / "half")), load_components(str(tmp_path / "half"), variant="fp16")
+    first = lambda components: next(iter(components.unet.state_dict().values()))
+    assert torch.equal(first(plain), first(tiny)) and not torch.equal(first(chosen), first(tiny))
+    with pytest.raises(ModelLoadError, match="could not load the model folder"):
+        load_components(str(tmp_path / "half"), variant="bf16")
+    assert main(["lora", str(_picture_file(tmp_path)), "--prompt", "a ball", "--model", str(tmp_path / "half"),
+                 "--variant", "fp16", "--lora-steps", "1", "--quiet", "--cache-dir", str(tmp_path / "c")]) == 0
+
+
+def _picture_file(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "picture.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
+    return path
