@@ -295,8 +295,11 @@ def _load_single_file(path: Path, config: Optional[str]) -> Components:
         ) from exc
     stat = path.stat()
     identity = f"file:{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:16]}"
-    scheduler = ddim_scheduler(pipe.scheduler.config.get("prediction_type", "epsilon"))
-    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, identity=identity)
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ModelLoadError(f"the single-file checkpoint {path} has prediction_type {kind!r}, not one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
+    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(kind), identity=identity)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
