@@ -13,6 +13,7 @@ import torch
 
 from ..atomic import check_folder_writable, replace_path
 from ..attention import self_attention_processor_names
+from .. import __version__
 from ..ddim import DdimSchedule
 from ..errors import ConfigError, OutputExistsError
 from .drag_graph import drag_job, drag_protocol
@@ -160,6 +161,7 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
         artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
         data = {
             "created_by": "fastdrag",
+            "fastdrag_version": __version__,
             "model": {"identity": components.identity, "scaling_factor": components.scaling_factor,
                       "vae_scale_factor": components.vae_scale, "prediction_type": schedule.prediction_type,
                       "unet_graphs_output": "noise (eps): the model's own output is turned into noise inside each "

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .config import EditConfig, field_names
+from . import __version__
 from .errors import FastDragError, InputError
 from .jsonfile import read_json
 
@@ -188,6 +189,7 @@ def _add_progress_json(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdrag", description="DragDiffusion point-based image editing")
+    parser.add_argument("--version", action="version", version=f"fastdrag {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     edit = commands.add_parser("edit", help="drag points of an image to new positions")

@@ -261,3 +261,11 @@ def test_progress_json_reports_every_step_as_a_json_line_instead_of_bars(tmp_pat
     assert [json.loads(line) for line in err.splitlines() if line.startswith("{")] == [
         {"stage": "lora", "done": done, "total": 2} for done in range(3)]
     assert "it/s" not in err  # no tqdm bar beside the JSON lines
+
+
+def test_version(capsys):
+    import fastdrag
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"fastdrag {fastdrag.__version__}"

@@ -118,6 +118,9 @@ def test_manifest_round_trip(exported):
     assert again.data["schedule"]["drag_timestep"] == 681 and len(again.data["schedule"]["denoise"]) == 35
     assert again.data["lora"]["key"] and again.data["opset"] >= 17
     assert again.data["model"]["prediction_type"] == "epsilon"  # a v-model's: tests/test_prediction_type.py
+    import fastdrag
+
+    assert again.data["fastdrag_version"] == fastdrag.__version__
     spec = again.graphs["unet_reference"]
     assert [t.name for t in spec.inputs] == ["latents", "timestep", "text_embeddings"] and spec.inputs[0].shape == (2, 4, 8, 8)
     text = encode_prompt(editor.components.tokenizer, editor.components.text_encoder, case.prompt)
