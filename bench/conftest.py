@@ -1,5 +1,5 @@
 """Options of the benchmark suites: `pytest bench/ --benchmark-only [--device cuda] [--dtype fp16]
-[--model sd15] [--size 512] [--fused-unet-kernels]`."""
+[--model sd15|sd21] [--size 512] [--fused-unet-kernels]`."""
 
 import pytest
 import torch
@@ -9,9 +9,11 @@ def pytest_addoption(parser):
     group = parser.getgroup("fastdrag benchmarks")
     group.addoption("--device", default=None, help="cpu or cuda (default: cuda if available)")
     group.addoption("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
-    group.addoption("--model", default="tiny", choices=("tiny", "sd15"),
-                    help="tiny, or sd15: the SD 1.5 architecture with random weights (no download)")
-    group.addoption("--size", type=int, default=None, help="image side in pixels (default: 64 for tiny, 512 for sd15)")
+    group.addoption("--model", default="tiny", choices=("tiny", "sd15", "sd21"),
+                    help="tiny, sd15: the SD 1.5 architecture with random weights (no download), or sd21: SD 2.1's "
+                         "(768 px, v-prediction)")
+    group.addoption("--size", type=int, default=None,
+                    help="image side in pixels (default: 64 for tiny, 512 for sd15, 768 for sd21)")
     group.addoption("--fused-unet-kernels", action="store_true",
                     help="the stage benchmarks' UNet with its GroupNorm + SiLU and GEGLU as Triton kernels (fastdrag.fused_blocks)")
 

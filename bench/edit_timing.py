@@ -104,11 +104,12 @@ class StageGrowth:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-random")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=None, help="image side (default: 768 for sd21-random, else 512)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args()
+    args.size = args.size or (768 if args.model == "sd21-random" else 512)
     variants = [parse_variant(v) for v in args.variant] or [("defaults", {})]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -1,6 +1,6 @@
 """Per-stage benchmarks and the whole edit, each with its FLOP count and achieved TFLOP/s.
 
-    pytest bench/test_stages.py --benchmark-only [--model tiny|sd15] [--size 512] [--device cuda] [--dtype fp16]
+    pytest bench/test_stages.py --benchmark-only [--model tiny|sd15|sd21] [--size 512] [--device cuda] [--dtype fp16]
         [--fused-unet-kernels]
 
 Stages: one LoRA step (batch 4), one inversion step, one drag iteration, one reference-controlled
@@ -29,8 +29,8 @@ from flop_count import count_flops
 
 @pytest.fixture(scope="module")
 def setup(request, device, dtype, tmp_path_factory):
-    model = {"tiny": "tiny", "sd15": "sd15-random"}[request.config.getoption("--model")]
-    size = request.config.getoption("--size") or (64 if model == "tiny" else 512)
+    model = {"tiny": "tiny", "sd15": "sd15-random", "sd21": "sd21-random"}[request.config.getoption("--model")]
+    size = request.config.getoption("--size") or {"tiny": 64, "sd15-random": 512, "sd21-random": 768}[model]
     editor = DragEditor.from_pretrained(model, device=device, dtype=dtype, cache_dir=tmp_path_factory.mktemp("lora"),
                                         progress=False,
                                         fused_unet_kernels=request.config.getoption("--fused-unet-kernels"))

@@ -142,7 +142,7 @@ def load_points_file(path: str):
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny",
-                        help="built-in name (tiny, toy, sd15-random), diffusers folder, toy weights folder "
+                        help="built-in name (tiny, toy, sd15-random, sd21-random), diffusers folder, toy weights folder "
                              "(from `fastdrag toy train`), .safetensors/.ckpt file or hub id")
     parser.add_argument("--single-file-config", default=None,
                         help="for a .safetensors/.ckpt --model: the diffusers folder or hub id whose configuration "

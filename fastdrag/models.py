@@ -24,7 +24,7 @@ from .tokenizer_files import write_byte_tokenizer
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("tiny", "toy", "sd15-random")
+BUILTIN_MODELS = ("tiny", "toy", "sd15-random", "sd21-random")
 SD_SCALING_FACTOR = 0.18215
 
 
@@ -183,19 +183,36 @@ def build_tiny(seed: int = 0) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity=f"builtin:tiny:seed={seed}")
 
 
-def build_sd15_random(seed: int = 0, device: Union[str, torch.device] = "cpu") -> Components:
-    """The Stable Diffusion 1.5 architecture with random weights: for benchmarks (speed does not
-    depend on weight values), built from its configuration with no download."""
+# The published architectures, by built-in name: the UNet's and the text encoder's settings that differ
+# (SD 2.1 at 768 px: OpenCLIP-H's 1024-wide text, 64-wide heads, linear projections, the velocity as output).
+SD_ARCHITECTURES = {
+    "sd15-random": dict(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu"),
+        prediction_type="epsilon", vae_sample_size=512),
+    "sd21-random": dict(
+        unet=dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                  use_linear_projection=True, upcast_attention=True),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  hidden_act="gelu", projection_dim=512),
+        prediction_type="v_prediction", vae_sample_size=768),
+}
+
+
+def build_sd_random(name: str = "sd15-random", seed: int = 0, device: Union[str, torch.device] = "cpu") -> Components:
+    """A published Stable Diffusion architecture with random weights (`SD_ARCHITECTURES`: SD 1.5, or
+    SD 2.1 at 768 px): for benchmarks (speed does not depend on weight values), built from its
+    configuration with no download."""
+    architecture = SD_ARCHITECTURES[name]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=64,
             block_out_channels=(320, 640, 1280, 1280),
             layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
+            **architecture["unet"],
         )
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -203,17 +220,22 @@ def build_sd15_random(seed: int = 0, device: Union[str, torch.device] = "cpu") -
             block_out_channels=(128, 256, 512, 512),
             layers_per_block=2,
             latent_channels=4,
-            sample_size=512,
+            sample_size=architecture["vae_sample_size"],
             scaling_factor=SD_SCALING_FACTOR,
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-            bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            vocab_size=49408, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            **architecture["text"],
         ))
     folder = tokenizer_folder()
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), identity=f"builtin:sd15-random:seed={seed}")
+    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(architecture["prediction_type"]),
+                      identity=f"builtin:{name}:seed={seed}")
+
+
+def build_sd15_random(seed: int = 0, device: Union[str, torch.device] = "cpu") -> Components:
+    """The Stable Diffusion 1.5 architecture with random weights (`build_sd_random`)."""
+    return build_sd_random("sd15-random", seed, device)
 
 
 def _fingerprint(folder: Path) -> str:
@@ -346,7 +368,7 @@ def load_components(
     prediction_type: Optional[str] = None,
     variant: Optional[str] = None,
 ) -> Components:
-    """Load a model by built-in name (`tiny`, `toy`, `sd15-random`), local diffusers folder, toy weights
+    """Load a model by built-in name (`tiny`, `toy`, `sd15-random`, `sd21-random`), local diffusers folder, toy weights
     folder (written by `fastdrag toy train`), single file, or hub id; `channels_last` lays the UNet's
     convolution weights out channels-last as they move (`Components.to`).
 
@@ -364,8 +386,8 @@ def load_components(
         from .toy.model import load_toy
 
         components = load_toy()
-    elif name == "sd15-random":
-        components = build_sd15_random(device=device)  # random initialisation is fast there, slow on the CPU
+    elif name in SD_ARCHITECTURES:
+        components = build_sd_random(name, device=device)  # random initialisation is fast there, slow on the CPU
         if torch.device(device).type == "cuda":
             # then load as a checkpoint loads: from the CPU, once, in the final dtype. Cast in place,
             # 0.51 GiB of the segments reserved while loading stayed free between the weights (H100,

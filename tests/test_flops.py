@@ -1,10 +1,11 @@
 """FLOP budgets (torch's FLOP counter): every stage does the least work the method allows.
 
-LoRA step at the SD 1.5 shape on the meta device (no memory, no time); the drag iteration and the
+LoRA step at the SD 1.5 and SD 2.1 shapes on the meta device (no memory, no time); the drag iteration and the
 denoising step on the tiny model; the image is VAE-encoded once per edit.
 """
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,19 +28,22 @@ def forward_and_input_backward(unet, batch, latent, text_dim, device):
     return count(run)
 
 
-def test_lora_step_costs_four_forward_and_input_backward_passes_at_sd15_shape():
+@pytest.mark.parametrize("model, latent", [("sd15-random", 64), ("sd21-random", 96)])  # at 512 and 768 px
+def test_lora_step_costs_four_forward_and_input_backward_passes_at_sd_shape(model, latent):
+    """SD 1.5, and SD 2.1 (linear projections, 1024-wide text, the velocity as target)."""
     from fastdrag.lora import LoraTrainer
-    from fastdrag.models import build_sd15_random
+    from fastdrag.models import build_sd_random
 
-    components = build_sd15_random(device="meta")
-    unet = components.unet
-    posterior = SimpleNamespace(mean=torch.zeros(1, 4, 64, 64, device="meta"), std=torch.ones(1, 4, 64, 64, device="meta"))
-    trainer = LoraTrainer(unet, components.scheduler, posterior, torch.zeros(1, 77, 768, device="meta"),
+    components = build_sd_random(model, device="meta")
+    unet, width = components.unet, components.text_encoder.config.hidden_size
+    shape = (1, 4, latent, latent)
+    posterior = SimpleNamespace(mean=torch.zeros(shape, device="meta"), std=torch.ones(shape, device="meta"))
+    trainer = LoraTrainer(unet, components.scheduler, posterior, torch.zeros(1, 77, width, device="meta"),
                           components.scaling_factor, LoraConfig(), seed=0)
     step = count(trainer.step)
     trainer.finish()
-    reference = forward_and_input_backward(unet, 1, 64, 768, "meta")  # adapter present, frozen
-    assert reference > 1e12  # SD 1.5 scale: about 1.7 TFLOP
+    reference = forward_and_input_backward(unet, 1, latent, width, "meta")  # adapter present, frozen
+    assert reference > 1e12  # SD scale: 2.41 TFLOP (SD 1.5 at 512 px), 6.44 (SD 2.1 at 768)
     assert step <= 1.05 * 4 * reference, step / (4 * reference)
     assert step >= 0.95 * 4 * reference  # and it really is four samples in one pass
 
