@@ -170,16 +170,17 @@ def test_the_benchmarks_cheap_flop_sum_equals_torchs_flop_counter(tiny, picture,
 
 
 def test_the_architecture_table_counts_a_lora_step_as_four_frozen_forward_and_input_backward_passes():
-    """bench/arch_flops.py's table (meta device) for the tiny model: its pieces agree with each other."""
+    """bench/arch_flops.py's table (meta device) at SD 1.5's size: its pieces agree with each other and
+    with the budget above (the tiny model's rank-16 adapters are not small beside its 32-wide layers)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from arch_flops import costs
 
-    row = costs("tiny")
+    row = costs("sd15-random")
     # frozen weights: the backward computes input gradients alone, about one forward again (with weight
-    # gradients it would be two: measured 1.93x the forward for tiny, 2.15x for SD 1.5)
+    # gradients it would be two: measured 2.15x the forward at SD 1.5)
     assert 1.8 * row["unet_forward"] < row["unet_forward_input_backward"] < 2.5 * row["unet_forward"]
-    assert 0.95 * 4 * row["unet_forward_input_backward"] <= row["lora_step"] <= 1.1 * 4 * row["unet_forward_input_backward"]
+    assert 0.95 * 4 * row["unet_forward_input_backward"] <= row["lora_step"] <= 1.05 * 4 * row["unet_forward_input_backward"]
     assert row["vae_decode"] > row["vae_encode"] > 0 and row["prediction_type"] == "epsilon"
