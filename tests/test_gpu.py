@@ -1036,3 +1036,26 @@ def test_an_editor_on_cuda_exports_graphs_that_compute_its_unet(picture, tmp_pat
     eager = drag_step(unet, schedule, schedule.drag_timestep, DragConfig(), (32, 32))(*job.example)
     assert torch.isfinite(traced[0]).all() and float(traced[0].norm()) > 0
     assert float((traced[0] - eager[0]).norm() / eager[0].norm()) < 1e-4 and torch.equal(traced[1], eager[1])
+
+
+def test_a_v_model_edits_on_cuda_with_graphs_as_the_noise_predicting_model_it_stands_for(picture, tmp_path, no_tf32):
+    """The CUDA-graph paths (the denoiser's replays, the drag loop's captured iteration with its mask term)
+    read noise from a velocity output too: tests/test_prediction_type.py's check, on the GPU."""
+    import numpy as np
+    from fastdrag import DragEditor
+    from fastdrag.models import build_tiny
+    from test_prediction_type import _tiny_as
+
+    images = {}
+    for name, components in (("plain", build_tiny()), ("v", _tiny_as("v_prediction", "v_prediction")),
+                             ("misread", _tiny_as("v_prediction", "epsilon"))):
+        editor = DragEditor(components.to("cuda", torch.float32), torch.device("cuda"), torch.float32,
+                            cache_dir=tmp_path / name, progress=False)
+        result = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, lora_steps=0,
+                             num_inference_steps=10, drag_steps=6, reach_distance=0, cuda_graphs=True,
+                             cuda_graph_vae=True)
+        assert editor._drag_loop.optimizer_step.graph is not None  # the captured iteration ran
+        images[name] = np.asarray(result.image, dtype=np.float32)
+    apart = lambda name: float(np.abs(images[name] - images["plain"]).mean())
+    # (run-to-run differences of graphed fp32 edits as in test_edit_with_cuda_graphs_matches_the_eager_edit)
+    assert apart("v") < 3.0 and apart("misread") > 3 * max(apart("v"), 1.0), (apart("v"), apart("misread"))
