@@ -47,6 +47,13 @@ def setup(request, device, dtype, tmp_path_factory):
 GRAPHS = [pytest.param(False, id="eager"), pytest.param(True, id="cuda-graphs")]
 
 
+def denoisers(editor: DragEditor, graphs: bool) -> Tuple[TorchDenoiser, TorchDenoiser]:
+    """The timed denoiser (with CUDA graphs or not) and an eager one for the FLOP count; the scheduler says
+    what the UNet outputs (sd21's velocity is converted to noise, as in an edit)."""
+    unet, scheduler = editor.components.unet, editor.components.scheduler
+    return TorchDenoiser(unet, cuda_graphs=graphs, scheduler=scheduler), TorchDenoiser(unet, scheduler=scheduler)
+
+
 def needs_cuda_for(graphs, device):
     if graphs and device.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA GPU (none here)")
@@ -103,7 +110,7 @@ def test_lora_step(benchmark, setup, synchronize, device, graphs):
 def test_inversion_step(benchmark, setup, synchronize, device, graphs):
     needs_cuda_for(graphs, device)
     editor, _, _, text, _, schedule, z0 = setup
-    denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
+    denoiser, eager = denoisers(editor, graphs)
     with merged_adapter(editor.components.unet):  # as an edit runs it (the LoRA step's adapter, if it ran)
         measure(benchmark, synchronize, lambda: ddim_inversion_step(schedule, z0, denoiser(z0, 341, text), 341),
                 "stage 2: inversion step", count=lambda: eager(z0, 341, text))
@@ -137,7 +144,7 @@ def test_drag_iteration(benchmark, setup, synchronize, device, graphs, masked):
 def test_denoising_step(benchmark, setup, synchronize, device, graphs):
     needs_cuda_for(graphs, device)
     editor, _, _, text, _, schedule, z0 = setup
-    denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
+    denoiser, eager = denoisers(editor, graphs)
     pair, text2 = torch.cat([z0, z0 + 0.1]), text.expand(2, -1, -1)
     start_layer = editor.config.denoise.start_layer
     with merged_adapter(editor.components.unet), denoiser.reference_control(start_layer), \
@@ -153,7 +160,7 @@ def test_denoising_step_with_kept_source(benchmark, setup, synchronize, device, 
     `test_denoising_step`'s batch 2 in the same run."""
     needs_cuda_for(graphs, device)
     editor, _, _, text, _, schedule, z0 = setup
-    denoiser, eager = TorchDenoiser(editor.components.unet, cuda_graphs=graphs), TorchDenoiser(editor.components.unet)
+    denoiser, eager = denoisers(editor, graphs)
     pair, edited = torch.cat([z0, z0 + 0.1]), z0 + 0.1
     start_layer, store = editor.config.denoise.start_layer, SourceKV()
     with merged_adapter(editor.components.unet):
