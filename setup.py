@@ -4,7 +4,7 @@ from setuptools import setup
 setup(
     name="fastdrag",
     version="0.1.0",
-    description="DragDiffusion point-based image editing on Stable Diffusion 1.x, fast and deployable",
+    description="DragDiffusion point-based image editing on Stable Diffusion 1.x and 2.x, fast and deployable",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

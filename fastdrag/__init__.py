@@ -1,4 +1,4 @@
-"""fastdrag: DragDiffusion point-based image editing on Stable Diffusion 1.x, fast and deployable."""
+"""fastdrag: DragDiffusion point-based image editing on Stable Diffusion 1.x and 2.x, fast and deployable."""
 from . import _quiet  # noqa: F401  (first: silences xformers at import)
 from ._checkout_path import import_hub_kernels
 
