@@ -380,6 +380,12 @@ def load_components(
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     name = str(name_or_path)
+    single_file = Path(name).suffix in (".safetensors", ".ckpt")
+    if single_file_config is not None and not single_file:
+        raise ModelLoadError(f"single_file_config is for a .safetensors/.ckpt model, and {name!r} is not one")
+    if variant is not None and (single_file or name in BUILTIN_MODELS):
+        raise ModelLoadError(f"variant is for a diffusers folder or hub id, and {name!r} is "
+                             f"{'a single file' if single_file else 'a built-in model'}")
     if name == "tiny":
         components = build_tiny()
     elif name == "toy":

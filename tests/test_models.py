@@ -266,3 +266,13 @@ def _picture_file(tmp_path):
     path = tmp_path / "picture.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
     return path
+
+
+@pytest.mark.parametrize("name, options, words", [
+    ("tiny", {"single_file_config": "some/folder"}, "single_file_config is for a .safetensors/.ckpt model, and 'tiny'"),
+    ("tiny", {"variant": "fp16"}, "variant is for a diffusers folder or hub id, and 'tiny' is a built-in model"),
+    ("model.safetensors", {"variant": "fp16"}, "'model.safetensors' is a single file"),
+])
+def test_a_loading_option_the_model_cannot_use_is_refused_not_ignored(name, options, words):
+    with pytest.raises(ModelLoadError, match=words):
+        load_components(name, **options)
