@@ -34,7 +34,7 @@ from fastdrag.config import LoraConfig
 from fastdrag.frozen_conv import install_frozen_conv
 from fastdrag.lean_blocks import install_lean_blocks
 from fastdrag.lora import install_adapter, lora_parameters
-from fastdrag.models import build_sd15_random, build_tiny
+from fastdrag.models import SD_ARCHITECTURES, build_sd_random, build_tiny
 
 
 class _FlashLike(torch.autograd.Function):
@@ -114,15 +114,15 @@ def kept_by_node(output: torch.Tensor, weights: List[torch.Tensor]) -> Dict[str,
 
 
 def meta_model(model: str):
-    """The model's components, built (sd15-random) or moved (tiny) onto the meta device."""
-    if model == "sd15-random":
-        return build_sd15_random(device="meta")
+    """The model's components, built (sd15-random, sd21-random) or moved (tiny) onto the meta device."""
+    if model in SD_ARCHITECTURES:
+        return build_sd_random(model, device="meta")
     if model == "tiny":
         components = build_tiny()
         for module in (components.unet, components.vae, components.text_encoder):
             module.to("meta")
         return components
-    raise SystemExit(f"--model {model!r}: sd15-random or tiny")
+    raise SystemExit(f"--model {model!r}: {', '.join(SD_ARCHITECTURES)} or tiny")
 
 
 def meta_unet(model: str, frozen_conv: bool, unet=None, lean_blocks: bool = False):
@@ -165,7 +165,7 @@ def count(model: str = "sd15-random", size: int = 512, frozen_conv: bool = True,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd15-random", help="sd15-random or tiny")
+    parser.add_argument("--model", default="sd15-random", help="sd15-random, sd21-random or tiny")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are 1/8)")
     parser.add_argument("--no-frozen-conv", action="store_true", help="the stock convolutions (fastdrag.frozen_conv off)")
     parser.add_argument("--no-lean-blocks", action="store_true", help="diffusers' stock blocks (fastdrag.lean_blocks off)")
