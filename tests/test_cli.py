@@ -269,3 +269,16 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"fastdrag {fastdrag.__version__}"
+
+
+def test_python_m_fastdrag_is_the_command():
+    import subprocess
+    import sys
+
+    import fastdrag
+
+    run = subprocess.run([sys.executable, "-m", "fastdrag", "--version"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == f"fastdrag {fastdrag.__version__}", run.stderr[-500:]
+    missing = subprocess.run([sys.executable, "-m", "fastdrag", "edit", "no-such.png", "--prompt", "x", "--drag",
+                              "1,1:2,2"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no-such.png" in missing.stderr
