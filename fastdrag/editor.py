@@ -255,7 +255,7 @@ class DragEditor:
             channels_last = device.type == "cuda"
         components = load_components(name_or_path, device=device, dtype=dtype, channels_last=channels_last,
                                      prediction_type=prediction_type, single_file_config=single_file_config,
-                                     variant=variant)
+                                     variant=variant, progress=progress)
         if frozen_conv is None:
             frozen_conv = device.type == "cuda"
         if frozen_conv:

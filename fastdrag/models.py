@@ -1,6 +1,7 @@
 """Load the Stable Diffusion components: built-in tiny model, diffusers folder, single file, hub id."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -12,7 +13,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, UNet2DConditionModel
@@ -359,6 +360,35 @@ def _load_hub(repo_id: str, variant: Optional[str] = None) -> Components:
     return components
 
 
+@contextlib.contextmanager
+def _library_bars(enabled: bool) -> Iterator[None]:
+    """With `enabled` off, the progress bars transformers, diffusers and the hub client draw while a model
+    loads (transformers 5's "Loading weights" among them) stay off, and each library's own setting is
+    put back after: `--quiet` and `--progress-json` (whose stderr a program reads) get no bars."""
+    if enabled:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    restore = []
+    if transformers_logging.is_progress_bar_enabled():
+        transformers_logging.disable_progress_bar()
+        restore.append(transformers_logging.enable_progress_bar)
+    if diffusers_logging.is_progress_bar_enabled():
+        diffusers_logging.disable_progress_bar()
+        restore.append(diffusers_logging.enable_progress_bar)
+    if not hub_utils.are_progress_bars_disabled():
+        hub_utils.disable_progress_bars()
+        restore.append(hub_utils.enable_progress_bars)
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+
+
 def load_components(
     name_or_path: str,
     device: Union[str, torch.device] = "cpu",
@@ -367,6 +397,7 @@ def load_components(
     channels_last: bool = False,
     prediction_type: Optional[str] = None,
     variant: Optional[str] = None,
+    progress: bool = True,
 ) -> Components:
     """Load a model by built-in name (`tiny`, `toy`, `sd15-random`, `sd21-random`), local diffusers folder, toy weights
     folder (written by `fastdrag toy train`), single file, or hub id; `channels_last` lays the UNet's
@@ -376,10 +407,24 @@ def load_components(
     the clean latent, "sample") comes from the model's scheduler config; `prediction_type` overrides it
     for a checkpoint that does not say (a single file of a v-model loaded without its config).
     `variant` picks a diffusers model's weights variant ("fp16": `*.fp16.safetensors`, half the download);
-    a local folder that holds only one variant's files is loaded with it unasked."""
+    a local folder that holds only one variant's files is loaded with it unasked. `progress=False` keeps
+    the libraries' loading and download bars off."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
-    name = str(name_or_path)
+    with _library_bars(progress):
+        components = _load(str(name_or_path), device, single_file_config, variant)
+    check_supported(components)
+    if prediction_type is not None:
+        components.scheduler = ddim_scheduler(prediction_type)
+    kind = components.scheduler.config.prediction_type
+    if kind != "epsilon":  # a LoRA trained for one output does not fit another: the cache keys say which
+        components.identity += f":{kind}"
+    return components.to(device, dtype, channels_last)
+
+
+def _load(name: str, device: Union[str, torch.device], single_file_config: Optional[str],
+          variant: Optional[str]) -> Components:
+    """The components `name` stands for, as stored (`load_components` checks, casts and moves them)."""
     single_file = Path(name).suffix in (".safetensors", ".ckpt")
     if single_file_config is not None and not single_file:
         raise ModelLoadError(f"single_file_config is for a .safetensors/.ckpt model, and {name!r} is not one")
@@ -419,10 +464,4 @@ def load_components(
                 f"model {name!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
                 "an existing folder or file, or a hub id of the form 'owner/name'"
             )
-    check_supported(components)
-    if prediction_type is not None:
-        components.scheduler = ddim_scheduler(prediction_type)
-    kind = components.scheduler.config.prediction_type
-    if kind != "epsilon":  # a LoRA trained for one output does not fit another: the cache keys say which
-        components.identity += f":{kind}"
-    return components.to(device, dtype, channels_last)
+    return components

@@ -276,3 +276,24 @@ def _picture_file(tmp_path):
 def test_a_loading_option_the_model_cannot_use_is_refused_not_ignored(name, options, words):
     with pytest.raises(ModelLoadError, match=words):
         load_components(name, **options)
+
+
+def test_a_load_without_progress_draws_no_library_bars_and_leaves_their_settings_as_they_were(tmp_path, capfd):
+    """transformers 5 draws a "Loading weights" bar on stderr for every text encoder it loads: it broke the
+    JSON lines of `--progress-json` and the silence of `--quiet`."""
+    from transformers.utils import logging as transformers_logging
+
+    from fastdrag.cli import main
+
+    tiny = build_tiny()
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        getattr(tiny, name).save_pretrained(tmp_path / "model" / name)
+    capfd.readouterr()
+    load_components(str(tmp_path / "model"), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()  # put back
+    picture = _picture_file(tmp_path)
+    assert main(["lora", str(picture), "--prompt", "a ball", "--model", str(tmp_path / "model"), "--lora-steps", "1",
+                 "--progress-json", "--cache-dir", str(tmp_path / "c")]) == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("WARNING ")]
+    assert lines and all(line.startswith('{"stage": "lora"') for line in lines), lines[:3]
