@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=["fastdrag", "fastdrag.toy", "fastdrag.kernels", "fastdrag.export"],
     package_dir={"fastdrag": "fastdrag", "fastdrag.kernels": "kernels", "fastdrag.export": "export"},
-    package_data={"fastdrag": ["py.typed"], "fastdrag.toy": ["weights/*.safetensors", "weights/*.json"]},
+    package_data={"fastdrag": ["py.typed"], "fastdrag.toy": ["weights/*.safetensors", "weights/*.json"],
+                  "fastdrag.export": ["manifest.schema.json"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30",
@@ -23,9 +24,9 @@ setup(
     ],
     extras_require={
         "gpu": ["triton>=3.0", "xformers>=0.0.28"],
-        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript", "jsonschema>=4.18"],
         "tensorrt": ["tensorrt>=10.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2", "pytest-xdist>=3", "triton>=3.0", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2", "pytest-xdist>=3", "triton>=3.0", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript", "jsonschema>=4.18"],
     },
     entry_points={"console_scripts": ["fastdrag = fastdrag.cli:main"]},
 )

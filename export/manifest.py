@@ -98,6 +98,24 @@ class Manifest:
                                         f"which does not match the latent shape {list(latent)} of a {width}x{height} image")
 
 
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")  # JSON Schema (draft 2020-12) of manifest.json
+
+
+def manifest_schema() -> Dict[str, object]:
+    """The JSON Schema of `manifest.json` at `SCHEMA_VERSION`: the contract a service (C++ or other) can
+    validate an export against, or generate its reader from."""
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def schema_problems(data: Dict[str, object]) -> List[str]:
+    """Where `data` (a manifest's contents) breaks the schema, one line each (none: it conforms).
+    Needs the `jsonschema` package (`pip install 'fastdrag[export]'`)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    return [f"{error.json_path}: {error.message}" for error in validator.iter_errors(data)]
+
+
 def save_manifest(folder: Path, data: Dict[str, object]) -> Path:
     path = folder / MANIFEST
     path.write_text(json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=2))

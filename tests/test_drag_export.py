@@ -206,6 +206,9 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
     assert protocol["points"] == POINTS and protocol["steps"] == 80 and protocol["lr"] == 0.01
     assert protocol["timestep"] == manifest.data["schedule"]["drag_timestep"]
     assert protocol["supervision_size"] == [manifest.data["image"]["height"] // 2, manifest.data["image"]["width"] // 2]
+    from fastdrag.export.manifest import schema_problems
+
+    assert schema_problems(manifest.data) == [] and "refit" in manifest.data  # the drag and refit sections too
     for wrong in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="drag_points"):
             export_loaded(editor.components, "key", editor.config.lora, (64, 64), torch.zeros(1, 77, 32), editor.config,

@@ -121,6 +121,9 @@ def test_manifest_round_trip(exported):
     import fastdrag
 
     assert again.data["fastdrag_version"] == fastdrag.__version__
+    from fastdrag.export.manifest import schema_problems
+
+    assert schema_problems(again.data) == []  # the published contract (export/manifest.schema.json)
     spec = again.graphs["unet_reference"]
     assert [t.name for t in spec.inputs] == ["latents", "timestep", "text_embeddings"] and spec.inputs[0].shape == (2, 4, 8, 8)
     text = encode_prompt(editor.components.tokenizer, editor.components.text_encoder, case.prompt)
@@ -354,6 +357,9 @@ def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported, exported
     assert [t.name for t in kept.inputs] == ["latents", "timestep", "text_embeddings", *names]
     assert kept.inputs[0].shape == (1, 4, 8, 8) and kept.outputs[0].shape == (1, 4, 8, 8)
     assert "unet_kept" not in plain_manifest.graphs and len(plain_manifest.graphs["unet_reference"].outputs) == 1
+    from fastdrag.export.manifest import schema_problems
+
+    assert schema_problems(exported_kv.data) == []
 
     generator = torch.Generator().manual_seed(6)
     pair, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
@@ -446,3 +452,23 @@ def test_the_optimiser_runs_without_rules_that_scan_the_whole_graph():
     with pytest.raises(RuntimeError), _single_output_rewrites():
         raise RuntimeError("an export that fails")
     assert rewriter._DEFAULT_REWRITE_RULES is before
+
+
+def test_the_manifest_schema_refuses_what_a_service_could_not_read(exported):
+    """The schema can fail: a missing section, an unknown dtype, a path out of the folder, a field it does
+    not know (a change to the format must change the schema too, and a reader's version check)."""
+    import copy
+
+    from fastdrag.export.manifest import schema_problems
+
+    _, manifest, _, _ = exported
+    broken = {"no schedule": lambda d: d.pop("schedule"),
+              "int8 latents": lambda d: d["artifacts"]["unet_inversion"]["inputs"][0].update(dtype="int8"),
+              "file out of the folder": lambda d: d["artifacts"]["vae_decoder"].update(file="../x.onnx"),
+              "unknown field": lambda d: d.update(extra=1),
+              "schema version 2": lambda d: d.update(schema_version=2)}
+    for what, breaking in broken.items():
+        data = copy.deepcopy(manifest.data)
+        breaking(data)
+        assert schema_problems(data), what
+

@@ -22,7 +22,7 @@ def test_the_wheel_builds_here_and_holds_the_subpackages_the_toy_weights_and_the
     (wheel,) = tmp_path.glob("fastdrag-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("fastdrag/editor.py", "fastdrag/kernels/motion_supervision.py", "fastdrag/export/standalone.py",
-                   "fastdrag/toy/model.py", "fastdrag/py.typed"):
+                   "fastdrag/toy/model.py", "fastdrag/py.typed", "fastdrag/export/manifest.schema.json"):
         assert module in names, module
     weights = [name for name in names if name.startswith("fastdrag/toy/weights/")]
     assert {Path(name).suffix for name in weights} == {".safetensors", ".json"} and len(weights) >= 6
