@@ -162,6 +162,11 @@ def _np_dtype(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16"}[dtype]
 
 
+def graph_count(keep_source_kv: bool) -> int:
+    """How many graphs `graph_jobs` gives (what an export's progress counts before it builds them)."""
+    return 5 if keep_source_kv else 4
+
+
 def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: int,
                unet_dtype: torch.dtype, vae_dtype: torch.dtype, keep_source_kv: bool = False,
                scheduler=None) -> List[GraphJob]:

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -16,8 +16,9 @@ from ..attention import self_attention_processor_names
 from .. import __version__
 from ..ddim import DdimSchedule
 from ..errors import ConfigError, OutputExistsError
+from ..progress import Progress, as_progress
 from .drag_graph import drag_job, drag_protocol
-from .graphs import export_onnx, graph_jobs
+from .graphs import export_onnx, graph_count, graph_jobs
 from .manifest import Manifest, load_manifest, save_manifest, schedule_entries, write_tensor
 from .merge import merged_unet
 
@@ -105,13 +106,14 @@ def source_kv_protocol(artifacts: Dict[str, object], config) -> Dict[str, object
 
 def export_loaded(components, lora_key: str, lora_config, image_size, text_embeddings: torch.Tensor, config,
                   output: Path, fmt: str = "onnx", fp16: bool = False, overwrite: bool = False,
-                  drag_points: int = 0) -> Manifest:
+                  drag_points: int = 0, progress: Union[bool, Progress] = False) -> Manifest:
     """Export the UNet of `components` with its loaded LoRA merged in, for `image_size` (width, height).
 
     With `drag_points` > 0 the export also holds `unet_drag` (`export/drag_graph.py`): one drag
     iteration for that many point pairs, in fp32, with the UNet's input gradient, so a service can run
     the drag too. Everything is written into a temporary folder beside `output` and moved there at the
-    end, so a failed export leaves nothing half-written.
+    end, so a failed export leaves nothing half-written. `progress` reports the stage "export" (one step
+    per graph written) and, for TensorRT, "engines" (one per engine built): minutes each at SD 1.5.
     """
     if isinstance(drag_points, bool) or not isinstance(drag_points, int) or drag_points < 0:
         raise ConfigError(f"drag_points must be a whole number >= 0 (0: no drag graph); got {drag_points!r}")
@@ -145,17 +147,26 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
                 job.spec.extra["external_data"] = data_file.name
             artifacts[job.spec.name] = job.spec.to_dict()
 
+        def jobs():
+            """Each graph's job in the order written; the UNet and VAE are cast between the drag graph's
+            (fp32: the traced graph holds its weights) and the others'."""
+            nonlocal unet
+            if drag_points:
+                yield drag_job(unet.float(), latent_shape, text_dim, drag_points, schedule, config.drag, sup_res)
+            if fp16:
+                unet = unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
+            if vae_dtype != original_vae_dtype:
+                vae.to(vae_dtype)
+            yield from graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
+                                  keep_source_kv=config.keep_source_kv, scheduler=components.scheduler)
+
         known_maps = {}
-        if drag_points:  # in fp32, before the UNet is halved (the traced graph holds its weights)
-            write(drag_job(unet.float(), latent_shape, text_dim, drag_points, schedule, config.drag, sup_res))
-            known_maps["unet_drag"] = _refit_map_of(staging, artifacts, "unet_drag", unet, lora_config.lora_targets, ())
-        if fp16:
-            unet = unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
-        if vae_dtype != original_vae_dtype:
-            vae.to(vae_dtype)
-        for job in graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
-                              keep_source_kv=config.keep_source_kv, scheduler=components.scheduler):
+        total = graph_count(config.keep_source_kv) + bool(drag_points)
+        for _, job in zip(as_progress(progress).steps("export", total), jobs()):  # (steps first: it reports the last)
             write(job)
+            if job.spec.name == "unet_drag":  # its refit map before the UNet is halved
+                known_maps["unet_drag"] = _refit_map_of(staging, artifacts, "unet_drag", unet,
+                                                        lora_config.lora_targets, ())
         refit = _write_refit_maps(staging, artifacts, unet, lora_config.lora_targets, config.denoise.start_layer,
                                   known_maps)
         artifacts["text_embedding"] = write_tensor(text_embeddings.detach().float().cpu().numpy(), staging / "text_embedding.bin")
@@ -185,7 +196,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             from .tensorrt import BuildSettings, build_engine
 
             data["engines"] = {}
-            for name in [name for name in artifacts if name != "text_embedding"]:
+            names = [name for name in artifacts if name != "text_embedding"]
+            for name in (names[index] for index in as_progress(progress).steps("engines", len(names))):
                 # the drag graph's gradient stays in fp32: in fp16 it would underflow without loss scaling
                 settings = BuildSettings(fp16=name != "unet_drag")
                 build_started = time.perf_counter()

@@ -531,7 +531,8 @@ class DragEditor:
                overwrite: bool = False, drag_points: int = 0, on_step: Optional[StepCallback] = None, **overrides):
         """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`;
         with `drag_points` > 0 also the drag iteration's graph for up to that many point pairs (`unet_drag`).
-        `on_step` as in `edit` (the LoRA stage reports)."""
+        `on_step` as in `edit`: the LoRA stage reports, then "export" (one step per graph written) and, for
+        TensorRT, "engines"."""
         with self._reporting(on_step):
             return self._export(image, prompt, output, fmt, fp16, overwrite, drag_points, **overrides)
 
@@ -546,7 +547,7 @@ class DragEditor:
         key, _ = self._train_lora(picture, prompt, **overrides)
         text = self.text_embeddings(prompt)
         return export_loaded(self.components, key, config.lora, size, text, config, Path(output), fmt, fp16, overwrite,
-                             drag_points)
+                             drag_points, progress=self._progress())
 
     @_one_at_a_time
     def merged_unet_for(self, lora_key: str, **overrides) -> torch.nn.Module:
@@ -653,7 +654,8 @@ class DragEditor:
         else:
             logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
             manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
-                                     prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True)
+                                     prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True,
+                                     progress=self._progress())
         manifest.check_size(width, height)
         return manifest
 

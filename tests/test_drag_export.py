@@ -43,7 +43,11 @@ def exported(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("drag-export")
     editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=folder / "cache", progress=False)
     case = demo_case()
-    manifest = editor.export(case.image, case.prompt, folder / "out", lora_steps=2, drag_points=POINTS)
+    steps = []
+    manifest = editor.export(case.image, case.prompt, folder / "out", lora_steps=2, drag_points=POINTS,
+                             on_step=lambda stage, done, total: steps.append((stage, done, total)))
+    # the drag graph is one more graph written (`graph_count` counts the others)
+    assert [step for step in steps if step[0] == "export"] == [("export", done, 5) for done in range(6)]
     return editor, manifest, merged_unet(tiny.unet)
 
 

@@ -53,8 +53,20 @@ def exported(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=folder / "cache", progress=False)
     case = demo_case()
-    manifest = editor.export(case.image, case.prompt, folder / "out", **LORA)
+    manifest = editor.export(case.image, case.prompt, folder / "out", on_step=lambda *step: EXPORT_STEPS.append(step),
+                             **LORA)
     return editor, manifest, merged_unet(tiny.unet), case
+
+
+EXPORT_STEPS = []  # what the fixture's export reported to `on_step`
+
+
+def test_an_export_reports_each_graph_it_writes_after_the_lora(exported):
+    """Writing the graphs takes minutes at SD 1.5: an export reports one "export" step per graph."""
+    stages = [stage for stage, _, _ in EXPORT_STEPS]
+    assert stages[0] == "lora" and set(stages) == {"lora", "export"} and stages.index("export") > stages.index("lora")
+    export = [(done, total) for stage, done, total in EXPORT_STEPS if stage == "export"]
+    assert export == [(done, 4) for done in range(5)] and len(exported[1].graphs) == 4
 
 
 def test_merge_equals_unmerged(tiny):
@@ -340,7 +352,11 @@ def exported_kv(exported, tmp_path_factory):
     editor, _, _, case = exported
     folder = tmp_path_factory.mktemp("export-kv")
     editor.release()  # other tests give the shared UNet other adapters: load the picture's from the cache again
-    return editor.export(case.image, case.prompt, folder / "out", keep_source_kv=True, **LORA)
+    steps = []
+    manifest = editor.export(case.image, case.prompt, folder / "out", keep_source_kv=True,
+                             on_step=lambda stage, done, total: steps.append((stage, done, total)), **LORA)
+    assert [step for step in steps if step[0] == "export"] == [("export", done, 5) for done in range(6)]
+    return manifest
 
 
 def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported, exported_kv):
