@@ -100,20 +100,42 @@ def _move(module: torch.nn.Module, device: Union[str, torch.device], dtype: torc
         module.to(device=device, dtype=dtype, memory_format=memory_format)
 
 
-def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    """The DDIM scheduler of DESIGN.md: SD 1.x betas, no clipping, final alpha not forced to one; the
-    model's `prediction_type` (what its UNet outputs) is the one setting a model brings to it."""
+# The training noise schedule of SD 1.x and 2.x (DESIGN.md's defaults); a model folder may say another
+NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "trained_betas": None}
+
+
+def ddim_scheduler(prediction_type: str = "epsilon", **noise_schedule) -> DDIMScheduler:
+    """The DDIM scheduler of DESIGN.md: SD's betas (`NOISE_SCHEDULE`, unless a model trained with others
+    gives them), no clipping, final alpha not forced to one; the model's `prediction_type` (what its
+    UNet outputs)."""
     check_prediction_type(prediction_type)
+    unknown = set(noise_schedule) - set(NOISE_SCHEDULE)
+    if unknown:
+        raise TypeError(f"ddim_scheduler() takes the noise schedule's {', '.join(NOISE_SCHEDULE)}; got {sorted(unknown)}")
     return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **{**NOISE_SCHEDULE, **noise_schedule},
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
         prediction_type=prediction_type,
     )
+
+
+def scheduler_from_config(config: dict, source: str) -> DDIMScheduler:
+    """The DDIM scheduler for a model whose scheduler config is `config`: its prediction type and its
+    training noise schedule (betas), with a warning when those are not SD's; the rest as DESIGN.md says."""
+    schedule = {key: config[key] for key in NOISE_SCHEDULE if config.get(key) is not None}
+    other = {key: value for key, value in schedule.items() if value != NOISE_SCHEDULE[key]}
+    if other:
+        logger.warning("%s was trained with another noise schedule than SD's (%s): the edit uses it", source,
+                       ", ".join(f"{key}={value!r}" for key, value in other.items()))
+    return ddim_scheduler(config.get("prediction_type", "epsilon"), **schedule)
+
+
+def noise_schedule_of(scheduler: DDIMScheduler) -> dict:
+    """The training noise schedule a scheduler was built with (to rebuild it with another prediction type)."""
+    return {key: scheduler.config[key] for key in NOISE_SCHEDULE}
 
 
 def tokenizer_folder() -> Path:
@@ -262,8 +284,7 @@ def _from_diffusers_folders(source: str, variant: Optional[str] = None, **kwargs
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights("vae"), **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights("text_encoder"), **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(_folder_prediction_type(source, **kwargs)),
-                      identity="")
+    return Components(unet, vae, text_encoder, tokenizer, _folder_scheduler(source, **kwargs), identity="")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -281,15 +302,16 @@ def _local_variant(folder: Path) -> Optional[str]:
     return variants.pop() if len(variants) == 1 else None
 
 
-def _folder_prediction_type(source: str, **kwargs) -> str:
-    """The `prediction_type` of a diffusers model's `scheduler/` config ("epsilon" when it has none)."""
+def _folder_scheduler(source: str, **kwargs) -> DDIMScheduler:
+    """The DDIM scheduler for a diffusers model, from its `scheduler/` config (`scheduler_from_config`);
+    SD's, taking the UNet for a noise predictor, when it has none."""
     try:
         config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
     except (OSError, ValueError):  # diffusers' error for a model without a scheduler folder
         logger.warning("%s has no scheduler/scheduler_config.json: its UNet is taken to predict noise (epsilon); "
                        "for a v-model (SD 2.x at 768 px) pass prediction_type='v_prediction'", source)
-        return "epsilon"
-    return config.get("prediction_type", "epsilon")
+        return ddim_scheduler()
+    return scheduler_from_config(config, source)
 
 
 def _load_folder(folder: Path, variant: Optional[str] = None) -> Components:
@@ -322,7 +344,8 @@ def _load_single_file(path: Path, config: Optional[str]) -> Components:
     if kind not in PREDICTION_TYPES:
         raise ModelLoadError(f"the single-file checkpoint {path} has prediction_type {kind!r}, not one of "
                              f"{', '.join(PREDICTION_TYPES)}")
-    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(kind), identity=identity)
+    scheduler = scheduler_from_config(dict(pipe.scheduler.config), str(path))
+    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, identity=identity)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -415,11 +438,20 @@ def load_components(
         components = _load(str(name_or_path), device, single_file_config, variant)
     check_supported(components)
     if prediction_type is not None:
-        components.scheduler = ddim_scheduler(prediction_type)
-    kind = components.scheduler.config.prediction_type
-    if kind != "epsilon":  # a LoRA trained for one output does not fit another: the cache keys say which
-        components.identity += f":{kind}"
+        components.scheduler = ddim_scheduler(prediction_type, **noise_schedule_of(components.scheduler))
+    components.identity += _scheduler_identity(components.scheduler)
     return components.to(device, dtype, channels_last)
+
+
+def _scheduler_identity(scheduler: DDIMScheduler) -> str:
+    """What the model identity must add for a scheduler other than SD's noise-predicting one: a LoRA trained
+    against one output or noise schedule does not fit another, and the LoRA cache is keyed by the identity
+    (a folder's fingerprint covers its weights, not its scheduler config)."""
+    suffix = "" if scheduler.config.prediction_type == "epsilon" else f":{scheduler.config.prediction_type}"
+    schedule = noise_schedule_of(scheduler)
+    if schedule != NOISE_SCHEDULE:
+        suffix += ":betas-" + hashlib.sha256(repr(sorted(schedule.items())).encode()).hexdigest()[:12]
+    return suffix
 
 
 def _load(name: str, device: Union[str, torch.device], single_file_config: Optional[str],

@@ -270,3 +270,28 @@ def test_a_single_file_gets_its_configuration_folder_and_its_prediction_type(tmp
     assert calls == [(str(checkpoint), {"config": str(tmp_path / "config"), "safety_checker": None})]
     assert editor.components.scheduler.config.prediction_type == "v_prediction"
     assert editor.components.identity.startswith("file:") and editor.components.identity.endswith(":v_prediction")
+
+
+def test_a_model_trained_with_another_noise_schedule_edits_with_it(tmp_path, caplog):
+    """The betas come from the model's scheduler config too (SD 1.x and 2.x share DESIGN.md's): a folder
+    that says others gets them, with a warning that names them, and its LoRAs another cache key."""
+    from diffusers import DDIMScheduler
+
+    _save(build_tiny(), tmp_path / "linear", {"_class_name": "DDIMScheduler", "beta_schedule": "linear",
+                                              "beta_end": 0.02, "prediction_type": "v_prediction"})
+    _save(build_tiny(), tmp_path / "sd", {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                                          "beta_schedule": "scaled_linear", "trained_betas": None})
+    loaded = load_components(str(tmp_path / "linear"))
+    expected = DDIMScheduler(beta_start=0.00085, beta_end=0.02, beta_schedule="linear").alphas_cumprod  # (SD's start)
+    torch.testing.assert_close(loaded.scheduler.alphas_cumprod, expected)
+    schedule = DdimSchedule.from_scheduler(loaded.scheduler, 50, 35)
+    assert schedule.alpha(681) == pytest.approx(float(expected[681]))
+    assert "beta_end=0.02, beta_schedule='linear'" in caplog.text
+    overridden = load_components(str(tmp_path / "linear"), prediction_type="epsilon")  # keeps the betas
+    torch.testing.assert_close(overridden.scheduler.alphas_cumprod, expected)
+    caplog.clear()
+    sd = load_components(str(tmp_path / "sd"))  # SD's own schedule, as its PNDM config says it: no warning
+    torch.testing.assert_close(sd.scheduler.alphas_cumprod, ddim_scheduler().alphas_cumprod)
+    assert "noise schedule" not in caplog.text
+    # the folders' weights are alike: only the scheduler tells their LoRAs apart
+    assert sd.identity.split(":")[0] == "folder" and ":betas-" in overridden.identity and ":betas-" not in sd.identity
