@@ -19,7 +19,7 @@ from fastdrag.config import LoraConfig
 from fastdrag.lora import LoraTrainer
 from fastdrag.models import SD_ARCHITECTURES, build_sd_random, build_tiny
 
-SIZES = {"tiny": 64, "sd15-random": 512, "sd21-random": 768}  # each model's own image side
+MODELS = ("tiny", *SD_ARCHITECTURES)
 
 
 def _count(fn) -> int:
@@ -29,18 +29,19 @@ def _count(fn) -> int:
 
 
 def costs(model: str) -> Dict[str, float]:
-    """TFLOP of each piece of an edit for `model` at its own image size (`SIZES`)."""
+    """TFLOP of each piece of an edit for `model` at its own image size (its VAE's `sample_size`)."""
     components = build_sd_random(model, device="meta") if model in SD_ARCHITECTURES else build_tiny().to("meta", torch.float32)
     unet, vae, width = components.unet, components.vae, components.text_encoder.config.hidden_size
     for module in (unet, vae, components.text_encoder):
         module.requires_grad_(False)  # frozen, as loaded: no weight gradients in the backward
-    side = SIZES[model] // components.vae_scale
+    image_side = vae.config.sample_size
+    side = image_side // components.vae_scale
     latent = torch.randn(1, 4, side, side, device="meta")
     text = torch.randn(1, 77, width, device="meta")
     t = torch.full((1,), 500, device="meta")
     with torch.no_grad():
         forward = _count(lambda: unet(latent, t, encoder_hidden_states=text).sample)
-        encode = _count(lambda: vae.encode(torch.randn(1, 3, SIZES[model], SIZES[model], device="meta")))
+        encode = _count(lambda: vae.encode(torch.randn(1, 3, image_side, image_side, device="meta")))
         decode = _count(lambda: vae.decode(latent))
         prompt = _count(lambda: components.text_encoder(torch.zeros(1, 77, dtype=torch.long, device="meta")))
     leaf = latent.clone().requires_grad_(True)
@@ -50,7 +51,7 @@ def costs(model: str) -> Dict[str, float]:
     lora_step = _count(trainer.step)
     trainer.finish()
     tera = 1e12
-    return {"model": model, "image_side": SIZES[model], "prediction_type": components.scheduler.config.prediction_type,
+    return {"model": model, "image_side": image_side, "prediction_type": components.scheduler.config.prediction_type,
             "unet_forward": forward / tera, "unet_forward_input_backward": backward / tera,
             "lora_step": lora_step / tera, "vae_encode": encode / tera, "vae_decode": decode / tera,
             "text_encoder": prompt / tera}
@@ -58,7 +59,7 @@ def costs(model: str) -> Dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", choices=sorted(SIZES), default=None)
+    parser.add_argument("--model", action="append", choices=MODELS, default=None)
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args()
     rows = [costs(model) for model in args.model or ["sd15-random", "sd21-random"]]

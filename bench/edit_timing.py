@@ -104,12 +104,11 @@ class StageGrowth:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-random")
-    parser.add_argument("--size", type=int, default=None, help="image side (default: 768 for sd21-random, else 512)")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's own, its VAE's sample_size)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args()
-    args.size = args.size or (768 if args.model == "sd21-random" else 512)
     variants = [parse_variant(v) for v in args.variant] or [("defaults", {})]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -117,6 +116,7 @@ def main() -> None:
     editor = DragEditor.from_pretrained(args.model, device=device, dtype=dtype, cache_dir=tempfile.mkdtemp(),
                                         progress=False)
     rows = [{"variant": "", "edit": "load", "total_s": time.perf_counter() - start}]
+    args.size = args.size or editor.components.vae.config.sample_size
     case = demo_case(args.size)
     seed = 0
     unet = editor.components.unet

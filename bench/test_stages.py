@@ -30,10 +30,10 @@ from flop_count import count_flops
 @pytest.fixture(scope="module")
 def setup(request, device, dtype, tmp_path_factory):
     model = {"tiny": "tiny", "sd15": "sd15-random", "sd21": "sd21-random"}[request.config.getoption("--model")]
-    size = request.config.getoption("--size") or {"tiny": 64, "sd15-random": 512, "sd21-random": 768}[model]
     editor = DragEditor.from_pretrained(model, device=device, dtype=dtype, cache_dir=tmp_path_factory.mktemp("lora"),
                                         progress=False,
                                         fused_unet_kernels=request.config.getoption("--fused-unet-kernels"))
+    size = request.config.getoption("--size") or editor.components.vae.config.sample_size  # the model's own
     case = demo_case(size)
     inputs = prepare_inputs(case.image, case.points, case.mask)
     c = editor.components

@@ -149,12 +149,11 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
 
         def jobs():
             """Each graph's job in the order written; the UNet and VAE are cast between the drag graph's
-            (fp32: the traced graph holds its weights) and the others'."""
-            nonlocal unet
+            (fp32: the traced graph holds its weights) and the others' (each cast is in place)."""
             if drag_points:
                 yield drag_job(unet.float(), latent_shape, text_dim, drag_points, schedule, config.drag, sup_res)
             if fp16:
-                unet = unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
+                unet.half()  # (.half(), not .to(): diffusers warns on every dtype cast through .to)
             if vae_dtype != original_vae_dtype:
                 vae.to(vae_dtype)
             yield from graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
@@ -197,7 +196,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
 
             data["engines"] = {}
             names = [name for name in artifacts if name != "text_embedding"]
-            for name in (names[index] for index in as_progress(progress).steps("engines", len(names))):
+            for index in as_progress(progress).steps("engines", len(names)):
+                name = names[index]
                 # the drag graph's gradient stays in fp32: in fp16 it would underflow without loss scaling
                 settings = BuildSettings(fp16=name != "unet_drag")
                 build_started = time.perf_counter()

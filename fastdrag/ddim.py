@@ -89,27 +89,23 @@ def predicted_noise(prediction: torch.Tensor, latents: torch.Tensor, alpha: Alph
     of any of the three runs through the same DDIM arithmetic. The alpha is the model's timestep's,
     also in inversion, where the latent is one step below it: the output is converted as the model
     meant it (diffusers' `DDIMInverseScheduler` uses the latent's own alpha instead)."""
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return prediction
     if prediction_type == "v_prediction":
         return alpha ** 0.5 * prediction + (1 - alpha) ** 0.5 * latents
-    if prediction_type == "sample":
-        return (latents - alpha ** 0.5 * prediction) / (1 - alpha) ** 0.5
-    check_prediction_type(prediction_type)
-    raise AssertionError(prediction_type)
+    return (latents - alpha ** 0.5 * prediction) / (1 - alpha) ** 0.5  # "sample"
 
 
 def training_target(latents: torch.Tensor, noise: torch.Tensor, alpha: Alpha, prediction_type: str) -> torch.Tensor:
     """What the UNet should output for `latents` noised with `noise` at `alpha` (the LoRA's MSE target):
     the noise, the velocity `sqrt(a)·noise - sqrt(1-a)·x0` (diffusers' `get_velocity`), or the clean latents."""
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return alpha ** 0.5 * noise - (1 - alpha) ** 0.5 * latents
-    if prediction_type == "sample":
-        return latents
-    check_prediction_type(prediction_type)
-    raise AssertionError(prediction_type)
+    return latents  # "sample"
 
 
 def noised(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
