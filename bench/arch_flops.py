@@ -1,6 +1,7 @@
 """What each built-in architecture costs, counted with torch's FLOP counter on the meta device (no memory,
 no GPU): one UNet forward (batch 1), its forward and input-gradient backward (a drag iteration's
-UNet), one LoRA step (batch 4, the adapter trained), the VAE's encode and decode, the text encoder.
+UNet), one LoRA step (batch 4, the adapter trained), the same with `lora_checkpointing` (its blocks
+recomputed in the backward), the VAE's encode and decode, the text encoder.
 
     python bench/arch_flops.py [--model sd15-random --model sd21-random] [--json FILE]
 
@@ -50,10 +51,14 @@ def costs(model: str) -> Dict[str, float]:
     trainer = LoraTrainer(unet, components.scheduler, posterior, text, components.scaling_factor, LoraConfig(), seed=0)
     lora_step = _count(trainer.step)
     trainer.finish()
+    trainer = LoraTrainer(unet, components.scheduler, posterior, text, components.scaling_factor, LoraConfig(), seed=0,
+                          checkpointing=True)
+    checkpointed_step = _count(trainer.step)
+    trainer.finish()
     tera = 1e12
     return {"model": model, "image_side": image_side, "prediction_type": components.scheduler.config.prediction_type,
             "unet_forward": forward / tera, "unet_forward_input_backward": backward / tera,
-            "lora_step": lora_step / tera, "vae_encode": encode / tera, "vae_decode": decode / tera,
+            "lora_step": lora_step / tera, "lora_step_checkpointed": checkpointed_step / tera, "vae_encode": encode / tera, "vae_decode": decode / tera,
             "text_encoder": prompt / tera}
 
 
@@ -63,7 +68,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args()
     rows = [costs(model) for model in args.model or ["sd15-random", "sd21-random"]]
-    columns = ["unet_forward", "unet_forward_input_backward", "lora_step", "vae_encode", "vae_decode", "text_encoder"]
+    columns = ["unet_forward", "unet_forward_input_backward", "lora_step", "lora_step_checkpointed", "vae_encode", "vae_decode", "text_encoder"]
     print(f"{'model':<12} {'px':>4} {'output':<13}" + "".join(f" {name:>14}" for name in columns) + "   (TFLOP)")
     for row in rows:
         print(f"{row['model']:<12} {row['image_side']:>4} {row['prediction_type']:<13}"

@@ -2,7 +2,7 @@
 size on the meta device (no memory, no GPU): the bytes of the distinct activations autograd keeps
 (weights excluded), by the autograd node that keeps them.
 
-    python bench/kept_memory.py [--model sd15-random] [--size 512] [--no-frozen-conv] [--no-lean-blocks] [--top 12] [--json FILE]
+    python bench/kept_memory.py [--model sd15-random] [--size 512] [--no-frozen-conv] [--no-lean-blocks] [--lora-checkpointing] [--top 12] [--json FILE]
 
 Why: a LoRA step's CUDA graph holds its forward's kept activations at the start of its backward,
 and that pool is the largest part of an edit's GPU memory (bench/RESULTS.md), so what a change does to
@@ -17,6 +17,10 @@ What is counted, and how it differs from a GPU run:
 - the LoRA step: the adapter at the defaults, trained (in fp16 here, as autocast runs it), on a batch
   of `lora_batch_size`; the drag iteration: batch 1, the adapter merged (nothing trains), the latent
   the only leaf, the whole UNet (the drag with a mask term);
+- `--lora-checkpointing`: the LoRA step with its resnets and transformer blocks recomputed in the
+  backward (`fastdrag.block_checkpointing`), counted by a saved-tensor hook (`count_by_hooks`): what the
+  rest of the UNet keeps and the blocks' inputs, which checkpoint keeps; and, apart, what the largest
+  block keeps inside, which the backward holds beside them while it recomputes that block;
 - attention is counted as a flash kernel keeps it (query, key, value, output and an fp32
   log-sum-exp per query and head): on the meta device SDPA runs its math path, which keeps the
   attention matrix that no GPU kernel keeps.
@@ -30,6 +34,8 @@ from typing import Dict, Iterator, List
 import torch
 import torch.nn.functional as F
 
+from fastdrag import block_checkpointing
+from fastdrag.block_checkpointing import checkpointed_blocks
 from fastdrag.config import LoraConfig
 from fastdrag.frozen_conv import install_frozen_conv
 from fastdrag.lean_blocks import install_lean_blocks
@@ -163,12 +169,89 @@ def count(model: str = "sd15-random", size: int = 512, frozen_conv: bool = True,
     return results
 
 
+def count_by_hooks(model: str = "sd15-random", size: int = 512, checkpointing: bool = True,
+                   frozen_conv: bool = True, lean_blocks: bool = True) -> int:
+    """The bytes a LoRA step's forward keeps for its backward, counted as autograd saves them (a saved-tensor
+    hook) instead of by walking the graph, whose checkpointed blocks would run again to show what they keep.
+    With `checkpointing` (`fastdrag.block_checkpointing`): what the rest of the UNet keeps and the inputs the
+    checkpointed blocks keep; without, what `count` gives for the LoRA step (each storage once, weights left out)."""
+    unet = meta_unet(model, frozen_conv, lean_blocks=lean_blocks)
+    for param in lora_parameters(unet):
+        param.requires_grad_(True)
+    weights = {w.untyped_storage()._cdata for w in unet.parameters()}
+    kept: Dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            kept[storage._cdata] = storage.nbytes()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        keep(tensor)
+        return tensor
+
+    def recomputed(block, *args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                keep(arg)
+        return checkpoint_call(block, *args)
+
+    checkpoint_call = block_checkpointing._recomputed
+    batch, latent = LoraConfig().lora_batch_size, size // 8
+    x = torch.empty(batch, unet.config.in_channels, latent, latent, device="meta", dtype=torch.float16)
+    text = torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
+    block_checkpointing._recomputed = recomputed
+    try:
+        with flash_like_attention(), checkpointed_blocks(unet, checkpointing), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            unet(x, torch.full((batch,), 500, device="meta"), encoder_hidden_states=text)
+    finally:
+        block_checkpointing._recomputed = checkpoint_call
+    return sum(kept.values())
+
+
+def largest_checkpointed_block(model: str = "sd15-random", size: int = 512, frozen_conv: bool = True,
+                               lean_blocks: bool = True) -> int:
+    """The most bytes one of the blocks `lora_checkpointing` recomputes keeps inside, weights left out: what a
+    checkpointed LoRA step's backward holds on top of `count_by_hooks`' count while it recomputes that block."""
+    unet = meta_unet(model, frozen_conv, lean_blocks=lean_blocks)
+    for param in lora_parameters(unet):
+        param.requires_grad_(True)
+    weights = {w.untyped_storage()._cdata for w in unet.parameters()}
+    per_block: List[Dict[int, int]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            per_block[-1][storage._cdata] = storage.nbytes()
+        return tensor
+
+    def plain(block, *args):  # the block as it runs when recomputed, its saves counted apart
+        per_block.append({})
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            return block(*args)
+
+    checkpoint_call = block_checkpointing._recomputed
+    batch, latent = LoraConfig().lora_batch_size, size // 8
+    x = torch.empty(batch, unet.config.in_channels, latent, latent, device="meta", dtype=torch.float16)
+    text = torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
+    block_checkpointing._recomputed = plain
+    try:
+        with flash_like_attention(), checkpointed_blocks(unet):
+            unet(x, torch.full((batch,), 500, device="meta"), encoder_hidden_states=text)
+    finally:
+        block_checkpointing._recomputed = checkpoint_call
+    return max(sum(block.values()) for block in per_block)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-random", help="sd15-random, sd21-random or tiny")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are 1/8)")
     parser.add_argument("--no-frozen-conv", action="store_true", help="the stock convolutions (fastdrag.frozen_conv off)")
     parser.add_argument("--no-lean-blocks", action="store_true", help="diffusers' stock blocks (fastdrag.lean_blocks off)")
+    parser.add_argument("--lora-checkpointing", action="store_true",
+                        help="also what a LoRA step keeps with its blocks recomputed in the backward (lora_checkpointing)")
     parser.add_argument("--top", type=int, default=12, help="rows per stage")
     parser.add_argument("--json", default=None, help="write the counts here")
     args = parser.parse_args()
@@ -180,6 +263,16 @@ def main() -> None:
               f"lean_blocks {'off' if args.no_lean_blocks else 'on'})")
         for name, entry in sorted(kept.items(), key=lambda item: -item[1]["bytes"])[:args.top]:
             print(f"  {entry['bytes'] / 2**20:9.1f} MiB  {entry['tensors']:5d} tensors  {name}")
+    if args.lora_checkpointing:
+        options = dict(frozen_conv=not args.no_frozen_conv, lean_blocks=not args.no_lean_blocks)
+        plain = count_by_hooks(args.model, args.size, checkpointing=False, **options)
+        checkpointed = count_by_hooks(args.model, args.size, checkpointing=True, **options)
+        largest = largest_checkpointed_block(args.model, args.size, **options)
+        results["lora step, checkpointed blocks"] = {"kept": {"bytes": checkpointed, "tensors": 0},
+                                                     "largest block": {"bytes": largest, "tensors": 0}}
+        print(f"lora step with lora_checkpointing: {checkpointed / 2**20:.1f} MiB kept for the backward "
+              f"(without: {plain / 2**20:.1f} MiB, counted the same way), and up to {largest / 2**20:.1f} MiB "
+              f"more while the backward recomputes a block (the largest block's)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -82,6 +82,7 @@ EDIT_FIELD_HELP = {
     "cuda_graph_vae": "CUDA only, with --cuda-graphs: replay the VAE's encoder and decoder too",
     "merge_lora": "fold the frozen LoRA into the UNet's weights for inversion, drag and denoising",
     "keep_source_kv": "keep the source branch's keys and values, so a repeated edit denoises one branch",
+    "lora_checkpointing": "recompute the UNet's blocks in the LoRA step's backward: less memory, more time",
 }
 
 

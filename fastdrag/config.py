@@ -98,6 +98,12 @@ class EditConfig:
     # branch alone, at batch 1 (`fastdrag.source_kv`). Holds them between edits (SD 1.5 / 512 px in fp16:
     # 0.83 GB for 35 steps). Off until a GPU measures what it saves
     keep_source_kv: bool = False
+    # Recompute the UNet's resnets and transformer blocks in the LoRA step's backward instead of keeping
+    # their activations (`fastdrag.block_checkpointing`): the same adapter, about one more forward of them
+    # per step. What the step keeps, counted on the meta device in fp16 (`bench/kept_memory.py`): SD 1.5 /
+    # 512 px 2,258 -> 342 MiB, SD 2.1 / 768 px 5,059 -> 770 MiB. For GPUs the default does not fit; its
+    # time and peak memory on a GPU are not measured yet
+    lora_checkpointing: bool = False
 
     STAGES = ("lora", "inversion", "drag", "denoise")
 

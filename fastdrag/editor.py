@@ -487,7 +487,9 @@ class DragEditor:
         graphed = config.cuda_graphs and config.cuda_graph_lora and self.device.type == "cuda"
         posterior = posterior()
         trainer = self._lora_trainer
-        if trainer is not None and trainer.fits(c.unet, posterior, text, config.lora, cuda_graph=graphed):
+        checkpointing = config.lora_checkpointing
+        if trainer is not None and trainer.fits(c.unet, posterior, text, config.lora, cuda_graph=graphed,
+                                                checkpointing=checkpointing):
             trainer.restart(posterior, text, config.seed)
         else:
             self._lora_trainer = None  # the old graph's memory goes before another capture
@@ -496,7 +498,7 @@ class DragEditor:
             # steps' memory comes on top of the pool's), which took an H200 from 9.6 to 12.6 GiB reserved
             pool = self._shared_graph_pool() if config.keep_lora_trainer else None
             trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
-                                  cuda_graph=graphed, graph_pool=pool)
+                                  cuda_graph=graphed, graph_pool=pool, checkpointing=checkpointing)
         keep = config.keep_lora_trainer
         with sdpa_priority(self._sdpa_priority):
             losses = run_trainer(trainer, config.lora.lora_steps, self._progress(), keep_graph=keep)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path
 from .autocast import unet_autocast
+from .block_checkpointing import checkpointed_blocks
 from .cache_usage import touch
 from .config import LoraConfig
 from .cuda_graph import OptimizerStep
@@ -261,16 +262,57 @@ def lora_loss(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
               prediction_type: str = "epsilon") -> torch.Tensor:
     """The denoising MSE of DreamBooth-style fine-tuning on noised `latents`, against what the UNet
     outputs (`prediction_type`: the noise, the velocity or the clean latents)."""
-    noisy = noised(latents, noise, timesteps, alphas_cumprod)
-    target = noise
-    if prediction_type != "epsilon":
-        alpha = alphas_cumprod[timesteps].view(-1, *[1] * (latents.dim() - 1))
-        target = training_target(latents, noise, alpha, prediction_type)
-    autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
-    with unet_autocast(unet, autocast, norms_in_half=autocast and half_norms_enabled()), \
-            half_adapter_weights(lean_lora_layers(unet)):
-        prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
+    noisy, target = _noisy_and_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
+    with _lora_forward(unet):
+        prediction = _predicted(unet, noisy, timesteps, text_embeddings)
     return F.mse_loss(prediction.float(), target.float())
+
+
+def lora_backward(unet, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  text_embeddings: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                  checkpointing: bool = False) -> torch.Tensor:
+    """`lora_loss` and its backward, the gradients added to the LoRA weights'; returns the loss, detached.
+
+    With `checkpointing` the UNet's resnets and transformer blocks keep only their inputs and run again in
+    the backward (`fastdrag.block_checkpointing`): the same gradients, a fraction of the memory. The
+    backward then runs inside the forward's contexts, which the recomputation needs, with autocast off
+    as it is outside them (PyTorch's checkpoint turns it back on for each recomputed block)."""
+    if not checkpointing:
+        loss = lora_loss(unet, latents, noise, timesteps, text_embeddings, alphas_cumprod, prediction_type)
+        loss.backward()
+        return loss.detach()
+    noisy, target = _noisy_and_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
+    with _lora_forward(unet, checkpointing=True) as autocast:
+        prediction = _predicted(unet, noisy, timesteps, text_embeddings)
+        with torch.autocast(unet.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            loss = F.mse_loss(prediction.float(), target.float())
+            loss.backward()
+    return loss.detach()
+
+
+@contextlib.contextmanager
+def _lora_forward(unet, checkpointing: bool = False) -> Iterator[bool]:
+    """What a LoRA step's UNet forward runs in: CUDA's half-precision autocast (yields whether it is on),
+    the adapters' half weights made in one pass, and the checkpointed blocks if asked."""
+    autocast = unet.device.type == "cuda" and unet.dtype != torch.float32
+    with checkpointed_blocks(unet, checkpointing), \
+            unet_autocast(unet, autocast, norms_in_half=autocast and half_norms_enabled()), \
+            half_adapter_weights(lean_lora_layers(unet)):
+        yield autocast
+
+
+def _noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, prediction_type: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The noised latents a LoRA step feeds the UNet and what it should output for them."""
+    noisy = noised(latents, noise, timesteps, alphas_cumprod)
+    if prediction_type == "epsilon":
+        return noisy, noise
+    alpha = alphas_cumprod[timesteps].view(-1, *[1] * (latents.dim() - 1))
+    return noisy, training_target(latents, noise, alpha, prediction_type)
+
+
+def _predicted(unet, noisy: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    return unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=text_embeddings.to(unet.dtype)).sample
 
 
 class LoraTrainer:
@@ -284,15 +326,18 @@ class LoraTrainer:
     batches. `restart` re-runs it on another image of the same shapes and settings in its own
     tensors, as a fresh trainer would, so a kept graph replays from the first step: a server's next
     image pays neither the eager warm-up steps nor a capture. `graph_pool` (a `GraphPool` handle)
-    captures the step into memory that other graphs share.
+    captures the step into memory that other graphs share. `checkpointing` recomputes the UNet's blocks in
+    the backward instead of keeping their activations (`lora_backward`): the same adapter, less memory.
     """
 
     GRAPH_WARMUP = 3
 
     def __init__(self, unet, scheduler, posterior, text_embeddings: torch.Tensor, scaling_factor: float,
-                 config: LoraConfig, seed: int, cuda_graph: bool = False, graph_pool=None):
+                 config: LoraConfig, seed: int, cuda_graph: bool = False, graph_pool=None,
+                 checkpointing: bool = False):
         install_adapter(unet, config, seed)
         self.unet, self.scaling_factor, self.config = unet, scaling_factor, config
+        self.checkpointing = checkpointing
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.prediction_type = prediction_type_of(scheduler)
         self.half_norms = half_norms_enabled()  # what a captured step computes with
@@ -326,7 +371,8 @@ class LoraTrainer:
         """The captured step, once there is one."""
         return self.optimizer_step.graph
 
-    def fits(self, unet, posterior, text_embeddings: torch.Tensor, config: LoraConfig, cuda_graph: bool = False) -> bool:
+    def fits(self, unet, posterior, text_embeddings: torch.Tensor, config: LoraConfig, cuda_graph: bool = False,
+             checkpointing: bool = False) -> bool:
         """Whether `restart` can take this image: the same UNet and weights' storage, shapes and settings
         (the number of steps aside), so the same graph."""
         current = lora_parameters(unet)
@@ -336,7 +382,7 @@ class LoraTrainer:
                 and posterior.mean.shape == self.mean.shape and posterior.mean.device == self.mean.device
                 and text_embeddings.shape == self.text.shape
                 and dataclasses.replace(config, lora_steps=0) == dataclasses.replace(self.config, lora_steps=0)
-                and half_norms_enabled() == self.half_norms)
+                and half_norms_enabled() == self.half_norms and checkpointing == self.checkpointing)
 
     def restart(self, posterior, text_embeddings: torch.Tensor, seed: int) -> None:
         """Train a fresh adapter on another image (one that `fits`) in this trainer's tensors, in place."""
@@ -364,11 +410,10 @@ class LoraTrainer:
         """One step on the trainer's own buffers, in place: what a CUDA graph captures."""
         latents = (self.mean + self.std * self.sample_noise) * self.scaling_factor
         text = self.text.expand(self.batch, -1, -1)
-        loss = lora_loss(self.unet, latents, self.noise, self.timesteps, text, self.alphas_cumprod,
-                         self.prediction_type)
-        loss.backward()
+        loss = lora_backward(self.unet, latents, self.noise, self.timesteps, text, self.alphas_cumprod,
+                             self.prediction_type, self.checkpointing)
         self.optimizer.step()
-        self.loss.copy_(loss.detach())
+        self.loss.copy_(loss)
 
     def finish(self, keep_graph: bool = False) -> None:
         """Freeze the adapter; the captured step's memory pool is freed unless `keep_graph` (for `restart`)."""
@@ -389,9 +434,11 @@ def train_lora(
     seed: int,
     progress: Union[bool, Progress] = True,
     cuda_graph: bool = False,
+    checkpointing: bool = False,
 ) -> List[float]:
     """Fine-tune a fresh adapter on one image; returns the loss of every step."""
-    trainer = LoraTrainer(unet, scheduler, posterior, text_embeddings, scaling_factor, config, seed, cuda_graph)
+    trainer = LoraTrainer(unet, scheduler, posterior, text_embeddings, scaling_factor, config, seed, cuda_graph,
+                          checkpointing=checkpointing)
     return run_trainer(trainer, config.lora_steps, progress)
 
 

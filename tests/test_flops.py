@@ -184,3 +184,7 @@ def test_the_architecture_table_counts_a_lora_step_as_four_frozen_forward_and_in
     assert 1.8 * row["unet_forward"] < row["unet_forward_input_backward"] < 2.5 * row["unet_forward"]
     assert 0.95 * 4 * row["unet_forward_input_backward"] <= row["lora_step"] <= 1.05 * 4 * row["unet_forward_input_backward"]
     assert row["vae_decode"] > row["vae_encode"] > 0 and row["prediction_type"] == "epsilon"
+    # `lora_checkpointing` runs the checkpointed blocks' forwards again in the backward: more than the step,
+    # less than the step and a whole batch-4 forward again (the blocks are most of the UNet, not all of it)
+    forwards_again = row["lora_step_checkpointed"] - row["lora_step"]
+    assert 0.5 * 4 * row["unet_forward"] < forwards_again < 4 * row["unet_forward"]

@@ -1059,3 +1059,64 @@ def test_a_v_model_edits_on_cuda_with_graphs_as_the_noise_predicting_model_it_st
     apart = lambda name: float(np.abs(images[name] - images["plain"]).mean())
     # (run-to-run differences of graphed fp32 edits as in test_edit_with_cuda_graphs_matches_the_eager_edit)
     assert apart("v") < 3.0 and apart("misread") > 3 * max(apart("v"), 1.0), (apart("v"), apart("misread"))
+
+
+@pytest.mark.parametrize("half_norms", ["0", "1"], ids=["fp32-norms", "half-norms"])
+def test_a_checkpointed_lora_step_on_cuda_trains_like_the_kept_one_and_peaks_lower(monkeypatch, half_norms):
+    """`lora_checkpointing` on CUDA in fp16, on the UNet an editor prepares (channels-last, frozen
+    convolutions, lean blocks, shared casts): with its step replayed as a CUDA graph it trains as the
+    step that keeps its activations does (within the graphed-vs-eager bounds above; the half norms'
+    recomputation must run as their forward did, or checkpoint's metadata check fails), and an eager step
+    at 64x64 latents peaks lower."""
+    from types import SimpleNamespace
+
+    from fastdrag import DragEditor
+    from fastdrag.config import LoraConfig
+    from fastdrag.lora import LoraTrainer, adapter_state
+
+    monkeypatch.setenv("FASTDRAG_HALF_NORMS", half_norms)
+    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", progress=False)
+    unet = editor.components.unet
+    generator = torch.Generator().manual_seed(8)
+    text = torch.randn(1, 77, 32, generator=generator).to("cuda", torch.float16)
+
+    def posterior(side):
+        return SimpleNamespace(mean=torch.randn(1, 4, side, side, generator=generator).cuda(),
+                               std=(torch.rand(1, 4, side, side, generator=generator) * 0.1).cuda())
+
+    small = posterior(8)
+
+    def train(checkpointing):
+        trainer = LoraTrainer(unet, editor.components.scheduler, small, text, editor.components.scaling_factor,
+                              LoraConfig(), seed=5, cuda_graph=True, checkpointing=checkpointing)
+        start = {k: v.detach().float().cpu() for k, v in adapter_state(unet).items()}
+        losses = torch.stack([trainer.step() for _ in range(8)]).cpu()
+        replayed = trainer.graph is not None
+        trainer.finish()
+        return losses, {k: v.detach().float().cpu() - start[k] for k, v in adapter_state(unet).items()}, replayed
+
+    losses, change, replayed = train(False)
+    checkpointed_losses, checkpointed_change, checkpointed_replayed = train(True)
+    assert replayed and checkpointed_replayed and torch.isfinite(checkpointed_losses).all()
+    torch.testing.assert_close(checkpointed_losses, losses, rtol=2e-2, atol=2e-2)
+    kept_all = torch.cat([v.flatten() for v in change.values()])
+    checkpointed_all = torch.cat([checkpointed_change[k].flatten() for k in change])
+    assert kept_all.abs().max() > 0
+    assert ((checkpointed_all - kept_all).norm() / kept_all.norm()).item() < 0.1
+
+    large = posterior(64)
+
+    def peak(checkpointing):
+        trainer = LoraTrainer(unet, editor.components.scheduler, large, text, editor.components.scaling_factor,
+                              LoraConfig(), seed=5, checkpointing=checkpointing)
+        trainer.step()  # cuDNN's algorithm search and the norms' fp32 weights
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        trainer.step()
+        torch.cuda.synchronize()
+        trainer.finish()
+        return torch.cuda.max_memory_allocated() - base
+
+    kept_peak, checkpointed_peak = peak(False), peak(True)
+    assert checkpointed_peak < 0.7 * kept_peak, (kept_peak / 2**20, checkpointed_peak / 2**20)

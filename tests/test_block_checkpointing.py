@@ -1,0 +1,166 @@
+"""`lora_checkpointing` (`fastdrag.block_checkpointing`): a LoRA step whose UNet blocks run again in the
+backward gives the gradients, the adapter and the edit of one that keeps them, and keeps less."""
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft.helpers import disable_input_dtype_casting
+from torch.utils.checkpoint import checkpoint
+
+from fastdrag.block_checkpointing import checkpointed_blocks, checkpointing_blocks
+from fastdrag.config import LoraConfig
+from fastdrag.frozen_conv import install_frozen_conv
+from fastdrag.lean_blocks import install_lean_blocks, lean_lora_layers
+from fastdrag.lora_casts import half_weights
+from fastdrag.lora import LoraTrainer, adapter_state, install_adapter, lora_backward, lora_parameters, run_trainer
+from fastdrag.vae import encode_posterior, encode_prompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from op_count import CudaNormPolicy, cuda_like_autocast  # noqa: E402
+
+
+def step_case(tiny, dtype=torch.float32, lean=True):
+    """The tiny UNet in `dtype` (channels-last, frozen convolutions, lean blocks if asked) with a
+    trained-looking fp32 adapter, and a LoRA step's inputs: fresh random values, a batch of 3 at 12x10."""
+    unet = copy.deepcopy(tiny.unet).to(dtype).to(memory_format=torch.channels_last)
+    install_frozen_conv(unet)
+    if lean:
+        install_lean_blocks(unet)
+    install_adapter(unet, LoraConfig(), seed=3)
+    generator = torch.Generator().manual_seed(11)
+    params = lora_parameters(unet)
+    for param in params:
+        param.data = torch.randn(param.shape, generator=generator) * 0.1
+        param.requires_grad_(True)
+    unet.train()
+    latents, noise = (torch.randn(3, 4, 12, 10, generator=generator) for _ in range(2))
+    timesteps = torch.randint(0, 1000, (3,), generator=generator)
+    text = torch.randn(3, 77, unet.config.cross_attention_dim, generator=generator).to(dtype)
+    return unet, params, (latents, noise, timesteps, text, tiny.scheduler.alphas_cumprod)
+
+
+def gradients(unet, params, arguments, checkpointing, prediction_type="epsilon"):
+    for param in params:
+        param.grad = None
+    loss = lora_backward(unet, *arguments, prediction_type=prediction_type, checkpointing=checkpointing)
+    return loss, [param.grad.clone() for param in params]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "stock"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny, lean, prediction_type):
+    unet, params, arguments = step_case(tiny, lean=lean)
+    loss, grads = gradients(unet, params, arguments, False, prediction_type)
+    checkpointed_loss, checkpointed = gradients(unet, params, arguments, True, prediction_type)
+    assert torch.isfinite(loss) and torch.equal(loss, checkpointed_loss)
+    assert all(g.abs().sum() > 0 and torch.equal(g, c) for g, c in zip(grads, checkpointed))
+    assert not any(block.gradient_checkpointing for block in checkpointing_blocks(unet))  # off again after
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_checkpointed_blocks_recompute_under_the_forwards_autocast_and_half_weights(tiny, dtype, monkeypatch):
+    """Under CUDA-like autocast (fp32 norms, the adapters' half weights made in one pass, peft's input cast
+    off), the recomputed blocks run as their forward ran: the same loss and gradients, bit for bit.
+
+    Each block's recomputation sees the forward's half adapter weights (made once per step, outside the
+    blocks), so the backward ran inside the step's contexts. The CPU's stand-in for CUDA's fp32 norms is a
+    torch function mode, which PyTorch does not carry into a recomputation (CUDA autocast's own norm policy
+    needs none): the test re-enters it there."""
+    import fastdrag.block_checkpointing as module
+
+    runs, blocks = [], []
+
+    def recomputed(block, *args):
+        blocks.append(block)
+
+        def run(*inputs):
+            runs.append(all(half_weights(layer, adapter) is not None for layer, adapter in lean_lora_layers(block)))
+            return block(*inputs)
+
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False,
+                          context_fn=lambda: (contextlib.nullcontext(), CudaNormPolicy()))
+
+    monkeypatch.setattr(module, "_recomputed", recomputed)
+    unet, params, arguments = step_case(tiny, dtype)
+    with cuda_like_autocast(dtype), disable_input_dtype_casting(unet):
+        gradients(unet, params, arguments, False)  # the norms' fp32 weights are made at a first step
+        loss, grads = gradients(unet, params, arguments, False)
+        checkpointed_loss, checkpointed = gradients(unet, params, arguments, True)
+    # each block's forward, then the recomputations the backward asks for (none of blocks it does not reach)
+    assert len(blocks) < len(runs) and all(runs)
+    assert torch.isfinite(loss) and torch.equal(loss, checkpointed_loss)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 and torch.equal(g, c) for g, c in zip(grads, checkpointed))
+
+
+def test_checkpointed_blocks_are_what_the_unet_runs_under_checkpoint_and_are_restored(tiny, monkeypatch):
+    """Inside, each block with diffusers' flag runs its parts through the package's checkpoint, which the
+    forward calls (once per resnet and transformer block of the tiny UNet); outside, a flag set before
+    (by diffusers' own `enable_gradient_checkpointing`) is as it was."""
+    import fastdrag.block_checkpointing as module
+
+    unet, params, arguments = step_case(tiny)
+    calls = []
+    recomputed = module._recomputed
+    monkeypatch.setattr(module, "_recomputed", lambda block, *args: calls.append(type(block).__name__)
+                        or recomputed(block, *args))
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
+    transformer_blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    gradients(unet, params, arguments, True)
+    assert calls.count("BasicTransformerBlock") == transformer_blocks > 0
+    assert 0 < calls.count("ResnetBlock2D") <= resnets  # (down and up blocks' resnets; the first down block's too)
+    unet.enable_gradient_checkpointing()
+    own = [vars(block)["_gradient_checkpointing_func"] for block in checkpointing_blocks(unet)]
+    with checkpointed_blocks(unet) as count:
+        assert count == len(own) > 0
+    assert all(block.gradient_checkpointing and vars(block)["_gradient_checkpointing_func"] is func
+               for block, func in zip(checkpointing_blocks(unet), own))
+    with checkpointed_blocks(unet, active=False) as count:
+        assert count == 0
+
+
+def test_a_checkpointed_trainer_trains_the_same_adapter(tiny, picture):
+    """Three steps of the trainer with and without checkpointing: the same losses and adapter weights."""
+    posterior = encode_posterior(tiny.vae, picture.image)
+    text = encode_prompt(tiny.tokenizer, tiny.text_encoder, picture.prompt)
+    config = LoraConfig(lora_steps=3, lora_batch_size=2)
+    results = []
+    for checkpointing in (False, True):
+        trainer = LoraTrainer(tiny.unet, tiny.scheduler, posterior, text, tiny.scaling_factor, config, seed=4,
+                              checkpointing=checkpointing)
+        assert trainer.fits(tiny.unet, posterior, text, config, checkpointing=checkpointing)
+        assert not trainer.fits(tiny.unet, posterior, text, config, checkpointing=not checkpointing)
+        losses = run_trainer(trainer, config.lora_steps, progress=False)
+        results.append((losses, adapter_state(tiny.unet)))
+    (losses, state), (checkpointed_losses, checkpointed_state) = results
+    assert losses == checkpointed_losses and len(losses) == 3
+    assert state.keys() == checkpointed_state.keys()
+    assert all(torch.equal(state[name], checkpointed_state[name]) for name in state)
+    assert any(state[name].abs().sum() > 0 for name in state if "lora_B" in name)
+
+
+def test_an_edit_with_lora_checkpointing_is_the_same_edit(editor, picture, fast, tmp_path):
+    """Through the editor: the same LoRA (one cache key: checkpointing changes no number) and the same image."""
+    plain = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    other = type(editor)(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
+    checkpointed = other.edit(picture.image, picture.prompt, picture.points, lora_checkpointing=True, **fast)
+    assert checkpointed.config.lora_checkpointing and not checkpointed.lora_cached
+    assert checkpointed.lora_key == plain.lora_key
+    assert np.array_equal(np.asarray(checkpointed.image), np.asarray(plain.image))
+
+
+def test_the_kept_memory_count_of_a_checkpointed_lora_step():
+    """bench/kept_memory.py on the tiny model: its hooks' count is the graph walk's where nothing is
+    checkpointed; checkpointing keeps less, and with the largest block's own activations still less than
+    without."""
+    from kept_memory import count, count_by_hooks, largest_checkpointed_block
+
+    walked = sum(entry["bytes"] for entry in count("tiny", 64)["lora step"].values())
+    plain = count_by_hooks("tiny", 64, checkpointing=False)
+    checkpointed = count_by_hooks("tiny", 64, checkpointing=True)
+    largest = largest_checkpointed_block("tiny", 64)
+    assert plain == walked
+    assert 0 < checkpointed < 0.5 * plain and 0 < largest and checkpointed + largest < plain
