@@ -91,17 +91,21 @@ def measure(benchmark, synchronize, fn, name, count=None, flops_key=None, flops=
         benchmark.extra_info["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("graphs", GRAPHS)
-def test_lora_step(benchmark, setup, synchronize, device, graphs):
+def test_lora_step(benchmark, setup, synchronize, device, graphs, checkpointing):
+    """`recomputed`: with `lora_checkpointing`, its blocks run again in the backward (more FLOPs; on CUDA
+    the `peak_GiB` column shows what it saves)."""
     needs_cuda_for(graphs, device)
     editor, _, _, text, posterior, _, _ = setup
     c = editor.components
     trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, LoraConfig(), seed=0,
-                          cuda_graph=graphs)
+                          cuda_graph=graphs, checkpointing=checkpointing)
     # graphed: untimed warm-up steps past the eager ones and the capture (the FLOPs are counted on an eager step)
     pedantic = dict(rounds=20, warmup_rounds=LoraTrainer.GRAPH_WARMUP + 1) if graphs else {}
     try:
-        measure(benchmark, synchronize, trainer.step, "stage 1: LoRA step (batch 4)", flops_key="lora step", **pedantic)
+        measure(benchmark, synchronize, trainer.step, "stage 1: LoRA step (batch 4)",
+                flops_key=f"lora step{', checkpointed' if checkpointing else ''}", **pedantic)
     finally:
         trainer.finish()
 
