@@ -500,8 +500,11 @@ class DragEditor:
             trainer = LoraTrainer(c.unet, c.scheduler, posterior, text, c.scaling_factor, config.lora, config.seed,
                                   cuda_graph=graphed, graph_pool=pool, checkpointing=checkpointing)
         keep = config.keep_lora_trainer
-        with sdpa_priority(self._sdpa_priority):
-            losses = run_trainer(trainer, config.lora.lora_steps, self._progress(), keep_graph=keep)
+        try:
+            with sdpa_priority(self._sdpa_priority):
+                losses = run_trainer(trainer, config.lora.lora_steps, self._progress(), keep_graph=keep)
+        except torch.OutOfMemoryError as exc:
+            raise self._lora_out_of_memory(exc, image.size, config) from exc
         self._lora_trainer = trainer if keep else None
         try:
             self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
@@ -511,6 +514,20 @@ class DragEditor:
                            "of this image trains it again", self.cache.directory, exc)
         self._loaded_key = key
         return key, False
+
+    def _lora_out_of_memory(self, error: torch.OutOfMemoryError, size: Tuple[int, int],
+                            config: EditConfig) -> torch.OutOfMemoryError:
+        """The LoRA stage's out-of-memory error, saying what to change; the trainer (whose graph may be half
+        captured) is dropped and the allocator's cache emptied, so the next edit starts clean."""
+        self._lora_trainer = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        advice = [] if config.lora_checkpointing else [
+            "lora_checkpointing=True (--lora-checkpointing true) recomputes the UNet's blocks in the LoRA "
+            "step's backward instead of keeping them: about a sixth of the activations for about a third more time"]
+        advice.append("a smaller working size (size=(W, H), --size WxH) needs less")
+        return torch.OutOfMemoryError(f"the LoRA stage ran out of memory at {size[0]}x{size[1]} with batch "
+                                      f"{config.lora.lora_batch_size}: {'; '.join(advice)}. ({error})")
 
     @_one_at_a_time
     def train_lora(self, image: ImageLike, prompt: str, on_step: Optional[StepCallback] = None,

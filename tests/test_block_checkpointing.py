@@ -164,3 +164,33 @@ def test_the_kept_memory_count_of_a_checkpointed_lora_step():
     largest = largest_checkpointed_block("tiny", 64)
     assert plain == walked
     assert 0 < checkpointed < 0.5 * plain and 0 < largest and checkpointed + largest < plain
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "recomputed"])
+def test_a_lora_stage_out_of_memory_says_what_to_change_and_the_next_edit_is_a_fresh_one(
+        editor, picture, fast, tmp_path, monkeypatch, checkpointing):
+    """An out-of-memory error in the LoRA step comes out as one, naming `lora_checkpointing` where it is
+    off and the working size; the editor drops the trainer, and its next edit is a fresh editor's."""
+    calls = []
+    step = LoraTrainer.step
+
+    def failing(self):
+        calls.append(self)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self)
+
+    monkeypatch.setattr(LoraTrainer, "step", failing)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        editor.edit(picture.image, picture.prompt, picture.points, lora_checkpointing=checkpointing, **fast)
+    message = str(caught.value)
+    assert ("lora_checkpointing=True" in message) is not checkpointing
+    width, height = picture.image.size  # (a multiple of 64: the working size)
+    assert f"at {width}x{height}" in message and "--size" in message and "Tried to allocate 2.00 GiB" in message
+    assert editor._lora_trainer is None
+    monkeypatch.setattr(LoraTrainer, "step", step)
+    again = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    fresh = type(editor)(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(picture.image, picture.prompt, picture.points, **fast)
+    assert not again.lora_cached and again.lora_key == expected.lora_key
+    assert np.array_equal(np.asarray(again.image), np.asarray(expected.image))
