@@ -518,6 +518,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every output file is written whole or not at all
         print("fastdrag: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not _out_of_memory(exc):
+            raise
+        print(f"fastdrag: error: out of memory: {exc}", file=sys.stderr)  # with what to change, where known
+        return 3
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's out-of-memory error (torch is imported by then if a command ran out)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
 if __name__ == "__main__":

@@ -282,3 +282,29 @@ def test_python_m_fastdrag_is_the_command():
     missing = subprocess.run([sys.executable, "-m", "fastdrag", "edit", "no-such.png", "--prompt", "x", "--drag",
                               "1,1:2,2"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no-such.png" in missing.stderr
+
+
+def test_running_out_of_memory_is_one_line_naming_what_to_change(tmp_path, capsys, monkeypatch):
+    """An out-of-memory error in the LoRA stage: status 3 and one line with the editor's advice, no traceback;
+    other runtime errors are not swallowed."""
+    import torch
+
+    from fastdrag.lora import LoraTrainer
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+    monkeypatch.setattr(LoraTrainer, "step", out_of_memory)
+    out = tmp_path / "demo"
+    code = main(["demo", "--model", "tiny", "--output", str(out), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and not (out / "edited.png").exists()
+    assert err[-1].startswith("fastdrag: error: out of memory: the LoRA stage ran out of memory")
+    assert "--lora-checkpointing true" in err[-1] and "Traceback" not in "\n".join(err)
+
+    def broken(self):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(LoraTrainer, "step", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["demo", "--model", "tiny", "--output", str(out), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS)
