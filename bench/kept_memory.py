@@ -29,7 +29,7 @@ import argparse
 import contextlib
 import json
 from collections import defaultdict
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -169,44 +169,59 @@ def count(model: str = "sd15-random", size: int = 512, frozen_conv: bool = True,
     return results
 
 
+def _storage(tensor: torch.Tensor) -> Tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage._cdata, storage.nbytes()
+
+
+def _meta_lora_forward(model: str, size: int, frozen_conv: bool, lean_blocks: bool,
+                       on_saved: Callable[[torch.Tensor], None], recomputed: Optional[Callable] = None) -> None:
+    """A LoRA step's forward on the meta device, `on_saved` called for each activation autograd saves
+    (weights left out). With `recomputed`, the UNet's blocks run checkpointed through it: it is called as
+    `recomputed(checkpoint_call, block, *args)`, where `checkpoint_call(block, *args)` is the package's."""
+    unet = meta_unet(model, frozen_conv, lean_blocks=lean_blocks)
+    for param in lora_parameters(unet):
+        param.requires_grad_(True)
+    weights = {w.untyped_storage()._cdata for w in unet.parameters()}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage()._cdata not in weights:
+            on_saved(tensor)
+        return tensor
+
+    checkpoint_call = block_checkpointing._recomputed
+    batch, latent = LoraConfig().lora_batch_size, size // 8
+    x = torch.empty(batch, unet.config.in_channels, latent, latent, device="meta", dtype=torch.float16)
+    text = torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
+    if recomputed is not None:
+        block_checkpointing._recomputed = lambda block, *args: recomputed(checkpoint_call, block, *args)
+    try:
+        with flash_like_attention(), checkpointed_blocks(unet, recomputed is not None), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            unet(x, torch.full((batch,), 500, device="meta"), encoder_hidden_states=text)
+    finally:
+        block_checkpointing._recomputed = checkpoint_call
+
+
 def count_by_hooks(model: str = "sd15-random", size: int = 512, checkpointing: bool = True,
                    frozen_conv: bool = True, lean_blocks: bool = True) -> int:
     """The bytes a LoRA step's forward keeps for its backward, counted as autograd saves them (a saved-tensor
     hook) instead of by walking the graph, whose checkpointed blocks would run again to show what they keep.
     With `checkpointing` (`fastdrag.block_checkpointing`): what the rest of the UNet keeps and the inputs the
     checkpointed blocks keep; without, what `count` gives for the LoRA step (each storage once, weights left out)."""
-    unet = meta_unet(model, frozen_conv, lean_blocks=lean_blocks)
-    for param in lora_parameters(unet):
-        param.requires_grad_(True)
-    weights = {w.untyped_storage()._cdata for w in unet.parameters()}
     kept: Dict[int, int] = {}
 
-    def keep(tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in weights:
-            kept[storage._cdata] = storage.nbytes()
+    def on_saved(tensor: torch.Tensor) -> None:
+        key, nbytes = _storage(tensor)
+        kept[key] = nbytes
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        keep(tensor)
-        return tensor
-
-    def recomputed(block, *args):
+    def recomputed(checkpoint_call, block, *args):  # checkpoint keeps the block's inputs
         for arg in args:
             if isinstance(arg, torch.Tensor):
-                keep(arg)
+                on_saved(arg)
         return checkpoint_call(block, *args)
 
-    checkpoint_call = block_checkpointing._recomputed
-    batch, latent = LoraConfig().lora_batch_size, size // 8
-    x = torch.empty(batch, unet.config.in_channels, latent, latent, device="meta", dtype=torch.float16)
-    text = torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
-    block_checkpointing._recomputed = recomputed
-    try:
-        with flash_like_attention(), checkpointed_blocks(unet, checkpointing), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            unet(x, torch.full((batch,), 500, device="meta"), encoder_hidden_states=text)
-    finally:
-        block_checkpointing._recomputed = checkpoint_call
+    _meta_lora_forward(model, size, frozen_conv, lean_blocks, on_saved, recomputed if checkpointing else None)
     return sum(kept.values())
 
 
@@ -214,33 +229,23 @@ def largest_checkpointed_block(model: str = "sd15-random", size: int = 512, froz
                                lean_blocks: bool = True) -> int:
     """The most bytes one of the blocks `lora_checkpointing` recomputes keeps inside, weights left out: what a
     checkpointed LoRA step's backward holds on top of `count_by_hooks`' count while it recomputes that block."""
-    unet = meta_unet(model, frozen_conv, lean_blocks=lean_blocks)
-    for param in lora_parameters(unet):
-        param.requires_grad_(True)
-    weights = {w.untyped_storage()._cdata for w in unet.parameters()}
     per_block: List[Dict[int, int]] = []
+    running: List[bool] = [False]  # (the checkpointed blocks do not nest)
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in weights:
-            per_block[-1][storage._cdata] = storage.nbytes()
-        return tensor
+    def on_saved(tensor: torch.Tensor) -> None:
+        if running[0]:
+            key, nbytes = _storage(tensor)
+            per_block[-1][key] = nbytes
 
-    def plain(block, *args):  # the block as it runs when recomputed, its saves counted apart
+    def plain(checkpoint_call, block, *args):  # the block as it runs when recomputed, its saves counted apart
         per_block.append({})
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        running[0] = True
+        try:
             return block(*args)
+        finally:
+            running[0] = False
 
-    checkpoint_call = block_checkpointing._recomputed
-    batch, latent = LoraConfig().lora_batch_size, size // 8
-    x = torch.empty(batch, unet.config.in_channels, latent, latent, device="meta", dtype=torch.float16)
-    text = torch.empty(batch, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
-    block_checkpointing._recomputed = plain
-    try:
-        with flash_like_attention(), checkpointed_blocks(unet):
-            unet(x, torch.full((batch,), 500, device="meta"), encoder_hidden_states=text)
-    finally:
-        block_checkpointing._recomputed = checkpoint_call
+    _meta_lora_forward(model, size, frozen_conv, lean_blocks, on_saved, plain)
     return max(sum(block.values()) for block in per_block)
 
 

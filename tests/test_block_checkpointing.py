@@ -1,7 +1,6 @@
 """`lora_checkpointing` (`fastdrag.block_checkpointing`): a LoRA step whose UNet blocks run again in the
 backward gives the gradients, the adapter and the edit of one that keeps them, and keeps less."""
 import contextlib
-import copy
 import sys
 from pathlib import Path
 
@@ -13,34 +12,20 @@ from torch.utils.checkpoint import checkpoint
 
 from fastdrag.block_checkpointing import checkpointed_blocks, checkpointing_blocks
 from fastdrag.config import LoraConfig
-from fastdrag.frozen_conv import install_frozen_conv
-from fastdrag.lean_blocks import install_lean_blocks, lean_lora_layers
+from fastdrag.lean_blocks import lean_lora_layers
 from fastdrag.lora_casts import half_weights
-from fastdrag.lora import LoraTrainer, adapter_state, install_adapter, lora_backward, lora_parameters, run_trainer
+from fastdrag.lora import LoraTrainer, adapter_state, lora_backward, run_trainer
 from fastdrag.vae import encode_posterior, encode_prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from op_count import CudaNormPolicy, cuda_like_autocast  # noqa: E402
+from test_lora_casts import lora_case  # noqa: E402
 
 
 def step_case(tiny, dtype=torch.float32, lean=True):
-    """The tiny UNet in `dtype` (channels-last, frozen convolutions, lean blocks if asked) with a
-    trained-looking fp32 adapter, and a LoRA step's inputs: fresh random values, a batch of 3 at 12x10."""
-    unet = copy.deepcopy(tiny.unet).to(dtype).to(memory_format=torch.channels_last)
-    install_frozen_conv(unet)
-    if lean:
-        install_lean_blocks(unet)
-    install_adapter(unet, LoraConfig(), seed=3)
-    generator = torch.Generator().manual_seed(11)
-    params = lora_parameters(unet)
-    for param in params:
-        param.data = torch.randn(param.shape, generator=generator) * 0.1
-        param.requires_grad_(True)
-    unet.train()
-    latents, noise = (torch.randn(3, 4, 12, 10, generator=generator) for _ in range(2))
-    timesteps = torch.randint(0, 1000, (3,), generator=generator)
-    text = torch.randn(3, 77, unet.config.cross_attention_dim, generator=generator).to(dtype)
-    return unet, params, (latents, noise, timesteps, text, tiny.scheduler.alphas_cumprod)
+    """The tiny UNet in `dtype` as on CUDA (channels-last, frozen convolutions, lean blocks if asked) with a
+    trained-looking fp32 adapter, and a LoRA step's inputs (`tests/test_lora_casts.py`)."""
+    return lora_case(tiny, dtype, lean=lean, frozen_conv=True)
 
 
 def gradients(unet, params, arguments, checkpointing, prediction_type="epsilon"):

@@ -9,6 +9,7 @@ from peft.helpers import disable_input_dtype_casting
 
 import fastdrag.lora
 from fastdrag.config import LoraConfig
+from fastdrag.frozen_conv import install_frozen_conv
 from fastdrag.lean_blocks import install_lean_blocks, lean_lora_layers
 from fastdrag.lora import install_adapter, lora_layers, lora_loss, lora_parameters
 from fastdrag.lora_casts import HalfWeights, half_adapter_weights, half_weights
@@ -17,11 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from op_count import OpCount, cuda_like_autocast  # noqa: E402
 
 
-def lora_case(tiny, dtype):
-    """The tiny UNet in `dtype`, channels-last, lean, with a trained-looking fp32 adapter, and a LoRA
-    step's inputs (fresh random values, a batch of 3 at 12x10)."""
+def lora_case(tiny, dtype, lean: bool = True, frozen_conv: bool = False):
+    """The tiny UNet in `dtype`, channels-last, lean (unless not `lean`), with frozen convolutions if asked
+    and a trained-looking fp32 adapter, and a LoRA step's inputs (fresh random values, a batch of 3 at 12x10)."""
     unet = copy.deepcopy(tiny.unet).to(dtype).to(memory_format=torch.channels_last)
-    install_lean_blocks(unet)
+    if frozen_conv:
+        install_frozen_conv(unet)
+    if lean:
+        install_lean_blocks(unet)
     install_adapter(unet, LoraConfig(), seed=3)
     generator = torch.Generator().manual_seed(5)
     params = lora_parameters(unet)
