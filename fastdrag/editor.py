@@ -523,8 +523,8 @@ class DragEditor:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         advice = [] if config.lora_checkpointing else [
-            "lora_checkpointing=True (--lora-checkpointing true) recomputes the UNet's blocks in the LoRA "
-            "step's backward instead of keeping them: about a sixth of the activations for about a third more time"]
+            "lora_checkpointing=True (--lora-checkpointing true) recomputes the UNet's blocks in the LoRA step's "
+            "backward instead of keeping them: about a sixth of the activations kept, for a third more computation"]
         advice.append("a smaller working size (size=(W, H), --size WxH) needs less")
         return torch.OutOfMemoryError(f"the LoRA stage ran out of memory at {size[0]}x{size[1]} with batch "
                                       f"{config.lora.lora_batch_size}: {'; '.join(advice)}. ({error})")
