@@ -326,12 +326,28 @@ def _load_folder(folder: Path, variant: Optional[str] = None) -> Components:
     return components
 
 
+@contextlib.contextmanager
+def _no_safety_checker_notice() -> Iterator[None]:
+    """Inside, diffusers' paragraph on `safety_checker=None` (logged at every single-file load) is left out."""
+    pipeline_logger = logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("You have disabled the safety checker")
+
+    pipeline_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        pipeline_logger.removeFilter(keep)
+
+
 def _load_single_file(path: Path, config: Optional[str]) -> Components:
     from diffusers import StableDiffusionPipeline
 
     try:
         kwargs = {"config": config} if config else {}
-        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, **kwargs)
+        with _no_safety_checker_notice():  # none is asked for: an edit keeps the user's own image
+            pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(
             f"could not load the single-file checkpoint {path}: {exc}. "

@@ -248,30 +248,6 @@ def test_an_sd2_shaped_model_edits_alike_with_and_without_the_lean_blocks(pictur
     assert np.abs(plain - np.asarray(picture.image).astype(int)).mean() > 0.5  # it edited something
 
 
-def test_a_single_file_gets_its_configuration_folder_and_its_prediction_type(tmp_path, monkeypatch):
-    """The wiring around diffusers' single-file loader (which needs an original-layout checkpoint, not
-    made here): `single_file_config` reaches it, and its scheduler's prediction type is kept."""
-    import types
-
-    import diffusers
-
-    tiny, calls = build_tiny(), []
-
-    def from_single_file(path, **kwargs):
-        calls.append((path, kwargs))
-        return types.SimpleNamespace(unet=tiny.unet, vae=tiny.vae, text_encoder=tiny.text_encoder,
-                                     tokenizer=tiny.tokenizer, scheduler=ddim_scheduler("v_prediction"))
-
-    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", staticmethod(from_single_file))
-    checkpoint = tmp_path / "sd21.safetensors"
-    checkpoint.write_bytes(b"\x00" * 16)
-    editor = DragEditor.from_pretrained(str(checkpoint), device="cpu", single_file_config=str(tmp_path / "config"),
-                                        progress=False)
-    assert calls == [(str(checkpoint), {"config": str(tmp_path / "config"), "safety_checker": None})]
-    assert editor.components.scheduler.config.prediction_type == "v_prediction"
-    assert editor.components.identity.startswith("file:") and editor.components.identity.endswith(":v_prediction")
-
-
 def test_a_model_trained_with_another_noise_schedule_edits_with_it(tmp_path, caplog):
     """The betas come from the model's scheduler config too (SD 1.x and 2.x share DESIGN.md's): a folder
     that says others gets them, with a warning that names them, and its LoRAs another cache key."""
