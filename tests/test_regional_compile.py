@@ -93,6 +93,14 @@ def test_a_compiled_editor_edits_like_an_eager_one_and_exports_plain_modules(pic
     graphs = compiled_graphs()
     compiled.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=4, **fast)  # a new LoRA
     assert compiled_graphs() == graphs
+    # `lora_checkpointing`: the compiled blocks run again in the backward, as compiled; the adapter is the
+    # eager editor's, and nothing new compiles
+    settings = dict(seed=5, lora_steps=fast["lora_steps"])
+    compiled.train_lora(picture.image, picture.prompt, lora_checkpointing=True, **settings)
+    plain.train_lora(picture.image, picture.prompt, **settings)
+    for name, value in adapter_state(plain.components.unet).items():
+        torch.testing.assert_close(adapter_state(compiled.components.unet)[name], value, rtol=1e-4, atol=1e-5)
+    assert compiled_graphs() == graphs
 
     merged = merged_unet(compiled.components.unet)
     assert not any(is_compiled(m) for m in merged.modules())
