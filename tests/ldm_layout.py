@@ -14,6 +14,7 @@ from typing import Dict
 import torch
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPEN_CLIP = "cond_stage_model.model."  # SD 2.x's text encoder
 
 _UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
@@ -68,8 +69,35 @@ def _vae_key(key: str, up_blocks: int) -> str:
     return key
 
 
-def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The three models' weights under their LDM names, as one single-file checkpoint holds them."""
+def _open_clip_state(text_encoder: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A CLIP text model's weights as SD 2.x's OpenCLIP text tower names them: one fused query-key-value
+    projection per layer (`in_proj_weight`, queries first) and its own names for the rest."""
+    plain = {key[len("text_model."):] if key.startswith("text_model.") else key: value
+             for key, value in text_encoder.state_dict().items()}
+    state = {"token_embedding.weight": plain.pop("embeddings.token_embedding.weight"),
+             "positional_embedding": plain.pop("embeddings.position_embedding.weight"),
+             "ln_final.weight": plain.pop("final_layer_norm.weight"), "ln_final.bias": plain.pop("final_layer_norm.bias")}
+    renames = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+               ("self_attn.out_proj", "attn.out_proj")]
+    for layer in range(text_encoder.config.num_hidden_layers):
+        own, theirs = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            state[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [plain.pop(f"{own}self_attn.{name}_proj.{kind}") for name in ("q", "k", "v")])
+        for key in [key for key in plain if key.startswith(own)]:
+            rest = key[len(own):]
+            for old, new in renames:
+                rest = rest.replace(old, new)
+            state[theirs + rest] = plain.pop(key)
+    if plain:
+        raise KeyError(f"no OpenCLIP name for text encoder keys {sorted(plain)[:3]}")
+    return state
+
+
+def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                   open_clip: bool = False) -> Dict[str, torch.Tensor]:
+    """The three models' weights under their LDM names, as one single-file checkpoint holds them; with
+    `open_clip`, the text encoder as SD 2.x's checkpoints hold theirs."""
     layers = unet.config.layers_per_block
     attended_up = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
     state: Dict[str, torch.Tensor] = {}
@@ -83,6 +111,9 @@ def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: to
         if ".mid.attn_1." in name and name.endswith(".weight") and value.dim() == 2:
             value = value[:, :, None, None]  # LDM's VAE attention projects with 1x1 convolutions
         state[VAE + name] = value
-    for key, value in text_encoder.state_dict().items():  # as transformers 4's CLIPTextModel named them
-        state[TEXT + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    if open_clip:
+        state.update({OPEN_CLIP + key: value for key, value in _open_clip_state(text_encoder).items()})
+    else:
+        for key, value in text_encoder.state_dict().items():  # as transformers 4's CLIPTextModel named them
+            state[TEXT + ("" if key.startswith("text_model.") else "text_model.") + key] = value
     return {name: tensor.contiguous() for name, tensor in state.items()}

@@ -1,4 +1,4 @@
-"""Single-file checkpoints in the original (LDM) layout, as SD 1.5 and most fine-tunes are shared, load
+"""Single-file checkpoints in the original (LDM) layout, as SD 1.5, SD 2.x and most fine-tunes are shared, load
 offline through diffusers' single-file loader with a configuration folder (`single_file_config`) and
 edit as the same weights in a diffusers folder do."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastdrag import DragEditor
 from fastdrag.errors import ModelLoadError
 from fastdrag.models import build_tiny, load_components
 
-from ldm_layout import UNET, ldm_state_dict
+from ldm_layout import TEXT, UNET, ldm_state_dict
 
 MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -124,3 +124,22 @@ def test_a_single_file_of_another_architecture_than_its_configuration_is_refused
     save_file(state, str(path))
     with pytest.raises(ModelLoadError, match="other.safetensors"):
         load_components(str(path), single_file_config=str(folder), progress=False)
+
+
+def test_an_sd2_shaped_file_with_an_open_clip_text_encoder_loads_its_own_weights(tmp_path, monkeypatch):
+    """SD 2.x's layout: linear projections in the transformers, the text encoder as OpenCLIP's tower (fused
+    query-key-value projections), and a v-model's configuration folder."""
+    from test_prediction_type import _sd2_shaped
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd2 = _sd2_shaped(lean=False)
+    folder = configuration_folder(sd2, tmp_path / "config", prediction_type="v_prediction")
+    path = tmp_path / "sd2.safetensors"
+    state = ldm_state_dict(sd2.unet, sd2.vae, sd2.text_encoder, open_clip=True)
+    assert any(key.endswith("attn.in_proj_weight") for key in state) and not any(key.startswith(TEXT) for key in state)
+    save_file(state, str(path))
+    loaded = load_components(str(path), single_file_config=str(folder), progress=False)
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = getattr(sd2, name).state_dict(), getattr(loaded, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[key], got[key]) for key in want), name
+    assert loaded.unet.config.use_linear_projection and loaded.scheduler.config.prediction_type == "v_prediction"
