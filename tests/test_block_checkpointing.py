@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastdrag.block_checkpointing import checkpointed_blocks, checkpointing_blocks
 from fastdrag.config import LoraConfig
+from fastdrag.fused_blocks import install_fused_blocks
 from fastdrag.lean_blocks import lean_lora_layers
 from fastdrag.lora_casts import half_weights
 from fastdrag.lora import LoraTrainer, adapter_state, lora_backward, run_trainer
@@ -35,10 +36,14 @@ def gradients(unet, params, arguments, checkpointing, prediction_type="epsilon")
     return loss, [param.grad.clone() for param in params]
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "stock"])
+@pytest.mark.parametrize("blocks", ["lean", "stock", "fused"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny, lean, prediction_type):
-    unet, params, arguments = step_case(tiny, lean=lean)
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny, blocks, prediction_type):
+    """Each kind of block the editor may run (`fused`: `fastdrag.fused_blocks`' autograd functions, on their
+    reference path here) recomputes what it computed."""
+    unet, params, arguments = step_case(tiny, lean=blocks != "stock")
+    if blocks == "fused":
+        assert sum(install_fused_blocks(unet).values()) > 0
     loss, grads = gradients(unet, params, arguments, False, prediction_type)
     checkpointed_loss, checkpointed = gradients(unet, params, arguments, True, prediction_type)
     assert torch.isfinite(loss) and torch.equal(loss, checkpointed_loss)

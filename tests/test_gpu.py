@@ -1061,21 +1061,22 @@ def test_a_v_model_edits_on_cuda_with_graphs_as_the_noise_predicting_model_it_st
     assert apart("v") < 3.0 and apart("misread") > 3 * max(apart("v"), 1.0), (apart("v"), apart("misread"))
 
 
-@pytest.mark.parametrize("half_norms", ["0", "1"], ids=["fp32-norms", "half-norms"])
-def test_a_checkpointed_lora_step_on_cuda_trains_like_the_kept_one_and_peaks_lower(monkeypatch, half_norms):
+@pytest.mark.parametrize("setting", ["fp32-norms", "half-norms", "fused"])
+def test_a_checkpointed_lora_step_on_cuda_trains_like_the_kept_one_and_peaks_lower(monkeypatch, setting):
     """`lora_checkpointing` on CUDA in fp16, on the UNet an editor prepares (channels-last, frozen
-    convolutions, lean blocks, shared casts): with its step replayed as a CUDA graph it trains as the
-    step that keeps its activations does (within the graphed-vs-eager bounds above; the half norms'
-    recomputation must run as their forward did, or checkpoint's metadata check fails), and an eager step
-    at 64x64 latents peaks lower."""
+    convolutions, lean blocks, shared casts; `fused`: with the fused Triton kernels): with its step replayed
+    as a CUDA graph it trains as the step that keeps its activations does (within the graphed-vs-eager
+    bounds above; the half norms' recomputation must run as their forward did, or checkpoint's metadata
+    check fails), and an eager step at 64x64 latents peaks lower."""
     from types import SimpleNamespace
 
     from fastdrag import DragEditor
     from fastdrag.config import LoraConfig
     from fastdrag.lora import LoraTrainer, adapter_state
 
-    monkeypatch.setenv("FASTDRAG_HALF_NORMS", half_norms)
-    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", progress=False)
+    monkeypatch.setenv("FASTDRAG_HALF_NORMS", "1" if setting == "half-norms" else "0")
+    editor = DragEditor.from_pretrained("tiny", device="cuda", dtype="fp16", progress=False,
+                                        fused_unet_kernels=setting == "fused")
     unet = editor.components.unet
     generator = torch.Generator().manual_seed(8)
     text = torch.randn(1, 77, 32, generator=generator).to("cuda", torch.float16)
