@@ -144,6 +144,11 @@ def _one_at_a_time(method):
     return locked
 
 
+# what an error calls each stage `DragEditor._timed` runs
+STAGE_NAMES = {"text": "text encoding", "vae_encode": "VAE encoding", "lora": "LoRA", "export": "export",
+               "inversion": "inversion", "drag": "drag", "denoise": "denoising", "vae_decode": "VAE decoding"}
+
+
 class DragEditor:
     """Holds a model warm and runs DragDiffusion edits with it.
 
@@ -189,6 +194,7 @@ class DragEditor:
         self._prompt_embeddings: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._on_step: Optional[StepCallback] = None  # the running call's callback (`edit`'s `on_step`)
         self._in_callback = False  # whether that callback is running (it may not call the editor)
+        self._working_size: Optional[Tuple[int, int]] = None  # the last prepared image's
 
     @property
     def sdpa_priority(self) -> str:
@@ -286,8 +292,13 @@ class DragEditor:
         """Run one stage to its end on the device and add its seconds to `timings`; at its end, with
         `release_cached_memory`, the caching allocator's free blocks go back to the driver."""
         start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        _synchronize(self.device)
+        try:
+            result = fn(*args, **kwargs)
+            _synchronize(self.device)
+        except torch.OutOfMemoryError as exc:
+            if getattr(exc, "stage", None):  # said already, where more is known (the LoRA stage)
+                raise
+            raise self._out_of_memory(exc, name, self._working_size) from exc
         if self.release_cached_memory and self.device.type == "cuda":
             torch.cuda.empty_cache()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
@@ -326,6 +337,7 @@ class DragEditor:
         sup_res = config.drag.sup_res
         inputs = prepare_inputs(image, points, mask, config.size, sup_res)
         self._check_sizes(inputs, config)
+        self._working_size = inputs.working_size  # (what an out-of-memory error names)
         timings: Dict[str, float] = {}
         text = self._timed(timings, "text", self.text_embeddings, prompt)
         posterior = LazyPosterior(lambda: self._encode(inputs, config))
@@ -504,7 +516,7 @@ class DragEditor:
             with sdpa_priority(self._sdpa_priority):
                 losses = run_trainer(trainer, config.lora.lora_steps, self._progress(), keep_graph=keep)
         except torch.OutOfMemoryError as exc:
-            raise self._lora_out_of_memory(exc, image.size, config) from exc
+            raise self._out_of_memory(exc, "lora", image.size, config) from exc
         self._lora_trainer = trainer if keep else None
         try:
             self.cache.save(key, adapter_state(c.unet), {"model": c.identity, "prompt": prompt,
@@ -515,19 +527,27 @@ class DragEditor:
         self._loaded_key = key
         return key, False
 
-    def _lora_out_of_memory(self, error: torch.OutOfMemoryError, size: Tuple[int, int],
-                            config: EditConfig) -> torch.OutOfMemoryError:
-        """The LoRA stage's out-of-memory error, saying what to change; the trainer (whose graph may be half
-        captured) is dropped and the allocator's cache emptied, so the next edit starts clean."""
-        self._lora_trainer = None
+    def _out_of_memory(self, error: torch.OutOfMemoryError, stage: str, size: Optional[Tuple[int, int]],
+                       config: Optional[EditConfig] = None) -> torch.OutOfMemoryError:
+        """`stage`'s out-of-memory error, saying what to change (its `stage` attribute names the stage). The
+        kept graphs (one may be half captured) and their pool are dropped and the allocator's cache emptied,
+        so the next edit starts clean; the adapter and the kept inversions stay."""
+        self._drop_graphs()
+        self._drop_pool()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        advice = [] if config.lora_checkpointing else [
-            "lora_checkpointing=True (--lora-checkpointing true) recomputes the UNet's blocks in the LoRA step's "
-            "backward instead of keeping them: about a sixth of the activations kept, for a third more computation"]
+        advice = []
+        if stage == "lora" and config is not None and not config.lora_checkpointing:
+            advice.append("lora_checkpointing=True (--lora-checkpointing true) recomputes the UNet's blocks in the "
+                          "LoRA step's backward instead of keeping them: about a sixth of the activations kept, for "
+                          "a third more computation")
         advice.append("a smaller working size (size=(W, H), --size WxH) needs less")
-        return torch.OutOfMemoryError(f"the LoRA stage ran out of memory at {size[0]}x{size[1]} with batch "
-                                      f"{config.lora.lora_batch_size}: {'; '.join(advice)}. ({error})")
+        where = f" at {size[0]}x{size[1]}" if size else ""
+        batch = f" with batch {config.lora.lora_batch_size}" if stage == "lora" and config is not None else ""
+        said = torch.OutOfMemoryError(f"the {STAGE_NAMES.get(stage, stage)} stage ran out of memory{where}{batch}: "
+                                      f"{'; '.join(advice)}. ({error})")
+        said.stage = stage
+        return said
 
     @_one_at_a_time
     def train_lora(self, image: ImageLike, prompt: str, on_step: Optional[StepCallback] = None,

@@ -184,3 +184,30 @@ def test_a_lora_stage_out_of_memory_says_what_to_change_and_the_next_edit_is_a_f
     expected = fresh.edit(picture.image, picture.prompt, picture.points, **fast)
     assert not again.lora_cached and again.lora_key == expected.lora_key
     assert np.array_equal(np.asarray(again.image), np.asarray(expected.image))
+
+
+@pytest.mark.parametrize("stage", ["drag", "denoise", "vae_decode"])
+def test_any_stage_out_of_memory_names_itself_and_the_next_edit_is_a_fresh_one(editor, picture, fast, tmp_path,
+                                                                                 monkeypatch, stage):
+    """Out of memory in a later stage: the error names the stage and the working size (not the LoRA's advice),
+    the editor drops its kept graphs, and its next edit (the LoRA now from the cache) is a fresh editor's."""
+    import fastdrag.editor as editor_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    target, name = {"drag": (type(editor), "_drag"), "denoise": (type(editor), "_denoise"),
+                    "vae_decode": (editor_module, "decode")}[stage]
+    with monkeypatch.context() as patch:
+        patch.setattr(target, name, out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    width, height = picture.image.size
+    message = str(caught.value)
+    assert message.startswith(f"the {editor_module.STAGE_NAMES[stage]} stage ran out of memory at {width}x{height}:")
+    assert "--size" in message and "lora_checkpointing" not in message and "3.00 GiB" in message
+    assert caught.value.stage == stage and editor._drag_loop is None and editor._lora_trainer is None
+    again = editor.edit(picture.image, picture.prompt, picture.points, **fast)
+    fresh = type(editor)(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(picture.image, picture.prompt, picture.points, **fast)
+    assert again.lora_cached and np.array_equal(np.asarray(again.image), np.asarray(expected.image))
