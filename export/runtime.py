@@ -25,6 +25,7 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16}
 class _GraphDenoiser:
     """Shared logic: which graph answers a call, the start-layer check, and the kept keys and values."""
 
+    fixed_batch = True  # the graphs take fixed batches: guidance runs its two halves as two calls
     UNET_GRAPHS = ("unet_inversion", "unet_reference", "unet_kept")
 
     def __init__(self, manifest: Manifest):

@@ -27,7 +27,7 @@ class InversionConfig:
 
     num_inference_steps: int = 50
     inversion_strength: float = 0.7
-    guidance_scale: float = 1.0
+    guidance_scale: float = 1.0  # classifier-free guidance of inversion and denoising (1: none; `fastdrag.guidance`)
 
     @property
     def num_inversion_steps(self) -> int:
@@ -145,6 +145,9 @@ class EditConfig:
             (self.lora.lora_lr > 0 and self.drag.drag_lr > 0, "lora_lr and drag_lr must be > 0"),
             (self.drag.lam >= 0 and self.drag.reach_distance >= 0, "lam and reach_distance must be >= 0"),
             (self.denoise.start_step >= 0, "start_step must be >= 0"),
+            (self.inversion.guidance_scale >= 0, "guidance_scale must be >= 0"),
+            (self.inversion.guidance_scale == 1.0 or not self.keep_source_kv,
+             "keep_source_kv records the source branch without guidance: it needs guidance_scale 1"),
             (self.drag.sup_res is None or min(self.drag.sup_res) >= 1, "sup_res must be None or (h, w), each >= 1"),
             (self.denoise.start_layer >= 0, "start_layer must be >= 0"),
             (self.denoise.attention_backend in ("auto", "sdpa", "xformers"), "attention_backend must be auto, sdpa or xformers"),

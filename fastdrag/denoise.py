@@ -9,22 +9,29 @@ import torch
 from .config import DenoiseConfig
 from .ddim import DdimSchedule, ddim_step
 from .denoiser import Denoiser
+from .guidance import guided_noise
 from .progress import Progress, as_progress
 from .source_kv import SourceKV
 
 
 def denoise_pair(denoiser: Denoiser, source: torch.Tensor, edited: torch.Tensor, text_embeddings: torch.Tensor,
                  schedule: DdimSchedule, config: DenoiseConfig, progress: Union[bool, Progress] = True,
-                 record: Optional[SourceKV] = None, record_key: Hashable = None) -> torch.Tensor:
+                 record: Optional[SourceKV] = None, record_key: Hashable = None,
+                 unconditional: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """Denoise `[source, edited]` from the drag timestep to 0; returns the (2, 4, h, w) clean latents.
 
     From step `start_step` on, the chosen self-attention layers of both branches attend to the
     source branch's keys and values, so the edited branch keeps the source's appearance. With
     `record` (a `SourceKV`; the denoiser must keep them) those keys and values of every such step
-    are recorded into it, where they then answer for `record_key`.
+    are recorded into it, where they then answer for `record_key`. With a `guidance_scale` other
+    than 1, each step's noise is guided by the `unconditional` embeddings (`fastdrag.guidance`; the
+    pair's unconditional rows attend to their own source row); it records nothing then.
     """
+    if guidance_scale != 1.0 and record is not None:
+        raise ValueError("the source branch's keys and values are recorded without guidance only (guidance_scale 1)")
     x = torch.cat([source, edited], dim=0)
-    return _denoise(denoiser, x, text_embeddings, schedule, config, progress, record, True, record_key)
+    return _denoise(denoiser, x, text_embeddings, schedule, config, progress, record, True, record_key,
+                    unconditional, guidance_scale)
 
 
 def denoise_edited(denoiser: Denoiser, edited: torch.Tensor, text_embeddings: torch.Tensor, schedule: DdimSchedule,
@@ -37,8 +44,9 @@ def denoise_edited(denoiser: Denoiser, edited: torch.Tensor, text_embeddings: to
 
 def _denoise(denoiser: Denoiser, x: torch.Tensor, text_embeddings: torch.Tensor, schedule: DdimSchedule,
              config: DenoiseConfig, progress: Union[bool, Progress], source_kv: Optional[SourceKV], recording: bool,
-             key: Hashable) -> torch.Tensor:
+             key: Hashable, unconditional: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
     text = text_embeddings.expand(x.shape[0], -1, -1)
+    uncond = None if unconditional is None else unconditional.expand(x.shape[0], -1, -1)
     timesteps = schedule.denoise_timesteps
     swapped = {}
     if source_kv is not None:
@@ -53,7 +61,7 @@ def _denoise(denoiser: Denoiser, x: torch.Tensor, text_embeddings: torch.Tensor,
                 stack.enter_context(denoiser.reference_control(config.start_layer, config.attention_backend, **swapped))
             if source_kv is not None and index >= config.start_step:
                 source_kv.set_step(index - config.start_step)
-            eps = denoiser(x, t, text)
+            eps = guided_noise(denoiser, x, t, text, uncond, guidance_scale)
             x = ddim_step(schedule, x, eps, t)
     if source_kv is not None:
         source_kv.finish(key)

@@ -580,6 +580,9 @@ class DragEditor:
         from .export.pipeline import check_output, export_loaded
 
         config = self.config.replace(**overrides)
+        if config.inversion.guidance_scale != 1.0:  # before the LoRA trains
+            raise ConfigError(f"an export's manifest describes the loops at guidance_scale 1 (DragDiffusion's); got "
+                              f"{config.inversion.guidance_scale}: guidance runs in the editor's backends only")
         check_output(Path(output), overwrite, fmt)
         picture = load_image(image)
         size = working_size(picture.size, config.size)
@@ -719,7 +722,8 @@ class DragEditor:
 
     @staticmethod
     def _inversion_key(prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig) -> tuple:
-        return prepared.lora_key, prepared.inputs.working_size, tuple(schedule.inversion_timesteps), config.backend
+        return (prepared.lora_key, prepared.inputs.working_size, tuple(schedule.inversion_timesteps), config.backend,
+                config.inversion.guidance_scale)
 
     def _inversion_kept(self, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig) -> bool:
         return self._inversion_key(prepared, schedule, config) in self._inversions
@@ -732,11 +736,17 @@ class DragEditor:
         if key in self._inversions:
             self._inversions.move_to_end(key)
             return self._inversions[key]
-        z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self._progress())
+        z_t = invert(denoiser, latents, prepared.text_embeddings, schedule, progress=self._progress(),
+                     **self._guidance(config))
         while len(self._inversions) >= self.INVERSIONS_KEPT:
             self._inversions.popitem(last=False)
         self._inversions[key] = z_t
         return z_t
+
+    def _guidance(self, config: EditConfig) -> Dict[str, object]:
+        """Inversion's and denoising's guidance arguments: the empty prompt's embeddings where the scale is not 1."""
+        scale = config.inversion.guidance_scale
+        return {} if scale == 1.0 else {"unconditional": self.text_embeddings(""), "guidance_scale": scale}
 
     def _drag(self, z_t: torch.Tensor, prepared: PreparedImage, schedule: DdimSchedule, config: EditConfig,
               inversion_kept: bool = False):
@@ -765,7 +775,8 @@ class DragEditor:
         text, source_kv = prepared.text_embeddings, self._source_kv
         if not (config.keep_source_kv and getattr(denoiser, "keeps_source_kv", False)):
             source_kv.clear()  # off: hold nothing
-            return denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self._progress())[1:]
+            return denoise_pair(denoiser, z_t, edited, text, schedule, config.denoise, progress=self._progress(),
+                                **self._guidance(config))[1:]
         key = (self._inversion_key(prepared, schedule, config), config.denoise, config.merge_lora, self._sdpa_priority)
         if source_kv.holds(key):
             return denoise_edited(denoiser, edited, text, schedule, config.denoise, source_kv, progress=self._progress())

@@ -119,6 +119,33 @@ def test_graphs_match_torch(exported):
     assert relative_error(eps2[1:], eps_edit_alone) > 1e-3   # the edited branch attends to the source
 
 
+def test_guided_inversion_and_denoising_run_on_the_exported_graphs_as_two_calls(exported):
+    """`guidance_scale` on the exported backend: each step's two halves as two calls of the fixed-batch
+    graphs give what one batched PyTorch call on the merged UNet gives (`fastdrag.guidance`)."""
+    from fastdrag.config import DenoiseConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.denoise import denoise_pair
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.export.runtime import OnnxRuntimeDenoiser
+    from fastdrag.inversion import invert
+
+    editor, manifest, merged, case = exported
+    generator = torch.Generator().manual_seed(8)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text, uncond = editor.text_embeddings(case.prompt), editor.text_embeddings("")
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 10, 7)
+    config = DenoiseConfig(start_layer=manifest.data["reference_control"]["start_layer"], attention_backend="sdpa")
+    guided = dict(progress=False, unconditional=uncond, guidance_scale=3.0)
+    results = []
+    for denoiser in (OnnxRuntimeDenoiser(manifest), TorchDenoiser(merged)):
+        with torch.no_grad():
+            z_t = invert(denoiser, latents, text, schedule, **guided)
+            pair = denoise_pair(denoiser, z_t, z_t + 0.1, text, schedule, config, **guided)
+        results.append((z_t, pair))
+    (ort_z, ort_pair), (torch_z, torch_pair) = results
+    assert relative_error(ort_z.numpy(), torch_z) < 1e-4 and relative_error(ort_pair.numpy(), torch_pair) < 1e-4
+
+
 def test_manifest_round_trip(exported):
     from fastdrag.export import load_manifest
     from fastdrag.vae import encode_prompt
