@@ -84,6 +84,8 @@ EDIT_FIELD_HELP = {
     "keep_source_kv": "keep the source branch's keys and values, so a repeated edit denoises one branch",
     "lora_checkpointing": "recompute the UNet's blocks in the LoRA step's backward: less memory, more time",
 }
+# stage fields that act beyond their stage
+FIELD_HELP = {"guidance_scale": "classifier-free guidance of inversion and denoising (1: none)"}
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +93,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method parameters (defaults: DragDiffusion's published values)")
     for name, default, stage in _stage_fields():
         flag = "--" + name.replace("_", "-")
-        where = f"{stage} stage" if stage else EDIT_FIELD_HELP.get(name, "edit")
+        where = FIELD_HELP.get(name) or (f"{stage} stage" if stage else EDIT_FIELD_HELP.get(name, "edit"))
         if name == "size":
             group.add_argument(flag, type=_parse_size, default=None, metavar="WxH",
                                help="working size (default: image size rounded to a multiple of 64)")
