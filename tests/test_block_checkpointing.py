@@ -211,3 +211,20 @@ def test_any_stage_out_of_memory_names_itself_and_the_next_edit_is_a_fresh_one(e
     fresh = type(editor)(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
     expected = fresh.edit(picture.image, picture.prompt, picture.points, **fast)
     assert again.lora_cached and np.array_equal(np.asarray(again.image), np.asarray(expected.image))
+
+
+def test_a_kept_trainer_restarts_in_its_own_mode_and_another_mode_builds_one(editor, picture, fast, tmp_path):
+    """With `lora_checkpointing` the kept trainer carries over to the next image and trains what a fresh
+    editor trains; turning the option off builds a trainer of the other mode instead of restarting it."""
+    settings = dict(fast, lora_checkpointing=True)
+    editor.edit(picture.image, picture.prompt, picture.points, **settings)
+    trainer = editor._lora_trainer
+    assert trainer is not None and trainer.checkpointing
+    other = (np.random.default_rng(9).random((64, 64, 3)) * 255).astype(np.uint8)
+    checkpointed = editor.edit(other, "another prompt", picture.points, **settings)
+    assert editor._lora_trainer is trainer and not checkpointed.lora_cached
+    fresh = type(editor)(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(other, "another prompt", picture.points, **fast)  # (the option changes no number)
+    assert np.array_equal(np.asarray(checkpointed.image), np.asarray(expected.image))
+    editor.edit(other, "a third prompt", picture.points, **fast)
+    assert editor._lora_trainer is not trainer and not editor._lora_trainer.checkpointing
