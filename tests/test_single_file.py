@@ -28,10 +28,10 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end
 def configuration_folder(components, folder, prediction_type="epsilon"):
     """A diffusers folder of `components`' configuration and tokenizer only, no weights: what a user keeps
     beside single files of one architecture."""
-    for name in ("unet", "vae", "text_encoder", "tokenizer"):
-        getattr(components, name).save_pretrained(folder / name)
-    for weights in [*folder.rglob("*.safetensors"), *folder.rglob("*.bin")]:
-        weights.unlink()
+    components.unet.save_config(folder / "unet")
+    components.vae.save_config(folder / "vae")
+    components.text_encoder.config.save_pretrained(folder / "text_encoder")
+    components.tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(dict(SD_SCHEDULER, prediction_type=prediction_type)))
