@@ -2,6 +2,10 @@
 refit with another LoRA, and the standalone protocol a C++ service follows."""
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,9 +248,6 @@ def test_the_standalone_edit_runs_without_the_python_stack(exported, tmp_path):
     """`python export/standalone.py edit ...` (numpy and ONNX Runtime alone: the script asserts that no
     fastdrag, torch, diffusers or transformers module was imported) writes the edit `edit` makes in
     process, at the manifest's settings (80 drag steps)."""
-    import subprocess
-    import sys
-
     from fastdrag.demo import demo_case
 
     _, manifest, _ = exported
@@ -285,9 +286,6 @@ def test_another_image_runs_on_the_export_from_its_refit_weights(exported, tmp_p
     """`fastdrag refit` writes an image's merged LoRA-target weights and text embeddings for an export made
     from another image; the standalone protocol with that file computes the image's own UNet (and not the
     export's) and makes the editor's edit of it."""
-    import subprocess
-    import sys
-
     from fastdrag.cli import main
     from fastdrag.export.refit import load_refit_maps, load_refit_weights
 
@@ -401,3 +399,155 @@ def test_the_export_command_takes_a_count_of_drag_points(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(["export", "a.png", "--prompt", "p", "--output", "o", "--drag-points", "-1"])
     assert exit_info.value.code == 2 and "must be at least 0" in capsys.readouterr().err
+
+
+# ---- export/cpp/fastdrag_edit: the same protocol in C++ with ONNX Runtime's C++ API ----
+
+REQUIRE_CPP = os.environ.get("FASTDRAG_REQUIRE_CPP") == "1"  # .ci/run installs the toolchain and sets it
+
+
+@pytest.fixture(scope="module")
+def cpp_program(tmp_path_factory):
+    """`export/cpp/fastdrag_edit` built by `export/cpp/build.sh` against the onnxruntime wheel's library.
+    Skipped, with build.sh's reason, where a prerequisite is missing (a compiler, CMake, nlohmann-json,
+    ONNX Runtime's headers: `bash export/cpp/fetch_onnxruntime_headers.sh`); with FASTDRAG_REQUIRE_CPP=1
+    that is a failure. A build that fails with everything there always fails."""
+    build = tmp_path_factory.mktemp("cpp-build")
+    done = subprocess.run(["bash", str(ROOT / "export" / "cpp" / "build.sh"), str(build)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    if done.returncode == 3 and not REQUIRE_CPP:
+        pytest.skip(f"the C++ example cannot be built here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def run_cpp(program: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+def pixels(image) -> np.ndarray:
+    """A PIL image as the (1, 3, H, W) array in [-1, 1] the exported graphs take."""
+    return np.asarray(image.convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def test_the_cpp_program_edits_as_the_standalone_script_does(exported, cpp_program, tmp_path):
+    """The C++ program, from the export folder alone, writes `export/standalone.py`'s edit bit for bit: two
+    point pairs (every slot of the drag graph) and a mask at the manifest's 80 drag steps; one pair, no mask
+    and `--drag-steps 3`; and the inversion alone, on one thread."""
+    from fastdrag.demo import demo_case
+
+    _, manifest, _ = exported
+    standalone = standalone_module()
+    case = demo_case()
+    points = list(case.points) + [((40.0, 20.0), (44.0, 26.0))]
+    image = pixels(case.image)
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "mask.npy", np.asarray(case.mask, np.float64))
+    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in points]))
+    done = run_cpp(cpp_program, "edit", manifest.folder, tmp_path / "image.npy", tmp_path / "points.json",
+                   tmp_path / "out.npy", tmp_path / "mask.npy")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split()[0] for line in done.stderr.splitlines()] == ["invert", "drag", "denoise", "decode"]
+    edited = np.load(tmp_path / "out.npy")
+    assert edited.dtype == np.float32 and edited.shape == image.shape and np.isfinite(edited).all()
+    np.testing.assert_array_equal(edited, standalone.edit(manifest.folder, image, points, np.asarray(case.mask)))
+    assert np.abs(edited - image).mean() > 2 / 127.5  # the edit changed the picture
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["image.npy", "mask.npy", "out.npy", "points.json"]
+
+    (tmp_path / "one.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
+    done = run_cpp(cpp_program, "edit", manifest.folder, tmp_path / "image.npy", tmp_path / "one.json",
+                   tmp_path / "short.npy", "--drag-steps", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "drag" in done.stderr and "(3 iterations)" in done.stderr
+    short = np.load(tmp_path / "short.npy")
+    np.testing.assert_array_equal(short, standalone.edit(manifest.folder, image, case.points, None, drag_steps=3))
+    assert np.abs(short - edited).max() > 0.01
+
+    done = run_cpp(cpp_program, "invert", manifest.folder, tmp_path / "image.npy", tmp_path / "z_t.npy",
+                   "--quiet", "--threads", "1")
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    z_t = np.load(tmp_path / "z_t.npy")
+    assert z_t.shape == tuple(manifest.data["latent_shape"])
+    np.testing.assert_array_equal(z_t, standalone.invert(manifest.folder, image))
+
+
+def test_the_cpp_program_runs_another_image_from_its_refit_weights(exported, cpp_program, tmp_path):
+    """With `--refit` (a `fastdrag refit` file of another image) the C++ program puts that image's weights in
+    place of the graphs' initializers and its text embeddings in place of the export's, as the standalone
+    script does: the same edit and inversion bit for bit, and not the edit with the export's own weights."""
+    editor, manifest, _ = exported
+    standalone = standalone_module()
+    image, prompt, points, mask = mirrored_case()
+    path = tmp_path / "mirrored.safetensors"
+    editor.refit_weights(image, prompt, manifest.folder, path, **REFIT_SETTINGS)
+    editor.release()
+    np.save(tmp_path / "image.npy", pixels(image))
+    np.save(tmp_path / "mask.npy", (np.asarray(mask) > 0.5).astype(np.uint8) * 255)  # uint8 masks read as numpy does
+    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in points]))
+    done = run_cpp(cpp_program, "edit", manifest.folder, tmp_path / "image.npy", tmp_path / "points.json",
+                   tmp_path / "out.npy", tmp_path / "mask.npy", "--refit", path, "--drag-steps", "4", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    edited = np.load(tmp_path / "out.npy")
+    refitted = standalone.Export(manifest.folder, refit=path)
+    np.testing.assert_array_equal(edited, standalone.edit(refitted, pixels(image), points, mask, drag_steps=4))
+    own = standalone.edit(manifest.folder, pixels(image), points, mask, drag_steps=4)
+    assert np.abs(edited - own).mean() > 0.01
+
+    done = run_cpp(cpp_program, "invert", manifest.folder, tmp_path / "image.npy", tmp_path / "z_t.npy", "--refit", path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "z_t.npy"), standalone.invert(refitted, pixels(image)))
+
+
+def test_the_cpp_program_refuses_bad_input_in_one_line(exported, cpp_program, tmp_path):
+    """Each bad input or unusable export: exit status 2, one line on stderr that names the problem, no output file."""
+    import shutil
+
+    from fastdrag.demo import demo_case
+    from fastdrag.export.refit import save_refit_weights
+
+    _, manifest, _ = exported
+    case = demo_case()
+    folder = manifest.folder
+    np.save(tmp_path / "image.npy", pixels(case.image))
+    np.save(tmp_path / "small.npy", pixels(case.image.resize((32, 32))))
+    np.save(tmp_path / "ints.npy", np.zeros((1, 3, 64, 64), np.int64))
+    np.save(tmp_path / "mask32.npy", np.ones((32, 32), np.float32))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([[[20, 20], [30, 24]]]))
+    bad_points = {"outside": ([[[64.5, 10], [60, 12]]], r"handle \[64\.5,10\] of drag pair 0 is outside the 64x64 image"),
+                  "same": ([[[10, 10], [10.0, 10.0]]], "drag pair 0 has its handle equal to its target"),
+                  "three": ([[[1, 1], [2, 2]]] * 3, r"give 1 to 2 \[\[hx, hy\], \[tx, ty\]\] pairs"),
+                  "none": ([], "give 1 to 2"),
+                  "flat": ([[1, 2, 3, 4]], r"drag pair 0 is not a \(handle, target\) pair of \(x, y\) points"),
+                  "text": ([[["a", 1], [2, 2]]], r"drag pair 0 is not a \(handle, target\) pair")}
+    no_drag = tmp_path / "no-drag"
+    no_drag.mkdir()
+    data = dict(manifest.data)
+    data.pop("drag")
+    (no_drag / "manifest.json").write_text(json.dumps(data))
+    shutil.copy(folder / "text_embedding.bin", no_drag)
+    other = tmp_path / "other.safetensors"
+    save_refit_weights(other, {}, torch.zeros(1, 77, 32), {"model": "someone/else", "width": "64", "height": "64"})
+    runs = [(["edit", folder, "image.npy", "missing.json"], "cannot read .*missing.json"),
+            (["edit", folder, "small.npy", good], r"small.npy has shape \(1, 3, 32, 32\); this export takes \(1, 3, 64, 64\)"),
+            (["edit", folder, "ints.npy", good], "holds <i8 values"),
+            (["edit", folder, "image.npy", good, "out.npy", "mask32.npy"], r"the mask must be \(64, 64\)"),
+            (["edit", tmp_path / "nowhere", "image.npy", good], "no manifest.json in .*nowhere: not an export folder"),
+            (["edit", no_drag, "image.npy", good], "has no drag graph: export with --drag-points N"),
+            (["edit", folder, "image.npy", good, "out.npy", "--refit", other], "holds weights of model someone/else"),
+            (["edit", folder, "image.npy", good, "out.npy", "--drag-steps", "x"], "--drag-steps takes a whole number"),
+            (["edit", folder, "image.npy", good, "out.npy", "--fast"], "unknown option --fast"),
+            (["invert", folder, "image.npy"], "usage: fastdrag_edit edit EXPORT_DIR")]
+    for name, (pairs, _) in bad_points.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(pairs))
+    runs += [(["edit", folder, "image.npy", tmp_path / f"{name}.json"], message) for name, (_, message) in bad_points.items()]
+    for args, message in runs:
+        if args[0] == "edit" and len(args) == 4:
+            args = args + ["out.npy"]
+        args = [tmp_path / arg if isinstance(arg, str) and arg.endswith(".npy") else arg for arg in args]
+        done = run_cpp(cpp_program, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert lines[0].startswith("fastdrag_edit: error: ") and re.search(message, done.stderr), (message, done.stderr)
+        assert len(lines) == (2 if message.startswith("usage") else 1), done.stderr
+        assert not (tmp_path / "out.npy").exists()

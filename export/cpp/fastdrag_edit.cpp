@@ -1,0 +1,678 @@
+// fastdrag_edit: a whole drag edit from a fastdrag export folder alone, in C++ with ONNX Runtime.
+//
+// What a C++ service runs: it reads manifest.json, the ONNX graphs, text_embedding.bin and, with
+// --refit, a `fastdrag refit` weights file (another image's LoRA-merged weights and prompt), and
+// nothing of Python. It is export/standalone.py's `edit` and inversion commands written against
+// ONNX Runtime's C++ API; the tests check that both write the same numbers.
+//
+//   fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [options]
+//   fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [options]
+//
+//   IMAGE.npy    (1, 3, H, W) image in [-1, 1] at the export's size (float32 or float64)
+//   POINTS.json  [[[hx, hy], [tx, ty]], ...] handle and target pairs in image pixels
+//   MASK.npy     (H, W), above 0.5 where the image may change (float, uint8 or bool)
+//   OUT.npy      the edited (1, 3, H, W) image in [-1, 1], or with `invert` the latent z_t
+//   options      --refit WEIGHTS.safetensors   another image's weights and text embeddings
+//                --drag-steps N                in place of the manifest's drag.steps
+//                --threads N                   ONNX Runtime's intra-op threads (default: its own)
+//                --quiet                       no stage times on stderr
+//
+// Exit status: 0 done, 2 bad input or export (one line on stderr), 1 anything else.
+#include <onnxruntime_cxx_api.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <unistd.h>
+#include <utility>
+#include <vector>
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// Bad input or an export this program cannot serve: reported in one line, exit status 2.
+struct InputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// A row-major float tensor.
+struct Tensor {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+};
+
+// The same in float64: the DDIM loops keep their latents in double, as export/standalone.py does.
+struct Latents {
+  std::vector<int64_t> shape;
+  std::vector<double> data;
+};
+
+static std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string text = "(";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
+
+static int64_t element_count(const std::vector<int64_t>& shape) {
+  int64_t count = 1;
+  for (int64_t size : shape) count *= size;
+  return count;
+}
+
+static std::string read_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError("cannot read " + path.string());
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  return bytes.str();
+}
+
+// Write `bytes` to `path` through a temporary file beside it: a reader never sees half a file.
+static void write_atomically(const fs::path& path, const std::string& bytes) {
+  fs::path partial = path;
+  partial += ".partial-" + std::to_string(getpid());
+  {
+    std::ofstream out(partial, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!out) throw InputError("cannot write " + partial.string());
+  }
+  fs::rename(partial, path);
+}
+
+// ---- .npy files (little-endian, C order) ----
+
+static Tensor read_npy(const fs::path& path) {
+  const std::string raw = read_file(path);
+  if (raw.size() < 10 || raw.compare(0, 6, "\x93NUMPY") != 0) throw InputError(path.string() + " is not a .npy file");
+  const auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<unsigned char>(raw[i])); };
+  const bool short_header = byte(6) == 1;
+  const size_t start = short_header ? 10 : 12;
+  const uint32_t length = short_header ? byte(8) | byte(9) << 8 : byte(8) | byte(9) << 8 | byte(10) << 16 | byte(11) << 24;
+  if (raw.size() < start + length) throw InputError(path.string() + " is cut short");
+  const std::string header = raw.substr(start, length);
+  const auto value_after = [&](const std::string& key) {
+    const size_t at = header.find("'" + key + "':");
+    if (at == std::string::npos) throw InputError(path.string() + " has no '" + key + "' in its header");
+    return header.substr(header.find_first_not_of(' ', at + key.size() + 3));
+  };
+  const std::string descr = value_after("descr").substr(1, 3);
+  if (value_after("fortran_order").rfind("False", 0) != 0)
+    throw InputError(path.string() + " is in Fortran order: save it in C order");
+  Tensor tensor;
+  const std::string shape = value_after("shape");
+  for (size_t at = 1; at < shape.size() && shape[at] != ')';) {
+    if (std::isdigit(static_cast<unsigned char>(shape[at]))) {
+      size_t used = 0;
+      tensor.shape.push_back(std::stoll(shape.substr(at), &used));
+      at += used;
+    } else {
+      ++at;
+    }
+  }
+  const int64_t count = element_count(tensor.shape);
+  const char* body = raw.data() + start + length;
+  const size_t width = descr == "<f8" ? 8 : descr == "<f4" ? 4 : (descr == "|u1" || descr == "|b1") ? 1 : 0;
+  if (width == 0) throw InputError(path.string() + " holds " + descr + " values; float32, float64, uint8 or bool are read");
+  if (raw.size() - start - length != static_cast<size_t>(count) * width)
+    throw InputError(path.string() + "'s data does not fill its shape " + shape_text(tensor.shape));
+  tensor.data.resize(count);
+  for (int64_t i = 0; i < count; ++i) {
+    if (width == 8) {
+      double value;
+      std::memcpy(&value, body + 8 * i, 8);
+      tensor.data[i] = static_cast<float>(value);
+    } else if (width == 4) {
+      std::memcpy(&tensor.data[i], body + 4 * i, 4);
+    } else {
+      tensor.data[i] = static_cast<float>(static_cast<unsigned char>(body[i]));
+    }
+  }
+  return tensor;
+}
+
+static void write_npy(const fs::path& path, const Tensor& tensor) {
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape_text(tensor.shape) + ", }";
+  header.append(64 - (10 + header.size() + 1) % 64, ' ');
+  header += '\n';
+  std::string bytes = "\x93NUMPY";
+  bytes += '\x01';
+  bytes += '\x00';
+  bytes += static_cast<char>(header.size() & 0xff);
+  bytes += static_cast<char>(header.size() >> 8);
+  bytes += header;
+  bytes.append(reinterpret_cast<const char*>(tensor.data.data()), tensor.data.size() * sizeof(float));
+  write_atomically(path, bytes);
+}
+
+// ---- the export folder ----
+
+// A value for one of a graph's initializers, from a refit file (kept alive while sessions use it).
+struct Initializer {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<float> fp32;
+  std::vector<Ort::Float16_t> fp16;
+};
+
+static std::vector<float> read_values(const char* bytes, size_t count, const std::string& dtype) {
+  std::vector<float> values(count);
+  if (dtype == "float32" || dtype == "F32") {
+    std::memcpy(values.data(), bytes, 4 * count);
+  } else if (dtype == "float16" || dtype == "F16") {
+    for (size_t i = 0; i < count; ++i) {
+      uint16_t bits;
+      std::memcpy(&bits, bytes + 2 * i, 2);
+      values[i] = Ort::Float16_t::FromBits(bits).ToFloat();
+    }
+  } else {
+    throw InputError("tensor dtype " + dtype + " is not float32 or float16");
+  }
+  return values;
+}
+
+// One graph's session with its inputs' dtypes from the manifest: feeds and fetches float tensors,
+// converting where the graph takes or gives float16.
+class Graph {
+ public:
+  Graph(Ort::Session session, const json& artifact) : session_(std::move(session)) {
+    for (const json& input : artifact.at("inputs")) half_[input.at("name")] = input.at("dtype") == "float16";
+    Ort::AllocatorWithDefaultOptions allocator;
+    for (size_t i = 0; i < session_.GetOutputCount(); ++i)
+      outputs_.push_back(session_.GetOutputNameAllocated(i, allocator).get());
+  }
+
+  std::map<std::string, Tensor> run(const std::vector<std::pair<std::string, const Tensor*>>& feeds) {
+    Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    std::vector<std::vector<Ort::Float16_t>> halves;
+    halves.reserve(feeds.size());
+    std::vector<Ort::Value> values;
+    std::vector<const char*> names;
+    for (const auto& [name, tensor] : feeds) {
+      names.push_back(name.c_str());
+      if (half_.at(name)) {
+        halves.emplace_back(tensor->data.begin(), tensor->data.end());
+        values.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(memory, halves.back().data(), halves.back().size(),
+                                                                  tensor->shape.data(), tensor->shape.size()));
+      } else {
+        values.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(tensor->data.data()), tensor->data.size(),
+                                                         tensor->shape.data(), tensor->shape.size()));
+      }
+    }
+    std::vector<const char*> output_names;
+    for (const std::string& name : outputs_) output_names.push_back(name.c_str());
+    std::vector<Ort::Value> results = session_.Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(),
+                                                   output_names.data(), output_names.size());
+    std::map<std::string, Tensor> fetched;
+    for (size_t i = 0; i < results.size(); ++i) {
+      const Ort::TensorTypeAndShapeInfo info = results[i].GetTensorTypeAndShapeInfo();
+      Tensor tensor{info.GetShape(), {}};
+      const size_t count = info.GetElementCount();
+      if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+        const Ort::Float16_t* data = results[i].GetTensorData<Ort::Float16_t>();
+        for (size_t j = 0; j < count; ++j) tensor.data.push_back(data[j].ToFloat());
+      } else {
+        const float* data = results[i].GetTensorData<float>();
+        tensor.data.assign(data, data + count);
+      }
+      fetched[outputs_[i]] = std::move(tensor);
+    }
+    return fetched;
+  }
+
+ private:
+  Ort::Session session_;
+  std::map<std::string, bool> half_;
+  std::vector<std::string> outputs_;
+};
+
+// An export as a service reads it: the manifest, a session per graph, the text embeddings; with a
+// refit file, another image's weights in place of each graph's initializers and its text embeddings.
+class Export {
+ public:
+  Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads)
+      : folder_(folder), threads_(threads), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_edit") {
+    const fs::path manifest_path = folder / "manifest.json";
+    if (!fs::is_regular_file(manifest_path)) throw InputError("no manifest.json in " + folder.string() + ": not an export folder");
+    manifest = json::parse(read_file(manifest_path));
+    if (manifest.value("schema_version", 0) != 1)
+      throw InputError(manifest_path.string() + " has schema version " + manifest.value("schema_version", json()).dump() +
+                       "; this program reads version 1");
+    const json& entry = manifest["artifacts"]["text_embedding"];
+    const std::string raw = read_file(folder / entry["file"].get<std::string>());
+    text.shape = entry["shape"].get<std::vector<int64_t>>();
+    text.data = read_values(raw.data(), element_count(text.shape), entry["dtype"]);
+    if (refit) read_refit(*refit);
+  }
+
+  const json& artifact(const std::string& graph) const {
+    if (!manifest.at("artifacts").contains(graph)) throw InputError(folder_.string() + " has no " + graph + " graph");
+    return manifest.at("artifacts").at(graph);
+  }
+
+  // The graph's session, made at its first use and kept: a service keeps its sessions across requests.
+  Graph& graph(const std::string& name) {
+    std::unique_ptr<Graph>& kept = graphs_[name];
+    if (!kept) kept = std::make_unique<Graph>(session(name), artifact(name));
+    return *kept;
+  }
+
+  json manifest;
+  Tensor text;  // (1, tokens, dim)
+
+ private:
+  Ort::Session session(const std::string& graph) {
+    Ort::SessionOptions options;
+    if (threads_ > 0) options.SetIntraOpNumThreads(threads_);
+    for (Initializer& initializer : overrides_[graph]) {
+      Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+      Ort::Value value = initializer.fp16.empty()
+          ? Ort::Value::CreateTensor<float>(memory, initializer.fp32.data(), initializer.fp32.size(),
+                                           initializer.shape.data(), initializer.shape.size())
+          : Ort::Value::CreateTensor<Ort::Float16_t>(memory, initializer.fp16.data(), initializer.fp16.size(),
+                                                     initializer.shape.data(), initializer.shape.size());
+      options.AddInitializer(initializer.name.c_str(), value);
+      values_.push_back(std::move(value));  // ONNX Runtime reads it while the session lives
+    }
+    const fs::path path = folder_ / artifact(graph)["file"].get<std::string>();
+    return Ort::Session(env_, path.c_str(), options);
+  }
+
+  void read_refit(const fs::path& path) {
+    const std::string raw = read_file(path);
+    uint64_t length = 0;
+    if (raw.size() < 8) throw InputError(path.string() + " is not a safetensors file");
+    std::memcpy(&length, raw.data(), 8);
+    if (raw.size() < 8 + length) throw InputError(path.string() + " is not a safetensors file");
+    json header = json::parse(raw.substr(8, length));
+    const json metadata = header.value("__metadata__", json::object());
+    header.erase("__metadata__");
+    const std::string identity = manifest["model"]["identity"];
+    const std::string width = std::to_string(manifest["image"]["width"].get<int>());
+    const std::string height = std::to_string(manifest["image"]["height"].get<int>());
+    if (metadata.value("format", "") != "fastdrag-refit-weights")
+      throw InputError(path.string() + " is not a fastdrag refit-weights file");
+    if (metadata.value("model", "") != identity)
+      throw InputError(path.string() + " holds weights of model " + metadata.value("model", "") + "; " + folder_.string() +
+                       " was exported from " + identity);
+    if (metadata.value("width", "") != width || metadata.value("height", "") != height)
+      throw InputError(path.string() + " is for " + metadata.value("width", "?") + "x" + metadata.value("height", "?") +
+                       " images; " + folder_.string() + "'s graphs take " + width + "x" + height);
+    if (!manifest.contains("refit")) throw InputError(folder_.string() + " has no refit map: its graphs cannot take another image's weights");
+    const char* body = raw.data() + 8 + length;
+    const auto tensor = [&](const std::string& name) {
+      if (!header.contains(name)) throw InputError(path.string() + " has no tensor " + name);
+      const json& entry = header[name];
+      Tensor values;
+      values.shape = entry.at("shape").get<std::vector<int64_t>>();
+      const size_t begin = entry.at("data_offsets")[0], end = entry.at("data_offsets")[1];
+      const size_t width = entry.at("dtype") == "F16" ? 2 : 4;
+      if (end > raw.size() - 8 - length || end - begin != width * element_count(values.shape))
+        throw InputError(path.string() + "'s tensor " + name + " does not fit its byte range");
+      values.data = read_values(body + begin, element_count(values.shape), entry.at("dtype"));
+      return values;
+    };
+    text = tensor("text_embedding");
+    const json maps = json::parse(read_file(folder_ / manifest["refit"]["file"].get<std::string>()))["graphs"];
+    for (const auto& [graph, mapping] : maps.items()) {
+      for (const auto& [name, entries] : mapping.items()) {
+        const Tensor weight = tensor(name);
+        for (const json& entry : entries) {  // [initializer, transposed, dtype]
+          Initializer initializer{entry[0].get<std::string>(), weight.shape, weight.data, {}};
+          if (entry[1].get<bool>() && weight.shape.size() == 2) {
+            const int64_t rows = weight.shape[0], cols = weight.shape[1];
+            initializer.shape = {cols, rows};
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) initializer.fp32[c * rows + r] = weight.data[r * cols + c];
+          }
+          if (entry[2].get<std::string>() == "float16") {
+            for (float value : initializer.fp32) initializer.fp16.emplace_back(value);
+            initializer.fp32.clear();
+          }
+          overrides_[graph].push_back(std::move(initializer));
+        }
+      }
+    }
+  }
+
+  fs::path folder_;
+  int threads_;
+  Ort::Env env_;
+  std::map<std::string, std::vector<Initializer>> overrides_;
+  std::vector<Ort::Value> values_;
+  std::map<std::string, std::unique_ptr<Graph>> graphs_;  // after the values: sessions go first
+};
+
+static Tensor as_floats(const Latents& x) { return {x.shape, std::vector<float>(x.data.begin(), x.data.end())}; }
+
+static Tensor scalar(float value) { return {{1}, {value}}; }
+
+// The DDIM update of the manifest's `schedule.update_rule`, in float64.
+static void ddim(Latents& x, const Tensor& eps, double alpha_from, double alpha_to) {
+  for (size_t i = 0; i < x.data.size(); ++i) {
+    const double noise = eps.data[i];
+    const double x0 = (x.data[i] - std::sqrt(1.0 - alpha_from) * noise) / std::sqrt(alpha_from);
+    x.data[i] = std::sqrt(alpha_to) * x0 + std::sqrt(1.0 - alpha_to) * noise;
+  }
+}
+
+// ---- the four stages ----
+
+// The image's latent z_t at the drag timestep (float32, as standalone.py returns it).
+static Tensor invert(Export& folder, const Tensor& image) {
+  Graph &encoder = folder.graph("vae_encoder"), &unet = folder.graph("unet_inversion");
+  const Tensor mean = encoder.run({{"image", &image}}).begin()->second;
+  const double scaling = folder.manifest["model"]["scaling_factor"];
+  Latents x{mean.shape, {}};
+  for (float value : mean.data) x.data.push_back(static_cast<double>(value) * scaling);
+  for (const json& step : folder.manifest["schedule"]["inversion"]) {
+    const Tensor latents = as_floats(x), t = scalar(step["t"].get<float>());
+    const Tensor eps = unet.run({{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &folder.text}}).at("eps");
+    ddim(x, eps, step["alpha_from"], step["alpha_to"]);
+  }
+  return as_floats(x);
+}
+
+// torch.optim.Adam's update (no weight decay) in float32, as the drag loop takes it.
+class Adam {
+ public:
+  Adam(double lr, double beta1, double beta2, double eps) : lr_(lr), beta1_(beta1), beta2_(beta2), eps_(eps) {}
+
+  void step(std::vector<float>& param, const std::vector<float>& grad) {
+    if (m_.empty()) m_.assign(param.size(), 0.0f), v_.assign(param.size(), 0.0f);
+    ++steps_;
+    const float keep1 = static_cast<float>(1 - beta1_), beta2 = static_cast<float>(beta2_), keep2 = static_cast<float>(1 - beta2_);
+    const float root2 = static_cast<float>(std::sqrt(1 - std::pow(beta2_, steps_)));
+    const float rate = static_cast<float>(lr_ / (1 - std::pow(beta1_, steps_))), eps = static_cast<float>(eps_);
+    for (size_t i = 0; i < param.size(); ++i) {
+      m_[i] = m_[i] + (grad[i] - m_[i]) * keep1;
+      v_[i] = v_[i] * beta2 + grad[i] * grad[i] * keep2;
+      const float denominator = std::sqrt(v_[i]) / root2 + eps;
+      param[i] = param[i] - rate * m_[i] / denominator;
+    }
+  }
+
+ private:
+  double lr_, beta1_, beta2_, eps_;
+  std::vector<float> m_, v_;
+  int steps_ = 0;
+};
+
+// The manifest's `drag` protocol on `unet_drag`: returns the edited z_t. Handles and targets are
+// (row, col) at the supervision size; `mask` is the editable mask at latent size, empty for none.
+static Tensor drag(Export& folder, const Tensor& z_t, std::vector<float> handles, std::vector<float> targets,
+                   const Tensor& mask, std::optional<int> steps, int& steps_run) {
+  const json& protocol = folder.manifest["drag"];
+  Graph& graph = folder.graph(protocol.at("graph").get<std::string>());
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const json& input : folder.artifact(protocol.at("graph").get<std::string>()).at("inputs")) shapes[input.at("name").get<std::string>()] = input.at("shape").get<std::vector<int64_t>>();
+  const size_t count = handles.size() / 2, slots = protocol["points"];
+  handles.resize(2 * slots, 0.0f);  // padding: a handle on its target, fed unchanged
+  targets.resize(2 * slots, 0.0f);
+  const Tensor target_tensor{{static_cast<int64_t>(slots), 2}, targets};
+  const Tensor mask_tensor{shapes["mask"], mask.data.empty() ? std::vector<float>(element_count(shapes["mask"]), 1.0f) : mask.data};
+  Tensor latent = z_t, handle_tensor{{static_cast<int64_t>(slots), 2}, handles};
+  Tensor features{shapes["handle_features"], std::vector<float>(element_count(shapes["handle_features"]), 0.0f)};
+  Tensor x_prev0{latent.shape, std::vector<float>(latent.data.size(), 0.0f)};
+  const auto run = [&](float tracking) {
+    const Tensor track = scalar(tracking);
+    return graph.run({{"latents", &latent}, {"text_embeddings", &folder.text}, {"handles", &handle_tensor},
+                      {"targets", &target_tensor}, {"handle_features", &features}, {"x_prev0", &x_prev0},
+                      {"mask", &mask_tensor}, {"tracking", &track}});
+  };
+  {
+    std::map<std::string, Tensor> anchors = run(0.0f);
+    features = std::move(anchors.at("handle_features_now"));
+    x_prev0 = std::move(anchors.at("x_prev"));
+  }
+  Adam adam(protocol["lr"], protocol["adam"]["betas"][0], protocol["adam"]["betas"][1], protocol["adam"]["eps"]);
+  const float reach = protocol["reach_distance"];
+  const int total = steps ? *steps : protocol["steps"].get<int>();
+  steps_run = 0;
+  for (int index = 0; index < total; ++index) {
+    const std::map<std::string, Tensor> out = run(index > 0 ? 1.0f : 0.0f);
+    const std::vector<float>& tracked = out.at("tracked_handles").data;
+    std::copy(tracked.begin(), tracked.begin() + 2 * count, handle_tensor.data.begin());
+    ++steps_run;
+    bool reached = true;
+    for (size_t p = 0; p < count; ++p) {
+      const float dr = targets[2 * p] - handle_tensor.data[2 * p], dc = targets[2 * p + 1] - handle_tensor.data[2 * p + 1];
+      reached = reached && std::sqrt(dr * dr + dc * dc) < reach;
+    }
+    if (reached) break;
+    adam.step(latent.data, out.at("grad").data);
+  }
+  return latent;
+}
+
+// Denoise the (source, edited) pair: plain attention row by row before reference_control.start_step,
+// then `unet_reference` (the K/V swap inside the graph) on the pair. Returns the pair's clean latents.
+static Latents denoise(Export& folder, const Tensor& source, const Tensor& edited) {
+  Graph &plain = folder.graph("unet_inversion"), &reference = folder.graph("unet_reference");
+  const int start_step = folder.manifest["reference_control"]["start_step"];
+  Latents x{source.shape, std::vector<double>(source.data.begin(), source.data.end())};
+  x.shape[0] = 2;
+  x.data.insert(x.data.end(), edited.data.begin(), edited.data.end());
+  const size_t row = source.data.size();
+  Tensor texts = folder.text;
+  texts.shape[0] = 2;
+  texts.data.insert(texts.data.end(), folder.text.data.begin(), folder.text.data.end());
+  int index = 0;
+  for (const json& step : folder.manifest["schedule"]["denoise"]) {
+    const Tensor t = scalar(step["t"].get<float>());
+    Tensor eps{x.shape, {}};
+    if (index++ < start_step) {
+      for (size_t r = 0; r < 2; ++r) {
+        const Tensor latents{source.shape, std::vector<float>(x.data.begin() + r * row, x.data.begin() + (r + 1) * row)};
+        const Tensor part = plain.run({{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &folder.text}}).at("eps");
+        eps.data.insert(eps.data.end(), part.data.begin(), part.data.end());
+      }
+    } else {
+      const Tensor latents = as_floats(x);
+      eps = reference.run({{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &texts}}).at("eps");
+    }
+    ddim(x, eps, step["alpha_from"], step["alpha_to"]);
+  }
+  return x;
+}
+
+static Tensor decode(Export& folder, const Tensor& latent) {
+  const float scaling = folder.manifest["model"]["scaling_factor"].get<float>();  // float32 / float32, as numpy divides
+  Tensor scaled = latent;
+  for (float& value : scaled.data) value /= scaling;
+  return folder.graph("vae_decoder").run({{"latents", &scaled}}).at("image");
+}
+
+// ---- inputs ----
+
+struct Points {
+  std::vector<float> handles, targets;  // (row, col) pairs at the supervision size
+};
+
+// POINTS.json's pairs checked as the editor checks them (finite, inside the image, handle != target),
+// mapped to the supervision map: image (x, y) -> (round(y * sh / H), round(x * sw / W)), clipped.
+static Points read_points(const fs::path& path, const json& manifest) {
+  json pairs;
+  try {
+    pairs = json::parse(read_file(path));
+  } catch (const json::parse_error& error) {
+    throw InputError(path.string() + " is not JSON: " + error.what());
+  }
+  const int width = manifest["image"]["width"], height = manifest["image"]["height"], slots = manifest["drag"]["points"];
+  const int sup_h = manifest["drag"]["supervision_size"][0], sup_w = manifest["drag"]["supervision_size"][1];
+  if (!pairs.is_array() || pairs.empty() || static_cast<int>(pairs.size()) > slots)
+    throw InputError(path.string() + ": give 1 to " + std::to_string(slots) +
+                     " [[hx, hy], [tx, ty]] pairs (this export's drag graph takes " + std::to_string(slots) + ")");
+  Points points;
+  for (size_t index = 0; index < pairs.size(); ++index) {
+    const json& pair = pairs[index];
+    const auto is_point = [](const json& p) { return p.is_array() && p.size() == 2 && p[0].is_number() && p[1].is_number(); };
+    if (!pair.is_array() || pair.size() != 2 || !is_point(pair[0]) || !is_point(pair[1]))
+      throw InputError("drag pair " + std::to_string(index) + " is not a (handle, target) pair of (x, y) points: " + pair.dump());
+    if (pair[0] == pair[1]) throw InputError("drag pair " + std::to_string(index) + " has its handle equal to its target");
+    for (size_t which = 0; which < 2; ++which) {
+      const double x = pair[which][0], y = pair[which][1];
+      if (!(x >= 0 && x <= width - 1 && y >= 0 && y <= height - 1))
+        throw InputError(std::string(which ? "target " : "handle ") + pair[which].dump() + " of drag pair " + std::to_string(index) +
+                         " is outside the " + std::to_string(width) + "x" + std::to_string(height) + " image");
+      const double row = std::clamp(std::nearbyint(y * sup_h / height), 0.0, sup_h - 1.0);
+      const double col = std::clamp(std::nearbyint(x * sup_w / width), 0.0, sup_w - 1.0);
+      std::vector<float>& into = which ? points.targets : points.handles;
+      into.push_back(static_cast<float>(row));
+      into.push_back(static_cast<float>(col));
+    }
+  }
+  return points;
+}
+
+static Tensor read_image(const fs::path& path, const json& manifest) {
+  Tensor image = read_npy(path);
+  const std::vector<int64_t> wanted{1, 3, manifest["image"]["height"], manifest["image"]["width"]};
+  if (image.shape != wanted)
+    throw InputError(path.string() + " has shape " + shape_text(image.shape) + "; this export takes " + shape_text(wanted) +
+                     " images in [-1, 1]");
+  return image;
+}
+
+// MASK.npy (H, W) at the latent size: nearest (every vae_scale_factor-th pixel), 1 where above 0.5.
+// Empty when no pixel is above 0.5: the edit then runs without a mask, as standalone.py's does.
+static Tensor read_mask(const fs::path& path, const json& manifest) {
+  const Tensor mask = read_npy(path);
+  const int64_t height = manifest["image"]["height"], width = manifest["image"]["width"];
+  if (mask.shape != std::vector<int64_t>{height, width})
+    throw InputError(path.string() + " has shape " + shape_text(mask.shape) + "; the mask must be (" + std::to_string(height) +
+                     ", " + std::to_string(width) + ")");
+  const int64_t scale = manifest["model"]["vae_scale_factor"];
+  Tensor latent_mask{{1, 1, (height + scale - 1) / scale, (width + scale - 1) / scale}, {}};
+  bool any = false;
+  for (int64_t r = 0; r < height; r += scale) {
+    for (int64_t c = 0; c < width; c += scale) {
+      latent_mask.data.push_back(mask.data[r * width + c] > 0.5f ? 1.0f : 0.0f);
+    }
+  }
+  for (float value : mask.data) any = any || value > 0.5f;
+  if (!any) latent_mask.data.clear();
+  return latent_mask;
+}
+
+// ---- the command ----
+
+struct Options {
+  std::vector<std::string> positional;
+  std::optional<fs::path> refit;
+  std::optional<int> drag_steps;
+  int threads = 0;
+  bool quiet = false;
+};
+
+static int parse_count(const std::string& flag, const std::string& text, int least) {
+  size_t used = 0;
+  int value = 0;
+  try {
+    value = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || value < least) throw InputError(flag + " takes a whole number of at least " + std::to_string(least) + ", not " + text);
+  return value;
+}
+
+static Options parse_options(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const bool valued = arg == "--refit" || arg == "--drag-steps" || arg == "--threads";
+    if (valued && i + 1 >= argc) throw InputError(arg + " needs a value after it");
+    if (arg == "--refit") options.refit = argv[++i];
+    else if (arg == "--drag-steps") options.drag_steps = parse_count(arg, argv[++i], 0);
+    else if (arg == "--threads") options.threads = parse_count(arg, argv[++i], 1);
+    else if (arg == "--quiet") options.quiet = true;
+    else if (arg.rfind("--", 0) == 0) throw InputError("unknown option " + arg);
+    else options.positional.push_back(arg);
+  }
+  const std::string usage =
+      "usage: fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [--refit W.safetensors] [--drag-steps N] "
+      "[--threads N] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [--refit W.safetensors] [--threads N] [--quiet]";
+  const size_t given = options.positional.size();
+  const bool edit = given && options.positional[0] == "edit", invert = given && options.positional[0] == "invert";
+  if (!((edit && (given == 5 || given == 6)) || (invert && given == 4))) throw InputError(usage);
+  return options;
+}
+
+class StageClock {
+ public:
+  explicit StageClock(bool quiet) : quiet_(quiet) {}
+
+  void done(const std::string& stage, const std::string& detail = "") {
+    const auto now = std::chrono::steady_clock::now();
+    if (!quiet_)
+      std::fprintf(stderr, "%s %.3f s%s\n", stage.c_str(), std::chrono::duration<double>(now - last_).count(), detail.c_str());
+    last_ = now;
+  }
+
+ private:
+  bool quiet_;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
+
+static int run(int argc, char** argv) {
+  const Options options = parse_options(argc, argv);
+  const std::vector<std::string>& args = options.positional;
+  StageClock clock(options.quiet);
+  Export folder(args[1], options.refit, options.threads);
+  const Tensor image = read_image(args[2], folder.manifest);
+  if (args[0] == "invert") {
+    const Tensor z_t = invert(folder, image);
+    clock.done("invert");
+    write_npy(args[3], z_t);
+    return 0;
+  }
+  if (!folder.manifest.contains("drag"))
+    throw InputError(args[1] + " has no drag graph: export with --drag-points N (drag_points=N) for a whole edit");
+  const Points points = read_points(args[3], folder.manifest);
+  const Tensor mask = args.size() == 6 ? read_mask(args[5], folder.manifest) : Tensor{};
+  const Tensor z_t = invert(folder, image);
+  clock.done("invert");
+  int steps_run = 0;
+  const Tensor edited = drag(folder, z_t, points.handles, points.targets, mask, options.drag_steps, steps_run);
+  clock.done("drag", " (" + std::to_string(steps_run) + " iterations)");
+  const Latents clean = denoise(folder, z_t, edited);
+  clock.done("denoise");
+  const size_t row = clean.data.size() / 2;
+  Tensor edited_clean{z_t.shape, std::vector<float>(clean.data.begin() + row, clean.data.end())};
+  const Tensor result = decode(folder, edited_clean);
+  clock.done("decode");
+  write_npy(args[4], result);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const InputError& error) {
+    std::fprintf(stderr, "fastdrag_edit: error: %s\n", error.what());
+    return 2;
+  } catch (const json::exception& error) {
+    std::fprintf(stderr, "fastdrag_edit: error: a JSON file is not what an export holds: %s\n", error.what());
+    return 2;
+  } catch (const Ort::Exception& error) {
+    std::fprintf(stderr, "fastdrag_edit: ONNX Runtime: %s\n", error.what());
+    return 1;
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "fastdrag_edit: %s\n", error.what());
+    return 1;
+  }
+}
