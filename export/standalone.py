@@ -1,4 +1,5 @@
-"""Run the exported inversion loop from the export folder alone: the model for a C++ service.
+"""Run the exported inversion loop from the export folder alone: the model for a C++ service
+(`export/cpp/fastdrag_edit.cpp` is that service's loop in C++, tested to write these numbers bit for bit).
 
 Reads only `manifest.json`, the ONNX graphs and the text-embedding file (numpy + onnxruntime; no
 fastdrag, tokenizer or diffusers):
