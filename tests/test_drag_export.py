@@ -39,7 +39,8 @@ def standalone_module():
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
-    """An export of the demo picture with the drag graph for two point pairs, and its merged UNet."""
+    """An export of the demo picture with the drag graph for two point pairs and the kept keys and values'
+    graph (`unet_kept`, for the C++ program's `serve`), and its merged UNet."""
     from fastdrag import DragEditor
     from fastdrag.demo import demo_case
     from fastdrag.export import merged_unet
@@ -48,10 +49,10 @@ def exported(tiny, tmp_path_factory):
     editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=folder / "cache", progress=False)
     case = demo_case()
     steps = []
-    manifest = editor.export(case.image, case.prompt, folder / "out", lora_steps=2, drag_points=POINTS,
+    manifest = editor.export(case.image, case.prompt, folder / "out", lora_steps=2, drag_points=POINTS, keep_source_kv=True,
                              on_step=lambda stage, done, total: steps.append((stage, done, total)))
-    # the drag graph is one more graph written (`graph_count` counts the others)
-    assert [step for step in steps if step[0] == "export"] == [("export", done, 5) for done in range(6)]
+    # the drag graph is one more graph written (`graph_count` counts the others: 5 with unet_kept)
+    assert [step for step in steps if step[0] == "export"] == [("export", done, 6) for done in range(7)]
     return editor, manifest, merged_unet(tiny.unet)
 
 
@@ -537,6 +538,7 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(exported, cpp_program, tm
             (["edit", folder, "image.npy", good, "out.npy", "--refit", other], "holds weights of model someone/else"),
             (["edit", folder, "image.npy", good, "out.npy", "--drag-steps", "x"], "--drag-steps takes a whole number"),
             (["edit", folder, "image.npy", good, "out.npy", "--fast"], "unknown option --fast"),
+            (["serve", no_drag], "has no drag graph"),
             (["invert", folder, "image.npy"], "usage: fastdrag_edit edit EXPORT_DIR")]
     for name, (pairs, _) in bad_points.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(pairs))
@@ -549,5 +551,72 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(exported, cpp_program, tm
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert lines[0].startswith("fastdrag_edit: error: ") and re.search(message, done.stderr), (message, done.stderr)
-        assert len(lines) == (2 if message.startswith("usage") else 1), done.stderr
+        assert len(lines) == (3 if message.startswith("usage") else 1), done.stderr
         assert not (tmp_path / "out.npy").exists()
+
+
+def to_supervision(points, manifest) -> np.ndarray:
+    """Image (x, y) points as the drag graph's (row, col) at the supervision size (the manifest's `drag.how`)."""
+    xy = np.asarray(points, np.float64)
+    (sup_h, sup_w), image = manifest.data["drag"]["supervision_size"], manifest.data["image"]
+    return np.stack([np.round(xy[:, 1] * sup_h / image["height"]), np.round(xy[:, 0] * sup_w / image["width"])], -1).astype(np.float32)
+
+
+def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_keys_and_values(exported, cpp_program, tmp_path):
+    """`fastdrag_edit serve`: JSON requests on stdin, one JSON answer a line on stdout. An image's first edit is
+    the standalone edit bit for bit and keeps the source branch's keys and values; its next edit reuses the
+    inversion and denoises the edited latent alone through `unet_kept`, as the standalone protocol's
+    `denoise(kept=...)` does, bit for bit (and within 1e-3 of the pair's edited row); bad requests are answered
+    with an error and serving goes on; another image is inverted anew."""
+    from fastdrag.demo import demo_case
+
+    _, manifest, _ = exported
+    folder, standalone = manifest.folder, standalone_module()
+    case = demo_case()
+    image = pixels(case.image)
+    mirrored, _, mirrored_points, _ = mirrored_case()
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "mirrored.npy", pixels(mirrored))
+    np.save(tmp_path / "mask.npy", np.asarray(case.mask, np.float32))
+    second = [((22.4, 25.6), (30.0, 40.0)), ((40.0, 20.0), (44.0, 26.0))]
+    as_json = lambda points: [[list(handle), list(target)] for handle, target in points]
+    requests = [{"image": str(tmp_path / "image.npy"), "points": as_json(case.points), "out": str(tmp_path / "one.npy"),
+                 "mask": str(tmp_path / "mask.npy")},
+                {"image": str(tmp_path / "image.npy"), "points": as_json(second), "out": str(tmp_path / "two.npy"),
+                 "drag_steps": 3},
+                {"image": str(tmp_path / "image.npy"), "points": [[[99, 1], [2, 2]]], "out": str(tmp_path / "bad.npy")},
+                {"points": as_json(second)},
+                {"image": str(tmp_path / "mirrored.npy"), "points": as_json(mirrored_points), "out": str(tmp_path / "three.npy"),
+                 "drag_steps": 3}]
+    lines = [json.dumps(request) for request in requests]
+    lines.insert(3, "not json")
+    done = subprocess.run([str(cpp_program), "serve", str(folder)], input="\n".join(lines) + "\n", capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(answers) == 6, done.stdout
+
+    assert answers[0]["kept"] == {"inversion": False, "source_kv": False} and answers[0]["drag_iterations"] > 3
+    assert set(answers[0]["seconds"]) == {"invert", "drag", "denoise", "decode"}
+    np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), standalone.edit(folder, image, case.points, np.asarray(case.mask)))
+
+    assert answers[1]["kept"] == {"inversion": True, "source_kv": True} and answers[1]["drag_iterations"] == 3
+    export = standalone.Export(folder)
+    z_t = standalone.invert(export, image)
+    _, kept = standalone.denoise(export, z_t, z_t)  # the source row's keys and values: the edited row does not reach them
+    assert len(kept) == manifest.data["source_kv"]["steps"]
+    edited, _, _ = standalone.drag(export, z_t, to_supervision([h for h, _ in second], manifest),
+                                   to_supervision([t for _, t in second], manifest), None, 3)
+    alone, _ = standalone.denoise(export, z_t, edited, kept=kept)
+    two = np.load(tmp_path / "two.npy")
+    np.testing.assert_array_equal(two, standalone.decode(export, alone))
+    paired = standalone.edit(folder, image, second, None, drag_steps=3)
+    assert np.abs(two - paired).max() < 1e-3  # (equal in the run I measured: the kept graph is the pair's edited row)
+
+    assert re.search(r"handle \[99,1\] of drag pair 0 is outside the 64x64 image", answers[2]["error"])
+    assert "not one serve takes" in answers[3]["error"]
+    assert "a request is a JSON object with" in answers[4]["error"]
+    assert not (tmp_path / "bad.npy").exists()
+    assert answers[5]["kept"] == {"inversion": False, "source_kv": False}
+    np.testing.assert_array_equal(np.load(tmp_path / "three.npy"),
+                                  standalone.edit(folder, pixels(mirrored), mirrored_points, None, drag_steps=3))

@@ -3,17 +3,20 @@
 // What a C++ service runs: it reads manifest.json, the ONNX graphs, text_embedding.bin and, with
 // --refit, a `fastdrag refit` weights file (another image's LoRA-merged weights and prompt), and
 // nothing of Python. It is export/standalone.py's `edit` and inversion commands written against
-// ONNX Runtime's C++ API; the tests check that both write the same numbers.
+// ONNX Runtime's C++ API; the tests check that both write the same numbers. `serve` edits request after
+// request in one process, as a service does: sessions made once, the last image's inversion and (exports
+// with `unet_kept`) its source keys and values reused by the next edit of the same image.
 //
 //   fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [options]
 //   fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [options]
+//   fastdrag_edit serve EXPORT_DIR [options]     JSON requests on stdin, answers on stdout (see serve below)
 //
 //   IMAGE.npy    (1, 3, H, W) image in [-1, 1] at the export's size (float32 or float64)
 //   POINTS.json  [[[hx, hy], [tx, ty]], ...] handle and target pairs in image pixels
 //   MASK.npy     (H, W), above 0.5 where the image may change (float, uint8 or bool)
 //   OUT.npy      the edited (1, 3, H, W) image in [-1, 1], or with `invert` the latent z_t
 //   options      --refit WEIGHTS.safetensors   another image's weights and text embeddings
-//                --drag-steps N                in place of the manifest's drag.steps
+//                --drag-steps N                in place of the manifest's drag.steps (serve: unless a request says)
 //                --threads N                   ONNX Runtime's intra-op threads (default: its own)
 //                --quiet                       no stage times on stderr
 //
@@ -458,35 +461,57 @@ static Tensor drag(Export& folder, const Tensor& z_t, std::vector<float> handles
   return latent;
 }
 
-// Denoise the (source, edited) pair: plain attention row by row before reference_control.start_step,
-// then `unet_reference` (the K/V swap inside the graph) on the pair. Returns the pair's clean latents.
-static Latents denoise(Export& folder, const Tensor& source, const Tensor& edited) {
-  Graph &plain = folder.graph("unet_inversion"), &reference = folder.graph("unet_reference");
+// Per swapped denoising step, the source branch's keys and values by name (the manifest's source_kv.tensors).
+using SourceKV = std::vector<std::map<std::string, Tensor>>;
+
+// Denoise the (source, edited) pair and return the edited row's clean latent: plain attention row by row
+// before reference_control.start_step, then `unet_reference` (the K/V swap inside the graph) on the pair.
+// `record` (exports with `unet_kept`) receives each swapped step's source keys and values. With `kept`
+// (what a pair's run of the same z_t recorded) the edited latent runs alone, through `unet_kept` in the
+// swapped steps: the manifest's source_kv protocol, half the work.
+static Tensor denoise(Export& folder, const Tensor& source, const Tensor& edited, const SourceKV* kept, SourceKV* record) {
   const int start_step = folder.manifest["reference_control"]["start_step"];
-  Latents x{source.shape, std::vector<double>(source.data.begin(), source.data.end())};
-  x.shape[0] = 2;
+  const int rows = kept ? 1 : 2;
+  Graph &plain = folder.graph("unet_inversion"), &swapped = folder.graph(kept ? "unet_kept" : "unet_reference");
+  Latents x{edited.shape, {}};
+  x.shape[0] = rows;
+  if (!kept) x.data.assign(source.data.begin(), source.data.end());
   x.data.insert(x.data.end(), edited.data.begin(), edited.data.end());
-  const size_t row = source.data.size();
+  const size_t row = edited.data.size();
   Tensor texts = folder.text;
-  texts.shape[0] = 2;
-  texts.data.insert(texts.data.end(), folder.text.data.begin(), folder.text.data.end());
+  if (!kept) {
+    texts.shape[0] = 2;
+    texts.data.insert(texts.data.end(), folder.text.data.begin(), folder.text.data.end());
+  }
+  std::vector<std::string> names;
+  if (record && folder.manifest.contains("source_kv")) names = folder.manifest["source_kv"]["tensors"].get<std::vector<std::string>>();
+  if (record) record->clear();
   int index = 0;
   for (const json& step : folder.manifest["schedule"]["denoise"]) {
     const Tensor t = scalar(step["t"].get<float>());
     Tensor eps{x.shape, {}};
-    if (index++ < start_step) {
-      for (size_t r = 0; r < 2; ++r) {
-        const Tensor latents{source.shape, std::vector<float>(x.data.begin() + r * row, x.data.begin() + (r + 1) * row)};
+    if (index < start_step) {
+      for (int r = 0; r < rows; ++r) {
+        const Tensor latents{edited.shape, std::vector<float>(x.data.begin() + r * row, x.data.begin() + (r + 1) * row)};
         const Tensor part = plain.run({{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &folder.text}}).at("eps");
         eps.data.insert(eps.data.end(), part.data.begin(), part.data.end());
       }
     } else {
       const Tensor latents = as_floats(x);
-      eps = reference.run({{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &texts}}).at("eps");
+      std::vector<std::pair<std::string, const Tensor*>> feeds{{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &texts}};
+      if (kept)
+        for (const auto& [name, tensor] : kept->at(index - start_step)) feeds.emplace_back(name, &tensor);
+      std::map<std::string, Tensor> outputs = swapped.run(feeds);
+      eps = std::move(outputs.at("eps"));
+      if (!names.empty()) {
+        std::map<std::string, Tensor>& step_kv = record->emplace_back();
+        for (const std::string& name : names) step_kv[name] = std::move(outputs.at(name));
+      }
     }
     ddim(x, eps, step["alpha_from"], step["alpha_to"]);
+    ++index;
   }
-  return x;
+  return {edited.shape, std::vector<float>(x.data.end() - row, x.data.end())};
 }
 
 static Tensor decode(Export& folder, const Tensor& latent) {
@@ -502,19 +527,13 @@ struct Points {
   std::vector<float> handles, targets;  // (row, col) pairs at the supervision size
 };
 
-// POINTS.json's pairs checked as the editor checks them (finite, inside the image, handle != target),
-// mapped to the supervision map: image (x, y) -> (round(y * sh / H), round(x * sw / W)), clipped.
-static Points read_points(const fs::path& path, const json& manifest) {
-  json pairs;
-  try {
-    pairs = json::parse(read_file(path));
-  } catch (const json::parse_error& error) {
-    throw InputError(path.string() + " is not JSON: " + error.what());
-  }
+// Drag pairs ([[[hx, hy], [tx, ty]], ...] from `where`) checked as the editor checks them (inside the
+// image, handle != target), mapped to the supervision map: image (x, y) -> (round(y * sh / H), round(x * sw / W)), clipped.
+static Points parse_points(const json& pairs, const json& manifest, const std::string& where) {
   const int width = manifest["image"]["width"], height = manifest["image"]["height"], slots = manifest["drag"]["points"];
   const int sup_h = manifest["drag"]["supervision_size"][0], sup_w = manifest["drag"]["supervision_size"][1];
   if (!pairs.is_array() || pairs.empty() || static_cast<int>(pairs.size()) > slots)
-    throw InputError(path.string() + ": give 1 to " + std::to_string(slots) +
+    throw InputError(where + ": give 1 to " + std::to_string(slots) +
                      " [[hx, hy], [tx, ty]] pairs (this export's drag graph takes " + std::to_string(slots) + ")");
   Points points;
   for (size_t index = 0; index < pairs.size(); ++index) {
@@ -536,6 +555,14 @@ static Points read_points(const fs::path& path, const json& manifest) {
     }
   }
   return points;
+}
+
+static Points read_points(const fs::path& path, const json& manifest) {
+  try {
+    return parse_points(json::parse(read_file(path)), manifest, path.string());
+  } catch (const json::parse_error& error) {
+    throw InputError(path.string() + " is not JSON: " + error.what());
+  }
 }
 
 static Tensor read_image(const fs::path& path, const json& manifest) {
@@ -605,34 +632,117 @@ static Options parse_options(int argc, char** argv) {
   }
   const std::string usage =
       "usage: fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [--refit W.safetensors] [--drag-steps N] "
-      "[--threads N] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [--refit W.safetensors] [--threads N] [--quiet]";
+      "[--threads N] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [--refit W.safetensors] [--threads N] [--quiet]"
+      "\n       fastdrag_edit serve EXPORT_DIR [--refit W.safetensors] [--threads N]   (JSON requests on stdin)";
   const size_t given = options.positional.size();
-  const bool edit = given && options.positional[0] == "edit", invert = given && options.positional[0] == "invert";
-  if (!((edit && (given == 5 || given == 6)) || (invert && given == 4))) throw InputError(usage);
+  const std::string command = given ? options.positional[0] : "";
+  if (!((command == "edit" && (given == 5 || given == 6)) || (command == "invert" && given == 4) || (command == "serve" && given == 2)))
+    throw InputError(usage);
   return options;
 }
 
+// Each stage's seconds, since the one before: kept for a serve answer, printed to stderr unless quiet.
 class StageClock {
  public:
-  explicit StageClock(bool quiet) : quiet_(quiet) {}
+  explicit StageClock(bool print) : print_(print) {}
 
   void done(const std::string& stage, const std::string& detail = "") {
     const auto now = std::chrono::steady_clock::now();
-    if (!quiet_)
-      std::fprintf(stderr, "%s %.3f s%s\n", stage.c_str(), std::chrono::duration<double>(now - last_).count(), detail.c_str());
+    const double seconds = std::chrono::duration<double>(now - last_).count();
+    seconds_[stage] = seconds;
+    if (print_) std::fprintf(stderr, "%s %.3f s%s\n", stage.c_str(), seconds, detail.c_str());
     last_ = now;
   }
 
+  const json& seconds() const { return seconds_; }
+
  private:
-  bool quiet_;
+  bool print_;
+  json seconds_ = json::object();
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
+
+// What a serving process keeps from its last image: the image, its z_t (an edit of the same image skips
+// the inversion) and, where the export has `unet_kept`, the source keys and values of its first pair
+// denoising (later edits of it denoise the edited latent alone).
+struct Memory {
+  std::vector<float> image;
+  Tensor z_t;
+  SourceKV source_kv;
+};
+
+struct Edited {
+  Tensor image;
+  int drag_iterations = 0;
+  bool kept_inversion = false, kept_source_kv = false;
+};
+
+// One whole edit: invert (or take the memory's z_t of the same image), drag, denoise, decode.
+// `keep`: record what a later edit of the same image can reuse (serve).
+static Edited edit(Export& folder, const Tensor& image, const Points& points, const Tensor& mask, std::optional<int> drag_steps,
+                   Memory& memory, bool keep, StageClock& clock) {
+  Edited result;
+  result.kept_inversion = !memory.image.empty() && memory.image == image.data;
+  if (!result.kept_inversion) memory = Memory{image.data, invert(folder, image), {}};
+  clock.done("invert");
+  const Tensor edited = drag(folder, memory.z_t, points.handles, points.targets, mask, drag_steps, result.drag_iterations);
+  clock.done("drag", " (" + std::to_string(result.drag_iterations) + " iterations)");
+  result.kept_source_kv = !memory.source_kv.empty();
+  const bool record = keep && !result.kept_source_kv && folder.manifest.contains("source_kv");
+  const Tensor clean = denoise(folder, memory.z_t, edited, result.kept_source_kv ? &memory.source_kv : nullptr,
+                               record ? &memory.source_kv : nullptr);
+  clock.done("denoise");
+  result.image = decode(folder, clean);
+  clock.done("decode");
+  return result;
+}
+
+// Edits from stdin, one JSON request a line, one JSON answer a line on stdout, with the sessions kept
+// and the last image's inversion (and source keys and values) reused. A request:
+//   {"image": "IMAGE.npy", "points": [[[hx, hy], [tx, ty]], ...], "out": "OUT.npy", "mask": "MASK.npy", "drag_steps": N}
+// (mask and drag_steps optional). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
+// "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."} for a bad request (serving goes on).
+static int serve(Export& folder, std::optional<int> default_drag_steps) {
+  Memory memory;
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    json answer;
+    try {
+      const json request = json::parse(line);
+      if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
+        throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\" if wanted)");
+      const Tensor image = read_image(request["image"].get<std::string>(), folder.manifest);
+      const Points points = parse_points(request["points"], folder.manifest, "the request's points");
+      const Tensor mask = request.contains("mask") ? read_mask(request["mask"].get<std::string>(), folder.manifest) : Tensor{};
+      std::optional<int> drag_steps = default_drag_steps;
+      if (request.contains("drag_steps")) {
+        if (!request["drag_steps"].is_number_unsigned()) throw InputError("drag_steps is a whole number of at least 0");
+        drag_steps = request["drag_steps"].get<int>();
+      }
+      StageClock clock(false);
+      const Edited result = edit(folder, image, points, mask, drag_steps, memory, true, clock);
+      write_npy(request["out"].get<std::string>(), result.image);
+      answer = {{"out", request["out"]}, {"drag_iterations", result.drag_iterations}, {"seconds", clock.seconds()},
+                {"kept", {{"inversion", result.kept_inversion}, {"source_kv", result.kept_source_kv}}}};
+    } catch (const InputError& error) {
+      answer = {{"error", error.what()}};
+    } catch (const json::exception& error) {
+      answer = {{"error", std::string("the request is not one serve takes: ") + error.what()}};
+    }
+    std::cout << answer.dump() << std::endl;  // flushed: the client reads each answer as it comes
+  }
+  return 0;
+}
 
 static int run(int argc, char** argv) {
   const Options options = parse_options(argc, argv);
   const std::vector<std::string>& args = options.positional;
-  StageClock clock(options.quiet);
+  StageClock clock(!options.quiet);
   Export folder(args[1], options.refit, options.threads);
+  if (args[0] != "invert" && !folder.manifest.contains("drag"))
+    throw InputError(args[1] + " has no drag graph: export with --drag-points N (drag_points=N) for a whole edit");
+  if (args[0] == "serve") return serve(folder, options.drag_steps);
   const Tensor image = read_image(args[2], folder.manifest);
   if (args[0] == "invert") {
     const Tensor z_t = invert(folder, image);
@@ -640,25 +750,12 @@ static int run(int argc, char** argv) {
     write_npy(args[3], z_t);
     return 0;
   }
-  if (!folder.manifest.contains("drag"))
-    throw InputError(args[1] + " has no drag graph: export with --drag-points N (drag_points=N) for a whole edit");
   const Points points = read_points(args[3], folder.manifest);
   const Tensor mask = args.size() == 6 ? read_mask(args[5], folder.manifest) : Tensor{};
-  const Tensor z_t = invert(folder, image);
-  clock.done("invert");
-  int steps_run = 0;
-  const Tensor edited = drag(folder, z_t, points.handles, points.targets, mask, options.drag_steps, steps_run);
-  clock.done("drag", " (" + std::to_string(steps_run) + " iterations)");
-  const Latents clean = denoise(folder, z_t, edited);
-  clock.done("denoise");
-  const size_t row = clean.data.size() / 2;
-  Tensor edited_clean{z_t.shape, std::vector<float>(clean.data.begin() + row, clean.data.end())};
-  const Tensor result = decode(folder, edited_clean);
-  clock.done("decode");
-  write_npy(args[4], result);
+  Memory memory;
+  write_npy(args[4], edit(folder, image, points, mask, options.drag_steps, memory, false, clock).image);
   return 0;
 }
-
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
