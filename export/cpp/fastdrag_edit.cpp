@@ -91,7 +91,11 @@ static void write_atomically(const fs::path& path, const std::string& bytes) {
   {
     std::ofstream out(partial, std::ios::binary | std::ios::trunc);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!out) throw InputError("cannot write " + partial.string());
+    out.close();
+    if (!out) {
+      fs::remove(partial);
+      throw InputError("cannot write " + path.string());
+    }
   }
   fs::rename(partial, path);
 }
@@ -227,9 +231,11 @@ class Graph {
       if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
         const Ort::Float16_t* data = results[i].GetTensorData<Ort::Float16_t>();
         for (size_t j = 0; j < count; ++j) tensor.data.push_back(data[j].ToFloat());
-      } else {
+      } else if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         const float* data = results[i].GetTensorData<float>();
         tensor.data.assign(data, data + count);
+      } else {
+        throw InputError("output " + outputs_[i] + " is neither float32 nor float16: not a graph fastdrag exports");
       }
       fetched[outputs_[i]] = std::move(tensor);
     }
@@ -257,6 +263,8 @@ class Export {
     const json& entry = manifest["artifacts"]["text_embedding"];
     const std::string raw = read_file(folder / entry["file"].get<std::string>());
     text.shape = entry["shape"].get<std::vector<int64_t>>();
+    if (raw.size() != (entry["dtype"] == "float16" ? 2u : 4u) * static_cast<size_t>(element_count(text.shape)))
+      throw InputError(entry["file"].get<std::string>() + " does not hold the " + shape_text(text.shape) + " tensor the manifest says");
     text.data = read_values(raw.data(), element_count(text.shape), entry["dtype"]);
     if (refit) read_refit(*refit);
   }
@@ -377,7 +385,7 @@ static void ddim(Latents& x, const Tensor& eps, double alpha_from, double alpha_
 // The image's latent z_t at the drag timestep (float32, as standalone.py returns it).
 static Tensor invert(Export& folder, const Tensor& image) {
   Graph &encoder = folder.graph("vae_encoder"), &unet = folder.graph("unet_inversion");
-  const Tensor mean = encoder.run({{"image", &image}}).begin()->second;
+  const Tensor mean = encoder.run({{"image", &image}}).at("latent_mean");
   const double scaling = folder.manifest["model"]["scaling_factor"];
   Latents x{mean.shape, {}};
   for (float value : mean.data) x.data.push_back(static_cast<double>(value) * scaling);
