@@ -620,3 +620,29 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert answers[5]["kept"] == {"inversion": False, "source_kv": False}
     np.testing.assert_array_equal(np.load(tmp_path / "three.npy"),
                                   standalone.edit(folder, pixels(mirrored), mirrored_points, None, drag_steps=3))
+
+
+def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(exported, cpp_program, tmp_path):
+    """On an fp16 export (fp16 UNet graphs, fp32 drag graph and VAE) the C++ program's edit is the standalone
+    script's bit for bit: its float64 latents go to the fp16 inputs in one rounding, as numpy's astype does
+    (through float32 they would differ by up to 3e-5 in a run I measured)."""
+    from fastdrag.demo import demo_case
+    from fastdrag.export import export_loaded
+
+    editor, _, _ = exported
+    case = demo_case()
+    text = editor.text_embeddings(case.prompt)
+    half = export_loaded(editor.components, "k", editor.config.lora, (64, 64), text, editor.config, tmp_path / "fp16",
+                         fp16=True, drag_points=1)
+    assert half.graphs["unet_inversion"].inputs[0].dtype == "float16" and half.graphs["unet_drag"].inputs[0].dtype == "float32"
+    image = pixels(case.image)
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "mask.npy", np.asarray(case.mask))
+    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
+    done = run_cpp(cpp_program, "edit", half.folder, tmp_path / "image.npy", tmp_path / "points.json", tmp_path / "out.npy",
+                   tmp_path / "mask.npy", "--drag-steps", "5", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    edited = np.load(tmp_path / "out.npy")
+    assert np.isfinite(edited).all()
+    np.testing.assert_array_equal(edited, standalone_module().edit(half.folder, image, case.points, np.asarray(case.mask),
+                                                                   drag_steps=5))

@@ -191,8 +191,34 @@ static std::vector<float> read_values(const char* bytes, size_t count, const std
   return values;
 }
 
-// One graph's session with its inputs' dtypes from the manifest: feeds and fetches float tensors,
-// converting where the graph takes or gives float16.
+// float64 -> float16 in one rounding (to nearest, ties to even), as numpy's astype rounds: through a
+// float32 rounded to odd, which keeps what the second rounding needs (float32 has 13 more bits).
+static Ort::Float16_t half_from_double(double value) {
+  float narrowed = static_cast<float>(value);
+  if (std::isfinite(narrowed) && static_cast<double>(narrowed) != value) {
+    if (std::fabs(static_cast<double>(narrowed)) > std::fabs(value)) narrowed = std::nextafter(narrowed, 0.0f);
+    uint32_t bits;
+    std::memcpy(&bits, &narrowed, 4);
+    bits |= 1u;
+    std::memcpy(&narrowed, &bits, 4);
+  }
+  return Ort::Float16_t(narrowed);
+}
+
+// A graph input's values: float32, or float64 (the DDIM loops' latents), cast to the input's dtype
+// in one rounding, as standalone.py's astype casts them.
+struct Feed {
+  Feed(const Tensor* tensor) : shape(tensor->shape), floats(tensor->data.data()), count(tensor->data.size()) {}
+  Feed(const Latents* latents) : shape(latents->shape), doubles(latents->data.data()), count(latents->data.size()) {}
+
+  const std::vector<int64_t>& shape;
+  const float* floats = nullptr;
+  const double* doubles = nullptr;
+  size_t count;
+};
+
+// One graph's session with its inputs' dtypes from the manifest: feeds float32 or float64 values and
+// fetches float tensors, converting where the graph takes or gives float16.
 class Graph {
  public:
   Graph(Ort::Session session, const json& artifact) : session_(std::move(session)) {
@@ -202,21 +228,24 @@ class Graph {
       outputs_.push_back(session_.GetOutputNameAllocated(i, allocator).get());
   }
 
-  std::map<std::string, Tensor> run(const std::vector<std::pair<std::string, const Tensor*>>& feeds) {
+  std::map<std::string, Tensor> run(const std::vector<std::pair<std::string, Feed>>& feeds) {
     Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-    std::vector<std::vector<Ort::Float16_t>> halves;
+    std::vector<std::vector<Ort::Float16_t>> halves;  // the converted copies, alive until Run returns
+    std::vector<std::vector<float>> narrowed;
     halves.reserve(feeds.size());
+    narrowed.reserve(feeds.size());
     std::vector<Ort::Value> values;
     std::vector<const char*> names;
-    for (const auto& [name, tensor] : feeds) {
+    for (const auto& [name, feed] : feeds) {
       names.push_back(name.c_str());
       if (half_.at(name)) {
-        halves.emplace_back(tensor->data.begin(), tensor->data.end());
-        values.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(memory, halves.back().data(), halves.back().size(),
-                                                                  tensor->shape.data(), tensor->shape.size()));
+        std::vector<Ort::Float16_t>& half = halves.emplace_back();
+        for (size_t i = 0; i < feed.count; ++i) half.push_back(feed.doubles ? half_from_double(feed.doubles[i]) : Ort::Float16_t(feed.floats[i]));
+        values.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(memory, half.data(), half.size(), feed.shape.data(), feed.shape.size()));
       } else {
-        values.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(tensor->data.data()), tensor->data.size(),
-                                                         tensor->shape.data(), tensor->shape.size()));
+        const float* data = feed.floats;
+        if (feed.doubles) data = narrowed.emplace_back(feed.doubles, feed.doubles + feed.count).data();
+        values.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(data), feed.count, feed.shape.data(), feed.shape.size()));
       }
     }
     std::vector<const char*> output_names;
@@ -390,8 +419,8 @@ static Tensor invert(Export& folder, const Tensor& image) {
   Latents x{mean.shape, {}};
   for (float value : mean.data) x.data.push_back(static_cast<double>(value) * scaling);
   for (const json& step : folder.manifest["schedule"]["inversion"]) {
-    const Tensor latents = as_floats(x), t = scalar(step["t"].get<float>());
-    const Tensor eps = unet.run({{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &folder.text}}).at("eps");
+    const Tensor t = scalar(step["t"].get<float>());
+    const Tensor eps = unet.run({{"latents", &x}, {"timestep", &t}, {"text_embeddings", &folder.text}}).at("eps");
     ddim(x, eps, step["alpha_from"], step["alpha_to"]);
   }
   return as_floats(x);
@@ -500,13 +529,12 @@ static Tensor denoise(Export& folder, const Tensor& source, const Tensor& edited
     Tensor eps{x.shape, {}};
     if (index < start_step) {
       for (int r = 0; r < rows; ++r) {
-        const Tensor latents{edited.shape, std::vector<float>(x.data.begin() + r * row, x.data.begin() + (r + 1) * row)};
+        const Latents latents{edited.shape, std::vector<double>(x.data.begin() + r * row, x.data.begin() + (r + 1) * row)};
         const Tensor part = plain.run({{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &folder.text}}).at("eps");
         eps.data.insert(eps.data.end(), part.data.begin(), part.data.end());
       }
     } else {
-      const Tensor latents = as_floats(x);
-      std::vector<std::pair<std::string, const Tensor*>> feeds{{"latents", &latents}, {"timestep", &t}, {"text_embeddings", &texts}};
+      std::vector<std::pair<std::string, Feed>> feeds{{"latents", &x}, {"timestep", &t}, {"text_embeddings", &texts}};
       if (kept)
         for (const auto& [name, tensor] : kept->at(index - start_step)) feeds.emplace_back(name, &tensor);
       std::map<std::string, Tensor> outputs = swapped.run(feeds);
