@@ -1,5 +1,6 @@
 """The drag iteration's exported graph (`unet_drag`): against PyTorch's drag step and drag loop, its
-refit with another LoRA, and the standalone protocol a C++ service follows."""
+refit with another LoRA, the standalone protocol a C++ service follows, and `export/cpp/fastdrag_edit`,
+that protocol in C++."""
 import importlib.util
 import json
 import os
@@ -431,7 +432,7 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
 
 
-def test_the_cpp_program_edits_as_the_standalone_script_does(exported, cpp_program, tmp_path):
+def test_the_cpp_program_edits_as_the_standalone_script_does(cpp_program, exported, tmp_path):
     """The C++ program, from the export folder alone, writes `export/standalone.py`'s edit bit for bit: two
     point pairs (every slot of the drag graph) and a mask at the manifest's 80 drag steps; one pair, no mask
     and `--drag-steps 3`; and the inversion alone, on one thread."""
@@ -472,7 +473,7 @@ def test_the_cpp_program_edits_as_the_standalone_script_does(exported, cpp_progr
     np.testing.assert_array_equal(z_t, standalone.invert(manifest.folder, image))
 
 
-def test_the_cpp_program_runs_another_image_from_its_refit_weights(exported, cpp_program, tmp_path):
+def test_the_cpp_program_runs_another_image_from_its_refit_weights(cpp_program, exported, tmp_path):
     """With `--refit` (a `fastdrag refit` file of another image) the C++ program puts that image's weights in
     place of the graphs' initializers and its text embeddings in place of the export's, as the standalone
     script does: the same edit and inversion bit for bit, and not the edit with the export's own weights."""
@@ -499,7 +500,7 @@ def test_the_cpp_program_runs_another_image_from_its_refit_weights(exported, cpp
     np.testing.assert_array_equal(np.load(tmp_path / "z_t.npy"), standalone.invert(refitted, pixels(image)))
 
 
-def test_the_cpp_program_refuses_bad_input_in_one_line(exported, cpp_program, tmp_path):
+def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tmp_path):
     """Each bad input or unusable export: exit status 2, one line on stderr that names the problem, no output file."""
     import shutil
 
@@ -562,7 +563,7 @@ def to_supervision(points, manifest) -> np.ndarray:
     return np.stack([np.round(xy[:, 1] * sup_h / image["height"]), np.round(xy[:, 0] * sup_w / image["width"])], -1).astype(np.float32)
 
 
-def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_keys_and_values(exported, cpp_program, tmp_path):
+def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_keys_and_values(cpp_program, exported, tmp_path):
     """`fastdrag_edit serve`: JSON requests on stdin, one JSON answer a line on stdout. An image's first edit is
     the standalone edit bit for bit and keeps the source branch's keys and values; its next edit reuses the
     inversion and denoises the edited latent alone through `unet_kept`, as the standalone protocol's
@@ -622,7 +623,7 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
                                   standalone.edit(folder, pixels(mirrored), mirrored_points, None, drag_steps=3))
 
 
-def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(exported, cpp_program, tmp_path):
+def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):
     """On an fp16 export (fp16 UNet graphs, fp32 drag graph and VAE) the C++ program's edit is the standalone
     script's bit for bit: its float64 latents go to the fp16 inputs in one rounding, as numpy's astype does
     (through float32 they would differ by up to 3e-5 in a run I measured)."""
