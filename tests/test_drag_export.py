@@ -556,11 +556,25 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tm
         assert not (tmp_path / "out.npy").exists()
 
 
-def to_supervision(points, manifest) -> np.ndarray:
-    """Image (x, y) points as the drag graph's (row, col) at the supervision size (the manifest's `drag.how`)."""
+def to_supervision(points, data) -> np.ndarray:
+    """Image (x, y) points as the drag graph's (row, col) at the supervision size (manifest `data`'s `drag.how`)."""
     xy = np.asarray(points, np.float64)
-    (sup_h, sup_w), image = manifest.data["drag"]["supervision_size"], manifest.data["image"]
+    (sup_h, sup_w), image = data["drag"]["supervision_size"], data["image"]
     return np.stack([np.round(xy[:, 1] * sup_h / image["height"]), np.round(xy[:, 0] * sup_w / image["width"])], -1).astype(np.float32)
+
+
+def kept_edit(folder, image, points, drag_steps):
+    """The standalone protocol's repeated edit of `image` with its source keys and values kept: the drag on its
+    z_t, then the edited latent alone through `unet_kept` with the keys and values a pair's denoising recorded."""
+    standalone = standalone_module()
+    export = standalone.Export(folder)
+    z_t = standalone.invert(export, image)
+    _, kept = standalone.denoise(export, z_t, z_t)  # the source row's keys and values: the edited row does not reach them
+    assert len(kept) == export.manifest["source_kv"]["steps"]
+    edited, _, _ = standalone.drag(export, z_t, to_supervision([h for h, _ in points], export.manifest),
+                                   to_supervision([t for _, t in points], export.manifest), None, drag_steps)
+    alone, _ = standalone.denoise(export, z_t, edited, kept=kept)
+    return standalone.decode(export, alone)
 
 
 def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_keys_and_values(cpp_program, exported, tmp_path):
@@ -602,15 +616,8 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), standalone.edit(folder, image, case.points, np.asarray(case.mask)))
 
     assert answers[1]["kept"] == {"inversion": True, "source_kv": True} and answers[1]["drag_iterations"] == 3
-    export = standalone.Export(folder)
-    z_t = standalone.invert(export, image)
-    _, kept = standalone.denoise(export, z_t, z_t)  # the source row's keys and values: the edited row does not reach them
-    assert len(kept) == manifest.data["source_kv"]["steps"]
-    edited, _, _ = standalone.drag(export, z_t, to_supervision([h for h, _ in second], manifest),
-                                   to_supervision([t for _, t in second], manifest), None, 3)
-    alone, _ = standalone.denoise(export, z_t, edited, kept=kept)
     two = np.load(tmp_path / "two.npy")
-    np.testing.assert_array_equal(two, standalone.decode(export, alone))
+    np.testing.assert_array_equal(two, kept_edit(folder, image, second, 3))
     paired = standalone.edit(folder, image, second, None, drag_steps=3)
     assert np.abs(two - paired).max() < 1e-3  # (equal in the run I measured: the kept graph is the pair's edited row)
 
@@ -626,16 +633,19 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
 def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):
     """On an fp16 export (fp16 UNet graphs, fp32 drag graph and VAE) the C++ program's edit is the standalone
     script's bit for bit: its float64 latents go to the fp16 inputs in one rounding, as numpy's astype does
-    (through float32 they would differ by up to 3e-5 in a run I measured)."""
+    (through float32 they would differ by up to 3e-5 in a run I measured). `serve`'s repeated edit, with the
+    source keys and values kept in fp16 as the graph gives them, is the standalone kept protocol's bit for bit."""
     from fastdrag.demo import demo_case
     from fastdrag.export import export_loaded
 
     editor, _, _ = exported
     case = demo_case()
     text = editor.text_embeddings(case.prompt)
-    half = export_loaded(editor.components, "k", editor.config.lora, (64, 64), text, editor.config, tmp_path / "fp16",
-                         fp16=True, drag_points=1)
-    assert half.graphs["unet_inversion"].inputs[0].dtype == "float16" and half.graphs["unet_drag"].inputs[0].dtype == "float32"
+    half = export_loaded(editor.components, "k", editor.config.lora, (64, 64), text, editor.config.replace(keep_source_kv=True),
+                         tmp_path / "fp16", fp16=True, drag_points=2)
+    graphs = half.graphs
+    assert graphs["unet_inversion"].inputs[0].dtype == "float16" and graphs["unet_drag"].inputs[0].dtype == "float32"
+    assert graphs["unet_kept"].inputs[-1].dtype == "float16"  # a source key or value
     image = pixels(case.image)
     np.save(tmp_path / "image.npy", image)
     np.save(tmp_path / "mask.npy", np.asarray(case.mask))
@@ -647,3 +657,12 @@ def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_
     assert np.isfinite(edited).all()
     np.testing.assert_array_equal(edited, standalone_module().edit(half.folder, image, case.points, np.asarray(case.mask),
                                                                    drag_steps=5))
+
+    second = [((22.4, 25.6), (30.0, 40.0)), ((40.0, 20.0), (44.0, 26.0))]
+    requests = [{"image": str(tmp_path / "image.npy"), "points": [[list(h), list(t)] for h, t in points], "out": str(tmp_path / name),
+                 "drag_steps": 3} for name, points in (("one.npy", case.points), ("two.npy", second))]
+    done = subprocess.run([str(cpp_program), "serve", str(half.folder)], input="\n".join(map(json.dumps, requests)) + "\n",
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(line)["kept"]["source_kv"] for line in done.stdout.splitlines()] == [False, True]
+    np.testing.assert_array_equal(np.load(tmp_path / "two.npy"), kept_edit(half.folder, image, second, 3))

@@ -52,10 +52,12 @@ struct InputError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// A row-major float tensor.
+// A row-major float tensor. `half` holds fp16 values in place of `data` where a graph gave them and
+// they are kept as given (the source keys and values of serve: half the memory of float32).
 struct Tensor {
   std::vector<int64_t> shape;
   std::vector<float> data;
+  std::vector<Ort::Float16_t> half{};
 };
 
 // The same in float64: the DDIM loops keep their latents in double, as export/standalone.py does.
@@ -208,11 +210,16 @@ static Ort::Float16_t half_from_double(double value) {
 // A graph input's values: float32, or float64 (the DDIM loops' latents), cast to the input's dtype
 // in one rounding, as standalone.py's astype casts them.
 struct Feed {
-  Feed(const Tensor* tensor) : shape(tensor->shape), floats(tensor->data.data()), count(tensor->data.size()) {}
+  Feed(const Tensor* tensor)
+      : shape(tensor->shape), floats(tensor->data.data()), halves(tensor->half.empty() ? nullptr : tensor->half.data()),
+        count(tensor->half.empty() ? tensor->data.size() : tensor->half.size()) {}
   Feed(const Latents* latents) : shape(latents->shape), doubles(latents->data.data()), count(latents->data.size()) {}
+
+  float value(size_t i) const { return halves ? halves[i].ToFloat() : floats[i]; }
 
   const std::vector<int64_t>& shape;
   const float* floats = nullptr;
+  const Ort::Float16_t* halves = nullptr;
   const double* doubles = nullptr;
   size_t count;
 };
@@ -228,7 +235,9 @@ class Graph {
       outputs_.push_back(session_.GetOutputNameAllocated(i, allocator).get());
   }
 
-  std::map<std::string, Tensor> run(const std::vector<std::pair<std::string, Feed>>& feeds) {
+  // The outputs by name; the fp16 ones named in `as_given` stay fp16 (Tensor::half).
+  std::map<std::string, Tensor> run(const std::vector<std::pair<std::string, Feed>>& feeds,
+                                    const std::vector<std::string>& as_given = {}) {
     Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<std::vector<Ort::Float16_t>> halves;  // the converted copies, alive until Run returns
     std::vector<std::vector<float>> narrowed;
@@ -239,12 +248,22 @@ class Graph {
     for (const auto& [name, feed] : feeds) {
       names.push_back(name.c_str());
       if (half_.at(name)) {
-        std::vector<Ort::Float16_t>& half = halves.emplace_back();
-        for (size_t i = 0; i < feed.count; ++i) half.push_back(feed.doubles ? half_from_double(feed.doubles[i]) : Ort::Float16_t(feed.floats[i]));
-        values.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(memory, half.data(), half.size(), feed.shape.data(), feed.shape.size()));
+        const Ort::Float16_t* data = feed.halves;  // fp16 as given: fed as it is
+        if (!data) {
+          std::vector<Ort::Float16_t>& half = halves.emplace_back();
+          for (size_t i = 0; i < feed.count; ++i) half.push_back(feed.doubles ? half_from_double(feed.doubles[i]) : Ort::Float16_t(feed.floats[i]));
+          data = half.data();
+        }
+        values.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(memory, const_cast<Ort::Float16_t*>(data), feed.count,
+                                                                  feed.shape.data(), feed.shape.size()));
       } else {
         const float* data = feed.floats;
         if (feed.doubles) data = narrowed.emplace_back(feed.doubles, feed.doubles + feed.count).data();
+        if (feed.halves) {
+          std::vector<float>& widened = narrowed.emplace_back();
+          for (size_t i = 0; i < feed.count; ++i) widened.push_back(feed.value(i));
+          data = widened.data();
+        }
         values.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(data), feed.count, feed.shape.data(), feed.shape.size()));
       }
     }
@@ -259,7 +278,8 @@ class Graph {
       const size_t count = info.GetElementCount();
       if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
         const Ort::Float16_t* data = results[i].GetTensorData<Ort::Float16_t>();
-        for (size_t j = 0; j < count; ++j) tensor.data.push_back(data[j].ToFloat());
+        if (std::find(as_given.begin(), as_given.end(), outputs_[i]) != as_given.end()) tensor.half.assign(data, data + count);
+        else for (size_t j = 0; j < count; ++j) tensor.data.push_back(data[j].ToFloat());
       } else if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         const float* data = results[i].GetTensorData<float>();
         tensor.data.assign(data, data + count);
@@ -537,7 +557,7 @@ static Tensor denoise(Export& folder, const Tensor& source, const Tensor& edited
       std::vector<std::pair<std::string, Feed>> feeds{{"latents", &x}, {"timestep", &t}, {"text_embeddings", &texts}};
       if (kept)
         for (const auto& [name, tensor] : kept->at(index - start_step)) feeds.emplace_back(name, &tensor);
-      std::map<std::string, Tensor> outputs = swapped.run(feeds);
+      std::map<std::string, Tensor> outputs = swapped.run(feeds, names);
       eps = std::move(outputs.at("eps"));
       if (!names.empty()) {
         std::map<std::string, Tensor>& step_kv = record->emplace_back();
