@@ -1,0 +1,98 @@
+// fastdrag_export: a fastdrag export folder's edit loops in C++, on ONNX Runtime's C++ API.
+//
+// What a C++ service embeds. An Editor reads manifest.json, the ONNX graphs, text_embedding.bin and,
+// optionally, a `fastdrag refit` weights file (another image's LoRA-merged weights and prompt), and
+// nothing of Python; it runs export/standalone.py's protocol: invert, drag on `unet_drag`, denoise
+// the (source, edited) pair, decode. fastdrag_edit.cpp is its command line; tests/test_drag_export.py
+// checks that they write standalone.py's numbers bit for bit.
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fastdrag {
+
+// Bad input or an export this code cannot serve; the message names the problem.
+struct InputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// A row-major float tensor. `half` holds fp16 values in place of `data` where a graph gave them and
+// they are kept as given (an fp16 export's source keys and values: half the memory of float32).
+struct Tensor {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+  std::vector<Ort::Float16_t> half{};
+};
+
+// Drag pairs as the drag graph takes them: (row, col) at the supervision size, one pair after another.
+struct Points {
+  std::vector<float> handles, targets;
+};
+
+struct Edited {
+  Tensor image;                 // (1, 3, H, W) in [-1, 1]
+  int drag_iterations = 0;      // drag iterations run (the loop stops once every handle is within reach)
+  bool kept_inversion = false;  // the image was the last one edited: its z_t was reused
+  bool kept_source_kv = false;  // and its source keys and values: the edited latent denoised alone (unet_kept)
+};
+
+// Told each stage's seconds as it ends ("invert", "drag", "denoise", "decode"), with the edit so far
+// (drag_iterations is there from "drag" on).
+using StageCallback = std::function<void(const std::string& stage, double seconds, const Edited& so_far)>;
+
+// One export folder's sessions (made at first use and kept, as a service keeps them between requests)
+// and what a later edit of the last image reuses.
+class Editor {
+ public:
+  // `folder`: the export; `refit`: another image's `fastdrag refit` file, whose weights replace each
+  // graph's initializers (refit.json says which) and whose text embeddings replace the export's;
+  // `threads`: ONNX Runtime's intra-op threads (0: its default).
+  explicit Editor(const std::filesystem::path& folder, const std::optional<std::filesystem::path>& refit = std::nullopt,
+                  int threads = 0);
+  ~Editor();
+  Editor(const Editor&) = delete;
+  Editor& operator=(const Editor&) = delete;
+
+  const nlohmann::json& manifest() const;
+  // Throws unless the export has the drag graph (`unet_drag`), which a whole edit needs.
+  void require_drag_graph() const;
+
+  // Throws unless `image` is (1, 3, H, W) at the export's size. `where` names it in the message.
+  void check_image(const Tensor& image, const std::string& where) const;
+  // [[[hx, hy], [tx, ty]], ...] in image pixels, checked as fastdrag's editor checks them (1 to the drag
+  // graph's number of pairs, inside the image, handle != target) and mapped to the supervision map:
+  // (round(y * sh / H), round(x * sw / W)).
+  Points points(const nlohmann::json& pairs, const std::string& where) const;
+  // An (H, W) mask (above 0.5: may change) at latent size, nearest; empty when nothing is above 0.5,
+  // which edits without a mask.
+  Tensor latent_mask(const Tensor& mask, const std::string& where) const;
+
+  // The image's latent z_t at the drag timestep (float32).
+  Tensor invert(const Tensor& image);
+  // A whole edit. `latent_mask` from latent_mask() or empty; `drag_steps` in place of the manifest's.
+  // `remember`: reuse and keep what a repeated edit of the same image needs (its z_t; with an export
+  // that has `unet_kept`, the source keys and values of its first denoising).
+  Edited edit(const Tensor& image, const Points& points, const Tensor& latent_mask,
+              std::optional<int> drag_steps = std::nullopt, bool remember = true, const StageCallback& on_stage = {});
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+std::string read_file(const std::filesystem::path& path);
+std::string shape_text(const std::vector<int64_t>& shape);  // (1, 3, 64, 64)
+int64_t element_count(const std::vector<int64_t>& shape);
+
+}  // namespace fastdrag
