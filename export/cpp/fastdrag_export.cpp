@@ -176,13 +176,13 @@ class Graph {
 class Export {
  public:
   Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads)
-      : folder_(folder), threads_(threads), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_edit") {
+      : folder_(folder), threads_(threads), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export") {
     const fs::path manifest_path = folder / "manifest.json";
     if (!fs::is_regular_file(manifest_path)) throw InputError("no manifest.json in " + folder.string() + ": not an export folder");
     manifest = json::parse(read_file(manifest_path));
     if (manifest.value("schema_version", 0) != 1)
       throw InputError(manifest_path.string() + " has schema version " + manifest.value("schema_version", json()).dump() +
-                       "; this program reads version 1");
+                       "; this code reads version 1");
     const json& entry = manifest["artifacts"]["text_embedding"];
     const std::string raw = read_file(folder / entry["file"].get<std::string>());
     text.shape = entry["shape"].get<std::vector<int64_t>>();
