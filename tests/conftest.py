@@ -60,7 +60,7 @@ def fast():
 # The files that take longest on a 2-core CPU (minutes each: compilation, ONNX export, Triton under
 # the interpreter), run first: `pytest -n 2 --dist loadfile` hands out whole files in collection
 # order, and one of them started last would run alone at the end.
-SLOW_FIRST = ("test_regional_compile.py", "test_quality.py", "test_export.py", "test_kernels_triton.py")
+SLOW_FIRST = ("test_regional_compile.py", "test_quality.py", "test_export.py", "test_drag_export.py", "test_kernels_triton.py")
 
 
 def pytest_collection_modifyitems(config, items):
