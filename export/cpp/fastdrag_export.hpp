@@ -52,7 +52,8 @@ struct Edited {
 using StageCallback = std::function<void(const std::string& stage, double seconds, const Edited& so_far)>;
 
 // One export folder's sessions (made at first use and kept, as a service keeps them between requests)
-// and what a later edit of the last image reuses.
+// and what a later edit of the last image reuses. Not for two threads at once (that memory is shared):
+// a service serialises its calls or keeps an Editor per worker.
 class Editor {
  public:
   // `folder`: the export; `refit`: another image's `fastdrag refit` file, whose weights replace each
