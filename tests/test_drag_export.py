@@ -38,6 +38,13 @@ def standalone_module():
     return module
 
 
+def pixels(image) -> np.ndarray:
+    """A PIL image as the (1, 3, H, W) float32 array in [-1, 1] the exported graphs take."""
+    from fastdrag.vae import image_to_tensor
+
+    return image_to_tensor(image, "cpu", torch.float32).numpy()
+
+
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     """An export of the demo picture with the drag graph for two point pairs and the kept keys and values'
@@ -238,11 +245,11 @@ def test_a_whole_edit_from_the_export_folder_alone_is_the_editors_edit(exported)
     editor.release()  # other tests gave the shared UNet other adapters: load the picture's from the cache again
     result = editor.edit(case.image, case.prompt, points, mask=case.mask, lora_steps=2, drag_steps=2)
     assert result.drag_steps == 2
-    image = np.asarray(case.image.convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+    image = pixels(case.image)
     edited = standalone_module().edit(exported[1].folder, image, points, case.mask, drag_steps=2)
-    pixels = ((np.clip(edited[0], -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).round()
+    edited_pixels = ((np.clip(edited[0], -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).round()
     expected = np.asarray(result.image, np.float32)
-    assert np.abs(pixels - expected).mean() < 0.5 and np.abs(pixels - expected).max() <= 4
+    assert np.abs(edited_pixels - expected).mean() < 0.5 and np.abs(edited_pixels - expected).max() <= 4
     assert np.abs(expected - (image[0].transpose(1, 2, 0) + 1.0) * 127.5).mean() > 2  # the edit changed the picture
 
 
@@ -254,7 +261,7 @@ def test_the_standalone_edit_runs_without_the_python_stack(exported, tmp_path):
 
     _, manifest, _ = exported
     case = demo_case()
-    image = np.asarray(case.image.convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+    image = pixels(case.image)
     np.save(tmp_path / "image.npy", image)
     np.save(tmp_path / "mask.npy", np.asarray(case.mask))
     (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
@@ -325,11 +332,11 @@ def test_another_image_runs_on_the_export_from_its_refit_weights(exported, tmp_p
 
     editor.release()
     result = editor.edit(image, prompt, points, mask=mask, drag_steps=2, **REFIT_SETTINGS)
-    pixels_in = np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+    pixels_in = pixels(image)
     edited = standalone.edit(refitted, pixels_in, points, mask, drag_steps=2)
-    pixels = ((np.clip(edited[0], -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).round()
+    edited_pixels = ((np.clip(edited[0], -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).round()
     reference = np.asarray(result.image, np.float32)
-    assert np.abs(pixels - reference).mean() < 0.5 and np.abs(pixels - reference).max() <= 4
+    assert np.abs(edited_pixels - reference).mean() < 0.5 and np.abs(edited_pixels - reference).max() <= 4
 
     np.save(tmp_path / "image.npy", pixels_in)  # the command line, in a process without the Python stack
     done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), str(manifest.folder),
@@ -425,11 +432,6 @@ def cpp_program(tmp_path_factory):
 
 def run_cpp(program: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=900)
-
-
-def pixels(image) -> np.ndarray:
-    """A PIL image as the (1, 3, H, W) array in [-1, 1] the exported graphs take."""
-    return np.asarray(image.convert("RGB"), np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
 
 
 def test_the_cpp_program_edits_as_the_standalone_script_does(cpp_program, exported, tmp_path):

@@ -107,12 +107,12 @@ class Graph {
     Ort::AllocatorWithDefaultOptions allocator;
     for (size_t i = 0; i < session_.GetOutputCount(); ++i)
       outputs_.push_back(session_.GetOutputNameAllocated(i, allocator).get());
+    for (const std::string& name : outputs_) output_names_.push_back(name.c_str());  // outputs_ is complete: no reallocation
   }
 
   // The outputs by name; the fp16 ones named in `as_given` stay fp16 (Tensor::half).
   std::map<std::string, Tensor> run(const std::vector<std::pair<std::string, Feed>>& feeds,
                                     const std::vector<std::string>& as_given = {}) {
-    Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<std::vector<Ort::Float16_t>> halves;  // the converted copies, alive until Run returns
     std::vector<std::vector<float>> narrowed;
     halves.reserve(feeds.size());
@@ -128,7 +128,7 @@ class Graph {
           for (size_t i = 0; i < feed.count; ++i) half.push_back(feed.doubles ? half_from_double(feed.doubles[i]) : Ort::Float16_t(feed.floats[i]));
           data = half.data();
         }
-        values.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(memory, const_cast<Ort::Float16_t*>(data), feed.count,
+        values.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(memory_, const_cast<Ort::Float16_t*>(data), feed.count,
                                                                   feed.shape.data(), feed.shape.size()));
       } else {
         const float* data = feed.floats;
@@ -138,13 +138,11 @@ class Graph {
           for (size_t i = 0; i < feed.count; ++i) widened.push_back(feed.value(i));
           data = widened.data();
         }
-        values.push_back(Ort::Value::CreateTensor<float>(memory, const_cast<float*>(data), feed.count, feed.shape.data(), feed.shape.size()));
+        values.push_back(Ort::Value::CreateTensor<float>(memory_, const_cast<float*>(data), feed.count, feed.shape.data(), feed.shape.size()));
       }
     }
-    std::vector<const char*> output_names;
-    for (const std::string& name : outputs_) output_names.push_back(name.c_str());
     std::vector<Ort::Value> results = session_.Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(),
-                                                   output_names.data(), output_names.size());
+                                                   output_names_.data(), output_names_.size());
     std::map<std::string, Tensor> fetched;
     for (size_t i = 0; i < results.size(); ++i) {
       const Ort::TensorTypeAndShapeInfo info = results[i].GetTensorTypeAndShapeInfo();
@@ -167,8 +165,10 @@ class Graph {
 
  private:
   Ort::Session session_;
+  Ort::MemoryInfo memory_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::map<std::string, bool> half_;
   std::vector<std::string> outputs_;
+  std::vector<const char*> output_names_;
 };
 
 // An export as a service reads it: the manifest, a session per graph, the text embeddings; with a
@@ -211,8 +211,8 @@ class Export {
   Ort::Session session(const std::string& graph) {
     Ort::SessionOptions options;
     if (threads_ > 0) options.SetIntraOpNumThreads(threads_);
+    const Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     for (Initializer& initializer : overrides_[graph]) {
-      Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
       Ort::Value value = initializer.fp16.empty()
           ? Ort::Value::CreateTensor<float>(memory, initializer.fp32.data(), initializer.fp32.size(),
                                            initializer.shape.data(), initializer.shape.size())
@@ -352,7 +352,8 @@ Tensor drag_latent(Export& folder, const Tensor& z_t, std::vector<float> handles
   const json& protocol = folder.manifest["drag"];
   Graph& graph = folder.graph(protocol.at("graph").get<std::string>());
   std::map<std::string, std::vector<int64_t>> shapes;
-  for (const json& input : folder.artifact(protocol.at("graph").get<std::string>()).at("inputs")) shapes[input.at("name").get<std::string>()] = input.at("shape").get<std::vector<int64_t>>();
+  for (const json& input : folder.artifact(protocol.at("graph").get<std::string>()).at("inputs"))
+    shapes[input.at("name").get<std::string>()] = input.at("shape").get<std::vector<int64_t>>();
   const size_t count = handles.size() / 2, slots = protocol["points"];
   handles.resize(2 * slots, 0.0f);  // padding: a handle on its target, fed unchanged
   targets.resize(2 * slots, 0.0f);
@@ -450,7 +451,6 @@ Tensor decode_latent(Export& folder, const Tensor& latent) {
   for (float& value : scaled.data) value /= scaling;
   return folder.graph("vae_decoder").run({{"latents", &scaled}}).at("image");
 }
-
 
 // What a repeated edit of the last image reuses: the image, its z_t and, where the export has
 // `unet_kept`, the source keys and values of its first pair denoising.
