@@ -1,4 +1,4 @@
-"""The `fastdrag` command: edit, demo, lora, export, cache, toy, info."""
+"""The `fastdrag` command: edit, serve, demo, lora, export, refit, cache, toy, info."""
 from __future__ import annotations
 
 import argparse
@@ -126,21 +126,10 @@ def parse_drag(text: str):
 
 def load_points_file(path: str):
     """Points from JSON: `[[[hx, hy], [tx, ty]], ...]` or `{"handles": [...], "targets": [...]}`."""
+    from .inputs import points_from_json
+
     file = Path(path)
-    data = read_json(file, "points file")
-    if isinstance(data, dict):
-        handles, targets = data.get("handles"), data.get("targets")
-        if not isinstance(handles, list) or not isinstance(targets, list):
-            raise InputError(f"points file {file} needs lists 'handles' and 'targets'")
-        if len(handles) != len(targets):
-            raise InputError(f"points file {file} has {len(handles)} handles but {len(targets)} targets: points must be paired")
-        return list(zip(handles, targets))
-    if isinstance(data, list):
-        for index, pair in enumerate(data):
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise InputError(f"points file {file}: entry {index} is not a [handle, target] pair")
-        return data
-    raise InputError(f"points file {file} must hold a list of pairs or handles/targets lists")
+    return points_from_json(read_json(file, "points file"), f"points file {file}")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(edit)
     _add_progress_json(edit)
     add_config_options(edit)
+
+    serve = commands.add_parser("serve", help="edit request after request with one warm editor: a JSON request a "
+                                              "line on stdin, a JSON answer a line on stdout")
+    serve.add_argument("--warm-up", action="store_true",
+                       help="before the first request, run a short edit of a synthetic image (at --size, or the "
+                            "model's own) that pays what a process pays once (DragEditor.warm_up)")
+    _add_common(serve)
+    _add_progress_json(serve)
+    add_config_options(serve)
 
     demo = commands.add_parser("demo", help="drag a shape in a toy scene (model `toy`) and write a side-by-side view")
     demo.add_argument("--output", default="fastdrag-demo", help="output folder (default: fastdrag-demo)")
@@ -330,6 +328,7 @@ def _editor(args):
 
 def cmd_edit(args) -> int:
     from .atomic import check_image_output, save_image
+    from .serve import edit_summary
 
     points: List = [parse_drag(text) for text in args.drag]
     if args.points:
@@ -343,15 +342,24 @@ def cmd_edit(args) -> int:
     result = editor.edit(args.image, args.prompt, points, mask=args.mask, on_step=_json_progress(args),
                          **config_overrides(args))
     save_image(result.image, output, args.overwrite)
-    summary = {
-        "output": str(output),
-        "handles": [[round(x, 2), round(y, 2)] for x, y in result.handles],
-        "targets": [[round(x, 2), round(y, 2)] for x, y in result.targets],
-        "drag_steps": result.drag_steps,
-        "lora_cached": result.lora_cached,
-        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-    }
-    print(json.dumps(summary))
+    print(json.dumps(edit_summary(result, output)))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from contextlib import redirect_stdout
+
+    from .serve import serve
+
+    defaults = config_overrides(args)
+    editor = _editor(args)
+    if args.warm_up:
+        with redirect_stdout(sys.stderr):  # stdout carries answers only
+            seconds = editor.warm_up(size=defaults.get("size"), **{k: v for k, v in defaults.items() if k != "size"})
+        logger.info("warmed up in %.1f s", seconds["total"])
+    logger.info("serving: one JSON request a line on stdin, one answer a line on stdout")
+    failed = serve(editor, sys.stdin, sys.stdout, defaults, progress_json=args.progress_json)
+    logger.info("input ended; %d request(s) answered with an error", failed)
     return 0
 
 
@@ -504,7 +512,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "refit": cmd_refit,
+COMMANDS = {"edit": cmd_edit, "serve": cmd_serve, "demo": cmd_demo, "lora": cmd_lora, "export": cmd_export, "refit": cmd_refit,
             "cache": cmd_cache, "toy": cmd_toy, "info": cmd_info}
 
 

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -151,6 +151,25 @@ def size_advice(size: Tuple[int, int], native: int) -> Optional[str]:
     return (f"working at {width}x{height}, {ratio:.{0 if ratio >= 10 else 1}f}x the pixels of the {native}x{native} "
             f"this model was trained at: slow, memory-hungry and off its training distribution; "
             f"size=({suggested[0]}, {suggested[1]}) (--size {suggested[0]}x{suggested[1]}) edits at its scale")
+
+
+def points_from_json(data: Any, where: str) -> list:
+    """Point pairs from parsed JSON, `[[[hx, hy], [tx, ty]], ...]` or `{"handles": [...], "targets": [...]}`
+    (a points file's or a served request's); `where` names the source in errors. The numbers are checked
+    against the image by `parse_points`."""
+    if isinstance(data, dict):
+        handles, targets = data.get("handles"), data.get("targets")
+        if not isinstance(handles, list) or not isinstance(targets, list):
+            raise InputError(f"{where} needs lists 'handles' and 'targets'")
+        if len(handles) != len(targets):
+            raise InputError(f"{where} has {len(handles)} handles but {len(targets)} targets: points must be paired")
+        return list(zip(handles, targets))
+    if isinstance(data, list):
+        for index, pair in enumerate(data):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise InputError(f"{where}: entry {index} is not a [handle, target] pair")
+        return data
+    raise InputError(f"{where} must hold a list of pairs or handles/targets lists")
 
 
 def parse_points(points: Points, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,140 @@
+"""`fastdrag serve`: one warm editor answering edit requests, a JSON object a line on stdin, an answer a line on stdout.
+
+Why: `fastdrag edit` loads the model for every edit, and a new process pays CUDA's and the kernels'
+first calls again; a served editor pays them once, keeps its LoRA trainer, inversions and CUDA graphs
+between requests, and a program in any language drives it through a pipe (as `export/cpp`'s
+`fastdrag_edit serve` is driven).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Dict, Optional
+
+from .atomic import check_image_output, save_image
+from .config import field_names
+from .errors import FastDragError, InputError
+from .inputs import points_from_json
+
+logger = logging.getLogger(__name__)
+
+REQUEST_KEYS = ("id", "image", "prompt", "points", "mask", "output", "overwrite")
+TUPLE_FIELDS = ("size", "sup_res", "lora_targets")  # settings a request gives as JSON lists, the config holds as tuples
+
+
+@dataclass
+class Request:
+    """One edit a client asked for; `settings` are its stage parameters by name (`drag_steps`, ...)."""
+
+    image: str
+    prompt: str
+    points: list
+    output: Path
+    mask: Optional[str] = None
+    overwrite: bool = False
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+
+def json_object(line: str) -> Dict[str, Any]:
+    """A request line's JSON object, or an InputError saying what the line is instead."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"request is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"request must be a JSON object; got {type(data).__name__}")
+    return data
+
+
+def parse_request(data: Dict[str, Any]) -> Request:
+    """The Request of a JSON object; an InputError names a missing, mistyped or unknown key."""
+    settings_names = field_names()
+    unknown = sorted(key for key in data if key not in REQUEST_KEYS and key not in settings_names)
+    if unknown:
+        raise InputError(f"unknown request key(s) {', '.join(map(repr, unknown))}; a request takes "
+                         f"{', '.join(REQUEST_KEYS)} and the edit settings (`fastdrag edit --help`)")
+    for key in ("image", "prompt", "points", "output"):
+        if key not in data:
+            raise InputError(f"request has no {key!r}")
+    for key in ("image", "prompt", "output"):
+        if not isinstance(data[key], str):
+            raise InputError(f"request's {key!r} must be a string; got {type(data[key]).__name__}")
+    if not data["image"] or not data["output"]:
+        raise InputError("request's 'image' and 'output' must be file paths, not empty strings")
+    mask = data.get("mask")
+    if mask is not None and not isinstance(mask, str):
+        raise InputError(f"request's 'mask' must be a file path or null; got {type(mask).__name__}")
+    overwrite = data.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise InputError(f"request's 'overwrite' must be true or false; got {overwrite!r}")
+    settings = {key: tuple(value) if key in TUPLE_FIELDS and isinstance(value, list) else value
+                for key, value in data.items() if key in settings_names}
+    return Request(image=data["image"], prompt=data["prompt"], points=points_from_json(data["points"], "request's 'points'"),
+                   output=Path(data["output"]), mask=mask, overwrite=overwrite, settings=settings)
+
+
+def edit_summary(result, output: Path) -> Dict[str, Any]:
+    """What `fastdrag edit` prints and `serve` answers for a finished edit."""
+    return {
+        "output": str(output),
+        "handles": [[round(x, 2), round(y, 2)] for x, y in result.handles],
+        "targets": [[round(x, 2), round(y, 2)] for x, y in result.targets],
+        "drag_steps": result.drag_steps,
+        "lora_cached": result.lora_cached,
+        "timings_s": {name: round(seconds, 3) for name, seconds in result.timings.items()},
+    }
+
+
+def _progress_lines(ident: Dict[str, Any]):
+    def report(stage: str, done: int, total: int) -> None:
+        print(json.dumps({**ident, "stage": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
+
+    return report
+
+
+def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False) -> Dict[str, Any]:
+    """Edit what one request line asks for and write its output; the answer echoes the request's `id`.
+
+    A bad request, an edit refused for its input or an out-of-memory edit is answered with `error`, as
+    is an unexpected failure (its traceback logged), so that one request cannot stop the server.
+    Anything a library prints goes to stderr: stdout carries answers only.
+    """
+    ident: Dict[str, Any] = {}
+    try:
+        data = json_object(line)
+        ident = {"id": data["id"]} if "id" in data else {}
+        request = parse_request(data)
+        check_image_output(request.output, request.overwrite)
+        with contextlib.redirect_stdout(sys.stderr):
+            result = editor.edit(request.image, request.prompt, request.points, mask=request.mask,
+                                 on_step=_progress_lines(ident) if progress_json else None,
+                                 **{**(defaults or {}), **request.settings})
+        save_image(result.image, request.output, request.overwrite)
+        return {**ident, **edit_summary(result, request.output)}
+    except FastDragError as exc:
+        return {**ident, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 (answered, and the server goes on; Ctrl-C is not an Exception)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+            return {**ident, "error": f"out of memory: {exc}"}
+        logger.exception("request %s failed", ident.get("id", "without id"))
+        return {**ident, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+
+def serve(editor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
+          progress_json: bool = False) -> int:
+    """Answer each request line of `requests` on `answers`, in order, until the input ends (blank lines are
+    skipped); return how many were answered with an error."""
+    failed = 0
+    for line in iter(requests.readline, ""):
+        if not line.strip():
+            continue
+        reply = answer(editor, line, defaults, progress_json)
+        failed += "error" in reply
+        answers.write(json.dumps(reply) + "\n")
+        answers.flush()
+    return failed

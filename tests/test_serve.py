@@ -1,0 +1,139 @@
+"""`fastdrag serve`: a warm editor answering JSON request lines, each answer the edit `edit` would make."""
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdrag.serve import serve
+
+
+@pytest.fixture()
+def files(tmp_path, picture):
+    """The demo picture and its mask as files, and the request of its one drag."""
+    picture.image.save(tmp_path / "in.png")
+    Image.fromarray((picture.mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    (handle, target), = picture.points
+    request = {"image": str(tmp_path / "in.png"), "prompt": picture.prompt, "points": [[list(handle), list(target)]],
+               "mask": str(tmp_path / "mask.png")}
+    return tmp_path, request
+
+
+def run(editor, requests, defaults=None, progress_json=False):
+    """(answers, how many failed) of serving `requests` (dicts, or lines as they are)."""
+    lines = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in requests)
+    answers = io.StringIO()
+    failed = serve(editor, io.StringIO(lines), answers, defaults, progress_json)
+    return [json.loads(line) for line in answers.getvalue().splitlines()], failed
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_served_edits_are_the_editors_and_a_repeated_one_reuses_the_lora(tiny, editor, files, fast, tmp_path):
+    from fastdrag import DragEditor
+
+    folder, request = files
+    moved = {**request, "points": [[request["points"][0][0], [request["points"][0][0][0] - 6, request["points"][0][0][1]]]]}
+    answers, failed = run(editor, [{**request, "id": "first", "output": str(folder / "a.png")},
+                                   {**moved, "id": 2, "output": str(folder / "b.png"), "drag_steps": 3}], defaults=fast)
+    assert failed == 0
+    assert [a["id"] for a in answers] == ["first", 2]
+    first, second = answers
+    assert first["output"] == str(folder / "a.png") and not first["lora_cached"]
+    assert second["lora_cached"] and second["drag_steps"] <= 3
+    assert "vae_encode" not in second["timings_s"]  # the kept inversion: the image was not encoded again
+
+    fresh = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "fresh", progress=False)
+    points = lambda r: [tuple(map(tuple, pair)) for pair in r["points"]]
+    expected = fresh.edit(request["image"], request["prompt"], points(request), mask=request["mask"], **fast)
+    assert np.array_equal(pixels(folder / "a.png"), np.asarray(expected.image, dtype=np.int16))
+    assert first["handles"] == [[round(x, 2), round(y, 2)] for x, y in expected.handles]
+    again = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "again", progress=False)
+    expected = again.edit(moved["image"], moved["prompt"], points(moved), mask=moved["mask"], **{**fast, "drag_steps": 3})
+    assert np.abs(pixels(folder / "b.png") - np.asarray(expected.image, dtype=np.int16)).max() <= 1
+
+
+def test_bad_requests_are_answered_and_serving_goes_on(editor, files, fast):
+    folder, request = files
+    (folder / "taken.png").write_bytes(b"kept")
+    Image.new("L", (12, 10)).save(folder / "small.png")
+    good = {**request, "output": str(folder / "out.png")}
+    bad = [
+        ("not json", None, "not valid JSON"),
+        ("[1, 2]", None, "must be a JSON object"),
+        ({**good, "id": 3, "drag_step": 2}, 3, "unknown request key(s) 'drag_step'"),
+        ({k: v for k, v in good.items() if k != "points"} | {"id": 4}, 4, "request has no 'points'"),
+        ({**good, "id": 5, "prompt": 7}, 5, "'prompt' must be a string"),
+        ({**good, "id": 6, "points": [[[9999, 10], [20, 20]]]}, 6, "outside the"),
+        ({**good, "id": 7, "points": {"handles": [[10, 10]], "targets": []}}, 7, "1 handles but 0 targets"),
+        ({**good, "id": 8, "image": str(folder / "missing.png")}, 8, "does not exist"),
+        ({**good, "id": 9, "output": str(folder / "taken.png")}, 9, "exists"),
+        ({**good, "id": 10, "lora_lr": -1.0}, 10, "lora_lr and drag_lr must be > 0"),
+        ({**good, "id": 11, "overwrite": "yes"}, 11, "'overwrite' must be true or false"),
+        ({**good, "id": 12, "mask": str(folder / "small.png")}, 12, "mask size 12x10 differs from the image size"),
+    ]
+    answers, failed = run(editor, [line for line, _, _ in bad] + ["", {**good, "id": "last"}], defaults=fast)
+    assert failed == len(bad) and len(answers) == len(bad) + 1  # the blank line is no request
+    for (_, ident, fragment), reply in zip(bad, answers):
+        assert fragment in reply["error"], (fragment, reply)
+        assert reply.get("id") == ident and "output" not in reply
+    assert answers[-1]["id"] == "last" and "error" not in answers[-1]
+    assert sorted(p.name for p in folder.iterdir()) == ["in.png", "lora", "mask.png", "out.png", "small.png", "taken.png"]
+    assert (folder / "taken.png").read_bytes() == b"kept"
+
+
+class Scripted:
+    """An editor whose edit prints, fails or is interrupted as scripted (the protocol around the editor)."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+
+    def edit(self, image, prompt, points, mask=None, on_step=None, **settings):
+        outcome = self.outcomes.pop(0)
+        print("a library's stray print")
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def test_failures_are_answered_and_stdout_carries_answers_only(files, capsys):
+    folder, request = files
+    good = {**request, "output": str(folder / "out.png")}
+    answers, failed = run(Scripted(RuntimeError("boom"), torch.OutOfMemoryError("the drag stage ran out")),
+                          [{**good, "id": 1}, {**good, "id": 2}])
+    assert failed == 2
+    assert answers == [{"id": 1, "error": "internal error: RuntimeError: boom"},
+                       {"id": 2, "error": "out of memory: the drag stage ran out"}]
+    streams = capsys.readouterr()
+    assert streams.out == "" and streams.err.count("a library's stray print") == 2
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C stops the server (the command exits 130)
+        run(Scripted(KeyboardInterrupt()), [good])
+    assert not (folder / "out.png").exists()
+
+
+def test_the_command_serves_with_its_options_as_defaults_and_reports_progress(files, picture):
+    folder, request = files
+    requests = [{**request, "id": "defaults", "output": str(folder / "a.png")},
+                {**request, "id": "no drag", "output": str(folder / "b.png"), "drag_steps": 0},
+                {"id": "bad"}]
+    done = subprocess.run(
+        [sys.executable, "-m", "fastdrag", "serve", "--model", "tiny", "--cache-dir", str(folder / "c"),
+         "--lora-steps", "2", "--num-inference-steps", "10", "--drag-steps", "2", "--progress-json", "--warm-up"],
+        input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["id"] for a in answers] == ["defaults", "no drag", "bad"]
+    assert answers[0]["drag_steps"] == 2 and answers[1]["drag_steps"] == 0  # the command's --drag-steps, then the request's
+    assert "request has no 'image'" in answers[2]["error"]
+    assert Image.open(folder / "a.png").size == picture.image.size and (folder / "b.png").is_file()
+    progress = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    lora = [(p["done"], p["total"]) for p in progress if p.get("id") == "defaults" and p["stage"] == "lora"]
+    assert lora == [(0, 2), (1, 2), (2, 2)]  # the warm-up reports nothing; the first request trains its LoRA
+    assert {p["id"] for p in progress} == {"defaults", "no drag"}
+    assert "warmed up in" in done.stderr
