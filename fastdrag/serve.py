@@ -10,19 +10,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Optional
+from typing import IO, Any, Callable, Dict, Optional
 
 from .atomic import check_image_output, save_image
 from .config import field_names
 from .errors import FastDragError, InputError
 from .inputs import points_from_json
+from .progress import EditCancelled
 
 logger = logging.getLogger(__name__)
 
-REQUEST_KEYS = ("id", "image", "prompt", "points", "mask", "output", "overwrite")
+REQUEST_KEYS = ("id", "image", "prompt", "points", "mask", "output", "overwrite", "deadline_s")
 TUPLE_FIELDS = ("size", "sup_res", "lora_targets")  # settings a request gives as JSON lists, the config holds as tuples
 
 
@@ -36,6 +39,7 @@ class Request:
     output: Path
     mask: Optional[str] = None
     overwrite: bool = False
+    deadline_s: Optional[float] = None  # seconds the edit may run; past them it stops at its next step
     settings: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,10 +75,15 @@ def parse_request(data: Dict[str, Any]) -> Request:
     overwrite = data.get("overwrite", False)
     if not isinstance(overwrite, bool):
         raise InputError(f"request's 'overwrite' must be true or false; got {overwrite!r}")
+    deadline = data.get("deadline_s")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or not math.isfinite(deadline) or deadline <= 0):
+        raise InputError(f"request's 'deadline_s' must be a positive number of seconds; got {deadline!r}")
     settings = {key: tuple(value) if key in TUPLE_FIELDS and isinstance(value, list) else value
                 for key, value in data.items() if key in settings_names}
     return Request(image=data["image"], prompt=data["prompt"], points=points_from_json(data["points"], "request's 'points'"),
-                   output=Path(data["output"]), mask=mask, overwrite=overwrite, settings=settings)
+                   output=Path(data["output"]), mask=mask, overwrite=overwrite, deadline_s=deadline,
+                   settings=settings)
 
 
 def edit_summary(result, output: Path) -> Dict[str, Any]:
@@ -89,18 +98,26 @@ def edit_summary(result, output: Path) -> Dict[str, Any]:
     }
 
 
-def _progress_lines(ident: Dict[str, Any]):
-    def report(stage: str, done: int, total: int) -> None:
-        print(json.dumps({**ident, "stage": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
+def _on_step(ident: Dict[str, Any], progress_json: bool, deadline_s: Optional[float]) -> Optional[Callable]:
+    """The edit's `on_step`: a progress line with the request's id, and the deadline's check (None if neither)."""
+    if not progress_json and deadline_s is None:
+        return None
+    ends = time.monotonic() + deadline_s if deadline_s is not None else math.inf
 
-    return report
+    def on_step(stage: str, done: int, total: int) -> None:
+        if progress_json:
+            print(json.dumps({**ident, "stage": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
+        if time.monotonic() > ends:
+            raise EditCancelled(f"past its deadline of {deadline_s:g} s, in the {stage} stage at step {done} of {total}")
+
+    return on_step
 
 
 def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False) -> Dict[str, Any]:
     """Edit what one request line asks for and write its output; the answer echoes the request's `id`.
 
-    A bad request, an edit refused for its input or an out-of-memory edit is answered with `error`, as
-    is an unexpected failure (its traceback logged), so that one request cannot stop the server.
+    A bad request, an edit refused for its input, past its `deadline_s` or out of memory is answered with
+    `error`, as is an unexpected failure (its traceback logged), so that one request cannot stop the server.
     Anything a library prints goes to stderr: stdout carries answers only.
     """
     ident: Dict[str, Any] = {}
@@ -111,12 +128,14 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
         check_image_output(request.output, request.overwrite)
         with contextlib.redirect_stdout(sys.stderr):
             result = editor.edit(request.image, request.prompt, request.points, mask=request.mask,
-                                 on_step=_progress_lines(ident) if progress_json else None,
+                                 on_step=_on_step(ident, progress_json, request.deadline_s),
                                  **{**(defaults or {}), **request.settings})
         save_image(result.image, request.output, request.overwrite)
         return {**ident, **edit_summary(result, request.output)}
     except FastDragError as exc:
         return {**ident, "error": str(exc)}
+    except EditCancelled as exc:  # nothing of the stopped stage is kept: the next edit is a fresh editor's
+        return {**ident, "error": f"cancelled: {exc}"}
     except Exception as exc:  # noqa: BLE001 (answered, and the server goes on; Ctrl-C is not an Exception)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(exc, torch.OutOfMemoryError):

@@ -76,6 +76,7 @@ def test_bad_requests_are_answered_and_serving_goes_on(editor, files, fast):
         ({**good, "id": 9, "output": str(folder / "taken.png")}, 9, "exists"),
         ({**good, "id": 10, "lora_lr": -1.0}, 10, "lora_lr and drag_lr must be > 0"),
         ({**good, "id": 11, "overwrite": "yes"}, 11, "'overwrite' must be true or false"),
+        ({**good, "id": 13, "deadline_s": 0}, 13, "'deadline_s' must be a positive number of seconds"),
         ({**good, "id": 12, "mask": str(folder / "small.png")}, 12, "mask size 12x10 differs from the image size"),
     ]
     answers, failed = run(editor, [line for line, _, _ in bad] + ["", {**good, "id": "last"}], defaults=fast)
@@ -86,6 +87,18 @@ def test_bad_requests_are_answered_and_serving_goes_on(editor, files, fast):
     assert answers[-1]["id"] == "last" and "error" not in answers[-1]
     assert sorted(p.name for p in folder.iterdir()) == ["in.png", "lora", "mask.png", "out.png", "small.png", "taken.png"]
     assert (folder / "taken.png").read_bytes() == b"kept"
+
+
+def test_an_edit_past_its_deadline_is_cancelled_and_keeps_nothing(editor, files, fast):
+    folder, request = files
+    late = {**request, "id": "late", "output": str(folder / "late.png"), "deadline_s": 1e-9}
+    answers, failed = run(editor, [late, {**late, "id": "on time", "deadline_s": 600}], defaults=fast)
+    assert failed == 1
+    assert answers[0] == {"id": "late", "error": "cancelled: past its deadline of 1e-09 s, in the lora stage at step 0 "
+                                                 f"of {fast['lora_steps']}"}
+    assert answers[1]["id"] == "on time" and not answers[1]["lora_cached"]  # the cancelled LoRA was not cached
+    # the second request, without overwrite, could write late.png: the cancelled one had written nothing
+    assert (folder / "late.png").is_file() and len(list((folder / "lora").glob("*.safetensors"))) == 1
 
 
 class Scripted:
