@@ -19,7 +19,7 @@ from typing import IO, Any, Callable, Dict, Optional
 
 from .atomic import check_image_output, save_image
 from .config import field_names
-from .errors import FastDragError, InputError
+from .errors import FastDragError, InputError, OutputExistsError
 from .inputs import points_from_json
 from .progress import EditCancelled
 
@@ -132,6 +132,8 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
                                  **{**(defaults or {}), **request.settings})
         save_image(result.image, request.output, request.overwrite)
         return {**ident, **edit_summary(result, request.output)}
+    except OutputExistsError:  # (the editor's message names the command's option and the Python argument)
+        return {**ident, "error": f"{request.output} exists; give \"overwrite\": true to replace it"}
     except FastDragError as exc:
         return {**ident, "error": str(exc)}
     except EditCancelled as exc:  # nothing of the stopped stage is kept: the next edit is a fresh editor's

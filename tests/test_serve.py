@@ -73,7 +73,7 @@ def test_bad_requests_are_answered_and_serving_goes_on(editor, files, fast):
         ({**good, "id": 6, "points": [[[9999, 10], [20, 20]]]}, 6, "outside the"),
         ({**good, "id": 7, "points": {"handles": [[10, 10]], "targets": []}}, 7, "1 handles but 0 targets"),
         ({**good, "id": 8, "image": str(folder / "missing.png")}, 8, "does not exist"),
-        ({**good, "id": 9, "output": str(folder / "taken.png")}, 9, "exists"),
+        ({**good, "id": 9, "output": str(folder / "taken.png")}, 9, 'taken.png exists; give "overwrite": true'),
         ({**good, "id": 10, "lora_lr": -1.0}, 10, "lora_lr and drag_lr must be > 0"),
         ({**good, "id": 11, "overwrite": "yes"}, 11, "'overwrite' must be true or false"),
         ({**good, "id": 13, "deadline_s": 0}, 13, "'deadline_s' must be a positive number of seconds"),
