@@ -468,7 +468,7 @@ def test_the_cpp_program_edits_as_the_standalone_script_does(cpp_program, export
     assert np.abs(short - edited).max() > 0.01
 
     done = run_cpp(cpp_program, "invert", manifest.folder, tmp_path / "image.npy", tmp_path / "z_t.npy",
-                   "--quiet", "--threads", "1")
+                   "--quiet", "--threads", "1", "--provider", "cpu")
     assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
     z_t = np.load(tmp_path / "z_t.npy")
     assert z_t.shape == tuple(manifest.data["latent_shape"])
@@ -541,8 +541,15 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tm
             (["edit", folder, "image.npy", good, "out.npy", "--refit", other], "holds weights of model someone/else"),
             (["edit", folder, "image.npy", good, "out.npy", "--drag-steps", "x"], "--drag-steps takes a whole number"),
             (["edit", folder, "image.npy", good, "out.npy", "--fast"], "unknown option --fast"),
+            (["edit", folder, "image.npy", good, "out.npy", "--provider", "gpu"], "unknown provider gpu: cpu or cuda"),
             (["serve", no_drag], "has no drag graph"),
             (["invert", folder, "image.npy"], "usage: fastdrag_edit edit EXPORT_DIR")]
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the library the program links
+        runs.append((["edit", folder, "image.npy", good, "out.npy", "--provider", "cuda"],
+                     r"provider cuda: this ONNX Runtime library \(1\.\d+\.\d+\) has no CUDAExecutionProvider, only "
+                     r".*CPUExecutionProvider; link a GPU build's library"))
     for name, (pairs, _) in bad_points.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(pairs))
     runs += [(["edit", folder, "image.npy", tmp_path / f"{name}.json"], message) for name, (_, message) in bad_points.items()]

@@ -19,6 +19,7 @@
 //   options      --refit WEIGHTS.safetensors   another image's weights and text embeddings
 //                --drag-steps N                in place of the manifest's drag.steps (serve: unless a request says)
 //                --threads N                   ONNX Runtime's intra-op threads (default: its own)
+//                --provider cpu|cuda           where the graphs run (default cpu; cuda needs a GPU build of ONNX Runtime)
 //                --quiet                       no stage times on stderr
 //
 // Exit status: 0 done, 2 bad input or export (one line on stderr), 1 anything else.
@@ -131,6 +132,7 @@ struct Options {
   std::optional<fs::path> refit;
   std::optional<int> drag_steps;
   int threads = 0;
+  std::string provider = "cpu";
   bool quiet = false;
 };
 
@@ -150,19 +152,21 @@ static Options parse_options(int argc, char** argv) {
   Options options;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    const bool valued = arg == "--refit" || arg == "--drag-steps" || arg == "--threads";
+    const bool valued = arg == "--refit" || arg == "--drag-steps" || arg == "--threads" || arg == "--provider";
     if (valued && i + 1 >= argc) throw InputError(arg + " needs a value after it");
     if (arg == "--refit") options.refit = argv[++i];
     else if (arg == "--drag-steps") options.drag_steps = parse_count(arg, argv[++i], 0);
     else if (arg == "--threads") options.threads = parse_count(arg, argv[++i], 1);
+    else if (arg == "--provider") options.provider = argv[++i];
     else if (arg == "--quiet") options.quiet = true;
     else if (arg.rfind("--", 0) == 0) throw InputError("unknown option " + arg);
     else options.positional.push_back(arg);
   }
   const std::string usage =
       "usage: fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [--refit W.safetensors] [--drag-steps N] "
-      "[--threads N] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [--refit W.safetensors] [--threads N] [--quiet]"
-      "\n       fastdrag_edit serve EXPORT_DIR [--refit W.safetensors] [--threads N]   (JSON requests on stdin)";
+      "[--threads N] [--provider cpu|cuda] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [--refit W.safetensors] "
+      "[--threads N] [--provider cpu|cuda] [--quiet]\n       fastdrag_edit serve EXPORT_DIR [--refit W.safetensors] [--threads N] "
+      "[--provider cpu|cuda]   (JSON requests on stdin)";
   const size_t given = options.positional.size();
   const std::string command = given ? options.positional[0] : "";
   if (!((command == "edit" && (given == 5 || given == 6)) || (command == "invert" && given == 4) || (command == "serve" && given == 2)))
@@ -229,7 +233,7 @@ static int serve(Editor& editor, std::optional<int> default_drag_steps) {
 static int run(int argc, char** argv) {
   const Options options = parse_options(argc, argv);
   const std::vector<std::string>& args = options.positional;
-  Editor editor(args[1], options.refit, options.threads);
+  Editor editor(args[1], options.refit, options.threads, options.provider);
   const auto print = [&](const std::string& stage, double seconds, const Edited& so_far) {
     if (options.quiet) return;
     const std::string detail = stage == "drag" ? " (" + std::to_string(so_far.drag_iterations) + " iterations)" : "";

@@ -175,8 +175,9 @@ class Graph {
 // refit file, another image's weights in place of each graph's initializers and its text embeddings.
 class Export {
  public:
-  Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads)
-      : folder_(folder), threads_(threads), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export") {
+  Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
+      : folder_(folder), threads_(threads), provider_(provider), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export") {
+    check_provider(provider);
     const fs::path manifest_path = folder / "manifest.json";
     if (!fs::is_regular_file(manifest_path)) throw InputError("no manifest.json in " + folder.string() + ": not an export folder");
     manifest = json::parse(read_file(manifest_path));
@@ -211,6 +212,7 @@ class Export {
   Ort::Session session(const std::string& graph) {
     Ort::SessionOptions options;
     if (threads_ > 0) options.SetIntraOpNumThreads(threads_);
+    if (provider_ == "cuda") options.AppendExecutionProvider_CUDA(OrtCUDAProviderOptions());  // GPU 0; the CPU takes what it lacks
     const Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     for (Initializer& initializer : overrides_[graph]) {
       Ort::Value value = initializer.fp16.empty()
@@ -223,6 +225,18 @@ class Export {
     }
     const fs::path path = folder_ / artifact(graph)["file"].get<std::string>();
     return Ort::Session(env_, path.c_str(), options);
+  }
+
+  // Refuse a provider this ONNX Runtime library cannot run, before any session is made.
+  static void check_provider(const std::string& provider) {
+    if (provider != "cpu" && provider != "cuda") throw InputError("unknown provider " + provider + ": cpu or cuda");
+    if (provider == "cpu") return;
+    const std::vector<std::string> available = Ort::GetAvailableProviders();
+    if (std::find(available.begin(), available.end(), "CUDAExecutionProvider") != available.end()) return;
+    std::string names;
+    for (const std::string& name : available) names += (names.empty() ? "" : ", ") + name;
+    throw InputError("provider cuda: this ONNX Runtime library (" + Ort::GetVersionString() + ") has no CUDAExecutionProvider, only " +
+                     names + "; link a GPU build's library (ONNXRUNTIME_LIBRARY)");
   }
 
   void read_refit(const fs::path& path) {
@@ -284,6 +298,7 @@ class Export {
 
   fs::path folder_;
   int threads_;
+  std::string provider_;
   Ort::Env env_;
   std::map<std::string, std::vector<Initializer>> overrides_;
   std::vector<Ort::Value> values_;
@@ -463,15 +478,16 @@ struct Memory {
 }  // namespace
 
 struct Editor::State {
-  State(const fs::path& path, const std::optional<fs::path>& refit, int threads) : folder(path, refit, threads), where(path.string()) {}
+  State(const fs::path& path, const std::optional<fs::path>& refit, int threads, const std::string& provider)
+      : folder(path, refit, threads, provider), where(path.string()) {}
 
   Export folder;
   std::string where;
   Memory memory;
 };
 
-Editor::Editor(const fs::path& folder, const std::optional<fs::path>& refit, int threads)
-    : state_(std::make_unique<State>(folder, refit, threads)) {}
+Editor::Editor(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
+    : state_(std::make_unique<State>(folder, refit, threads, provider)) {}
 
 Editor::~Editor() = default;
 

@@ -58,9 +58,11 @@ class Editor {
  public:
   // `folder`: the export; `refit`: another image's `fastdrag refit` file, whose weights replace each
   // graph's initializers (refit.json says which) and whose text embeddings replace the export's;
-  // `threads`: ONNX Runtime's intra-op threads (0: its default).
+  // `threads`: ONNX Runtime's intra-op threads (0: its default); `provider`: where the graphs run, "cpu"
+  // or "cuda" (ONNX Runtime's CUDA execution provider on GPU 0, for a library built with it: the
+  // constructor refuses it, naming the library's providers, where it is not).
   explicit Editor(const std::filesystem::path& folder, const std::optional<std::filesystem::path>& refit = std::nullopt,
-                  int threads = 0);
+                  int threads = 0, const std::string& provider = "cpu");
   ~Editor();
   Editor(const Editor&) = delete;
   Editor& operator=(const Editor&) = delete;
