@@ -325,7 +325,7 @@ class DragEditor:
             self._on_step = outer
 
     @_one_at_a_time
-    def prepare(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
+    def prepare(self, image: ImageLike, prompt: str, points: Optional[Points], mask: Optional[ImageLike] = None,
                 config: Optional[EditConfig] = None) -> PreparedImage:
         """Validate inputs, encode the prompt, and train or load the image's LoRA; the image is VAE-encoded
         here when the LoRA trains, else when an inversion first needs it (`PreparedImage.posterior`)."""
@@ -837,12 +837,30 @@ class DragEditor:
         with self._reporting(on_step):
             return self._edit(image, prompt, points, mask, **overrides)
 
-    def _edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike],
-              **overrides) -> EditResult:
-        config = self.config.replace(**overrides)
-        total_start = time.perf_counter()
-        prepared = self.prepare(image, prompt, points, mask, config)
-        inputs, timings = prepared.inputs, dict(prepared.timings)
+    @_one_at_a_time
+    def preload(self, image: ImageLike, prompt: str, on_step: Optional[StepCallback] = None,
+                **overrides) -> Dict[str, float]:
+        """Train (or load) an image's LoRA and invert it before its points are known; returns seconds per stage.
+
+        An interactive server calls this when a user opens an image, while they place the points: the
+        image's first edit (same prompt and settings, `overrides` as in `edit`) then keeps the inversion
+        and finds the LoRA in the cache, and runs what a repeated edit runs (drag, denoising, decoding).
+        The inversion is kept as an edit's is (the `INVERSIONS_KEPT` most recent images). `on_step` as in
+        `edit` ("lora", "inversion")."""
+        with self._reporting(on_step):
+            config = self.config.replace(**overrides)
+            total_start = time.perf_counter()
+            prepared = self.prepare(image, prompt, None, None, config)
+            timings = dict(prepared.timings)
+            with self._inversion_stage(prepared, config, timings):
+                pass
+            timings["total"] = time.perf_counter() - total_start
+            return timings
+
+    @contextlib.contextmanager
+    def _inversion_stage(self, prepared: PreparedImage, config: EditConfig, timings: Dict[str, float]):
+        """Stage 2 (or the kept inversion), inside the adapter's merge: yields (denoiser, schedule, z_t, whether
+        the inversion was kept) for the stages after it, which run in the same merge."""
         c = self.components
         schedule = self._schedule(config)
         denoiser = self.denoiser
@@ -856,14 +874,24 @@ class DragEditor:
             self._forget_inversions()
         self.denoiser.graph_pool = self._shared_graph_pool()
         latents = None  # the clean latent: only an inversion needs it, and a repeated edit keeps its inversion
-        inversion_kept = self._inversion_kept(prepared, schedule, config)
-        if not inversion_kept:
+        kept = self._inversion_kept(prepared, schedule, config)
+        if not kept:
             if not prepared.lazy_posterior.encoded:  # the LoRA came from the cache
                 self._timed(timings, "vae_encode", prepared.lazy_posterior.get)
             latents = (prepared.posterior.mean * c.scaling_factor).float()
         merged = merged_adapter(c.unet) if config.merge_lora else contextlib.nullcontext()
         with merged, sdpa_priority(self._sdpa_priority):
             z_t = self._timed(timings, "inversion", self._invert, denoiser, latents, prepared, schedule, config)
+            yield denoiser, schedule, z_t, kept
+
+    def _edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike],
+              **overrides) -> EditResult:
+        config = self.config.replace(**overrides)
+        total_start = time.perf_counter()
+        prepared = self.prepare(image, prompt, points, mask, config)
+        inputs, timings = prepared.inputs, dict(prepared.timings)
+        c = self.components
+        with self._inversion_stage(prepared, config, timings) as (denoiser, schedule, z_t, inversion_kept):
             result = self._timed(timings, "drag", self._drag, z_t, prepared, schedule, config, inversion_kept)
             edited_latent = self._timed(timings, "denoise", self._denoise, denoiser, z_t, result.latent,
                                         prepared, schedule, config)

@@ -246,15 +246,21 @@ def _warn_points_outside(mask: np.ndarray, handles_xy: np.ndarray, targets_xy: n
 
 def prepare_inputs(
     image: ImageLike,
-    points: Points,
+    points: Optional[Points],
     mask: Optional[ImageLike] = None,
     size: Optional[Tuple[int, int]] = None,
     sup_res: Optional[Tuple[int, int]] = None,
 ) -> EditInputs:
-    """Validate everything an edit takes and convert it to the working size and supervision coordinates."""
+    """Validate everything an edit takes and convert it to the working size and supervision coordinates.
+
+    `points` None: no points yet (an image prepared ahead of its edit, `DragEditor.preload`): no handles
+    or targets, shape (0, 2)."""
     picture = load_image(image)
     original = picture.size
-    handles_xy, targets_xy = parse_points(points, original)
+    if points is None:
+        handles_xy = targets_xy = np.zeros((0, 2))
+    else:
+        handles_xy, targets_xy = parse_points(points, original)
     mask_array = load_mask(mask, original)
     if mask_array is not None:
         _warn_points_outside(mask_array, handles_xy, targets_xy)

@@ -25,18 +25,21 @@ from .progress import EditCancelled
 
 logger = logging.getLogger(__name__)
 
-REQUEST_KEYS = ("id", "image", "prompt", "points", "mask", "output", "overwrite", "deadline_s")
+REQUEST_KEYS = ("id", "op", "image", "prompt", "points", "mask", "output", "overwrite", "deadline_s")
+EDIT_ONLY = ("points", "mask", "output", "overwrite")  # what a preload (its image's LoRA and inversion) does not take
 TUPLE_FIELDS = ("size", "sup_res", "lora_targets")  # settings a request gives as JSON lists, the config holds as tuples
 
 
 @dataclass
 class Request:
-    """One edit a client asked for; `settings` are its stage parameters by name (`drag_steps`, ...)."""
+    """One edit (or, `op` "preload", an image's LoRA and inversion ahead of its edit) a client asked for;
+    `settings` are its stage parameters by name (`drag_steps`, ...)."""
 
     image: str
     prompt: str
-    points: list
-    output: Path
+    points: Optional[list] = None
+    output: Optional[Path] = None
+    op: str = "edit"
     mask: Optional[str] = None
     overwrite: bool = False
     deadline_s: Optional[float] = None  # seconds the edit may run; past them it stops at its next step
@@ -61,13 +64,20 @@ def parse_request(data: Dict[str, Any]) -> Request:
     if unknown:
         raise InputError(f"unknown request key(s) {', '.join(map(repr, unknown))}; a request takes "
                          f"{', '.join(REQUEST_KEYS)} and the edit settings (`fastdrag edit --help`)")
-    for key in ("image", "prompt", "points", "output"):
+    op = data.get("op", "edit")
+    if op not in ("edit", "preload"):
+        raise InputError(f"request's 'op' must be \"edit\" (the default) or \"preload\"; got {op!r}")
+    needed = ("image", "prompt", "points", "output") if op == "edit" else ("image", "prompt")
+    for key in needed:
         if key not in data:
             raise InputError(f"request has no {key!r}")
+    if op == "preload" and any(key in data for key in EDIT_ONLY):
+        raise InputError(f"a preload takes no {', '.join(repr(k) for k in EDIT_ONLY if k in data)}: it trains the "
+                         "image's LoRA and inverts it, for an edit that brings them")
     for key in ("image", "prompt", "output"):
-        if not isinstance(data[key], str):
+        if key in needed and not isinstance(data[key], str):
             raise InputError(f"request's {key!r} must be a string; got {type(data[key]).__name__}")
-    if not data["image"] or not data["output"]:
+    if not data["image"] or (op == "edit" and not data["output"]):
         raise InputError("request's 'image' and 'output' must be file paths, not empty strings")
     mask = data.get("mask")
     if mask is not None and not isinstance(mask, str):
@@ -81,6 +91,8 @@ def parse_request(data: Dict[str, Any]) -> Request:
         raise InputError(f"request's 'deadline_s' must be a positive number of seconds; got {deadline!r}")
     settings = {key: tuple(value) if key in TUPLE_FIELDS and isinstance(value, list) else value
                 for key, value in data.items() if key in settings_names}
+    if op == "preload":
+        return Request(image=data["image"], prompt=data["prompt"], op=op, deadline_s=deadline, settings=settings)
     return Request(image=data["image"], prompt=data["prompt"], points=points_from_json(data["points"], "request's 'points'"),
                    output=Path(data["output"]), mask=mask, overwrite=overwrite, deadline_s=deadline,
                    settings=settings)
@@ -125,11 +137,17 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
         data = json_object(line)
         ident = {"id": data["id"]} if "id" in data else {}
         request = parse_request(data)
+        settings = {**(defaults or {}), **request.settings}
+        on_step = _on_step(ident, progress_json, request.deadline_s)
+        if request.op == "preload":
+            with contextlib.redirect_stdout(sys.stderr):
+                timings = editor.preload(request.image, request.prompt, on_step=on_step, **settings)
+            return {**ident, "preloaded": request.image,
+                    "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()}}
         check_image_output(request.output, request.overwrite)
         with contextlib.redirect_stdout(sys.stderr):
-            result = editor.edit(request.image, request.prompt, request.points, mask=request.mask,
-                                 on_step=_on_step(ident, progress_json, request.deadline_s),
-                                 **{**(defaults or {}), **request.settings})
+            result = editor.edit(request.image, request.prompt, request.points, mask=request.mask, on_step=on_step,
+                                 **settings)
         save_image(result.image, request.output, request.overwrite)
         return {**ident, **edit_summary(result, request.output)}
     except OutputExistsError:  # (the editor's message names the command's option and the Python argument)

@@ -103,6 +103,32 @@ def test_repeated_edit_reuses_the_inversion_and_drag_loop_and_matches_a_fresh_on
     assert np.asarray(again.image).tobytes() == np.asarray(reference.image).tobytes()
 
 
+def test_a_preloaded_image_edits_as_a_repeated_edit_does_and_as_a_fresh_editor_would(editor, picture, tmp_path, fast,
+                                                                                    monkeypatch):
+    """`preload` trains the LoRA and inverts before the points are known: the edit that follows runs the drag,
+    the denoising and the decoding only, and its picture is a fresh editor's, byte for byte."""
+    from fastdrag import DragEditor, editor as editor_module
+
+    calls, stages = [], []
+    real_invert = editor_module.invert
+    monkeypatch.setattr(editor_module, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    seconds = editor.preload(picture.image, picture.prompt, on_step=lambda stage, done, total: stages.append(stage), **fast)
+    assert {"lora", "inversion", "total"} <= set(seconds) and sorted(set(stages)) == ["inversion", "lora"]
+    assert len(calls) == 1 and "drag" not in stages
+    result = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask,
+                         on_step=lambda stage, done, total: stages.append(stage), **fast)
+    assert len(calls) == 1 and result.lora_cached and "vae_encode" not in result.timings  # nothing of the image again
+    inversion_steps = round(fast["num_inference_steps"] * fast["inversion_strength"])
+    assert stages.count("lora") == fast["lora_steps"] + 1 and stages.count("inversion") == inversion_steps + 1
+    assert "drag" in stages and "denoise" in stages  # the edit reported its own stages, not the preloaded ones
+    fresh = DragEditor(editor.components, editor.device, editor.dtype, cache_dir=tmp_path / "other", progress=False)
+    reference = fresh.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
+    assert np.asarray(result.image).tobytes() == np.asarray(reference.image).tobytes()
+    assert result.handles == reference.handles
+    with pytest.raises(ConfigError, match="drag_stepz"):
+        editor.preload(picture.image, picture.prompt, drag_stepz=3)
+
+
 def test_images_edited_in_turn_keep_their_inversions(editor, picture, tmp_path, fast, monkeypatch):
     """A server's users taking turns: each image's next edit skips its inversion (the most recent
     `INVERSIONS_KEPT`), and gives a fresh editor's image; an adapter trained again is inverted again."""

@@ -89,6 +89,29 @@ def test_bad_requests_are_answered_and_serving_goes_on(editor, files, fast):
     assert (folder / "taken.png").read_bytes() == b"kept"
 
 
+def test_a_preloaded_image_is_edited_as_a_repeated_edit_is(tiny, editor, files, fast, tmp_path):
+    """`"op": "preload"` trains the image's LoRA and inverts it before its points come: the edit that follows
+    runs the drag, denoising and decoding only, and writes a fresh editor's picture."""
+    from fastdrag import DragEditor
+
+    folder, request = files
+    ahead = {"op": "preload", "id": "p", "image": request["image"], "prompt": request["prompt"]}
+    answers, failed = run(editor, [ahead, {**request, "id": "e", "output": str(folder / "out.png")},
+                                   {**ahead, "id": "bad", "points": request["points"]}, {**ahead, "id": "x", "op": "undo"}],
+                          defaults=fast)
+    assert failed == 2
+    preloaded, edited, bad, unknown = answers
+    assert preloaded["id"] == "p" and preloaded["preloaded"] == request["image"]
+    assert {"lora", "inversion"} <= set(preloaded["timings_s"]) and "drag" not in preloaded["timings_s"]
+    assert edited["lora_cached"] and "vae_encode" not in edited["timings_s"]
+    assert bad["error"].startswith("a preload takes no 'points'")
+    assert unknown["error"].startswith("request's 'op' must be \"edit\" (the default) or \"preload\"")
+    fresh = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "fresh", progress=False)
+    expected = fresh.edit(request["image"], request["prompt"], [tuple(map(tuple, p)) for p in request["points"]],
+                          mask=request["mask"], **fast)
+    assert np.array_equal(pixels(folder / "out.png"), np.asarray(expected.image, dtype=np.int16))
+
+
 def test_an_edit_past_its_deadline_is_cancelled_and_keeps_nothing(editor, files, fast):
     folder, request = files
     late = {**request, "id": "late", "output": str(folder / "late.png"), "deadline_s": 1e-9}
