@@ -17,7 +17,8 @@ tries its backends (the editor's `sdpa_priority`), `half_norms=true|false`, whic
 for the variant (`fastdrag.half_norms`), `mask=false`, which edits without the demo case's mask (so the drag has no
 mask term), `keep_source_kv=true` (an edit setting: each row's `kept_kv_GB` says what it holds), `cudnn_benchmark=true`, which lets cuDNN time its convolution algorithms for each new shape
 (`torch.backends.cudnn.benchmark`) for the variant, `release_cached_memory=true`, the editor's option that empties the CUDA caching
-allocator's cache after every stage, and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
+allocator's cache after every stage, `preload=true`, which adds a `preload` row (`DragEditor.preload` of a
+new image: its LoRA and inversion before its points) and a `preloaded` row (that image's first edit), and `graph_warmup=N`, the eager steps the LoRA trainer and the drag loop run before their
 CUDA-graph capture (default: their `GRAPH_WARMUP`); default: one with the package defaults) runs
 `DragEditor.warm_up()` (a short edit that pays Triton's compilation, cuDNN's first calls and the
 like, as a server would at start-up), a first edit on a new LoRA key, the next new image (another
@@ -158,10 +159,12 @@ def main() -> None:
             os.environ.pop(HALF_NORMS_ENV, None)
         else:
             os.environ[HALF_NORMS_ENV] = switch
+        preload = settings.pop("preload", False)
         editor.release()  # captured graphs read the weights' old storage
-        kinds = ["warm_up()", "first", "new", *["repeated"] * args.repeats]
+        kinds = ["warm_up()", "first", "new", *["repeated"] * args.repeats, *(["preload", "preloaded"] if preload else [])]
         for kind in kinds:
-            seed += kind in ("first", "new")  # a new LoRA key for each new image, the last one's for the repeats
+            # a new LoRA key for each new image, the last one's for the repeats and a preloaded image's edit
+            seed += kind in ("first", "new", "preload")
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -169,6 +172,8 @@ def main() -> None:
             start = time.perf_counter()
             if kind == "warm_up()":
                 timings, drag_steps = editor.warm_up((args.size, args.size), **settings), None
+            elif kind == "preload":
+                timings, drag_steps = editor.preload(case.image, case.prompt, seed=seed, **settings), None
             else:
                 result = editor.edit(case.image, case.prompt, case.points, mask=case.mask if use_mask else None,
                                      seed=seed, **settings)

@@ -60,20 +60,23 @@ def test_first_and_repeated_edits_are_timed(tmp_path):
     quick = "lora_steps=2,drag_steps=2,num_inference_steps=5"
     out = tmp_path / "timing.json"
     subprocess.run([sys.executable, "bench/edit_timing.py", "--model", "tiny", "--size", "64", "--repeats", "1",
-                    "--variant", f"a:{quick}", "--variant", f"b:release_cached_memory=true,channels_last=true,mask=false,half_norms=true,fused_unet_kernels=true,graph_warmup=1,cudnn_benchmark=true,sdpa_priority=flash,keep_source_kv=true,{quick}", "--json", str(out)],
+                    "--variant", f"a:preload=true,{quick}", "--variant", f"b:release_cached_memory=true,channels_last=true,mask=false,half_norms=true,fused_unet_kernels=true,graph_warmup=1,cudnn_benchmark=true,sdpa_priority=flash,keep_source_kv=true,{quick}", "--json", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     rows = json.loads(out.read_text())
     assert [(r["variant"], r["edit"]) for r in rows] == [
-        ("", "load"), ("a", "warm_up()"), ("a", "first"), ("a", "new"), ("a", "repeated"),
+        ("", "load"), ("a", "warm_up()"), ("a", "first"), ("a", "new"), ("a", "repeated"), ("a", "preload"), ("a", "preloaded"),
         ("b", "warm_up()"), ("b", "first"), ("b", "new"), ("b", "repeated")]
     for row in rows[1:]:
         assert row["total_s"] > 0 and row["lora_s"] >= 0
         if row["edit"] == "warm_up()":
             assert row["drag_s"] > 0 and row["drag_steps"] is None
             continue
+        if row["edit"] == "preload":  # a new image's LoRA and inversion, no drag
+            assert row["lora_s"] > 0 and row["inversion_s"] > 0 and "drag_s" not in row and row["drag_steps"] is None
+            continue
         assert row["drag_steps"] <= 2
         assert (row["kept_kv_GB"] > 0) == (row["variant"] == "b")  # b keeps the source keys and values
-        if row["edit"] == "repeated":
+        if row["edit"] in ("repeated", "preloaded"):
             assert row["lora_s"] < 0.05 and row["inversion_s"] < 0.05  # from the caches
         else:
             assert row["lora_s"] > 0 and row["inversion_s"] > 0  # a new LoRA key: trained and inverted
