@@ -328,7 +328,8 @@ class DragEditor:
     def prepare(self, image: ImageLike, prompt: str, points: Optional[Points], mask: Optional[ImageLike] = None,
                 config: Optional[EditConfig] = None) -> PreparedImage:
         """Validate inputs, encode the prompt, and train or load the image's LoRA; the image is VAE-encoded
-        here when the LoRA trains, else when an inversion first needs it (`PreparedImage.posterior`)."""
+        here when the LoRA trains, else when an inversion first needs it (`PreparedImage.posterior`).
+        `points` None: none yet (`preload`)."""
         config = config or self.config
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string; got {type(prompt).__name__}")

@@ -126,7 +126,8 @@ def _on_step(ident: Dict[str, Any], progress_json: bool, deadline_s: Optional[fl
 
 
 def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False) -> Dict[str, Any]:
-    """Edit what one request line asks for and write its output; the answer echoes the request's `id`.
+    """Run what one request line asks for (an edit, written to its output, or a preload); the answer echoes
+    the request's `id`.
 
     A bad request, an edit refused for its input, past its `deadline_s` or out of memory is answered with
     `error`, as is an unexpected failure (its traceback logged), so that one request cannot stop the server.
