@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -358,7 +359,12 @@ def cmd_serve(args) -> int:
             seconds = editor.warm_up(size=defaults.get("size"), **{k: v for k, v in defaults.items() if k != "size"})
         logger.info("warmed up in %.1f s", seconds["total"])
     logger.info("serving: one JSON request a line on stdin, one answer a line on stdout")
-    failed = serve(editor, sys.stdin, sys.stdout, defaults, progress_json=args.progress_json)
+    try:
+        failed = serve(editor, sys.stdin, sys.stdout, defaults, progress_json=args.progress_json)
+    except BrokenPipeError:  # the client closed its end of stdout: no answer can reach it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nor can Python's last flush at exit)
+        print("fastdrag: error: the reader of the answers (stdout) went away; stopped serving", file=sys.stderr)
+        return 1
     logger.info("input ended; %d request(s) answered with an error", failed)
     return 0
 

@@ -173,3 +173,15 @@ def test_the_command_serves_with_its_options_as_defaults_and_reports_progress(fi
     assert lora == [(0, 2), (1, 2), (2, 2)]  # the warm-up reports nothing; the first request trains its LoRA
     assert {p["id"] for p in progress} == {"defaults", "no drag"}
     assert "warmed up in" in done.stderr
+
+
+def test_the_command_stops_with_one_line_when_its_answers_cannot_be_delivered(files):
+    """A client that closed its end of stdout gets no answers: the server says so in one line and exits 1."""
+    folder, _ = files
+    server = subprocess.Popen([sys.executable, "-m", "fastdrag", "serve", "--model", "tiny", "--quiet",
+                               "--cache-dir", str(folder / "c")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server.stdout.close()  # the reader goes away before the first answer
+    _, err = server.communicate("not json\n", timeout=300)
+    assert server.returncode == 1, err
+    assert err.strip().splitlines() == ["fastdrag: error: the reader of the answers (stdout) went away; stopped serving"]
