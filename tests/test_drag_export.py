@@ -591,7 +591,8 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     the standalone edit bit for bit and keeps the source branch's keys and values; its next edit reuses the
     inversion and denoises the edited latent alone through `unet_kept`, as the standalone protocol's
     `denoise(kept=...)` does, bit for bit (and within 1e-3 of the pair's edited row); bad requests are answered
-    with an error and serving goes on; another image is inverted anew."""
+    with an error and serving goes on; another image, preloaded (`"op": "preload"`), is inverted ahead of its
+    edit, which keeps that inversion and is the standalone edit bit for bit."""
     from fastdrag.demo import demo_case
 
     _, manifest, _ = exported
@@ -610,6 +611,9 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
                  "drag_steps": 3},
                 {"image": str(tmp_path / "image.npy"), "points": [[[99, 1], [2, 2]]], "out": str(tmp_path / "bad.npy")},
                 {"points": as_json(second)},
+                {"op": "preload", "image": str(tmp_path / "mirrored.npy")},
+                {"op": "preload", "image": str(tmp_path / "mirrored.npy"), "points": as_json(second)},
+                {"op": "undo", "image": str(tmp_path / "mirrored.npy")},
                 {"image": str(tmp_path / "mirrored.npy"), "points": as_json(mirrored_points), "out": str(tmp_path / "three.npy"),
                  "drag_steps": 3}]
     lines = [json.dumps(request) for request in requests]
@@ -618,7 +622,7 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     answers = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(answers) == 6, done.stdout
+    assert len(answers) == 9, done.stdout
 
     assert answers[0]["kept"] == {"inversion": False, "source_kv": False} and answers[0]["drag_iterations"] > 3
     assert set(answers[0]["seconds"]) == {"invert", "drag", "denoise", "decode"}
@@ -634,7 +638,12 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert "not one serve takes" in answers[3]["error"]
     assert "a request is a JSON object with" in answers[4]["error"]
     assert not (tmp_path / "bad.npy").exists()
-    assert answers[5]["kept"] == {"inversion": False, "source_kv": False}
+    # another image, preloaded (inverted ahead of its edit): its edit keeps that inversion, and is the standalone edit
+    assert answers[5]["preloaded"] == str(tmp_path / "mirrored.npy") and answers[5]["kept"] == {"inversion": False}
+    assert answers[5]["seconds"]["invert"] > 0
+    assert answers[6]["error"].startswith('a preload request is {"op": "preload", "image": "IMAGE.npy"} and nothing else')
+    assert answers[7]["error"] == '"op" is "edit" (the default) or "preload", not "undo"'
+    assert answers[8]["kept"] == {"inversion": True, "source_kv": False}
     np.testing.assert_array_equal(np.load(tmp_path / "three.npy"),
                                   standalone.edit(folder, pixels(mirrored), mirrored_points, None, drag_steps=3))
 

@@ -197,6 +197,8 @@ static Points read_points(Editor& editor, const fs::path& path) {
 //   {"image": "IMAGE.npy", "points": [[[hx, hy], [tx, ty]], ...], "out": "OUT.npy", "mask": "MASK.npy", "drag_steps": N}
 // (mask and drag_steps optional). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
 // "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."} for a bad request (serving goes on).
+// {"op": "preload", "image": "IMAGE.npy"} inverts the image ahead of its edit: {"preloaded": ..., "seconds":
+// {"invert": s}, "kept": {"inversion": bool}}.
 static int serve(Editor& editor, std::optional<int> default_drag_steps) {
   std::string line;
   while (std::getline(std::cin, line)) {
@@ -204,6 +206,19 @@ static int serve(Editor& editor, std::optional<int> default_drag_steps) {
     json answer;
     try {
       const json request = json::parse(line);
+      const std::string op = request.is_object() ? request.value("op", "edit") : "edit";
+      if (op != "edit" && op != "preload") throw InputError("\"op\" is \"edit\" (the default) or \"preload\", not \"" + op + "\"");
+      if (op == "preload") {  // the image's inversion now, kept for its edit
+        if (!request.contains("image") || request.size() != 2)
+          throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} and nothing else");
+        const Tensor image = read_image(editor, request["image"].get<std::string>());
+        const auto start = std::chrono::steady_clock::now();
+        const bool kept = editor.preload(image);
+        const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        std::cout << json{{"preloaded", request["image"]}, {"seconds", {{"invert", spent}}}, {"kept", {{"inversion", kept}}}}.dump()
+                  << std::endl;
+        continue;
+      }
       if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
         throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\" if wanted)");
       const Tensor image = read_image(editor, request["image"].get<std::string>());

@@ -503,6 +503,14 @@ Tensor Editor::invert(const Tensor& image) {
   return invert_image(state_->folder, image);
 }
 
+bool Editor::preload(const Tensor& image) {
+  check_image(image, "the image");
+  Memory& memory = state_->memory;
+  if (!memory.image.empty() && memory.image == image.data) return true;
+  memory = Memory{image.data, invert_image(state_->folder, image), {}};
+  return false;
+}
+
 Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& latent_mask, std::optional<int> drag_steps,
                     bool remember, const StageCallback& on_stage) {
   Export& folder = state_->folder;

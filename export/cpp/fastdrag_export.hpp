@@ -83,6 +83,10 @@ class Editor {
 
   // The image's latent z_t at the drag timestep (float32).
   Tensor invert(const Tensor& image);
+  // Invert `image` now and keep its z_t, as an edit with `remember` keeps it, so that the image's next
+  // edit skips the inversion (a service calls it while a user places the points). Returns whether it
+  // was kept already (the last image edited or preloaded).
+  bool preload(const Tensor& image);
   // A whole edit. `latent_mask` from latent_mask() or empty; `drag_steps` in place of the manifest's.
   // `remember`: reuse and keep what a repeated edit of the same image needs (its z_t; with an export
   // that has `unet_kept`, the source keys and values of its first denoising).
