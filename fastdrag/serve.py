@@ -11,11 +11,13 @@ import contextlib
 import json
 import logging
 import math
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Optional
+from typing import IO, Any, Callable, Dict, Optional, Set
 
 from .atomic import check_image_output, save_image
 from .config import field_names
@@ -110,27 +112,31 @@ def edit_summary(result, output: Path) -> Dict[str, Any]:
     }
 
 
-def _on_step(ident: Dict[str, Any], progress_json: bool, deadline_s: Optional[float]) -> Optional[Callable]:
-    """The edit's `on_step`: a progress line with the request's id, and the deadline's check (None if neither)."""
-    if not progress_json and deadline_s is None:
-        return None
+def _on_step(ident: Dict[str, Any], progress_json: bool, deadline_s: Optional[float],
+             cancelled: Callable[[], bool]) -> Callable:
+    """The edit's `on_step`: a progress line with the request's id, and the checks of its deadline and of a
+    cancel request for it."""
     ends = time.monotonic() + deadline_s if deadline_s is not None else math.inf
 
     def on_step(stage: str, done: int, total: int) -> None:
         if progress_json:
             print(json.dumps({**ident, "stage": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
+        if cancelled():
+            raise EditCancelled(f"by a cancel request, in the {stage} stage at step {done} of {total}")
         if time.monotonic() > ends:
             raise EditCancelled(f"past its deadline of {deadline_s:g} s, in the {stage} stage at step {done} of {total}")
 
     return on_step
 
 
-def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False) -> Dict[str, Any]:
+def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False,
+           cancelled: Callable[[], bool] = lambda: False) -> Dict[str, Any]:
     """Run what one request line asks for (an edit, written to its output, or a preload); the answer echoes
     the request's `id`.
 
     A bad request, an edit refused for its input, past its `deadline_s` or out of memory is answered with
-    `error`, as is an unexpected failure (its traceback logged), so that one request cannot stop the server.
+    `error`, as is an unexpected failure (its traceback logged), so that one request cannot stop the server;
+    so is one that `cancelled()` says a client cancelled (before it ran, or at its next step).
     Anything a library prints goes to stderr: stdout carries answers only.
     """
     ident: Dict[str, Any] = {}
@@ -139,7 +145,9 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
         ident = {"id": data["id"]} if "id" in data else {}
         request = parse_request(data)
         settings = {**(defaults or {}), **request.settings}
-        on_step = _on_step(ident, progress_json, request.deadline_s)
+        if cancelled():
+            raise EditCancelled("by a cancel request, before it ran")
+        on_step = _on_step(ident, progress_json, request.deadline_s, cancelled)
         if request.op == "preload":
             with contextlib.redirect_stdout(sys.stderr):
                 timings = editor.preload(request.image, request.prompt, on_step=on_step, **settings)
@@ -165,16 +173,93 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
         return {**ident, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
 
+def cancel_target(line: str) -> Optional[str]:
+    """The id (as JSON text) that a `{"op": "cancel", "id": X}` line cancels; None for any other line."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("op") != "cancel":
+        return None
+    return json.dumps(data.get("id"), sort_keys=True)
+
+
+def request_key(line: str) -> Optional[str]:
+    """A request line's id as JSON text (what a cancel line names), or None if it has none."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return json.dumps(data["id"], sort_keys=True) if isinstance(data, dict) and "id" in data else None
+
+
+class Server:
+    """A warm editor answering request lines in order, on the calling thread, while a thread of its own reads
+    them: a cancel line, `{"op": "cancel", "id": X}`, reaches request X while it waits or runs. A cancel line
+    gets no answer of its own; the request it cancels is answered `cancelled: ...`. A cancel for no waiting
+    or running request is logged and does nothing (it cancels no later request of that id)."""
+
+    def __init__(self, editor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
+                 progress_json: bool = False):
+        self.editor, self.requests, self.answers = editor, requests, answers
+        self.defaults, self.progress_json = defaults or {}, progress_json
+        self.input_ended = threading.Event()  # set once the reader has taken every line (cancels included)
+        self._lines: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting: Dict[str, Set[int]] = {}  # id (JSON text) -> numbers of its requests not yet answered
+        self._cancelled: Set[int] = set()
+
+    def _read(self) -> None:
+        number = 0
+        try:
+            for line in iter(self.requests.readline, ""):
+                if not line.strip():
+                    continue
+                target = cancel_target(line)
+                with self._lock:
+                    if target is not None:
+                        found = self._waiting.get(target, set())
+                        self._cancelled |= found
+                        if not found:
+                            logger.warning("cancel of id %s: no request of that id is waiting or running", target)
+                        continue
+                    number += 1
+                    key = request_key(line)
+                    if key is not None:
+                        self._waiting.setdefault(key, set()).add(number)
+                self._lines.put((number, key, line))
+        except Exception:  # noqa: BLE001 (unreadable input: serve what was read, then stop)
+            logger.exception("reading the requests failed; answering those read so far")
+        finally:
+            self.input_ended.set()
+            self._lines.put(None)
+
+    def run(self) -> int:
+        """Answer every request line until the input ends; return how many were answered with an error."""
+        threading.Thread(target=self._read, name="fastdrag-serve-reader", daemon=True).start()
+        failed = 0
+        while (item := self._lines.get()) is not None:
+            number, key, line = item
+
+            def cancelled() -> bool:
+                with self._lock:
+                    return number in self._cancelled
+
+            reply = answer(self.editor, line, self.defaults, self.progress_json, cancelled)
+            with self._lock:
+                self._cancelled.discard(number)
+                if key is not None:
+                    self._waiting[key].discard(number)
+                    if not self._waiting[key]:
+                        del self._waiting[key]
+            failed += "error" in reply
+            self.answers.write(json.dumps(reply) + "\n")
+            self.answers.flush()
+        return failed
+
+
 def serve(editor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
           progress_json: bool = False) -> int:
     """Answer each request line of `requests` on `answers`, in order, until the input ends (blank lines are
-    skipped); return how many were answered with an error."""
-    failed = 0
-    for line in iter(requests.readline, ""):
-        if not line.strip():
-            continue
-        reply = answer(editor, line, defaults, progress_json)
-        failed += "error" in reply
-        answers.write(json.dumps(reply) + "\n")
-        answers.flush()
-    return failed
+    skipped; cancel lines are `Server`'s); return how many were answered with an error."""
+    return Server(editor, requests, answers, defaults, progress_json).run()

@@ -1,8 +1,10 @@
 """`fastdrag serve`: a warm editor answering JSON request lines, each answer the edit `edit` would make."""
 import io
 import json
+import queue
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -122,6 +124,80 @@ def test_an_edit_past_its_deadline_is_cancelled_and_keeps_nothing(editor, files,
     assert answers[1]["id"] == "on time" and not answers[1]["lora_cached"]  # the cancelled LoRA was not cached
     # the second request, without overwrite, could write late.png: the cancelled one had written nothing
     assert (folder / "late.png").is_file() and len(list((folder / "lora").glob("*.safetensors"))) == 1
+
+
+class Feed:
+    """A request stream whose lines arrive when the test sends them."""
+
+    def __init__(self):
+        self.lines = queue.Queue()
+
+    def send(self, *lines):
+        for line in lines:
+            self.lines.put(line + "\n")
+
+    def close(self):
+        self.lines.put("")
+
+    def readline(self):
+        return self.lines.get()
+
+
+class Blocking:
+    """An editor whose first edit, once it runs, has the client send the rest of the lines (cancels included)
+    and waits until the server has read them all; every edit then steps three times and finishes. Whether a
+    cancel reached a request does not depend on timing."""
+
+    def __init__(self, feed, rest):
+        self.feed, self.rest, self.server, self.ran = feed, rest, None, []
+
+    def edit(self, image, prompt, points, mask=None, on_step=None, **settings):
+        self.ran.append(prompt)
+        if len(self.ran) == 1:
+            self.feed.send(*self.rest)
+            self.feed.close()
+        assert self.server.input_ended.wait(60)
+        for done in range(3):
+            on_step("lora", done, 3)
+        return SimpleNamespace(image=Image.new("RGB", (8, 8)), handles=[(1.0, 2.0)], targets=[(3.0, 4.0)],
+                               drag_steps=1, lora_cached=False, timings={"total": 0.1})
+
+
+def test_a_cancel_line_stops_its_request_while_it_runs_or_before_it_runs(files, caplog):
+    from fastdrag.serve import Server
+
+    folder, request = files
+    edit = lambda ident, prompt: json.dumps({**request, "id": ident, "prompt": prompt, "output": str(folder / f"{prompt}.png")})
+    cancel = lambda ident: json.dumps({"op": "cancel", "id": ident})
+    feed = Feed()
+    feed.send(edit(1, "running"))
+    rest = [cancel(1), edit("two", "kept"), edit([3], "waiting"), cancel([3]), cancel("nobody"),
+            cancel(4), edit(4, "later")]  # a cancel reaches only requests read before it
+    editor, answers = Blocking(feed, rest), io.StringIO()
+    server = Server(editor, feed, answers)
+    editor.server = server
+    with caplog.at_level("WARNING", logger="fastdrag.serve"):
+        assert server.run() == 2
+    replies = [json.loads(line) for line in answers.getvalue().splitlines()]
+    assert [r["id"] for r in replies] == [1, "two", [3], 4]  # cancel lines get no answer of their own
+    assert replies[0]["error"] == "cancelled: by a cancel request, in the lora stage at step 0 of 3"
+    assert replies[2]["error"] == "cancelled: by a cancel request, before it ran"
+    assert "error" not in replies[1] and "error" not in replies[3]
+    assert editor.ran == ["running", "kept", "later"]
+    assert sorted(p.name for p in folder.glob("*.png")) == ["in.png", "kept.png", "later.png", "mask.png"]
+    assert 'cancel of id "nobody": no request of that id is waiting or running' in caplog.text
+    assert "cancel of id 4" in caplog.text
+
+
+def test_a_cancelled_edit_of_the_real_editor_keeps_nothing(editor, files, fast):
+    folder, request = files
+    lines = [json.dumps({**request, "id": 1, "output": str(folder / "one.png")}), json.dumps({"op": "cancel", "id": 1}),
+             json.dumps({**request, "id": 2, "output": str(folder / "two.png")})]
+    answers, failed = run(editor, lines, defaults=fast)
+    # (the cancel may reach it before its first step or at one: the reader thread and the edit race)
+    assert failed == 1 and answers[0]["error"].startswith("cancelled: by a cancel request")
+    assert not answers[1]["lora_cached"]  # the cancelled edit's LoRA was not cached: the next one trained its own
+    assert not (folder / "one.png").exists() and (folder / "two.png").is_file()
 
 
 class Scripted:
