@@ -4,7 +4,8 @@
 
 One row per variant: the first new image's seconds (total, and LoRA / inversion / drag / denoising),
 the next new image's, the mean of the repeated edits', each with its GiB allocated at its peak and
-reserved by the process (`peak_GiB` / `reserved_GiB`). LABEL (e.g. `1` for a lease's first call)
+reserved by the process (`peak_GiB` / `reserved_GiB`). Variants run with `preload=true` also get a row
+in a second table: the preload's seconds and then the preloaded image's edit's. LABEL (e.g. `1` for a lease's first call)
 prefixes the variant names of that file. A lease's log gets this table at the end of its
 `edit-timing` group (bench/gpu_session.sh), so the numbers reach RESULTS.md without retyping.
 """
@@ -18,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 HEADER = ("| call: variant | first new image: total (LoRA / inversion / drag / denoise) | alloc / res "
           "| next new image | alloc / res | repeated | alloc / res |")
 STAGES = ("lora_s", "inversion_s", "drag_s", "denoise_s")
+PRELOAD_HEADER = ("| call: variant | preload: total (LoRA / inversion) | its image's edit: total (drag / denoise) "
+                  "| alloc / res |")
 
 
 def _seconds(row: Dict) -> str:
@@ -51,9 +54,25 @@ def variant_row(label: str, rows: Sequence[Dict]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def preload_row(label: str, rows: Sequence[Dict]) -> Optional[str]:
+    """The preload table's row of one variant (None without a `preload` row): the preload, then the edit of
+    the image it preloaded ("—" if the variant was cut off before it)."""
+    preload = next((row for row in rows if row["edit"] == "preload"), None)
+    if preload is None:
+        return None
+    edited = next((row for row in rows if row["edit"] == "preloaded"), None)
+    cells = [label, f"{preload['total_s']:.2f} ({preload['lora_s']:.2f} / {preload['inversion_s']:.2f})"]
+    if edited is None:
+        return "| " + " | ".join(cells + ["—", "—"]) + " |"
+    cells += [f"{edited['total_s']:.2f} ({edited['drag_s']:.2f} / {edited['denoise_s']:.2f})", _memory([preload, edited])]
+    return "| " + " | ".join(cells) + " |"
+
+
 def table(files: Sequence[Tuple[Optional[str], Sequence[Dict]]]) -> str:
-    """The markdown table of every variant in `files` ((label or None, rows) each), in file order."""
+    """The markdown table of every variant in `files` ((label or None, rows) each), in file order, and the
+    preload table of the variants that preloaded an image."""
     lines = [HEADER, "| " + " | ".join(["---"] * 7) + " |"]
+    preloads = []
     for label, rows in files:
         variants: Dict[str, List[Dict]] = {}
         for row in rows:
@@ -61,6 +80,11 @@ def table(files: Sequence[Tuple[Optional[str], Sequence[Dict]]]) -> str:
                 variants.setdefault(row["variant"], []).append(row)
         for name, variant_rows in variants.items():
             lines.append(variant_row(f"{label}: {name}" if label else name, variant_rows))
+            preloaded = preload_row(f"{label}: {name}" if label else name, variant_rows)
+            if preloaded:
+                preloads.append(preloaded)
+    if preloads:
+        lines += ["", PRELOAD_HEADER, "| " + " | ".join(["---"] * 4) + " |", *preloads]
     return "\n".join(lines)
 
 

@@ -35,3 +35,19 @@ def test_the_command_line_labels_each_file():
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "| 2: defaults | 6.86 (4.44 / 0.26 / 1.60 / 0.42) |" in done.stdout and "| 2: release |" in done.stdout
+
+
+def test_a_preloading_variant_gets_a_row_in_the_preload_table():
+    stages = {"lora_s": 0.0, "inversion_s": 0.0, "drag_s": 1.5, "denoise_s": 0.4}
+    rows = [{"variant": "defaults", "edit": "first", "total_s": 6.3, **stages, "lora_s": 4.0, "peak_GiB": 2.7,
+             "reserved_GiB": 6.1},
+            {"variant": "defaults", "edit": "preload", "total_s": 4.4, "lora_s": 4.1, "inversion_s": 0.26,
+             "peak_GiB": 2.5, "reserved_GiB": 6.0},
+            {"variant": "defaults", "edit": "preloaded", "total_s": 2.0, **stages, "peak_GiB": 2.6, "reserved_GiB": 6.1},
+            {"variant": "plain", "edit": "first", "total_s": 6.2, **stages, "peak_GiB": 2.7, "reserved_GiB": 6.1}]
+    lines = table([("1", rows)]).splitlines()
+    assert len(lines) == 2 + 2 + 1 + 2 + 1  # the main table, a blank line, the preload table with one row
+    assert lines[5].startswith("| call: variant | preload: total (LoRA / inversion) |")
+    assert lines[-1] == "| 1: defaults | 4.40 (4.10 / 0.26) | 2.00 (1.50 / 0.40) | 2.60 / 6.10 |"
+    cut_off = [row for row in rows if row["edit"] != "preloaded"]
+    assert table([(None, cut_off)]).splitlines()[-1] == "| defaults | 4.40 (4.10 / 0.26) | — | — |"
