@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--warm-up", action="store_true",
                        help="before the first request, run a short edit of a synthetic image (at --size, or the "
                             "model's own) that pays what a process pays once (DragEditor.warm_up)")
+    serve.add_argument("--prune-cache-to", default=None, metavar="SIZE",
+                       help="after each request served, prune the LoRA cache to SIZE (e.g. 20GB), least recently "
+                            "used first, as `fastdrag cache --prune-to` does (default: keep everything)")
     _add_common(serve)
     _add_progress_json(serve)
     add_config_options(serve)
@@ -350,9 +353,11 @@ def cmd_edit(args) -> int:
 def cmd_serve(args) -> int:
     from contextlib import redirect_stdout
 
+    from .cache_usage import parse_size
     from .serve import serve
 
     defaults = config_overrides(args)
+    prune_to = parse_size(args.prune_cache_to) if args.prune_cache_to is not None else None  # before the model loads
     editor = _editor(args)
     if args.warm_up:
         with redirect_stdout(sys.stderr):  # stdout carries answers only
@@ -360,7 +365,7 @@ def cmd_serve(args) -> int:
         logger.info("warmed up in %.1f s", seconds["total"])
     logger.info("serving: one JSON request a line on stdin, one answer a line on stdout")
     try:
-        failed = serve(editor, sys.stdin, sys.stdout, defaults, progress_json=args.progress_json)
+        failed = serve(editor, sys.stdin, sys.stdout, defaults, progress_json=args.progress_json, prune_to=prune_to)
     except BrokenPipeError:  # the client closed its end of stdout: no answer can reach it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nor can Python's last flush at exit)
         print("fastdrag: error: the reader of the answers (stdout) went away; stopped serving", file=sys.stderr)

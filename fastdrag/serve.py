@@ -197,12 +197,14 @@ class Server:
     """A warm editor answering request lines in order, on the calling thread, while a thread of its own reads
     them: a cancel line, `{"op": "cancel", "id": X}`, reaches request X while it waits or runs. A cancel line
     gets no answer of its own; the request it cancels is answered `cancelled: ...`. A cancel for no waiting
-    or running request is logged and does nothing (it cancels no later request of that id)."""
+    or running request is logged and does nothing (it cancels no later request of that id).
+    With `prune_to` (bytes), the editor's LoRA cache is pruned to it after each request served, least
+    recently used first (`fastdrag.cache_usage.prune`): a long-running server's disk does not fill."""
 
     def __init__(self, editor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
-                 progress_json: bool = False):
+                 progress_json: bool = False, prune_to: Optional[int] = None):
         self.editor, self.requests, self.answers = editor, requests, answers
-        self.defaults, self.progress_json = defaults or {}, progress_json
+        self.defaults, self.progress_json, self.prune_to = defaults or {}, progress_json, prune_to
         self.input_ended = threading.Event()  # set once the reader has taken every line (cancels included)
         self._lines: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self._lock = threading.Lock()
@@ -255,11 +257,21 @@ class Server:
             failed += "error" in reply
             self.answers.write(json.dumps(reply) + "\n")
             self.answers.flush()
+            if self.prune_to is not None and "error" not in reply:
+                self._prune()
         return failed
+
+    def _prune(self) -> None:
+        from .cache_usage import human, prune
+
+        removed = prune(self.editor.cache.directory, self.prune_to)
+        if removed:
+            logger.info("LoRA cache pruned to %s: removed %d (%s), least recently used first", human(self.prune_to),
+                        len(removed), human(sum(entry.size for entry in removed)))
 
 
 def serve(editor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
-          progress_json: bool = False) -> int:
+          progress_json: bool = False, prune_to: Optional[int] = None) -> int:
     """Answer each request line of `requests` on `answers`, in order, until the input ends (blank lines are
-    skipped; cancel lines are `Server`'s); return how many were answered with an error."""
-    return Server(editor, requests, answers, defaults, progress_json).run()
+    skipped; cancel lines and `prune_to` are `Server`'s); return how many were answered with an error."""
+    return Server(editor, requests, answers, defaults, progress_json, prune_to).run()

@@ -25,11 +25,11 @@ def files(tmp_path, picture):
     return tmp_path, request
 
 
-def run(editor, requests, defaults=None, progress_json=False):
+def run(editor, requests, defaults=None, progress_json=False, prune_to=None):
     """(answers, how many failed) of serving `requests` (dicts, or lines as they are)."""
     lines = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in requests)
     answers = io.StringIO()
-    failed = serve(editor, io.StringIO(lines), answers, defaults, progress_json)
+    failed = serve(editor, io.StringIO(lines), answers, defaults, progress_json, prune_to)
     return [json.loads(line) for line in answers.getvalue().splitlines()], failed
 
 
@@ -124,6 +124,32 @@ def test_an_edit_past_its_deadline_is_cancelled_and_keeps_nothing(editor, files,
     assert answers[1]["id"] == "on time" and not answers[1]["lora_cached"]  # the cancelled LoRA was not cached
     # the second request, without overwrite, could write late.png: the cancelled one had written nothing
     assert (folder / "late.png").is_file() and len(list((folder / "lora").glob("*.safetensors"))) == 1
+
+
+def test_a_pruning_server_keeps_its_lora_cache_to_its_size_least_recently_used_first(tiny, editor, files, fast, tmp_path):
+    from fastdrag import DragEditor
+
+    folder, request = files
+    Image.open(request["image"]).transpose(Image.FLIP_LEFT_RIGHT).save(folder / "other.png")
+    probe = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "probe", progress=False)
+    key, _ = probe.train_lora(request["image"], request["prompt"], **fast)  # the first image's LoRA, and its size
+    one_lora = probe.cache.path(key).stat().st_size
+    first, second = {**request, "output": str(folder / "a.png")}, {**request, "image": str(folder / "other.png"),
+                                                                   "output": str(folder / "b.png")}
+    answers, failed = run(editor, [first, second, {**first, "output": str(folder / "again.png")}], defaults=fast,
+                          prune_to=int(1.5 * one_lora))
+    assert failed == 0
+    # the second image's LoRA pushed the first one's out, so the first image's next edit trained it again
+    assert [a["lora_cached"] for a in answers] == [False, False, False]
+    assert list((folder / "lora").iterdir()) == [editor.cache.path(key)]  # and then pushed the second one's out
+
+
+def test_the_command_refuses_a_cache_size_it_cannot_read_before_loading_the_model(capsys):
+    from fastdrag.cli import main
+
+    assert main(["serve", "--model", "nowhere/none", "--prune-cache-to", "lots"]) == 2
+    assert capsys.readouterr().err.strip() == ("fastdrag: error: size 'lots' is not a number with an optional unit "
+                                               "(e.g. 20GB, 500MB, 1.5GiB, 0)")
 
 
 class Feed:
