@@ -611,8 +611,8 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
                  "drag_steps": 3},
                 {"image": str(tmp_path / "image.npy"), "points": [[[99, 1], [2, 2]]], "out": str(tmp_path / "bad.npy")},
                 {"points": as_json(second)},
-                {"op": "preload", "image": str(tmp_path / "mirrored.npy")},
-                {"op": "preload", "image": str(tmp_path / "mirrored.npy"), "points": as_json(second)},
+                {"op": "preload", "image": str(tmp_path / "mirrored.npy"), "id": "ahead"},
+                {"op": "preload", "image": str(tmp_path / "mirrored.npy"), "points": as_json(second), "id": 6},
                 {"op": "undo", "image": str(tmp_path / "mirrored.npy")},
                 {"image": str(tmp_path / "mirrored.npy"), "points": as_json(mirrored_points), "out": str(tmp_path / "three.npy"),
                  "drag_steps": 3}]
@@ -640,8 +640,9 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert not (tmp_path / "bad.npy").exists()
     # another image, preloaded (inverted ahead of its edit): its edit keeps that inversion, and is the standalone edit
     assert answers[5]["preloaded"] == str(tmp_path / "mirrored.npy") and answers[5]["kept"] == {"inversion": False}
+    assert answers[5]["id"] == "ahead" and answers[6]["id"] == 6 and "id" not in answers[7]  # a request's id comes back
     assert answers[5]["seconds"]["invert"] > 0
-    assert answers[6]["error"].startswith('a preload request is {"op": "preload", "image": "IMAGE.npy"} and nothing else')
+    assert answers[6]["error"].startswith('a preload request is {"op": "preload", "image": "IMAGE.npy"} (and "id") and nothing else')
     assert answers[7]["error"] == '"op" is "edit" (the default) or "preload", not "undo"'
     assert answers[8]["kept"] == {"inversion": True, "source_kv": False}
     np.testing.assert_array_equal(np.load(tmp_path / "three.npy"),

@@ -192,54 +192,62 @@ static Points read_points(Editor& editor, const fs::path& path) {
   return editor.points(pairs, path.string());
 }
 
+// {"op": "preload", "image": "IMAGE.npy"}: the image's inversion now, kept for its edit.
+static json preload_request(Editor& editor, const json& request) {
+  bool other_keys = false;
+  for (const auto& [key, value] : request.items()) other_keys = other_keys || (key != "op" && key != "image" && key != "id");
+  if (!request.contains("image") || other_keys)
+    throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\") and nothing else");
+  const Tensor image = read_image(editor, request["image"].get<std::string>());
+  const auto start = std::chrono::steady_clock::now();
+  const bool kept = editor.preload(image);
+  const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return {{"preloaded", request["image"]}, {"seconds", {{"invert", spent}}}, {"kept", {{"inversion", kept}}}};
+}
+
+static json edit_request(Editor& editor, const json& request, std::optional<int> drag_steps) {
+  if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
+    throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\" if wanted)");
+  const Tensor image = read_image(editor, request["image"].get<std::string>());
+  const Points points = editor.points(request["points"], "the request's points");
+  const Tensor mask = request.contains("mask") ? read_mask(editor, request["mask"].get<std::string>()) : Tensor{};
+  if (request.contains("drag_steps")) {
+    if (!request["drag_steps"].is_number_unsigned()) throw InputError("drag_steps is a whole number of at least 0");
+    drag_steps = request["drag_steps"].get<int>();
+  }
+  json seconds = json::object();
+  const Edited result = editor.edit(image, points, mask, drag_steps, true,
+                                    [&](const std::string& stage, double spent, const Edited&) { seconds[stage] = spent; });
+  write_npy(request["out"].get<std::string>(), result.image);
+  return {{"out", request["out"]}, {"drag_iterations", result.drag_iterations}, {"seconds", seconds},
+          {"kept", {{"inversion", result.kept_inversion}, {"source_kv", result.kept_source_kv}}}};
+}
+
 // Edits from stdin, one JSON request a line, one JSON answer a line on stdout, with the sessions kept
 // and the last image's inversion (and source keys and values) reused. A request:
 //   {"image": "IMAGE.npy", "points": [[[hx, hy], [tx, ty]], ...], "out": "OUT.npy", "mask": "MASK.npy", "drag_steps": N}
 // (mask and drag_steps optional). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
 // "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."} for a bad request (serving goes on).
 // {"op": "preload", "image": "IMAGE.npy"} inverts the image ahead of its edit: {"preloaded": ..., "seconds":
-// {"invert": s}, "kept": {"inversion": bool}}.
+// {"invert": s}, "kept": {"inversion": bool}}. A request's "id", if it has one, comes back in its answer.
 static int serve(Editor& editor, std::optional<int> default_drag_steps) {
   std::string line;
   while (std::getline(std::cin, line)) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     json answer;
+    json id;  // the request's "id", given back with its answer
     try {
       const json request = json::parse(line);
+      if (request.is_object() && request.contains("id")) id = request["id"];
       const std::string op = request.is_object() ? request.value("op", "edit") : "edit";
       if (op != "edit" && op != "preload") throw InputError("\"op\" is \"edit\" (the default) or \"preload\", not \"" + op + "\"");
-      if (op == "preload") {  // the image's inversion now, kept for its edit
-        if (!request.contains("image") || request.size() != 2)
-          throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} and nothing else");
-        const Tensor image = read_image(editor, request["image"].get<std::string>());
-        const auto start = std::chrono::steady_clock::now();
-        const bool kept = editor.preload(image);
-        const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        std::cout << json{{"preloaded", request["image"]}, {"seconds", {{"invert", spent}}}, {"kept", {{"inversion", kept}}}}.dump()
-                  << std::endl;
-        continue;
-      }
-      if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
-        throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\" if wanted)");
-      const Tensor image = read_image(editor, request["image"].get<std::string>());
-      const Points points = editor.points(request["points"], "the request's points");
-      const Tensor mask = request.contains("mask") ? read_mask(editor, request["mask"].get<std::string>()) : Tensor{};
-      std::optional<int> drag_steps = default_drag_steps;
-      if (request.contains("drag_steps")) {
-        if (!request["drag_steps"].is_number_unsigned()) throw InputError("drag_steps is a whole number of at least 0");
-        drag_steps = request["drag_steps"].get<int>();
-      }
-      json seconds = json::object();
-      const Edited result = editor.edit(image, points, mask, drag_steps, true,
-                                        [&](const std::string& stage, double spent, const Edited&) { seconds[stage] = spent; });
-      write_npy(request["out"].get<std::string>(), result.image);
-      answer = {{"out", request["out"]}, {"drag_iterations", result.drag_iterations}, {"seconds", seconds},
-                {"kept", {{"inversion", result.kept_inversion}, {"source_kv", result.kept_source_kv}}}};
+      answer = op == "preload" ? preload_request(editor, request) : edit_request(editor, request, default_drag_steps);
     } catch (const InputError& error) {
       answer = {{"error", error.what()}};
     } catch (const json::exception& error) {
       answer = {{"error", std::string("the request is not one serve takes: ") + error.what()}};
     }
+    if (!id.is_null()) answer["id"] = id;
     std::cout << answer.dump() << std::endl;  // flushed: the client reads each answer as it comes
   }
   return 0;
