@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Optional, Set
+from typing import IO, Any, Callable, Dict, Optional, Set, Tuple
 
 from .atomic import check_image_output, save_image
 from .config import field_names
@@ -100,6 +100,10 @@ def parse_request(data: Dict[str, Any]) -> Request:
                    settings=settings)
 
 
+def _rounded(timings: Dict[str, float]) -> Dict[str, float]:
+    return {name: round(seconds, 3) for name, seconds in timings.items()}
+
+
 def edit_summary(result, output: Path) -> Dict[str, Any]:
     """What `fastdrag edit` prints and `serve` answers for a finished edit."""
     return {
@@ -108,7 +112,7 @@ def edit_summary(result, output: Path) -> Dict[str, Any]:
         "targets": [[round(x, 2), round(y, 2)] for x, y in result.targets],
         "drag_steps": result.drag_steps,
         "lora_cached": result.lora_cached,
-        "timings_s": {name: round(seconds, 3) for name, seconds in result.timings.items()},
+        "timings_s": _rounded(result.timings),
     }
 
 
@@ -148,13 +152,12 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
         if cancelled():
             raise EditCancelled("by a cancel request, before it ran")
         on_step = _on_step(ident, progress_json, request.deadline_s, cancelled)
-        if request.op == "preload":
-            with contextlib.redirect_stdout(sys.stderr):
-                timings = editor.preload(request.image, request.prompt, on_step=on_step, **settings)
-            return {**ident, "preloaded": request.image,
-                    "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()}}
-        check_image_output(request.output, request.overwrite)
+        if request.op == "edit":
+            check_image_output(request.output, request.overwrite)
         with contextlib.redirect_stdout(sys.stderr):
+            if request.op == "preload":
+                timings = editor.preload(request.image, request.prompt, on_step=on_step, **settings)
+                return {**ident, "preloaded": request.image, "timings_s": _rounded(timings)}
             result = editor.edit(request.image, request.prompt, request.points, mask=request.mask, on_step=on_step,
                                  **settings)
         save_image(result.image, request.output, request.overwrite)
@@ -173,24 +176,17 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
         return {**ident, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
 
-def cancel_target(line: str) -> Optional[str]:
-    """The id (as JSON text) that a `{"op": "cancel", "id": X}` line cancels; None for any other line."""
+def line_id(line: str) -> Tuple[bool, Optional[str]]:
+    """(whether the line is a cancel, `{"op": "cancel", "id": X}`; the id it names or cancels as JSON text,
+    None if it has none)."""
     try:
         data = json.loads(line)
     except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or data.get("op") != "cancel":
-        return None
-    return json.dumps(data.get("id"), sort_keys=True)
-
-
-def request_key(line: str) -> Optional[str]:
-    """A request line's id as JSON text (what a cancel line names), or None if it has none."""
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return json.dumps(data["id"], sort_keys=True) if isinstance(data, dict) and "id" in data else None
+        return False, None
+    if not isinstance(data, dict):
+        return False, None
+    cancel = data.get("op") == "cancel"
+    return cancel, json.dumps(data.get("id"), sort_keys=True) if cancel or "id" in data else None
 
 
 class Server:
@@ -217,16 +213,15 @@ class Server:
             for line in iter(self.requests.readline, ""):
                 if not line.strip():
                     continue
-                target = cancel_target(line)
+                cancel, key = line_id(line)
                 with self._lock:
-                    if target is not None:
-                        found = self._waiting.get(target, set())
+                    if cancel:
+                        found = self._waiting.get(key, set())
                         self._cancelled |= found
                         if not found:
-                            logger.warning("cancel of id %s: no request of that id is waiting or running", target)
+                            logger.warning("cancel of id %s: no request of that id is waiting or running", key)
                         continue
                     number += 1
-                    key = request_key(line)
                     if key is not None:
                         self._waiting.setdefault(key, set()).add(number)
                 self._lines.put((number, key, line))

@@ -475,6 +475,14 @@ struct Memory {
   SourceKV source_kv;
 };
 
+// Keep `image`'s inversion in `memory`: the one there if it is this image's (returns true), else a new one
+// (and no source keys and values yet).
+bool keep_inversion(Export& folder, Memory& memory, const Tensor& image) {
+  if (!memory.image.empty() && memory.image == image.data) return true;
+  memory = Memory{image.data, invert_image(folder, image), {}};
+  return false;
+}
+
 }  // namespace
 
 struct Editor::State {
@@ -505,10 +513,7 @@ Tensor Editor::invert(const Tensor& image) {
 
 bool Editor::preload(const Tensor& image) {
   check_image(image, "the image");
-  Memory& memory = state_->memory;
-  if (!memory.image.empty() && memory.image == image.data) return true;
-  memory = Memory{image.data, invert_image(state_->folder, image), {}};
-  return false;
+  return keep_inversion(state_->folder, state_->memory, image);
 }
 
 Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& latent_mask, std::optional<int> drag_steps,
@@ -525,8 +530,7 @@ Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& lat
     if (on_stage) on_stage(stage, std::chrono::duration<double>(now - last).count(), result);
     last = now;
   };
-  result.kept_inversion = !memory.image.empty() && memory.image == image.data;
-  if (!result.kept_inversion) memory = Memory{image.data, invert_image(folder, image), {}};
+  result.kept_inversion = keep_inversion(folder, memory, image);
   done("invert");
   const Tensor edited = drag_latent(folder, memory.z_t, points.handles, points.targets, latent_mask, drag_steps, result.drag_iterations);
   done("drag");
