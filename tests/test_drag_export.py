@@ -460,9 +460,14 @@ def test_the_cpp_program_edits_as_the_standalone_script_does(cpp_program, export
 
     (tmp_path / "one.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
     done = run_cpp(cpp_program, "edit", manifest.folder, tmp_path / "image.npy", tmp_path / "one.json",
-                   tmp_path / "short.npy", "--drag-steps", "3")
+                   tmp_path / "short.npy", "--drag-steps", "3", "--progress-json")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "drag" in done.stderr and "(3 iterations)" in done.stderr
+    steps = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    inverted, denoised = len(manifest.data["schedule"]["inversion"]), len(manifest.data["schedule"]["denoise"])
+    assert steps == ([{"stage": "invert", "done": n, "total": inverted} for n in range(inverted + 1)]
+                     + [{"stage": "drag", "done": n, "total": 3} for n in range(4)]
+                     + [{"stage": "denoise", "done": n, "total": denoised} for n in range(denoised + 1)])
     short = np.load(tmp_path / "short.npy")
     np.testing.assert_array_equal(short, standalone.edit(manifest.folder, image, case.points, None, drag_steps=3))
     assert np.abs(short - edited).max() > 0.01
@@ -647,6 +652,71 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert answers[8]["kept"] == {"inversion": True, "source_kv": False}
     np.testing.assert_array_equal(np.load(tmp_path / "three.npy"),
                                   standalone.edit(folder, pixels(mirrored), mirrored_points, None, drag_steps=3))
+
+
+def test_the_cpp_program_stops_served_requests_at_a_cancel_line_or_their_deadline_and_keeps_nothing_of_them(
+        cpp_program, exported, tmp_path):
+    """`fastdrag_edit serve --progress-json`: a cancel line stops its request while it runs (here in the
+    denoising, once the progress lines show a step of it) or before it starts (waiting behind another), and a
+    request past its `deadline_s` stops at its next step (here in an inversion); each is answered `cancelled:
+    ...` with its id. Nothing of a stopped stage is kept: the image's next edit keeps the inversion but not
+    the half-recorded source keys and values, and is the standalone edit bit for bit; a stopped inversion of
+    another image leaves the last one's inversion and keys and values in place (the edit after it reuses both,
+    as the kept protocol does). Progress lines carry the request's id; a cancel line finds no later request."""
+    from fastdrag.demo import demo_case
+
+    _, manifest, _ = exported
+    folder, standalone = manifest.folder, standalone_module()
+    case = demo_case()
+    image = pixels(case.image)
+    mirrored, _, mirrored_points, _ = mirrored_case()
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "mirrored.npy", pixels(mirrored))
+    np.save(tmp_path / "mask.npy", np.asarray(case.mask, np.float32))
+    second = [((22.4, 25.6), (30.0, 40.0)), ((40.0, 20.0), (44.0, 26.0))]
+    as_json = lambda points: [[list(handle), list(target)] for handle, target in points]
+    edit = lambda ident, name, points, **more: json.dumps({"id": ident, "image": str(tmp_path / name), "points": as_json(points),
+                                                           "out": str(tmp_path / f"{ident}.npy"), "drag_steps": 3, **more})
+    denoised = len(manifest.data["schedule"]["denoise"])
+    server = subprocess.Popen([str(cpp_program), "serve", str(folder), "--progress-json"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        server.stdin.write(edit("a", "image.npy", case.points, mask=str(tmp_path / "mask.npy")) + "\n")
+        server.stdin.flush()
+        progress = []
+        for line in server.stderr:  # until a step of the denoising (which records the keys and values) ran
+            progress.append(json.loads(line))
+            if progress[-1]["stage"] == "denoise" and progress[-1]["done"] == 1:
+                break
+        server.stdin.write(json.dumps({"op": "cancel", "id": "a"}) + "\n")
+        lines = [edit("b", "image.npy", case.points, mask=str(tmp_path / "mask.npy")),
+                 edit("c", "mirrored.npy", mirrored_points, deadline_s=0.02),
+                 edit("d", "image.npy", second), edit("e", "image.npy", second), json.dumps({"op": "cancel", "id": "e"}),
+                 json.dumps({"op": "cancel", "id": "a"}), json.dumps({"op": "cancel", "id": 7}), edit("a", "image.npy", second)]
+        answers, errors = server.communicate("\n".join(lines) + "\n", timeout=900)
+    finally:
+        server.kill()
+    assert server.returncode == 0, errors[-3000:]
+    answers = [json.loads(line) for line in answers.splitlines()]
+    assert [answer["id"] for answer in answers] == ["a", "b", "c", "d", "e", "a"]
+    stopped = re.fullmatch(rf"cancelled: by a cancel request, in the denoise stage at step (\d+) of {denoised}", answers[0]["error"])
+    assert stopped and int(stopped[1]) < denoised, answers[0]  # (a step or two after the one the test saw)
+    inverted = len(manifest.data["schedule"]["inversion"])
+    assert progress == ([{"id": "a", "stage": "invert", "done": n, "total": inverted} for n in range(inverted + 1)]
+                        + [{"id": "a", "stage": "drag", "done": n, "total": 3} for n in range(4)]
+                        + [{"id": "a", "stage": "denoise", "done": n, "total": denoised} for n in range(2)])
+    # the image's next edit: the inversion kept, the keys and values recorded again in full
+    assert answers[1]["kept"] == {"inversion": True, "source_kv": False}
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"),
+                                  standalone.edit(folder, image, case.points, np.asarray(case.mask), drag_steps=3))
+    assert re.fullmatch(rf"cancelled: past its deadline of 0.02 s, in the invert stage at step \d+ of {inverted}",
+                        answers[2]["error"]), answers[2]
+    assert answers[3]["kept"] == {"inversion": True, "source_kv": True}
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), kept_edit(folder, image, second, 3))
+    assert answers[4]["error"] == "cancelled: by a cancel request, before it ran"
+    assert "fastdrag_edit: cancel of id 7: no request of that id is waiting or running" in errors.splitlines()
+    assert answers[5]["kept"] == {"inversion": True, "source_kv": True} and (tmp_path / "a.npy").exists()
+    assert not any((tmp_path / f"{name}.npy").exists() for name in "ce")
 
 
 def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):

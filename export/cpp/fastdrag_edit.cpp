@@ -20,17 +20,27 @@
 //                --drag-steps N                in place of the manifest's drag.steps (serve: unless a request says)
 //                --threads N                   ONNX Runtime's intra-op threads (default: its own)
 //                --provider cpu|cuda           where the graphs run (default cpu; cuda needs a GPU build of ONNX Runtime)
+//                --progress-json               a JSON line on stderr per step of a looped stage:
+//                                              {"stage": "drag", "done": 3, "total": 80} (serve: with the request's "id")
 //                --quiet                       no stage times on stderr
 //
 // Exit status: 0 done, 2 bad input or export (one line on stderr), 1 anything else.
 #include "fastdrag_export.hpp"
 
 #include <chrono>
+#include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -40,6 +50,7 @@ using fastdrag::Edited;
 using fastdrag::Editor;
 using fastdrag::InputError;
 using fastdrag::Points;
+using fastdrag::StepCallback;
 using fastdrag::Tensor;
 using fastdrag::element_count;
 using fastdrag::shape_text;
@@ -134,6 +145,7 @@ struct Options {
   int threads = 0;
   std::string provider = "cpu";
   bool quiet = false;
+  bool progress_json = false;
 };
 
 static int parse_count(const std::string& flag, const std::string& text, int least) {
@@ -159,14 +171,15 @@ static Options parse_options(int argc, char** argv) {
     else if (arg == "--threads") options.threads = parse_count(arg, argv[++i], 1);
     else if (arg == "--provider") options.provider = argv[++i];
     else if (arg == "--quiet") options.quiet = true;
+    else if (arg == "--progress-json") options.progress_json = true;
     else if (arg.rfind("--", 0) == 0) throw InputError("unknown option " + arg);
     else options.positional.push_back(arg);
   }
   const std::string usage =
       "usage: fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [--refit W.safetensors] [--drag-steps N] "
-      "[--threads N] [--provider cpu|cuda] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy [--refit W.safetensors] "
-      "[--threads N] [--provider cpu|cuda] [--quiet]\n       fastdrag_edit serve EXPORT_DIR [--refit W.safetensors] [--threads N] "
-      "[--provider cpu|cuda]   (JSON requests on stdin)";
+      "[--threads N] [--provider cpu|cuda] [--progress-json] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy "
+      "[--refit W.safetensors] [--threads N] [--provider cpu|cuda] [--progress-json] [--quiet]\n       fastdrag_edit serve EXPORT_DIR "
+      "[--refit W.safetensors] [--drag-steps N] [--threads N] [--provider cpu|cuda] [--progress-json]   (JSON requests on stdin)";
   const size_t given = options.positional.size();
   const std::string command = given ? options.positional[0] : "";
   if (!((command == "edit" && (given == 5 || given == 6)) || (command == "invert" && given == 4) || (command == "serve" && given == 2)))
@@ -192,22 +205,33 @@ static Points read_points(Editor& editor, const fs::path& path) {
   return editor.points(pairs, path.string());
 }
 
+// The on_step of --progress-json: a JSON line on stderr per step, with `id` (a served request's) unless null.
+static StepCallback progress_lines(const json& id) {
+  return [id](const std::string& stage, int done, int total) {
+    json line = {{"stage", stage}, {"done", done}, {"total", total}};
+    if (!id.is_null()) line["id"] = id;
+    std::fprintf(stderr, "%s\n", line.dump().c_str());
+  };
+}
+
 // {"op": "preload", "image": "IMAGE.npy"}: the image's inversion now, kept for its edit.
-static json preload_request(Editor& editor, const json& request) {
+static json preload_request(Editor& editor, const json& request, const StepCallback& on_step) {
   bool other_keys = false;
-  for (const auto& [key, value] : request.items()) other_keys = other_keys || (key != "op" && key != "image" && key != "id");
+  for (const auto& [key, value] : request.items())
+    other_keys = other_keys || (key != "op" && key != "image" && key != "id" && key != "deadline_s");
   if (!request.contains("image") || other_keys)
-    throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\") and nothing else");
+    throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\", \"deadline_s\") and nothing else");
   const Tensor image = read_image(editor, request["image"].get<std::string>());
   const auto start = std::chrono::steady_clock::now();
-  const bool kept = editor.preload(image);
+  const bool kept = editor.preload(image, on_step);
   const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return {{"preloaded", request["image"]}, {"seconds", {{"invert", spent}}}, {"kept", {{"inversion", kept}}}};
 }
 
-static json edit_request(Editor& editor, const json& request, std::optional<int> drag_steps) {
+static json edit_request(Editor& editor, const json& request, std::optional<int> drag_steps, const StepCallback& on_step) {
   if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
-    throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\" if wanted)");
+    throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\", "
+                     "\"deadline_s\", \"id\" if wanted)");
   const Tensor image = read_image(editor, request["image"].get<std::string>());
   const Points points = editor.points(request["points"], "the request's points");
   const Tensor mask = request.contains("mask") ? read_mask(editor, request["mask"].get<std::string>()) : Tensor{};
@@ -216,37 +240,151 @@ static json edit_request(Editor& editor, const json& request, std::optional<int>
     drag_steps = request["drag_steps"].get<int>();
   }
   json seconds = json::object();
-  const Edited result = editor.edit(image, points, mask, drag_steps, true,
-                                    [&](const std::string& stage, double spent, const Edited&) { seconds[stage] = spent; });
+  const Edited result = editor.edit(
+      image, points, mask, drag_steps, true, [&](const std::string& stage, double spent, const Edited&) { seconds[stage] = spent; },
+      on_step);
   write_npy(request["out"].get<std::string>(), result.image);
   return {{"out", request["out"]}, {"drag_iterations", result.drag_iterations}, {"seconds", seconds},
           {"kept", {{"inversion", result.kept_inversion}, {"source_kv", result.kept_source_kv}}}};
 }
 
-// Edits from stdin, one JSON request a line, one JSON answer a line on stdout, with the sessions kept
+// A served request stopped by a cancel line or by its deadline; answered "cancelled: <what>".
+struct Cancelled : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// serve's request lines, read on a thread of their own (read) while the main thread answers them in order
+// (next), so that a cancel line, {"op": "cancel", "id": X}, reaches request X while it waits or runs.
+class Requests {
+ public:
+  struct Line {
+    int number;       // the request's place in the input, from 1 (cancel lines are not counted)
+    std::string key;  // its "id" as JSON text, empty without one
+    std::string text;
+  };
+
+  // Take every line of `in` to its end. A request line is queued; a cancel line marks the waiting or running
+  // requests of its id cancelled, or, where there are none, is logged on stderr and does nothing.
+  void read(std::istream& in) {
+    std::string text;
+    int number = 0;
+    while (std::getline(in, text)) {
+      if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
+      const json data = json::parse(text, nullptr, false);  // discarded, not thrown, if not JSON
+      const bool is_object = data.is_object();
+      const bool cancel = is_object && data.value("op", json()) == "cancel";
+      const std::string key = is_object && (cancel || data.contains("id")) ? data.value("id", json()).dump() : "";
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cancel) {
+        std::set<int>& found = waiting_[key];
+        cancelled_.insert(found.begin(), found.end());
+        if (found.empty()) std::fprintf(stderr, "fastdrag_edit: cancel of id %s: no request of that id is waiting or running\n", key.c_str());
+        continue;
+      }
+      lines_.push_back({++number, key, text});
+      if (!key.empty()) waiting_[key].insert(number);
+      ready_.notify_one();
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    ended_ = true;
+    ready_.notify_one();
+  }
+
+  // The next request line, waiting for one; nothing once the input ended and every line was taken.
+  std::optional<Line> next() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ready_.wait(lock, [&] { return ended_ || !lines_.empty(); });
+    if (lines_.empty()) return std::nullopt;
+    Line line = std::move(lines_.front());
+    lines_.pop_front();
+    return line;
+  }
+
+  bool cancelled(int number) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cancelled_.count(number) > 0;
+  }
+
+  // `line` was answered: a later cancel of its id no longer finds it.
+  void answered(const Line& line) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cancelled_.erase(line.number);
+    if (line.key.empty()) return;
+    waiting_[line.key].erase(line.number);
+    if (waiting_[line.key].empty()) waiting_.erase(line.key);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<Line> lines_;
+  bool ended_ = false;
+  std::map<std::string, std::set<int>> waiting_;  // id (JSON text) -> numbers of its requests not yet answered
+  std::set<int> cancelled_;
+};
+
+// A request's "deadline_s": a positive number of seconds, or none.
+static std::optional<double> deadline_of(const json& request) {
+  if (!request.is_object() || !request.contains("deadline_s")) return std::nullopt;
+  const json& value = request["deadline_s"];
+  if (!value.is_number() || !std::isfinite(value.get<double>()) || value.get<double>() <= 0)
+    throw InputError("\"deadline_s\" is a positive number of seconds, not " + value.dump());
+  return value.get<double>();
+}
+
+// A served request's on_step: its --progress-json line, then the checks of a cancel line for it and of its deadline.
+static StepCallback request_steps(Requests& requests, const Requests::Line& line, const json& id, std::optional<double> deadline_s,
+                                  bool progress_json) {
+  const StepCallback progress = progress_json ? progress_lines(id) : StepCallback{};
+  const auto ends = std::chrono::steady_clock::now() + std::chrono::duration<double>(deadline_s.value_or(0.0));
+  return [=, &requests](const std::string& stage, int done, int total) {
+    if (progress) progress(stage, done, total);
+    const std::string where = "in the " + stage + " stage at step " + std::to_string(done) + " of " + std::to_string(total);
+    if (requests.cancelled(line.number)) throw Cancelled("by a cancel request, " + where);
+    if (deadline_s && std::chrono::steady_clock::now() > ends) {
+      char seconds[32];
+      std::snprintf(seconds, sizeof seconds, "%g", *deadline_s);
+      throw Cancelled(std::string("past its deadline of ") + seconds + " s, " + where);
+    }
+  };
+}
+
+// Edits from stdin, one JSON request a line, one JSON answer a line on stdout, in order, with the sessions kept
 // and the last image's inversion (and source keys and values) reused. A request:
-//   {"image": "IMAGE.npy", "points": [[[hx, hy], [tx, ty]], ...], "out": "OUT.npy", "mask": "MASK.npy", "drag_steps": N}
-// (mask and drag_steps optional). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
+//   {"image": "IMAGE.npy", "points": [[[hx, hy], [tx, ty]], ...], "out": "OUT.npy", "mask": "MASK.npy", "drag_steps": N,
+//    "deadline_s": S, "id": ...}
+// (all but image, points and out optional). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
 // "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."} for a bad request (serving goes on).
 // {"op": "preload", "image": "IMAGE.npy"} inverts the image ahead of its edit: {"preloaded": ..., "seconds":
 // {"invert": s}, "kept": {"inversion": bool}}. A request's "id", if it has one, comes back in its answer.
-static int serve(Editor& editor, std::optional<int> default_drag_steps) {
-  std::string line;
-  while (std::getline(std::cin, line)) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+// A request still running "deadline_s" seconds after it started stops at its next step, and a line
+// {"op": "cancel", "id": X} stops request X at its next step, or before it starts if it waits: each is
+// answered {"error": "cancelled: ..."}, and, as with Editor's on_step, nothing of the stopped stage is kept.
+// A cancel line gets no answer of its own; one that finds no waiting or running request of its id is logged
+// on stderr and cancels no later one.
+static int serve(Editor& editor, std::optional<int> default_drag_steps, bool progress_json) {
+  auto requests = std::make_shared<Requests>();  // shared with the reader, which may outlive a serve that threw
+  std::cin.tie(nullptr);  // the reader's getline must not flush std::cout beside the answers (they are flushed each)
+  std::thread([requests] { requests->read(std::cin); }).detach();
+  while (const std::optional<Requests::Line> line = requests->next()) {
     json answer;
     json id;  // the request's "id", given back with its answer
     try {
-      const json request = json::parse(line);
+      const json request = json::parse(line->text);
       if (request.is_object() && request.contains("id")) id = request["id"];
       const std::string op = request.is_object() ? request.value("op", "edit") : "edit";
       if (op != "edit" && op != "preload") throw InputError("\"op\" is \"edit\" (the default) or \"preload\", not \"" + op + "\"");
-      answer = op == "preload" ? preload_request(editor, request) : edit_request(editor, request, default_drag_steps);
+      const StepCallback on_step = request_steps(*requests, *line, id, deadline_of(request), progress_json);
+      if (requests->cancelled(line->number)) throw Cancelled("by a cancel request, before it ran");
+      answer = op == "preload" ? preload_request(editor, request, on_step) : edit_request(editor, request, default_drag_steps, on_step);
     } catch (const InputError& error) {
       answer = {{"error", error.what()}};
+    } catch (const Cancelled& error) {
+      answer = {{"error", std::string("cancelled: ") + error.what()}};
     } catch (const json::exception& error) {
       answer = {{"error", std::string("the request is not one serve takes: ") + error.what()}};
     }
+    requests->answered(*line);
     if (!id.is_null()) answer["id"] = id;
     std::cout << answer.dump() << std::endl;  // flushed: the client reads each answer as it comes
   }
@@ -263,18 +401,19 @@ static int run(int argc, char** argv) {
     std::fprintf(stderr, "%s %.3f s%s\n", stage.c_str(), seconds, detail.c_str());
   };
   if (args[0] != "invert") editor.require_drag_graph();
-  if (args[0] == "serve") return serve(editor, options.drag_steps);
+  if (args[0] == "serve") return serve(editor, options.drag_steps, options.progress_json);
+  const StepCallback on_step = options.progress_json ? progress_lines(json()) : StepCallback{};
   const Tensor image = read_image(editor, args[2]);
   if (args[0] == "invert") {
     const auto start = std::chrono::steady_clock::now();
-    const Tensor z_t = editor.invert(image);
+    const Tensor z_t = editor.invert(image, on_step);
     print("invert", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), Edited{});
     write_npy(args[3], z_t);
     return 0;
   }
   const Points points = read_points(editor, args[3]);
   const Tensor mask = args.size() == 6 ? read_mask(editor, args[5]) : Tensor{};
-  write_npy(args[4], editor.edit(image, points, mask, options.drag_steps, false, print).image);
+  write_npy(args[4], editor.edit(image, points, mask, options.drag_steps, false, print, on_step).image);
   return 0;
 }
 

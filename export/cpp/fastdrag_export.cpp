@@ -318,19 +318,28 @@ void ddim(Latents& x, const Tensor& eps, double alpha_from, double alpha_to) {
   }
 }
 
+// Tells `on_step`, if there is one, that `stage` has run `done` of its `total` steps.
+void report(const StepCallback& on_step, const char* stage, size_t done, size_t total) {
+  if (on_step) on_step(stage, static_cast<int>(done), static_cast<int>(total));
+}
+
 // ---- the four stages ----
 
 // The image's latent z_t at the drag timestep (float32, as standalone.py returns it).
-Tensor invert_image(Export& folder, const Tensor& image) {
+Tensor invert_image(Export& folder, const Tensor& image, const StepCallback& on_step) {
   Graph &encoder = folder.graph("vae_encoder"), &unet = folder.graph("unet_inversion");
+  const json& schedule = folder.manifest["schedule"]["inversion"];
+  report(on_step, "invert", 0, schedule.size());
   const Tensor mean = encoder.run({{"image", &image}}).at("latent_mean");
   const double scaling = folder.manifest["model"]["scaling_factor"];
   Latents x{mean.shape, {}};
   for (float value : mean.data) x.data.push_back(static_cast<double>(value) * scaling);
-  for (const json& step : folder.manifest["schedule"]["inversion"]) {
+  size_t done = 0;
+  for (const json& step : schedule) {
     const Tensor t = scalar(step["t"].get<float>());
     const Tensor eps = unet.run({{"latents", &x}, {"timestep", &t}, {"text_embeddings", &folder.text}}).at("eps");
     ddim(x, eps, step["alpha_from"], step["alpha_to"]);
+    report(on_step, "invert", ++done, schedule.size());
   }
   return as_floats(x);
 }
@@ -363,7 +372,7 @@ class Adam {
 // The manifest's `drag` protocol on `unet_drag`: returns the edited z_t. Handles and targets are
 // (row, col) at the supervision size; `mask` is the editable mask at latent size, empty for none.
 Tensor drag_latent(Export& folder, const Tensor& z_t, std::vector<float> handles, std::vector<float> targets,
-                   const Tensor& mask, std::optional<int> steps, int& steps_run) {
+                   const Tensor& mask, std::optional<int> steps, int& steps_run, const StepCallback& on_step) {
   const json& protocol = folder.manifest["drag"];
   Graph& graph = folder.graph(protocol.at("graph").get<std::string>());
   std::map<std::string, std::vector<int64_t>> shapes;
@@ -392,11 +401,12 @@ Tensor drag_latent(Export& folder, const Tensor& z_t, std::vector<float> handles
   const float reach = protocol["reach_distance"];
   const int total = steps ? *steps : protocol["steps"].get<int>();
   steps_run = 0;
+  report(on_step, "drag", 0, total);
   for (int index = 0; index < total; ++index) {
     const std::map<std::string, Tensor> out = run(index > 0 ? 1.0f : 0.0f);
     const std::vector<float>& tracked = out.at("tracked_handles").data;
     std::copy(tracked.begin(), tracked.begin() + 2 * count, handle_tensor.data.begin());
-    ++steps_run;
+    report(on_step, "drag", ++steps_run, total);
     bool reached = true;
     for (size_t p = 0; p < count; ++p) {
       const float dr = targets[2 * p] - handle_tensor.data[2 * p], dc = targets[2 * p + 1] - handle_tensor.data[2 * p + 1];
@@ -413,10 +423,12 @@ using SourceKV = std::vector<std::map<std::string, Tensor>>;
 
 // Denoise the (source, edited) pair and return the edited row's clean latent: plain attention row by row
 // before reference_control.start_step, then `unet_reference` (the K/V swap inside the graph) on the pair.
-// `record` (exports with `unet_kept`) receives each swapped step's source keys and values. With `kept`
-// (what a pair's run of the same z_t recorded) the edited latent runs alone, through `unet_kept` in the
-// swapped steps: the manifest's source_kv protocol, half the work.
-Tensor denoise_pair(Export& folder, const Tensor& source, const Tensor& edited, const SourceKV* kept, SourceKV* record) {
+// `record` (exports with `unet_kept`) receives each swapped step's source keys and values once the last step
+// ran (a stopped denoising leaves it as it was). With `kept` (what a pair's run of the same z_t recorded) the
+// edited latent runs alone, through `unet_kept` in the swapped steps: the manifest's source_kv protocol, half
+// the work.
+Tensor denoise_pair(Export& folder, const Tensor& source, const Tensor& edited, const SourceKV* kept, SourceKV* record,
+                    const StepCallback& on_step) {
   const int start_step = folder.manifest["reference_control"]["start_step"];
   const int rows = kept ? 1 : 2;
   Graph &plain = folder.graph("unet_inversion"), &swapped = folder.graph(kept ? "unet_kept" : "unet_reference");
@@ -432,9 +444,11 @@ Tensor denoise_pair(Export& folder, const Tensor& source, const Tensor& edited, 
   }
   std::vector<std::string> names;
   if (record && folder.manifest.contains("source_kv")) names = folder.manifest["source_kv"]["tensors"].get<std::vector<std::string>>();
-  if (record) record->clear();
+  SourceKV recorded;
+  const json& schedule = folder.manifest["schedule"]["denoise"];
+  report(on_step, "denoise", 0, schedule.size());
   int index = 0;
-  for (const json& step : folder.manifest["schedule"]["denoise"]) {
+  for (const json& step : schedule) {
     const Tensor t = scalar(step["t"].get<float>());
     Tensor eps{x.shape, {}};
     if (index < start_step) {
@@ -450,13 +464,14 @@ Tensor denoise_pair(Export& folder, const Tensor& source, const Tensor& edited, 
       std::map<std::string, Tensor> outputs = swapped.run(feeds, names);
       eps = std::move(outputs.at("eps"));
       if (!names.empty()) {
-        std::map<std::string, Tensor>& step_kv = record->emplace_back();
+        std::map<std::string, Tensor>& step_kv = recorded.emplace_back();
         for (const std::string& name : names) step_kv[name] = std::move(outputs.at(name));
       }
     }
     ddim(x, eps, step["alpha_from"], step["alpha_to"]);
-    ++index;
+    report(on_step, "denoise", ++index, schedule.size());
   }
+  if (record) *record = std::move(recorded);
   return {edited.shape, std::vector<float>(x.data.end() - row, x.data.end())};
 }
 
@@ -476,10 +491,10 @@ struct Memory {
 };
 
 // Keep `image`'s inversion in `memory`: the one there if it is this image's (returns true), else a new one
-// (and no source keys and values yet).
-bool keep_inversion(Export& folder, Memory& memory, const Tensor& image) {
+// (and no source keys and values yet); a stopped inversion leaves `memory` as it was.
+bool keep_inversion(Export& folder, Memory& memory, const Tensor& image, const StepCallback& on_step) {
   if (!memory.image.empty() && memory.image == image.data) return true;
-  memory = Memory{image.data, invert_image(folder, image), {}};
+  memory = Memory{image.data, invert_image(folder, image, on_step), {}};
   return false;
 }
 
@@ -506,18 +521,18 @@ void Editor::require_drag_graph() const {
     throw InputError(state_->where + " has no drag graph: export with --drag-points N (drag_points=N) for a whole edit");
 }
 
-Tensor Editor::invert(const Tensor& image) {
+Tensor Editor::invert(const Tensor& image, const StepCallback& on_step) {
   check_image(image, "the image");
-  return invert_image(state_->folder, image);
+  return invert_image(state_->folder, image, on_step);
 }
 
-bool Editor::preload(const Tensor& image) {
+bool Editor::preload(const Tensor& image, const StepCallback& on_step) {
   check_image(image, "the image");
-  return keep_inversion(state_->folder, state_->memory, image);
+  return keep_inversion(state_->folder, state_->memory, image, on_step);
 }
 
 Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& latent_mask, std::optional<int> drag_steps,
-                    bool remember, const StageCallback& on_stage) {
+                    bool remember, const StageCallback& on_stage, const StepCallback& on_step) {
   Export& folder = state_->folder;
   require_drag_graph();
   check_image(image, "the image");
@@ -530,14 +545,15 @@ Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& lat
     if (on_stage) on_stage(stage, std::chrono::duration<double>(now - last).count(), result);
     last = now;
   };
-  result.kept_inversion = keep_inversion(folder, memory, image);
+  result.kept_inversion = keep_inversion(folder, memory, image, on_step);
   done("invert");
-  const Tensor edited = drag_latent(folder, memory.z_t, points.handles, points.targets, latent_mask, drag_steps, result.drag_iterations);
+  const Tensor edited = drag_latent(folder, memory.z_t, points.handles, points.targets, latent_mask, drag_steps,
+                                    result.drag_iterations, on_step);
   done("drag");
   result.kept_source_kv = !memory.source_kv.empty();
   const bool record = remember && !result.kept_source_kv && folder.manifest.contains("source_kv");
   const Tensor clean = denoise_pair(folder, memory.z_t, edited, result.kept_source_kv ? &memory.source_kv : nullptr,
-                                    record ? &memory.source_kv : nullptr);
+                                    record ? &memory.source_kv : nullptr, on_step);
   done("denoise");
   result.image = decode_latent(folder, clean);
   done("decode");

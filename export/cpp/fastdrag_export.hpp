@@ -51,6 +51,13 @@ struct Edited {
 // (drag_iterations is there from "drag" on).
 using StageCallback = std::function<void(const std::string& stage, double seconds, const Edited& so_far)>;
 
+// Told each looped stage's progress ("invert", "drag", "denoise"): `done` 0 before its first step, then the
+// steps done after each (the drag's `total` is its most steps: it stops once every handle is within reach;
+// a stage an edit skips, as a kept inversion, tells nothing). An exception it throws (a service's own:
+// a client went away, a deadline passed) ends the call there and comes out of it; nothing of the stopped
+// stage is kept, so the Editor's next edit is the one it would have made without the stopped call.
+using StepCallback = std::function<void(const std::string& stage, int done, int total)>;
+
 // One export folder's sessions (made at first use and kept, as a service keeps them between requests)
 // and what a later edit of the last image reuses. Not for two threads at once (that memory is shared):
 // a service serialises its calls or keeps an Editor per worker.
@@ -82,16 +89,17 @@ class Editor {
   Tensor latent_mask(const Tensor& mask, const std::string& where) const;
 
   // The image's latent z_t at the drag timestep (float32).
-  Tensor invert(const Tensor& image);
+  Tensor invert(const Tensor& image, const StepCallback& on_step = {});
   // Invert `image` now and keep its z_t, as an edit with `remember` keeps it, so that the image's next
   // edit skips the inversion (a service calls it while a user places the points). Returns whether it
   // was kept already (the last image edited or preloaded).
-  bool preload(const Tensor& image);
+  bool preload(const Tensor& image, const StepCallback& on_step = {});
   // A whole edit. `latent_mask` from latent_mask() or empty; `drag_steps` in place of the manifest's.
   // `remember`: reuse and keep what a repeated edit of the same image needs (its z_t; with an export
   // that has `unet_kept`, the source keys and values of its first denoising).
   Edited edit(const Tensor& image, const Points& points, const Tensor& latent_mask,
-              std::optional<int> drag_steps = std::nullopt, bool remember = true, const StageCallback& on_stage = {});
+              std::optional<int> drag_steps = std::nullopt, bool remember = true, const StageCallback& on_stage = {},
+              const StepCallback& on_step = {});
 
  private:
   struct State;
