@@ -264,7 +264,7 @@ def test_the_standalone_edit_runs_without_the_python_stack(exported, tmp_path):
     image = pixels(case.image)
     np.save(tmp_path / "image.npy", image)
     np.save(tmp_path / "mask.npy", np.asarray(case.mask))
-    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
+    (tmp_path / "points.json").write_text(json.dumps(pairs_json(case.points)))
     done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), "edit", str(manifest.folder),
                            str(tmp_path / "image.npy"), str(tmp_path / "points.json"), str(tmp_path / "out.npy"),
                            str(tmp_path / "mask.npy")], capture_output=True, text=True, timeout=600)
@@ -286,6 +286,27 @@ def mirrored_case():
     image = Image.fromarray(np.ascontiguousarray(np.asarray(case.image)[:, ::-1]))
     points = [((width - hx, hy), (width - tx, ty)) for (hx, hy), (tx, ty) in case.points]
     return image, "a mirrored picture", points, np.ascontiguousarray(np.asarray(case.mask)[:, ::-1])
+
+
+SECOND = [((22.4, 25.6), (30.0, 40.0)), ((40.0, 20.0), (44.0, 26.0))]  # a repeated edit's points: both drag slots
+
+
+def pairs_json(points) -> list:
+    """Drag pairs as points files and serve requests give them: [[[hx, hy], [tx, ty]], ...]."""
+    return [[list(handle), list(target)] for handle, target in points]
+
+
+def save_serve_images(tmp_path: Path):
+    """The demo case and its mirror image, saved as serve's requests name them (image.npy, mirrored.npy, mask.npy);
+    returns (the demo case, the mirrored image, its points)."""
+    from fastdrag.demo import demo_case
+
+    case = demo_case()
+    mirrored, _, mirrored_points, _ = mirrored_case()
+    np.save(tmp_path / "image.npy", pixels(case.image))
+    np.save(tmp_path / "mirrored.npy", pixels(mirrored))
+    np.save(tmp_path / "mask.npy", np.asarray(case.mask, np.float32))
+    return case, mirrored, mirrored_points
 
 
 REFIT_SETTINGS = dict(lora_steps=3, lora_lr=0.02)  # a LoRA far enough from the export's to tell them apart
@@ -447,7 +468,7 @@ def test_the_cpp_program_edits_as_the_standalone_script_does(cpp_program, export
     image = pixels(case.image)
     np.save(tmp_path / "image.npy", image)
     np.save(tmp_path / "mask.npy", np.asarray(case.mask, np.float64))
-    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in points]))
+    (tmp_path / "points.json").write_text(json.dumps(pairs_json(points)))
     done = run_cpp(cpp_program, "edit", manifest.folder, tmp_path / "image.npy", tmp_path / "points.json",
                    tmp_path / "out.npy", tmp_path / "mask.npy")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -458,7 +479,7 @@ def test_the_cpp_program_edits_as_the_standalone_script_does(cpp_program, export
     assert np.abs(edited - image).mean() > 2 / 127.5  # the edit changed the picture
     assert sorted(path.name for path in tmp_path.iterdir()) == ["image.npy", "mask.npy", "out.npy", "points.json"]
 
-    (tmp_path / "one.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
+    (tmp_path / "one.json").write_text(json.dumps(pairs_json(case.points)))
     done = run_cpp(cpp_program, "edit", manifest.folder, tmp_path / "image.npy", tmp_path / "one.json",
                    tmp_path / "short.npy", "--drag-steps", "3", "--progress-json")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -492,7 +513,7 @@ def test_the_cpp_program_runs_another_image_from_its_refit_weights(cpp_program, 
     editor.release()
     np.save(tmp_path / "image.npy", pixels(image))
     np.save(tmp_path / "mask.npy", (np.asarray(mask) > 0.5).astype(np.uint8) * 255)  # uint8 masks read as numpy does
-    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in points]))
+    (tmp_path / "points.json").write_text(json.dumps(pairs_json(points)))
     done = run_cpp(cpp_program, "edit", manifest.folder, tmp_path / "image.npy", tmp_path / "points.json",
                    tmp_path / "out.npy", tmp_path / "mask.npy", "--refit", path, "--drag-steps", "4", "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -598,36 +619,30 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     `denoise(kept=...)` does, bit for bit (and within 1e-3 of the pair's edited row); bad requests are answered
     with an error and serving goes on; another image, preloaded (`"op": "preload"`), is inverted ahead of its
     edit, which keeps that inversion and is the standalone edit bit for bit."""
-    from fastdrag.demo import demo_case
-
     _, manifest, _ = exported
     folder, standalone = manifest.folder, standalone_module()
-    case = demo_case()
+    case, mirrored, mirrored_points = save_serve_images(tmp_path)
     image = pixels(case.image)
-    mirrored, _, mirrored_points, _ = mirrored_case()
-    np.save(tmp_path / "image.npy", image)
-    np.save(tmp_path / "mirrored.npy", pixels(mirrored))
-    np.save(tmp_path / "mask.npy", np.asarray(case.mask, np.float32))
-    second = [((22.4, 25.6), (30.0, 40.0)), ((40.0, 20.0), (44.0, 26.0))]
-    as_json = lambda points: [[list(handle), list(target)] for handle, target in points]
-    requests = [{"image": str(tmp_path / "image.npy"), "points": as_json(case.points), "out": str(tmp_path / "one.npy"),
+    requests = [{"image": str(tmp_path / "image.npy"), "points": pairs_json(case.points), "out": str(tmp_path / "one.npy"),
                  "mask": str(tmp_path / "mask.npy")},
-                {"image": str(tmp_path / "image.npy"), "points": as_json(second), "out": str(tmp_path / "two.npy"),
+                {"image": str(tmp_path / "image.npy"), "points": pairs_json(SECOND), "out": str(tmp_path / "two.npy"),
                  "drag_steps": 3},
                 {"image": str(tmp_path / "image.npy"), "points": [[[99, 1], [2, 2]]], "out": str(tmp_path / "bad.npy")},
-                {"points": as_json(second)},
+                {"points": pairs_json(SECOND)},
                 {"op": "preload", "image": str(tmp_path / "mirrored.npy"), "id": "ahead"},
-                {"op": "preload", "image": str(tmp_path / "mirrored.npy"), "points": as_json(second), "id": 6},
+                {"op": "preload", "image": str(tmp_path / "mirrored.npy"), "points": pairs_json(SECOND), "id": 6},
                 {"op": "undo", "image": str(tmp_path / "mirrored.npy")},
-                {"image": str(tmp_path / "mirrored.npy"), "points": as_json(mirrored_points), "out": str(tmp_path / "three.npy"),
-                 "drag_steps": 3}]
+                {"image": str(tmp_path / "mirrored.npy"), "points": pairs_json(mirrored_points), "out": str(tmp_path / "three.npy"),
+                 "drag_steps": 3},
+                {"image": str(tmp_path / "image.npy"), "points": pairs_json(SECOND), "out": str(tmp_path / "typo.npy"), "drag_step": 3,
+                 "Mask": "m.npy"}]
     lines = [json.dumps(request) for request in requests]
     lines.insert(3, "not json")
     done = subprocess.run([str(cpp_program), "serve", str(folder)], input="\n".join(lines) + "\n", capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     answers = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(answers) == 9, done.stdout
+    assert len(answers) == 10, done.stdout
 
     assert answers[0]["kept"] == {"inversion": False, "source_kv": False} and answers[0]["drag_iterations"] > 3
     assert set(answers[0]["seconds"]) == {"invert", "drag", "denoise", "decode"}
@@ -635,8 +650,8 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
 
     assert answers[1]["kept"] == {"inversion": True, "source_kv": True} and answers[1]["drag_iterations"] == 3
     two = np.load(tmp_path / "two.npy")
-    np.testing.assert_array_equal(two, kept_edit(folder, image, second, 3))
-    paired = standalone.edit(folder, image, second, None, drag_steps=3)
+    np.testing.assert_array_equal(two, kept_edit(folder, image, SECOND, 3))
+    paired = standalone.edit(folder, image, SECOND, None, drag_steps=3)
     assert np.abs(two - paired).max() < 1e-3  # (equal in the run I measured: the kept graph is the pair's edited row)
 
     assert re.search(r"handle \[99,1\] of drag pair 0 is outside the 64x64 image", answers[2]["error"])
@@ -647,11 +662,14 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert answers[5]["preloaded"] == str(tmp_path / "mirrored.npy") and answers[5]["kept"] == {"inversion": False}
     assert answers[5]["id"] == "ahead" and answers[6]["id"] == 6 and "id" not in answers[7]  # a request's id comes back
     assert answers[5]["seconds"]["invert"] > 0
-    assert answers[6]["error"].startswith('a preload request is {"op": "preload", "image": "IMAGE.npy"} (and "id") and nothing else')
+    assert answers[6]["error"].startswith('a preload request is {"op": "preload", "image": "IMAGE.npy"} (and "id", "deadline_s") and nothing else')
     assert answers[7]["error"] == '"op" is "edit" (the default) or "preload", not "undo"'
     assert answers[8]["kept"] == {"inversion": True, "source_kv": False}
     np.testing.assert_array_equal(np.load(tmp_path / "three.npy"),
                                   standalone.edit(folder, pixels(mirrored), mirrored_points, None, drag_steps=3))
+    assert answers[9]["error"] == ('unknown request key(s) "Mask", "drag_step"; an edit request takes image, points, out, mask, '
+                                   'drag_steps, deadline_s and id')
+    assert not (tmp_path / "typo.npy").exists()
 
 
 def test_the_cpp_program_stops_served_requests_at_a_cancel_line_or_their_deadline_and_keeps_nothing_of_them(
@@ -663,19 +681,11 @@ def test_the_cpp_program_stops_served_requests_at_a_cancel_line_or_their_deadlin
     the half-recorded source keys and values, and is the standalone edit bit for bit; a stopped inversion of
     another image leaves the last one's inversion and keys and values in place (the edit after it reuses both,
     as the kept protocol does). Progress lines carry the request's id; a cancel line finds no later request."""
-    from fastdrag.demo import demo_case
-
     _, manifest, _ = exported
     folder, standalone = manifest.folder, standalone_module()
-    case = demo_case()
+    case, mirrored, mirrored_points = save_serve_images(tmp_path)
     image = pixels(case.image)
-    mirrored, _, mirrored_points, _ = mirrored_case()
-    np.save(tmp_path / "image.npy", image)
-    np.save(tmp_path / "mirrored.npy", pixels(mirrored))
-    np.save(tmp_path / "mask.npy", np.asarray(case.mask, np.float32))
-    second = [((22.4, 25.6), (30.0, 40.0)), ((40.0, 20.0), (44.0, 26.0))]
-    as_json = lambda points: [[list(handle), list(target)] for handle, target in points]
-    edit = lambda ident, name, points, **more: json.dumps({"id": ident, "image": str(tmp_path / name), "points": as_json(points),
+    edit = lambda ident, name, points, **more: json.dumps({"id": ident, "image": str(tmp_path / name), "points": pairs_json(points),
                                                            "out": str(tmp_path / f"{ident}.npy"), "drag_steps": 3, **more})
     denoised = len(manifest.data["schedule"]["denoise"])
     server = subprocess.Popen([str(cpp_program), "serve", str(folder), "--progress-json"], stdin=subprocess.PIPE,
@@ -691,8 +701,8 @@ def test_the_cpp_program_stops_served_requests_at_a_cancel_line_or_their_deadlin
         server.stdin.write(json.dumps({"op": "cancel", "id": "a"}) + "\n")
         lines = [edit("b", "image.npy", case.points, mask=str(tmp_path / "mask.npy")),
                  edit("c", "mirrored.npy", mirrored_points, deadline_s=0.02),
-                 edit("d", "image.npy", second), edit("e", "image.npy", second), json.dumps({"op": "cancel", "id": "e"}),
-                 json.dumps({"op": "cancel", "id": "a"}), json.dumps({"op": "cancel", "id": 7}), edit("a", "image.npy", second)]
+                 edit("d", "image.npy", SECOND), edit("e", "image.npy", SECOND), json.dumps({"op": "cancel", "id": "e"}),
+                 json.dumps({"op": "cancel", "id": "a"}), json.dumps({"op": "cancel", "id": 7}), edit("a", "image.npy", SECOND)]
         answers, errors = server.communicate("\n".join(lines) + "\n", timeout=900)
     finally:
         server.kill()
@@ -712,11 +722,38 @@ def test_the_cpp_program_stops_served_requests_at_a_cancel_line_or_their_deadlin
     assert re.fullmatch(rf"cancelled: past its deadline of 0.02 s, in the invert stage at step \d+ of {inverted}",
                         answers[2]["error"]), answers[2]
     assert answers[3]["kept"] == {"inversion": True, "source_kv": True}
-    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), kept_edit(folder, image, second, 3))
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), kept_edit(folder, image, SECOND, 3))
     assert answers[4]["error"] == "cancelled: by a cancel request, before it ran"
     assert "fastdrag_edit: cancel of id 7: no request of that id is waiting or running" in errors.splitlines()
     assert answers[5]["kept"] == {"inversion": True, "source_kv": True} and (tmp_path / "a.npy").exists()
     assert not any((tmp_path / f"{name}.npy").exists() for name in "ce")
+
+
+def test_the_cpp_program_answers_a_served_request_that_onnx_runtime_fails_and_serves_the_next(cpp_program, exported, tmp_path):
+    """A request that fails in ONNX Runtime (here the decoder's graph is not ONNX, found when the first edit
+    loads it) is answered with ONNX Runtime's message and logged, nothing is written, and serving goes on: the
+    next request, a preload of the same image, finds the inversion that the failed edit finished."""
+    from fastdrag.demo import demo_case
+
+    _, manifest, _ = exported
+    broken = tmp_path / "export"
+    broken.mkdir()
+    for path in Path(manifest.folder).iterdir():
+        (broken / path.name).symlink_to(path)
+    (broken / "vae_decoder.onnx").unlink()
+    (broken / "vae_decoder.onnx").write_text("not a graph")
+    np.save(tmp_path / "image.npy", pixels(demo_case().image))
+    lines = [{"id": 1, "image": str(tmp_path / "image.npy"), "points": [[[20, 20], [26, 24]]], "out": str(tmp_path / "out.npy"),
+              "drag_steps": 2}, {"id": 2, "op": "preload", "image": str(tmp_path / "image.npy")}]
+    done = subprocess.run([str(cpp_program), "serve", str(broken)], input="\n".join(map(json.dumps, lines)) + "\n",
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed, preloaded = map(json.loads, done.stdout.splitlines())
+    assert failed["id"] == 1 and failed["error"].startswith(f"ONNX Runtime: Load model from {broken / 'vae_decoder.onnx'} failed")
+    assert f"fastdrag_edit: request 1 failed: {failed['error']}" in done.stderr.splitlines()
+    assert not (tmp_path / "out.npy").exists()
+    assert preloaded == {"id": 2, "preloaded": str(tmp_path / "image.npy"), "kept": {"inversion": True},
+                         "seconds": preloaded["seconds"]}
 
 
 def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):
@@ -738,7 +775,7 @@ def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_
     image = pixels(case.image)
     np.save(tmp_path / "image.npy", image)
     np.save(tmp_path / "mask.npy", np.asarray(case.mask))
-    (tmp_path / "points.json").write_text(json.dumps([[list(handle), list(target)] for handle, target in case.points]))
+    (tmp_path / "points.json").write_text(json.dumps(pairs_json(case.points)))
     done = run_cpp(cpp_program, "edit", half.folder, tmp_path / "image.npy", tmp_path / "points.json", tmp_path / "out.npy",
                    tmp_path / "mask.npy", "--drag-steps", "5", "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -747,11 +784,10 @@ def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_
     np.testing.assert_array_equal(edited, standalone_module().edit(half.folder, image, case.points, np.asarray(case.mask),
                                                                    drag_steps=5))
 
-    second = [((22.4, 25.6), (30.0, 40.0)), ((40.0, 20.0), (44.0, 26.0))]
-    requests = [{"image": str(tmp_path / "image.npy"), "points": [[list(h), list(t)] for h, t in points], "out": str(tmp_path / name),
-                 "drag_steps": 3} for name, points in (("one.npy", case.points), ("two.npy", second))]
+    requests = [{"image": str(tmp_path / "image.npy"), "points": pairs_json(points), "out": str(tmp_path / name),
+                 "drag_steps": 3} for name, points in (("one.npy", case.points), ("two.npy", SECOND))]
     done = subprocess.run([str(cpp_program), "serve", str(half.folder)], input="\n".join(map(json.dumps, requests)) + "\n",
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [json.loads(line)["kept"]["source_kv"] for line in done.stdout.splitlines()] == [False, True]
-    np.testing.assert_array_equal(np.load(tmp_path / "two.npy"), kept_edit(half.folder, image, second, 3))
+    np.testing.assert_array_equal(np.load(tmp_path / "two.npy"), kept_edit(half.folder, image, SECOND, 3))

@@ -232,6 +232,13 @@ static json edit_request(Editor& editor, const json& request, std::optional<int>
   if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
     throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\", "
                      "\"deadline_s\", \"id\" if wanted)");
+  std::string unknown;  // a misspelt key ("drag_step") would else be an edit at the defaults
+  for (const auto& [key, value] : request.items()) {
+    static const std::set<std::string> known{"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s"};
+    if (!known.count(key)) unknown += (unknown.empty() ? "\"" : ", \"") + key + "\"";
+  }
+  if (!unknown.empty())
+    throw InputError("unknown request key(s) " + unknown + "; an edit request takes image, points, out, mask, drag_steps, deadline_s and id");
   const Tensor image = read_image(editor, request["image"].get<std::string>());
   const Points points = editor.points(request["points"], "the request's points");
   const Tensor mask = request.contains("mask") ? read_mask(editor, request["mask"].get<std::string>()) : Tensor{};
@@ -361,7 +368,8 @@ static StepCallback request_steps(Requests& requests, const Requests::Line& line
 // {"op": "cancel", "id": X} stops request X at its next step, or before it starts if it waits: each is
 // answered {"error": "cancelled: ..."}, and, as with Editor's on_step, nothing of the stopped stage is kept.
 // A cancel line gets no answer of its own; one that finds no waiting or running request of its id is logged
-// on stderr and cancels no later one.
+// on stderr and cancels no later one. A request that fails otherwise (ONNX Runtime's error, say) is answered
+// with its error, logged on stderr, and serving goes on.
 static int serve(Editor& editor, std::optional<int> default_drag_steps, bool progress_json) {
   auto requests = std::make_shared<Requests>();  // shared with the reader, which may outlive a serve that threw
   std::cin.tie(nullptr);  // the reader's getline must not flush std::cout beside the answers (they are flushed each)
@@ -383,6 +391,10 @@ static int serve(Editor& editor, std::optional<int> default_drag_steps, bool pro
       answer = {{"error", std::string("cancelled: ") + error.what()}};
     } catch (const json::exception& error) {
       answer = {{"error", std::string("the request is not one serve takes: ") + error.what()}};
+    } catch (const std::exception& error) {  // answered, and serving goes on: one request cannot stop the server
+      const bool onnxruntime = dynamic_cast<const Ort::Exception*>(&error) != nullptr;
+      answer = {{"error", std::string(onnxruntime ? "ONNX Runtime: " : "internal error: ") + error.what()}};
+      std::fprintf(stderr, "fastdrag_edit: request %d failed: %s\n", line->number, answer["error"].get<std::string>().c_str());
     }
     requests->answered(*line);
     if (!id.is_null()) answer["id"] = id;
