@@ -504,7 +504,8 @@ def test_the_cpp_program_edits_as_the_standalone_script_does(cpp_program, export
 def test_the_cpp_program_runs_another_image_from_its_refit_weights(cpp_program, exported, tmp_path):
     """With `--refit` (a `fastdrag refit` file of another image) the C++ program puts that image's weights in
     place of the graphs' initializers and its text embeddings in place of the export's, as the standalone
-    script does: the same edit and inversion bit for bit, and not the edit with the export's own weights."""
+    script does: the same edit and inversion bit for bit, and not the edit with the export's own weights. So does
+    `serve` with a request's `"refit"`, which changes the weights it runs on from one request to the next."""
     editor, manifest, _ = exported
     standalone = standalone_module()
     image, prompt, points, mask = mirrored_case()
@@ -526,6 +527,33 @@ def test_the_cpp_program_runs_another_image_from_its_refit_weights(cpp_program, 
     done = run_cpp(cpp_program, "invert", manifest.folder, tmp_path / "image.npy", tmp_path / "z_t.npy", "--refit", path)
     assert done.returncode == 0, done.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "z_t.npy"), standalone.invert(refitted, pixels(image)))
+
+    # serve: a request's "refit" (null: the export's own weights) replaces the weights the server runs on, and
+    # with them the kept inversion; one it cannot read is answered and keeps the current weights
+    edit = lambda ident, **more: {"id": ident, "image": str(tmp_path / "image.npy"), "points": pairs_json(points),
+                                  "out": str(tmp_path / f"{ident}.npy"), "mask": str(tmp_path / "mask.npy"), "drag_steps": 4, **more}
+    server = subprocess.Popen([str(cpp_program), "serve", str(manifest.folder), "--refit", str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ask(request):
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())
+
+    try:
+        answers = [ask(edit(1)), ask(edit(2, refit=str(path))), ask(edit(3, refit=str(tmp_path / "missing.safetensors"))),
+                   ask(edit(4)), ask(edit(5, refit=None)), ask(edit(6, refit=str(path)))]
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))  # the file written again: read again
+        answers.append(ask(edit(7, refit=str(path))))
+        server.stdin.close()
+        assert server.wait(timeout=60) == 0, server.stderr.read()[-3000:]
+    finally:
+        server.kill()
+    assert [answer.get("kept", {}).get("inversion") for answer in answers] == [False, True, None, True, False, False, False]
+    assert answers[2]["error"] == f"cannot read {tmp_path / 'missing.safetensors'}"
+    for ident in (1, 2, 4, 6, 7):  # the command's --refit, or the request's (the same file)
+        np.testing.assert_array_equal(np.load(tmp_path / f"{ident}.npy"), edited)
+    np.testing.assert_array_equal(np.load(tmp_path / "5.npy"), own)
 
 
 def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tmp_path):

@@ -218,9 +218,10 @@ static StepCallback progress_lines(const json& id) {
 static json preload_request(Editor& editor, const json& request, const StepCallback& on_step) {
   bool other_keys = false;
   for (const auto& [key, value] : request.items())
-    other_keys = other_keys || (key != "op" && key != "image" && key != "id" && key != "deadline_s");
+    other_keys = other_keys || (key != "op" && key != "image" && key != "id" && key != "deadline_s" && key != "refit");
   if (!request.contains("image") || other_keys)
-    throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\", \"deadline_s\") and nothing else");
+    throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\", \"deadline_s\", \"refit\") "
+                     "and nothing else");
   const Tensor image = read_image(editor, request["image"].get<std::string>());
   const auto start = std::chrono::steady_clock::now();
   const bool kept = editor.preload(image, on_step);
@@ -231,14 +232,15 @@ static json preload_request(Editor& editor, const json& request, const StepCallb
 static json edit_request(Editor& editor, const json& request, std::optional<int> drag_steps, const StepCallback& on_step) {
   if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
     throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\", "
-                     "\"deadline_s\", \"id\" if wanted)");
+                     "\"deadline_s\", \"refit\", \"id\" if wanted)");
   std::string unknown;  // a misspelt key ("drag_step") would else be an edit at the defaults
   for (const auto& [key, value] : request.items()) {
-    static const std::set<std::string> known{"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s"};
+    static const std::set<std::string> known{"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s", "refit"};
     if (!known.count(key)) unknown += (unknown.empty() ? "\"" : ", \"") + key + "\"";
   }
   if (!unknown.empty())
-    throw InputError("unknown request key(s) " + unknown + "; an edit request takes image, points, out, mask, drag_steps, deadline_s and id");
+    throw InputError("unknown request key(s) " + unknown +
+                     "; an edit request takes image, points, out, mask, drag_steps, deadline_s, refit and id");
   const Tensor image = read_image(editor, request["image"].get<std::string>());
   const Points points = editor.points(request["points"], "the request's points");
   const Tensor mask = request.contains("mask") ? read_mask(editor, request["mask"].get<std::string>()) : Tensor{};
@@ -356,11 +358,48 @@ static StepCallback request_steps(Requests& requests, const Requests::Line& line
   };
 }
 
+// The Editor serve runs a request on: the one for the refit file it names ("refit": a path, or null for the
+// export's own weights; without the key, the command's --refit). One is kept at a time, as a service keeps one
+// image's weights in its sessions: another file (or the same file written since) replaces it, and with it the
+// sessions (made anew at their first use) and the kept inversion (the other weights' z_t).
+class Editors {
+ public:
+  explicit Editors(const Options& options) : options_(options), refit_(options.refit), written_(written(options.refit)) {
+    editor_ = std::make_unique<Editor>(options.positional[1], options.refit, options.threads, options.provider);
+  }
+
+  Editor& current() { return *editor_; }
+
+  Editor& for_request(const json& request) {
+    std::optional<fs::path> refit = options_.refit;
+    if (request.is_object() && request.contains("refit"))
+      refit = request["refit"].is_null() ? std::nullopt : std::optional<fs::path>(request["refit"].get<std::string>());
+    const fs::file_time_type when = written(refit);
+    if (refit != refit_ || when != written_) {  // (the new one is made first: a file it refuses keeps the current one)
+      editor_ = std::make_unique<Editor>(options_.positional[1], refit, options_.threads, options_.provider);
+      refit_ = refit;
+      written_ = when;
+    }
+    return *editor_;
+  }
+
+ private:
+  static fs::file_time_type written(const std::optional<fs::path>& refit) {
+    std::error_code unreadable;  // (a missing file is named by the Editor that cannot read it)
+    return refit ? fs::last_write_time(*refit, unreadable) : fs::file_time_type{};
+  }
+
+  const Options& options_;
+  std::unique_ptr<Editor> editor_;
+  std::optional<fs::path> refit_;
+  fs::file_time_type written_;
+};
+
 // Edits from stdin, one JSON request a line, one JSON answer a line on stdout, in order, with the sessions kept
 // and the last image's inversion (and source keys and values) reused. A request:
 //   {"image": "IMAGE.npy", "points": [[[hx, hy], [tx, ty]], ...], "out": "OUT.npy", "mask": "MASK.npy", "drag_steps": N,
-//    "deadline_s": S, "id": ...}
-// (all but image, points and out optional). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
+//    "deadline_s": S, "refit": "WEIGHTS.safetensors", "id": ...}
+// (all but image, points and out optional; "refit" as Editors above takes it). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
 // "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."} for a bad request (serving goes on).
 // {"op": "preload", "image": "IMAGE.npy"} inverts the image ahead of its edit: {"preloaded": ..., "seconds":
 // {"invert": s}, "kept": {"inversion": bool}}. A request's "id", if it has one, comes back in its answer.
@@ -370,7 +409,7 @@ static StepCallback request_steps(Requests& requests, const Requests::Line& line
 // A cancel line gets no answer of its own; one that finds no waiting or running request of its id is logged
 // on stderr and cancels no later one. A request that fails otherwise (ONNX Runtime's error, say) is answered
 // with its error, logged on stderr, and serving goes on.
-static int serve(Editor& editor, std::optional<int> default_drag_steps, bool progress_json) {
+static int serve(Editors& editors, std::optional<int> default_drag_steps, bool progress_json) {
   auto requests = std::make_shared<Requests>();  // shared with the reader, which may outlive a serve that threw
   std::cin.tie(nullptr);  // the reader's getline must not flush std::cout beside the answers (they are flushed each)
   std::thread([requests] { requests->read(std::cin); }).detach();
@@ -384,6 +423,7 @@ static int serve(Editor& editor, std::optional<int> default_drag_steps, bool pro
       if (op != "edit" && op != "preload") throw InputError("\"op\" is \"edit\" (the default) or \"preload\", not \"" + op + "\"");
       const StepCallback on_step = request_steps(*requests, *line, id, deadline_of(request), progress_json);
       if (requests->cancelled(line->number)) throw Cancelled("by a cancel request, before it ran");
+      Editor& editor = editors.for_request(request);
       answer = op == "preload" ? preload_request(editor, request, on_step) : edit_request(editor, request, default_drag_steps, on_step);
     } catch (const InputError& error) {
       answer = {{"error", error.what()}};
@@ -406,14 +446,15 @@ static int serve(Editor& editor, std::optional<int> default_drag_steps, bool pro
 static int run(int argc, char** argv) {
   const Options options = parse_options(argc, argv);
   const std::vector<std::string>& args = options.positional;
-  Editor editor(args[1], options.refit, options.threads, options.provider);
+  Editors editors(options);  // (serve changes it per request; the other commands run on the command's)
+  Editor& editor = editors.current();
   const auto print = [&](const std::string& stage, double seconds, const Edited& so_far) {
     if (options.quiet) return;
     const std::string detail = stage == "drag" ? " (" + std::to_string(so_far.drag_iterations) + " iterations)" : "";
     std::fprintf(stderr, "%s %.3f s%s\n", stage.c_str(), seconds, detail.c_str());
   };
   if (args[0] != "invert") editor.require_drag_graph();
-  if (args[0] == "serve") return serve(editor, options.drag_steps, options.progress_json);
+  if (args[0] == "serve") return serve(editors, options.drag_steps, options.progress_json);
   const StepCallback on_step = options.progress_json ? progress_lines(json()) : StepCallback{};
   const Tensor image = read_image(editor, args[2]);
   if (args[0] == "invert") {
