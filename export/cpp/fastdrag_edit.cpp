@@ -214,14 +214,32 @@ static StepCallback progress_lines(const json& id) {
   };
 }
 
+// Refuse a request without the keys its op needs or with a key it does not take: a misspelt "drag_step" would
+// else be an edit at the defaults.
+static void check_keys(const json& request, const std::string& op) {
+  static const std::set<std::string> preload{"op", "id", "image", "deadline_s", "refit"};
+  static const std::set<std::string> edit{"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s", "refit"};
+  if (op == "preload") {
+    bool other_keys = false;
+    for (const auto& [key, value] : request.items()) other_keys = other_keys || !preload.count(key);
+    if (!request.contains("image") || other_keys)
+      throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\", \"deadline_s\", "
+                       "\"refit\") and nothing else");
+    return;
+  }
+  if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
+    throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\", "
+                     "\"deadline_s\", \"refit\", \"id\" if wanted)");
+  std::string unknown;
+  for (const auto& [key, value] : request.items())
+    if (!edit.count(key)) unknown += (unknown.empty() ? "\"" : ", \"") + key + "\"";
+  if (!unknown.empty())
+    throw InputError("unknown request key(s) " + unknown +
+                     "; an edit request takes image, points, out, mask, drag_steps, deadline_s, refit and id");
+}
+
 // {"op": "preload", "image": "IMAGE.npy"}: the image's inversion now, kept for its edit.
 static json preload_request(Editor& editor, const json& request, const StepCallback& on_step) {
-  bool other_keys = false;
-  for (const auto& [key, value] : request.items())
-    other_keys = other_keys || (key != "op" && key != "image" && key != "id" && key != "deadline_s" && key != "refit");
-  if (!request.contains("image") || other_keys)
-    throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\", \"deadline_s\", \"refit\") "
-                     "and nothing else");
   const Tensor image = read_image(editor, request["image"].get<std::string>());
   const auto start = std::chrono::steady_clock::now();
   const bool kept = editor.preload(image, on_step);
@@ -230,17 +248,6 @@ static json preload_request(Editor& editor, const json& request, const StepCallb
 }
 
 static json edit_request(Editor& editor, const json& request, std::optional<int> drag_steps, const StepCallback& on_step) {
-  if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
-    throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\", "
-                     "\"deadline_s\", \"refit\", \"id\" if wanted)");
-  std::string unknown;  // a misspelt key ("drag_step") would else be an edit at the defaults
-  for (const auto& [key, value] : request.items()) {
-    static const std::set<std::string> known{"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s", "refit"};
-    if (!known.count(key)) unknown += (unknown.empty() ? "\"" : ", \"") + key + "\"";
-  }
-  if (!unknown.empty())
-    throw InputError("unknown request key(s) " + unknown +
-                     "; an edit request takes image, points, out, mask, drag_steps, deadline_s, refit and id");
   const Tensor image = read_image(editor, request["image"].get<std::string>());
   const Points points = editor.points(request["points"], "the request's points");
   const Tensor mask = request.contains("mask") ? read_mask(editor, request["mask"].get<std::string>()) : Tensor{};
@@ -399,8 +406,9 @@ class Editors {
 // and the last image's inversion (and source keys and values) reused. A request:
 //   {"image": "IMAGE.npy", "points": [[[hx, hy], [tx, ty]], ...], "out": "OUT.npy", "mask": "MASK.npy", "drag_steps": N,
 //    "deadline_s": S, "refit": "WEIGHTS.safetensors", "id": ...}
-// (all but image, points and out optional; "refit" as Editors above takes it). The answer: {"out": ..., "drag_iterations": n, "seconds": {stage: s},
-// "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."} for a bad request (serving goes on).
+// (all but image, points and out optional; "refit" as Editors above takes it). The answer: {"out": ...,
+// "drag_iterations": n, "seconds": {stage: s}, "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."}
+// for a bad request (serving goes on).
 // {"op": "preload", "image": "IMAGE.npy"} inverts the image ahead of its edit: {"preloaded": ..., "seconds":
 // {"invert": s}, "kept": {"inversion": bool}}. A request's "id", if it has one, comes back in its answer.
 // A request still running "deadline_s" seconds after it started stops at its next step, and a line
@@ -421,6 +429,7 @@ static int serve(Editors& editors, std::optional<int> default_drag_steps, bool p
       if (request.is_object() && request.contains("id")) id = request["id"];
       const std::string op = request.is_object() ? request.value("op", "edit") : "edit";
       if (op != "edit" && op != "preload") throw InputError("\"op\" is \"edit\" (the default) or \"preload\", not \"" + op + "\"");
+      check_keys(request, op);
       const StepCallback on_step = request_steps(*requests, *line, id, deadline_of(request), progress_json);
       if (requests->cancelled(line->number)) throw Cancelled("by a cancel request, before it ran");
       Editor& editor = editors.for_request(request);
