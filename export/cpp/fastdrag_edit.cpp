@@ -23,6 +23,7 @@
 //                --progress-json               a JSON line on stderr per step of a looped stage:
 //                                              {"stage": "drag", "done": 3, "total": 80} (serve: with the request's "id")
 //                --quiet                       no stage times on stderr
+//                --warm-up                     (serve) Editor::warm_up() before the first request
 //
 // Exit status: 0 done, 2 bad input or export (one line on stderr), 1 anything else.
 #include "fastdrag_export.hpp"
@@ -146,6 +147,7 @@ struct Options {
   std::string provider = "cpu";
   bool quiet = false;
   bool progress_json = false;
+  bool warm_up = false;
 };
 
 static int parse_count(const std::string& flag, const std::string& text, int least) {
@@ -172,6 +174,7 @@ static Options parse_options(int argc, char** argv) {
     else if (arg == "--provider") options.provider = argv[++i];
     else if (arg == "--quiet") options.quiet = true;
     else if (arg == "--progress-json") options.progress_json = true;
+    else if (arg == "--warm-up") options.warm_up = true;
     else if (arg.rfind("--", 0) == 0) throw InputError("unknown option " + arg);
     else options.positional.push_back(arg);
   }
@@ -179,11 +182,13 @@ static Options parse_options(int argc, char** argv) {
       "usage: fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [--refit W.safetensors] [--drag-steps N] "
       "[--threads N] [--provider cpu|cuda] [--progress-json] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy "
       "[--refit W.safetensors] [--threads N] [--provider cpu|cuda] [--progress-json] [--quiet]\n       fastdrag_edit serve EXPORT_DIR "
-      "[--refit W.safetensors] [--drag-steps N] [--threads N] [--provider cpu|cuda] [--progress-json]   (JSON requests on stdin)";
+      "[--refit W.safetensors] [--drag-steps N] [--threads N] [--provider cpu|cuda] [--progress-json] [--warm-up] "
+      "[--quiet]   (JSON requests on stdin)";
   const size_t given = options.positional.size();
   const std::string command = given ? options.positional[0] : "";
   if (!((command == "edit" && (given == 5 || given == 6)) || (command == "invert" && given == 4) || (command == "serve" && given == 2)))
     throw InputError(usage);
+  if (options.warm_up && command != "serve") throw InputError("--warm-up is serve's: an edit or inversion runs once");
   return options;
 }
 
@@ -463,7 +468,13 @@ static int run(int argc, char** argv) {
     std::fprintf(stderr, "%s %.3f s%s\n", stage.c_str(), seconds, detail.c_str());
   };
   if (args[0] != "invert") editor.require_drag_graph();
-  if (args[0] == "serve") return serve(editors, options.drag_steps, options.progress_json);
+  if (args[0] == "serve") {
+    if (options.warm_up) {
+      const double seconds = editor.warm_up();
+      if (!options.quiet) std::fprintf(stderr, "warm-up %.3f s\n", seconds);
+    }
+    return serve(editors, options.drag_steps, options.progress_json);
+  }
   const StepCallback on_step = options.progress_json ? progress_lines(json()) : StepCallback{};
   const Tensor image = read_image(editor, args[2]);
   if (args[0] == "invert") {

@@ -94,6 +94,11 @@ class Editor {
   // edit skips the inversion (a service calls it while a user places the points). Returns whether it
   // was kept already (the last image edited or preloaded).
   bool preload(const Tensor& image, const StepCallback& on_step = {});
+  // Make every session an edit uses and run each once: an edit of a mid-grey image with one drag step (and, with
+  // `unet_kept`, a repeated one). A service calls it at start-up so that its first request does not pay ONNX
+  // Runtime's session creation and first runs. Keeps nothing of the grey edits: what the Editor kept before
+  // (the last image's inversion) is kept after. Returns its seconds.
+  double warm_up();
   // A whole edit. `latent_mask` from latent_mask() or empty; `drag_steps` in place of the manifest's.
   // `remember`: reuse and keep what a repeated edit of the same image needs (its z_t; with an export
   // that has `unet_kept`, the source keys and values of its first denoising).
