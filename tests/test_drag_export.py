@@ -804,6 +804,72 @@ def test_the_cpp_program_warms_up_before_serving_and_keeps_nothing_of_it(cpp_pro
     assert refused.returncode == 2 and refused.stderr == "fastdrag_edit: error: --warm-up is serve's: an edit or inversion runs once\n"
 
 
+SERVICE_CMAKE = """cmake_minimum_required(VERSION 3.18)
+project(service LANGUAGES CXX)
+add_subdirectory({library} fastdrag_export EXCLUDE_FROM_ALL)
+add_executable(service service.cpp)
+target_link_libraries(service PRIVATE fastdrag_export)
+"""
+
+# A service of its own that embeds the library: an edit stopped by its on_step in the denoising, then the edit.
+SERVICE_CPP = """#include "fastdrag_export.hpp"
+
+#include <cstdio>
+#include <fstream>
+
+int main(int argc, char** argv) {
+  if (argc != 5) return 2;  // service EXPORT_DIR IMAGE.f32 POINTS_JSON OUT.f32 (raw float32)
+  fastdrag::Editor editor(argv[1]);
+  const nlohmann::json& image_size = editor.manifest()["image"];
+  fastdrag::Tensor image{{1, 3, image_size["height"].get<int64_t>(), image_size["width"].get<int64_t>()}, {}};
+  image.data.resize(fastdrag::element_count(image.shape));
+  std::ifstream(argv[2], std::ios::binary).read(reinterpret_cast<char*>(image.data.data()), 4 * image.data.size());
+  const fastdrag::Points points = editor.points(nlohmann::json::parse(argv[3]), "the points");
+  struct Stop {};
+  try {
+    editor.edit(image, points, {}, 3, true, {}, [](const std::string& stage, int done, int) {
+      if (stage == "denoise" && done == 2) throw Stop{};
+    });
+    return 1;
+  } catch (const Stop&) {
+  }
+  const fastdrag::Edited edited = editor.edit(image, points, {}, 3);
+  std::printf("%d %d\\n", edited.kept_inversion, edited.kept_source_kv);
+  std::ofstream(argv[4], std::ios::binary).write(reinterpret_cast<const char*>(edited.image.data.data()), 4 * edited.image.data.size());
+  return 0;
+}
+"""
+
+
+def test_a_cpp_service_of_its_own_embeds_the_library_and_stops_an_edit_from_its_on_step(cpp_program, exported, tmp_path):
+    """A CMake project of a service's own takes the library with `add_subdirectory(export/cpp)` and links
+    `fastdrag_export` (README, "A C++ service"). Its `on_step` throws in the denoising of the image's first edit:
+    the edit stops there, and the next edit keeps the finished inversion but not the half-recorded keys and
+    values (`kept_source_kv` false) and is the standalone edit bit for bit."""
+    from fastdrag.demo import demo_case
+
+    _, manifest, _ = exported
+    cache = (cpp_program.parent / "CMakeCache.txt").read_text()
+    found = {key: re.search(rf"^{key}:\w+=(.*)$", cache, re.M)[1] for key in ("ONNXRUNTIME_INCLUDE_DIR", "ONNXRUNTIME_LIBRARY")}
+    (tmp_path / "CMakeLists.txt").write_text(SERVICE_CMAKE.format(library=ROOT / "export" / "cpp"))
+    (tmp_path / "service.cpp").write_text(SERVICE_CPP)
+    configured = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"),
+                                 *(f"-D{key}={value}" for key, value in found.items())], capture_output=True, text=True, timeout=600)
+    assert configured.returncode == 0, configured.stderr[-3000:]
+    built = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2"], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
+
+    image = pixels(demo_case().image)
+    image.tofile(tmp_path / "image.f32")
+    points = demo_case().points
+    done = run_cpp(tmp_path / "build" / "service", manifest.folder, tmp_path / "image.f32", json.dumps(pairs_json(points)),
+                   tmp_path / "out.f32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "1 0\n"  # the inversion kept, the stopped denoising's keys and values not
+    edited = np.fromfile(tmp_path / "out.f32", np.float32).reshape(image.shape)
+    np.testing.assert_array_equal(edited, standalone_module().edit(manifest.folder, image, points, None, drag_steps=3))
+
+
 def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):
     """On an fp16 export (fp16 UNet graphs, fp32 drag graph and VAE) the C++ program's edit is the standalone
     script's bit for bit: its float64 latents go to the fp16 inputs in one rounding, as numpy's astype does
