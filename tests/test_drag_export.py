@@ -811,20 +811,33 @@ add_executable(service service.cpp)
 target_link_libraries(service PRIVATE fastdrag_export)
 """
 
-# A service of its own that embeds the library: an edit stopped by its on_step in the denoising, then the edit.
+# A service of its own that embeds the library: an edit stopped by its on_step in the denoising, then the edit; a
+# call from a running call's callback; two threads sharing the Editor.
 SERVICE_CPP = """#include "fastdrag_export.hpp"
 
 #include <cstdio>
 #include <fstream>
+#include <string>
+#include <thread>
+
+static fastdrag::Tensor read_image(const fastdrag::Editor& editor, const char* path) {
+  const nlohmann::json& size = editor.manifest()["image"];
+  fastdrag::Tensor image{{1, 3, size["height"].get<int64_t>(), size["width"].get<int64_t>()}, {}};
+  image.data.resize(fastdrag::element_count(image.shape));
+  std::ifstream(path, std::ios::binary).read(reinterpret_cast<char*>(image.data.data()), 4 * image.data.size());
+  return image;
+}
+
+static void write_image(const fastdrag::Tensor& image, const std::string& path) {
+  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(image.data.data()), 4 * image.data.size());
+}
 
 int main(int argc, char** argv) {
-  if (argc != 5) return 2;  // service EXPORT_DIR IMAGE.f32 POINTS_JSON OUT.f32 (raw float32)
+  if (argc != 6) return 2;  // service EXPORT_DIR IMAGE.f32 OTHER.f32 POINTS_JSON OUT_DIR (raw float32 images)
   fastdrag::Editor editor(argv[1]);
-  const nlohmann::json& image_size = editor.manifest()["image"];
-  fastdrag::Tensor image{{1, 3, image_size["height"].get<int64_t>(), image_size["width"].get<int64_t>()}, {}};
-  image.data.resize(fastdrag::element_count(image.shape));
-  std::ifstream(argv[2], std::ios::binary).read(reinterpret_cast<char*>(image.data.data()), 4 * image.data.size());
-  const fastdrag::Points points = editor.points(nlohmann::json::parse(argv[3]), "the points");
+  const fastdrag::Tensor image = read_image(editor, argv[2]), other = read_image(editor, argv[3]);
+  const fastdrag::Points points = editor.points(nlohmann::json::parse(argv[4]), "the points");
+  const std::string out = argv[5];
   struct Stop {};
   try {
     editor.edit(image, points, {}, 3, true, {}, [](const std::string& stage, int done, int) {
@@ -835,17 +848,37 @@ int main(int argc, char** argv) {
   }
   const fastdrag::Edited edited = editor.edit(image, points, {}, 3);
   std::printf("%d %d\\n", edited.kept_inversion, edited.kept_source_kv);
-  std::ofstream(argv[4], std::ios::binary).write(reinterpret_cast<const char*>(edited.image.data.data()), 4 * edited.image.data.size());
+  write_image(edited.image, out + "/edited.f32");
+  try {
+    editor.invert(other, [&](const std::string&, int done, int) {
+      if (done == 1) editor.preload(image);
+    });
+    return 1;
+  } catch (const std::logic_error& error) {
+    std::printf("%s\\n", error.what());
+  }
+  fastdrag::Edited first, second;
+  std::thread one([&] { first = editor.edit(image, points, {}, 3); });
+  std::thread two([&] { second = editor.edit(other, points, {}, 3); });
+  one.join();
+  two.join();
+  std::printf("%d %d %d\\n", first.kept_inversion, first.kept_source_kv, second.kept_inversion);
+  write_image(first.image, out + "/first.f32");
+  write_image(second.image, out + "/second.f32");
   return 0;
 }
 """
 
 
-def test_a_cpp_service_of_its_own_embeds_the_library_and_stops_an_edit_from_its_on_step(cpp_program, exported, tmp_path):
+def test_a_cpp_service_of_its_own_embeds_the_library_stops_an_edit_from_its_on_step_and_shares_the_editor(
+        cpp_program, exported, tmp_path):
     """A CMake project of a service's own takes the library with `add_subdirectory(export/cpp)` and links
     `fastdrag_export` (README, "A C++ service"). Its `on_step` throws in the denoising of the image's first edit:
     the edit stops there, and the next edit keeps the finished inversion but not the half-recorded keys and
-    values (`kept_source_kv` false) and is the standalone edit bit for bit."""
+    values (`kept_source_kv` false) and is the standalone edit bit for bit. A call from a running call's
+    callback is refused with `std::logic_error`. Two threads' edits of two images on one Editor take turns:
+    each is the edit the Editor makes of it in either order (the first image's, after its last edit, through
+    the kept keys and values if it went first)."""
     from fastdrag.demo import demo_case
 
     _, manifest, _ = exported
@@ -859,15 +892,24 @@ def test_a_cpp_service_of_its_own_embeds_the_library_and_stops_an_edit_from_its_
     built = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2"], capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
 
-    image = pixels(demo_case().image)
+    standalone, folder = standalone_module(), manifest.folder
+    image, other = pixels(demo_case().image), pixels(mirrored_case()[0])
     image.tofile(tmp_path / "image.f32")
+    other.tofile(tmp_path / "other.f32")
     points = demo_case().points
-    done = run_cpp(tmp_path / "build" / "service", manifest.folder, tmp_path / "image.f32", json.dumps(pairs_json(points)),
-                   tmp_path / "out.f32")
+    done = run_cpp(tmp_path / "build" / "service", folder, tmp_path / "image.f32", tmp_path / "other.f32",
+                   json.dumps(pairs_json(points)), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout == "1 0\n"  # the inversion kept, the stopped denoising's keys and values not
-    edited = np.fromfile(tmp_path / "out.f32", np.float32).reshape(image.shape)
-    np.testing.assert_array_equal(edited, standalone_module().edit(manifest.folder, image, points, None, drag_steps=3))
+    stopped, refused, turns = done.stdout.splitlines()
+    assert stopped == "1 0"  # the inversion kept, the stopped denoising's keys and values not
+    load = lambda name: np.fromfile(tmp_path / f"{name}.f32", np.float32).reshape(image.shape)
+    np.testing.assert_array_equal(load("edited"), standalone.edit(folder, image, points, None, drag_steps=3))
+    assert refused == "an Editor call from a callback of its running call: return from the callback first"
+    first_kept, first_kept_kv, second_kept = map(int, turns.split())
+    assert second_kept == 0 and first_kept == first_kept_kv  # (kept both if it went first, else neither)
+    expected = kept_edit(folder, image, points, 3) if first_kept else standalone.edit(folder, image, points, None, drag_steps=3)
+    np.testing.assert_array_equal(load("first"), expected)
+    np.testing.assert_array_equal(load("second"), standalone.edit(folder, other, points, None, drag_steps=3))
 
 
 def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):

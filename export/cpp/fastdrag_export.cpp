@@ -2,12 +2,15 @@
 #include "fastdrag_export.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <sstream>
+#include <thread>
 #include <utility>
 
 namespace fastdrag {
@@ -498,46 +501,9 @@ bool keep_inversion(Export& folder, Memory& memory, const Tensor& image, const S
   return false;
 }
 
-}  // namespace
-
-struct Editor::State {
-  State(const fs::path& path, const std::optional<fs::path>& refit, int threads, const std::string& provider)
-      : folder(path, refit, threads, provider), where(path.string()) {}
-
-  Export folder;
-  std::string where;
-  Memory memory;
-};
-
-Editor::Editor(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
-    : state_(std::make_unique<State>(folder, refit, threads, provider)) {}
-
-Editor::~Editor() = default;
-
-const json& Editor::manifest() const { return state_->folder.manifest; }
-
-void Editor::require_drag_graph() const {
-  if (!state_->folder.manifest.contains("drag"))
-    throw InputError(state_->where + " has no drag graph: export with --drag-points N (drag_points=N) for a whole edit");
-}
-
-Tensor Editor::invert(const Tensor& image, const StepCallback& on_step) {
-  check_image(image, "the image");
-  return invert_image(state_->folder, image, on_step);
-}
-
-bool Editor::preload(const Tensor& image, const StepCallback& on_step) {
-  check_image(image, "the image");
-  return keep_inversion(state_->folder, state_->memory, image, on_step);
-}
-
-Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& latent_mask, std::optional<int> drag_steps,
-                    bool remember, const StageCallback& on_stage, const StepCallback& on_step) {
-  Export& folder = state_->folder;
-  require_drag_graph();
-  check_image(image, "the image");
-  Memory fresh;
-  Memory& memory = remember ? state_->memory : fresh;
+// A whole edit with `memory` (the Editor's, or a fresh one when it is not to remember the image).
+Edited edit_image(Export& folder, Memory& memory, bool remember, const Tensor& image, const Points& points,
+                  const Tensor& latent_mask, std::optional<int> drag_steps, const StageCallback& on_stage, const StepCallback& on_step) {
   Edited result;
   auto last = std::chrono::steady_clock::now();
   const auto done = [&](const char* stage) {
@@ -560,6 +526,68 @@ Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& lat
   return result;
 }
 
+}  // namespace
+
+struct Editor::State {
+  State(const fs::path& path, const std::optional<fs::path>& refit, int threads, const std::string& provider)
+      : folder(path, refit, threads, provider), where(path.string()) {}
+
+  // One call at a time (the sessions' buffers and `memory` are shared): other threads' calls wait their turn,
+  // and a call from a callback of the running call, on its thread, is refused: it would wait for itself.
+  struct Turn {
+    explicit Turn(State& state) : owner(state) {
+      if (state.running.load() == std::this_thread::get_id())
+        throw std::logic_error("an Editor call from a callback of its running call: return from the callback first");
+      lock = std::unique_lock<std::mutex>(state.turns);
+      state.running = std::this_thread::get_id();
+    }
+    ~Turn() { owner.running = std::thread::id(); }  // (then `lock` lets the next call in)
+
+    State& owner;
+    std::unique_lock<std::mutex> lock;
+  };
+
+  Export folder;
+  std::string where;
+  Memory memory;
+  std::mutex turns;
+  std::atomic<std::thread::id> running{};
+};
+
+Editor::Editor(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
+    : state_(std::make_unique<State>(folder, refit, threads, provider)) {}
+
+Editor::~Editor() = default;
+
+const json& Editor::manifest() const { return state_->folder.manifest; }
+
+void Editor::require_drag_graph() const {
+  if (!state_->folder.manifest.contains("drag"))
+    throw InputError(state_->where + " has no drag graph: export with --drag-points N (drag_points=N) for a whole edit");
+}
+
+Tensor Editor::invert(const Tensor& image, const StepCallback& on_step) {
+  check_image(image, "the image");
+  const State::Turn turn(*state_);
+  return invert_image(state_->folder, image, on_step);
+}
+
+bool Editor::preload(const Tensor& image, const StepCallback& on_step) {
+  check_image(image, "the image");
+  const State::Turn turn(*state_);
+  return keep_inversion(state_->folder, state_->memory, image, on_step);
+}
+
+Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& latent_mask, std::optional<int> drag_steps,
+                    bool remember, const StageCallback& on_stage, const StepCallback& on_step) {
+  require_drag_graph();
+  check_image(image, "the image");
+  const State::Turn turn(*state_);
+  Memory fresh;
+  return edit_image(state_->folder, remember ? state_->memory : fresh, remember, image, points, latent_mask, drag_steps, on_stage,
+                    on_step);
+}
+
 double Editor::warm_up() {
   require_drag_graph();
   const json& manifest = state_->folder.manifest;
@@ -567,11 +595,12 @@ double Editor::warm_up() {
   const Tensor grey{{1, 3, height, width}, std::vector<float>(3 * height * width, 0.0f)};
   const Points points{{0.0f, 0.0f}, {1.0f, 1.0f}};  // one pair at the supervision size
   const auto start = std::chrono::steady_clock::now();
+  const State::Turn turn(*state_);
   Memory kept = std::move(state_->memory);  // what the grey edits replace, put back after them
   state_->memory = Memory{};
   try {
-    edit(grey, points, {}, 1, true);
-    if (manifest.contains("source_kv")) edit(grey, points, {}, 1, true);  // the repeated edit's graph
+    edit_image(state_->folder, state_->memory, true, grey, points, {}, 1, {}, {});
+    if (manifest.contains("source_kv")) edit_image(state_->folder, state_->memory, true, grey, points, {}, 1, {}, {});  // unet_kept
   } catch (...) {
     state_->memory = std::move(kept);
     throw;

@@ -59,8 +59,9 @@ using StageCallback = std::function<void(const std::string& stage, double second
 using StepCallback = std::function<void(const std::string& stage, int done, int total)>;
 
 // One export folder's sessions (made at first use and kept, as a service keeps them between requests)
-// and what a later edit of the last image reuses. Not for two threads at once (that memory is shared):
-// a service serialises its calls or keeps an Editor per worker.
+// and what a later edit of the last image reuses. Threads may share one: its calls (invert, preload, edit,
+// warm_up) take turns, since that memory is shared; for edits in parallel, keep an Editor per worker. A call
+// from a callback of a running call is refused (std::logic_error): it would wait for itself.
 class Editor {
  public:
   // `folder`: the export; `refit`: another image's `fastdrag refit` file, whose weights replace each
