@@ -594,8 +594,8 @@ double Editor::warm_up() {
   const int64_t height = manifest.at("image").at("height"), width = manifest.at("image").at("width");
   const Tensor grey{{1, 3, height, width}, std::vector<float>(3 * height * width, 0.0f)};
   const Points points{{0.0f, 0.0f}, {1.0f, 1.0f}};  // one pair at the supervision size
-  const auto start = std::chrono::steady_clock::now();
   const State::Turn turn(*state_);
+  const auto start = std::chrono::steady_clock::now();  // (after the wait for its turn)
   Memory kept = std::move(state_->memory);  // what the grey edits replace, put back after them
   state_->memory = Memory{};
   try {
