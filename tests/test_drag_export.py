@@ -691,7 +691,7 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert answers[5]["id"] == "ahead" and answers[6]["id"] == 6 and "id" not in answers[7]  # a request's id comes back
     assert answers[5]["seconds"]["invert"] > 0
     assert answers[6]["error"].startswith('a preload request is {"op": "preload", "image": "IMAGE.npy"} (and "id", "deadline_s", "refit") and nothing else')
-    assert answers[7]["error"] == '"op" is "edit" (the default) or "preload", not "undo"'
+    assert answers[7]["error"] == '"op" is "edit" (the default), "preload" or "release", not "undo"'
     assert answers[8]["kept"] == {"inversion": True, "source_kv": False}
     np.testing.assert_array_equal(np.load(tmp_path / "three.npy"),
                                   standalone.edit(folder, pixels(mirrored), mirrored_points, None, drag_steps=3))
@@ -784,22 +784,30 @@ def test_the_cpp_program_answers_a_served_request_that_onnx_runtime_fails_and_se
                          "seconds": preloaded["seconds"]}
 
 
-def test_the_cpp_program_warms_up_before_serving_and_keeps_nothing_of_it(cpp_program, exported, tmp_path):
+def test_the_cpp_program_warms_up_before_serving_and_releases_what_it_keeps(cpp_program, exported, tmp_path):
     """`serve --warm-up` runs `Editor::warm_up()` (every session made and run once, on a mid-grey image) before the
     first request and says so on stderr; it keeps nothing: a first request for that same grey image inverts it
-    anew and is the standalone edit bit for bit. `--warm-up` is serve's alone."""
+    anew and is the standalone edit bit for bit. `{"op": "release"}` (`Editor::release`) frees the sessions and
+    the kept image: the edit after it inverts again and is still the standalone edit bit for bit, where the one
+    before it kept the inversion. `--warm-up` is serve's alone."""
     _, manifest, _ = exported
     image = np.zeros([1, 3, manifest.data["image"]["height"], manifest.data["image"]["width"]], np.float32)
     np.save(tmp_path / "grey.npy", image)
     points = [((10.0, 12.0), (16.0, 12.0))]
-    request = {"image": str(tmp_path / "grey.npy"), "points": pairs_json(points), "out": str(tmp_path / "out.npy"), "drag_steps": 2}
-    done = subprocess.run([str(cpp_program), "serve", str(manifest.folder), "--warm-up"], input=json.dumps(request) + "\n",
+    edit = lambda name: {"image": str(tmp_path / "grey.npy"), "points": pairs_json(points), "out": str(tmp_path / name), "drag_steps": 2}
+    lines = [edit("one.npy"), edit("two.npy"), {"op": "release", "id": 3}, {"op": "release", "image": "a.npy"}, edit("four.npy")]
+    done = subprocess.run([str(cpp_program), "serve", str(manifest.folder), "--warm-up"], input="\n".join(map(json.dumps, lines)) + "\n",
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.fullmatch(r"warm-up \d+\.\d{3} s", done.stderr.strip()), done.stderr
-    assert json.loads(done.stdout)["kept"] == {"inversion": False, "source_kv": False}
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), standalone_module().edit(manifest.folder, image, points, None,
-                                                                                          drag_steps=2))
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [answer.get("kept") for answer in answers] == [{"inversion": False, "source_kv": False}, {"inversion": True, "source_kv": True},
+                                                          None, None, {"inversion": False, "source_kv": False}]
+    assert answers[2] == {"id": 3, "released": True}
+    assert answers[3] == {"error": 'a release request is {"op": "release"} (and "id") and nothing else'}
+    expected = standalone_module().edit(manifest.folder, image, points, None, drag_steps=2)
+    for name in ("one.npy", "four.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / name), expected)
     refused = run_cpp(cpp_program, "invert", manifest.folder, tmp_path / "grey.npy", tmp_path / "z_t.npy", "--warm-up")
     assert refused.returncode == 2 and refused.stderr == "fastdrag_edit: error: --warm-up is serve's: an edit or inversion runs once\n"
 

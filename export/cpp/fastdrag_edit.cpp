@@ -222,6 +222,11 @@ static StepCallback progress_lines(const json& id) {
 // Refuse a request without the keys its op needs or with a key it does not take: a misspelt "drag_step" would
 // else be an edit at the defaults.
 static void check_keys(const json& request, const std::string& op) {
+  if (op == "release") {
+    for (const auto& [key, value] : request.items())
+      if (key != "op" && key != "id") throw InputError("a release request is {\"op\": \"release\"} (and \"id\") and nothing else");
+    return;
+  }
   static const std::set<std::string> preload{"op", "id", "image", "deadline_s", "refit"};
   static const std::set<std::string> edit{"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s", "refit"};
   if (op == "preload") {
@@ -415,7 +420,8 @@ class Editors {
 // "drag_iterations": n, "seconds": {stage: s}, "kept": {"inversion": bool, "source_kv": bool}}, or {"error": "..."}
 // for a bad request (serving goes on).
 // {"op": "preload", "image": "IMAGE.npy"} inverts the image ahead of its edit: {"preloaded": ..., "seconds":
-// {"invert": s}, "kept": {"inversion": bool}}. A request's "id", if it has one, comes back in its answer.
+// {"invert": s}, "kept": {"inversion": bool}}. {"op": "release"} frees the sessions and the kept image
+// (Editor::release): {"released": true}. A request's "id", if it has one, comes back in its answer.
 // A request still running "deadline_s" seconds after it started stops at its next step, and a line
 // {"op": "cancel", "id": X} stops request X at its next step, or before it starts if it waits: each is
 // answered {"error": "cancelled: ..."}, and, as with Editor's on_step, nothing of the stopped stage is kept.
@@ -433,12 +439,18 @@ static int serve(Editors& editors, std::optional<int> default_drag_steps, bool p
       const json request = json::parse(line->text);
       if (request.is_object() && request.contains("id")) id = request["id"];
       const std::string op = request.is_object() ? request.value("op", "edit") : "edit";
-      if (op != "edit" && op != "preload") throw InputError("\"op\" is \"edit\" (the default) or \"preload\", not \"" + op + "\"");
+      if (op != "edit" && op != "preload" && op != "release")
+        throw InputError("\"op\" is \"edit\" (the default), \"preload\" or \"release\", not \"" + op + "\"");
       check_keys(request, op);
       const StepCallback on_step = request_steps(*requests, *line, id, deadline_of(request), progress_json);
       if (requests->cancelled(line->number)) throw Cancelled("by a cancel request, before it ran");
-      Editor& editor = editors.for_request(request);
-      answer = op == "preload" ? preload_request(editor, request, on_step) : edit_request(editor, request, default_drag_steps, on_step);
+      if (op == "release") {
+        editors.current().release();
+        answer = {{"released", true}};
+      } else {
+        Editor& editor = editors.for_request(request);
+        answer = op == "preload" ? preload_request(editor, request, on_step) : edit_request(editor, request, default_drag_steps, on_step);
+      }
     } catch (const InputError& error) {
       answer = {{"error", error.what()}};
     } catch (const Cancelled& error) {

@@ -208,6 +208,12 @@ class Export {
     return *kept;
   }
 
+  // Drop every session (made again at its next use) and the initializer values they read.
+  void release() {
+    graphs_.clear();
+    values_.clear();
+  }
+
   json manifest;
   Tensor text;  // (1, tokens, dim)
 
@@ -586,6 +592,12 @@ Edited Editor::edit(const Tensor& image, const Points& points, const Tensor& lat
   Memory fresh;
   return edit_image(state_->folder, remember ? state_->memory : fresh, remember, image, points, latent_mask, drag_steps, on_stage,
                     on_step);
+}
+
+void Editor::release() {
+  const State::Turn turn(*state_);
+  state_->memory = Memory{};
+  state_->folder.release();
 }
 
 double Editor::warm_up() {

@@ -60,7 +60,7 @@ using StepCallback = std::function<void(const std::string& stage, int done, int 
 
 // One export folder's sessions (made at first use and kept, as a service keeps them between requests)
 // and what a later edit of the last image reuses. Threads may share one: its calls (invert, preload, edit,
-// warm_up) take turns, since that memory is shared; for edits in parallel, keep an Editor per worker. A call
+// warm_up, release) take turns, since that memory is shared; for edits in parallel, keep an Editor per worker. A call
 // from a callback of a running call is refused (std::logic_error): it would wait for itself.
 class Editor {
  public:
@@ -100,6 +100,9 @@ class Editor {
   // Runtime's session creation and first runs. Keeps nothing of the grey edits: what the Editor kept before
   // (the last image's inversion) is kept after. Returns its seconds.
   double warm_up();
+  // Free the sessions and what the Editor keeps (the last image's inversion, keys and values), as a service does
+  // before a long idle spell; the next call makes each session again at its first use.
+  void release();
   // A whole edit. `latent_mask` from latent_mask() or empty; `drag_steps` in place of the manifest's.
   // `remember`: reuse and keep what a repeated edit of the same image needs (its z_t; with an export
   // that has `unet_kept`, the source keys and values of its first denoising).
