@@ -79,8 +79,9 @@ def table(files: Sequence[Tuple[Optional[str], Sequence[Dict]]]) -> str:
             if row.get("variant"):  # the model's load has no variant
                 variants.setdefault(row["variant"], []).append(row)
         for name, variant_rows in variants.items():
-            lines.append(variant_row(f"{label}: {name}" if label else name, variant_rows))
-            preloaded = preload_row(f"{label}: {name}" if label else name, variant_rows)
+            shown = f"{label}: {name}" if label else name
+            lines.append(variant_row(shown, variant_rows))
+            preloaded = preload_row(shown, variant_rows)
             if preloaded:
                 preloads.append(preloaded)
     if preloads:

@@ -222,30 +222,28 @@ static StepCallback progress_lines(const json& id) {
 // Refuse a request without the keys its op needs or with a key it does not take: a misspelt "drag_step" would
 // else be an edit at the defaults.
 static void check_keys(const json& request, const std::string& op) {
-  if (op == "release") {
+  const auto unknown_keys = [&](const std::set<std::string>& known) {  // "a", "b": the request's keys not in `known`
+    std::string unknown;
     for (const auto& [key, value] : request.items())
-      if (key != "op" && key != "id") throw InputError("a release request is {\"op\": \"release\"} (and \"id\") and nothing else");
-    return;
-  }
-  static const std::set<std::string> preload{"op", "id", "image", "deadline_s", "refit"};
-  static const std::set<std::string> edit{"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s", "refit"};
-  if (op == "preload") {
-    bool other_keys = false;
-    for (const auto& [key, value] : request.items()) other_keys = other_keys || !preload.count(key);
-    if (!request.contains("image") || other_keys)
+      if (!known.count(key)) unknown += (unknown.empty() ? "\"" : ", \"") + key + "\"";
+    return unknown;
+  };
+  if (op == "release") {
+    if (!unknown_keys({"op", "id"}).empty())
+      throw InputError("a release request is {\"op\": \"release\"} (and \"id\") and nothing else");
+  } else if (op == "preload") {
+    if (!request.contains("image") || !unknown_keys({"op", "id", "image", "deadline_s", "refit"}).empty())
       throw InputError("a preload request is {\"op\": \"preload\", \"image\": \"IMAGE.npy\"} (and \"id\", \"deadline_s\", "
                        "\"refit\") and nothing else");
-    return;
+  } else {
+    if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
+      throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\", "
+                       "\"deadline_s\", \"refit\", \"id\" if wanted)");
+    const std::string unknown = unknown_keys({"op", "id", "image", "points", "out", "mask", "drag_steps", "deadline_s", "refit"});
+    if (!unknown.empty())
+      throw InputError("unknown request key(s) " + unknown +
+                       "; an edit request takes image, points, out, mask, drag_steps, deadline_s, refit and id");
   }
-  if (!request.is_object() || !request.contains("image") || !request.contains("points") || !request.contains("out"))
-    throw InputError("a request is a JSON object with \"image\", \"points\" and \"out\" (and \"mask\", \"drag_steps\", "
-                     "\"deadline_s\", \"refit\", \"id\" if wanted)");
-  std::string unknown;
-  for (const auto& [key, value] : request.items())
-    if (!edit.count(key)) unknown += (unknown.empty() ? "\"" : ", \"") + key + "\"";
-  if (!unknown.empty())
-    throw InputError("unknown request key(s) " + unknown +
-                     "; an edit request takes image, points, out, mask, drag_steps, deadline_s, refit and id");
 }
 
 // {"op": "preload", "image": "IMAGE.npy"}: the image's inversion now, kept for its edit.
@@ -365,12 +363,12 @@ static StepCallback request_steps(Requests& requests, const Requests::Line& line
   const auto ends = std::chrono::steady_clock::now() + std::chrono::duration<double>(deadline_s.value_or(0.0));
   return [=, &requests](const std::string& stage, int done, int total) {
     if (progress) progress(stage, done, total);
-    const std::string where = "in the " + stage + " stage at step " + std::to_string(done) + " of " + std::to_string(total);
-    if (requests.cancelled(line.number)) throw Cancelled("by a cancel request, " + where);
+    const auto where = [&] { return "in the " + stage + " stage at step " + std::to_string(done) + " of " + std::to_string(total); };
+    if (requests.cancelled(line.number)) throw Cancelled("by a cancel request, " + where());
     if (deadline_s && std::chrono::steady_clock::now() > ends) {
       char seconds[32];
       std::snprintf(seconds, sizeof seconds, "%g", *deadline_s);
-      throw Cancelled(std::string("past its deadline of ") + seconds + " s, " + where);
+      throw Cancelled(std::string("past its deadline of ") + seconds + " s, " + where());
     }
   };
 }
