@@ -38,7 +38,7 @@ def denoiser_for(backend, editor, manifest):
         pytest.skip("TensorRT needs the tensorrt package and a CUDA GPU (not available here)")
     from fastdrag.export.runtime import load_denoiser
 
-    return load_denoiser(backend, manifest)
+    return load_denoiser(backend, manifest, device=editor.device)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "tensorrt"])

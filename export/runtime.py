@@ -9,7 +9,7 @@ graph outputs them, and its `unet_kept` graph takes them with the edited latent 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -85,19 +85,34 @@ class _GraphDenoiser:
             self.reference, self.source_kv = False, None
 
 
+def session_providers(device: Union[str, torch.device, None], available: List[str]) -> list:
+    """ONNX Runtime's providers for graphs fed on `device` (None: torch's current GPU, or the CPU
+    where torch has none): CUDA's on that GPU by its index, then the CPU's for what CUDA lacks; the
+    CPU's alone for a CPU device or a library without CUDA. The index matters: ONNX Runtime's CUDA
+    provider otherwise runs on GPU 0, whatever GPU the inputs it is bound to live on."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class OnnxRuntimeDenoiser(_GraphDenoiser):
     """Runs the exported UNet graphs under ONNX Runtime; CUDA tensors are bound in place (no host copy)."""
 
-    def __init__(self, manifest: Manifest, providers: Optional[List[str]] = None,
-                 overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None):
+    def __init__(self, manifest: Manifest, providers: Optional[list] = None,
+                 overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None,
+                 device: Union[str, torch.device, None] = None):
         """`overrides`: per graph, initializer name -> value to use instead of the file's (another
-        image's LoRA-merged weights, from `fastdrag.export.refit`)."""
+        image's LoRA-merged weights, from `fastdrag.export.refit`). `device`: where the inputs will
+        live, which picks the providers (`session_providers`) unless `providers` are given."""
         import onnxruntime as ort
 
         super().__init__(manifest)
-        available = ort.get_available_providers()
         if providers is None:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            providers = session_providers(device, ort.get_available_providers())
         self.override_values = []  # ONNX Runtime reads them while its sessions live: keep them
         self.sessions = {}
         for name in self.graph_names:
@@ -152,11 +167,13 @@ class TensorRTDenoiser(_GraphDenoiser):
         return {name: out.clone() for name, out in engine.infer(feed).items()}  # the engine reuses its buffers
 
 
-def load_denoiser(backend: str, manifest: Manifest, overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None):
+def load_denoiser(backend: str, manifest: Manifest, overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None,
+                  device: Union[str, torch.device, None] = None):
     """The exported-graph denoiser for `backend` ('onnxruntime' or 'tensorrt'); `overrides` (ONNX
-    Runtime only) replace initializers of the UNet graphs, e.g. with another LoRA's weights."""
+    Runtime only) replace initializers of the UNet graphs, e.g. with another LoRA's weights. `device`:
+    where its inputs live (ONNX Runtime's providers follow it; TensorRT runs on the current GPU)."""
     if backend == "onnxruntime":
-        return OnnxRuntimeDenoiser(manifest, overrides=overrides)
+        return OnnxRuntimeDenoiser(manifest, overrides=overrides, device=device)
     if overrides:
         raise ConfigError(f"initializer overrides are for onnxruntime, not {backend!r}")
     if backend == "tensorrt":

@@ -681,7 +681,8 @@ class DragEditor:
                 self._graph_denoisers.popitem(last=False)
             from .export.runtime import load_denoiser
 
-            self._graph_denoisers[key] = (manifest, load_denoiser(config.backend, manifest, overrides))
+            denoiser = load_denoiser(config.backend, manifest, overrides, device=self.device)
+            self._graph_denoisers[key] = (manifest, denoiser)
         self._graph_denoisers.move_to_end(key)
         manifest, denoiser = self._graph_denoisers[key]
         touch(manifest.folder / "manifest.json")  # recently used, for `fastdrag cache --prune-to`

@@ -296,15 +296,15 @@ def test_an_editor_keeps_the_two_most_recent_exported_denoisers(editor, picture,
 
     monkeypatch.setattr(pipeline, "export_loaded", export_loaded)
 
-    def load_denoiser(backend, manifest, overrides=None):
-        loads.append(backend)
+    def load_denoiser(backend, manifest, overrides=None, device=None):
+        loads.append((backend, device))  # the editor's device picks ONNX Runtime's GPU
         return editor.denoiser
 
     monkeypatch.setattr(runtime, "load_denoiser", load_denoiser)
     for seed in (1, 2, 1, 3, 1):  # a new seed is a new LoRA, so another exported denoiser
         editor.edit(picture.image, picture.prompt, picture.points, backend="onnxruntime", seed=seed, **fast)
         assert len(editor._graph_denoisers) <= 2
-    assert len(loads) == 3  # 3 displaced 2, the least recently used, so the last edit found 1 kept
+    assert loads == [("onnxruntime", editor.device)] * 3  # 3 displaced 2, the least recently used, so the last edit found 1 kept
     editor.release()
     assert not editor._graph_denoisers
 

@@ -515,3 +515,33 @@ def test_the_manifest_schema_refuses_what_a_service_could_not_read(exported):
         breaking(data)
         assert schema_problems(data), what
 
+
+
+def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, monkeypatch):
+    """ONNX Runtime's CUDA provider runs on GPU 0 unless told its device: an editor on `cuda:1` would
+    bind its inputs there for sessions on GPU 0. The providers follow the device (checked with a
+    recording stand-in for the session: no GPU here); a CPU device keeps the graphs on the CPU."""
+    import onnxruntime as ort
+
+    from fastdrag.export.runtime import OnnxRuntimeDenoiser, session_providers
+
+    _, manifest, _, _ = exported
+    made = []
+
+    class RecordingSession:
+        def __init__(self, path, options, providers):
+            made.append((Path(path).name, providers))
+
+    monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    OnnxRuntimeDenoiser(manifest, device="cuda:1")
+    graphs = [name for name in ("unet_inversion", "unet_reference", "unet_kept") if name in manifest.data["artifacts"]]
+    assert made == [(manifest.path(name).name, [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"])
+                    for name in graphs]
+    made.clear()
+    OnnxRuntimeDenoiser(manifest, device=torch.device("cpu"))
+    assert [providers for _, providers in made] == [["CPUExecutionProvider"]] * len(graphs)
+    # a library without CUDA runs a GPU editor's graphs on the CPU (its inputs copied there and back)
+    assert session_providers("cuda:3", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    if not torch.cuda.is_available():  # no device given: torch's current GPU, or the CPU where torch has none
+        assert session_providers(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
