@@ -595,15 +595,17 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tm
             (["edit", folder, "image.npy", good, "out.npy", "--refit", other], "holds weights of model someone/else"),
             (["edit", folder, "image.npy", good, "out.npy", "--drag-steps", "x"], "--drag-steps takes a whole number"),
             (["edit", folder, "image.npy", good, "out.npy", "--fast"], "unknown option --fast"),
-            (["edit", folder, "image.npy", good, "out.npy", "--provider", "gpu"], "unknown provider gpu: cpu or cuda"),
+            (["edit", folder, "image.npy", good, "out.npy", "--provider", "gpu"], r"unknown provider gpu: cpu, cuda or cuda:N \(GPU N\)"),
+            (["edit", folder, "image.npy", good, "out.npy", "--provider", "cuda:"], "unknown provider cuda:: cpu, cuda or"),
+            (["edit", folder, "image.npy", good, "out.npy", "--provider", "cuda:-1"], "unknown provider cuda:-1: cpu, cuda or"),
             (["serve", no_drag], "has no drag graph"),
             (["invert", folder, "image.npy"], "usage: fastdrag_edit edit EXPORT_DIR")]
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # the library the program links
-        runs.append((["edit", folder, "image.npy", good, "out.npy", "--provider", "cuda"],
-                     r"provider cuda: this ONNX Runtime library \(1\.\d+\.\d+\) has no CUDAExecutionProvider, only "
-                     r".*CPUExecutionProvider; link a GPU build's library"))
+        runs += [(["edit", folder, "image.npy", good, "out.npy", "--provider", provider],
+                  rf"provider {provider}: this ONNX Runtime library \(1\.\d+\.\d+\) has no CUDAExecutionProvider, only "
+                  r".*CPUExecutionProvider; link a GPU build's library") for provider in ("cuda", "cuda:1")]
     for name, (pairs, _) in bad_points.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(pairs))
     runs += [(["edit", folder, "image.npy", tmp_path / f"{name}.json"], message) for name, (_, message) in bad_points.items()]

@@ -19,7 +19,8 @@
 //   options      --refit WEIGHTS.safetensors   another image's weights and text embeddings
 //                --drag-steps N                in place of the manifest's drag.steps (serve: unless a request says)
 //                --threads N                   ONNX Runtime's intra-op threads (default: its own)
-//                --provider cpu|cuda           where the graphs run (default cpu; cuda needs a GPU build of ONNX Runtime)
+//                --provider cpu|cuda|cuda:N    where the graphs run (default cpu; cuda, GPU 0, and cuda:N, GPU N, need a
+//                                              GPU build of ONNX Runtime)
 //                --progress-json               a JSON line on stderr per step of a looped stage:
 //                                              {"stage": "drag", "done": 3, "total": 80} (serve: with the request's "id")
 //                --quiet                       no stage times on stderr
@@ -180,9 +181,9 @@ static Options parse_options(int argc, char** argv) {
   }
   const std::string usage =
       "usage: fastdrag_edit edit EXPORT_DIR IMAGE.npy POINTS.json OUT.npy [MASK.npy] [--refit W.safetensors] [--drag-steps N] "
-      "[--threads N] [--provider cpu|cuda] [--progress-json] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy "
-      "[--refit W.safetensors] [--threads N] [--provider cpu|cuda] [--progress-json] [--quiet]\n       fastdrag_edit serve EXPORT_DIR "
-      "[--refit W.safetensors] [--drag-steps N] [--threads N] [--provider cpu|cuda] [--progress-json] [--warm-up] "
+      "[--threads N] [--provider cpu|cuda|cuda:N] [--progress-json] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy "
+      "[--refit W.safetensors] [--threads N] [--provider cpu|cuda|cuda:N] [--progress-json] [--quiet]\n       fastdrag_edit serve EXPORT_DIR "
+      "[--refit W.safetensors] [--drag-steps N] [--threads N] [--provider cpu|cuda|cuda:N] [--progress-json] [--warm-up] "
       "[--quiet]   (JSON requests on stdin)";
   const size_t given = options.positional.size();
   const std::string command = given ? options.positional[0] : "";

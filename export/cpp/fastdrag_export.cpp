@@ -179,7 +179,7 @@ class Graph {
 class Export {
  public:
   Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
-      : folder_(folder), threads_(threads), provider_(provider), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export") {
+      : folder_(folder), threads_(threads), gpu_(provider_gpu(provider)), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export") {
     check_provider(provider);
     const fs::path manifest_path = folder / "manifest.json";
     if (!fs::is_regular_file(manifest_path)) throw InputError("no manifest.json in " + folder.string() + ": not an export folder");
@@ -221,7 +221,11 @@ class Export {
   Ort::Session session(const std::string& graph) {
     Ort::SessionOptions options;
     if (threads_ > 0) options.SetIntraOpNumThreads(threads_);
-    if (provider_ == "cuda") options.AppendExecutionProvider_CUDA(OrtCUDAProviderOptions());  // GPU 0; the CPU takes what it lacks
+    if (gpu_ >= 0) {  // the CPU takes what the CUDA provider lacks
+      OrtCUDAProviderOptions cuda;
+      cuda.device_id = gpu_;
+      options.AppendExecutionProvider_CUDA(cuda);
+    }
     const Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     for (Initializer& initializer : overrides_[graph]) {
       Ort::Value value = initializer.fp16.empty()
@@ -236,15 +240,24 @@ class Export {
     return Ort::Session(env_, path.c_str(), options);
   }
 
+  // The GPU a provider names ("cuda": GPU 0, "cuda:N": GPU N), or -1 for "cpu"; anything else is refused.
+  static int provider_gpu(const std::string& provider) {
+    if (provider == "cpu") return -1;
+    if (provider == "cuda") return 0;
+    const std::string index = provider.substr(0, 5) == "cuda:" ? provider.substr(5) : "";
+    if (index.empty() || index.size() > 4 || index.find_first_not_of("0123456789") != std::string::npos)
+      throw InputError("unknown provider " + provider + ": cpu, cuda or cuda:N (GPU N)");
+    return std::stoi(index);
+  }
+
   // Refuse a provider this ONNX Runtime library cannot run, before any session is made.
   static void check_provider(const std::string& provider) {
-    if (provider != "cpu" && provider != "cuda") throw InputError("unknown provider " + provider + ": cpu or cuda");
-    if (provider == "cpu") return;
+    if (provider_gpu(provider) < 0) return;
     const std::vector<std::string> available = Ort::GetAvailableProviders();
     if (std::find(available.begin(), available.end(), "CUDAExecutionProvider") != available.end()) return;
     std::string names;
     for (const std::string& name : available) names += (names.empty() ? "" : ", ") + name;
-    throw InputError("provider cuda: this ONNX Runtime library (" + Ort::GetVersionString() + ") has no CUDAExecutionProvider, only " +
+    throw InputError("provider " + provider + ": this ONNX Runtime library (" + Ort::GetVersionString() + ") has no CUDAExecutionProvider, only " +
                      names + "; link a GPU build's library (ONNXRUNTIME_LIBRARY)");
   }
 
@@ -307,7 +320,7 @@ class Export {
 
   fs::path folder_;
   int threads_;
-  std::string provider_;
+  int gpu_;  // the CUDA provider's GPU, or -1: the CPU alone
   Ort::Env env_;
   std::map<std::string, std::vector<Initializer>> overrides_;
   std::vector<Ort::Value> values_;

@@ -66,9 +66,9 @@ class Editor {
  public:
   // `folder`: the export; `refit`: another image's `fastdrag refit` file, whose weights replace each
   // graph's initializers (refit.json says which) and whose text embeddings replace the export's;
-  // `threads`: ONNX Runtime's intra-op threads (0: its default); `provider`: where the graphs run, "cpu"
-  // or "cuda" (ONNX Runtime's CUDA execution provider on GPU 0, for a library built with it: the
-  // constructor refuses it, naming the library's providers, where it is not).
+  // `threads`: ONNX Runtime's intra-op threads (0: its default); `provider`: where the graphs run, "cpu",
+  // "cuda" or "cuda:N" (ONNX Runtime's CUDA execution provider on GPU 0 or GPU N, for a library built
+  // with it: the constructor refuses it, naming the library's providers, where it is not).
   explicit Editor(const std::filesystem::path& folder, const std::optional<std::filesystem::path>& refit = std::nullopt,
                   int threads = 0, const std::string& provider = "cpu");
   ~Editor();
