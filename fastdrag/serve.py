@@ -34,8 +34,9 @@ TUPLE_FIELDS = ("size", "sup_res", "lora_targets")  # settings a request gives a
 
 @dataclass
 class Request:
-    """One edit (or, `op` "preload", an image's LoRA and inversion ahead of its edit) a client asked for;
-    `settings` are its stage parameters by name (`drag_steps`, ...)."""
+    """One edit a client asked for (or, `op` "preload", an image's LoRA and inversion ahead of its edit; `op`
+    "release", the editor's kept memory freed before an idle spell); `settings` are its stage parameters by
+    name (`drag_steps`, ...)."""
 
     image: str
     prompt: str
@@ -67,8 +68,13 @@ def parse_request(data: Dict[str, Any]) -> Request:
         raise InputError(f"unknown request key(s) {', '.join(map(repr, unknown))}; a request takes "
                          f"{', '.join(REQUEST_KEYS)} and the edit settings (`fastdrag edit --help`)")
     op = data.get("op", "edit")
-    if op not in ("edit", "preload"):
-        raise InputError(f"request's 'op' must be \"edit\" (the default) or \"preload\"; got {op!r}")
+    if op not in ("edit", "preload", "release"):
+        raise InputError(f"request's 'op' must be \"edit\" (the default), \"preload\" or \"release\"; got {op!r}")
+    if op == "release":
+        extra = sorted(key for key in data if key not in ("id", "op"))
+        if extra:
+            raise InputError(f"a release takes only 'id' and 'op'; got {', '.join(map(repr, extra))}")
+        return Request(image="", prompt="", op=op)
     needed = ("image", "prompt", "points", "output") if op == "edit" else ("image", "prompt")
     for key in needed:
         if key not in data:
@@ -135,8 +141,8 @@ def _on_step(ident: Dict[str, Any], progress_json: bool, deadline_s: Optional[fl
 
 def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False,
            cancelled: Callable[[], bool] = lambda: False) -> Dict[str, Any]:
-    """Run what one request line asks for (an edit, written to its output, or a preload); the answer echoes
-    the request's `id`.
+    """Run what one request line asks for (an edit, written to its output, a preload or a release); the
+    answer echoes the request's `id`.
 
     A bad request, an edit refused for its input, past its `deadline_s` or out of memory is answered with
     `error`, as is an unexpected failure (its traceback logged), so that one request cannot stop the server;
@@ -151,6 +157,9 @@ def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progres
         settings = {**(defaults or {}), **request.settings}
         if cancelled():
             raise EditCancelled("by a cancel request, before it ran")
+        if request.op == "release":  # the kept graphs, inversions and exported denoisers: made again when needed
+            editor.release()
+            return {**ident, "released": True}
         on_step = _on_step(ident, progress_json, request.deadline_s, cancelled)
         if request.op == "edit":
             check_image_output(request.output, request.overwrite)

@@ -107,11 +107,27 @@ def test_a_preloaded_image_is_edited_as_a_repeated_edit_is(tiny, editor, files, 
     assert {"lora", "inversion"} <= set(preloaded["timings_s"]) and "drag" not in preloaded["timings_s"]
     assert edited["lora_cached"] and "vae_encode" not in edited["timings_s"]
     assert bad["error"].startswith("a preload takes no 'points'")
-    assert unknown["error"].startswith("request's 'op' must be \"edit\" (the default) or \"preload\"")
+    assert unknown["error"].startswith("request's 'op' must be \"edit\" (the default), \"preload\" or \"release\"")
     fresh = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "fresh", progress=False)
     expected = fresh.edit(request["image"], request["prompt"], [tuple(map(tuple, p)) for p in request["points"]],
                           mask=request["mask"], **fast)
     assert np.array_equal(pixels(folder / "out.png"), np.asarray(expected.image, dtype=np.int16))
+
+
+def test_a_release_frees_the_kept_inversion_and_the_next_edit_makes_it_again(editor, files, fast):
+    """`"op": "release"` runs `editor.release()` (before an idle spell): the image's next edit loads its LoRA
+    from the cache but encodes and inverts the image again, and writes what the first edit wrote."""
+    folder, request = files
+    edit = lambda name: {**request, "id": name, "output": str(folder / f"{name}.png")}
+    answers, failed = run(editor, [edit("first"), edit("kept"), {"op": "release", "id": "r"},
+                                   {"op": "release", "image": request["image"]}, edit("after")], defaults=fast)
+    assert failed == 1
+    first, kept, released, refused, after = answers
+    assert "vae_encode" in first["timings_s"] and "vae_encode" not in kept["timings_s"]  # the kept inversion
+    assert released == {"id": "r", "released": True}
+    assert refused == {"error": "a release takes only 'id' and 'op'; got 'image'"}
+    assert after["lora_cached"] and {"vae_encode", "inversion"} <= set(after["timings_s"])
+    assert np.array_equal(pixels(folder / "after.png"), pixels(folder / "first.png"))
 
 
 def test_an_edit_past_its_deadline_is_cancelled_and_keeps_nothing(editor, files, fast):
