@@ -205,3 +205,46 @@ def test_an_image_that_is_not_one_is_named(bad, words):
 def test_a_mask_that_is_not_numbers_is_refused_not_taken_for_no_mask(mask, words):
     with pytest.raises(InputError, match=words):
         prepare_inputs(image(), [((1, 1), (5, 5))], mask)
+
+
+def test_a_mask_reads_the_same_from_a_file_a_pil_image_and_grey_or_rgb_arrays_of_0_255_or_0_1(tmp_path):
+    """Every form a mask may take: the same pixels give the same latent mask (0-255 numbers are scaled, an
+    HxWx3 or HxWx4 array's first channel is read)."""
+    grey = np.zeros((64, 128), dtype=np.uint8)
+    grey[10:30, 20:47] = 255
+    Image.fromarray(grey).save(tmp_path / "mask.png")
+    forms = [tmp_path / "mask.png", Image.fromarray(grey), Image.fromarray(grey).convert("RGB"), grey,
+             grey.astype(np.float64) / 255, np.stack([grey] * 3, axis=2), np.dstack([grey] * 3 + [np.full_like(grey, 255)])]
+    masks = [prepare_inputs(image(128, 64), [((25, 15), (30, 20))], mask=form).mask for form in forms]
+    assert masks[0].shape == (1, 1, 64, 128) and masks[0].sum() == 20 * 27
+    for mask in masks[1:]:
+        assert np.array_equal(np.asarray(mask), np.asarray(masks[0]))
+
+
+def test_a_mask_file_that_is_not_an_image_is_named(tmp_path):
+    (tmp_path / "mask.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"mask file .*mask.png is not a readable image"):
+        prepare_inputs(image(), [((1, 1), (5, 5))], mask=tmp_path / "mask.png")
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"handles": [[1, 1]]}, "needs lists 'handles' and 'targets'"),
+    ({"handles": [[1, 1]], "targets": "[[5, 5]]"}, "needs lists 'handles' and 'targets'"),
+    ({"handles": [[1, 1], [2, 2]], "targets": [[5, 5]]}, "has 2 handles but 1 targets: points must be paired"),
+    ([[[1, 1], [5, 5]], [[1, 1]]], r"entry 1 is not a \[handle, target\] pair"),
+    ([[1, 1, 5, 5]], r"entry 0 is not a \[handle, target\] pair"),
+    ("1,1:5,5", "must hold a list of pairs or handles/targets lists"),
+])
+def test_points_json_that_is_not_pairs_is_refused_naming_its_source(data, words):
+    from fastdrag.inputs import points_from_json
+
+    with pytest.raises(InputError, match=rf"^points\.json:? {words}"):
+        points_from_json(data, "points.json")
+
+
+def test_points_json_in_either_form_gives_the_same_pairs():
+    from fastdrag.inputs import points_from_json
+
+    pairs = points_from_json([[[1, 2], [5, 6]], [[3, 4], [7, 8]]], "points.json")
+    assert [tuple(map(tuple, pair)) for pair in pairs] == \
+        [tuple(map(tuple, pair)) for pair in points_from_json({"handles": [[1, 2], [3, 4]], "targets": [[5, 6], [7, 8]]}, "x")]
