@@ -702,6 +702,39 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert not (tmp_path / "typo.npy").exists()
 
 
+def test_the_cpp_program_denoises_an_export_with_plain_first_steps_as_the_standalone_script_does(cpp_program, exported,
+                                                                                                tmp_path):
+    """An export whose `reference_control.start_step` is 3 (the graphs do not depend on it: the copy here changes
+    the manifest alone, as `tests/test_export.py` checks an export made so): the C++ program's first edit runs the
+    first three denoising steps on the batch-1 graph, and its repeated edit keeps the source keys and values of
+    the 32 swapped steps only, each bit for bit the standalone protocol's."""
+    _, manifest, _ = exported
+    folder = tmp_path / "plain-first"
+    folder.mkdir()
+    for path in manifest.folder.iterdir():
+        if path.name != "manifest.json":
+            (folder / path.name).symlink_to(path)
+    data = json.loads((manifest.folder / "manifest.json").read_text())
+    data["reference_control"]["start_step"] = 3
+    data["source_kv"]["steps"] = len(data["schedule"]["denoise"]) - 3
+    (folder / "manifest.json").write_text(json.dumps(data))
+    standalone = standalone_module()
+    case, _, _ = save_serve_images(tmp_path)
+    image = pixels(case.image)
+    requests = [{"image": str(tmp_path / "image.npy"), "points": pairs_json(points), "out": str(tmp_path / name),
+                 "drag_steps": 3} for points, name in ((case.points, "one.npy"), (SECOND, "two.npy"))]
+    done = subprocess.run([str(cpp_program), "serve", str(folder)], input="".join(json.dumps(r) + "\n" for r in requests),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = [json.loads(line) for line in done.stdout.splitlines()]
+    assert first["kept"] == {"inversion": False, "source_kv": False} and second["kept"] == {"inversion": True, "source_kv": True}
+    one = np.load(tmp_path / "one.npy")
+    np.testing.assert_array_equal(one, standalone.edit(folder, image, case.points, None, drag_steps=3))
+    np.testing.assert_array_equal(np.load(tmp_path / "two.npy"), kept_edit(folder, image, SECOND, 3))
+    swapped_throughout = standalone.edit(manifest.folder, image, case.points, None, drag_steps=3)
+    assert np.abs(one - swapped_throughout).max() > 1e-3  # the three plain steps made a difference
+
+
 def test_the_cpp_program_stops_served_requests_at_a_cancel_line_or_their_deadline_and_keeps_nothing_of_them(
         cpp_program, exported, tmp_path):
     """`fastdrag_edit serve --progress-json`: a cancel line stops its request while it runs (here in the

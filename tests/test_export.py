@@ -545,3 +545,41 @@ def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, m
     assert session_providers("cuda:3", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     if not torch.cuda.is_available():  # no device given: torch's current GPU, or the CPU where torch has none
         assert session_providers(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_an_export_with_plain_first_steps_denoises_as_pytorch_does_in_every_loop(exported, exported_kv, tmp_path):
+    """`start_step` 3: the first three denoising steps attend without the swap. The manifest says so, and the
+    loops a service models (`export/standalone.py`'s pair and kept loops, the C++ program's) and the ONNX
+    Runtime backend run those steps on the batch-1 graph and the rest on the swapping one, as PyTorch's
+    `denoise_pair` does; the source keys and values are kept for the swapped steps only."""
+    import importlib.util as loader
+    from fastdrag.config import DenoiseConfig
+    from fastdrag.ddim import DdimSchedule
+    from fastdrag.denoise import denoise_pair
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.export.runtime import OnnxRuntimeDenoiser
+
+    editor, _, merged, case = exported
+    editor.release()
+    manifest = editor.export(case.image, case.prompt, tmp_path / "out", keep_source_kv=True, start_step=3, **LORA)
+    assert manifest.data["reference_control"] == {"start_layer": 10, "start_step": 3}
+    assert manifest.data["source_kv"]["steps"] == 32
+    spec = loader.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
+    standalone = loader.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    generator = torch.Generator().manual_seed(9)
+    source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
+    pair, kept = standalone.denoise(manifest.folder, source.numpy(), edited.numpy())
+    assert len(kept) == 32
+    alone, _ = standalone.denoise(manifest.folder, source.numpy(), edited.numpy(), kept=kept)
+    assert relative_error(alone, pair[1:]) < 1e-4
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    text = torch.from_numpy(manifest.text_embedding().copy())
+    config = DenoiseConfig(start_step=3)
+    expected = denoise_pair(TorchDenoiser(merged), source, edited, text, schedule, config, progress=False)
+    assert relative_error(pair, expected) < 1e-4
+    with torch.no_grad():
+        on_runtime = denoise_pair(OnnxRuntimeDenoiser(manifest), source, edited, text, schedule, config, progress=False)
+    assert relative_error(on_runtime.numpy(), expected) < 1e-4
+    swapped_throughout, _ = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy())
+    assert relative_error(pair[1:], swapped_throughout[1:]) > 1e-3  # the three plain steps made a difference
