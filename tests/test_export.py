@@ -257,6 +257,25 @@ def test_bad_export_input(exported, tmp_path):
         load_manifest(broken)
     with pytest.raises(InputError, match="LoRA key 'feedbeef' is not in the cache"):
         editor.merged_unet_for("feedbeef")
+    with pytest.raises(ManifestError, match="no manifest.json in .*nowhere: not an export folder"):
+        load_manifest(tmp_path / "nowhere")
+    # a manifest whose graphs take another latent than its image's size makes
+    wrong = json.loads(json.dumps(data))
+    wrong["latent_shape"] = [1, 4, 8, 16]
+    manifest.data, kept = wrong, manifest.data
+    try:
+        with pytest.raises(ManifestError, match=r"unet_inversion.latents has shape \[1, 4, 8, 8\], which does not match "
+                                                r"the latent shape \[1, 4, 8, 16\] of a 64x64 image"):
+            manifest.check_size(64, 64)
+    finally:
+        manifest.data = kept
+    from safetensors.numpy import save_file
+
+    from fastdrag.export.refit import load_refit_weights
+
+    save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"other.safetensors is not a fastdrag refit-weights file \(format 'pt'\)"):
+        load_refit_weights(tmp_path / "other.safetensors")
 
 
 def test_fp16_export(exported, tmp_path):
