@@ -30,6 +30,14 @@ def relative_error(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def standalone_module():
+    """`export/standalone.py` as a module (its loops, the model of a C++ service)."""
+    spec = importlib.util.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def random_adapter(unet, seed):
     """Give `unet` an adapter with random (not freshly initialised, so not zero) LoRA weights."""
     from fastdrag.config import LoraConfig
@@ -455,16 +463,13 @@ def test_standalone_numpy_loops_keep_the_source_keys_and_values(exported, export
     """`export/standalone.py`'s `denoise`, the model of a C++ service: the pair's loop keeps each
     swapped step's keys and values, and the edited latent alone with them ends where the pair's
     edited row does; the pair's loop is PyTorch's."""
-    import importlib.util as loader
     from fastdrag.config import DenoiseConfig
     from fastdrag.ddim import DdimSchedule
     from fastdrag.denoise import denoise_pair
     from fastdrag.denoiser import TorchDenoiser
 
     editor, _, merged, _ = exported
-    spec = loader.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
-    standalone = loader.module_from_spec(spec)
-    spec.loader.exec_module(standalone)
+    standalone = standalone_module()
     generator = torch.Generator().manual_seed(8)
     source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
     pair, kept = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy())
@@ -571,7 +576,6 @@ def test_an_export_with_plain_first_steps_denoises_as_pytorch_does_in_every_loop
     loops a service models (`export/standalone.py`'s pair and kept loops, the C++ program's) and the ONNX
     Runtime backend run those steps on the batch-1 graph and the rest on the swapping one, as PyTorch's
     `denoise_pair` does; the source keys and values are kept for the swapped steps only."""
-    import importlib.util as loader
     from fastdrag.config import DenoiseConfig
     from fastdrag.ddim import DdimSchedule
     from fastdrag.denoise import denoise_pair
@@ -583,9 +587,7 @@ def test_an_export_with_plain_first_steps_denoises_as_pytorch_does_in_every_loop
     manifest = editor.export(case.image, case.prompt, tmp_path / "out", keep_source_kv=True, start_step=3, **LORA)
     assert manifest.data["reference_control"] == {"start_layer": 10, "start_step": 3}
     assert manifest.data["source_kv"]["steps"] == 32
-    spec = loader.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
-    standalone = loader.module_from_spec(spec)
-    spec.loader.exec_module(standalone)
+    standalone = standalone_module()
     generator = torch.Generator().manual_seed(9)
     source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
     pair, kept = standalone.denoise(manifest.folder, source.numpy(), edited.numpy())
