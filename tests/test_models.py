@@ -60,6 +60,30 @@ def test_unreachable_hub_id_gives_a_clear_error(monkeypatch):
         load_components("someone/some-model")
 
 
+def test_a_hub_id_loads_from_the_local_cache_first_and_a_failed_download_names_its_reason(monkeypatch):
+    """A hub id: the local cache first, with no network call; where the hub answers but the download fails,
+    the error gives the first line of the hub's reason (stand-ins for the hub: no network here)."""
+    from fastdrag import models
+
+    calls = []
+
+    def from_diffusers(source, local_files_only=False, variant=None):
+        calls.append((source, local_files_only, variant))
+        if source == "owner/cached" and local_files_only:
+            return build_tiny()
+        raise OSError("404 Client Error: Repository Not Found for url: https://huggingface.co/owner/gone\nmore detail")
+
+    monkeypatch.setattr(models, "_from_diffusers", from_diffusers)
+    monkeypatch.setattr(models, "_hub_reachable", lambda: calls.append("reachable?") or True)
+    components = load_components("owner/cached", variant="fp16")
+    assert components.identity == "hub:owner/cached" and calls == [("owner/cached", True, "fp16")]
+    calls.clear()
+    with pytest.raises(ModelLoadError, match=r"^could not load 'owner/gone' from the Hugging Face hub \(404 Client Error: "
+                                             r"Repository Not Found for url: https://huggingface.co/owner/gone\)\. Check the id"):
+        load_components("owner/gone")
+    assert calls == [("owner/gone", True, None), "reachable?", ("owner/gone", False, None)]
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
 def test_weights_reach_the_device_already_in_their_dtype(channels_last):
     """`Components.to` moves and casts each tensor in one step: no fp32 copy of a weight is ever made on
