@@ -9,6 +9,7 @@ graph outputs them, and its `unet_kept` graph takes them with the edited latent 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Dict, Iterator, List, Optional, Union
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 from ..errors import ConfigError
 from ..source_kv import SourceKV
 from .manifest import Manifest
+
+logger = logging.getLogger(__name__)
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
@@ -96,6 +99,10 @@ def session_providers(device: Union[str, torch.device, None], available: List[st
     if device.type == "cuda" and "CUDAExecutionProvider" in available:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    if device.type == "cuda":
+        logger.warning("this ONNX Runtime has no CUDA provider (only %s): the exported graphs of an editor on %s run "
+                       "on the CPU, its tensors copied there and back every step; install onnxruntime-gpu in place "
+                       "of onnxruntime", ", ".join(available), device)
     return ["CPUExecutionProvider"]
 
 

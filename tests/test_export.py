@@ -541,7 +541,7 @@ def test_the_manifest_schema_refuses_what_a_service_could_not_read(exported):
 
 
 
-def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, monkeypatch):
+def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, monkeypatch, caplog):
     """ONNX Runtime's CUDA provider runs on GPU 0 unless told its device: an editor on `cuda:1` would
     bind its inputs there for sessions on GPU 0. The providers follow the device (checked with a
     recording stand-in for the session: no GPU here); a CPU device keeps the graphs on the CPU."""
@@ -565,8 +565,12 @@ def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, m
     made.clear()
     OnnxRuntimeDenoiser(manifest, device=torch.device("cpu"))
     assert [providers for _, providers in made] == [["CPUExecutionProvider"]] * len(graphs)
-    # a library without CUDA runs a GPU editor's graphs on the CPU (its inputs copied there and back)
-    assert session_providers("cuda:3", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    # a library without CUDA runs a GPU editor's graphs on the CPU (its inputs copied there and back), and says so
+    with caplog.at_level("WARNING", logger="fastdrag"):
+        assert session_providers("cuda:3", ["AzureExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert caplog.messages == ["this ONNX Runtime has no CUDA provider (only AzureExecutionProvider, CPUExecutionProvider): "
+                               "the exported graphs of an editor on cuda:3 run on the CPU, its tensors copied there and "
+                               "back every step; install onnxruntime-gpu in place of onnxruntime"]
     if not torch.cuda.is_available():  # no device given: torch's current GPU, or the CPU where torch has none
         assert session_providers(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
