@@ -180,7 +180,7 @@ class Export {
  public:
   Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
       : folder_(folder), threads_(threads), gpu_(provider_gpu(provider)), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export") {
-    check_provider(provider);
+    if (gpu_ >= 0) require_cuda_provider(provider);
     const fs::path manifest_path = folder / "manifest.json";
     if (!fs::is_regular_file(manifest_path)) throw InputError("no manifest.json in " + folder.string() + ": not an export folder");
     manifest = json::parse(read_file(manifest_path));
@@ -250,9 +250,8 @@ class Export {
     return std::stoi(index);
   }
 
-  // Refuse a provider this ONNX Runtime library cannot run, before any session is made.
-  static void check_provider(const std::string& provider) {
-    if (provider_gpu(provider) < 0) return;
+  // Refuse a CUDA provider this ONNX Runtime library lacks, before any session is made.
+  static void require_cuda_provider(const std::string& provider) {
     const std::vector<std::string> available = Ort::GetAvailableProviders();
     if (std::find(available.begin(), available.end(), "CUDAExecutionProvider") != available.end()) return;
     std::string names;
