@@ -138,4 +138,4 @@ def _graph_runner(backend, manifest, device):
     providers = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(manifest.path("unet_drag")), providers=providers)
     names = [output.name for output in session.get_outputs()]
-    return lambda feed: dict(zip(names, session.run(None, feed)))
+    return lambda feed: dict(zip(names, session.run(None, feed), strict=True))

@@ -215,9 +215,9 @@ def edit_step_flops(editor, case) -> Tuple[int, int, int]:
     if "edit steps" not in _counted_flops:
         counts = {}
         for lora_steps, drag_steps in ((1, 1), (2, 1), (1, 2)):
-            results = []
+            results, seed = [], next(_counting_seeds)
 
-            def short(lora_steps=lora_steps, drag_steps=drag_steps, seed=next(_counting_seeds)):
+            def short(lora_steps=lora_steps, drag_steps=drag_steps, seed=seed, results=results):
                 results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, seed=seed,
                                            lora_steps=lora_steps, drag_steps=drag_steps, cuda_graphs=False))
 

@@ -71,7 +71,7 @@ def swapped_eps(unet, latent, timestep, text, paths, source_paths, skips: bool, 
     """The UNet's eps on `latent` with its skip connections and/or mid output replaced by the source's."""
     _, own_skips, own_mid = paths
     _, src_skips, src_mid = source_paths
-    skip_delta = tuple((s - o) if skips else torch.zeros_like(o) for s, o in zip(src_skips, own_skips))
+    skip_delta = tuple((s - o) if skips else torch.zeros_like(o) for s, o in zip(src_skips, own_skips, strict=True))
     mid_delta = (src_mid - own_mid) if mid else torch.zeros_like(own_mid)
     return unet(latent, timestep, encoder_hidden_states=text, down_block_additional_residuals=skip_delta,
                 mid_block_additional_residual=mid_delta).sample

@@ -219,7 +219,7 @@ def _source_kv_jobs(reference: GraphJob, inversion: GraphJob, unet, start_layer:
     with torch.no_grad(), reference.context():
         outputs = reference.module(*reference.example)
     names, dtype = source_kv_names(len(layers)), reference.spec.outputs[0].dtype
-    kv_specs = [TensorSpec(name, tuple(tensor.shape), dtype) for name, tensor in zip(names, outputs[1:])]
+    kv_specs = [TensorSpec(name, tuple(tensor.shape), dtype) for name, tensor in zip(names, outputs[1:], strict=True)]
     reference.spec.outputs += kv_specs
     kept = GraphSpec("unet_kept", inputs=list(inversion.spec.inputs) + kv_specs, outputs=list(inversion.spec.outputs))
     kept.extra["reference_control"] = {"start_layer": start_layer}
@@ -238,7 +238,7 @@ def _quiet_exporter():
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 

@@ -161,7 +161,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
 
         known_maps = {}
         total = graph_count(config.keep_source_kv) + bool(drag_points)
-        for _, job in zip(as_progress(progress).steps("export", total), jobs()):  # (steps first: it reports the last)
+        # (steps first: it reports the last; strict: a miscounted total fails instead of leaving a graph out)
+        for _, job in zip(as_progress(progress).steps("export", total), jobs(), strict=True):
             write(job)
             if job.spec.name == "unet_drag":  # its refit map before the UNet is halved
                 known_maps["unet_drag"] = _refit_map_of(staging, artifacts, "unet_drag", unet,

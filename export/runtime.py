@@ -39,7 +39,7 @@ class _GraphDenoiser:
         self.graph_names = [name for name in self.UNET_GRAPHS if name in manifest.data["artifacts"]]
         self.keeps_source_kv = "unet_kept" in self.graph_names
         tensors = manifest.data.get("source_kv", {}).get("tensors", [])
-        self.kv_tensors = list(zip(tensors[0::2], tensors[1::2]))  # (key, value) names per swapped layer
+        self.kv_tensors = list(zip(tensors[0::2], tensors[1::2], strict=True))  # (key, value) names per swapped layer
 
     def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The graph's outputs by name, each in the caller's hands (not a buffer the next run overwrites)."""
@@ -152,7 +152,8 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
             return outputs
         arrays = {name: tensor.detach().cpu().numpy().astype(_NP[dtypes[name]]) for name, tensor in feeds.items()}
         results = session.run(None, arrays)
-        return {out_spec.name: torch.from_numpy(array).to(device) for out_spec, array in zip(spec.outputs, results)}
+        return {out_spec.name: torch.from_numpy(array).to(device)
+                for out_spec, array in zip(spec.outputs, results, strict=True)}
 
 
 class TensorRTDenoiser(_GraphDenoiser):

@@ -159,7 +159,7 @@ def denoise(folder: Union[Path, Export], source: np.ndarray, edited: np.ndarray,
             outputs = swapped.run(None, feed)
             eps = outputs[0]
             if kept is None and names:
-                recorded.append(dict(zip(names, outputs[1:])))
+                recorded.append(dict(zip(names, outputs[1:], strict=True)))
         x = ddim(x, eps.astype(np.float64), step["alpha_from"], step["alpha_to"])
     return x.astype(np.float32), (recorded if kept is None and names else None)
 
@@ -212,7 +212,7 @@ def drag(folder: Union[Path, Export], z_t: np.ndarray, handles: np.ndarray, targ
         outputs = session.run(None, {**feed, "latents": latent, "handles": np.concatenate([points, padding]),
                                      "tracking": np.array([tracking], np.float32), "handle_features": features,
                                      "x_prev0": x_prev0})
-        return dict(zip(names, outputs))
+        return dict(zip(names, outputs, strict=True))
 
     latent = np.asarray(z_t, np.float32)
     anchors = run(latent, handles, 0.0, np.zeros(shape["handle_features"], np.float32), np.zeros_like(latent))

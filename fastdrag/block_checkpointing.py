@@ -45,7 +45,7 @@ def checkpointed_blocks(model: torch.nn.Module, active: bool = True) -> Iterator
     try:
         yield len(blocks)
     finally:
-        for block, (flag, func) in zip(blocks, before):
+        for block, (flag, func) in zip(blocks, before, strict=True):
             block.gradient_checkpointing = flag
             if func is None:
                 vars(block).pop("_gradient_checkpointing_func", None)

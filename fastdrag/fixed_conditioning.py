@@ -78,7 +78,7 @@ class FixedConditioning:
             self.values = values
             return
         with torch.no_grad():
-            for kept, value in zip(self.values, values):
+            for kept, value in zip(self.values, values, strict=True):
                 kept.copy_(value)
 
     def _assignments(self) -> List[Tuple[torch.nn.Module, str, object]]:
@@ -88,7 +88,7 @@ class FixedConditioning:
         kept = [(unet.time_proj, "fixed_output", t_emb), (unet.time_embedding, "fixed_output", emb),
                 (unet.time_proj, "forward", types.MethodType(_kept, unet.time_proj)),
                 (unet.time_embedding, "forward", types.MethodType(_kept, unet.time_embedding))]
-        kept += [(block, "fixed_time_projection", value) for block, value in zip(self.resnets, projections)]
+        kept += [(block, "fixed_time_projection", value) for block, value in zip(self.resnets, projections, strict=True)]
         kept += [(attn, "fixed_key_value", (self.text, key_values[2 * i], key_values[2 * i + 1]))
                  for i, attn in enumerate(self.cross_attention)]
         return kept

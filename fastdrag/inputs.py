@@ -163,7 +163,7 @@ def points_from_json(data: Any, where: str) -> list:
             raise InputError(f"{where} needs lists 'handles' and 'targets'")
         if len(handles) != len(targets):
             raise InputError(f"{where} has {len(handles)} handles but {len(targets)} targets: points must be paired")
-        return list(zip(handles, targets))
+        return list(zip(handles, targets, strict=True))
     if isinstance(data, list):
         for index, pair in enumerate(data):
             if not isinstance(pair, list) or len(pair) != 2:
@@ -237,7 +237,7 @@ def load_mask(mask: Optional[ImageLike], size: Tuple[int, int]) -> Optional[np.n
 def _warn_points_outside(mask: np.ndarray, handles_xy: np.ndarray, targets_xy: np.ndarray) -> None:
     """Warn about points outside the editable region: the mask term holds that region as it was, so
     content can neither leave a handle there nor arrive at a target there."""
-    for index, (handle, target) in enumerate(zip(handles_xy, targets_xy)):
+    for index, (handle, target) in enumerate(zip(handles_xy, targets_xy, strict=True)):
         for name, (x, y) in (("handle", handle), ("target", target)):
             if mask[int(round(y)), int(round(x))] == 0:
                 logger.warning("%s (%g, %g) of drag pair %d is outside the editable mask, which the edit keeps "

@@ -160,10 +160,10 @@ def merged_adapter(unet: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         with torch.no_grad():
-            for layer, original in zip(layers, originals):
+            for layer, original in zip(layers, originals, strict=True):
                 layer.get_base_layer().weight.copy_(original)
         unet.enable_adapters()
-        for param, flag in zip(params, trainable):  # enabling sets the adapter trainable
+        for param, flag in zip(params, trainable, strict=True):  # enabling sets the adapter trainable
             param.requires_grad_(flag)
         unet._fastdrag_merged = False
 
@@ -378,7 +378,8 @@ class LoraTrainer:
         current = lora_parameters(unet)
         return (unet is self.unet and (cuda_graph and first_weight(unet).is_cuda) == self.cuda_graph
                 and len(current) == len(self.params)
-                and all(p is q and p.data_ptr() == ptr for p, q, ptr in zip(current, self.params, self.param_storage))
+                and all(p is q and p.data_ptr() == ptr
+                        for p, q, ptr in zip(current, self.params, self.param_storage, strict=True))
                 and posterior.mean.shape == self.mean.shape and posterior.mean.device == self.mean.device
                 and text_embeddings.shape == self.text.shape
                 and dataclasses.replace(config, lora_steps=0) == dataclasses.replace(self.config, lora_steps=0)

@@ -41,7 +41,7 @@ class HalfWeights(torch.autograd.Function):
         if masters:
             torch._foreach_copy_(masters, [grads[index] for index in present])
         out: List[Optional[torch.Tensor]] = [None] * len(grads)
-        for index, master in zip(present, masters):
+        for index, master in zip(present, masters, strict=True):
             out[index] = master
         return (None, *out)
 

@@ -247,7 +247,7 @@ class Server:
         while (item := self._lines.get()) is not None:
             number, key, line = item
 
-            def cancelled() -> bool:
+            def cancelled(number: int = number) -> bool:
                 with self._lock:
                     return number in self._cancelled
 

@@ -49,7 +49,7 @@ def side_by_side(
     right = edited.convert("RGB").resize(size, Image.NEAREST)
     width = max(1, factor // 2)
     draw = ImageDraw.Draw(left)
-    for start, end in zip(_scale_points(handles, factor), _scale_points(targets, factor)):
+    for start, end in zip(_scale_points(handles, factor), _scale_points(targets, factor), strict=True):
         _arrow(draw, start, end, HANDLE, width)
         _dot(draw, start, HANDLE, 2 * width)
     draw = ImageDraw.Draw(right)

@@ -170,7 +170,7 @@ def _strides(t: torch.Tensor) -> Optional[Tuple[int, int, int]]:
     """(sample, channel, position) strides when the spatial axes flatten to one stride, else None."""
     spatial_sizes, spatial_strides = t.shape[2:], t.stride()[2:]
     expected = spatial_strides[-1]
-    for size, stride in zip(reversed(spatial_sizes), reversed(spatial_strides)):
+    for size, stride in zip(reversed(spatial_sizes), reversed(spatial_strides), strict=True):
         if size != 1 and stride != expected:
             return None
         expected = stride * size

@@ -57,8 +57,8 @@ def test_no_lora_input_round_trip_changes_no_bit(adapted_bf16_unet):
     reference_output, reference_grads = forward_backward(adapted_bf16_unet, inputs, plain_autocast())
     assert torch.isfinite(output).all() and output.abs().max() > 0
     assert torch.equal(output, reference_output)
-    assert all(g.abs().max() > 0 for g in reference_grads)
-    assert all(torch.equal(g, r) for g, r in zip(grads, reference_grads))
+    assert reference_grads and all(g.abs().max() > 0 for g in reference_grads)
+    assert all(torch.equal(g, r) for g, r in zip(grads, reference_grads, strict=True))
 
 
 def test_no_lora_input_round_trip_saves_two_copies_per_lora_call_and_two_per_input_gradient(adapted_bf16_unet):

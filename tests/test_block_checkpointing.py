@@ -47,7 +47,7 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny, blocks, pred
     loss, grads = gradients(unet, params, arguments, False, prediction_type)
     checkpointed_loss, checkpointed = gradients(unet, params, arguments, True, prediction_type)
     assert torch.isfinite(loss) and torch.equal(loss, checkpointed_loss)
-    assert all(g.abs().sum() > 0 and torch.equal(g, c) for g, c in zip(grads, checkpointed))
+    assert grads and all(g.abs().sum() > 0 and torch.equal(g, c) for g, c in zip(grads, checkpointed, strict=True))
     assert not any(block.gradient_checkpointing for block in checkpointing_blocks(unet))  # off again after
 
 
@@ -83,7 +83,8 @@ def test_checkpointed_blocks_recompute_under_the_forwards_autocast_and_half_weig
     # each block's forward, then the recomputations the backward asks for (none of blocks it does not reach)
     assert len(blocks) < len(runs) and all(runs)
     assert torch.isfinite(loss) and torch.equal(loss, checkpointed_loss)
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 and torch.equal(g, c) for g, c in zip(grads, checkpointed))
+    assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 and torch.equal(g, c)
+                         for g, c in zip(grads, checkpointed, strict=True))
 
 
 def test_checkpointed_blocks_are_what_the_unet_runs_under_checkpoint_and_are_restored(tiny, monkeypatch):
@@ -107,7 +108,7 @@ def test_checkpointed_blocks_are_what_the_unet_runs_under_checkpoint_and_are_res
     with checkpointed_blocks(unet) as count:
         assert count == len(own) > 0
     assert all(block.gradient_checkpointing and vars(block)["_gradient_checkpointing_func"] is func
-               for block, func in zip(checkpointing_blocks(unet), own))
+               for block, func in zip(checkpointing_blocks(unet), own, strict=True))
     with checkpointed_blocks(unet, active=False) as count:
         assert count == 0
 

@@ -117,11 +117,11 @@ def test_the_drag_graph_computes_pytorchs_drag_iteration(exported):
         features = torch.randn(spec["inputs"][4]["shape"], generator=generator)
         x_prev0 = latent + 0.1 * torch.randn(latent.shape, generator=generator)
         feed = graph_feed(manifest, latent, handles, targets, mask, tracking, features, x_prev0)
-        outputs = dict(zip([o["name"] for o in spec["outputs"]], graph.run(None, feed)))
+        outputs = dict(zip([o["name"] for o in spec["outputs"]], graph.run(None, feed), strict=True))
         text = torch.from_numpy(feed["text_embeddings"])
         expected = step(latent, text, handles, targets, features, x_prev0, mask, torch.full((1,), tracking))
         names = ("grad", "tracked_handles", "loss", "x_prev", "handle_features_now")
-        for name, want in zip(names, expected):
+        for name, want in zip(names, expected, strict=True):
             assert np.isfinite(outputs[name]).all(), name
             assert relative_error(outputs[name], want) < 1e-5, (name, border)
         assert np.abs(outputs["grad"]).max() > 0
@@ -414,7 +414,7 @@ def test_tensorrt_drag_engine_gives_the_onnx_graphs_gradient(exported, tmp_path)
     features = torch.randn(POINTS, manifest.data["artifacts"]["unet_drag"]["inputs"][4]["shape"][1])
     feed = graph_feed(manifest, latent, handles, targets, mask, 1.0, features, latent + 0.05)
     expected = dict(zip([o["name"] for o in manifest.data["artifacts"]["unet_drag"]["outputs"]],
-                        session(manifest.path("unet_drag")).run(None, feed)))
+                        session(manifest.path("unet_drag")).run(None, feed), strict=True))
     outputs = engine.infer({name: torch.from_numpy(value).cuda() for name, value in feed.items()})
     assert relative_error(outputs["grad"].cpu(), expected["grad"]) < 1e-3
     np.testing.assert_array_equal(outputs["tracked_handles"].cpu().numpy(), expected["tracked_handles"])

@@ -445,10 +445,10 @@ def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported, exported
     with torch.no_grad(), TorchDenoiser(merged).reference_control(10, "sdpa", source_kv=store):
         TorchDenoiser(merged)(pair, 341, text.expand(2, -1, -1))
     recorded = [tensor[0].numpy() for pair_of in store.slots.values() for tensor in pair_of]
-    assert len(recorded) == len(kv) and all(relative_error(a, b) < 1e-4 for a, b in zip(kv, recorded))
+    assert len(recorded) == len(kv) and all(relative_error(a, b) < 1e-4 for a, b in zip(kv, recorded, strict=True))
 
     run_kept = lambda latents: ort_session(exported_kv.path("unet_kept")).run(
-        None, {"latents": latents, "timestep": t, "text_embeddings": text.numpy(), **dict(zip(names, kv))})[0]
+        None, {"latents": latents, "timestep": t, "text_embeddings": text.numpy(), **dict(zip(names, kv, strict=True))})[0]
     assert relative_error(run_kept(pair[1:].numpy()), eps[1:]) < 1e-5
     assert relative_error(run_kept(pair[:1].numpy()), eps[1:]) > 1e-3  # the latent input matters
 

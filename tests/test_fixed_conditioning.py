@@ -55,8 +55,8 @@ def test_the_kept_values_give_the_forward_and_gradient_bit_for_bit_with_fewer_op
         kept = forward_and_gradient(unet, latent, timestep, text)
         again = forward_and_gradient(unet, latent + 1, timestep, text)  # another latent: still right
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
-    assert all(torch.equal(a, b) for a, b in zip(kept, stock))
-    assert all(torch.equal(a, b) for a, b in zip(again, forward_and_gradient(unet, latent + 1, timestep, text)))
+    assert all(torch.equal(a, b) for a, b in zip(kept, stock, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(again, forward_and_gradient(unet, latent + 1, timestep, text), strict=True))
     # per forward: the sinusoid's sin and cos, the MLP's and the resnets' SiLUs, a matmul for each of
     # the MLP's two layers and each resnet's projection, and three (base, LoRA down and up, the adapter
     # unmerged) for each cross-attention layer's key and value
@@ -86,10 +86,10 @@ def test_a_refresh_writes_new_text_and_weights_into_the_same_tensors(unet):
     fixed.refresh()
     assert [value.data_ptr() for value in fixed.values] == addresses
     assert torch.equal(before[0], fixed.values[0])  # the sinusoid of the same timestep
-    assert all(not torch.equal(a, b) for a, b in zip(before[1:], fixed.values[1:]))
+    assert all(not torch.equal(a, b) for a, b in zip(before[1:], fixed.values[1:], strict=True))
     with fixed.active():
         kept = forward_and_gradient(unet, latent, timestep, kept_text)
-    assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(unet, latent, timestep, new_text)))
+    assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(unet, latent, timestep, new_text), strict=True))
 
 
 def test_other_text_and_stock_blocks_compute_their_own(unet, tiny):
@@ -98,13 +98,13 @@ def test_other_text_and_stock_blocks_compute_their_own(unet, tiny):
     fixed = FixedConditioning(unet, latent, timestep, text)
     with fixed.active():
         kept = forward_and_gradient(unet, latent, timestep, other.clone())  # not the kept text: its own K/V
-    assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(unet, latent, timestep, other)))
+    assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(unet, latent, timestep, other), strict=True))
     stock = copy.deepcopy(tiny.unet)  # diffusers' blocks: only the time embedding is taken
     fixed = FixedConditioning(stock, latent, timestep, text)
     with fixed.active(), OpCount() as ops:
         kept = forward_and_gradient(stock, latent, timestep, text)
     assert ops.ops["sin"] == 0
-    assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(stock, latent, timestep, text)))
+    assert all(torch.equal(a, b) for a, b in zip(kept, forward_and_gradient(stock, latent, timestep, text), strict=True))
 
 
 def test_a_unet_with_more_than_a_plain_time_embedding_is_left_alone(tiny):

@@ -145,7 +145,7 @@ def test_a_unet_with_an_adapter_trains_on_the_same_gradients_keeping_less(tiny):
     assert install_frozen_conv(unet) == convs > 10
     loss, grads, frozen_bytes = lora_step_outputs(unet, *inputs)
     assert torch.equal(loss, stock_loss)
-    assert all(torch.equal(a, b) for a, b in zip(grads, stock_grads)) and len(grads) == len(stock_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, stock_grads, strict=True)) and len(grads) == len(stock_grads) > 0
     assert frozen_bytes < 0.9 * stock_bytes, (frozen_bytes, stock_bytes)
 
 

@@ -70,7 +70,7 @@ def test_the_fused_unet_matches_the_stock_one_through_the_triton_kernels(tiny, m
     assert fused.is_contiguous(memory_format=torch.channels_last) == stock.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(fused).all() and ((fused - stock).norm() / stock.norm()).item() <= 1e-5
     assert all(g is not None and g.abs().sum() > 0 for g in stock_grads)  # every gradient compared is there
-    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(fused_grads, stock_grads))
+    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(fused_grads, stock_grads, strict=True))
     assert worst <= 1e-4, worst
 
 

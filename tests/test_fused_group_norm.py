@@ -64,7 +64,7 @@ def test_group_norm_matches_the_oracle(shape, groups, channels_last, silu, dtype
     grads = torch.autograd.grad(y, (x, weight, bias), dy)
     expected = oracle(x, groups, weight, bias, silu, dy)
     assert y.dtype == dtype and y.stride() == x.stride() and grads[0].stride() == x.stride()
-    for name, got, want in zip(("y", "dx", "dweight", "dbias"), (y, *grads), expected):
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), (y, *grads), expected, strict=True):
         assert torch.isfinite(got).all(), name
         assert relative_error(got, want) <= TOLERANCE[dtype], (name, relative_error(got, want))
 

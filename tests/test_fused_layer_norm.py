@@ -56,7 +56,7 @@ def test_layer_norm_matches_the_oracle(shape, dtype):
     got = (y, *torch.autograd.grad(y, (x, weight, bias), dy))
     want = oracle(x, weight, bias, dy)
     assert y.dtype == dtype and y.shape == x.shape
-    for name, g, w in zip(("y", "dx", "dweight", "dbias"), got, want):
+    for name, g, w in zip(("y", "dx", "dweight", "dbias"), got, want, strict=True):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
         assert relative_error(g, w) <= TOLERANCE[dtype], (name, relative_error(g, w))
 

@@ -246,7 +246,7 @@ def test_each_sdpa_priority_is_as_exact_as_the_default_at_sd_attention_calls(cal
     with sdpa_priority(priority):
         got = run(half, grad.half())
     error = lambda a, b: ((a - b).norm() / b.norm()).item()
-    for g, d, w in zip(got, default, want):
+    for g, d, w in zip(got, default, want, strict=True):
         assert torch.isfinite(g).all()
         assert error(g, w) <= 1.25 * error(d, w) + 1e-3, (priority, error(g, w), error(d, w))
 
@@ -671,7 +671,7 @@ def test_shared_casts_under_cuda_autocast_cast_inputs_and_norm_weights_once():
     # each convolution that got an fp32 NCHW input now gets it cast and laid out in one copy: the
     # convolution's own conversion (a clone) goes (61 if CUDA's GroupNorm hands out NCHW, as it did)
     assert nchw == 0 and stock_clones - clones == stock_nchw, (stock_clones, clones, stock_nchw)
-    for got, want in zip(grads, stock_grads):
+    for got, want in zip(grads, stock_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     tiny.unet.requires_grad_(False)
 
@@ -706,7 +706,7 @@ def test_lora_weights_cast_in_two_multi_tensor_copies_on_cuda(monkeypatch):
     stock_loss, stock_grads, stock_kernels = step(False)
     tiny.unet.requires_grad_(False)
     assert layers == 128 and torch.isfinite(loss) and torch.equal(loss, stock_loss)
-    for got, want in zip(grads, stock_grads):
+    for got, want in zip(grads, stock_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     assert stock_kernels - kernels >= 4 * layers - 16, (stock_kernels, kernels)
 
@@ -748,7 +748,7 @@ def test_fp16_lora_loss_skips_peft_input_round_trip(monkeypatch):
     reference_loss, reference_grads, reference_copies = step()
     assert torch.isfinite(loss) and torch.equal(loss, reference_loss)
     assert all(r.abs().max() > 0 for r in reference_grads[:4])
-    for got, want in zip(grads, reference_grads):
+    for got, want in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     for hook in hooks:
         hook.remove()

@@ -22,7 +22,7 @@ def loop_loss(feat, handles, targets, r_m, size):
     feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False) if size else feat
     _, _, height, width = feat.shape
     total = 0.0
-    for h, g in zip(handles.tolist(), targets.tolist()):
+    for h, g in zip(handles.tolist(), targets.tolist(), strict=True):
         h, g = torch.tensor(h), torch.tensor(g)
         if (g - h).norm() < 2:
             continue
@@ -83,7 +83,7 @@ def loop_track(feat, handle_feats, handles, r_p, size):
     feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False) if size else feat
     _, _, height, width = feat.shape
     out = []
-    for f0, h in zip(handle_feats, handles.tolist()):
+    for f0, h in zip(handle_feats, handles.tolist(), strict=True):
         r1, r2 = max(0, int(h[0]) - r_p), min(height, int(h[0]) + r_p + 1)
         c1, c2 = max(0, int(h[1]) - r_p), min(width, int(h[1]) + r_p + 1)
         dist = (feat[0, :, r1:r2, c1:c2] - f0[:, None, None]).abs().sum(0)

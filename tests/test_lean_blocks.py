@@ -73,7 +73,7 @@ def test_the_lean_unet_trains_and_drags_bit_for_bit_as_the_stock_one(tiny, chann
     assert install_lean_blocks(unet) == lean_counts(unet)  # twice: the same
     lean = lora_step(unet)
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
-    assert all(torch.equal(a, b) for a, b in zip(lean, stock))
+    assert all(torch.equal(a, b) for a, b in zip(lean, stock, strict=True))
 
 
 def test_the_lean_blocks_leave_out_the_divisions_and_the_shortcut_copies(tiny):

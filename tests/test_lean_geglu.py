@@ -91,7 +91,7 @@ def test_the_lean_module_computes_the_stock_forward_and_gradients(autocast):
     assert install_lean_geglu(module) == lean_geglu_count(module) == 1
     lean = run()
     assert stock[0].dtype == (torch.bfloat16 if autocast else torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(lean, stock))
+    assert all(torch.equal(a, b) for a, b in zip(lean, stock, strict=True))
     assert remove_lean_geglu(module) == 1 and lean_geglu_count(module) == 0
     assert "forward" not in vars(module)
 

@@ -62,7 +62,7 @@ def test_a_lora_step_is_bit_for_bit_autocasts_with_two_copies_for_all_weights(ti
     loss, grads, ops = lora_step(unet, params, arguments, dtype, True, monkeypatch)
     stock_loss, stock_grads, stock_ops = lora_step(unet, params, arguments, dtype, False, monkeypatch)
     assert torch.isfinite(loss) and torch.equal(loss, stock_loss)
-    assert all(g.abs().sum() > 0 and torch.equal(g, s) for g, s in zip(grads, stock_grads))
+    assert grads and all(g.abs().sum() > 0 and torch.equal(g, s) for g, s in zip(grads, stock_grads, strict=True))
     assert stock_ops["_to_copy"] - ops["_to_copy"] == 4 * layers
     assert (ops["_foreach_copy_"], stock_ops["_foreach_copy_"]) == (2, 0)
     assert not any(half_weights(layer, adapter) for layer, adapter in lean_lora_layers(unet))  # none left after
@@ -72,14 +72,15 @@ def test_half_weights_are_autocasts_casts_and_their_gradients_keep_their_layouts
     generator = torch.Generator().manual_seed(2)
     weights = [torch.randn(shape, generator=generator).requires_grad_(True) for shape in [(16, 37), (45, 16), (3, 5)]]
     halves = HalfWeights.apply(torch.bfloat16, *weights)
-    assert all(h.dtype == torch.bfloat16 and torch.equal(h, w.detach().to(torch.bfloat16)) for h, w in zip(halves, weights))
+    assert all(h.dtype == torch.bfloat16 and torch.equal(h, w.detach().to(torch.bfloat16))
+               for h, w in zip(halves, weights, strict=True))
     grad_out = torch.randn(37, 16, generator=generator).to(torch.bfloat16).t()  # a transposed gradient
     loss = (halves[0] * grad_out).sum() + halves[1].float().square().sum()  # the third weight is not used
     got = torch.autograd.grad(loss, weights, allow_unused=True)
     stock = [w.to(torch.bfloat16) for w in weights]
     want = torch.autograd.grad((stock[0] * grad_out).sum() + stock[1].float().square().sum(), weights, allow_unused=True)
     assert got[2] is None and want[2] is None
-    for g, w in zip(got[:2], want[:2]):
+    for g, w in zip(got[:2], want[:2], strict=True):
         assert g.dtype == torch.float32 and torch.equal(g, w) and g.stride() == w.stride()
 
 
@@ -113,4 +114,5 @@ def test_a_lora_matrix_with_a_forward_hook_is_called_as_a_module(tiny, monkeypat
     loss, grads, ops = lora_step(unet, params, arguments, torch.bfloat16, True, monkeypatch)
     stock_loss, stock_grads, _ = lora_step(unet, params, arguments, torch.bfloat16, False, monkeypatch)
     assert calls == [torch.bfloat16, torch.bfloat16]
-    assert torch.equal(loss, stock_loss) and all(torch.equal(g, s) for g, s in zip(grads, stock_grads))
+    assert torch.equal(loss, stock_loss) and grads
+    assert all(torch.equal(g, s) for g, s in zip(grads, stock_grads, strict=True))

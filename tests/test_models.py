@@ -10,7 +10,7 @@ from fastdrag.models import build_tiny, load_components
 
 def test_tiny_is_deterministic_and_sd_shaped():
     first, second = build_tiny(), build_tiny()
-    for a, b in zip(first.unet.parameters(), second.unet.parameters()):
+    for a, b in zip(first.unet.parameters(), second.unet.parameters(), strict=True):
         assert torch.equal(a, b)
     unet = first.unet
     cross_up = [b for b in unet.up_blocks if getattr(b, "has_cross_attention", False)]
@@ -269,7 +269,8 @@ def test_a_folder_of_fp16_variant_weights_loads_unasked_and_a_variant_can_be_cho
     tiny.tokenizer.save_pretrained(tmp_path / "half" / "tokenizer")
     loaded = load_components(str(tmp_path / "half"))
     for name in ("unet", "vae", "text_encoder"):
-        for (key, value), stored in zip(getattr(loaded, name).state_dict().items(), getattr(tiny, name).state_dict().values()):
+        stored_values = getattr(tiny, name).state_dict().values()
+        for (key, value), stored in zip(getattr(loaded, name).state_dict().items(), stored_values, strict=True):
             assert torch.equal(value, stored.half().float()), (name, key)
     # beside plain weights (a folder of both) the plain ones load, unless the variant is asked for
     for name in ("unet", "vae", "text_encoder"):

@@ -154,7 +154,7 @@ def test_the_exported_drag_step_reads_noise_from_any_output(kind):
         schedule = DdimSchedule.from_scheduler(components.scheduler, 50, 35)
         step = drag_step(components.unet, schedule, schedule.drag_timestep, DragConfig(), (32, 32))
         outputs[name] = step(*inputs)
-    for got, expected in zip(outputs["hooked"], outputs["plain"]):
+    for got, expected in zip(outputs["hooked"], outputs["plain"], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

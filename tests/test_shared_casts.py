@@ -93,7 +93,7 @@ def test_shared_casts_train_and_drag_bit_for_bit_with_fewer_casts(tiny, dtype):
     assert install_shared_casts(unet) == layers and install_fp32_affine(unet) == norms
     shared, shared_lora, shared_drag = autocast_steps(unet)
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in stock)
-    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(shared, stock))
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(shared, stock, strict=True))
     blocks = len(transformer_blocks(unet))
     assert (blocks, norms) == (16, 109)  # SD 1.5's
     assert stock_lora["_to_copy"] - shared_lora["_to_copy"] == 6 * blocks + 2 * norms
@@ -234,7 +234,7 @@ def test_an_fp32_nchw_input_reaches_a_channels_last_convolution_in_one_copy():
     stock = [run(conv, inputs) for conv, inputs in cases] + [run(channels_last, x, autocast=False)]
     assert install_shared_casts(channels_last) == install_shared_casts(nchw) == 1
     hooked = [run(conv, inputs) for conv, inputs in cases] + [run(channels_last, x, autocast=False)]
-    for (out, grad, _), (want, want_grad, _) in zip(hooked, stock):
+    for (out, grad, _), (want, want_grad, _) in zip(hooked, stock, strict=True):
         assert torch.isfinite(want).all() and want_grad.abs().sum() > 0
         assert out.dtype == want.dtype and torch.equal(out, want) and torch.equal(grad, want_grad)
     assert [copies for *_, copies in stock] == [2, 1, 1, 2]

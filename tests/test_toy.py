@@ -45,7 +45,7 @@ def test_a_larger_world_renders_the_same_cases_scaled():
         assert large.scene.image.size == (256, 256) and large.mask.shape == (256, 256)
         assert large.scene.prompt == small.scene.prompt
         assert np.allclose(large.handle, np.multiply(small.handle, 2)) and np.allclose(large.target, np.multiply(small.target, 2))
-        for a, b in zip(small.scene.shapes, large.scene.shapes):
+        for a, b in zip(small.scene.shapes, large.scene.shapes, strict=True):
             assert b.size == pytest.approx(2 * a.size) and b.mask.sum() == pytest.approx(4 * a.mask.sum(), rel=0.2)  # rasterised edges
 
 
@@ -117,9 +117,11 @@ def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_pat
     assert load_toy().identity == builtin.identity
     from fastdrag.models import load_components  # what `--model DIR` loads: the trained folder itself
     assert load_components(str(tmp_path / "tuned")).identity == tuned.identity
-    vae_equal = all(torch.equal(a, b) for a, b in zip(tuned.vae.state_dict().values(), builtin.vae.state_dict().values()))
+    vae_equal = all(torch.equal(a, b)
+                    for a, b in zip(tuned.vae.state_dict().values(), builtin.vae.state_dict().values(), strict=True))
     assert vae_equal
-    changed = [not torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), builtin.unet.state_dict().values())]
+    changed = [not torch.equal(a, b)
+               for a, b in zip(tuned.unet.state_dict().values(), builtin.unet.state_dict().values(), strict=True)]
     assert any(changed)
     # a second run resumes at the end and trains nothing more
     train_toy(tmp_path / "tuned", budget, device="cpu", progress=False)
@@ -139,11 +141,11 @@ def test_decoder_fine_tuning_of_a_reused_vae_keeps_the_latent_space(tmp_path):
     assert json.loads((tmp_path / "unet.json").read_text())["scene_size"] == 64  # what the UNet was trained at
     assert {image.shape for image, _ in _scenes(3, 0, 64)} == {(64, 64, 3)}
     tuned, builtin = load_toy(tmp_path), load_toy()
-    for (name, a), b in zip(tuned.vae.state_dict().items(), builtin.vae.state_dict().values()):
+    for (name, a), b in zip(tuned.vae.state_dict().items(), builtin.vae.state_dict().values(), strict=True):
         if name.startswith(("encoder.", "quant_conv.")):
             assert torch.equal(a, b), name
     assert any(not torch.equal(a, b) for name, a, b in
-               zip(tuned.vae.state_dict(), tuned.vae.state_dict().values(), builtin.vae.state_dict().values())
+               zip(tuned.vae.state_dict(), tuned.vae.state_dict().values(), builtin.vae.state_dict().values(), strict=True)
                if name.startswith("decoder."))
     assert tuned.scaling_factor == builtin.scaling_factor
 
@@ -176,7 +178,7 @@ def test_colour_error_measures_the_mean_colour_of_shape_interiors():
     assert float(_colour_error(exact, scenes)) < 1e-6
     shifted = exact.clone()
     offset = torch.tensor([0.1, -0.05, 0.0])[:, None]
-    for image, scene in zip(shifted, scenes):
+    for image, scene in zip(shifted, scenes, strict=True):
         for shape in scene.shapes:
             inner = torch.from_numpy(interior(shape.mask))
             image[:, inner] += offset                     # interiors off by a known colour

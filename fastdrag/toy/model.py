@@ -72,7 +72,7 @@ def load_toy(folder: Path = WEIGHTS) -> Components:
                              "train them with `fastdrag toy train --out DIR`")
     vae, unet, text = toy_vae(), toy_unet(), toy_text_encoder()
     digest = hashlib.sha256()
-    for name, module in zip(PARTS, (vae, unet, text)):
+    for name, module in zip(PARTS, (vae, unet, text), strict=True):
         data = (folder / f"{name}.safetensors").read_bytes()
         digest.update(data)
         module.load_state_dict({k: v.float() for k, v in load(data).items()})

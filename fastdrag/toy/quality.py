@@ -111,7 +111,7 @@ def vae_quality(components, case: DragCase) -> tuple:
 def contact_sheet(cases: List[DragCase], outputs: List[np.ndarray], scale: int = 2) -> Image.Image:
     """One row per case: input | target overlay (mask tinted, handle -> target) | output."""
     rows = []
-    for case, output in zip(cases, outputs):
+    for case, output in zip(cases, outputs, strict=True):
         source = case.scene.image.convert("RGB")
         overlay = Image.composite(Image.new("RGB", source.size, (255, 255, 255)), source,
                                   Image.fromarray((case.mask > 0.5).astype(np.uint8) * 80))

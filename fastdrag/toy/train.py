@@ -193,7 +193,7 @@ def _colour_error(recon: torch.Tensor, scenes) -> torch.Tensor:
     pixels of a 128 px image); this term holds the mean itself.
     """
     errors = []
-    for image, scene in zip(recon, scenes):
+    for image, scene in zip(recon, scenes, strict=True):
         for shape in scene.shapes:
             inner = torch.from_numpy(interior(shape.mask)).to(recon.device)
             if inner.any():
