@@ -849,10 +849,26 @@ def test_the_cpp_program_warms_up_before_serving_and_releases_what_it_keeps(cpp_
 
 SERVICE_CMAKE = """cmake_minimum_required(VERSION 3.18)
 project(service LANGUAGES CXX)
-add_subdirectory({library} fastdrag_export EXCLUDE_FROM_ALL)
+find_package(fastdrag_export 0.1 CONFIG REQUIRED)
 add_executable(service service.cpp)
-target_link_libraries(service PRIVATE fastdrag_export)
+target_link_libraries(service PRIVATE fastdrag::fastdrag_export)
 """
+
+
+def installed_and_moved(cpp_program: Path, tmp_path: Path) -> Path:
+    """`cmake --install` of the C++ build into a folder, then that folder moved: a service's image copies it."""
+    installed = subprocess.run(["cmake", "--install", str(cpp_program.parent), "--prefix", str(tmp_path / "installed")],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, (installed.stdout + installed.stderr)[-3000:]
+    return (tmp_path / "installed").rename(tmp_path / "moved")
+
+
+def build_cmake_project(folder: Path, *definitions: str) -> None:
+    configured = subprocess.run(["cmake", "-S", str(folder), "-B", str(folder / "build"), *definitions],
+                                capture_output=True, text=True, timeout=600)
+    assert configured.returncode == 0, configured.stderr[-3000:]
+    built = subprocess.run(["cmake", "--build", str(folder / "build"), "-j", "2"], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
 
 # A service of its own that embeds the library: an edit stopped by its on_step in the denoising, then the edit; a
 # call from a running call's callback; two threads sharing the Editor.
@@ -913,10 +929,13 @@ int main(int argc, char** argv) {
 """
 
 
-def test_a_cpp_service_of_its_own_embeds_the_library_stops_an_edit_from_its_on_step_and_shares_the_editor(
+def test_a_cpp_service_of_its_own_builds_on_the_installed_library_stops_an_edit_from_its_on_step_and_shares_the_editor(
         cpp_program, exported, tmp_path):
-    """A CMake project of a service's own takes the library with `add_subdirectory(export/cpp)` and links
-    `fastdrag_export` (README, "A C++ service"). Its `on_step` throws in the denoising of the image's first edit:
+    """The C++ build installed (`cmake --install`) and the folder moved elsewhere holds the program, the library,
+    the headers, ONNX Runtime's library and headers, and a CMake package naming none of the folders it came from
+    or went to. The moved program runs (its run path is its own folder's) and inverts as standalone.py does. A
+    CMake project of a service's own takes the library with `find_package(fastdrag_export)` from the moved
+    folder alone (README, "A C++ service"). Its `on_step` throws in the denoising of the image's first edit:
     the edit stops there, and the next edit keeps the finished inversion but not the half-recorded keys and
     values (`kept_source_kv` false) and is the standalone edit bit for bit. A call from a running call's
     callback is refused with `std::logic_error`. Two threads' edits of two images on one Editor take turns:
@@ -925,22 +944,35 @@ def test_a_cpp_service_of_its_own_embeds_the_library_stops_an_edit_from_its_on_s
     from fastdrag.demo import demo_case
 
     _, manifest, _ = exported
-    cache = (cpp_program.parent / "CMakeCache.txt").read_text()
-    found = {key: re.search(rf"^{key}:\w+=(.*)$", cache, re.M)[1] for key in ("ONNXRUNTIME_INCLUDE_DIR", "ONNXRUNTIME_LIBRARY")}
-    (tmp_path / "CMakeLists.txt").write_text(SERVICE_CMAKE.format(library=ROOT / "export" / "cpp"))
-    (tmp_path / "service.cpp").write_text(SERVICE_CPP)
-    configured = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"),
-                                 *(f"-D{key}={value}" for key, value in found.items())], capture_output=True, text=True, timeout=600)
-    assert configured.returncode == 0, configured.stderr[-3000:]
-    built = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2"], capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
-
     standalone, folder = standalone_module(), manifest.folder
     image, other = pixels(demo_case().image), pixels(mirrored_case()[0])
+    moved = installed_and_moved(cpp_program, tmp_path)
+    runtime = moved / "lib" / "libonnxruntime.so.1"
+    assert runtime.is_file() and not runtime.is_symlink()
+    beside = (cpp_program.parent / "onnxruntime-lib" / "libonnxruntime.so.1").resolve().parent
+    providers = sorted(path.name for path in beside.glob("libonnxruntime_providers_*.so"))  # (the wheel has one)
+    assert providers and all((moved / "lib" / name).is_file() for name in providers)
+    for header in ("fastdrag_export.hpp", "onnxruntime/onnxruntime_cxx_api.h"):
+        assert (moved / "include" / header).is_file(), header
+    package = sorted((moved / "lib" / "cmake" / "fastdrag_export").glob("*.cmake"))
+    assert {path.name for path in package} >= {"fastdrag_exportConfig.cmake", "fastdrag_exportConfigVersion.cmake"}
+    for path in package:
+        for folder_named in (tmp_path, cpp_program.parent, ROOT):
+            assert str(folder_named) not in path.read_text(), (path.name, folder_named)
+    np.save(tmp_path / "image.npy", image)
+    inverted = run_cpp(moved / "bin" / "fastdrag_edit", "invert", folder, tmp_path / "image.npy", tmp_path / "z_t.npy", "--quiet")
+    assert inverted.returncode == 0, inverted.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "z_t.npy"), standalone.invert(folder, image))
+
+    service = tmp_path / "service"
+    service.mkdir()
+    (service / "CMakeLists.txt").write_text(SERVICE_CMAKE)
+    (service / "service.cpp").write_text(SERVICE_CPP)
+    build_cmake_project(service, f"-DCMAKE_PREFIX_PATH={moved}")
     image.tofile(tmp_path / "image.f32")
     other.tofile(tmp_path / "other.f32")
     points = demo_case().points
-    done = run_cpp(tmp_path / "build" / "service", folder, tmp_path / "image.f32", tmp_path / "other.f32",
+    done = run_cpp(service / "build" / "service", folder, tmp_path / "image.f32", tmp_path / "other.f32",
                    json.dumps(pairs_json(points)), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     stopped, refused, turns = done.stdout.splitlines()
@@ -953,6 +985,40 @@ def test_a_cpp_service_of_its_own_embeds_the_library_stops_an_edit_from_its_on_s
     expected = kept_edit(folder, image, points, 3) if first_kept else standalone.edit(folder, image, points, None, drag_steps=3)
     np.testing.assert_array_equal(load("first"), expected)
     np.testing.assert_array_equal(load("second"), standalone.edit(folder, other, points, None, drag_steps=3))
+
+
+def test_a_cpp_project_takes_the_library_from_the_source_tree_with_add_subdirectory(cpp_program, exported, tmp_path):
+    """Without installing: a CMake project's `add_subdirectory(export/cpp)` (given ONNX Runtime's headers and
+    library as build.sh found them) builds the library and links it as `fastdrag::fastdrag_export`, the
+    installed package's name."""
+    _, manifest, _ = exported
+    cache = (cpp_program.parent / "CMakeCache.txt").read_text()
+    found = {key: re.search(rf"^{key}:\w+=(.*)$", cache, re.M)[1] for key in ("ONNXRUNTIME_INCLUDE_DIR", "ONNXRUNTIME_LIBRARY")}
+    (tmp_path / "CMakeLists.txt").write_text(SOURCE_TREE_CMAKE.format(library=ROOT / "export" / "cpp"))
+    (tmp_path / "main.cpp").write_text(SOURCE_TREE_CPP)
+    build_cmake_project(tmp_path, *(f"-D{key}={value}" for key, value in found.items()))
+    done = run_cpp(tmp_path / "build" / "main", manifest.folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == manifest.data["image"]
+
+
+SOURCE_TREE_CMAKE = """cmake_minimum_required(VERSION 3.18)
+project(main LANGUAGES CXX)
+add_subdirectory({library} fastdrag_export EXCLUDE_FROM_ALL)
+add_executable(main main.cpp)
+target_link_libraries(main PRIVATE fastdrag::fastdrag_export)
+"""
+
+SOURCE_TREE_CPP = """#include "fastdrag_export.hpp"
+
+#include <cstdio>
+
+int main(int, char** argv) {
+  const fastdrag::Editor editor(argv[1]);
+  std::printf("%s\\n", editor.manifest()["image"].dump().c_str());
+  return 0;
+}
+"""
 
 
 def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build fastdrag_edit with CMake against the installed onnxruntime Python package's library.
 #
-#   bash export/cpp/build.sh [BUILD_DIR]        (default: export/cpp/build; the program is BUILD_DIR/fastdrag_edit)
+#   bash export/cpp/build.sh [BUILD_DIR] [PREFIX]   (default: export/cpp/build; the program is BUILD_DIR/fastdrag_edit)
+#
+# With PREFIX, the build is then installed there (`cmake --install`): PREFIX/bin/fastdrag_edit, the library,
+# the headers, ONNX Runtime's headers and library, and the CMake package `find_package(fastdrag_export)` finds.
 #
 # Headers: $ONNXRUNTIME_INCLUDE_DIR, else export/cpp/onnxruntime-headers (fetch_onnxruntime_headers.sh
 # puts them there), else /usr/include/onnxruntime. Library: $ONNXRUNTIME_LIBRARY, else the Python
@@ -34,4 +37,9 @@ if [ -z "$library" ]; then
 fi
 cmake -S "$here" -B "$build" -DONNXRUNTIME_INCLUDE_DIR="$include" -DONNXRUNTIME_LIBRARY="$library" > "$build/configure.log"
 cmake --build "$build" -j 2 > "$build/build.log" || { cat "$build/build.log" >&2; exit 1; }
-echo "$build/fastdrag_edit"
+if [ -n "${2:-}" ]; then
+  cmake --install "$build" --prefix "$2" > "$build/install.log" || { cat "$build/install.log" >&2; exit 1; }
+  echo "$(cd "$2" && pwd)/bin/fastdrag_edit"
+else
+  echo "$build/fastdrag_edit"
+fi
