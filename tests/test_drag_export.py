@@ -856,10 +856,13 @@ target_link_libraries(service PRIVATE fastdrag::fastdrag_export)
 
 
 def installed_and_moved(cpp_program: Path, tmp_path: Path) -> Path:
-    """`cmake --install` of the C++ build into a folder, then that folder moved: a service's image copies it."""
-    installed = subprocess.run(["cmake", "--install", str(cpp_program.parent), "--prefix", str(tmp_path / "installed")],
-                               capture_output=True, text=True, timeout=300)
-    assert installed.returncode == 0, (installed.stdout + installed.stderr)[-3000:]
+    """The C++ build installed into a folder by `build.sh BUILD_DIR PREFIX` (`cmake --install`, the build being
+    up to date), then that folder moved, as a service's image copies it."""
+    installed = subprocess.run(["bash", str(ROOT / "export" / "cpp" / "build.sh"), str(cpp_program.parent),
+                                str(tmp_path / "installed")], capture_output=True, text=True, timeout=900,
+                               env={**os.environ, "PYTHON": sys.executable})
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    assert installed.stdout.splitlines()[-1] == str(tmp_path / "installed" / "bin" / "fastdrag_edit")
     return (tmp_path / "installed").rename(tmp_path / "moved")
 
 
@@ -931,11 +934,11 @@ int main(int argc, char** argv) {
 
 def test_a_cpp_service_of_its_own_builds_on_the_installed_library_stops_an_edit_from_its_on_step_and_shares_the_editor(
         cpp_program, exported, tmp_path):
-    """The C++ build installed (`cmake --install`) and the folder moved elsewhere holds the program, the library,
-    the headers, ONNX Runtime's library and headers, and a CMake package naming none of the folders it came from
-    or went to. The moved program runs (its run path is its own folder's) and inverts as standalone.py does. A
-    CMake project of a service's own takes the library with `find_package(fastdrag_export)` from the moved
-    folder alone (README, "A C++ service"). Its `on_step` throws in the denoising of the image's first edit:
+    """The C++ build installed (`build.sh BUILD_DIR PREFIX`) and the folder moved elsewhere holds the program,
+    the library, the headers, ONNX Runtime's library, providers and headers, and a CMake package naming none of
+    the folders it came from or went to. The moved program runs (its run path is its own folder's) and inverts
+    as standalone.py does. A CMake project of a service's own takes the library with
+    `find_package(fastdrag_export)` from the moved folder alone (README, "A C++ service"). Its `on_step` throws in the denoising of the image's first edit:
     the edit stops there, and the next edit keeps the finished inversion but not the half-recorded keys and
     values (`kept_source_kv` false) and is the standalone edit bit for bit. A call from a running call's
     callback is refused with `std::logic_error`. Two threads' edits of two images on one Editor take turns:
