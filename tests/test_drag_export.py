@@ -617,8 +617,25 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tm
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert lines[0].startswith("fastdrag_edit: error: ") and re.search(message, done.stderr), (message, done.stderr)
-        assert len(lines) == (3 if message.startswith("usage") else 1), done.stderr
+        assert len(lines) == (4 if message.startswith("usage") else 1), done.stderr
         assert not (tmp_path / "out.npy").exists()
+
+
+def test_the_cpp_program_names_fastdrags_version_the_schema_it_reads_and_its_onnx_runtime(cpp_program):
+    """`fastdrag_edit --version` (what a service logs of what it runs) names fastdrag's version, the manifest
+    schema version the C++ code reads and the ONNX Runtime library it runs on; the CMake package's version
+    (CMakeLists.txt's project, which `find_package(fastdrag_export 0.1)` checks) is fastdrag's too."""
+    import onnxruntime
+
+    from fastdrag import __version__
+    from fastdrag.export.manifest import SCHEMA_VERSION
+
+    done = run_cpp(cpp_program, "--version")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout == (f"fastdrag_edit {__version__} (manifest schema version {SCHEMA_VERSION}, "
+                           f"ONNX Runtime {onnxruntime.__version__})\n")
+    cmake = (ROOT / "export" / "cpp" / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\(fastdrag_edit VERSION (\S+) ", cmake, re.M)[1] == __version__
 
 
 def to_supervision(points, data) -> np.ndarray:

@@ -184,7 +184,7 @@ static Options parse_options(int argc, char** argv) {
       "[--threads N] [--provider cpu|cuda|cuda:N] [--progress-json] [--quiet]\n       fastdrag_edit invert EXPORT_DIR IMAGE.npy OUT.npy "
       "[--refit W.safetensors] [--threads N] [--provider cpu|cuda|cuda:N] [--progress-json] [--quiet]\n       fastdrag_edit serve EXPORT_DIR "
       "[--refit W.safetensors] [--drag-steps N] [--threads N] [--provider cpu|cuda|cuda:N] [--progress-json] [--warm-up] "
-      "[--quiet]   (JSON requests on stdin)";
+      "[--quiet]   (JSON requests on stdin)\n       fastdrag_edit --version";
   const size_t given = options.positional.size();
   const std::string command = given ? options.positional[0] : "";
   if (!((command == "edit" && (given == 5 || given == 6)) || (command == "invert" && given == 4) || (command == "serve" && given == 2)))
@@ -469,6 +469,11 @@ static int serve(Editors& editors, std::optional<int> default_drag_steps, bool p
 }
 
 static int run(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "--version") {  // what a service logs of what it runs
+    std::printf("fastdrag_edit %s (manifest schema version %d, ONNX Runtime %s)\n", fastdrag::kVersion,
+                fastdrag::kManifestSchemaVersion, Ort::GetVersionString().c_str());
+    return 0;
+  }
   const Options options = parse_options(argc, argv);
   const std::vector<std::string>& args = options.positional;
   Editors editors(options);  // (serve changes it per request; the other commands run on the command's)

@@ -184,9 +184,9 @@ class Export {
     const fs::path manifest_path = folder / "manifest.json";
     if (!fs::is_regular_file(manifest_path)) throw InputError("no manifest.json in " + folder.string() + ": not an export folder");
     manifest = json::parse(read_file(manifest_path));
-    if (manifest.value("schema_version", 0) != 1)
+    if (manifest.value("schema_version", 0) != kManifestSchemaVersion)
       throw InputError(manifest_path.string() + " has schema version " + manifest.value("schema_version", json()).dump() +
-                       "; this code reads version 1");
+                       "; this code reads version " + std::to_string(kManifestSchemaVersion));
     const json& entry = manifest["artifacts"]["text_embedding"];
     const std::string raw = read_file(folder / entry["file"].get<std::string>());
     text.shape = entry["shape"].get<std::vector<int64_t>>();

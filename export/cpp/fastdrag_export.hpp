@@ -22,6 +22,11 @@
 
 namespace fastdrag {
 
+// fastdrag's version (the Python package's, and the CMake package's: tests/test_drag_export.py keeps them equal)
+// and the manifest schema version this code reads.
+inline constexpr const char* kVersion = "0.1.0";
+inline constexpr int kManifestSchemaVersion = 1;
+
 // Bad input or an export this code cannot serve; the message names the problem.
 struct InputError : std::runtime_error {
   using std::runtime_error::runtime_error;
