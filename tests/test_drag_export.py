@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from standalone_loader import standalone_module
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
 
@@ -29,13 +30,6 @@ def session(model):
 
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-
-
-def standalone_module():
-    spec = importlib.util.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pixels(image) -> np.ndarray:

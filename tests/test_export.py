@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
 
 from fastdrag.attention import reference_control
 from fastdrag.errors import InputError, OutputExistsError
+from standalone_loader import standalone_module
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(lora_steps=2)
@@ -28,14 +29,6 @@ def ort_session(path):
 def relative_error(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def standalone_module():
-    """`export/standalone.py` as a module (its loops, the model of a C++ service)."""
-    spec = importlib.util.spec_from_file_location("standalone", ROOT / "export" / "standalone.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def random_adapter(unet, seed):
