@@ -1035,22 +1035,47 @@ int main(int, char** argv) {
 """
 
 
-def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported, tmp_path):
+@pytest.fixture(scope="module")
+def exported_fp16(exported, tmp_path_factory):
+    """The demo picture's export in fp16, with the drag graph for two point pairs and the kept graph."""
+    from fastdrag.demo import demo_case
+    from fastdrag.export import export_loaded
+
+    editor, _, _ = exported
+    text = editor.text_embeddings(demo_case().prompt)
+    return export_loaded(editor.components, "k", editor.config.lora, (64, 64), text,
+                         editor.config.replace(keep_source_kv=True), tmp_path_factory.mktemp("fp16") / "out",
+                         fp16=True, drag_points=POINTS)
+
+
+def test_an_fp16_export_has_fp16_unet_graphs_beside_an_fp32_drag_graph_and_vae(exported_fp16):
+    """fp16 UNet graphs (inputs, outputs, kept keys and values, weights); the drag graph in fp32 (its
+    gradient would underflow in fp16) and SD's VAE in fp32 (force_upcast)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graphs = exported_fp16.graphs
+    assert graphs["unet_inversion"].inputs[0].dtype == "float16" and graphs["unet_reference"].outputs[0].dtype == "float16"
+    assert graphs["unet_kept"].inputs[-1].dtype == "float16"  # a source key or value
+    assert graphs["unet_drag"].inputs[0].dtype == "float32" and graphs["unet_drag"].outputs[0].dtype == "float32"
+    assert graphs["vae_decoder"].inputs[0].dtype == "float32"
+    assert exported_fp16.data["precision"] == {"unet": "fp16", "vae": "fp32"}
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(exported_fp16.path("unet_inversion"))).graph.initializer]
+    large = [w for w in weights if w.size >= 256 and w.dtype.kind == "f"]
+    assert large and all(w.dtype == np.float16 for w in large)
+    drag_weights = [numpy_helper.to_array(i) for i in onnx.load(str(exported_fp16.path("unet_drag"))).graph.initializer]
+    assert any(w.size >= 256 for w in drag_weights) and all(w.dtype != np.float16 for w in drag_weights)
+
+
+def test_the_cpp_program_edits_an_fp16_export_as_the_standalone_script_does(cpp_program, exported_fp16, tmp_path):
     """On an fp16 export (fp16 UNet graphs, fp32 drag graph and VAE) the C++ program's edit is the standalone
     script's bit for bit: its float64 latents go to the fp16 inputs in one rounding, as numpy's astype does
     (through float32 they would differ by up to 3e-5 in a run I measured). `serve`'s repeated edit, with the
     source keys and values kept in fp16 as the graph gives them, is the standalone kept protocol's bit for bit."""
     from fastdrag.demo import demo_case
-    from fastdrag.export import export_loaded
 
-    editor, _, _ = exported
+    half = exported_fp16
     case = demo_case()
-    text = editor.text_embeddings(case.prompt)
-    half = export_loaded(editor.components, "k", editor.config.lora, (64, 64), text, editor.config.replace(keep_source_kv=True),
-                         tmp_path / "fp16", fp16=True, drag_points=2)
-    graphs = half.graphs
-    assert graphs["unet_inversion"].inputs[0].dtype == "float16" and graphs["unet_drag"].inputs[0].dtype == "float32"
-    assert graphs["unet_kept"].inputs[-1].dtype == "float16"  # a source key or value
     image = pixels(case.image)
     np.save(tmp_path / "image.npy", image)
     np.save(tmp_path / "mask.npy", np.asarray(case.mask))

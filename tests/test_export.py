@@ -222,23 +222,6 @@ def test_refit_map_covers_every_lora_weight_and_refits_to_another_image(exported
         assert relative_error(eps, merged(x, 300, text).sample) > 1e-3
 
 
-def test_edit_on_onnxruntime_matches_torch(editor, picture, fast):
-    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, **fast)
-    steps = []  # the exported denoiser's stages report their steps as the PyTorch one's do
-    on_ort = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
-                         on_step=lambda stage, done, total: steps.append(stage), **fast)
-    assert "export" in on_ort.timings and on_ort.lora_cached
-    assert {"inversion", "denoise"} <= set(steps) and "lora" not in steps  # the LoRA came from the cache
-    difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(on_ort.image, dtype=np.int16))
-    assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
-    assert on_torch.handles == on_ort.handles
-    (manifest,) = (editor.cache.directory / "exports").glob("*/manifest.json")
-    os.utime(manifest, (1, 1))
-    again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime", **fast)
-    assert "export" in again.timings and again.timings["export"] < on_ort.timings["export"] / 5  # reused, not re-exported
-    assert manifest.stat().st_mtime > 1  # marked as used, for `fastdrag cache --prune-to`
-
-
 def test_bad_export_input(exported, tmp_path):
     from fastdrag.export import ManifestError, load_manifest
 
@@ -277,25 +260,6 @@ def test_bad_export_input(exported, tmp_path):
     save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"other.safetensors is not a fastdrag refit-weights file \(format 'pt'\)"):
         load_refit_weights(tmp_path / "other.safetensors")
-
-
-def test_fp16_export(exported, tmp_path):
-    from fastdrag.export import export_loaded
-    from fastdrag.vae import encode_prompt
-
-    editor, manifest, merged, case = exported
-    text = encode_prompt(editor.components.tokenizer, editor.components.text_encoder, case.prompt)
-    half = export_loaded(editor.components, "k", editor.config.lora, (64, 64), text, editor.config, tmp_path / "fp16", fp16=True)
-    specs = half.graphs
-    assert specs["unet_inversion"].inputs[0].dtype == "float16" and specs["unet_reference"].outputs[0].dtype == "float16"
-    assert specs["vae_decoder"].inputs[0].dtype == "float32"  # SD's VAE is kept in fp32 (force_upcast)
-    assert half.data["precision"] == {"unet": "fp16", "vae": "fp32"}
-    import onnx
-    from onnx import numpy_helper
-
-    weights = [numpy_helper.to_array(i) for i in onnx.load(str(half.path("unet_inversion"))).graph.initializer]
-    large = [w for w in weights if w.size >= 256 and w.dtype.kind == "f"]
-    assert large and all(w.dtype == np.float16 for w in large)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
@@ -362,13 +326,28 @@ def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported
     assert not torch.equal(weights[min(weights)], dict(merged.named_parameters())[min(weights)])
 
 
-def test_onnxruntime_edits_of_new_images_reuse_one_export_with_their_lora_weights(editor, picture, fast):
-    """A second image (here: another LoRA seed) runs on the first one's graphs, its merged weights
-    passed to ONNX Runtime as initializer overrides: no second export, and the same edit as PyTorch's."""
+def test_onnxruntime_edits_match_torch_and_reuse_one_export_for_the_image_and_new_ones(editor, picture, fast):
+    """An edit on ONNX Runtime exports the denoiser once (into the cache) and makes PyTorch's edit; the same
+    image again reuses that export, and so does a second image (here: another LoRA seed), its merged
+    weights passed to ONNX Runtime as initializer overrides: no second export, and PyTorch's edit again."""
     from fastdrag.denoiser import TorchDenoiser
 
+    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=1, **fast)
+    steps = []  # the exported denoiser's stages report their steps as the PyTorch one's do
     first = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
+                        seed=1, on_step=lambda stage, done, total: steps.append(stage), **fast)
+    assert "export" in first.timings and first.lora_cached
+    assert {"inversion", "denoise"} <= set(steps) and "lora" not in steps  # the LoRA came from the cache
+    difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(first.image, dtype=np.int16))
+    assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
+    assert on_torch.handles == first.handles
+    (manifest,) = (editor.cache.directory / "exports").glob("*/manifest.json")
+    os.utime(manifest, (1, 1))
+    again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
                         seed=1, **fast)
+    assert "export" in again.timings and again.timings["export"] < first.timings["export"] / 5  # reused, not re-exported
+    assert manifest.stat().st_mtime > 1  # marked as used, for `fastdrag cache --prune-to`
+
     second = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
                          seed=2, **fast)
     exports = list((editor.cache.directory / "exports").iterdir())
@@ -392,15 +371,20 @@ def test_onnxruntime_edits_of_new_images_reuse_one_export_with_their_lora_weight
                                   reference(pair, 421, text.expand(2, -1, -1))) < 1e-4
 
 
+KV_START_STEP = 3  # exported_kv's first swapped denoising step: its first three steps attend without the swap
+
+
 @pytest.fixture(scope="module")
 def exported_kv(exported, tmp_path_factory):
     """The same picture's export with `keep_source_kv`: its reference graph also gives the swapped
-    layers' source keys and values, and its `unet_kept` graph takes them."""
+    layers' source keys and values, and its `unet_kept` graph takes them. With plain first steps
+    (`start_step` 3), which change the manifest and not the graphs: the loops that read it are checked
+    at a start step other than 0 (tests/test_drag_export.py's exports swap from step 0)."""
     editor, _, _, case = exported
     folder = tmp_path_factory.mktemp("export-kv")
     editor.release()  # other tests give the shared UNet other adapters: load the picture's from the cache again
     steps = []
-    manifest = editor.export(case.image, case.prompt, folder / "out", keep_source_kv=True,
+    manifest = editor.export(case.image, case.prompt, folder / "out", keep_source_kv=True, start_step=KV_START_STEP,
                              on_step=lambda stage, done, total: steps.append((stage, done, total)), **LORA)
     assert [step for step in steps if step[0] == "export"] == [("export", done, 5) for done in range(6)]
     return manifest
@@ -414,7 +398,7 @@ def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported, exported
     _, plain_manifest, merged, _ = exported
     names = exported_kv.data["source_kv"]["tensors"]
     assert names == [f"source_{kind}_{i}" for i in range(6) for kind in ("key", "value")]
-    assert exported_kv.data["source_kv"]["steps"] == 35
+    assert exported_kv.data["source_kv"]["steps"] == 35 - KV_START_STEP
     reference, kept = exported_kv.graphs["unet_reference"], exported_kv.graphs["unet_kept"]
     assert [t.name for t in reference.outputs] == ["eps", *names]
     assert [t.name for t in kept.inputs] == ["latents", "timestep", "text_embeddings", *names]
@@ -450,29 +434,6 @@ def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported, exported
     unused = [name for name, entries in maps["unet_kept"].items() if not entries]
     assert len(unused) == 12 and all(".attn1.to_k." in n or ".attn1.to_v." in n for n in unused)  # blocks 10-15
     assert all(maps["unet_reference"][name] for name in unused)  # the reference graph projects them
-
-
-def test_standalone_numpy_loops_keep_the_source_keys_and_values(exported, exported_kv):
-    """`export/standalone.py`'s `denoise`, the model of a C++ service: the pair's loop keeps each
-    swapped step's keys and values, and the edited latent alone with them ends where the pair's
-    edited row does; the pair's loop is PyTorch's."""
-    from fastdrag.config import DenoiseConfig
-    from fastdrag.ddim import DdimSchedule
-    from fastdrag.denoise import denoise_pair
-    from fastdrag.denoiser import TorchDenoiser
-
-    editor, _, merged, _ = exported
-    standalone = standalone_module()
-    generator = torch.Generator().manual_seed(8)
-    source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
-    pair, kept = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy())
-    assert len(kept) == 35 and list(kept[0]) == exported_kv.data["source_kv"]["tensors"]
-    alone, _ = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy(), kept=kept)
-    assert alone.shape == (1, 4, 8, 8) and relative_error(alone, pair[1:]) < 1e-4
-    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
-    text = torch.from_numpy(exported_kv.text_embedding().copy())
-    expected = denoise_pair(TorchDenoiser(merged), source, edited, text, schedule, DenoiseConfig(), progress=False)
-    assert relative_error(pair, expected) < 1e-4
 
 
 def test_onnxruntime_repeated_edits_denoise_one_branch_with_kept_keys_and_values(editor, picture, fast, monkeypatch):
@@ -568,36 +529,34 @@ def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, m
         assert session_providers(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
-def test_an_export_with_plain_first_steps_denoises_as_pytorch_does_in_every_loop(exported, exported_kv, tmp_path):
-    """`start_step` 3: the first three denoising steps attend without the swap. The manifest says so, and the
-    loops a service models (`export/standalone.py`'s pair and kept loops, the C++ program's) and the ONNX
-    Runtime backend run those steps on the batch-1 graph and the rest on the swapping one, as PyTorch's
-    `denoise_pair` does; the source keys and values are kept for the swapped steps only."""
+def test_standalone_loops_keep_the_swapped_steps_keys_and_values_and_denoise_as_pytorch_does(exported, exported_kv):
+    """`export/standalone.py`'s `denoise`, the model of a C++ service, on an export with plain first steps
+    (`start_step` 3): the manifest says so; the pair's loop runs those steps on the batch-1 graph and the
+    rest on the swapping one, as PyTorch's `denoise_pair` and the ONNX Runtime backend do, and keeps each
+    swapped step's keys and values; the edited latent alone with them ends where the pair's edited row
+    does."""
     from fastdrag.config import DenoiseConfig
     from fastdrag.ddim import DdimSchedule
     from fastdrag.denoise import denoise_pair
     from fastdrag.denoiser import TorchDenoiser
     from fastdrag.export.runtime import OnnxRuntimeDenoiser
 
-    editor, _, merged, case = exported
-    editor.release()
-    manifest = editor.export(case.image, case.prompt, tmp_path / "out", keep_source_kv=True, start_step=3, **LORA)
-    assert manifest.data["reference_control"] == {"start_layer": 10, "start_step": 3}
-    assert manifest.data["source_kv"]["steps"] == 32
+    editor, _, merged, _ = exported
+    assert exported_kv.data["reference_control"] == {"start_layer": 10, "start_step": KV_START_STEP}
     standalone = standalone_module()
     generator = torch.Generator().manual_seed(9)
     source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
-    pair, kept = standalone.denoise(manifest.folder, source.numpy(), edited.numpy())
-    assert len(kept) == 32
-    alone, _ = standalone.denoise(manifest.folder, source.numpy(), edited.numpy(), kept=kept)
-    assert relative_error(alone, pair[1:]) < 1e-4
+    pair, kept = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy())
+    assert len(kept) == 35 - KV_START_STEP and list(kept[0]) == exported_kv.data["source_kv"]["tensors"]
+    alone, _ = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy(), kept=kept)
+    assert alone.shape == (1, 4, 8, 8) and relative_error(alone, pair[1:]) < 1e-4
     schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
-    text = torch.from_numpy(manifest.text_embedding().copy())
-    config = DenoiseConfig(start_step=3)
+    text = torch.from_numpy(exported_kv.text_embedding().copy())
+    config = DenoiseConfig(start_step=KV_START_STEP)
     expected = denoise_pair(TorchDenoiser(merged), source, edited, text, schedule, config, progress=False)
     assert relative_error(pair, expected) < 1e-4
     with torch.no_grad():
-        on_runtime = denoise_pair(OnnxRuntimeDenoiser(manifest), source, edited, text, schedule, config, progress=False)
+        on_runtime = denoise_pair(OnnxRuntimeDenoiser(exported_kv), source, edited, text, schedule, config, progress=False)
     assert relative_error(on_runtime.numpy(), expected) < 1e-4
-    swapped_throughout, _ = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy())
+    swapped_throughout = denoise_pair(TorchDenoiser(merged), source, edited, text, schedule, DenoiseConfig(), progress=False)
     assert relative_error(pair[1:], swapped_throughout[1:]) > 1e-3  # the three plain steps made a difference
