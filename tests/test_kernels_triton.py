@@ -54,7 +54,7 @@ CASES = [
     (37, (13, 17), (27, 35), 3),
     (37, (13, 17), None, 8),
     (640, (13, 17), (27, 35), 1),
-    (640, (11, 10), (20, 23), 8),
+    (200, (11, 10), (20, 23), 8),  # two channel blocks, the second part full, for every pair
     (8, (64, 64), (256, 256), 8),   # the SD 1.5 geometry at a reduced channel count
 ]
 
