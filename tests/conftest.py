@@ -57,10 +57,18 @@ def fast():
     return dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)
 
 
-# The files that take longest on a 2-core CPU (minutes each: compilation, ONNX export, Triton under
-# the interpreter), run first: `pytest -n 2 --dist loadfile` hands out whole files in collection
-# order, and one of them started last would run alone at the end.
-SLOW_FIRST = ("test_regional_compile.py", "test_quality.py", "test_export.py", "test_drag_export.py", "test_kernels_triton.py")
+# The files that take longest on a 2-core CPU (minutes each: ONNX export, Triton under the interpreter,
+# compilation), the slowest first, run first: `pytest -n 2 --dist loadfile` hands out whole files in
+# collection order (see pytest_configure), and one of them started last would run alone at the end.
+SLOW_FIRST = ("test_drag_export.py", "test_export.py", "test_quality.py", "test_kernels_triton.py", "test_editor.py",
+              "test_regional_compile.py", "test_gpu_session.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist >= 3.8 hands out a `--dist loadfile` run's files by their number of tests, most first,
+    # unless told not to: a file of many quick tests would go before the slow ones above
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
