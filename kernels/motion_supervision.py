@@ -35,19 +35,20 @@ def _patch_count(hr, hc, H, W, R_M: tl.constexpr):
 
 
 @triton.jit
-def _patch_values(feat_ptr, c_off, c_mask, hr, hc, dr, dc, k, C, h, w, H, W, scale_h, scale_w,
-                  R_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Patch position k around the handle: (fixed value, moved value, moved position, lane mask)."""
+def _patch_values(feat_ptr, c_off, c_mask, hr, hc, dr, dc, h, w, H, W, scale_h, scale_w,
+                  R_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The whole patch around the handle as one (positions, channels) tile: (fixed values, moved
+    values, moved rows, moved columns, lane mask). Rows past the patch's (2r_m+1)^2 positions are masked."""
     side: tl.constexpr = 2 * R_M + 1
-    # positions as channel-wide vectors, so every mask is a vector (scalar & vector masks do not
-    # combine under the interpreter)
-    qr = hr + (k // side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
-    qc = hc + (k % side - R_M) + tl.zeros([BLOCK_C], dtype=tl.float32)
-    mask = c_mask & (qr >= 0) & (qr <= H - 1) & (qc >= 0) & (qc <= W - 1)
+    k = tl.arange(0, BLOCK_P)[:, None]
+    qr = hr + (k // side - R_M).to(tl.float32)
+    qc = hc + (k % side - R_M).to(tl.float32)
+    mask = (k < side * side) & c_mask[None, :] & (qr >= 0) & (qr <= H - 1) & (qc >= 0) & (qc <= W - 1)
     qr_i = tl.minimum(tl.maximum(qr, 0.0), H - 1.0).to(tl.int32)
     qc_i = tl.minimum(tl.maximum(qc, 0.0), W - 1.0).to(tl.int32)
-    fixed = resized_at(feat_ptr, c_off, mask, qr_i, qc_i, h, w, scale_h, scale_w, h * w)
-    moved = sample_at(feat_ptr, c_off, mask, qr + dr, qc + dc, H, W, h, w, scale_h, scale_w, h * w)
+    channels = c_off[None, :]
+    fixed = resized_at(feat_ptr, channels, mask, qr_i, qc_i, h, w, scale_h, scale_w, h * w)
+    moved = sample_at(feat_ptr, channels, mask, qr + dr, qc + dc, H, W, h, w, scale_h, scale_w, h * w)
     return fixed, moved, qr + dr, qc + dc, mask
 
 
@@ -55,7 +56,7 @@ def _patch_values(feat_ptr, c_off, c_mask, hr, hc, dr, dc, k, C, h, w, H, W, sca
 def _motion_loss_forward(
     feat_ptr, handles_ptr, targets_ptr, partial_ptr,
     C, h, w, H, W, scale_h, scale_w, reach,
-    R_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    R_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     i = tl.program_id(0)
     block = tl.program_id(1)
@@ -63,21 +64,19 @@ def _motion_loss_forward(
     c_mask = c_off < C
     hr, hc, dr, dc, active = _pair_geometry(handles_ptr, targets_ptr, i, reach)
     side: tl.constexpr = 2 * R_M + 1
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for k in tl.range(side * side):  # a loop: unrolled, r_m = 2 did not finish within 80 s on an H200
-        fixed, moved, _, _, mask = _patch_values(feat_ptr, c_off, c_mask, hr, hc, dr, dc, k, C, h, w, H, W,
-                                                 scale_h, scale_w, R_M, BLOCK_C)
-        acc += tl.where(mask, tl.abs(fixed - moved), 0.0)
+    fixed, moved, _, _, mask = _patch_values(feat_ptr, c_off, c_mask, hr, hc, dr, dc, h, w, H, W,
+                                             scale_h, scale_w, R_M, BLOCK_P)
+    total = tl.sum(tl.sum(tl.where(mask, tl.abs(fixed - moved), 0.0), axis=1), axis=0)
     count = _patch_count(hr, hc, H, W, R_M)
     weight = tl.where(active, (side * side) / (count * C), 0.0)
-    tl.store(partial_ptr + i * tl.num_programs(1) + block, tl.sum(acc, axis=0) * weight)
+    tl.store(partial_ptr + i * tl.num_programs(1) + block, total * weight)
 
 
 @triton.jit
 def _motion_loss_backward(
     feat_ptr, handles_ptr, targets_ptr, grad_out_ptr, grad_ptr,
     C, h, w, H, W, scale_h, scale_w, reach,
-    R_M: tl.constexpr, BLOCK_C: tl.constexpr, TIE: tl.constexpr,
+    R_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TIE: tl.constexpr,
 ):
     i = tl.program_id(0)
     block = tl.program_id(1)
@@ -88,30 +87,32 @@ def _motion_loss_backward(
     count = _patch_count(hr, hc, H, W, R_M)
     weight = tl.where(active, (side * side) / (count * C), 0.0) * tl.load(grad_out_ptr).to(tl.float32)
     active_lanes = c_mask & (tl.zeros([BLOCK_C], dtype=tl.float32) + active.to(tl.float32) > 0.5)
-    for k in tl.range(side * side):  # a loop: unrolled, r_m = 2 did not finish within 80 s on an H200
-        fixed, moved, mr, mc, mask = _patch_values(feat_ptr, c_off, active_lanes, hr, hc, dr, dc, k, C, h, w, H, W,
-                                                   scale_h, scale_w, R_M, BLOCK_C)
-        diff = moved - fixed  # d|fixed - moved| / d moved = sign(moved - fixed); 0 at a tie
-        tie = tl.abs(diff) <= TIE * (tl.abs(fixed) + tl.abs(moved))
-        g = tl.where(tie, 0.0, tl.where(diff > 0, weight, -weight))
-        scatter_sample(grad_ptr, c_off, mask, mr, mc, g, H, W, h, w, scale_h, scale_w, h * w)
+    fixed, moved, mr, mc, mask = _patch_values(feat_ptr, c_off, active_lanes, hr, hc, dr, dc, h, w, H, W,
+                                               scale_h, scale_w, R_M, BLOCK_P)
+    diff = moved - fixed  # d|fixed - moved| / d moved = sign(moved - fixed); 0 at a tie
+    tie = tl.abs(diff) <= TIE * (tl.abs(fixed) + tl.abs(moved))
+    g = tl.where(tie, 0.0, tl.where(diff > 0, weight, -weight))
+    scatter_sample(grad_ptr, c_off[None, :], mask, mr, mc, g, H, W, h, w, scale_h, scale_w, h * w)
 
 
-def _launch_settings(channels: int) -> Tuple[int, int, int]:
-    """(channels per program, programs per pair, warps): one warp per 32 channels, so no thread holds
-    a replica of another's lane (replicated lanes and atomic adds are a combination to avoid)."""
-    block = max(32, min(128, triton.next_power_of_2(channels)))
-    return block, triton.cdiv(channels, block), block // 32
+def _launch_settings(channels: int, r_m: int) -> Tuple[int, int, int]:
+    """(patch positions per tile, channels per tile, programs per pair): one program takes the whole
+    patch for a block of channels, in tiles of at most 2048 values and at least 512 (four warps'
+    128 threads, so no thread holds a replica of another's lane: replicated lanes and atomic adds are a
+    combination to avoid)."""
+    block_p = triton.next_power_of_2((2 * r_m + 1) ** 2)
+    block_c = max(32, min(triton.next_power_of_2(channels), 2048 // block_p))
+    return block_p, block_c, triton.cdiv(channels, block_c)
 
 
 def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
     h, w, H, W, scale_h, scale_w = geometry(feat, size)
-    block, blocks, warps = _launch_settings(channels)
+    block_p, block_c, blocks = _launch_settings(channels, r_m)
     partial = torch.empty((handles.shape[0], blocks), dtype=torch.float32, device=feat.device)
     _motion_loss_forward[(handles.shape[0], blocks)](
-        feat, handles, targets, partial, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_C=block,
-        num_warps=warps,
+        feat, handles, targets, partial, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_P=block_p,
+        BLOCK_C=block_c, num_warps=4,
     )
     return partial.sum()
 
@@ -119,11 +120,11 @@ def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.T
 def motion_loss_backward(feat, handles, targets, grad_out, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
     h, w, H, W, scale_h, scale_w = geometry(feat, size)
-    block, blocks, warps = _launch_settings(channels)
+    block_p, block_c, blocks = _launch_settings(channels, r_m)
     grad = torch.zeros(feat.shape, dtype=torch.float32, device=feat.device)
     _motion_loss_backward[(handles.shape[0], blocks)](
-        feat, handles, targets, grad_out, grad, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_C=block,
-        TIE=TIE_TOLERANCE, num_warps=warps,
+        feat, handles, targets, grad_out, grad, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m,
+        BLOCK_P=block_p, BLOCK_C=block_c, TIE=TIE_TOLERANCE, num_warps=4,
     )
     return grad.to(feat.dtype)
 
