@@ -18,6 +18,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTS = 2
+# The exports' schedule: 7 inversion and denoising steps (10 at the default strength 0.7) instead of the default
+# 35. The protocol is the same at any count, and each of the many edits here (the standalone script's, the C++
+# program's, the editor's) runs 7 UNet steps of each kind where it ran 35.
+INFERENCE_STEPS = 10
 
 
 def relative_error(a, b):
@@ -44,11 +48,13 @@ def exported(tiny, tmp_path_factory):
     """An export of the demo picture with the drag graph for two point pairs and the kept keys and values'
     graph (`unet_kept`, for the C++ program's `serve`), and its merged UNet."""
     from fastdrag import DragEditor
+    from fastdrag.config import EditConfig
     from fastdrag.demo import demo_case
     from fastdrag.export import merged_unet
 
     folder = tmp_path_factory.mktemp("drag-export")
-    editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=folder / "cache", progress=False)
+    config = EditConfig().replace(num_inference_steps=INFERENCE_STEPS)
+    editor = DragEditor(tiny, torch.device("cpu"), torch.float32, config, cache_dir=folder / "cache", progress=False)
     case = demo_case()
     steps = []
     manifest = editor.export(case.image, case.prompt, folder / "out", lora_steps=2, drag_points=POINTS, keep_source_kv=True,
@@ -85,12 +91,21 @@ def graph_feed(manifest, latent, handles, targets, mask, tracking, features, x_p
             "mask": mask.numpy(), "tracking": np.array([tracking], np.float32)}
 
 
+def editor_schedule(editor):
+    """The DDIM schedule of the editor's settings: the exports' schedule."""
+    from fastdrag.ddim import DdimSchedule
+
+    inversion = editor.config.inversion
+    return DdimSchedule.from_scheduler(editor.components.scheduler, inversion.num_inference_steps,
+                                       inversion.num_inversion_steps)
+
+
 def eager_step(unet, manifest, editor):
     from fastdrag.config import DragConfig
-    from fastdrag.ddim import DdimSchedule
     from fastdrag.export.drag_graph import drag_step
 
-    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    schedule = editor_schedule(editor)
+    assert len(manifest.data["schedule"]["denoise"]) == len(schedule.denoise_timesteps) == 7
     return drag_step(unet, schedule, manifest.data["drag"]["timestep"], DragConfig(),
                      tuple(manifest.data["drag"]["supervision_size"]))
 
@@ -130,14 +145,13 @@ def test_the_standalone_drag_loop_is_pytorchs_drag(exported):
     PyTorch's own loop does from a latent changed by 1e-7 (a drag's Adam steps amplify a near-zero
     gradient's rounding to a full step)."""
     from fastdrag.config import DragConfig
-    from fastdrag.ddim import DdimSchedule
     from fastdrag.drag import drag
 
     editor, manifest, merged = exported
     standalone = standalone_module()
     latent, handles, targets, mask = drag_case(manifest, 3)
     text = torch.from_numpy(standalone.Export(manifest.folder).text().copy())
-    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    schedule = editor_schedule(editor)
     protocol = manifest.data["drag"]
     sup_res = tuple(protocol["supervision_size"])
     for latent_mask in (mask, None):
@@ -718,7 +732,7 @@ def test_the_cpp_program_denoises_an_export_with_plain_first_steps_as_the_standa
     """An export whose `reference_control.start_step` is 3 (the graphs do not depend on it: the copy here changes
     the manifest alone, as `tests/test_export.py` checks an export made so): the C++ program's first edit runs the
     first three denoising steps on the batch-1 graph, and its repeated edit keeps the source keys and values of
-    the 32 swapped steps only, each bit for bit the standalone protocol's."""
+    the swapped steps only (4 of 7), each bit for bit the standalone protocol's."""
     _, manifest, _ = exported
     folder = tmp_path / "plain-first"
     folder.mkdir()
