@@ -22,6 +22,9 @@ POINTS = 2
 # 35. The protocol is the same at any count, and each of the many edits here (the standalone script's, the C++
 # program's, the editor's) runs 7 UNet steps of each kind where it ran 35.
 INFERENCE_STEPS = 10
+# The exports' first swapped denoising step: the first three attend without the swap (the default swaps from
+# step 0), so every loop here that reads the manifest runs both kinds of step. The graphs do not depend on it.
+START_STEP = 3
 
 
 def relative_error(a, b):
@@ -46,14 +49,15 @@ def pixels(image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     """An export of the demo picture with the drag graph for two point pairs and the kept keys and values'
-    graph (`unet_kept`, for the C++ program's `serve`), and its merged UNet."""
+    graph (`unet_kept`, for the C++ program's `serve`), at the editor's settings (INFERENCE_STEPS, START_STEP),
+    and its merged UNet."""
     from fastdrag import DragEditor
     from fastdrag.config import EditConfig
     from fastdrag.demo import demo_case
     from fastdrag.export import merged_unet
 
     folder = tmp_path_factory.mktemp("drag-export")
-    config = EditConfig().replace(num_inference_steps=INFERENCE_STEPS)
+    config = EditConfig().replace(num_inference_steps=INFERENCE_STEPS, start_step=START_STEP)
     editor = DragEditor(tiny, torch.device("cpu"), torch.float32, config, cache_dir=folder / "cache", progress=False)
     case = demo_case()
     steps = []
@@ -61,6 +65,8 @@ def exported(tiny, tmp_path_factory):
                              on_step=lambda stage, done, total: steps.append((stage, done, total)))
     # the drag graph is one more graph written (`graph_count` counts the others: 5 with unet_kept)
     assert [step for step in steps if step[0] == "export"] == [("export", done, 6) for done in range(7)]
+    assert manifest.data["reference_control"] == {"start_layer": 10, "start_step": START_STEP}
+    assert manifest.data["source_kv"]["steps"] == 7 - START_STEP  # the swapped steps' keys and values only
     return editor, manifest, merged_unet(tiny.unet)
 
 
@@ -239,6 +245,105 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
             export_loaded(editor.components, "key", editor.config.lora, (64, 64), torch.zeros(1, 77, 32), editor.config,
                           tmp_path / "out", drag_points=wrong)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported):
+    """`keep_source_kv`: the reference graph also gives each swapped layer's source keys and values, those
+    PyTorch records in the same step, beside its noise; `unet_kept` with them and the edited latent alone
+    gives the pair's edited row. The kept graph's refit map leaves out the weights only the source branch uses."""
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.export.refit import load_refit_maps
+    from fastdrag.source_kv import SourceKV
+
+    _, manifest, merged = exported
+    names = manifest.data["source_kv"]["tensors"]
+    assert names == [f"source_{kind}_{i}" for i in range(6) for kind in ("key", "value")]
+    reference, kept = manifest.graphs["unet_reference"], manifest.graphs["unet_kept"]
+    assert [t.name for t in reference.outputs] == ["eps", *names]
+    assert [t.name for t in kept.inputs] == ["latents", "timestep", "text_embeddings", *names]
+    assert kept.inputs[0].shape == (1, 4, 8, 8) and kept.outputs[0].shape == (1, 4, 8, 8)
+
+    generator = torch.Generator().manual_seed(6)
+    pair, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    t = np.array([341.0], dtype=np.float32)
+    eps, *kv = session(manifest.path("unet_reference")).run(
+        None, {"latents": pair.numpy(), "timestep": t, "text_embeddings": text.expand(2, -1, -1).numpy()})
+    store = SourceKV()  # PyTorch's recording of the same step: its noise and the keys and values, layer by layer
+    store.begin(pair, 1, 10, recording=True)
+    store.set_step(0)
+    denoiser = TorchDenoiser(merged)
+    with torch.no_grad(), denoiser.reference_control(10, "sdpa", source_kv=store):
+        expected = denoiser(pair, 341, text.expand(2, -1, -1))
+    assert relative_error(eps, expected) < 1e-4  # the outputs added, the same reference step
+    recorded = [tensor[0].numpy() for pair_of in store.slots.values() for tensor in pair_of]
+    assert len(recorded) == len(kv) and all(relative_error(a, b) < 1e-4 for a, b in zip(kv, recorded, strict=True))
+
+    kept_session = session(manifest.path("unet_kept"))
+    run_kept = lambda latents: kept_session.run(
+        None, {"latents": latents, "timestep": t, "text_embeddings": text.numpy(), **dict(zip(names, kv, strict=True))})[0]
+    assert relative_error(run_kept(pair[1:].numpy()), eps[1:]) < 1e-5
+    assert relative_error(run_kept(pair[:1].numpy()), eps[1:]) > 1e-3  # the latent input matters
+
+    _, maps = load_refit_maps(manifest.folder / "refit.json")
+    assert sorted(maps) == ["unet_drag", "unet_inversion", "unet_kept", "unet_reference"]
+    unused = [name for name, entries in maps["unet_kept"].items() if not entries]
+    assert len(unused) == 12 and all(".attn1.to_k." in n or ".attn1.to_v." in n for n in unused)  # blocks 10-15
+    assert all(maps["unet_reference"][name] for name in unused)  # the reference graph projects them
+
+
+def test_standalone_loops_keep_the_swapped_steps_keys_and_values_and_denoise_as_pytorch_does(exported, tmp_path):
+    """`export/standalone.py`'s `denoise`, the model of a C++ service: the pair's loop runs the first START_STEP
+    steps on the batch-1 graph and the rest on the swapping one, as PyTorch's `denoise_pair` and the ONNX
+    Runtime backend do, and keeps each swapped step's keys and values; the edited latent alone with them ends
+    where the pair's edited row does. Swapped from step 0 (the default), it is PyTorch's pair again."""
+    from fastdrag.config import DenoiseConfig
+    from fastdrag.denoise import denoise_pair
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.export.runtime import OnnxRuntimeDenoiser
+
+    editor, manifest, merged = exported
+    standalone = standalone_module()
+    generator = torch.Generator().manual_seed(9)
+    source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
+    pair, kept = standalone.denoise(manifest.folder, source.numpy(), edited.numpy())
+    assert len(kept) == 7 - START_STEP and list(kept[0]) == manifest.data["source_kv"]["tensors"]
+    alone, _ = standalone.denoise(manifest.folder, source.numpy(), edited.numpy(), kept=kept)
+    assert alone.shape == (1, 4, 8, 8) and relative_error(alone, pair[1:]) < 1e-4
+    schedule = editor_schedule(editor)
+    text = torch.from_numpy(manifest.text_embedding().copy())
+    on_torch = TorchDenoiser(merged)
+    config = DenoiseConfig(start_step=START_STEP)
+    expected = denoise_pair(on_torch, source, edited, text, schedule, config, progress=False)
+    assert relative_error(pair, expected) < 1e-4
+    with torch.no_grad():
+        on_runtime = denoise_pair(OnnxRuntimeDenoiser(manifest), source, edited, text, schedule, config, progress=False)
+    assert relative_error(on_runtime.numpy(), expected) < 1e-4
+    swapped_throughout = denoise_pair(on_torch, source, edited, text, schedule, DenoiseConfig(), progress=False)
+    assert relative_error(pair[1:], swapped_throughout[1:]) > 1e-3  # the three plain steps made a difference
+    throughout, kept = standalone.denoise(swapped_from_step_0(manifest, tmp_path / "swapped"), source.numpy(),
+                                          edited.numpy())
+    assert len(kept) == 7 and relative_error(throughout, swapped_throughout) < 1e-4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
+def test_tensorrt_engines_keep_the_source_keys_and_values(exported, tmp_path):
+    """The kept graph's engine beside the reference graph's (built from the export's ONNX graphs): a pair's
+    step records the keys and values, and the edited latent alone with them gives the pair's edited row."""
+    from fastdrag.export.tensorrt import BuildSettings, Engine, build_engine
+
+    _, manifest, _ = exported
+    settings = BuildSettings(fp16=False)
+    engines = {name: Engine(build_engine(manifest.path(name), tmp_path / f"{name}.plan", settings))
+               for name in ("unet_reference", "unet_kept")}
+    names = manifest.data["source_kv"]["tensors"]
+    pair, text = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(1, 77, 32, device="cuda")
+    t = torch.tensor([341.0], device="cuda")
+    outputs = {name: out.clone() for name, out in engines["unet_reference"].infer(
+        {"latents": pair, "timestep": t, "text_embeddings": text.expand(2, -1, -1).contiguous()}).items()}
+    kept = engines["unet_kept"].infer({"latents": pair[1:].contiguous(), "timestep": t, "text_embeddings": text,
+                                       **{name: outputs[name] for name in names}})["eps"]
+    assert relative_error(kept.cpu(), outputs["eps"][1:].cpu()) < 1e-3
 
 
 def test_a_whole_edit_from_the_export_folder_alone_is_the_editors_edit(exported):
@@ -727,22 +832,27 @@ def test_the_cpp_program_serves_edits_reusing_an_images_inversion_and_source_key
     assert not (tmp_path / "typo.npy").exists()
 
 
-def test_the_cpp_program_denoises_an_export_with_plain_first_steps_as_the_standalone_script_does(cpp_program, exported,
-                                                                                                tmp_path):
-    """An export whose `reference_control.start_step` is 3 (the graphs do not depend on it: the copy here changes
-    the manifest alone, as `tests/test_export.py` checks an export made so): the C++ program's first edit runs the
-    first three denoising steps on the batch-1 graph, and its repeated edit keeps the source keys and values of
-    the swapped steps only (4 of 7), each bit for bit the standalone protocol's."""
-    _, manifest, _ = exported
-    folder = tmp_path / "plain-first"
+def swapped_from_step_0(manifest, folder: Path) -> Path:
+    """A copy of `manifest`'s export (its files linked) whose manifest swaps from the first denoising step, the
+    default: the graphs do not depend on the start step, the manifest's `reference_control` and `source_kv` do."""
     folder.mkdir()
     for path in manifest.folder.iterdir():
         if path.name != "manifest.json":
             (folder / path.name).symlink_to(path)
     data = json.loads((manifest.folder / "manifest.json").read_text())
-    data["reference_control"]["start_step"] = 3
-    data["source_kv"]["steps"] = len(data["schedule"]["denoise"]) - 3
+    data["reference_control"]["start_step"] = 0
+    data["source_kv"]["steps"] = len(data["schedule"]["denoise"])
     (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_the_cpp_program_denoises_an_export_swapped_from_its_first_step_as_the_standalone_script_does(cpp_program,
+                                                                                                    exported, tmp_path):
+    """The other tests' export runs its first START_STEP denoising steps on the batch-1 graph; at the default
+    start step 0 the C++ program's first edit swaps in every step, and its repeated edit keeps the source keys
+    and values of all 7, each bit for bit the standalone protocol's."""
+    _, manifest, _ = exported
+    folder = swapped_from_step_0(manifest, tmp_path / "swapped-throughout")
     standalone = standalone_module()
     case, _, _ = save_serve_images(tmp_path)
     image = pixels(case.image)
@@ -756,8 +866,8 @@ def test_the_cpp_program_denoises_an_export_with_plain_first_steps_as_the_standa
     one = np.load(tmp_path / "one.npy")
     np.testing.assert_array_equal(one, standalone.edit(folder, image, case.points, None, drag_steps=3))
     np.testing.assert_array_equal(np.load(tmp_path / "two.npy"), kept_edit(folder, image, SECOND, 3))
-    swapped_throughout = standalone.edit(manifest.folder, image, case.points, None, drag_steps=3)
-    assert np.abs(one - swapped_throughout).max() > 1e-3  # the three plain steps made a difference
+    plain_first = standalone.edit(manifest.folder, image, case.points, None, drag_steps=3)
+    assert np.abs(one - plain_first).max() > 1e-3  # the three plain steps make a difference
 
 
 def test_the_cpp_program_stops_served_requests_at_a_cancel_line_or_their_deadline_and_keeps_nothing_of_them(

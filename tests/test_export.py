@@ -14,7 +14,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
 
 from fastdrag.attention import reference_control
 from fastdrag.errors import InputError, OutputExistsError
-from standalone_loader import standalone_module
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(lora_steps=2)
@@ -166,6 +165,8 @@ def test_manifest_round_trip(exported):
     assert schema_problems(again.data) == []  # the published contract (export/manifest.schema.json)
     spec = again.graphs["unet_reference"]
     assert [t.name for t in spec.inputs] == ["latents", "timestep", "text_embeddings"] and spec.inputs[0].shape == (2, 4, 8, 8)
+    # without keep_source_kv (tests/test_drag_export.py's exports have it): the noise alone, no kept graph
+    assert [t.name for t in spec.outputs] == ["eps"] and "unet_kept" not in again.graphs and "source_kv" not in again.data
     text = encode_prompt(editor.components.tokenizer, editor.components.text_encoder, case.prompt)
     np.testing.assert_array_equal(again.text_embedding(), text.numpy())
     first = again.data["schedule"]["inversion"][0]
@@ -282,27 +283,6 @@ def test_tensorrt_build_run_and_refit(exported, tmp_path):
     engine.refit(refit_arrays(refit_map(onnx.load(str(manifest.path("unet_inversion"))), merged.cpu(), ("to_q", "to_k", "to_v", "to_out.0")), merged.cpu()))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
-                    reason="TensorRT tests need the tensorrt package and a CUDA GPU (neither is installable/available here)")
-def test_tensorrt_engines_keep_the_source_keys_and_values(exported_kv, tmp_path):
-    """The kept graph's engine beside the reference graph's (built from the `keep_source_kv` export's
-    ONNX graphs): a pair's step records the keys and values, and the edited latent alone with them
-    gives the pair's edited row."""
-    from fastdrag.export.tensorrt import BuildSettings, Engine, build_engine
-
-    settings = BuildSettings(fp16=False)
-    engines = {name: Engine(build_engine(exported_kv.path(name), tmp_path / f"{name}.plan", settings))
-               for name in ("unet_reference", "unet_kept")}
-    names = exported_kv.data["source_kv"]["tensors"]
-    pair, text = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(1, 77, 32, device="cuda")
-    t = torch.tensor([341.0], device="cuda")
-    outputs = {name: out.clone() for name, out in engines["unet_reference"].infer(
-        {"latents": pair, "timestep": t, "text_embeddings": text.expand(2, -1, -1).contiguous()}).items()}
-    kept = engines["unet_kept"].infer({"latents": pair[1:].contiguous(), "timestep": t, "text_embeddings": text,
-                                       **{name: outputs[name] for name in names}})["eps"]
-    assert relative_error(kept.cpu(), outputs["eps"][1:].cpu()) < 1e-3
-
-
 def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported):
     from fastdrag.export.refit import load_refit_maps, merged_target_weights, target_weights
 
@@ -369,71 +349,6 @@ def test_onnxruntime_edits_match_torch_and_reuse_one_export_for_the_image_and_ne
         with reference.reference_control(10, "sdpa"), refitted.reference_control(10):
             assert relative_error(refitted(pair, 421, text.expand(2, -1, -1)),
                                   reference(pair, 421, text.expand(2, -1, -1))) < 1e-4
-
-
-KV_START_STEP = 3  # exported_kv's first swapped denoising step: its first three steps attend without the swap
-
-
-@pytest.fixture(scope="module")
-def exported_kv(exported, tmp_path_factory):
-    """The same picture's export with `keep_source_kv`: its reference graph also gives the swapped
-    layers' source keys and values, and its `unet_kept` graph takes them. With plain first steps
-    (`start_step` 3), which change the manifest and not the graphs: the loops that read it are checked
-    at a start step other than 0 (tests/test_drag_export.py's exports swap from step 0)."""
-    editor, _, _, case = exported
-    folder = tmp_path_factory.mktemp("export-kv")
-    editor.release()  # other tests give the shared UNet other adapters: load the picture's from the cache again
-    steps = []
-    manifest = editor.export(case.image, case.prompt, folder / "out", keep_source_kv=True, start_step=KV_START_STEP,
-                             on_step=lambda stage, done, total: steps.append((stage, done, total)), **LORA)
-    assert [step for step in steps if step[0] == "export"] == [("export", done, 5) for done in range(6)]
-    return manifest
-
-
-def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported, exported_kv):
-    from fastdrag.denoiser import TorchDenoiser
-    from fastdrag.export.refit import load_refit_maps
-    from fastdrag.source_kv import SourceKV
-
-    _, plain_manifest, merged, _ = exported
-    names = exported_kv.data["source_kv"]["tensors"]
-    assert names == [f"source_{kind}_{i}" for i in range(6) for kind in ("key", "value")]
-    assert exported_kv.data["source_kv"]["steps"] == 35 - KV_START_STEP
-    reference, kept = exported_kv.graphs["unet_reference"], exported_kv.graphs["unet_kept"]
-    assert [t.name for t in reference.outputs] == ["eps", *names]
-    assert [t.name for t in kept.inputs] == ["latents", "timestep", "text_embeddings", *names]
-    assert kept.inputs[0].shape == (1, 4, 8, 8) and kept.outputs[0].shape == (1, 4, 8, 8)
-    assert "unet_kept" not in plain_manifest.graphs and len(plain_manifest.graphs["unet_reference"].outputs) == 1
-    from fastdrag.export.manifest import schema_problems
-
-    assert schema_problems(exported_kv.data) == []
-
-    generator = torch.Generator().manual_seed(6)
-    pair, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
-    t = np.array([341.0], dtype=np.float32)
-    eps, *kv = ort_session(exported_kv.path("unet_reference")).run(
-        None, {"latents": pair.numpy(), "timestep": t, "text_embeddings": text.expand(2, -1, -1).numpy()})
-    (plain_eps,) = ort_session(plain_manifest.path("unet_reference")).run(
-        None, {"latents": pair.numpy(), "timestep": t, "text_embeddings": text.expand(2, -1, -1).numpy()})
-    assert relative_error(eps, plain_eps) < 1e-5  # the outputs added, the same reference step
-    store = SourceKV()  # PyTorch's recording of the same step: the same keys and values, layer by layer
-    store.begin(pair, 1, 10, recording=True)
-    store.set_step(0)
-    with torch.no_grad(), TorchDenoiser(merged).reference_control(10, "sdpa", source_kv=store):
-        TorchDenoiser(merged)(pair, 341, text.expand(2, -1, -1))
-    recorded = [tensor[0].numpy() for pair_of in store.slots.values() for tensor in pair_of]
-    assert len(recorded) == len(kv) and all(relative_error(a, b) < 1e-4 for a, b in zip(kv, recorded, strict=True))
-
-    run_kept = lambda latents: ort_session(exported_kv.path("unet_kept")).run(
-        None, {"latents": latents, "timestep": t, "text_embeddings": text.numpy(), **dict(zip(names, kv, strict=True))})[0]
-    assert relative_error(run_kept(pair[1:].numpy()), eps[1:]) < 1e-5
-    assert relative_error(run_kept(pair[:1].numpy()), eps[1:]) > 1e-3  # the latent input matters
-
-    _, maps = load_refit_maps(exported_kv.folder / "refit.json")
-    assert sorted(maps) == ["unet_inversion", "unet_kept", "unet_reference"]
-    unused = [name for name, entries in maps["unet_kept"].items() if not entries]
-    assert len(unused) == 12 and all(".attn1.to_k." in n or ".attn1.to_v." in n for n in unused)  # blocks 10-15
-    assert all(maps["unet_reference"][name] for name in unused)  # the reference graph projects them
 
 
 def test_onnxruntime_repeated_edits_denoise_one_branch_with_kept_keys_and_values(editor, picture, fast, monkeypatch):
@@ -527,36 +442,3 @@ def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, m
                                "back every step; install onnxruntime-gpu in place of onnxruntime"]
     if not torch.cuda.is_available():  # no device given: torch's current GPU, or the CPU where torch has none
         assert session_providers(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-
-
-def test_standalone_loops_keep_the_swapped_steps_keys_and_values_and_denoise_as_pytorch_does(exported, exported_kv):
-    """`export/standalone.py`'s `denoise`, the model of a C++ service, on an export with plain first steps
-    (`start_step` 3): the manifest says so; the pair's loop runs those steps on the batch-1 graph and the
-    rest on the swapping one, as PyTorch's `denoise_pair` and the ONNX Runtime backend do, and keeps each
-    swapped step's keys and values; the edited latent alone with them ends where the pair's edited row
-    does."""
-    from fastdrag.config import DenoiseConfig
-    from fastdrag.ddim import DdimSchedule
-    from fastdrag.denoise import denoise_pair
-    from fastdrag.denoiser import TorchDenoiser
-    from fastdrag.export.runtime import OnnxRuntimeDenoiser
-
-    editor, _, merged, _ = exported
-    assert exported_kv.data["reference_control"] == {"start_layer": 10, "start_step": KV_START_STEP}
-    standalone = standalone_module()
-    generator = torch.Generator().manual_seed(9)
-    source, edited = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(2))
-    pair, kept = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy())
-    assert len(kept) == 35 - KV_START_STEP and list(kept[0]) == exported_kv.data["source_kv"]["tensors"]
-    alone, _ = standalone.denoise(exported_kv.folder, source.numpy(), edited.numpy(), kept=kept)
-    assert alone.shape == (1, 4, 8, 8) and relative_error(alone, pair[1:]) < 1e-4
-    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
-    text = torch.from_numpy(exported_kv.text_embedding().copy())
-    config = DenoiseConfig(start_step=KV_START_STEP)
-    expected = denoise_pair(TorchDenoiser(merged), source, edited, text, schedule, config, progress=False)
-    assert relative_error(pair, expected) < 1e-4
-    with torch.no_grad():
-        on_runtime = denoise_pair(OnnxRuntimeDenoiser(exported_kv), source, edited, text, schedule, config, progress=False)
-    assert relative_error(on_runtime.numpy(), expected) < 1e-4
-    swapped_throughout = denoise_pair(TorchDenoiser(merged), source, edited, text, schedule, DenoiseConfig(), progress=False)
-    assert relative_error(pair[1:], swapped_throughout[1:]) > 1e-3  # the three plain steps made a difference
