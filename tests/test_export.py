@@ -16,7 +16,7 @@ from fastdrag.attention import reference_control
 from fastdrag.errors import InputError, OutputExistsError
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = dict(lora_steps=2)
+FAST = dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)  # conftest.py's `fast`
 
 
 def ort_session(path):
@@ -45,28 +45,36 @@ def random_adapter(unet, seed):
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
-    """One export of the demo picture's LoRA; the merged UNet it came from, for comparisons."""
+    """The export the demo picture's first edit on ONNX Runtime writes into its editor's cache (the plain
+    graphs: no kept keys and values, no drag graph; `editor.export` writes the same, tests/test_drag_export.py),
+    and the merged UNet it came from, for comparisons. The edit's result and steps are kept in FIRST_EDIT."""
     from fastdrag import DragEditor
     from fastdrag.demo import demo_case
-    from fastdrag.export import merged_unet
+    from fastdrag.export import load_manifest, merged_unet
 
     folder = tmp_path_factory.mktemp("export")
     editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=folder / "cache", progress=False)
     case = demo_case()
-    manifest = editor.export(case.image, case.prompt, folder / "out", on_step=lambda *step: EXPORT_STEPS.append(step),
-                             **LORA)
-    return editor, manifest, merged_unet(tiny.unet), case
+    steps = []
+    FIRST_EDIT["result"] = editor.edit(case.image, case.prompt, case.points, mask=case.mask, backend="onnxruntime",
+                                       seed=1, on_step=lambda *step: steps.append(step), **FAST)
+    FIRST_EDIT["steps"] = steps
+    (export,) = (editor.cache.directory / "exports").iterdir()
+    return editor, load_manifest(export), merged_unet(tiny.unet), case
 
 
-EXPORT_STEPS = []  # what the fixture's export reported to `on_step`
+FIRST_EDIT = {}  # the fixture's edit: its result, and what it reported to `on_step`
 
 
 def test_an_export_reports_each_graph_it_writes_after_the_lora(exported):
-    """Writing the graphs takes minutes at SD 1.5: an export reports one "export" step per graph."""
-    stages = [stage for stage, _, _ in EXPORT_STEPS]
-    assert stages[0] == "lora" and set(stages) == {"lora", "export"} and stages.index("export") > stages.index("lora")
-    export = [(done, total) for stage, done, total in EXPORT_STEPS if stage == "export"]
+    """Writing the graphs takes minutes at SD 1.5: an export reports one "export" step per graph, after the
+    LoRA's steps and before the exported denoiser's inversion."""
+    steps = FIRST_EDIT["steps"]
+    stages = [stage for stage, _, _ in steps]
+    assert stages[0] == "lora" and stages.index("lora") < stages.index("export") < stages.index("inversion")
+    export = [(done, total) for stage, done, total in steps if stage == "export"]
     assert export == [(done, 4) for done in range(5)] and len(exported[1].graphs) == 4
+    assert {"inversion", "drag", "denoise"} <= set(stages)  # the exported denoiser's stages report as PyTorch's do
 
 
 def test_merge_equals_unmerged(tiny):
@@ -154,7 +162,7 @@ def test_manifest_round_trip(exported):
     again = load_manifest(manifest.folder)
     assert again.data == json.loads((manifest.folder / "manifest.json").read_text())
     assert again.data["schema_version"] == 1 and again.image_size == (64, 64)
-    assert again.data["schedule"]["drag_timestep"] == 681 and len(again.data["schedule"]["denoise"]) == 35
+    assert again.data["schedule"]["drag_timestep"] == 601 and len(again.data["schedule"]["denoise"]) == 7
     assert again.data["lora"]["key"] and again.data["opset"] >= 17
     assert again.data["model"]["prediction_type"] == "epsilon"  # a v-model's: tests/test_prediction_type.py
     import fastdrag
@@ -185,7 +193,7 @@ def test_standalone_numpy_loop_reproduces_inversion(exported, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), str(manifest.folder),
                            str(tmp_path / "image.npy"), str(tmp_path / "zt.npy")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 50, 35)
+    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 10, 7)
     z0 = encode_posterior(editor.components.vae, case.image).mean * editor.components.scaling_factor
     expected = invert(TorchDenoiser(merged), z0, torch.from_numpy(manifest.text_embedding().copy()), schedule, progress=False)
     assert relative_error(np.load(tmp_path / "zt.npy"), expected) < 1e-4
@@ -228,7 +236,7 @@ def test_bad_export_input(exported, tmp_path):
 
     editor, manifest, _, case = exported
     with pytest.raises(OutputExistsError, match="exists and is not empty"):
-        editor.export(case.image, case.prompt, manifest.folder, **LORA)
+        editor.export(case.image, case.prompt, manifest.folder, **FAST)
     broken = tmp_path / "broken"
     broken.mkdir()
     data = json.loads((manifest.folder / "manifest.json").read_text())
@@ -306,35 +314,36 @@ def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported
     assert not torch.equal(weights[min(weights)], dict(merged.named_parameters())[min(weights)])
 
 
-def test_onnxruntime_edits_match_torch_and_reuse_one_export_for_the_image_and_new_ones(editor, picture, fast):
-    """An edit on ONNX Runtime exports the denoiser once (into the cache) and makes PyTorch's edit; the same
-    image again reuses that export, and so does a second image (here: another LoRA seed), its merged
-    weights passed to ONNX Runtime as initializer overrides: no second export, and PyTorch's edit again."""
+def test_onnxruntime_edits_match_torch_and_reuse_one_export_for_the_image_and_new_ones(exported):
+    """An edit on ONNX Runtime (the fixture's) exports the denoiser once (into the cache) and makes PyTorch's
+    edit; the same image again reuses that export, and so does a second image (here: another LoRA seed), its
+    merged weights passed to ONNX Runtime as initializer overrides: no second export, and PyTorch's edit again."""
     from fastdrag.denoiser import TorchDenoiser
 
-    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=1, **fast)
-    steps = []  # the exported denoiser's stages report their steps as the PyTorch one's do
-    first = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
-                        seed=1, on_step=lambda stage, done, total: steps.append(stage), **fast)
-    assert "export" in first.timings and first.lora_cached
-    assert {"inversion", "denoise"} <= set(steps) and "lora" not in steps  # the LoRA came from the cache
+    editor, manifest_of_export, _, picture = exported
+    first = FIRST_EDIT["result"]
+    assert "export" in first.timings and not first.lora_cached
+    editor.release()  # other tests gave the shared UNet other adapters: load the picture's from the cache again
+    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=1, **FAST)
+    assert on_torch.lora_cached
     difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(first.image, dtype=np.int16))
     assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
     assert on_torch.handles == first.handles
-    (manifest,) = (editor.cache.directory / "exports").glob("*/manifest.json")
+    manifest = manifest_of_export.folder / "manifest.json"
     os.utime(manifest, (1, 1))
     again = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
-                        seed=1, **fast)
+                        seed=1, **FAST)
     assert "export" in again.timings and again.timings["export"] < first.timings["export"] / 5  # reused, not re-exported
     assert manifest.stat().st_mtime > 1  # marked as used, for `fastdrag cache --prune-to`
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(first.image))
 
     second = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, backend="onnxruntime",
-                         seed=2, **fast)
+                         seed=2, **FAST)
     exports = list((editor.cache.directory / "exports").iterdir())
     assert len(exports) == 1 and second.timings["export"] < first.timings["export"] / 5
     (_, refitted), = [value for (_, key), value in editor._graph_denoisers.items() if key == second.lora_key]
     (_, baked), = [value for (_, key), value in editor._graph_denoisers.items() if key == first.lora_key]
-    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=2, **fast)
+    on_torch = editor.edit(picture.image, picture.prompt, picture.points, mask=picture.mask, seed=2, **FAST)
     difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(second.image, dtype=np.int16))
     assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
     assert on_torch.handles == second.handles
