@@ -57,11 +57,11 @@ def fast():
     return dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)
 
 
-# The files that take longest on a 2-core CPU (minutes each: ONNX export, Triton under the interpreter,
-# compilation), the slowest first, run first: `pytest -n 2 --dist loadfile` hands out whole files in
+# The files that take a minute or more on a 2-core CPU (ONNX exports, the toy model's edits, compilation, many
+# edits), the slowest first, run first: `pytest -n 2 --dist loadfile` hands out whole files in
 # collection order (see pytest_configure), and one of them started last would run alone at the end.
-SLOW_FIRST = ("test_drag_export.py", "test_export.py", "test_quality.py", "test_kernels_triton.py", "test_editor.py",
-              "test_regional_compile.py", "test_gpu_session.py")
+SLOW_FIRST = ("test_drag_export.py", "test_quality.py", "test_export.py", "test_editor.py", "test_regional_compile.py",
+              "test_drag.py", "test_block_checkpointing.py", "test_serve.py", "test_gpu_session.py")
 
 
 def pytest_configure(config):
