@@ -97,9 +97,9 @@ def _motion_loss_backward(
 
 def _launch_settings(channels: int, r_m: int) -> Tuple[int, int, int]:
     """(patch positions per tile, channels per tile, programs per pair): one program takes the whole
-    patch for a block of channels, in tiles of at most 2048 values and at least 512 (four warps'
-    128 threads, so no thread holds a replica of another's lane: replicated lanes and atomic adds are a
-    combination to avoid)."""
+    patch for a block of channels, 32 channels at least, in tiles of 512 to 2048 values (more only for
+    patch radii above 3), so four warps' 128 threads never hold a replica of another's lane (replicated
+    lanes and atomic adds are a combination to avoid)."""
     block_p = triton.next_power_of_2((2 * r_m + 1) ** 2)
     block_c = max(32, min(triton.next_power_of_2(channels), 2048 // block_p))
     return block_p, block_c, triton.cdiv(channels, block_c)
