@@ -95,24 +95,24 @@ def _motion_loss_backward(
     scatter_sample(grad_ptr, c_off[None, :], mask, mr, mc, g, H, W, h, w, scale_h, scale_w, h * w)
 
 
-def _launch_settings(channels: int, r_m: int) -> Tuple[int, int, int]:
-    """(patch positions per tile, channels per tile, programs per pair): one program takes the whole
-    patch for a block of channels, 32 channels at least, in tiles of 512 to 2048 values (more only for
-    patch radii above 3), so four warps' 128 threads never hold a replica of another's lane (replicated
-    lanes and atomic adds are a combination to avoid)."""
+def _launch_settings(channels: int, r_m: int) -> Tuple[int, int, int, int]:
+    """(patch positions per tile, channels per tile, programs per pair, warps): one program takes the whole
+    patch for a block of channels (32 at least), in tiles of up to 2048 values (more only for patch radii
+    above 3), with at most one thread per value of its tile (up to four warps): no thread holds a replica of
+    another's lane (replicated lanes and atomic adds are a combination to avoid)."""
     block_p = triton.next_power_of_2((2 * r_m + 1) ** 2)
     block_c = max(32, min(triton.next_power_of_2(channels), 2048 // block_p))
-    return block_p, block_c, triton.cdiv(channels, block_c)
+    return block_p, block_c, triton.cdiv(channels, block_c), max(1, min(4, block_p * block_c // 32))
 
 
 def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
     h, w, H, W, scale_h, scale_w = geometry(feat, size)
-    block_p, block_c, blocks = _launch_settings(channels, r_m)
+    block_p, block_c, blocks, warps = _launch_settings(channels, r_m)
     partial = torch.empty((handles.shape[0], blocks), dtype=torch.float32, device=feat.device)
     _motion_loss_forward[(handles.shape[0], blocks)](
         feat, handles, targets, partial, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m, BLOCK_P=block_p,
-        BLOCK_C=block_c, num_warps=4,
+        BLOCK_C=block_c, num_warps=warps,
     )
     return partial.sum()
 
@@ -120,11 +120,11 @@ def motion_loss_forward(feat, handles, targets, r_m, size, reach=2.0) -> torch.T
 def motion_loss_backward(feat, handles, targets, grad_out, r_m, size, reach=2.0) -> torch.Tensor:
     channels = feat.shape[1]
     h, w, H, W, scale_h, scale_w = geometry(feat, size)
-    block_p, block_c, blocks = _launch_settings(channels, r_m)
+    block_p, block_c, blocks, warps = _launch_settings(channels, r_m)
     grad = torch.zeros(feat.shape, dtype=torch.float32, device=feat.device)
     _motion_loss_backward[(handles.shape[0], blocks)](
         feat, handles, targets, grad_out, grad, channels, h, w, H, W, scale_h, scale_w, reach, R_M=r_m,
-        BLOCK_P=block_p, BLOCK_C=block_c, TIE=TIE_TOLERANCE, num_warps=4,
+        BLOCK_P=block_p, BLOCK_C=block_c, TIE=TIE_TOLERANCE, num_warps=warps,
     )
     return grad.to(feat.dtype)
 
