@@ -97,20 +97,11 @@ def graph_feed(manifest, latent, handles, targets, mask, tracking, features, x_p
             "mask": mask.numpy(), "tracking": np.array([tracking], np.float32)}
 
 
-def editor_schedule(editor):
-    """The DDIM schedule of the editor's settings: the exports' schedule."""
-    from fastdrag.ddim import DdimSchedule
-
-    inversion = editor.config.inversion
-    return DdimSchedule.from_scheduler(editor.components.scheduler, inversion.num_inference_steps,
-                                       inversion.num_inversion_steps)
-
-
 def eager_step(unet, manifest, editor):
     from fastdrag.config import DragConfig
     from fastdrag.export.drag_graph import drag_step
 
-    schedule = editor_schedule(editor)
+    schedule = editor._schedule(editor.config)  # the exports' schedule
     assert len(manifest.data["schedule"]["denoise"]) == len(schedule.denoise_timesteps) == 7
     return drag_step(unet, schedule, manifest.data["drag"]["timestep"], DragConfig(),
                      tuple(manifest.data["drag"]["supervision_size"]))
@@ -157,7 +148,7 @@ def test_the_standalone_drag_loop_is_pytorchs_drag(exported):
     standalone = standalone_module()
     latent, handles, targets, mask = drag_case(manifest, 3)
     text = torch.from_numpy(standalone.Export(manifest.folder).text().copy())
-    schedule = editor_schedule(editor)
+    schedule = editor._schedule(editor.config)  # the exports' schedule
     protocol = manifest.data["drag"]
     sup_res = tuple(protocol["supervision_size"])
     for latent_mask in (mask, None):
@@ -309,7 +300,7 @@ def test_standalone_loops_keep_the_swapped_steps_keys_and_values_and_denoise_as_
     assert len(kept) == 7 - START_STEP and list(kept[0]) == manifest.data["source_kv"]["tensors"]
     alone, _ = standalone.denoise(manifest.folder, source.numpy(), edited.numpy(), kept=kept)
     assert alone.shape == (1, 4, 8, 8) and relative_error(alone, pair[1:]) < 1e-4
-    schedule = editor_schedule(editor)
+    schedule = editor._schedule(editor.config)  # the exports' schedule
     text = torch.from_numpy(manifest.text_embedding().copy())
     on_torch = TorchDenoiser(merged)
     config = DenoiseConfig(start_step=START_STEP)
