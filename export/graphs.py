@@ -162,18 +162,19 @@ def _np_dtype(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16"}[dtype]
 
 
-def graph_count(keep_source_kv: bool) -> int:
+def graph_count(keep_source_kv: bool, vae_graphs: bool = True) -> int:
     """How many graphs `graph_jobs` gives (what an export's progress counts before it builds them)."""
-    return 5 if keep_source_kv else 4
+    return 2 + keep_source_kv + 2 * vae_graphs
 
 
 def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: int,
                unet_dtype: torch.dtype, vae_dtype: torch.dtype, keep_source_kv: bool = False,
-               scheduler=None) -> List[GraphJob]:
-    """The four graphs of an export at a fixed image size: inversion UNet (batch 1), reference
-    UNet (batch 2, K/V swap from `start_layer` inside the graph), VAE decoder and encoder. With
-    `keep_source_kv` the reference UNet also gives each swapped layer's source keys and values, and a
-    fifth graph, `unet_kept` (batch 1), takes them with an edited latent: a repeated edit's step.
+               scheduler=None, vae_graphs: bool = True) -> List[GraphJob]:
+    """The graphs of an export at a fixed image size: inversion UNet (batch 1), reference
+    UNet (batch 2, K/V swap from `start_layer` inside the graph), VAE decoder and encoder (left out
+    without `vae_graphs`: an editor's backend runs the UNet graphs alone). With `keep_source_kv` the
+    reference UNet also gives each swapped layer's source keys and values, and one more graph,
+    `unet_kept` (batch 1), takes them with an edited latent: a repeated edit's step.
     The UNet graphs output noise; `scheduler` says what the model outputs (`OutputAsNoise`)."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (vae.config.latent_channels, height // scale, width // scale)
@@ -197,12 +198,15 @@ def graph_jobs(unet, vae, width: int, height: int, text_dim: int, start_layer: i
     jobs = [
         unet_job("unet_inversion", 1, contextlib.nullcontext),
         unet_job("unet_reference", 2, lambda: reference_control(unet, start_layer, "sdpa")),
-        GraphJob(GraphSpec("vae_decoder", [TensorSpec("latents", (1, *latent), vd)], [TensorSpec("image", (1, 3, height, width), vd)]),
-                 VaeDecode(vae), (rand(1, *latent, dtype=vae_dtype, device=vae_device),)),
-        GraphJob(GraphSpec("vae_encoder", [TensorSpec("image", (1, 3, height, width), vd)], [TensorSpec("latent_mean", (1, *latent), vd)]),
-                 VaeEncodeMean(vae), (rand(1, 3, height, width, dtype=vae_dtype, device=vae_device).clamp(-1, 1),)),
     ]
     jobs[1].spec.extra["reference_control"] = {"start_layer": start_layer}
+    if vae_graphs:
+        jobs += [
+            GraphJob(GraphSpec("vae_decoder", [TensorSpec("latents", (1, *latent), vd)], [TensorSpec("image", (1, 3, height, width), vd)]),
+                     VaeDecode(vae), (rand(1, *latent, dtype=vae_dtype, device=vae_device),)),
+            GraphJob(GraphSpec("vae_encoder", [TensorSpec("image", (1, 3, height, width), vd)], [TensorSpec("latent_mean", (1, *latent), vd)]),
+                     VaeEncodeMean(vae), (rand(1, 3, height, width, dtype=vae_dtype, device=vae_device).clamp(-1, 1),)),
+        ]
     if keep_source_kv:
         jobs += _source_kv_jobs(jobs[1], jobs[0], unet, start_layer, noise)
     return jobs

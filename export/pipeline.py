@@ -106,8 +106,12 @@ def source_kv_protocol(artifacts: Dict[str, object], config) -> Dict[str, object
 
 def export_loaded(components, lora_key: str, lora_config, image_size, text_embeddings: torch.Tensor, config,
                   output: Path, fmt: str = "onnx", fp16: bool = False, overwrite: bool = False,
-                  drag_points: int = 0, progress: Union[bool, Progress] = False) -> Manifest:
+                  drag_points: int = 0, progress: Union[bool, Progress] = False, vae_graphs: bool = True) -> Manifest:
     """Export the UNet of `components` with its loaded LoRA merged in, for `image_size` (width, height).
+
+    Without `vae_graphs` the export holds the UNet graphs alone (manifest `vae_graphs: false`): what an
+    editor's ONNX Runtime or TensorRT backend runs, which encodes and decodes in PyTorch. A service
+    needs the VAE graphs too, and refuses such a folder.
 
     With `drag_points` > 0 the export also holds `unet_drag` (`export/drag_graph.py`): one drag
     iteration for that many point pairs, in fp32, with the UNet's input gradient, so a service can run
@@ -130,6 +134,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
     text_dim = int(text_embeddings.shape[-1])
     unet_dtype = torch.float16 if fp16 else torch.float32
     vae_dtype = torch.float32 if (not fp16 or getattr(vae.config, "force_upcast", True)) else torch.float16
+    if not vae_graphs:
+        vae_dtype = vae.dtype  # nothing of the VAE is traced: leave it as it is
     original_vae_dtype = vae.dtype
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -157,10 +163,11 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             if vae_dtype != original_vae_dtype:
                 vae.to(vae_dtype)
             yield from graph_jobs(unet, vae, width, height, text_dim, config.denoise.start_layer, unet_dtype, vae_dtype,
-                                  keep_source_kv=config.keep_source_kv, scheduler=components.scheduler)
+                                  keep_source_kv=config.keep_source_kv, scheduler=components.scheduler,
+                                  vae_graphs=vae_graphs)
 
         known_maps = {}
-        total = graph_count(config.keep_source_kv) + bool(drag_points)
+        total = graph_count(config.keep_source_kv, vae_graphs) + bool(drag_points)
         # (steps first: it reports the last; strict: a miscounted total fails instead of leaving a graph out)
         for _, job in zip(as_progress(progress).steps("export", total), jobs(), strict=True):
             write(job)
@@ -180,7 +187,9 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
             "lora": {"key": lora_key, "config": dataclasses.asdict(lora_config)},
             "image": {"width": width, "height": height},
             "latent_shape": list(latent_shape),
-            "precision": {"unet": "fp16" if fp16 else "fp32", "vae": "fp16" if vae_dtype == torch.float16 else "fp32"},
+            "precision": {"unet": "fp16" if fp16 else "fp32",
+                          **({"vae": "fp16" if vae_dtype == torch.float16 else "fp32"} if vae_graphs else {})},
+            "vae_graphs": vae_graphs,
             "opset": opset,
             "reference_control": {"start_layer": config.denoise.start_layer, "start_step": config.denoise.start_step},
             "schedule": schedule_entries(schedule),

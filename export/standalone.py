@@ -66,6 +66,9 @@ class Export:
     def __init__(self, folder: Path, refit: Optional[Path] = None):
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        if self.manifest.get("vae_graphs") is False:
+            raise ValueError(f"{self.folder} holds only the UNet graphs of an editor's backend (vae_graphs: false), not "
+                             "the VAE graphs a service encodes and decodes with: write its export with `fastdrag export`")
         self.artifacts = self.manifest["artifacts"]
         self.overrides: Dict[str, Dict[str, np.ndarray]] = {}  # per graph: initializer -> value
         self.refit_text = None

@@ -697,9 +697,10 @@ class DragEditor:
             manifest = load_manifest(folder)
         else:
             logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
+            # the UNet graphs alone: the backend replaces the denoiser, the VAE stays PyTorch's
             manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
                                      prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True,
-                                     progress=self._progress())
+                                     progress=self._progress(), vae_graphs=False)
         manifest.check_size(width, height)
         return manifest
 

@@ -231,11 +231,52 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
     from fastdrag.export.manifest import schema_problems
 
     assert schema_problems(manifest.data) == [] and "refit" in manifest.data  # the drag and refit sections too
+    before_the_field = {name: entry for name, entry in manifest.data.items() if name != "vae_graphs"}  # older exports
+    assert schema_problems(before_the_field) == []
+    without_encoder = {name: entry for name, entry in manifest.data["artifacts"].items() if name != "vae_encoder"}
+    assert schema_problems({**before_the_field, "artifacts": without_encoder})  # a service's export needs its VAE graphs
+    assert schema_problems({**manifest.data, "artifacts": without_encoder})
     for wrong in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="drag_points"):
             export_loaded(editor.components, "key", editor.config.lora, (64, 64), torch.zeros(1, 77, 32), editor.config,
                           tmp_path / "out", drag_points=wrong)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_vae_graphs_compute_the_vae(exported):
+    """`editor.export` writes the VAE graphs a service encodes and decodes with (an editor's backend writes none:
+    tests/test_export.py): each gives the PyTorch VAE's output on a random input."""
+    editor, manifest, _ = exported
+    vae = editor.components.vae
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    with torch.no_grad():
+        decoded, mean = vae.decode(latents).sample, vae.encode(image).latent_dist.mean
+    (pixels_out,) = session(manifest.path("vae_decoder")).run(None, {"latents": latents.numpy()})
+    (encoded,) = session(manifest.path("vae_encoder")).run(None, {"image": image.numpy()})
+    assert relative_error(pixels_out, decoded) < 1e-4 and relative_error(encoded, mean) < 1e-4
+    assert manifest.data["vae_graphs"] is True and manifest.data["precision"] == {"unet": "fp32", "vae": "fp32"}
+
+
+def test_the_standalone_script_inverts_the_image_as_pytorch_does(exported, tmp_path):
+    """`python export/standalone.py EXPORT IMAGE OUT` (the encoder graph, then the inversion graph along
+    `schedule.inversion`) writes PyTorch's z_t of the merged UNet."""
+    from fastdrag.demo import demo_case
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.inversion import invert
+    from fastdrag.vae import encode_posterior
+
+    editor, manifest, merged = exported
+    case = demo_case()
+    np.save(tmp_path / "image.npy", pixels(case.image))
+    done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), str(manifest.folder),
+                           str(tmp_path / "image.npy"), str(tmp_path / "zt.npy")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    z0 = encode_posterior(editor.components.vae, case.image).mean * editor.components.scaling_factor
+    expected = invert(TorchDenoiser(merged), z0, torch.from_numpy(manifest.text_embedding().copy()),
+                      editor._schedule(editor.config), progress=False)
+    assert relative_error(np.load(tmp_path / "zt.npy"), expected) < 1e-4
 
 
 def test_the_kept_graph_gives_the_reference_graphs_edited_row(exported):
@@ -688,6 +729,12 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tm
     data.pop("drag")
     (no_drag / "manifest.json").write_text(json.dumps(data))
     shutil.copy(folder / "text_embedding.bin", no_drag)
+    unet_only = tmp_path / "unet-only"  # as an editor's backend writes its export: no VAE graphs
+    unet_only.mkdir()
+    data = {**manifest.data, "vae_graphs": False,
+            "artifacts": {name: entry for name, entry in manifest.data["artifacts"].items() if not name.startswith("vae_")}}
+    (unet_only / "manifest.json").write_text(json.dumps(data))
+    shutil.copy(folder / "text_embedding.bin", unet_only)
     other = tmp_path / "other.safetensors"
     save_refit_weights(other, {}, torch.zeros(1, 77, 32), {"model": "someone/else", "width": "64", "height": "64"})
     runs = [(["edit", folder, "image.npy", "missing.json"], "cannot read .*missing.json"),
@@ -703,6 +750,8 @@ def test_the_cpp_program_refuses_bad_input_in_one_line(cpp_program, exported, tm
             (["edit", folder, "image.npy", good, "out.npy", "--provider", "cuda:"], "unknown provider cuda:: cpu, cuda or"),
             (["edit", folder, "image.npy", good, "out.npy", "--provider", "cuda:-1"], "unknown provider cuda:-1: cpu, cuda or"),
             (["serve", no_drag], "has no drag graph"),
+            (["serve", unet_only], r"unet-only holds only the UNet graphs of an editor's backend \(vae_graphs: false\), "
+                                   r"not the VAE graphs a service encodes and decodes with: write its export with `fastdrag export`"),
             (["invert", folder, "image.npy"], "usage: fastdrag_edit edit EXPORT_DIR")]
     import onnxruntime
 

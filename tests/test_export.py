@@ -2,8 +2,6 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
 from fastdrag.attention import reference_control
 from fastdrag.errors import InputError, OutputExistsError
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(lora_steps=4, num_inference_steps=10, inversion_strength=0.7, drag_steps=6)  # conftest.py's `fast`
 
 
@@ -46,8 +43,9 @@ def random_adapter(unet, seed):
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     """The export the demo picture's first edit on ONNX Runtime writes into its editor's cache (the plain
-    graphs: no kept keys and values, no drag graph; `editor.export` writes the same, tests/test_drag_export.py),
-    and the merged UNet it came from, for comparisons. The edit's result and steps are kept in FIRST_EDIT."""
+    UNet graphs: no kept keys and values, no drag graph, no VAE graphs; `editor.export`'s exports, with the
+    VAE's, are tests/test_drag_export.py's), and the merged UNet it came from, for comparisons. The edit's
+    result and steps are kept in FIRST_EDIT."""
     from fastdrag import DragEditor
     from fastdrag.demo import demo_case
     from fastdrag.export import load_manifest, merged_unet
@@ -68,12 +66,17 @@ FIRST_EDIT = {}  # the fixture's edit: its result, and what it reported to `on_s
 
 def test_an_export_reports_each_graph_it_writes_after_the_lora(exported):
     """Writing the graphs takes minutes at SD 1.5: an export reports one "export" step per graph, after the
-    LoRA's steps and before the exported denoiser's inversion."""
+    LoRA's steps and before the exported denoiser's inversion. A backend's export writes the two UNet graphs
+    alone (the editor encodes and decodes in PyTorch), and its manifest says so."""
     steps = FIRST_EDIT["steps"]
     stages = [stage for stage, _, _ in steps]
     assert stages[0] == "lora" and stages.index("lora") < stages.index("export") < stages.index("inversion")
     export = [(done, total) for stage, done, total in steps if stage == "export"]
-    assert export == [(done, 4) for done in range(5)] and len(exported[1].graphs) == 4
+    manifest = exported[1]
+    assert export == [(done, 2) for done in range(3)] and sorted(manifest.graphs) == ["unet_inversion", "unet_reference"]
+    assert manifest.data["vae_graphs"] is False and manifest.data["precision"] == {"unet": "fp32"}
+    assert sorted(path.name for path in manifest.folder.iterdir()) == [
+        "manifest.json", "refit.json", "text_embedding.bin", "unet_inversion.onnx", "unet_reference.onnx"]
     assert {"inversion", "drag", "denoise"} <= set(stages)  # the exported denoiser's stages report as PyTorch's do
 
 
@@ -100,8 +103,8 @@ def test_merge_equals_unmerged(tiny):
 
 
 def test_graphs_match_torch(exported):
+    """The UNet graphs against the merged UNet (the VAE graphs: tests/test_drag_export.py)."""
     editor, manifest, merged, _ = exported
-    vae = editor.components.vae
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
     text = torch.randn(2, 77, 32, generator=generator)
@@ -110,17 +113,10 @@ def test_graphs_match_torch(exported):
         plain = merged(latents[:1], 421, text[:1]).sample
         with reference_control(merged, manifest.data["reference_control"]["start_layer"], "sdpa"):
             swapped = merged(latents, 421, text).sample
-        image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
-        decoded = vae.decode(latents[:1]).sample
-        mean = vae.encode(image).latent_dist.mean
     (eps1,) = ort_session(manifest.path("unet_inversion")).run(None, {"latents": latents[:1].numpy(), "timestep": t, "text_embeddings": text[:1].numpy()})
     (eps2,) = ort_session(manifest.path("unet_reference")).run(None, {"latents": latents.numpy(), "timestep": t, "text_embeddings": text.numpy()})
-    (pixels,) = ort_session(manifest.path("vae_decoder")).run(None, {"latents": latents[:1].numpy()})
-    (encoded,) = ort_session(manifest.path("vae_encoder")).run(None, {"image": image.numpy()})
     assert relative_error(eps1, plain) < 1e-4
     assert relative_error(eps2, swapped) < 1e-4
-    assert relative_error(pixels, decoded) < 1e-4
-    assert relative_error(encoded, mean) < 1e-4
     # the batch-2 graph differs from the batch-1 graph exactly as the K/V swap does:
     (eps_edit_alone,) = ort_session(manifest.path("unet_inversion")).run(None, {"latents": latents[1:].numpy(), "timestep": t, "text_embeddings": text[1:].numpy()})
     assert relative_error(eps2[:1], eps1) < 1e-4            # the source branch is plain attention
@@ -181,24 +177,6 @@ def test_manifest_round_trip(exported):
     assert first["t"] == 1 and first["alpha_from"] == pytest.approx(again.data["schedule"]["final_alpha_cumprod"])
 
 
-def test_standalone_numpy_loop_reproduces_inversion(exported, tmp_path):
-    from fastdrag.ddim import DdimSchedule
-    from fastdrag.denoiser import TorchDenoiser
-    from fastdrag.inversion import invert
-    from fastdrag.vae import encode_posterior, image_to_tensor
-
-    editor, manifest, merged, case = exported
-    image = image_to_tensor(case.image, "cpu", torch.float32)
-    np.save(tmp_path / "image.npy", image.numpy())
-    done = subprocess.run([sys.executable, str(ROOT / "export" / "standalone.py"), str(manifest.folder),
-                           str(tmp_path / "image.npy"), str(tmp_path / "zt.npy")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    schedule = DdimSchedule.from_scheduler(editor.components.scheduler, 10, 7)
-    z0 = encode_posterior(editor.components.vae, case.image).mean * editor.components.scaling_factor
-    expected = invert(TorchDenoiser(merged), z0, torch.from_numpy(manifest.text_embedding().copy()), schedule, progress=False)
-    assert relative_error(np.load(tmp_path / "zt.npy"), expected) < 1e-4
-
-
 def test_refit_map_covers_every_lora_weight_and_refits_to_another_image(exported):
     """Replacing the mapped initializers with another LoRA's merged weights gives that LoRA's model."""
     import onnx
@@ -252,6 +230,13 @@ def test_bad_export_input(exported, tmp_path):
         editor.merged_unet_for("feedbeef")
     with pytest.raises(ManifestError, match="no manifest.json in .*nowhere: not an export folder"):
         load_manifest(tmp_path / "nowhere")
+    # a service's loops (export/standalone.py; the C++ program: tests/test_drag_export.py) need the VAE graphs
+    from standalone_loader import standalone_module
+
+    with pytest.raises(ValueError, match=r"export\d+/cache/exports/shared-\w+-64x64-L10-onnx-fp32 holds only the UNet "
+                                         r"graphs of an editor's backend \(vae_graphs: false\), not the VAE graphs a "
+                                         r"service encodes and decodes with: write its export with `fastdrag export`"):
+        standalone_module().Export(manifest.folder)
     # a manifest whose graphs take another latent than its image's size makes
     wrong = json.loads(json.dumps(data))
     wrong["latent_shape"] = [1, 4, 8, 16]
@@ -409,7 +394,12 @@ def test_the_manifest_schema_refuses_what_a_service_could_not_read(exported):
     _, manifest, _, _ = exported
     broken = {"no schedule": lambda d: d.pop("schedule"),
               "int8 latents": lambda d: d["artifacts"]["unet_inversion"]["inputs"][0].update(dtype="int8"),
-              "file out of the folder": lambda d: d["artifacts"]["vae_decoder"].update(file="../x.onnx"),
+              "file out of the folder": lambda d: d["artifacts"]["unet_reference"].update(file="../x.onnx"),
+              # a backend's export (vae_graphs: false) claims no VAE: with the field true or left out, its graphs lack them
+              "VAE graphs claimed": lambda d: d.update(vae_graphs=True),
+              "VAE graphs not disclaimed": lambda d: d.pop("vae_graphs"),
+              "a VAE graph it disclaims": lambda d: d["artifacts"].update(vae_decoder=d["artifacts"]["unet_inversion"]),
+              "a VAE precision it disclaims": lambda d: d["precision"].update(vae="fp32"),
               "unknown field": lambda d: d.update(extra=1),
               "schema version 2": lambda d: d.update(schema_version=2)}
     for what, breaking in broken.items():

@@ -187,6 +187,9 @@ class Export {
     if (manifest.value("schema_version", 0) != kManifestSchemaVersion)
       throw InputError(manifest_path.string() + " has schema version " + manifest.value("schema_version", json()).dump() +
                        "; this code reads version " + std::to_string(kManifestSchemaVersion));
+    if (manifest.value("vae_graphs", true) == false)
+      throw InputError(folder.string() + " holds only the UNet graphs of an editor's backend (vae_graphs: false), not the VAE "
+                       "graphs a service encodes and decodes with: write its export with `fastdrag export`");
     const json& entry = manifest["artifacts"]["text_embedding"];
     const std::string raw = read_file(folder / entry["file"].get<std::string>());
     text.shape = entry["shape"].get<std::vector<int64_t>>();
