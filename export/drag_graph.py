@@ -3,15 +3,16 @@
 A drag step needs the UNet's gradient with respect to its input latent, which an inference graph
 does not give. `drag_job` traces one iteration of `fastdrag.drag.DragLoop` in fp32 (the UNet forward
 with the feature block's output, point tracking, the motion supervision loss with the mask term, and
-the backward to the latent) into aten operators with `make_fx`, rewriting the backward operators that
-ONNX has no translation for into forward ones (`_BACKWARD_REWRITES`), and exports that. The service
+the backward to the latent) into functional aten operators with `make_fx`, rewriting the backward
+operators that ONNX has no translation for into forward ones (`_BACKWARD_REWRITES`) and decomposing
+what the ONNX exporter would decompose, and exports that without the exporter's own pass. The service
 keeps the loop's state and takes the Adam step; `drag` in `export/standalone.py` is the protocol in
 numpy, and the manifest's `drag` section states it.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -54,11 +55,9 @@ def interpolation_matrix(size_out: int, size_in: int, align_corners: bool) -> to
         source = ((out + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
     low = source.floor().long().clamp(max=size_in - 1)
     high = (low + 1).clamp(max=size_in - 1)
-    frac = source - low
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
-    matrix[torch.arange(size_out), low] += 1 - frac
-    matrix[torch.arange(size_out), high] += frac
-    return matrix
+    frac = (source - low).unsqueeze(1)
+    one_hot = torch.nn.functional.one_hot  # (no in-place writes: the graph it is traced into stays functional)
+    return one_hot(low, size_in).double() * (1 - frac) + one_hot(high, size_in).double() * frac
 
 
 def _bilinear_upsample_grad(grad, output_size, input_size, align_corners, scales_h=None, scales_w=None):
@@ -75,13 +74,24 @@ _BACKWARD_REWRITES = {
 }
 
 
-def decompositions() -> Dict[object, object]:
+def onnx_exporter_decompositions() -> Optional[Dict[object, object]]:
+    """The table the ONNX exporter decomposes a program with (torch's decompositions of the operators its
+    translations lack), or None where this torch's exporter does not expose how it builds it."""
+    try:
+        from torch.onnx._internal.exporter import _decomp, _registration
+
+        registry = _registration.ONNXRegistry.from_torchlib()
+        return _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
+    except (ImportError, AttributeError):
+        return None
+
+
+def decompositions(exporters: Optional[Dict[object, object]] = None) -> Dict[object, object]:
     """torch's core-aten decompositions of backward operators (the norms' and activations' backward into
-    elementwise operators) with the rewrites above. The forward operators are left to the ONNX exporter,
-    which decomposes what ONNX lacks itself: decomposed here too, they were decomposed twice (the tiny
-    UNet's drag graph took 104 s on average to trace and write with them, 95 s without, over five and six
-    runs on a 2-core CPU, to the same outputs under ONNX Runtime)."""
-    table = {op: fn for op, fn in torch._decomp.core_aten_decompositions().items() if "backward" in op.name()}
+    elementwise operators) with the rewrites above, over `exporters` (the ONNX exporter's table, so the
+    forward operators come out as the exporter would make them)."""
+    table = dict(exporters or {})
+    table.update({op: fn for op, fn in torch._decomp.core_aten_decompositions().items() if "backward" in op.name()})
     table.update(_BACKWARD_REWRITES)
     return table
 
@@ -95,8 +105,7 @@ def drag_step(unet, schedule: DdimSchedule, timestep: int, config: DragConfig, s
     alpha, alpha_prev = schedule.step_coefficients(timestep)  # numbers, read before tracing
 
     def step(latents, text_embeddings, handles, targets, handle_features, x_prev0, mask, tracking):
-        latent = latents.detach().requires_grad_(True)
-        with torch.enable_grad():
+        def loss_of(latent):
             eps, feat = unet_with_features(unet, latent, timestep, text_embeddings, config.feature_block)
             here = reference.point_features(feat.detach(), handles, size)
             tracked = reference.track_points(feat.detach(), handle_features, handles, config.r_p, size=size)
@@ -105,8 +114,11 @@ def drag_step(unet, schedule: DdimSchedule, timestep: int, config: DragConfig, s
             eps = predicted_noise(eps.float(), latent, alpha, schedule.prediction_type)
             x_prev = ddim_move(latent, eps, alpha, alpha_prev)
             loss = loss + config.lam * reference.masked_l1(x_prev, x_prev0, mask)
-            (grad,) = torch.autograd.grad(loss, [latent])
-        return grad, tracked, loss.detach().reshape(1), x_prev.detach(), here
+            return loss, (tracked, loss.detach().reshape(1), x_prev.detach(), here)
+
+        # torch.func's gradient, not autograd's: it composes with `functionalize` (`drag_job`)
+        grad, (tracked, loss, x_prev, here) = torch.func.grad(loss_of, has_aux=True)(latents)
+        return grad, tracked, loss, x_prev, here
 
     return step
 
@@ -130,8 +142,13 @@ def drag_job(unet, latent_shape: Tuple[int, ...], text_dim: int, points: int, sc
     device = next(unet.parameters()).device
     example = tuple(tensor.to(device) for tensor in example)
     step = drag_step(unet, schedule, schedule.drag_timestep, config, sup_res)
+    exporters = onnx_exporter_decompositions()
+    # functional (no in-place writes, which the exporter's pass would otherwise remove) and decomposed as the
+    # exporter would: it skips its own pass over the graph, a whole second trace (the tiny UNet's drag graph
+    # took 101 s to trace and write with it, 64 s without, one run each on a 2-core CPU)
     with _math_attention():
-        graph = make_fx(step, decomposition_table=decompositions())(*example)
+        graph = make_fx(torch.func.functionalize(step, remove="mutations"),
+                        decomposition_table=decompositions(exporters))(*example)
     f32 = "float32"
     spec = GraphSpec(
         "unet_drag",
@@ -144,7 +161,7 @@ def drag_job(unet, latent_shape: Tuple[int, ...], text_dim: int, points: int, sc
                  TensorSpec("handle_features_now", (points, channels), f32)],
     )
     spec.extra["timestep"] = schedule.drag_timestep
-    return GraphJob(spec, graph, example)  # a GraphModule: the exporter takes it as a module
+    return GraphJob(spec, graph, example, decomposed=exporters is not None)  # a GraphModule: exported as a module
 
 
 @contextlib.contextmanager

@@ -156,6 +156,7 @@ class GraphJob:
     module: torch.nn.Module
     example: Tuple[torch.Tensor, ...]
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    decomposed: bool = False  # functional and decomposed with the exporter's table already: skip its pass
 
 
 def _np_dtype(dtype: torch.dtype) -> str:
@@ -275,6 +276,35 @@ def _single_output_rewrites() -> Iterator[None]:
 _NO_OPTIMIZE_IN_EXPORT = {"optimize": False} if "optimize" in inspect.signature(torch.onnx.export).parameters else {}
 
 
+@contextlib.contextmanager
+def _no_exporter_decomposition(skip: bool) -> Iterator[None]:
+    """The ONNX exporter without its decomposition pass (a retrace of the whole program), for a graph that
+    `make_fx` already made functional and decomposed with the exporter's table (`GraphJob.decomposed`)."""
+    try:
+        from torch.onnx._internal.exporter import _fx_passes
+
+        decompose = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):
+        skip = False
+    if not skip:
+        yield
+        return
+    _fx_passes.decompose_with_registry = lambda exported_program, registry: exported_program
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = decompose
+
+
+def _export_program(job: GraphJob, skip_decomposition: bool):
+    with _no_exporter_decomposition(skip_decomposition):
+        return torch.onnx.export(
+            job.module, job.example, dynamo=True, verbose=False,
+            input_names=[t.name for t in job.spec.inputs], output_names=[t.name for t in job.spec.outputs],
+            **_NO_OPTIMIZE_IN_EXPORT,
+        )
+
+
 def export_onnx(job: GraphJob, path: Path) -> int:
     """Export one graph to `path` (cleaned: constant folding, dead nodes removed); returns the opset."""
     import onnx
@@ -282,11 +312,14 @@ def export_onnx(job: GraphJob, path: Path) -> int:
     weight_bytes = sum(p.numel() * p.element_size() for p in job.module.parameters())
     with job.context(), warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
-        program = torch.onnx.export(
-            job.module, job.example, dynamo=True, verbose=False,
-            input_names=[t.name for t in job.spec.inputs], output_names=[t.name for t in job.spec.outputs],
-            **_NO_OPTIMIZE_IN_EXPORT,
-        )
+        try:
+            program = _export_program(job, job.decomposed)
+        except Exception as exc:  # noqa: BLE001 (another torch's exporter may need its pass: slower, not wrong)
+            if not job.decomposed:
+                raise
+            logger.info("%s: the exporter could not translate it without its decompositions (%s); exporting it "
+                        "again with them", job.spec.name, type(exc).__name__)
+            program = _export_program(job, False)
         with _single_output_rewrites():
             program.optimize()  # once
         program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)

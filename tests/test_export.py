@@ -384,6 +384,47 @@ def test_the_optimiser_runs_without_rules_that_scan_the_whole_graph():
     assert rewriter._DEFAULT_REWRITE_RULES is before
 
 
+def test_a_graph_decomposed_before_export_skips_the_exporters_pass_or_is_exported_again_with_it(tmp_path, monkeypatch,
+                                                                                                  caplog):
+    """The drag graph comes out of `make_fx` functional and decomposed with the exporter's own table
+    (`GraphJob.decomposed`), so the exporter's decomposition pass, a whole second trace, is skipped
+    (tests/test_drag_export.py counts it for the drag export). A graph the exporter cannot translate
+    without it (here an in-place add) is exported again with it, and says so."""
+    from torch.onnx._internal.exporter import _fx_passes
+
+    from fastdrag.export.graphs import GraphJob, GraphSpec, TensorSpec, export_onnx
+
+    passes = []
+    decompose = _fx_passes.decompose_with_registry
+    recorder = lambda program, registry: passes.append(1) or decompose(program, registry)  # noqa: E731
+    monkeypatch.setattr(_fx_passes, "decompose_with_registry", recorder)
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, in_place: bool):
+            super().__init__()
+            self.in_place = in_place
+
+        def forward(self, x):
+            y = x * 2
+            return y.add_(1) if self.in_place else y + 1
+
+    spec = GraphSpec("doubled", [TensorSpec("x", (2, 3), "float32")], [TensorSpec("y", (2, 3), "float32")])
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(4))
+    runs = {}
+    with caplog.at_level("INFO", logger="fastdrag"):
+        for name, in_place, decomposed in (("plain", False, False), ("functional", False, True), ("in-place", True, True)):
+            passes.clear()
+            export_onnx(GraphJob(spec, Doubled(in_place), (x,), decomposed=decomposed), tmp_path / f"{name}.onnx")
+            (y,) = ort_session(tmp_path / f"{name}.onnx").run(None, {"x": x.numpy()})
+            np.testing.assert_allclose(y, x.numpy() * 2 + 1, rtol=1e-6)
+            runs[name] = len(passes)
+    assert runs == {"plain": 1, "functional": 0, "in-place": 1}
+    assert [r.getMessage() for r in caplog.records if "decompositions" in r.getMessage()] == [
+        "doubled: the exporter could not translate it without its decompositions (ConversionError); exporting it "
+        "again with them"]
+    assert _fx_passes.decompose_with_registry is recorder  # put back after each export
+
+
 def test_the_manifest_schema_refuses_what_a_service_could_not_read(exported):
     """The schema can fail: a missing section, an unknown dtype, a path out of the folder, a field it does
     not know (a change to the format must change the schema too, and a reader's version check)."""
