@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,12 +306,17 @@ def _export_program(job: GraphJob, skip_decomposition: bool):
         )
 
 
+# The exporter, and what export_onnx changes of it, of onnxscript and of the warning filters while it runs,
+# belong to the whole process: one export at a time (editors in two threads may both export)
+_EXPORTING = threading.Lock()
+
+
 def export_onnx(job: GraphJob, path: Path) -> int:
     """Export one graph to `path` (cleaned: constant folding, dead nodes removed); returns the opset."""
     import onnx
 
     weight_bytes = sum(p.numel() * p.element_size() for p in job.module.parameters())
-    with job.context(), warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
+    with _EXPORTING, job.context(), warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
         try:
             program = _export_program(job, job.decomposed)

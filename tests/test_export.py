@@ -392,11 +392,16 @@ def test_a_graph_decomposed_before_export_skips_the_exporters_pass_or_is_exporte
     without it (here an in-place add) is exported again with it, and says so."""
     from torch.onnx._internal.exporter import _fx_passes
 
+    from fastdrag.export import graphs
     from fastdrag.export.graphs import GraphJob, GraphSpec, TensorSpec, export_onnx
 
     passes = []
     decompose = _fx_passes.decompose_with_registry
-    recorder = lambda program, registry: passes.append(1) or decompose(program, registry)  # noqa: E731
+
+    def recorder(program, registry):  # each pass, with whether it ran under export_onnx's lock (process-wide patches)
+        passes.append(graphs._EXPORTING.locked())
+        return decompose(program, registry)
+
     monkeypatch.setattr(_fx_passes, "decompose_with_registry", recorder)
 
     class Doubled(torch.nn.Module):
@@ -417,8 +422,8 @@ def test_a_graph_decomposed_before_export_skips_the_exporters_pass_or_is_exporte
             export_onnx(GraphJob(spec, Doubled(in_place), (x,), decomposed=decomposed), tmp_path / f"{name}.onnx")
             (y,) = ort_session(tmp_path / f"{name}.onnx").run(None, {"x": x.numpy()})
             np.testing.assert_allclose(y, x.numpy() * 2 + 1, rtol=1e-6)
-            runs[name] = len(passes)
-    assert runs == {"plain": 1, "functional": 0, "in-place": 1}
+            runs[name] = passes[:]
+    assert runs == {"plain": [True], "functional": [], "in-place": [True]} and not graphs._EXPORTING.locked()
     assert [r.getMessage() for r in caplog.records if "decompositions" in r.getMessage()] == [
         "doubled: the exporter could not translate it without its decompositions (ConversionError); exporting it "
         "again with them"]
