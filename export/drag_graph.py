@@ -145,7 +145,7 @@ def drag_job(unet, latent_shape: Tuple[int, ...], text_dim: int, points: int, sc
     exporters = onnx_exporter_decompositions()
     # functional (no in-place writes, which the exporter's pass would otherwise remove) and decomposed as the
     # exporter would: it skips its own pass over the graph, a whole second trace (the tiny UNet's drag graph
-    # took 101 s to trace and write with it, 64 s without, one run each on a 2-core CPU)
+    # took 84-101 s to trace and write with it, 55-65 s without, over three and four runs on a 2-core CPU)
     with _math_attention():
         graph = make_fx(torch.func.functionalize(step, remove="mutations"),
                         decomposition_table=decompositions(exporters))(*example)
