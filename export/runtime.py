@@ -159,7 +159,11 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
 class TensorRTDenoiser(_GraphDenoiser):
     """Runs the TensorRT engines built from the exported UNet graphs (CUDA tensors in place)."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, refit: Optional[Dict[str, Dict[str, np.ndarray]]] = None):
+        """`refit`: per graph, initializer name -> value (another image's LoRA-merged weights, from
+        `fastdrag.export.refit`), refitted into the loaded engine; the engine files keep their own weights.
+        Raises `TensorRTRefitError` where an engine will not take them."""
+        from .refit import initializer_arrays
         from .tensorrt import Engine
 
         super().__init__(manifest)
@@ -168,6 +172,9 @@ class TensorRTDenoiser(_GraphDenoiser):
         if missing:
             raise ConfigError(f"{manifest.folder} has no TensorRT engines for {', '.join(missing)}: export with --format tensorrt")
         self.engines = {name: Engine(manifest.folder / engines[name]["file"]) for name in self.graph_names}
+        for name, arrays in (refit or {}).items():
+            graph = manifest.path(name)
+            self.engines[name].refit(arrays, unchanged=lambda names, graph=graph: initializer_arrays(graph, names))
 
     def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         engine = self.engines[graph]
@@ -177,13 +184,12 @@ class TensorRTDenoiser(_GraphDenoiser):
 
 def load_denoiser(backend: str, manifest: Manifest, overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None,
                   device: Union[str, torch.device, None] = None):
-    """The exported-graph denoiser for `backend` ('onnxruntime' or 'tensorrt'); `overrides` (ONNX
-    Runtime only) replace initializers of the UNet graphs, e.g. with another LoRA's weights. `device`:
-    where its inputs live (ONNX Runtime's providers follow it; TensorRT runs on the current GPU)."""
+    """The exported-graph denoiser for `backend` ('onnxruntime' or 'tensorrt'); `overrides` replace
+    initializers of the UNet graphs, e.g. with another LoRA's weights (ONNX Runtime: initializer overrides;
+    TensorRT: a refit of the loaded engines). `device`: where its inputs live (ONNX Runtime's providers
+    follow it; TensorRT runs on the current GPU)."""
     if backend == "onnxruntime":
         return OnnxRuntimeDenoiser(manifest, overrides=overrides, device=device)
-    if overrides:
-        raise ConfigError(f"initializer overrides are for onnxruntime, not {backend!r}")
     if backend == "tensorrt":
-        return TensorRTDenoiser(manifest)
+        return TensorRTDenoiser(manifest, refit=overrides)
     raise ConfigError(f"unknown backend {backend!r}; use torch, onnxruntime or tensorrt")

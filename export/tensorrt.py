@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 class TensorRTUnavailable(FastDragError):
     """TensorRT or a CUDA GPU is missing."""
+
+
+class TensorRTRefitError(FastDragError):
+    """An engine would not take the weights it was given (not refittable, or built in a way that needs others)."""
 
 
 def require_tensorrt():
@@ -113,11 +117,26 @@ class Engine:
             raise FastDragError("TensorRT execution failed")
         return self.outputs
 
-    def refit(self, arrays: Dict[str, np.ndarray]) -> None:
-        """Replace named weights (ONNX initializer names) and update the engine in place, without a rebuild."""
+    def refit(self, arrays: Dict[str, np.ndarray],
+              unchanged: Optional[Callable[[List[str]], Dict[str, np.ndarray]]] = None) -> None:
+        """Replace named weights (ONNX initializer names) and update the engine in place, without a rebuild.
+
+        Where the build combined a given weight with others (TensorRT then reports those as missing),
+        `unchanged(names)` supplies their values as they were (e.g. `initializer_arrays` of the ONNX graph
+        the engine was built from). Raises `TensorRTRefitError`, naming the weights, when the engine has no
+        such weight or still misses some."""
         refitter = self.trt.Refitter(self.engine, self.logger)
         for name, array in arrays.items():
             if not refitter.set_named_weights(name, self.trt.Weights(np.ascontiguousarray(array))):
-                raise FastDragError(f"engine has no refittable weight named {name}")
+                raise TensorRTRefitError(f"the engine has no refittable weight named {name} (of the same size)")
+        missing = list(refitter.get_missing_weights())
+        if missing and unchanged is not None:
+            for name, array in unchanged(missing).items():
+                if not refitter.set_named_weights(name, self.trt.Weights(np.ascontiguousarray(array))):
+                    raise TensorRTRefitError(f"the engine refused its own weight {name} back")
+            missing = list(refitter.get_missing_weights())
+        if missing:
+            raise TensorRTRefitError(f"the refit also needs {len(missing)} weights the build combined with the given "
+                                     f"ones: {', '.join(sorted(missing)[:5])}{', ...' if len(missing) > 5 else ''}")
         if not refitter.refit_cuda_engine():
-            raise FastDragError("TensorRT refit failed")
+            raise TensorRTRefitError("TensorRT refit failed")

@@ -652,11 +652,13 @@ class DragEditor:
     def _exported_denoiser(self, prepared: PreparedImage, config: EditConfig):
         """The exported-graph denoiser of this image's LoRA, exporting on first use (into the cache).
 
-        ONNX Runtime: one export per model, size and settings; another image's LoRA runs on the same
-        graphs, its merged weights given to ONNX Runtime in place of the exported ones (the graphs'
-        `refit.json` says where they go), so a new image costs no export. TensorRT: one export per
-        LoRA (refitting its engines in an edit is not verified on a GPU yet). With `keep_source_kv` the
-        export has the graphs that keep the source branch's keys and values (a folder of its own).
+        One export per model, size and settings: another image's LoRA runs on the same graphs, its merged
+        weights put in place of the exported ones (the graphs' `refit.json` says where they go), so a new
+        image costs no export: ONNX Runtime takes them as initializer overrides, TensorRT's loaded engines
+        are refitted with them (the engine files keep the first image's). An engine that will not take
+        them (`TensorRTRefitError`) gets the image an export and engines of its own, as before refits.
+        With `keep_source_kv` the export has the graphs that keep the source branch's keys and values (a
+        folder of its own).
         """
         fmt = "tensorrt" if config.backend == "tensorrt" else "onnx"
         fp16 = self.dtype == torch.float16
@@ -664,13 +666,17 @@ class DragEditor:
         settings = f"{width}x{height}-L{config.denoise.start_layer}-{fmt}-{'fp16' if fp16 else 'fp32'}"
         if config.keep_source_kv:  # the reference graph with the keys and values as outputs, and the kept graph
             settings += "-kv"
-        own = folder = self.cache.directory / "exports" / f"{prepared.lora_key}-{settings}"
-        if config.backend == "onnxruntime":
-            shared = hashlib.sha256(json.dumps([self.components.identity, sorted(config.lora.lora_targets)]).encode())
-            folder = self.cache.directory / "exports" / f"shared-{shared.hexdigest()[:16]}-{settings}"
+        own = self.cache.directory / "exports" / f"{prepared.lora_key}-{settings}"
+        shared = hashlib.sha256(json.dumps([self.components.identity, sorted(config.lora.lora_targets)]).encode())
+        folder = self.cache.directory / "exports" / f"shared-{shared.hexdigest()[:16]}-{settings}"
         key = (folder, prepared.lora_key)
         if key not in self._graph_denoisers:
-            manifest = self._load_or_export(folder, prepared, config, fmt, fp16)
+            from .export.runtime import load_denoiser
+            from .export.tensorrt import TensorRTRefitError
+
+            # this LoRA's own export where it has one (its weights built in: nothing to refit), else the shared
+            manifest = self._load_or_export(own if (own / "manifest.json").is_file() else folder, prepared, config,
+                                            fmt, fp16)
             overrides = None
             if manifest.data["lora"]["key"] != prepared.lora_key:
                 if "refit" in manifest.data:
@@ -679,9 +685,13 @@ class DragEditor:
                     manifest = self._load_or_export(own, prepared, config, fmt, fp16)
             while len(self._graph_denoisers) >= self.EXPORTED_DENOISERS_KEPT:  # each holds a whole UNet
                 self._graph_denoisers.popitem(last=False)
-            from .export.runtime import load_denoiser
-
-            denoiser = load_denoiser(config.backend, manifest, overrides, device=self.device)
+            try:
+                denoiser = load_denoiser(config.backend, manifest, overrides, device=self.device)
+            except TensorRTRefitError as exc:
+                logger.warning("the TensorRT engines in %s could not be refitted with this image's LoRA (%s): "
+                               "exporting and building engines of its own instead", manifest.folder, exc)
+                manifest = self._load_or_export(own, prepared, config, fmt, fp16)
+                denoiser = load_denoiser(config.backend, manifest, device=self.device)
             self._graph_denoisers[key] = (manifest, denoiser)
         self._graph_denoisers.move_to_end(key)
         manifest, denoiser = self._graph_denoisers[key]

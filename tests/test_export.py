@@ -263,7 +263,7 @@ def test_tensorrt_build_run_and_refit(exported, tmp_path):
     from fastdrag.export.tensorrt import BuildSettings, Engine, build_engine
     import onnx
 
-    _, manifest, merged, _ = exported
+    editor, manifest, merged, _ = exported
     settings = BuildSettings(fp16=False)
     path = build_engine(manifest.path("unet_inversion"), tmp_path / "unet.plan", settings)
     assert (tmp_path / settings.timing_cache).is_file()
@@ -273,7 +273,21 @@ def test_tensorrt_build_run_and_refit(exported, tmp_path):
     with torch.no_grad():
         expected = merged.cuda()(x, 300, text).sample
     assert relative_error(out.cpu(), expected.cpu()) < 1e-3
-    engine.refit(refit_arrays(refit_map(onnx.load(str(manifest.path("unet_inversion"))), merged.cpu(), ("to_q", "to_k", "to_v", "to_out.0")), merged.cpu()))
+    # refitted with another LoRA's merged weights (what an editor's TensorRT backend does for a new image)
+    from fastdrag.export import merged_unet
+    from fastdrag.export.refit import initializer_arrays, merged_target_weights
+
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    mapping = refit_map(onnx.load(str(manifest.path("unet_inversion"))), merged.cpu(), targets)
+    unet = editor.components.unet
+    random_adapter(unet, 12)
+    other = merged_unet(unet).cuda()
+    engine.refit(refit_arrays(mapping, merged_target_weights(unet, targets)),
+                 unchanged=lambda names: initializer_arrays(manifest.path("unet_inversion"), names))
+    out = engine.infer({"latents": x, "timestep": torch.tensor([300.0], device="cuda"), "text_embeddings": text})["eps"]
+    with torch.no_grad():
+        expected = other(x, 300, text).sample
+    assert relative_error(out.cpu(), expected.cpu()) < 1e-3
 
 
 def test_export_writes_where_each_lora_weight_lives_in_both_unet_graphs(exported):
@@ -343,6 +357,199 @@ def test_onnxruntime_edits_match_torch_and_reuse_one_export_for_the_image_and_ne
         with reference.reference_control(10, "sdpa"), refitted.reference_control(10):
             assert relative_error(refitted(pair, 421, text.expand(2, -1, -1)),
                                   reference(pair, 421, text.expand(2, -1, -1))) < 1e-4
+
+
+class _FakeTensorRT:
+    """What `Engine.refit` uses of TensorRT: a refitter over a dict engine (name -> weights) whose build
+    combined some weights with others (`partners`), which TensorRT then reports as missing."""
+
+    class Refitter:
+        def __init__(self, engine, logger):
+            self.engine, self.given = engine, {}
+
+        def set_named_weights(self, name, weights):
+            if name not in self.engine["weights"] or weights.shape != self.engine["weights"][name].shape:
+                return False
+            self.given[name] = weights
+            return True
+
+        def get_missing_weights(self):
+            return [partner for name in self.given for partner in self.engine["partners"].get(name, ())
+                    if partner not in self.given]
+
+        def refit_cuda_engine(self):
+            if self.get_missing_weights():
+                return False
+            self.engine["weights"].update(self.given)
+            return True
+
+    @staticmethod
+    def Weights(array):
+        return array
+
+
+def test_a_tensorrt_refit_gives_back_the_weights_the_build_combined_and_names_what_it_cannot_set():
+    """TensorRT refuses a refit that leaves out weights its build combined with the given ones: `Engine.refit`
+    asks `unchanged` for exactly those (the ONNX graph's own values) and refits; without it, or for a weight
+    the engine lacks or of another size, it raises `TensorRTRefitError` naming the weights, the engine as it was."""
+    from fastdrag.export.tensorrt import Engine, TensorRTRefitError
+
+    generator = np.random.default_rng(5)
+    weights = {name: generator.standard_normal((3, 5)).astype(np.float32) for name in ("q", "k", "bias", "other")}
+    built = {"weights": dict(weights), "partners": {"q": ("bias",)}}
+    engine = object.__new__(Engine)  # no TensorRT here: the refitter is the fake's
+    engine.trt, engine.engine, engine.logger = _FakeTensorRT, built, None
+    new_q, new_k = weights["q"] + 1, weights["k"] - 1
+    with pytest.raises(TensorRTRefitError, match="needs 1 weights the build combined with the given ones: bias"):
+        engine.refit({"q": new_q, "k": new_k})
+    assert all(built["weights"][name] is weights[name] for name in weights)
+    asked = []
+    engine.refit({"q": new_q, "k": new_k}, unchanged=lambda names: asked.append(names) or {n: weights[n] for n in names})
+    assert asked == [["bias"]]
+    np.testing.assert_array_equal(built["weights"]["q"], new_q)
+    np.testing.assert_array_equal(built["weights"]["k"], new_k)
+    assert built["weights"]["bias"] is weights["bias"] and built["weights"]["other"] is weights["other"]
+    with pytest.raises(TensorRTRefitError, match="no refittable weight named to_x"):
+        engine.refit({"to_x": new_q})
+    with pytest.raises(TensorRTRefitError, match="no refittable weight named k"):
+        engine.refit({"k": new_k[:, :4]})  # another size
+
+
+def test_initializer_arrays_reads_the_named_initializers_of_a_graph_with_external_data(tmp_path):
+    """A refit's weights given back as they were come from the engine's ONNX graph: only the named
+    initializers, also from a graph whose weights are external data (SD 1.5's: 1.6 GiB)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from fastdrag.export.refit import initializer_arrays
+
+    generator = np.random.default_rng(6)
+    values = {f"w{i}": generator.standard_normal((40, 30)).astype(np.float32) for i in range(3)}
+    node = helper.make_node("Sum", list(values), ["y"])
+    graph = helper.make_graph([node], "sum", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, (40, 30))],
+                              [numpy_helper.from_array(value, name) for name, value in values.items()])
+    path = tmp_path / "graph.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="graph.onnx.data",
+              size_threshold=0)
+    assert (tmp_path / "graph.onnx.data").stat().st_size >= 3 * 40 * 30 * 4
+    found = initializer_arrays(path, ["w2", "w0"])
+    assert sorted(found) == ["w0", "w2"]
+    np.testing.assert_array_equal(found["w0"], values["w0"])
+    np.testing.assert_array_equal(found["w2"], values["w2"])
+    with pytest.raises(KeyError, match=r"graph.onnx has no initializer named bias \(nor 1 others\)"):
+        initializer_arrays(path, ["w1", "bias", "scale"])
+
+
+class _FakeEngine:
+    """Stands in for `fastdrag.export.tensorrt.Engine` where there is no TensorRT (tests below): the "plan"
+    file names the ONNX graph it was built from, which runs under ONNX Runtime; a refit gives a new session
+    the weights as initializer overrides, by ONNX initializer name as TensorRT's refit takes them."""
+
+    refuse = False  # every refit raises TensorRTRefitError
+    loaded = []
+
+    def __init__(self, path):
+        self.graph = Path(path).parent / Path(path).read_text()
+        self.refitted, self.given_back = {}, {}
+        self.session = ort_session(self.graph)
+        dtypes = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+        self.inputs = {i.name: (tuple(i.shape), dtypes[i.type]) for i in self.session.get_inputs()}
+        _FakeEngine.loaded.append(self)
+
+    def infer(self, feed):
+        names = [output.name for output in self.session.get_outputs()]
+        arrays = self.session.run(None, {name: tensor.numpy() for name, tensor in feed.items()})
+        return {name: torch.from_numpy(array) for name, array in zip(names, arrays, strict=True)}
+
+    def refit(self, arrays, unchanged=None):
+        import onnxruntime as ort
+
+        from fastdrag.export.tensorrt import TensorRTRefitError
+
+        if _FakeEngine.refuse:
+            raise TensorRTRefitError("the build combined them with others")
+        self.given_back = unchanged([min(arrays)])  # as TensorRT asks for a combined weight's partners
+        options = ort.SessionOptions()
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
+        for name, value in zip(arrays, self.values, strict=True):
+            options.add_initializer(name, value)
+        self.session = ort.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
+        self.refitted = arrays
+
+
+def test_the_tensorrt_backend_refits_one_export_for_a_new_image_or_gives_it_its_own(tiny, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """With TensorRT, as with ONNX Runtime, a new image's LoRA runs on the first image's export: its merged
+    weights are refitted into the loaded engines (no export, no engine build), and its edit is PyTorch's.
+    Where the engines refuse the refit, the image gets an export and engines of its own, with a warning,
+    and a later editor finds that export first. No TensorRT here: `_FakeEngine` stands in for the engines
+    (tests/test_gpu.py has the real ones)."""
+    from fastdrag import DragEditor, backends
+    from fastdrag.backends import BackendStatus
+    from fastdrag.demo import demo_case
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.export import tensorrt
+
+    builds = []
+
+    def build_engine(onnx_path, engine_path, settings):  # the "plan" names its graph
+        builds.append(onnx_path.name)
+        engine_path.write_text(onnx_path.name)
+        return engine_path
+
+    monkeypatch.setattr(backends, "tensorrt_status", lambda: BackendStatus("tensorrt", "fake", True, "fake engines"))
+    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt, "build_engine", build_engine)
+    monkeypatch.setattr(tensorrt, "Engine", _FakeEngine)
+    monkeypatch.setattr(_FakeEngine, "loaded", [])
+    editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "cache", progress=False)
+    case = demo_case()
+    settings = dict(mask=case.mask, backend="tensorrt", **FAST)
+    first = editor.edit(case.image, case.prompt, case.points, seed=1, **settings)
+    assert builds == ["unet_inversion.onnx", "unet_reference.onnx"] and not _FakeEngine.loaded[0].refitted
+    second = editor.edit(case.image, case.prompt, case.points, seed=2, **settings)  # another LoRA
+    (export,) = (editor.cache.directory / "exports").iterdir()
+    assert export.name.startswith("shared-") and len(builds) == 2  # no export, no build
+    assert second.timings["export"] < first.timings["export"] / 5
+    engines = _FakeEngine.loaded[2:]
+    assert [engine.graph.name for engine in engines] == ["unet_inversion.onnx", "unet_reference.onnx"]
+    assert all(engine.refitted and set(engine.given_back) == {min(engine.refitted)} for engine in engines)
+    for engine in engines:  # given back as the graph holds it
+        name = min(engine.refitted)
+        np.testing.assert_array_equal(engine.given_back[name], initializer_value(engine.graph, name))
+    (_, refitted), = [value for (_, key), value in editor._graph_denoisers.items() if key == second.lora_key]
+    editor.release()  # the second image's LoRA into the UNet again, from the cache
+    on_torch = editor.edit(case.image, case.prompt, case.points, seed=2, mask=case.mask, **FAST)
+    difference = np.abs(np.asarray(on_torch.image, dtype=np.int16) - np.asarray(second.image, dtype=np.int16))
+    assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
+    assert on_torch.handles == second.handles
+    generator = torch.Generator().manual_seed(4)
+    latents, text = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        assert relative_error(refitted(latents, 421, text), TorchDenoiser(editor.components.unet)(latents, 421, text)) < 1e-4
+
+    # a refit the engines refuse: this LoRA's own export and engines, which the next editor finds first
+    monkeypatch.setattr(_FakeEngine, "refuse", True)
+    with caplog.at_level("WARNING", logger="fastdrag"):
+        third = editor.edit(case.image, case.prompt, case.points, seed=3, **settings)
+    assert "could not be refitted with this image's LoRA (the build combined them with others)" in caplog.text
+    assert len(builds) == 4 and (editor.cache.directory / "exports" / f"{third.lora_key}-{export.name[24:]}").is_dir()
+    fresh = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "cache", progress=False)
+    loaded = len(_FakeEngine.loaded)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastdrag"):
+        again = fresh.edit(case.image, case.prompt, case.points, seed=3, **settings)
+    assert len(builds) == 4 and len(_FakeEngine.loaded) == loaded + 2  # its own engines: no refit tried
+    assert "refitted" not in caplog.text
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(third.image))
+
+
+def initializer_value(path, name):
+    import onnx
+    from onnx import numpy_helper
+
+    (initializer,) = [i for i in onnx.load(str(path)).graph.initializer if i.name == name]
+    return numpy_helper.to_array(initializer)
 
 
 def test_onnxruntime_repeated_edits_denoise_one_branch_with_kept_keys_and_values(editor, picture, fast, monkeypatch):
