@@ -126,13 +126,19 @@ class Engine:
         the engine was built from). Raises `TensorRTRefitError`, naming the weights, when the engine has no
         such weight or still misses some."""
         refitter = self.trt.Refitter(self.engine, self.logger)
+        kept = []  # TensorRT's Weights point into these arrays without owning them: alive until the refit is done
+
+        def give(name: str, array: np.ndarray) -> bool:
+            kept.append(np.ascontiguousarray(array))
+            return refitter.set_named_weights(name, self.trt.Weights(kept[-1]))
+
         for name, array in arrays.items():
-            if not refitter.set_named_weights(name, self.trt.Weights(np.ascontiguousarray(array))):
+            if not give(name, array):
                 raise TensorRTRefitError(f"the engine has no refittable weight named {name} (of the same size)")
         missing = list(refitter.get_missing_weights())
         if missing and unchanged is not None:
             for name, array in unchanged(missing).items():
-                if not refitter.set_named_weights(name, self.trt.Weights(np.ascontiguousarray(array))):
+                if not give(name, array):
                     raise TensorRTRefitError(f"the engine refused its own weight {name} back")
             missing = list(refitter.get_missing_weights())
         if missing:
