@@ -19,10 +19,11 @@ from fastdrag.denoiser import TorchDenoiser
 def exported(tmp_path_factory, device, dtype):
     from fastdrag import DragEditor
     from fastdrag.demo import demo_case
-    from fastdrag.export.pipeline import export_loaded
 
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime is not installed")
+    from fastdrag.export.pipeline import export_loaded
+
     folder = tmp_path_factory.mktemp("bench-export")
     editor = DragEditor.from_pretrained("tiny", device=device, dtype=dtype, cache_dir=folder / "cache", progress=False)
     case = demo_case()
