@@ -483,7 +483,7 @@ def test_the_tensorrt_backend_refits_one_export_for_a_new_image_or_gives_it_its_
     weights are refitted into the loaded engines (no export, no engine build), and its edit is PyTorch's.
     Where the engines refuse the refit, the image gets an export and engines of its own, with a warning,
     and a later editor finds that export first. No TensorRT here: `_FakeEngine` stands in for the engines
-    (tests/test_gpu.py has the real ones)."""
+    (`test_tensorrt_build_run_and_refit` refits a real one where TensorRT and a GPU are)."""
     from fastdrag import DragEditor, backends
     from fastdrag.backends import BackendStatus
     from fastdrag.demo import demo_case
