@@ -22,7 +22,7 @@ def exported(tmp_path_factory, device, dtype):
 
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime is not installed")
-    from fastdrag.export.pipeline import export_loaded
+    from fastdrag.export import export_loaded
 
     folder = tmp_path_factory.mktemp("bench-export")
     editor = DragEditor.from_pretrained("tiny", device=device, dtype=dtype, cache_dir=folder / "cache", progress=False)
