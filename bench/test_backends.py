@@ -1,7 +1,8 @@
 """Denoiser backends: one inversion step (batch 1) and one reference-controlled denoising step
 (batch 2) on torch, ONNX Runtime, and TensorRT where it runs, at the tiny model's shape; and one
 drag iteration: PyTorch's drag loop against the exported drag graph (`unet_drag`) with the Adam
-step in numpy, as `export/standalone.py` runs it.
+step in numpy, as `export/standalone.py` runs it; and what a new image's denoiser costs on the export
+(its LoRA's weights into the graphs).
 
 The exported graphs carry a freshly trained LoRA merged in (what an edit exports on first use).
 """
@@ -75,6 +76,25 @@ def test_denoise_step(benchmark, exported, device, synchronize, backend):
 
     with denoiser.reference_control(manifest.data["reference_control"]["start_layer"]):
         benchmark(step)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_new_image_denoiser(benchmark, exported, device, backend):
+    """What a new image costs an editor's exported backend on the shared export: its LoRA-merged weights
+    put into the UNet graphs (ONNX Runtime: new sessions with initializer overrides; TensorRT: the engines
+    loaded and refitted), where an export of its own would write the graphs again (and build engines)."""
+    from fastdrag.export.refit import load_refit_maps, merged_target_weights, refit_arrays
+    from fastdrag.export.runtime import load_denoiser
+
+    editor, manifest = exported
+    if backend == "tensorrt" and "engines" not in manifest.data:
+        pytest.skip("TensorRT needs the tensorrt package and a CUDA GPU (not available here)")
+    targets, maps = load_refit_maps(manifest.folder / manifest.data["refit"]["file"])
+    weights = merged_target_weights(editor.components.unet, targets)  # the fixture's LoRA: any LoRA costs the same
+    overrides = {graph: refit_arrays(mapping, weights) for graph, mapping in maps.items()}
+    benchmark.group = "a new image's denoiser on the shared export (tiny, 64x64)"
+    benchmark.extra_info["export_seconds"] = manifest.data["export_seconds"]  # what the first image's export took
+    benchmark(lambda: load_denoiser(backend, manifest, overrides, device=device))
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "tensorrt"])
