@@ -123,8 +123,8 @@ class Engine:
 
         Where the build combined a given weight with others (TensorRT then reports those as missing),
         `unchanged(names)` supplies their values as they were (e.g. `initializer_arrays` of the ONNX graph
-        the engine was built from). Raises `TensorRTRefitError`, naming the weights, when the engine has no
-        such weight or still misses some."""
+        the engine was built from; a KeyError from it means it cannot). Raises `TensorRTRefitError`, naming
+        the weights, when the engine has no such weight or still misses some."""
         refitter = self.trt.Refitter(self.engine, self.logger)
         kept = []  # TensorRT's Weights point into these arrays without owning them: alive until the refit is done
 
@@ -137,7 +137,11 @@ class Engine:
                 raise TensorRTRefitError(f"the engine has no refittable weight named {name} (of the same size)")
         missing = list(refitter.get_missing_weights())
         if missing and unchanged is not None:
-            for name, array in unchanged(missing).items():
+            try:
+                given_back = unchanged(missing)
+            except KeyError as exc:  # a weight TensorRT made up or took from elsewhere than the graph's initializers
+                raise TensorRTRefitError(f"the refit also needs weights the graph cannot give back: {exc.args[0]}") from exc
+            for name, array in given_back.items():
                 if not give(name, array):
                     raise TensorRTRefitError(f"the engine refused its own weight {name} back")
             missing = list(refitter.get_missing_weights())

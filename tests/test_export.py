@@ -409,6 +409,12 @@ def test_a_tensorrt_refit_gives_back_the_weights_the_build_combined_and_names_wh
     np.testing.assert_array_equal(built["weights"]["q"], new_q)
     np.testing.assert_array_equal(built["weights"]["k"], new_k)
     assert built["weights"]["bias"] is weights["bias"] and built["weights"]["other"] is weights["other"]
+    def from_graph(names):  # as `initializer_arrays` answers for a weight the graph does not hold
+        raise KeyError(f"graph.onnx has no initializer named {names[0]}")
+
+    with pytest.raises(TensorRTRefitError, match="needs weights the graph cannot give back: graph.onnx has no "
+                                                 "initializer named bias"):
+        engine.refit({"q": new_q}, unchanged=from_graph)
     with pytest.raises(TensorRTRefitError, match="no refittable weight named to_x"):
         engine.refit({"to_x": new_q})
     with pytest.raises(TensorRTRefitError, match="no refittable weight named k"):
