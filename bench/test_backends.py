@@ -83,15 +83,13 @@ def test_new_image_denoiser(benchmark, exported, device, backend):
     """What a new image costs an editor's exported backend on the shared export: its LoRA-merged weights
     put into the UNet graphs (ONNX Runtime: new sessions with initializer overrides; TensorRT: the engines
     loaded and refitted), where an export of its own would write the graphs again (and build engines)."""
-    from fastdrag.export.refit import load_refit_maps, merged_target_weights, refit_arrays
     from fastdrag.export.runtime import load_denoiser
 
     editor, manifest = exported
     if backend == "tensorrt" and "engines" not in manifest.data:
         pytest.skip("TensorRT needs the tensorrt package and a CUDA GPU (not available here)")
-    targets, maps = load_refit_maps(manifest.folder / manifest.data["refit"]["file"])
-    weights = merged_target_weights(editor.components.unet, targets)  # the fixture's LoRA: any LoRA costs the same
-    overrides = {graph: refit_arrays(mapping, weights) for graph, mapping in maps.items()}
+    # the editor's own overrides of the loaded LoRA (the fixture's: any LoRA costs the same)
+    overrides = editor._refit_overrides(manifest, editor.config)
     benchmark.group = "a new image's denoiser on the shared export (tiny, 64x64)"
     benchmark.extra_info["export_seconds"] = manifest.data["export_seconds"]  # what the first image's export took
     benchmark(lambda: load_denoiser(backend, manifest, overrides, device=device))

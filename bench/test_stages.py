@@ -202,6 +202,14 @@ _first_edit_seeds = itertools.count(EditConfig().seed)  # across the variants: e
 _counting_seeds = itertools.count(10**6)  # the short counted edits' own images
 
 
+def counted_edit(editor, case, **settings):
+    """(FLOPs, result) of one eager edit of the case with `settings` under torch's FLOP counter."""
+    results = []
+    flops = count_flops(lambda: results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask,
+                                                           cuda_graphs=False, **settings)))
+    return flops, results[0]
+
+
 def edit_step_flops(editor, case) -> Tuple[int, int, int]:
     """(c, l, d): an edit at the default settings but with `lora_steps` and `drag_steps` steps costs
     c + lora_steps·l + (drag_steps - 1)·d FLOPs, where `drag_steps` counts the iterations it ran.
@@ -218,14 +226,9 @@ def edit_step_flops(editor, case) -> Tuple[int, int, int]:
         for lora_steps, drag_steps in ((1, 1), (2, 1), (1, 2)):
             if drag_steps == 2 and "drag step" in _counted_flops:
                 continue
-            results, seed = [], next(_counting_seeds)
-
-            def short(lora_steps=lora_steps, drag_steps=drag_steps, seed=seed, results=results):
-                results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, seed=seed,
-                                           lora_steps=lora_steps, drag_steps=drag_steps, cuda_graphs=False))
-
-            counts[lora_steps, drag_steps] = count_flops(short)
-            assert results[0].drag_steps == drag_steps  # no early stop in these: the arithmetic holds
+            counts[lora_steps, drag_steps], result = counted_edit(editor, case, seed=next(_counting_seeds),
+                                                                  lora_steps=lora_steps, drag_steps=drag_steps)
+            assert result.drag_steps == drag_steps  # no early stop in these: the arithmetic holds
         if (1, 2) in counts:
             _counted_flops["drag step"] = counts[1, 2] - counts[1, 1]
         _counted_flops["edit steps"] = (counts[1, 1] - counts[2, 1] + counts[1, 1],  # c = count(1, 1) - l
@@ -244,16 +247,9 @@ def repeated_edit_step_flops(editor, case, kept: bool) -> Tuple[int, int]:
     if ("repeated edit", kept) not in _counted_flops:
         counts = {}
         for drag_steps in (1,) if "drag step" in _counted_flops else (1, 2):
-            results = []
-
-            def short(drag_steps=drag_steps, results=results):
-                results.append(editor.edit(case.image, case.prompt, case.points, mask=case.mask, drag_steps=drag_steps,
-                                           keep_source_kv=kept, cuda_graphs=False))
-
-            counts[drag_steps] = count_flops(short)
+            counts[drag_steps], result = counted_edit(editor, case, drag_steps=drag_steps, keep_source_kv=kept)
             # a repeated edit that ran every iteration: the arithmetic holds
-            assert results[0].lora_cached and "vae_encode" not in results[0].timings
-            assert results[0].drag_steps == drag_steps
+            assert result.lora_cached and "vae_encode" not in result.timings and result.drag_steps == drag_steps
         if 2 in counts:
             _counted_flops["drag step"] = counts[2] - counts[1]
         _counted_flops["repeated edit", kept] = counts[1]

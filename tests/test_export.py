@@ -539,7 +539,7 @@ def test_the_tensorrt_backend_refits_one_export_for_a_new_image_or_gives_it_its_
     with caplog.at_level("WARNING", logger="fastdrag"):
         third = editor.edit(case.image, case.prompt, case.points, seed=3, **settings)
     assert "could not be refitted with this image's LoRA (the build combined them with others)" in caplog.text
-    assert len(builds) == 4 and (editor.cache.directory / "exports" / f"{third.lora_key}-{export.name[24:]}").is_dir()
+    assert len(builds) == 4 and (editor.cache.directory / "exports" / f"{third.lora_key}-{export.name.split('-', 2)[2]}").is_dir()
     fresh = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "cache", progress=False)
     loaded = len(_FakeEngine.loaded)
     caplog.clear()
