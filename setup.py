@@ -14,9 +14,9 @@ setup(
                   "fastdrag.export": ["manifest.schema.json"]},
     install_requires=[
         "torch>=2.4",
-        "diffusers>=0.30",
-        "transformers>=4.40",
-        "peft>=0.12",
+        "diffusers>=0.33",
+        "transformers>=4.43",
+        "peft>=0.15",
         "safetensors",
         "numpy",
         "pillow",

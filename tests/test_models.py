@@ -1,8 +1,10 @@
+import inspect
 import logging
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import ModelMixin
 
 from fastdrag.errors import ModelLoadError
 from fastdrag.models import build_tiny, load_components
@@ -140,6 +142,8 @@ def test_loading_a_model_logs_no_warning():
         assert records.messages == []
         assert components.unet.dtype == torch.float16 and components.vae.dtype == torch.float16
 
+        if "should be kept in float32" not in inspect.getsource(ModelMixin.to):
+            return  # diffusers before that warning (0.30 has none): nothing for a load to hold back
         keeping = build_tiny()
         keeping.vae._keep_in_fp32_modules = ["decoder"]
         keeping.to("cpu", torch.float16)

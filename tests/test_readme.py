@@ -29,3 +29,20 @@ def test_ci_installs_every_requirement_at_a_pinned_version():
     asked.discard("torch")  # pinned on its own in .ci/run
     assert len(asked) >= 10, asked
     assert asked <= set(pins), f"not pinned in .ci/constraints.txt: {sorted(asked - set(pins))}"
+
+
+def test_setup_admits_exactly_the_oldest_versions_ci_checks():
+    """setup.py's floors for diffusers, transformers and peft are the versions .ci/oldest.txt pins, and .ci/run
+    runs .ci/run_oldest (which installs that file) after the suite: a floor cannot be lowered unchecked."""
+    import re
+
+    from packaging.version import Version
+
+    oldest = dict(line.split("==") for line in (ROOT / ".ci" / "oldest.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    floors = dict(re.findall(r'"([a-z]+)>=([0-9.]+)"', (ROOT / "setup.py").read_text()))
+    assert set(oldest) == {"diffusers", "transformers", "peft"}
+    assert all(Version(floors[name]) == Version(version) for name, version in oldest.items()), (floors, oldest)
+    run = (ROOT / ".ci" / "run").read_text()
+    assert run.index("bash .ci/run_oldest") > run.index("pytest")
+    assert "-r .ci/oldest.txt" in (ROOT / ".ci" / "run_oldest").read_text()

@@ -93,6 +93,31 @@ def test_segment_and_psnr():
     assert psnr(image, noisy) == pytest.approx(10 * np.log10(255 ** 2 / 100), rel=1e-6)
 
 
+def test_the_shipped_text_encoder_loads_under_either_transformers_naming():
+    """transformers 5 names a CLIPTextModel's weights without the `text_model.` prefix that 4 gives each (the
+    shipped weights were saved by 5): the toy model's load renames them to the module's own naming, so the
+    built-in `toy` loads under either, and a module of the other naming takes the same values."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fastdrag.toy.model import WEIGHTS, keys_as_in, load_toy, toy_text_encoder
+
+    shipped = load_file(str(WEIGHTS / "text_encoder.safetensors"))
+    encoder = toy_text_encoder(seed=5)
+    prefixed = next(iter(encoder.state_dict())).startswith("text_model.")
+    plain = encoder.text_model if prefixed else encoder  # the other naming, whichever is installed
+    if not prefixed:
+        plain, encoder = encoder, torch.nn.Module()
+        encoder.text_model = plain
+    for module in (encoder, plain):
+        renamed = keys_as_in(module, {k: v.float() for k, v in shipped.items()})
+        assert renamed.keys() == module.state_dict().keys()
+        module.load_state_dict(renamed)  # strict: no key missing or left over
+    loaded = list(load_toy().text_encoder.state_dict().values())
+    assert len(loaded) == len(shipped) and all(
+        torch.equal(a, b) for a, b in zip(loaded, plain.state_dict().values(), strict=True))
+
+
 def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_path):
     import torch
     from fastdrag.toy.model import load_toy

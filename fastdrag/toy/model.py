@@ -59,6 +59,17 @@ def save_part(module: torch.nn.Module, folder: Path, name: str, extra: dict = No
                                                     default=list, indent=1))
 
 
+def keys_as_in(module: torch.nn.Module, state: dict) -> dict:
+    """`state` with its keys named as `module` names them: transformers 5 names a CLIPTextModel's weights
+    without the `text_model.` prefix that transformers 4 puts before each (the shipped weights were saved by
+    5), so a file written by either loads into either."""
+    own = next(iter(module.state_dict()), "")
+    prefix = "text_model."
+    if own.startswith(prefix):
+        return {(k if k.startswith(prefix) else prefix + k): v for k, v in state.items()}
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
 def missing_parts(folder: Path) -> list:
     """The toy model's weight files that `folder` lacks (none: a folder `fastdrag toy train` wrote)."""
     return [p for p in PARTS if not (folder / f"{p}.safetensors").is_file()]
@@ -75,7 +86,7 @@ def load_toy(folder: Path = WEIGHTS) -> Components:
     for name, module in zip(PARTS, (vae, unet, text), strict=True):
         data = (folder / f"{name}.safetensors").read_bytes()
         digest.update(data)
-        module.load_state_dict({k: v.float() for k, v in load(data).items()})
+        module.load_state_dict(keys_as_in(module, {k: v.float() for k, v in load(data).items()}))
     meta = json.loads((folder / "vae.json").read_text())
     vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
     digest.update(str(meta["scaling_factor"]).encode())
