@@ -13,7 +13,7 @@ setup(
     package_data={"fastdrag": ["py.typed"], "fastdrag.toy": ["weights/*.safetensors", "weights/*.json"],
                   "fastdrag.export": ["manifest.schema.json"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.10",
         "diffusers>=0.33",
         "transformers>=4.43",
         "peft>=0.15",

@@ -17,14 +17,30 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.torch_version import TorchVersion
 
 from ..config import DragConfig
+from ..errors import ConfigError
 from ..ddim import DdimSchedule, ddim_move, predicted_noise
 from ..features import unet_with_features
 from ..kernels import reference
 from .graphs import GraphJob, GraphSpec, TensorSpec
 
 aten = torch.ops.aten
+
+# the oldest torch that traces the drag iteration's backward: 2.10 and 2.11 stop in it at a data-dependent
+# scalar (`aten._local_scalar_dense`) under make_fx; 2.12 was not tried. Inference graphs export from 2.10 on.
+DRAG_GRAPH_TORCH = "2.13"
+
+
+def check_drag_graph_torch(version: Optional[str] = None) -> None:
+    """A ConfigError, before any work, where this torch (`version`, default the installed one) cannot
+    trace the drag graph."""
+    version = torch.__version__ if version is None else version
+    if TorchVersion(version) < DRAG_GRAPH_TORCH:
+        raise ConfigError(f"exporting the drag graph (drag_points > 0) needs torch {DRAG_GRAPH_TORCH} or later, "
+                          f"whose make_fx traces its backward; this is torch {version}: upgrade torch, or "
+                          "export without drag points")
 
 
 def _convolution_input_grad(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,

@@ -17,7 +17,7 @@ from .. import __version__
 from ..ddim import DdimSchedule
 from ..errors import ConfigError, OutputExistsError
 from ..progress import Progress, as_progress
-from .drag_graph import drag_job, drag_protocol
+from .drag_graph import check_drag_graph_torch, drag_job, drag_protocol
 from .graphs import export_onnx, graph_count, graph_jobs
 from .manifest import Manifest, load_manifest, save_manifest, schedule_entries, write_tensor
 from .merge import merged_unet
@@ -121,6 +121,8 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
     """
     if isinstance(drag_points, bool) or not isinstance(drag_points, int) or drag_points < 0:
         raise ConfigError(f"drag_points must be a whole number >= 0 (0: no drag graph); got {drag_points!r}")
+    if drag_points:
+        check_drag_graph_torch()
     output = Path(output)
     check_output(output, overwrite, fmt)
     width, height = image_size

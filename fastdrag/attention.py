@@ -67,6 +67,8 @@ def first_backend_runs(name: str, query: torch.Tensor, key: torch.Tensor, value:
     backends = SDPA_PRIORITIES[check_sdpa_priority(name)]
     if backends is None:
         return True
+    if not query.is_cuda:  # none of them runs other tensors; asking would start CUDA, which fails without a driver
+        return False
     can_run = getattr(torch.backends.cuda, _CAN_RUN[backends[0]])
     return can_run(SDPAParams(query, key, value, None, 0.0, False, False), debug)
 

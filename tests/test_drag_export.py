@@ -51,6 +51,12 @@ def exported(tiny, tmp_path_factory):
     """An export of the demo picture with the drag graph for two point pairs and the kept keys and values'
     graph (`unet_kept`, for the C++ program's `serve`), at the editor's settings (INFERENCE_STEPS, START_STEP),
     and its merged UNet."""
+    from torch.torch_version import TorchVersion
+
+    from fastdrag.export.drag_graph import DRAG_GRAPH_TORCH
+
+    if TorchVersion(torch.__version__) < DRAG_GRAPH_TORCH:
+        pytest.skip(f"the drag graph traces with torch {DRAG_GRAPH_TORCH} or later; this is torch {torch.__version__}")
     from fastdrag import DragEditor
     from fastdrag.config import EditConfig
     from fastdrag.demo import demo_case
@@ -250,6 +256,25 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
             export_loaded(editor.components, "key", editor.config.lora, (64, 64), torch.zeros(1, 77, 32), editor.config,
                           tmp_path / "out", drag_points=wrong)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_drag_graph_on_a_torch_that_cannot_trace_it_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    """torch 2.10 and 2.11 stop inside the drag iteration's backward under make_fx with a message about
+    data-dependent control flow: the export says which torch it needs instead, before writing anything."""
+    from fastdrag.config import EditConfig
+    from fastdrag.errors import ConfigError, OutputExistsError
+    from fastdrag.export import export_loaded
+
+    config = EditConfig()
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(ConfigError, match=r"needs torch 2\.13 or later.*this is torch 2\.11\.0\+cu130"):
+        export_loaded(tiny, "key", config.lora, (64, 64), torch.zeros(1, 77, 32), config, tmp_path / "out", drag_points=1)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("a user's file")
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    with pytest.raises(OutputExistsError):  # past the check, to the next one
+        export_loaded(tiny, "key", config.lora, (64, 64), torch.zeros(1, 77, 32), config, tmp_path / "out", drag_points=1)
 
 
 def test_the_vae_graphs_compute_the_vae(exported):
