@@ -20,8 +20,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.torch_version import TorchVersion
 
 from ..config import DragConfig
-from ..errors import ConfigError
 from ..ddim import DdimSchedule, ddim_move, predicted_noise
+from ..errors import ConfigError
 from ..features import unet_with_features
 from ..kernels import reference
 from .graphs import GraphJob, GraphSpec, TensorSpec

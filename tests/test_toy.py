@@ -103,13 +103,13 @@ def test_the_shipped_text_encoder_loads_under_either_transformers_naming():
     from fastdrag.toy.model import WEIGHTS, keys_as_in, load_toy, toy_text_encoder
 
     shipped = load_file(str(WEIGHTS / "text_encoder.safetensors"))
-    encoder = toy_text_encoder(seed=5)
-    prefixed = next(iter(encoder.state_dict())).startswith("text_model.")
-    plain = encoder.text_model if prefixed else encoder  # the other naming, whichever is installed
-    if not prefixed:
-        plain, encoder = encoder, torch.nn.Module()
-        encoder.text_model = plain
-    for module in (encoder, plain):
+    installed = toy_text_encoder(seed=5)
+    if next(iter(installed.state_dict())).startswith("text_model."):  # transformers 4: unwrap for the other naming
+        prefixed, plain = installed, installed.text_model
+    else:  # transformers 5: wrap
+        plain, prefixed = installed, torch.nn.Module()
+        prefixed.text_model = plain
+    for module in (prefixed, plain):
         renamed = keys_as_in(module, {k: v.float() for k, v in shipped.items()})
         assert renamed.keys() == module.state_dict().keys()
         module.load_state_dict(renamed)  # strict: no key missing or left over
