@@ -29,8 +29,9 @@ from .graphs import GraphJob, GraphSpec, TensorSpec
 aten = torch.ops.aten
 
 # the oldest torch that traces the drag iteration's backward: 2.10 and 2.11 stop in it at a data-dependent
-# scalar (`aten._local_scalar_dense`) under make_fx; 2.12 was not tried. Inference graphs export from 2.10 on.
-DRAG_GRAPH_TORCH = "2.13"
+# scalar (`aten._local_scalar_dense`) under make_fx; 2.12.1 traces it (tests/test_drag_export.py passed on it,
+# 2026-12-07). Inference graphs export from 2.10 on.
+DRAG_GRAPH_TORCH = "2.12"
 
 
 def check_drag_graph_torch(version: Optional[str] = None) -> None:

@@ -268,12 +268,12 @@ def test_a_drag_graph_on_a_torch_that_cannot_trace_it_is_refused_before_any_work
 
     config = EditConfig()
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
-    with pytest.raises(ConfigError, match=r"needs torch 2\.13 or later.*this is torch 2\.11\.0\+cu130"):
+    with pytest.raises(ConfigError, match=r"needs torch 2\.12 or later.*this is torch 2\.11\.0\+cu130"):
         export_loaded(tiny, "key", config.lora, (64, 64), torch.zeros(1, 77, 32), config, tmp_path / "out", drag_points=1)
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "kept.txt").write_text("a user's file")
-    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    monkeypatch.setattr(torch, "__version__", "2.12.1+cu130")  # the oldest that traced it
     with pytest.raises(OutputExistsError):  # past the check, to the next one
         export_loaded(tiny, "key", config.lora, (64, 64), torch.zeros(1, 77, 32), config, tmp_path / "out", drag_points=1)
 
