@@ -826,6 +826,46 @@ def test_the_cpp_program_names_fastdrags_version_the_schema_it_reads_and_its_onn
     assert re.search(r"^project\(fastdrag_edit VERSION (\S+) ", cmake, re.M)[1] == __version__
 
 
+
+def test_the_cpp_program_names_an_onnx_runtime_library_older_than_its_headers(cpp_program, tmp_path):
+    """Run on an ONNX Runtime library older than the headers it was built with (1.19 under 1.21's headers,
+    as pip's `onnxruntime>=1.18` allowed): exit status 1 and one line that names the library's version and
+    the one it needs, where it crashed with a segmentation fault. A stand-in library, compiled here, answers
+    as an old one does: its version, and no API table for the headers' version."""
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C compiler for the stand-in ONNX Runtime library")
+    source = tmp_path / "old_onnxruntime.c"
+    source.write_text("""
+        #include <stddef.h>
+        typedef struct OrtApiBase {
+          const void* (*GetApi)(unsigned int version);
+          const char* (*GetVersionString)(void);
+        } OrtApiBase;
+        static const void* no_api(unsigned int version) { (void)version; return NULL; }
+        static const char* version_string(void) { return "1.19.0"; }
+        static const OrtApiBase base = {no_api, version_string};
+        const OrtApiBase* OrtGetApiBase(void) { return &base; }
+    """)
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", str(cpp_program)], capture_output=True, text=True)
+    node = re.search(r"OrtGetApiBase@+(\S+)", symbols.stdout)  # the symbol version the program asks for
+    script = tmp_path / "versions.map"
+    script.write_text(f"{node[1] if node else 'VERS_1.0'} {{ global: OrtGetApiBase; local: *; }};\n")
+    library = tmp_path / "lib" / "libonnxruntime.so.1"
+    library.parent.mkdir()
+    subprocess.run([compiler, "-shared", "-fPIC", "-x", "c", str(source), "-o", str(library),
+                    f"-Wl,--version-script={script}", "-Wl,-soname,libonnxruntime.so.1"], check=True, timeout=120)
+    done = subprocess.run([str(cpp_program), "edit", str(tmp_path), "image.npy", "points.json", "out.npy"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LD_LIBRARY_PATH": str(library.parent)})
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert re.fullmatch(r"fastdrag_edit: this ONNX Runtime library \(1\.19\.0\) lacks C API version (\d+), which "
+                        r"fastdrag_export was built with: run with ONNX Runtime 1\.\1 or later, or build against "
+                        r"older headers\n", done.stderr), done.stderr
+    assert not (tmp_path / "out.npy").exists()
+
 def to_supervision(points, data) -> np.ndarray:
     """Image (x, y) points as the drag graph's (row, col) at the supervision size (manifest `data`'s `drag.how`)."""
     xy = np.asarray(points, np.float64)

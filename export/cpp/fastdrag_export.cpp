@@ -176,10 +176,22 @@ class Graph {
 
 // An export as a service reads it: the manifest, a session per graph, the text embeddings; with a
 // refit file, another image's weights in place of each graph's initializers and its text embeddings.
+// An ONNX Runtime environment, where the library loaded offers the C API version this code was compiled for.
+// A library older than the headers offers none (its GetApi answers null) and every Ort:: call would then
+// dereference a null function table: say which library it is and what it needs instead.
+Ort::Env onnxruntime_env() {
+  if (Ort::Global<void>::api_ == nullptr)
+    throw std::runtime_error("this ONNX Runtime library (" + std::string(OrtGetApiBase()->GetVersionString()) +
+                             ") lacks C API version " + std::to_string(ORT_API_VERSION) +
+                             ", which fastdrag_export was built with: run with ONNX Runtime 1." +
+                             std::to_string(ORT_API_VERSION) + " or later, or build against older headers");
+  return Ort::Env(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export");
+}
+
 class Export {
  public:
   Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
-      : folder_(folder), threads_(threads), gpu_(provider_gpu(provider)), env_(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export") {
+      : folder_(folder), threads_(threads), gpu_(provider_gpu(provider)), env_(onnxruntime_env()) {
     if (gpu_ >= 0) require_cuda_provider(provider);
     const fs::path manifest_path = folder / "manifest.json";
     if (!fs::is_regular_file(manifest_path)) throw InputError("no manifest.json in " + folder.string() + ": not an export folder");
