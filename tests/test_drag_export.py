@@ -826,12 +826,11 @@ def test_the_cpp_program_names_fastdrags_version_the_schema_it_reads_and_its_onn
     assert re.search(r"^project\(fastdrag_edit VERSION (\S+) ", cmake, re.M)[1] == __version__
 
 
-
 def test_the_cpp_program_names_an_onnx_runtime_library_older_than_its_headers(cpp_program, tmp_path):
-    """Run on an ONNX Runtime library older than the headers it was built with (1.19 under 1.21's headers,
-    as pip's `onnxruntime>=1.18` allowed): exit status 1 and one line that names the library's version and
-    the one it needs, where it crashed with a segmentation fault. A stand-in library, compiled here, answers
-    as an old one does: its version, and no API table for the headers' version."""
+    """Run on an ONNX Runtime library older than the headers it was built with (the onnxruntime wheel 1.19,
+    which setup.py admits for the Python side, under 1.21's headers): exit status 1 and one line that names
+    the library's version and the one it needs, where it crashed with a segmentation fault. A stand-in
+    library, compiled here, answers as an old one does: its version, and no API table for the headers'."""
     import shutil
 
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
@@ -865,6 +864,7 @@ def test_the_cpp_program_names_an_onnx_runtime_library_older_than_its_headers(cp
                         r"fastdrag_export was built with: run with ONNX Runtime 1\.\1 or later, or build against "
                         r"older headers\n", done.stderr), done.stderr
     assert not (tmp_path / "out.npy").exists()
+
 
 def to_supervision(points, data) -> np.ndarray:
     """Image (x, y) points as the drag graph's (row, col) at the supervision size (manifest `data`'s `drag.how`)."""

@@ -174,8 +174,6 @@ class Graph {
   std::vector<const char*> output_names_;
 };
 
-// An export as a service reads it: the manifest, a session per graph, the text embeddings; with a
-// refit file, another image's weights in place of each graph's initializers and its text embeddings.
 // An ONNX Runtime environment, where the library loaded offers the C API version this code was compiled for.
 // A library older than the headers offers none (its GetApi answers null) and every Ort:: call would then
 // dereference a null function table: say which library it is and what it needs instead.
@@ -188,6 +186,8 @@ Ort::Env onnxruntime_env() {
   return Ort::Env(ORT_LOGGING_LEVEL_ERROR, "fastdrag_export");
 }
 
+// An export as a service reads it: the manifest, a session per graph, the text embeddings; with a
+// refit file, another image's weights in place of each graph's initializers and its text embeddings.
 class Export {
  public:
   Export(const fs::path& folder, const std::optional<fs::path>& refit, int threads, const std::string& provider)
