@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from .models import Components, check_supported, load_components
 from .progress import Progress, StepCallback
 from .source_kv import SourceKV
 from .vae import capture_decoder, decode, encode_posterior, encode_prompt
+
+if TYPE_CHECKING:  # the export modules are imported where an export runs
+    from .export.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +129,15 @@ def _parse_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> 
     return names[dtype]
 
 
-def _one_at_a_time(method):
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_at_a_time(method: _Method) -> _Method:
     """Run `method` under the editor's lock: the UNet's adapter, attention processors, captured CUDA
     graphs and caches are shared state, so a server's threads calling one editor take turns. On CUDA
     the editor's GPU is the current device meanwhile: Triton kernels, current streams and graph
-    captures take the current device, which for an editor on `cuda:1` need not be its own."""
+    captures take the current device, which for an editor on `cuda:1` need not be its own. The
+    method keeps its signature for a type checker."""
 
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
@@ -141,7 +148,7 @@ def _one_at_a_time(method):
                                    "still running (raise EditCancelled to stop it instead)")
             return method(self, *args, **kwargs)
 
-    return locked
+    return cast(_Method, locked)
 
 
 # what an error calls each stage `DragEditor._timed` runs
@@ -210,14 +217,15 @@ class DragEditor:
             self.release()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "tiny", device: Union[str, torch.device, None] = None,
+    def from_pretrained(cls, name_or_path: Union[str, Path] = "tiny", device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, config: Optional[EditConfig] = None,
                         cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
                         channels_last: Optional[bool] = None, compile_blocks: bool = False,
                         fused_unet_kernels: bool = False, frozen_conv: Optional[bool] = None,
                         sdpa_priority: str = "default", lean_blocks: bool = True,
                         prediction_type: Optional[str] = None,
-                        single_file_config: Optional[str] = None, variant: Optional[str] = None) -> "DragEditor":
+                        single_file_config: Union[str, Path, None] = None,
+                        variant: Optional[str] = None) -> "DragEditor":
         """Load `name_or_path` (built-in name, diffusers folder, single file or hub id) once.
 
         What the UNet outputs comes from the model's scheduler config; `prediction_type` ("epsilon",
@@ -568,7 +576,8 @@ class DragEditor:
 
     @_one_at_a_time
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
-               overwrite: bool = False, drag_points: int = 0, on_step: Optional[StepCallback] = None, **overrides):
+               overwrite: bool = False, drag_points: int = 0, on_step: Optional[StepCallback] = None,
+               **overrides) -> Manifest:
         """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`;
         with `drag_points` > 0 also the drag iteration's graph for up to that many point pairs (`unet_drag`).
         `on_step` as in `edit`: the LoRA stage reports, then "export" (one step per graph written) and, for
@@ -577,7 +586,7 @@ class DragEditor:
             return self._export(image, prompt, output, fmt, fp16, overwrite, drag_points, **overrides)
 
     def _export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str, fp16: bool, overwrite: bool,
-                drag_points: int, **overrides):
+                drag_points: int, **overrides) -> Manifest:
         from .export.pipeline import check_output, export_loaded
 
         config = self.config.replace(**overrides)

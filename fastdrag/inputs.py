@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 Point = Tuple[float, float]
-Points = Sequence[Tuple[Point, Point]]
+Points = Union[Sequence[Tuple[Point, Point]], np.ndarray]  # pairs, or an (N, 2, 2) array of them
 
 
 @dataclass
@@ -181,6 +181,8 @@ def parse_points(points: Points, size: Tuple[int, int]) -> Tuple[np.ndarray, np.
     for index, pair in enumerate(points):
         try:
             handle, target = pair
+            if len(handle) != 2 or len(target) != 2:
+                raise ValueError("a point is (x, y)")
             handle = (float(handle[0]), float(handle[1]))
             target = (float(target[0]), float(target[1]))
         except (TypeError, ValueError, IndexError) as exc:

@@ -429,10 +429,10 @@ def _library_bars(enabled: bool) -> Iterator[None]:
 
 
 def load_components(
-    name_or_path: str,
+    name_or_path: Union[str, Path],
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
-    single_file_config: Optional[str] = None,
+    single_file_config: Union[str, Path, None] = None,
     channels_last: bool = False,
     prediction_type: Optional[str] = None,
     variant: Optional[str] = None,
@@ -451,7 +451,8 @@ def load_components(
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     with _library_bars(progress):
-        components = _load(str(name_or_path), device, single_file_config, variant)
+        config_folder = None if single_file_config is None else str(single_file_config)
+        components = _load(str(name_or_path), device, config_folder, variant)
     check_supported(components)
     if prediction_type is not None:
         components.scheduler = ddim_scheduler(prediction_type, **noise_schedule_of(components.scheduler))

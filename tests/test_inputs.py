@@ -18,6 +18,8 @@ def image(width=64, height=64):
     ([((10, 10), (20, 20)), ((5, 5), (8, 8), (9, 9))], "drag pair 1 is not"),
     ([], "no drag points"),
     ([((float("nan"), 10), (20, 20))], "not finite"),
+    ([((10, 10, 3), (20, 20))], "drag pair 0 is not"),  # a third coordinate is not dropped unseen
+    (np.array([[10, 10, 20, 20]]), "drag pair 0 is not"),
 ])
 def test_bad_points(points, words):
     with pytest.raises(InputError, match=words):
@@ -66,6 +68,15 @@ def test_resize_policy_scales_points_and_mask():
     assert inputs.mask.shape == (1, 1, 64, 64) and inputs.mask[0, 0, :, :32].sum() == 0 and inputs.mask[0, 0, :, 33:].all()
     back = sup_to_image(inputs.handles, inputs.sup_res, (70, 50))
     assert back == [(35.0, 25.0)]
+
+
+def test_points_as_an_array_are_the_pairs_they_hold():
+    """An (N, 2, 2) array, as a program holding its points in numpy has them, is the list of its pairs."""
+    pairs = [((35.5, 25), (69, 49)), ((3, 40.25), (10, 2))]
+    from_list = prepare_inputs(image(70, 50), pairs)
+    from_array = prepare_inputs(image(70, 50), np.array(pairs))
+    assert from_array.handles.tolist() == from_list.handles.tolist() == [[16.0, 16.0], [26.0, 1.0]]  # (row, col)
+    assert from_array.targets.tolist() == from_list.targets.tolist()
 
 
 def _sideways_file(path, upright: Image.Image, orientation: int = 6):

@@ -97,7 +97,7 @@ def test_a_single_file_edits_as_its_weights_in_a_folder_do(other_weights, tmp_pa
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         getattr(other_weights, name).save_pretrained(full / name)
     edits = []
-    for source, config in ((str(path), str(folder)), (str(full), None)):
+    for source, config in ((path, folder), (str(full), None)):  # paths as Path objects too
         editor = DragEditor.from_pretrained(source, device="cpu", single_file_config=config,
                                             cache_dir=tmp_path / "lora", progress=False)
         edits.append(editor.edit(picture.image, picture.prompt, picture.points, **fast))

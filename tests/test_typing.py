@@ -1,0 +1,156 @@
+"""The public API as a type checker sees it: the wheel ships `py.typed`, so a user's program that calls
+fastdrag as the README does type-checks, and one that misuses it gets the checker's error, which it
+would not if the names it imports were `Any` (a lazily imported `DragEditor`, a decorator that hides
+a method's signature)."""
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Libraries the checker does not read (their names are Any to it): the heavy ones, whose own types
+# would cost a minute of checking and are not fastdrag's. numpy and PIL are read: users pass their types.
+UNREAD = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "onnxscript", "safetensors",
+          "triton", "tqdm", "xformers", "huggingface_hub", "tensorrt", "kernels", "accelerate", "tokenizers")
+
+IMPORTS = '''
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image
+
+from fastdrag import (ConfigError, DragConfig, DragEditor, EditCancelled, EditConfig, EditResult, FastDragError,
+                      InputError, LoraConfig)
+from fastdrag.cache_usage import CacheEntry, parse_size, prune
+from fastdrag.export import Manifest, load_manifest
+from fastdrag.export.refit import initializer_arrays, load_refit_maps, load_refit_weights, refit_arrays
+from fastdrag.kernels import masked_l1, motion_supervision_loss, track_points
+'''
+
+PROGRAM = IMPORTS + '''
+
+def on_step(stage: str, done: int, total: int) -> None:
+    if done > 3:
+        raise EditCancelled("request 7")
+
+
+def service(folder: Path) -> None:
+    editor = DragEditor.from_pretrained("tiny", device="cpu", dtype="fp32", progress=False)
+    editor = DragEditor.from_pretrained(folder / "sd15", device="cuda", dtype="fp16", config=EditConfig(),
+                                        cache_dir=folder / "cache", fused_unet_kernels=True)
+    editor = DragEditor.from_pretrained(folder / "model.safetensors", single_file_config=folder / "config")
+    seconds: Dict[str, float] = editor.warm_up()
+    seconds = editor.warm_up(size=(512, 512), drag_steps=10)
+    seconds = editor.preload("cat.png", "a photo of a cat", on_step=on_step)
+    result: EditResult = editor.edit("cat.png", "a photo of a cat", [((120, 200), (160, 190))], mask="mask.png",
+                                     on_step=on_step)
+    result = editor.edit(Image.open(folder / "cat.png"), "a cat", np.array([[[120.5, 200], [160, 190]]]),
+                         mask=np.ones((512, 512)), drag_steps=40, seed=7)
+    result = editor.edit(np.zeros((64, 64, 3), np.uint8), "a cat", [((1.5, 2), (3, 4)), ((9, 9), (20, 9))])
+    result.image.save(folder / "out.png")
+    handles: List[Tuple[float, float]] = result.handles
+    timings: Dict[str, float] = result.timings
+    steps: int = result.drag_steps
+    key, cached = editor.train_lora("cat.png", "a cat")
+    manifest: Manifest = editor.export("cat.png", "a cat", folder / "export", fmt="onnx", fp16=True, drag_points=2)
+    written: Path = editor.refit_weights("dog.png", "a dog", manifest.folder, folder / "dog.safetensors")
+    editor.sdpa_priority = "flash"
+    editor.release_cached_memory = True
+    editor.release()
+    config: EditConfig = EditConfig().replace(drag_steps=40, lora_steps=60)
+    stages: Tuple[LoraConfig, DragConfig] = (config.lora, config.drag)
+    removed: List[CacheEntry] = prune(folder / "cache", parse_size("20GB"))
+    weights, text, metadata = load_refit_weights(written)
+    targets, maps = load_refit_maps(load_manifest(folder / "export").folder / "refit.json")
+    arrays = refit_arrays(maps["unet_inversion"], weights)
+    kept = initializer_arrays(folder / "export" / "unet_inversion.onnx", ["a"])
+    print(seconds, handles, timings, steps, key, cached, stages, removed, text, metadata, targets, arrays, kept)
+    print(masked_l1, motion_supervision_loss, track_points)
+
+
+try:
+    service(Path("work"))
+except (EditCancelled, InputError, ConfigError, FastDragError) as error:
+    print(error)
+'''
+
+# Each line a misuse and the error a checker gives it.
+MISUSES = {
+    'editor.edit("cat.png", 7, [((1, 2), (3, 4))])':
+        'Argument 2 to "edit" of "DragEditor" has incompatible type "int"; expected "str"',
+    'editor.edit("cat.png", "a cat", [(1, 2)])':
+        'List item 0 has incompatible type "tuple[int, int]"; expected "tuple[tuple[float, float], tuple[float, float]]"',
+    'editor.edit("cat.png", "a cat", [((1, 2), (3, 4))]).handle':
+        '"EditResult" has no attribute "handle"',
+    'editor.preload("cat.png")':
+        'Missing positional argument "prompt" in call to "preload" of "DragEditor"',
+    'editor.warm_up(size=512)':
+        'Argument "size" to "warm_up" of "DragEditor" has incompatible type "int"',
+    'editor.export("cat.png", "a cat", "out").folder.mkdirs()':
+        '"Path" has no attribute "mkdirs"',
+    'DragEditor.from_pretrained("tiny", progress="no")':
+        'Argument "progress" to "from_pretrained" of "DragEditor" has incompatible type "str"; expected "bool"',
+    'prune(Path("cache"), "20GB")':
+        'Argument 2 to "prune" has incompatible type "str"; expected "int"',
+}
+
+MISUSE_SETUP = IMPORTS + 'editor = DragEditor.from_pretrained("tiny")\n'
+
+
+def package_tree(into: Path) -> Path:
+    """fastdrag laid out as its wheel installs it (setup.py's package_dir: `kernels/` and `export/` are
+    `fastdrag.kernels` and `fastdrag.export`), made of links to the checkout."""
+    package = into / "fastdrag"
+    package.mkdir(parents=True)
+    for entry in (ROOT / "fastdrag").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
+    for name in ("kernels", "export"):
+        (package / name).symlink_to(ROOT / name)
+    return into
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory) -> dict:
+    """mypy's errors, as `(line, message)`, for the program and for the misuses (an editor, then one misuse a
+    line), checked in one run against the package tree."""
+    pytest.importorskip("mypy", reason="mypy is not installed (the test extras have it)")
+    folder = tmp_path_factory.mktemp("typing")
+    config = folder / "mypy.ini"
+    config.write_text(textwrap.dedent(f"""\
+        [mypy]
+        mypy_path = {package_tree(folder / "site")}
+        follow_imports = silent
+        cache_dir = {folder / "cache"}
+        [mypy-{",".join(name + ".*" for name in UNREAD)}]
+        follow_imports = skip
+        ignore_missing_imports = True
+        """))
+    (folder / "program.py").write_text(PROGRAM)
+    (folder / "misuses.py").write_text(MISUSE_SETUP + "\n".join(MISUSES) + "\n")
+    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--no-error-summary",
+                          "--hide-error-context", "program.py", "misuses.py"], capture_output=True, text=True, cwd=folder)
+    errors: dict = {"program.py": [], "misuses.py": []}
+    for match in re.finditer(r"^(\w+\.py):(\d+): error: (.*)$", run.stdout, re.MULTILINE):
+        errors[match.group(1)].append((int(match.group(2)), match.group(3)))
+    assert run.returncode == (1 if any(errors.values()) else 0), run.stdout + run.stderr  # 2: mypy itself failed
+    return errors
+
+
+def test_a_program_that_calls_the_api_as_the_readme_does_type_checks(checked):
+    assert checked["program.py"] == []
+
+
+def test_a_program_that_misuses_the_api_gets_the_checkers_errors(checked):
+    """One error a line, the one named: the checker sees the editor's methods, the results' fields and the
+    other modules' functions with their signatures."""
+    first = MISUSE_SETUP.count("\n") + 1
+    errors = checked["misuses.py"]
+    assert [line for line, _ in errors] == list(range(first, first + len(MISUSES))), errors
+    for (_, message), wanted in zip(errors, MISUSES.values(), strict=True):
+        assert wanted in message
