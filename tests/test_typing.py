@@ -29,6 +29,7 @@ from fastdrag import (ConfigError, DragConfig, DragEditor, EditCancelled, EditCo
 from fastdrag.cache_usage import CacheEntry, parse_size, prune
 from fastdrag.export import Manifest, load_manifest
 from fastdrag.export.refit import initializer_arrays, load_refit_maps, load_refit_weights, refit_arrays
+from fastdrag.export.tensorrt import Engine, TensorRTRefitError
 from fastdrag.kernels import masked_l1, motion_supervision_loss, track_points
 '''
 
@@ -68,7 +69,13 @@ def service(folder: Path) -> None:
     weights, text, metadata = load_refit_weights(written)
     targets, maps = load_refit_maps(load_manifest(folder / "export").folder / "refit.json")
     arrays = refit_arrays(maps["unet_inversion"], weights)
-    kept = initializer_arrays(folder / "export" / "unet_inversion.onnx", ["a"])
+    onnx_path = folder / "export" / "unet_inversion.onnx"
+    kept = initializer_arrays(onnx_path, ["a"])
+    try:
+        Engine(folder / "export" / "unet_inversion.plan").refit(
+            arrays, unchanged=lambda names: initializer_arrays(onnx_path, names))
+    except TensorRTRefitError as error:
+        print(error)
     print(seconds, handles, timings, steps, key, cached, stages, removed, text, metadata, targets, arrays, kept)
     print(masked_l1, motion_supervision_loss, track_points)
 
@@ -95,6 +102,8 @@ MISUSES = {
         '"Path" has no attribute "mkdirs"',
     'DragEditor.from_pretrained("tiny", progress="no")':
         'Argument "progress" to "from_pretrained" of "DragEditor" has incompatible type "str"; expected "bool"',
+    'Engine(Path("unet.plan")).refit({}, unchanged=Path("unet.onnx"))':
+        'Argument "unchanged" to "refit" of "Engine" has incompatible type "Path"',
     'prune(Path("cache"), "20GB")':
         'Argument 2 to "prune" has incompatible type "str"; expected "int"',
 }
