@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastdrag.atomic import atomic_path
 from fastdrag.config import LoraConfig
 from fastdrag.lora import LoraTrainer
 from fastdrag.models import SD_ARCHITECTURES, build_sd_random, build_tiny
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"{row['model']:<12} {row['image_side']:>4} {row['prediction_type']:<13}"
               + "".join(f" {row[name]:>14.4f}" for name in columns))
     if args.json:
-        with open(args.json, "w") as file:
+        with atomic_path(args.json) as staged, open(staged, "w") as file:
             json.dump(rows, file, indent=2)
 
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from fastdrag.atomic import atomic_path
 from fastdrag import DragEditor
 from fastdrag.demo import demo_case
 from fastdrag.drag import DragLoop
@@ -193,7 +194,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if args.json:  # after every edit: a run cut short by a time limit keeps what it measured
-                with open(args.json, "w") as handle:
+                with atomic_path(args.json) as staged, open(staged, "w") as handle:
                     json.dump(rows, handle, indent=1)
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from fastdrag.atomic import atomic_path
 from fastdrag import block_checkpointing
 from fastdrag.block_checkpointing import checkpointed_blocks
 from fastdrag.config import LoraConfig
@@ -279,7 +280,7 @@ def main() -> None:
               f"(without: {plain / 2**20:.1f} MiB, counted the same way), and up to {largest / 2**20:.1f} MiB "
               f"more while the backward recomputes a block (the largest block's)")
     if args.json:
-        with open(args.json, "w") as handle:
+        with atomic_path(args.json) as staged, open(staged, "w") as handle:
             json.dump(results, handle, indent=1)
 
 

@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kept_memory import flash_like_attention, meta_model, meta_unet  # noqa: E402
 
+from fastdrag.atomic import atomic_path  # noqa: E402
 from fastdrag.attention import reference_control  # noqa: E402
 from fastdrag.config import DenoiseConfig, LoraConfig  # noqa: E402
 from fastdrag.fixed_conditioning import FixedConditioning  # noqa: E402
@@ -293,7 +294,7 @@ def main() -> None:
               f"{stock['copies']:5d} -> {lean['copies']:5d}: {stock['copies'] - lean['copies']} fewer")
     results["autocast_casts"] = casts
     if args.json:
-        with open(args.json, "w") as handle:
+        with atomic_path(args.json) as staged, open(staged, "w") as handle:
             json.dump(results, handle, indent=1)
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from fastdrag.atomic import atomic_path
 from fastdrag import DragEditor
 from fastdrag.config import LoraConfig
 from fastdrag.ddim import DdimSchedule
@@ -216,7 +217,7 @@ def main() -> None:
             rows[stage]["copies_from"] = copy_origins(step, device)
         print(report(stage, rows[stage]), flush=True)
     if args.json:
-        with open(args.json, "w") as handle:
+        with atomic_path(args.json) as staged, open(staged, "w") as handle:
             json.dump({"device": str(device), "model": args.model, "size": args.size, "dtype": str(dtype),
                        "channels_last": editor.components.unet.conv_in.weight.is_contiguous(
                            memory_format=torch.channels_last),

@@ -23,6 +23,7 @@ weights in place of its initializers as `refit.json` maps them (`Export.session`
 refits its engines by the same names), and the text embeddings replace `text_embedding.bin`.
 """
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -267,6 +268,23 @@ def edit(folder: Union[Path, Export], image: np.ndarray, points, mask=None, drag
     return decode(export, clean[1:])
 
 
+def save_array(path: Union[str, Path], array: np.ndarray) -> Path:
+    """`np.save` (which adds `.npy` to a name without it) through a file beside the output, renamed over it
+    when whole: an interrupted run leaves the old output, not half a new one."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(staged, "wb") as file:
+            np.save(file, array)
+        os.replace(staged, path)
+    finally:
+        if staged.exists():
+            staged.unlink()
+    return path
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     refit = None
@@ -278,9 +296,9 @@ if __name__ == "__main__":
     if args[0] == "edit":
         export, image_path, points_path, out_path = Export(Path(args[1]), refit), args[2], args[3], args[4]
         mask_array = np.load(args[5]) if len(args) > 5 else None
-        np.save(out_path, edit(export, np.load(image_path), json.loads(Path(points_path).read_text()), mask_array))
+        save_array(out_path, edit(export, np.load(image_path), json.loads(Path(points_path).read_text()), mask_array))
     else:
         export, image_path, out_path = Export(Path(args[0]), refit), args[1], args[2]
-        np.save(out_path, invert(export, np.load(image_path)))
+        save_array(out_path, invert(export, np.load(image_path)))
     assert not any(name.split(".")[0] in ("fastdrag", "torch", "diffusers", "transformers") for name in sys.modules), \
         "the standalone loop must not need the Python stack"

@@ -1,4 +1,6 @@
 """The toy world and its quality measures, checked against scenes whose truth is known."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -151,6 +153,32 @@ def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_pat
     # a second run resumes at the end and trains nothing more
     train_toy(tmp_path / "tuned", budget, device="cpu", progress=False)
     assert torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=False)["step"] == CALIBRATION_STEPS
+
+
+def test_a_model_part_written_when_the_write_fails_keeps_the_part_it_replaced(tmp_path, monkeypatch):
+    """`toy train` writes each part whole or not at all: a failure half way through (a full disk, Ctrl-C)
+    leaves the part that was there, loadable, and no temporary file."""
+    import torch
+    from fastdrag.toy import model
+    from fastdrag.toy.model import load_toy, save_part
+
+    builtin = load_toy()
+    for name in ("vae", "unet", "text_encoder"):
+        save_part(getattr(builtin, name), tmp_path, name, {"scaling_factor": builtin.scaling_factor, "version": 1}
+                  if name == "vae" else None)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    def half_written(tensors, filename, **kwargs):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(model, "save_file", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        save_part(builtin.unet, tmp_path, "unet")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    reloaded = load_toy(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.unet.state_dict().values(),
+                                                  builtin.unet.state_dict().values(), strict=True))
 
 
 def test_decoder_fine_tuning_of_a_reused_vae_keeps_the_latent_space(tmp_path):

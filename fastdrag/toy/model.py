@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..atomic import atomic_path
 from ..errors import ModelLoadError
 from ..models import Components, ddim_scheduler, tokenizer_folder
 
@@ -50,13 +52,16 @@ def tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
 
 
-def save_part(module: torch.nn.Module, folder: Path, name: str, extra: dict = None) -> None:
-    """Weights in fp16 safetensors (small enough to commit) and the config beside them."""
+def save_part(module: torch.nn.Module, folder: Path, name: str, extra: Optional[dict] = None) -> None:
+    """Weights in fp16 safetensors (small enough to commit) and the config beside them, each written
+    whole or not at all (an interrupted `toy train` leaves the part it replaced, not half a file)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(folder / f"{name}.safetensors"))
+    with atomic_path(folder / f"{name}.safetensors") as staged:
+        save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(staged))
     config = dict(module.config) if hasattr(module, "config") and not isinstance(module, CLIPTextModel) else {}
-    (folder / f"{name}.json").write_text(json.dumps({**{k: v for k, v in config.items() if not k.startswith("_")}, **(extra or {})},
-                                                    default=list, indent=1))
+    with atomic_path(folder / f"{name}.json") as staged:
+        staged.write_text(json.dumps({**{k: v for k, v in config.items() if not k.startswith("_")}, **(extra or {})},
+                                     default=list, indent=1))
 
 
 def keys_as_in(module: torch.nn.Module, state: dict) -> dict:

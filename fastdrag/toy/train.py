@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..atomic import check_folder_writable
+from ..atomic import atomic_path, check_folder_writable
 from ..config import DragConfig
 from ..ddim import noised
 from ..features import unet_with_features
@@ -79,9 +79,9 @@ def _resume(path: Path, module, optimizer, steps: int) -> Tuple[int, int]:
 
 
 def _checkpoint(path: Path, module, optimizer, step: int, total: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "total": total}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as staged:
+        torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "total": total},
+                   staged)
 
 
 CALIBRATION_STEPS = 30
@@ -274,7 +274,8 @@ def _trained_vae(folder: str, out: Path, device: torch.device):
     for suffix in (".safetensors", ".json"):
         source = _folder(folder) / f"vae{suffix}"
         if source.resolve() != (out / f"vae{suffix}").resolve():
-            shutil.copyfile(source, out / f"vae{suffix}")
+            with atomic_path(out / f"vae{suffix}") as staged:
+                shutil.copyfile(source, staged)
     return trained.vae.to(device).eval(), trained.scaling_factor
 
 
