@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-from fastdrag.atomic import atomic_path
 from fastdrag import DragEditor
+from fastdrag.atomic import atomic_path
 from fastdrag.demo import demo_case
 from fastdrag.drag import DragLoop
 from fastdrag.frozen_conv import install_frozen_conv, remove_frozen_conv

@@ -34,8 +34,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastdrag.atomic import atomic_path
 from fastdrag import block_checkpointing
+from fastdrag.atomic import atomic_path
 from fastdrag.block_checkpointing import checkpointed_blocks
 from fastdrag.config import LoraConfig
 from fastdrag.frozen_conv import install_frozen_conv

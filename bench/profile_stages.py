@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastdrag.atomic import atomic_path
 from fastdrag import DragEditor
+from fastdrag.atomic import atomic_path
 from fastdrag.config import LoraConfig
 from fastdrag.ddim import DdimSchedule
 from fastdrag.demo import demo_case
