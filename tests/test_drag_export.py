@@ -457,16 +457,20 @@ def test_the_standalone_edit_runs_without_the_python_stack(exported, tmp_path):
 
 def test_the_standalone_script_writes_its_output_whole_or_not_at_all(tmp_path):
     """`save_array`, the script's writer: what `np.save` writes, at the name `np.save` gives it (`.npy` added
-    where missing); a save that fails half way (here an element that cannot be pickled) leaves the old file
-    as it was and no temporary file."""
+    where missing); a save that fails half way (here an element that refuses to be pickled, after the
+    header is written) leaves the old file as it was and no temporary file."""
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("this element cannot be saved")
+
     save_array = standalone_module().save_array
     old = np.random.default_rng(0).standard_normal((1, 3, 5, 7)).astype(np.float32)
     assert save_array(tmp_path / "out.npy", old) == tmp_path / "out.npy"
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), old)
     assert save_array(tmp_path / "edited", old[0]) == tmp_path / "edited.npy"
     np.testing.assert_array_equal(np.load(tmp_path / "edited.npy"), old[0])
-    with pytest.raises(Exception, match="pickle"):
-        save_array(tmp_path / "out.npy", np.array([np.zeros(3), lambda: 0], dtype=object))
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        save_array(tmp_path / "out.npy", np.array([np.zeros(3), Unsaveable()], dtype=object))
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), old)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["edited.npy", "out.npy"]
 

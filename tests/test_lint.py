@@ -20,10 +20,9 @@ def test_the_code_passes_the_linter():
 
 
 def test_the_code_uses_nothing_the_oldest_supported_python_lacks():
-    """vermin finds no module, function or syntax newer than setup.py's `python_requires` (3.10, which this
-    machine does not have: the suite runs on 3.11, so a 3.11-only call such as `import tomllib` would pass
-    every other test and fail only on a user's 3.10). `--exclude long`: it reads tensors' `.long()` as
-    Python 2's `long`."""
+    """vermin finds no module, function or syntax newer than setup.py's `python_requires` (3.10: CI runs the
+    suite on 3.11 only, so a 3.11-only call such as `import tomllib` would pass every other test and fail
+    only on a user's 3.10). `--exclude long`: it reads tensors' `.long()` as Python 2's `long`."""
     import re
 
     oldest = re.search(r'python_requires=">=(\d+\.\d+)"', (ROOT / "setup.py").read_text()).group(1)
