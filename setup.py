@@ -26,7 +26,7 @@ setup(
         "gpu": ["triton>=3.0", "xformers>=0.0.28"],
         "export": ["onnx>=1.17", "onnxruntime>=1.19", "onnxscript", "jsonschema>=4.18"],
         "tensorrt": ["tensorrt>=10.0"],
-        "test": ["pytest>=8", "ruff>=0.6", "vermin>=1.9", "mypy>=1.10", "pytest-benchmark>=4", "pytest-timeout>=2", "pytest-xdist>=3", "triton>=3.0", "onnx>=1.17", "onnxruntime>=1.19", "onnxscript", "jsonschema>=4.18"],
+        "test": ["pytest>=8", "ruff>=0.6", "vermin>=1.9", "mypy>=1.10", "pyright[nodejs]>=1.1.390", "pytest-benchmark>=4", "pytest-timeout>=2", "pytest-xdist>=3", "triton>=3.0", "onnx>=1.17", "onnxruntime>=1.19", "onnxscript", "jsonschema>=4.18"],
     },
     entry_points={"console_scripts": ["fastdrag = fastdrag.cli:main"]},
 )

@@ -1,7 +1,8 @@
 """The public API as a type checker sees it: the wheel ships `py.typed`, so a user's program that calls
 fastdrag as the README does type-checks, and one that misuses it gets the checker's error, which it
 would not if the names it imports were `Any` (a lazily imported `DragEditor`, a decorator that hides
-a method's signature)."""
+a method's signature). Two checkers, each as its users run it: mypy, and pyright (VS Code's Pylance)."""
+import json
 import re
 import subprocess
 import sys
@@ -86,26 +87,35 @@ except (EditCancelled, InputError, ConfigError, FastDragError) as error:
     print(error)
 '''
 
-# Each line a misuse and the error a checker gives it.
+# Each line a misuse, and the error (a part of its message) each checker gives it.
 MISUSES = {
-    'editor.edit("cat.png", 7, [((1, 2), (3, 4))])':
-        'Argument 2 to "edit" of "DragEditor" has incompatible type "int"; expected "str"',
-    'editor.edit("cat.png", "a cat", [(1, 2)])':
-        'List item 0 has incompatible type "tuple[int, int]"; expected "tuple[tuple[float, float], tuple[float, float]]"',
-    'editor.edit("cat.png", "a cat", [((1, 2), (3, 4))]).handle':
-        '"EditResult" has no attribute "handle"',
-    'editor.preload("cat.png")':
-        'Missing positional argument "prompt" in call to "preload" of "DragEditor"',
-    'editor.warm_up(size=512)':
-        'Argument "size" to "warm_up" of "DragEditor" has incompatible type "int"',
-    'editor.export("cat.png", "a cat", "out").folder.mkdirs()':
-        '"Path" has no attribute "mkdirs"',
-    'DragEditor.from_pretrained("tiny", progress="no")':
-        'Argument "progress" to "from_pretrained" of "DragEditor" has incompatible type "str"; expected "bool"',
-    'Engine(Path("unet.plan")).refit({}, unchanged=Path("unet.onnx"))':
-        'Argument "unchanged" to "refit" of "Engine" has incompatible type "Path"',
-    'prune(Path("cache"), "20GB")':
-        'Argument 2 to "prune" has incompatible type "str"; expected "int"',
+    'editor.edit("cat.png", 7, [((1, 2), (3, 4))])': {
+        "mypy": 'Argument 2 to "edit" of "DragEditor" has incompatible type "int"; expected "str"',
+        "pyright": 'Argument of type "Literal[7]" cannot be assigned to parameter "prompt" of type "str" in function "edit"'},
+    'editor.edit("cat.png", "a cat", [(1, 2)])': {
+        "mypy": 'List item 0 has incompatible type "tuple[int, int]"; expected "tuple[tuple[float, float], tuple[float, float]]"',
+        "pyright": 'cannot be assigned to parameter "points" of type "Points" in function "edit"'},
+    'editor.edit("cat.png", "a cat", [((1, 2), (3, 4))]).handle': {
+        "mypy": '"EditResult" has no attribute "handle"',
+        "pyright": 'Cannot access attribute "handle" for class "EditResult"'},
+    'editor.preload("cat.png")': {
+        "mypy": 'Missing positional argument "prompt" in call to "preload" of "DragEditor"',
+        "pyright": 'Argument missing for parameter "prompt"'},
+    'editor.warm_up(size=512)': {
+        "mypy": 'Argument "size" to "warm_up" of "DragEditor" has incompatible type "int"',
+        "pyright": 'cannot be assigned to parameter "size" of type "Tuple[int, int] | None" in function "warm_up"'},
+    'editor.export("cat.png", "a cat", "out").folder.mkdirs()': {
+        "mypy": '"Path" has no attribute "mkdirs"',
+        "pyright": 'Cannot access attribute "mkdirs" for class "Path"'},
+    'DragEditor.from_pretrained("tiny", progress="no")': {
+        "mypy": 'Argument "progress" to "from_pretrained" of "DragEditor" has incompatible type "str"; expected "bool"',
+        "pyright": 'cannot be assigned to parameter "progress" of type "bool" in function "from_pretrained"'},
+    'Engine(Path("unet.plan")).refit({}, unchanged=Path("unet.onnx"))': {
+        "mypy": 'Argument "unchanged" to "refit" of "Engine" has incompatible type "Path"',
+        "pyright": 'Argument of type "Path" cannot be assigned to parameter "unchanged"'},
+    'prune(Path("cache"), "20GB")': {
+        "mypy": 'Argument 2 to "prune" has incompatible type "str"; expected "int"',
+        "pyright": 'cannot be assigned to parameter "max_bytes" of type "int" in function "prune"'},
 }
 
 MISUSE_SETUP = IMPORTS + 'editor = DragEditor.from_pretrained("tiny")\n'
@@ -124,30 +134,56 @@ def package_tree(into: Path) -> Path:
     return into
 
 
-@pytest.fixture(scope="module")
-def checked(tmp_path_factory) -> dict:
-    """mypy's errors, as `(line, message)`, for the program and for the misuses (an editor, then one misuse a
-    line), checked in one run against the package tree."""
+def mypy_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
+    """Run mypy on the two programs; its output lines are `file:line: error: message`."""
     pytest.importorskip("mypy", reason="mypy is not installed (the test extras have it)")
-    folder = tmp_path_factory.mktemp("typing")
     config = folder / "mypy.ini"
     config.write_text(textwrap.dedent(f"""\
         [mypy]
-        mypy_path = {package_tree(folder / "site")}
+        mypy_path = {site}
         follow_imports = silent
         cache_dir = {folder / "cache"}
         [mypy-{",".join(name + ".*" for name in UNREAD)}]
         follow_imports = skip
         ignore_missing_imports = True
         """))
+    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--no-error-summary",
+                           "--hide-error-context", "program.py", "misuses.py"], capture_output=True, text=True, cwd=folder)
+
+
+def pyright_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
+    """Run pyright (the checker of VS Code's Pylance) on the two programs, its output turned into mypy's
+    line format. It reads the installed libraries' types (it does so in seconds)."""
+    pytest.importorskip("pyright", reason="pyright is not installed (the test extras have it)")
+    config = folder / "pyrightconfig.json"
+    config.write_text(json.dumps({"extraPaths": [str(site)], "pythonVersion": "%d.%d" % sys.version_info[:2],
+                                  "typeCheckingMode": "basic", "include": ["program.py", "misuses.py"]}))
+    # --outputjson also keeps the wrapper from asking PyPI for a newer release
+    run = subprocess.run([sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", sys.executable,
+                          "--project", str(config)], capture_output=True, text=True, cwd=folder)
+    try:
+        report = json.loads(run.stdout)
+    except json.JSONDecodeError:
+        return run  # pyright itself failed: the caller shows what it said
+    lines = [f"{Path(found['file']).name}:{found['range']['start']['line'] + 1}: {found['severity']}: "
+             + found["message"].replace("\n", " ") for found in report["generalDiagnostics"]]
+    return subprocess.CompletedProcess(run.args, run.returncode, "\n".join(lines), run.stderr)
+
+
+@pytest.fixture(scope="module", params=["mypy", "pyright"])
+def checked(request, tmp_path_factory) -> dict:
+    """A checker's errors, as `(line, message)`, for the program and for the misuses (an editor, then one
+    misuse a line), checked in one run against the package tree, and the checker's name."""
+    folder = tmp_path_factory.mktemp(request.param)
+    site = package_tree(folder / "site")
     (folder / "program.py").write_text(PROGRAM)
     (folder / "misuses.py").write_text(MISUSE_SETUP + "\n".join(MISUSES) + "\n")
-    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--no-error-summary",
-                          "--hide-error-context", "program.py", "misuses.py"], capture_output=True, text=True, cwd=folder)
-    errors: dict = {"program.py": [], "misuses.py": []}
+    run = {"mypy": mypy_errors, "pyright": pyright_errors}[request.param](folder, site)
+    errors: dict = {"program.py": [], "misuses.py": [], "checker": request.param}
     for match in re.finditer(r"^(\w+\.py):(\d+): error: (.*)$", run.stdout, re.MULTILINE):
         errors[match.group(1)].append((int(match.group(2)), match.group(3)))
-    assert run.returncode == (1 if any(errors.values()) else 0), run.stdout + run.stderr  # 2: mypy itself failed
+    # 0: no error; 1: errors; 2 or more: the checker itself failed
+    assert run.returncode == (1 if errors["program.py"] or errors["misuses.py"] else 0), run.stdout + run.stderr
     return errors
 
 
@@ -162,4 +198,4 @@ def test_a_program_that_misuses_the_api_gets_the_checkers_errors(checked):
     errors = checked["misuses.py"]
     assert [line for line, _ in errors] == list(range(first, first + len(MISUSES))), errors
     for (_, message), wanted in zip(errors, MISUSES.values(), strict=True):
-        assert wanted in message
+        assert wanted[checked["checker"]] in message
