@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 import numpy as np
 import torch
@@ -123,10 +123,11 @@ def load_refit_maps(path: Path) -> Tuple[Tuple[str, ...], Dict[str, Dict[str, Li
     return tuple(data["targets"]), maps
 
 
-def refit_arrays(mapping: Dict[str, List[RefitEntry]], unet) -> Dict[str, np.ndarray]:
+def refit_arrays(mapping: Dict[str, List[RefitEntry]],
+                 unet: Union[torch.nn.Module, Mapping[str, Union[torch.Tensor, np.ndarray]]]) -> Dict[str, np.ndarray]:
     """Initializer name -> new value, from a newly merged UNet (or its `merged_target_weights`, or the
     weights of a refit-weights file), laid out as the graph holds it."""
-    weights = unet if isinstance(unet, dict) else dict(unet.named_parameters())
+    weights = dict(unet.named_parameters()) if isinstance(unet, torch.nn.Module) else unet
     arrays = {}
     for name, entries in mapping.items():
         value = weights[name]

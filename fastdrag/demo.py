@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -12,7 +12,8 @@ from .atomic import check_image_output, save_image
 from .visualize import side_by_side
 
 if TYPE_CHECKING:
-    from .editor import EditResult
+    from .editor import DragEditor, EditResult
+    from .progress import StepCallback
 
 DEMO_PROMPT = "a red ball on a blue and yellow background"
 
@@ -60,7 +61,8 @@ def demo_paths(output_dir: Path, overwrite: bool = False) -> Dict[str, Path]:
 
 
 def run_demo(output_dir: Path, model: str = "toy", overwrite: bool = False, progress: bool = True,
-             on_step=None, editor=None, **overrides) -> Tuple[Dict[str, Path], EditResult]:
+             on_step: Optional[StepCallback] = None, editor: Optional[DragEditor] = None,
+             **overrides: Any) -> Tuple[Dict[str, Path], EditResult]:
     """Edit the demo case and write input, output and side-by-side pictures into `output_dir`;
     `on_step` as in `DragEditor.edit`. `editor` is the `DragEditor` of `model` to edit with (loaded
     with its device, dtype, cache and fast paths), else one loaded with the defaults; `model` picks the case."""

@@ -560,12 +560,12 @@ class DragEditor:
 
     @_one_at_a_time
     def train_lora(self, image: ImageLike, prompt: str, on_step: Optional[StepCallback] = None,
-                   **overrides) -> Tuple[str, bool]:
+                   **overrides: Any) -> Tuple[str, bool]:
         """Train (or find in the cache) the LoRA of an image; returns (key, was cached). `on_step` as in `edit`."""
         with self._reporting(on_step):
             return self._train_lora(image, prompt, **overrides)
 
-    def _train_lora(self, image: ImageLike, prompt: str, **overrides) -> Tuple[str, bool]:
+    def _train_lora(self, image: ImageLike, prompt: str, **overrides: Any) -> Tuple[str, bool]:
         config = self.config.replace(**overrides)
         picture = load_image(image)
         size = working_size(picture.size, config.size)
@@ -577,7 +577,7 @@ class DragEditor:
     @_one_at_a_time
     def export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str = "onnx", fp16: bool = False,
                overwrite: bool = False, drag_points: int = 0, on_step: Optional[StepCallback] = None,
-               **overrides) -> Manifest:
+               **overrides: Any) -> Manifest:
         """Train or load the image's LoRA, merge it, and write the fixed-shape graphs and manifest to `output`;
         with `drag_points` > 0 also the drag iteration's graph for up to that many point pairs (`unet_drag`).
         `on_step` as in `edit`: the LoRA stage reports, then "export" (one step per graph written) and, for
@@ -586,7 +586,7 @@ class DragEditor:
             return self._export(image, prompt, output, fmt, fp16, overwrite, drag_points, **overrides)
 
     def _export(self, image: ImageLike, prompt: str, output: Union[str, Path], fmt: str, fp16: bool, overwrite: bool,
-                drag_points: int, **overrides) -> Manifest:
+                drag_points: int, **overrides: Any) -> Manifest:
         from .export.pipeline import check_output, export_loaded
 
         config = self.config.replace(**overrides)
@@ -602,7 +602,7 @@ class DragEditor:
                              drag_points, progress=self._progress())
 
     @_one_at_a_time
-    def merged_unet_for(self, lora_key: str, **overrides) -> torch.nn.Module:
+    def merged_unet_for(self, lora_key: str, **overrides: Any) -> torch.nn.Module:
         """A LoRA-merged copy of the UNet with the cached adapter `lora_key` (e.g. to refit an engine)."""
         from .export.merge import merged_unet
 
@@ -617,7 +617,7 @@ class DragEditor:
 
     @_one_at_a_time
     def refit_weights(self, image: ImageLike, prompt: str, export: Union[str, Path], output: Union[str, Path],
-                      overwrite: bool = False, on_step: Optional[StepCallback] = None, **overrides) -> Path:
+                      overwrite: bool = False, on_step: Optional[StepCallback] = None, **overrides: Any) -> Path:
         """Write what a service needs to edit `image` on `export`, an export made from another image.
 
         The file (safetensors) holds this image's merged LoRA-target weights, by the parameter names
@@ -807,7 +807,7 @@ class DragEditor:
         return pair[1:]
 
     @_one_at_a_time
-    def warm_up(self, size: Optional[Tuple[int, int]] = None, **overrides) -> Dict[str, float]:
+    def warm_up(self, size: Optional[Tuple[int, int]] = None, **overrides: Any) -> Dict[str, float]:
         """Run one short edit of a synthetic `size` image (default: the model's native size) and forget it.
 
         A server calls this once at start-up, so that its first request does not pay what a process
@@ -847,7 +847,7 @@ class DragEditor:
 
     @_one_at_a_time
     def edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike] = None,
-             on_step: Optional[StepCallback] = None, **overrides) -> EditResult:
+             on_step: Optional[StepCallback] = None, **overrides: Any) -> EditResult:
         """Move the content under each handle to its target; points are `[((hx, hy), (tx, ty)), ...]`.
 
         `on_step(stage, done, total)`, if given, is called by the stages that loop ("lora", "inversion",
@@ -861,7 +861,7 @@ class DragEditor:
 
     @_one_at_a_time
     def preload(self, image: ImageLike, prompt: str, on_step: Optional[StepCallback] = None,
-                **overrides) -> Dict[str, float]:
+                **overrides: Any) -> Dict[str, float]:
         """Train (or load) an image's LoRA and invert it before its points are known; returns seconds per stage.
 
         An interactive server calls this when a user opens an image, while they place the points: the
@@ -907,7 +907,7 @@ class DragEditor:
             yield denoiser, schedule, z_t, kept
 
     def _edit(self, image: ImageLike, prompt: str, points: Points, mask: Optional[ImageLike],
-              **overrides) -> EditResult:
+              **overrides: Any) -> EditResult:
         config = self.config.replace(**overrides)
         total_start = time.perf_counter()
         prepared = self.prepare(image, prompt, points, mask, config)

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -157,7 +157,7 @@ def markdown(results: List[CaseResult], summary: Dict[str, float], title: str) -
 
 
 def evaluate(editor, cases: int = 16, seed: int = 0, out: Optional[Path] = None, title: str = "toy edit quality",
-             world_size: int = SIZE, **overrides) -> Dict[str, object]:
+             world_size: int = SIZE, **overrides: Any) -> Dict[str, object]:
     """Edit `cases` drag cases (fixed seed) and score each against the truth; write JSON, Markdown and a
     contact sheet into `out` when given. `world_size` renders the same cases at another size (shapes
     and drags scale with it, so *moved* and *area ratio* stay comparable; *MD* is in its pixels)."""
