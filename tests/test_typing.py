@@ -34,7 +34,7 @@ from fastdrag.export.tensorrt import Engine, TensorRTRefitError
 from fastdrag.kernels import masked_l1, motion_supervision_loss, track_points
 '''
 
-# pyright checks it in strict mode: no parameter, result or field of what it calls may be of unknown type
+# each checker checks it in its strict mode (pyright: no parameter or result of what it calls may be of unknown type)
 PROGRAM = "# pyright: strict\n" + IMPORTS + '''
 
 def on_step(stage: str, done: int, total: int) -> None:
@@ -149,7 +149,7 @@ def mypy_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
         ignore_missing_imports = True
         """))
     return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--no-error-summary",
-                           "--hide-error-context", "program.py", "misuses.py"], capture_output=True, text=True, cwd=folder)
+                           "--hide-error-context", "--strict", "program.py", "misuses.py"], capture_output=True, text=True, cwd=folder)
 
 
 def pyright_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
