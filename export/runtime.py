@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,11 @@ class _GraphDenoiser:
             self.reference, self.source_kv = False, None
 
 
-def session_providers(device: Union[str, torch.device, None], available: List[str]) -> list:
+# an ONNX Runtime execution provider: its name, or its name and options
+Provider = Union[str, Tuple[str, Dict[str, Any]]]
+
+
+def session_providers(device: Union[str, torch.device, None], available: List[str]) -> List[Provider]:
     """ONNX Runtime's providers for graphs fed on `device` (None: torch's current GPU, or the CPU
     where torch has none): CUDA's on that GPU by its index, then the CPU's for what CUDA lacks; the
     CPU's alone for a CPU device or a library without CUDA. The index matters: ONNX Runtime's CUDA
@@ -109,7 +113,7 @@ def session_providers(device: Union[str, torch.device, None], available: List[st
 class OnnxRuntimeDenoiser(_GraphDenoiser):
     """Runs the exported UNet graphs under ONNX Runtime; CUDA tensors are bound in place (no host copy)."""
 
-    def __init__(self, manifest: Manifest, providers: Optional[list] = None,
+    def __init__(self, manifest: Manifest, providers: Optional[List[Provider]] = None,
                  overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None,
                  device: Union[str, torch.device, None] = None):
         """`overrides`: per graph, initializer name -> value to use instead of the file's (another
@@ -183,7 +187,7 @@ class TensorRTDenoiser(_GraphDenoiser):
 
 
 def load_denoiser(backend: str, manifest: Manifest, overrides: Optional[Dict[str, Dict[str, np.ndarray]]] = None,
-                  device: Union[str, torch.device, None] = None):
+                  device: Union[str, torch.device, None] = None) -> Union[OnnxRuntimeDenoiser, TensorRTDenoiser]:
     """The exported-graph denoiser for `backend` ('onnxruntime' or 'tensorrt'); `overrides` replace
     initializers of the UNet graphs, e.g. with another LoRA's weights (ONNX Runtime: initializer overrides;
     TensorRT: a refit of the loaded engines). `device`: where its inputs live (ONNX Runtime's providers

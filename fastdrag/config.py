@@ -5,7 +5,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -160,7 +160,7 @@ class EditConfig:
         if self.size is not None and (len(self.size) != 2 or any(int(s) < 64 or int(s) % 8 for s in self.size)):
             raise ConfigError(f"size must be (width, height), each a multiple of 8 and >= 64; got {self.size}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 

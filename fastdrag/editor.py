@@ -177,9 +177,9 @@ class DragEditor:
         self.components = components
         self.device = device
         self.dtype = dtype
-        self.config = config or EditConfig()
+        self.config: EditConfig = config or EditConfig()
         self.config.validate()  # a config built by hand, not through `replace`, is checked here
-        self.cache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
+        self.cache: LoraCache = LoraCache(Path(cache_dir) if cache_dir is not None else None)
         self.progress = progress
         # after each stage, return the CUDA caching allocator's free blocks to the driver, so the eager
         # stages' do not stay reserved beside the graphs' pool between edits (H100, SD 1.5: 3.78 -> 2.78

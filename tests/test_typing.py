@@ -20,7 +20,7 @@ UNREAD = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "
 
 IMPORTS = '''
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
@@ -29,7 +29,9 @@ from fastdrag import (ConfigError, DragConfig, DragEditor, EditCancelled, EditCo
                       InputError, LoraConfig)
 from fastdrag.cache_usage import CacheEntry, parse_size, prune
 from fastdrag.export import Manifest, load_manifest
+from fastdrag.export.manifest import manifest_schema
 from fastdrag.export.refit import initializer_arrays, load_refit_maps, load_refit_weights, refit_arrays
+from fastdrag.export.runtime import load_denoiser
 from fastdrag.export.tensorrt import Engine, TensorRTRefitError
 from fastdrag.kernels import masked_l1, motion_supervision_loss, track_points
 '''
@@ -64,6 +66,11 @@ def service(folder: Path) -> None:
     written: Path = editor.refit_weights("dog.png", "a dog", manifest.folder, folder / "dog.safetensors")
     editor.sdpa_priority = "flash"
     editor.release_cached_memory = True
+    settings: Dict[str, Any] = result.config.to_dict()
+    current: EditConfig = editor.config
+    cache_folder = editor.cache.directory
+    embeddings = editor.text_embeddings("a cat")
+    schema: Dict[str, object] = manifest_schema()
     editor.release()
     config: EditConfig = EditConfig().replace(drag_steps=40, lora_steps=60)
     stages: Tuple[LoraConfig, DragConfig] = (config.lora, config.drag)
@@ -73,12 +80,14 @@ def service(folder: Path) -> None:
     arrays = refit_arrays(maps["unet_inversion"], weights)
     onnx_path = folder / "export" / "unet_inversion.onnx"
     kept = initializer_arrays(onnx_path, ["a"])
+    denoiser = load_denoiser("onnxruntime", manifest, overrides={"unet_inversion": arrays}, device="cpu")
     try:
         Engine(folder / "export" / "unet_inversion.plan").refit(
             arrays, unchanged=lambda names: initializer_arrays(onnx_path, names))
     except TensorRTRefitError as error:
         print(error)
     print(seconds, handles, timings, steps, key, cached, stages, removed, text, metadata, targets, arrays, kept)
+    print(settings, current, cache_folder, embeddings.shape, schema, denoiser.fixed_batch)
     print(masked_l1, motion_supervision_loss, track_points)
 
 
