@@ -270,7 +270,8 @@ def edit(folder: Union[Path, Export], image: np.ndarray, points, mask=None, drag
 
 def save_array(path: Union[str, Path], array: np.ndarray) -> Path:
     """`np.save` (which adds `.npy` to a name without it) through a file beside the output, renamed over it
-    when whole: an interrupted run leaves the old output, not half a new one."""
+    when whole: an interrupted run leaves the old output, not half a new one. (`fastdrag.atomic.atomic_path`
+    does this for the package; importing it would import fastdrag, which this script must run without.)"""
     path = Path(path)
     if path.suffix != ".npy":
         path = path.with_name(path.name + ".npy")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
@@ -144,7 +145,11 @@ def package_tree(into: Path) -> Path:
     return into
 
 
-def mypy_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
+# A checker's errors: (file name, line, message) each
+Errors = List[Tuple[str, int, str]]
+
+
+def mypy_errors(folder: Path, site: Path) -> Tuple[subprocess.CompletedProcess, Errors]:
     """Run mypy on the two programs; its output lines are `file:line: error: message`."""
     pytest.importorskip("mypy", reason="mypy is not installed (the test extras have it)")
     config = folder / "mypy.ini"
@@ -157,13 +162,15 @@ def mypy_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
         follow_imports = skip
         ignore_missing_imports = True
         """))
-    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--no-error-summary",
-                           "--hide-error-context", "--strict", "program.py", "misuses.py"], capture_output=True, text=True, cwd=folder)
+    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--no-error-summary",
+                          "--hide-error-context", "--strict", "program.py", "misuses.py"], capture_output=True, text=True, cwd=folder)
+    return run, [(name, int(line), message) for name, line, message
+                 in re.findall(r"^(\w+\.py):(\d+): error: (.*)$", run.stdout, re.MULTILINE)]
 
 
-def pyright_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
-    """Run pyright (the checker of VS Code's Pylance) on the two programs, its output turned into mypy's
-    line format. It reads the installed libraries' types (it does so in seconds)."""
+def pyright_errors(folder: Path, site: Path) -> Tuple[subprocess.CompletedProcess, Errors]:
+    """Run pyright (the checker of VS Code's Pylance) on the two programs; it reports in JSON. It reads
+    the installed libraries' types (it does so in seconds)."""
     pytest.importorskip("pyright", reason="pyright is not installed (the test extras have it)")
     config = folder / "pyrightconfig.json"
     config.write_text(json.dumps({"extraPaths": [str(site)], "pythonVersion": "%d.%d" % sys.version_info[:2],
@@ -172,12 +179,11 @@ def pyright_errors(folder: Path, site: Path) -> subprocess.CompletedProcess:
     run = subprocess.run([sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", sys.executable,
                           "--project", str(config)], capture_output=True, text=True, cwd=folder)
     try:
-        report = json.loads(run.stdout)
+        found = json.loads(run.stdout)["generalDiagnostics"]
     except json.JSONDecodeError:
-        return run  # pyright itself failed: the caller shows what it said
-    lines = [f"{Path(found['file']).name}:{found['range']['start']['line'] + 1}: {found['severity']}: "
-             + found["message"].replace("\n", " ") for found in report["generalDiagnostics"]]
-    return subprocess.CompletedProcess(run.args, run.returncode, "\n".join(lines), run.stderr)
+        return run, []  # pyright itself failed: the caller shows what it said
+    return run, [(Path(entry["file"]).name, entry["range"]["start"]["line"] + 1, entry["message"].replace("\n", " "))
+                 for entry in found if entry["severity"] == "error"]
 
 
 @pytest.fixture(scope="module", params=["mypy", "pyright"])
@@ -188,12 +194,12 @@ def checked(request, tmp_path_factory) -> dict:
     site = package_tree(folder / "site")
     (folder / "program.py").write_text(PROGRAM)
     (folder / "misuses.py").write_text(MISUSE_SETUP + "\n".join(MISUSES) + "\n")
-    run = {"mypy": mypy_errors, "pyright": pyright_errors}[request.param](folder, site)
+    run, found = {"mypy": mypy_errors, "pyright": pyright_errors}[request.param](folder, site)
     errors: dict = {"program.py": [], "misuses.py": [], "checker": request.param}
-    for match in re.finditer(r"^(\w+\.py):(\d+): error: (.*)$", run.stdout, re.MULTILINE):
-        errors[match.group(1)].append((int(match.group(2)), match.group(3)))
+    for name, line, message in found:
+        errors[name].append((line, message))
     # 0: no error; 1: errors; 2 or more: the checker itself failed
-    assert run.returncode == (1 if errors["program.py"] or errors["misuses.py"] else 0), run.stdout + run.stderr
+    assert run.returncode == (1 if found else 0), run.stdout + run.stderr
     return errors
 
 
