@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..source_kv import SourceKV
+from .graphs import GraphSpec
 from .manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,38 @@ def session_providers(device: Union[str, torch.device, None], available: List[st
     return ["CPUExecutionProvider"]
 
 
+def wait_for_torch(device: torch.device) -> None:
+    """Let the host go on only once the work torch has queued on `device` is done (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def run_bound(session: Any, spec: GraphSpec, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Run an ONNX Runtime session on torch tensors bound by address (no copy through the host); the outputs
+    are new tensors on the inputs' device, in the dtypes `spec` gives.
+
+    ONNX Runtime's CUDA provider runs on a stream of its own, which does not wait for torch's: the inputs'
+    casts queued here, and torch's last uses of the memory `torch.empty` hands the outputs (blocks freed to
+    its cache are reused in the order of torch's stream alone), must be done before the run starts, hence
+    `wait_for_torch`. The run returns once its stream is done, so torch may read the outputs at once."""
+    device = next(iter(feeds.values())).device
+    dtypes = {tensor.name: tensor.dtype for tensor in spec.inputs}
+    binding = session.io_binding()
+    bound = []  # the cast inputs: alive until the run is done
+    for name, tensor in feeds.items():
+        bound.append(tensor.to(_TORCH[dtypes[name]]).contiguous())
+        binding.bind_input(name, device.type, device.index or 0, _NP[dtypes[name]], tuple(bound[-1].shape),
+                           bound[-1].data_ptr())
+    outputs = {}
+    for out_spec in spec.outputs:
+        out = outputs[out_spec.name] = torch.empty(out_spec.shape, dtype=_TORCH[out_spec.dtype], device=device)
+        binding.bind_output(out_spec.name, device.type, device.index or 0, _NP[out_spec.dtype], tuple(out.shape),
+                            out.data_ptr())
+    wait_for_torch(device)
+    session.run_with_iobinding(binding)
+    return outputs
+
+
 class OnnxRuntimeDenoiser(_GraphDenoiser):
     """Runs the exported UNet graphs under ONNX Runtime; CUDA tensors are bound in place (no host copy)."""
 
@@ -142,18 +175,7 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
         session = self.sessions[graph]
         device = feeds["latents"].device
         if device.type == "cuda" and "CUDAExecutionProvider" in session.get_providers():
-            binding = session.io_binding()
-            keep = []
-            for name, tensor in feeds.items():
-                tensor = tensor.to(_TORCH[dtypes[name]]).contiguous()
-                keep.append(tensor)
-                binding.bind_input(name, "cuda", tensor.device.index or 0, _NP[dtypes[name]], tuple(tensor.shape), tensor.data_ptr())
-            outputs = {}
-            for out_spec in spec.outputs:
-                out = outputs[out_spec.name] = torch.empty(out_spec.shape, dtype=_TORCH[out_spec.dtype], device=device)
-                binding.bind_output(out_spec.name, "cuda", out.device.index or 0, _NP[out_spec.dtype], tuple(out.shape), out.data_ptr())
-            session.run_with_iobinding(binding)
-            return outputs
+            return run_bound(session, spec, feeds)
         arrays = {name: tensor.detach().cpu().numpy().astype(_NP[dtypes[name]]) for name, tensor in feeds.items()}
         results = session.run(None, arrays)
         return {out_spec.name: torch.from_numpy(array).to(device)

@@ -700,3 +700,46 @@ def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, m
                                "back every step; install onnxruntime-gpu in place of onnxruntime"]
     if not torch.cuda.is_available():  # no device given: torch's current GPU, or the CPU where torch has none
         assert session_providers(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def _scaling_graph(path, shape):
+    """A small ONNX graph: `x` (fp16) -> `doubled` (fp16, x + x) and `tripled` (fp32, 3 x)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    three = helper.make_tensor("three", TensorProto.FLOAT, [], [3.0])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["doubled"]), helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x32", "three"], ["tripled"])],
+        "scaling", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, list(shape))],
+        [helper.make_tensor_value_info("doubled", TensorProto.FLOAT16, list(shape)),
+         helper.make_tensor_value_info("tripled", TensorProto.FLOAT, list(shape))], [three])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_bound_runs_wait_for_torch_before_the_session_runs_and_give_the_graphs_outputs(tmp_path, monkeypatch):
+    """`run_bound` (the ONNX Runtime backend's run on CUDA tensors) binds the inputs cast to the graph's
+    dtypes and fresh outputs by address, and waits for torch's queued work before the session runs:
+    ONNX Runtime's CUDA stream does not wait for torch's. Run here on the CPU, where ONNX Runtime binds
+    host memory the same way; the wait's effect on a GPU is tests/test_gpu.py's."""
+    import onnxruntime as ort
+
+    from fastdrag.export import runtime
+    from fastdrag.export.graphs import GraphSpec, TensorSpec
+
+    shape = (3, 7)
+    _scaling_graph(tmp_path / "scaling.onnx", shape)
+    session = ort.InferenceSession(str(tmp_path / "scaling.onnx"), providers=["CPUExecutionProvider"])
+    spec = GraphSpec("scaling", [TensorSpec("x", shape, "float16")],
+                     [TensorSpec("doubled", shape, "float16"), TensorSpec("tripled", shape, "float32")])
+    events = []
+    monkeypatch.setattr(runtime, "wait_for_torch", lambda device: events.append(("wait", device)))
+    real_run = session.run_with_iobinding
+    monkeypatch.setattr(session, "run_with_iobinding", lambda binding: (events.append("run"), real_run(binding)))
+    x = torch.randn(7, 3).T  # fp32 and not contiguous: cast and copied before it is bound
+    outputs = runtime.run_bound(session, spec, {"x": x})
+    assert events == [("wait", torch.device("cpu")), "run"]
+    assert [(name, out.dtype, tuple(out.shape)) for name, out in outputs.items()] == [
+        ("doubled", torch.float16, shape), ("tripled", torch.float32, shape)]
+    torch.testing.assert_close(outputs["doubled"], x.half() + x.half(), rtol=0, atol=0)
+    torch.testing.assert_close(outputs["tripled"], 3 * x.half().float(), rtol=0, atol=0)

@@ -1154,3 +1154,32 @@ def test_guided_inversion_and_denoising_replay_their_doubled_batches_as_the_eage
     for got, want in ((graph_z, eager_z), (graph_pair, eager_pair)):
         assert torch.isfinite(got).all()
         assert ((got - want).norm() / want.norm()).item() < tolerance
+
+
+def test_a_bound_onnx_runtime_run_reads_what_torch_wrote_last(tmp_path):
+    """ONNX Runtime's CUDA provider runs on a stream of its own: bound to a tensor that torch's stream is
+    still writing (queued behind a long sleep here), a run that did not wait would read the old zeros.
+    `run_bound` waits for torch's stream, so the graph sees the ones."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu (ONNX Runtime's CUDA provider); this onnxruntime has only "
+                    + ", ".join(ort.get_available_providers()))
+    from test_export import _scaling_graph
+
+    from fastdrag.export.graphs import GraphSpec, TensorSpec
+    from fastdrag.export.runtime import run_bound
+
+    shape = (64, 1024)
+    _scaling_graph(tmp_path / "scaling.onnx", shape)
+    session = ort.InferenceSession(str(tmp_path / "scaling.onnx"),
+                                   providers=[("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()})])
+    spec = GraphSpec("scaling", [TensorSpec("x", shape, "float16")],
+                     [TensorSpec("doubled", shape, "float16"), TensorSpec("tripled", shape, "float32")])
+    x = torch.zeros(shape, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of the GPU's clock on torch's stream
+    x.fill_(1.0)  # queued behind the sleep
+    outputs = run_bound(session, spec, {"x": x})
+    assert torch.equal(outputs["doubled"], torch.full(shape, 2.0, device="cuda", dtype=torch.float16))
+    assert torch.equal(outputs["tripled"], torch.full(shape, 3.0, device="cuda"))

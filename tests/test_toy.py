@@ -130,13 +130,13 @@ def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_pat
     train_toy(tmp_path / "fresh", config, device="cpu", progress=False)
     fresh = load_toy(tmp_path / "fresh")
     assert fresh.scaling_factor > 0 and torch.isfinite(next(fresh.unet.parameters())).all()
-    assert torch.load(tmp_path / "fresh" / "unet-checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "fresh" / "unet-checkpoint.pt", weights_only=True)["step"] == 3
 
     # reuse the built-in VAE, start from the built-in UNet; a tiny budget stops right after calibration
     budget = TrainConfig(unet_steps=10_000, unet_batch=2, scenes=60, vae_from="toy", unet_from="toy",
                          unet_time_budget_s=1e-6)
     train_toy(tmp_path / "tuned", budget, device="cpu", progress=False)
-    state = torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=True)
     assert state["step"] == state["total"] == CALIBRATION_STEPS
     tuned, builtin = load_toy(tmp_path / "tuned"), load_toy()
     assert tuned.scaling_factor == builtin.scaling_factor
@@ -152,7 +152,7 @@ def test_training_writes_a_loadable_model_resumes_and_fits_a_time_budget(tmp_pat
     assert any(changed)
     # a second run resumes at the end and trains nothing more
     train_toy(tmp_path / "tuned", budget, device="cpu", progress=False)
-    assert torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=False)["step"] == CALIBRATION_STEPS
+    assert torch.load(tmp_path / "tuned" / "unet-checkpoint.pt", weights_only=True)["step"] == CALIBRATION_STEPS
 
 
 def test_a_model_part_written_when_the_write_fails_keeps_the_part_it_replaced(tmp_path, monkeypatch):

@@ -71,7 +71,8 @@ def _resume(path: Path, module, optimizer, steps: int) -> Tuple[int, int]:
     """(step reached, total steps) from the checkpoint at `path`, else (0, `steps`)."""
     if not path.is_file():
         return 0, steps
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # tensors, numbers and containers only: a checkpoint file cannot run code when it loads
+    state = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     logger.info("resuming %s at step %d", path.name, state["step"])
