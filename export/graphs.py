@@ -9,7 +9,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -27,11 +27,11 @@ class TensorSpec:
     shape: Tuple[int, ...]
     dtype: str  # numpy name: float32 / float16
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TensorSpec":
+    def from_dict(cls, data: Dict[str, Any]) -> "TensorSpec":
         return cls(data["name"], tuple(int(s) for s in data["shape"]), data["dtype"])
 
 
@@ -45,7 +45,7 @@ class GraphSpec:
     file: str = ""
     extra: Dict[str, object] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return {"file": self.file, "format": "onnx", "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs], **self.extra}
 

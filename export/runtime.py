@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from ..errors import ConfigError
 from ..source_kv import SourceKV
 from .graphs import GraphSpec
 from .manifest import Manifest
+
+if TYPE_CHECKING:
+    from .tensorrt import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +37,20 @@ class _GraphDenoiser:
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
-        self.reference = False
+        self.reference: bool = False  # inside reference_control: the pair's graph answers
         self.source_kv: Optional[SourceKV] = None
-        self.start_layer = int(manifest.data["artifacts"]["unet_reference"]["reference_control"]["start_layer"])
-        self.graph_names = [name for name in self.UNET_GRAPHS if name in manifest.data["artifacts"]]
-        self.keeps_source_kv = "unet_kept" in self.graph_names
+        self.start_layer: int = int(manifest.data["artifacts"]["unet_reference"]["reference_control"]["start_layer"])
+        self.graph_names: List[str] = [name for name in self.UNET_GRAPHS if name in manifest.data["artifacts"]]
+        self.keeps_source_kv: bool = "unet_kept" in self.graph_names
         tensors = manifest.data.get("source_kv", {}).get("tensors", [])
-        self.kv_tensors = list(zip(tensors[0::2], tensors[1::2], strict=True))  # (key, value) names per swapped layer
+        self.kv_tensors: List[Tuple[str, str]] = list(zip(tensors[0::2], tensors[1::2], strict=True))  # (key, value) names per swapped layer
 
     def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The graph's outputs by name, each in the caller's hands (not a buffer the next run overwrites)."""
         raise NotImplementedError
 
-    def _eps(self, graph: str, latents: torch.Tensor, timestep: int, text: torch.Tensor, **extra):
+    def _eps(self, graph: str, latents: torch.Tensor, timestep: int, text: torch.Tensor,
+             **extra: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         feeds = {"latents": latents, "timestep": torch.full((1,), float(timestep), device=latents.device),
                  "text_embeddings": text, **extra}
         outputs = self._run(graph, feeds)
@@ -56,7 +60,7 @@ class _GraphDenoiser:
         if self.reference and self.source_kv is not None and not self.source_kv.recording:
             if latents.shape[0] != 1:
                 raise ValueError(f"the exported kept graph takes one edited latent; got {latents.shape[0]}")
-            kept = {}
+            kept: Dict[str, torch.Tensor] = {}
             for index, (key_name, value_name) in enumerate(self.kv_tensors):
                 kept[key_name], kept[value_name] = self.source_kv.read(str(index))
             return self._eps("unet_kept", latents, timestep, text_embeddings, **kept)[0]
@@ -133,7 +137,7 @@ def run_bound(session: Any, spec: GraphSpec, feeds: Dict[str, torch.Tensor]) -> 
         bound.append(tensor.to(_TORCH[dtypes[name]]).contiguous())
         binding.bind_input(name, device.type, device.index or 0, _NP[dtypes[name]], tuple(bound[-1].shape),
                            bound[-1].data_ptr())
-    outputs = {}
+    outputs: Dict[str, torch.Tensor] = {}
     for out_spec in spec.outputs:
         out = outputs[out_spec.name] = torch.empty(out_spec.shape, dtype=_TORCH[out_spec.dtype], device=device)
         binding.bind_output(out_spec.name, device.type, device.index or 0, _NP[out_spec.dtype], tuple(out.shape),
@@ -157,8 +161,8 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
         super().__init__(manifest)
         if providers is None:
             providers = session_providers(device, ort.get_available_providers())
-        self.override_values = []  # ONNX Runtime reads them while its sessions live: keep them
-        self.sessions = {}
+        self.override_values: List[Any] = []  # ONNX Runtime reads them while its sessions live: keep them
+        self.sessions: Dict[str, Any] = {}  # graph name -> onnxruntime.InferenceSession
         for name in self.graph_names:
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -167,7 +171,7 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
                 self.override_values.append(value)
                 options.add_initializer(initializer, value)
             self.sessions[name] = ort.InferenceSession(str(manifest.path(name)), options, providers=providers)
-        self.specs = manifest.graphs
+        self.specs: Dict[str, GraphSpec] = manifest.graphs
 
     def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         spec = self.specs[graph]
@@ -197,7 +201,7 @@ class TensorRTDenoiser(_GraphDenoiser):
         missing = [name for name in self.graph_names if name not in engines]
         if missing:
             raise ConfigError(f"{manifest.folder} has no TensorRT engines for {', '.join(missing)}: export with --format tensorrt")
-        self.engines = {name: Engine(manifest.folder / engines[name]["file"]) for name in self.graph_names}
+        self.engines: Dict[str, Engine] = {name: Engine(manifest.folder / engines[name]["file"]) for name in self.graph_names}
         for name, arrays in (refit or {}).items():
             graph = manifest.path(name)
             self.engines[name].refit(arrays, unchanged=lambda names, graph=graph: initializer_arrays(graph, names))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ class TensorRTRefitError(FastDragError):
     """An engine would not take the weights it was given (not refittable, or built in a way that needs others)."""
 
 
-def require_tensorrt():
+def require_tensorrt() -> Any:
+    """The `tensorrt` module; TensorRTUnavailable, saying what is missing, without it or a CUDA GPU."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -45,7 +46,8 @@ class BuildSettings:
     workspace_bytes: int = 8 * 2**30
     timing_cache: str = "timing.cache"
 
-    def flags(self) -> list:
+    def flags(self) -> List[str]:
+        """The names of the `tensorrt.BuilderFlag`s these settings set."""
         return [name for name, on in (("FP16", self.fp16), ("REFIT", self.refittable)) if on]
 
 
@@ -82,11 +84,12 @@ class Engine:
 
     def __init__(self, engine_path: Path):
         trt = require_tensorrt()
-        self.trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-        self.context = self.engine.create_execution_context()
-        self.inputs, self.outputs = {}, {}
+        self.trt: Any = trt
+        self.logger: Any = trt.Logger(trt.Logger.WARNING)
+        self.engine: Any = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.context: Any = self.engine.create_execution_context()
+        self.inputs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}  # name -> (shape, dtype)
+        self.outputs: Dict[str, torch.Tensor] = {}  # name -> the buffer each run writes
         for index in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(index)
             shape = tuple(self.engine.get_tensor_shape(name))

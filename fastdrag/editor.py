@@ -40,7 +40,9 @@ from .progress import Progress, StepCallback
 from .source_kv import SourceKV
 from .vae import capture_decoder, decode, encode_posterior, encode_prompt
 
-if TYPE_CHECKING:  # the export modules are imported where an export runs
+if TYPE_CHECKING:  # for the type checker only (the export modules are imported where an export runs)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     from .export.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -64,14 +66,16 @@ class LazyPosterior:
     """The image's VAE posterior, encoded on first use: an edit whose LoRA comes from the cache and whose
     inversion the editor kept (a repeated edit of the image) needs none."""
 
-    def __init__(self, encode: Callable[[], object]):
-        self._encode, self._value = encode, None
+    def __init__(self, encode: Callable[[], DiagonalGaussianDistribution]):
+        self._encode: Callable[[], DiagonalGaussianDistribution] = encode
+        self._value: Optional[DiagonalGaussianDistribution] = None
 
     @property
     def encoded(self) -> bool:
         return self._value is not None
 
-    def get(self):
+    def get(self) -> DiagonalGaussianDistribution:
+        """The posterior, encoded at the first call."""
         if self._value is None:
             self._value = self._encode()
         return self._value
@@ -89,7 +93,7 @@ class PreparedImage:
     timings: Dict[str, float] = field(default_factory=dict)
 
     @property
-    def posterior(self):
+    def posterior(self) -> DiagonalGaussianDistribution:
         """The image's VAE posterior (encoded now if it was not yet)."""
         return self.lazy_posterior.get()
 
@@ -185,7 +189,7 @@ class DragEditor:
         # stages' do not stay reserved beside the graphs' pool between edits (H100, SD 1.5: 3.78 -> 2.78
         # GiB in the default pool between edits, but the same 8.17 GiB peak, the VAE's; off by default)
         self.release_cached_memory = release_cached_memory
-        self.denoiser = TorchDenoiser(components.unet, scheduler=components.scheduler)
+        self.denoiser: TorchDenoiser = TorchDenoiser(components.unet, scheduler=components.scheduler)
         self._graph_denoisers: "OrderedDict[tuple, tuple]" = OrderedDict()  # exported denoisers, least recent first
         self._loaded_key: Optional[str] = None  # the adapter now in the UNet: a repeated edit reuses it as is
         self._inversions: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()  # key -> z_t, least recent first

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -153,7 +153,7 @@ def size_advice(size: Tuple[int, int], native: int) -> Optional[str]:
             f"size=({suggested[0]}, {suggested[1]}) (--size {suggested[0]}x{suggested[1]}) edits at its scale")
 
 
-def points_from_json(data: Any, where: str) -> list:
+def points_from_json(data: Any, where: str) -> List[Any]:
     """Point pairs from parsed JSON, `[[[hx, hy], [tx, ty]], ...]` or `{"handles": [...], "targets": [...]}`
     (a points file's or a served request's); `where` names the source in errors. The numbers are checked
     against the image by `parse_points`."""
@@ -286,7 +286,7 @@ def prepare_inputs(
     return EditInputs(picture, original, to_sup(handles_xy), to_sup(targets_xy), mask_tensor, (sup_h, sup_w))
 
 
-def sup_to_image(points: torch.Tensor, sup_res: Tuple[int, int], size: Tuple[int, int]) -> list:
+def sup_to_image(points: torch.Tensor, sup_res: Tuple[int, int], size: Tuple[int, int]) -> List[Tuple[float, float]]:
     """Supervision `(row, col)` points back to image `(x, y)` pixels of an image of `size`."""
     scale_y, scale_x = size[1] / sup_res[0], size[0] / sup_res[1]
     return [(float(col) * scale_x, float(row) * scale_y) for row, col in points.tolist()]

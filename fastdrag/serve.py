@@ -17,13 +17,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Optional, Set, Tuple
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .atomic import check_image_output, save_image
 from .config import field_names
 from .errors import FastDragError, InputError, OutputExistsError
 from .inputs import points_from_json
 from .progress import EditCancelled
+
+if TYPE_CHECKING:
+    from .editor import DragEditor, EditResult
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class Request:
 
     image: str
     prompt: str
-    points: Optional[list] = None
+    points: Optional[List[Any]] = None
     output: Optional[Path] = None
     op: str = "edit"
     mask: Optional[str] = None
@@ -110,7 +113,7 @@ def _rounded(timings: Dict[str, float]) -> Dict[str, float]:
     return {name: round(seconds, 3) for name, seconds in timings.items()}
 
 
-def edit_summary(result, output: Path) -> Dict[str, Any]:
+def edit_summary(result: EditResult, output: Path) -> Dict[str, Any]:
     """What `fastdrag edit` prints and `serve` answers for a finished edit."""
     return {
         "output": str(output),
@@ -139,7 +142,7 @@ def _on_step(ident: Dict[str, Any], progress_json: bool, deadline_s: Optional[fl
     return on_step
 
 
-def answer(editor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False,
+def answer(editor: DragEditor, line: str, defaults: Optional[Dict[str, Any]] = None, progress_json: bool = False,
            cancelled: Callable[[], bool] = lambda: False) -> Dict[str, Any]:
     """Run what one request line asks for (an edit, written to its output, a preload or a release); the
     answer echoes the request's `id`.
@@ -206,7 +209,7 @@ class Server:
     With `prune_to` (bytes), the editor's LoRA cache is pruned to it after each request served, least
     recently used first (`fastdrag.cache_usage.prune`): a long-running server's disk does not fill."""
 
-    def __init__(self, editor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
+    def __init__(self, editor: DragEditor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
                  progress_json: bool = False, prune_to: Optional[int] = None):
         self.editor, self.requests, self.answers = editor, requests, answers
         self.defaults, self.progress_json, self.prune_to = defaults or {}, progress_json, prune_to
@@ -274,7 +277,7 @@ class Server:
                         len(removed), human(sum(entry.size for entry in removed)))
 
 
-def serve(editor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
+def serve(editor: DragEditor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
           progress_json: bool = False, prune_to: Optional[int] = None) -> int:
     """Answer each request line of `requests` on `answers`, in order, until the input ends (blank lines are
     skipped; cancel lines and `prune_to` are `Server`'s); return how many were answered with an error."""

@@ -20,6 +20,7 @@ UNREAD = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "
           "triton", "tqdm", "xformers", "huggingface_hub", "tensorrt", "kernels", "accelerate", "tokenizers")
 
 IMPORTS = '''
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -35,6 +36,7 @@ from fastdrag.export.refit import initializer_arrays, load_refit_maps, load_refi
 from fastdrag.export.runtime import load_denoiser
 from fastdrag.export.tensorrt import Engine, TensorRTRefitError
 from fastdrag.kernels import masked_l1, motion_supervision_loss, track_points
+from fastdrag.serve import serve
 '''
 
 # each checker checks it in its strict mode (pyright: no parameter or result of what it calls may be of unknown type)
@@ -83,12 +85,15 @@ def service(folder: Path) -> None:
     kept = initializer_arrays(onnx_path, ["a"])
     denoiser = load_denoiser("onnxruntime", manifest, overrides={"unet_inversion": arrays}, device="cpu")
     try:
-        Engine(folder / "export" / "unet_inversion.plan").refit(
-            arrays, unchanged=lambda names: initializer_arrays(onnx_path, names))
+        engine = Engine(folder / "export" / "unet_inversion.plan")
+        engine.refit(arrays, unchanged=lambda names: initializer_arrays(onnx_path, names))
+        names: List[str] = denoiser.graph_names + list(engine.inputs) + list(engine.outputs)
+        print(names, engine.inputs["latents"][0])
     except TensorRTRefitError as error:
         print(error)
+    failed: int = serve(editor, sys.stdin, sys.stdout, defaults={"drag_steps": 40}, prune_to=parse_size("20GB"))
     print(seconds, handles, timings, steps, key, cached, stages, removed, text, metadata, targets, arrays, kept)
-    print(settings, current, cache_folder, embeddings.shape, schema, denoiser.fixed_batch)
+    print(settings, current, cache_folder, embeddings.shape, schema, denoiser.fixed_batch, failed)
     print(masked_l1, motion_supervision_loss, track_points)
 
 
@@ -124,6 +129,9 @@ MISUSES = {
     'Engine(Path("unet.plan")).refit({}, unchanged=Path("unet.onnx"))': {
         "mypy": 'Argument "unchanged" to "refit" of "Engine" has incompatible type "Path"',
         "pyright": 'Argument of type "Path" cannot be assigned to parameter "unchanged"'},
+    'serve(editor, Path("requests.jsonl"), sys.stdout)': {
+        "mypy": 'Argument 2 to "serve" has incompatible type "Path"; expected "IO[str]"',
+        "pyright": 'Argument of type "Path" cannot be assigned to parameter "requests" of type "IO[str]" in function "serve"'},
     'prune(Path("cache"), "20GB")': {
         "mypy": 'Argument 2 to "prune" has incompatible type "str"; expected "int"',
         "pyright": 'cannot be assigned to parameter "max_bytes" of type "int" in function "prune"'},
