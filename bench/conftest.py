@@ -41,7 +41,7 @@ def synchronize(device):
 def pytest_terminal_summary(terminalreporter, config):
     """A table of FLOPs and achieved TFLOP/s next to the times, for benchmarks that counted them."""
     session = getattr(config, "_benchmarksession", None)
-    rows = [b for b in getattr(session, "benchmarks", []) if b and "TFLOP" in b.extra_info]
+    rows = [b for b in getattr(session, "benchmarks", []) if b and "TFLOP/s" in b.extra_info]
     if not rows:
         return
     terminalreporter.section("FLOPs and achieved rate")

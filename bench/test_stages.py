@@ -86,7 +86,8 @@ def measure(benchmark, synchronize, fn, name, count=None, flops_key=None, flops=
         benchmark(run)
     total = flops() if flops is not None else _counted_flops[flops_key]
     benchmark.extra_info["TFLOP"] = total / 1e12
-    benchmark.extra_info["TFLOP/s"] = total / 1e12 / benchmark.stats.stats.mean
+    if benchmark.stats is not None:  # None under --benchmark-disable: each benchmark runs once, untimed
+        benchmark.extra_info["TFLOP/s"] = total / 1e12 / benchmark.stats.stats.mean
     if cuda:
         benchmark.extra_info["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
 

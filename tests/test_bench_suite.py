@@ -1,0 +1,21 @@
+"""The benchmark suite (`bench/`) run as pytest-benchmark's users also run one: `--benchmark-disable` runs
+each benchmark once, untimed, as a plain test (a quick check, in a CI of theirs, that the suite works). A
+few of its benchmarks run so here, among them the stage benchmarks, whose shared recorder reads the
+timing, which such a run does not have."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = "vae_encode or vae_decode or inversion_step or drag_iteration or loss_and_tracking"
+
+
+def test_benchmarks_run_untimed_under_benchmark_disable():
+    run = subprocess.run([sys.executable, "-m", "pytest", "bench/test_stages.py", "bench/test_kernels.py",
+                          "--benchmark-disable", "-q", "-p", "no:cacheprovider", "-k", QUICK],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) >= 4, run.stdout[-2000:]
+    assert "failed" not in run.stdout.splitlines()[-1]
