@@ -8,7 +8,8 @@ import torch
 def pytest_addoption(parser):
     group = parser.getgroup("fastdrag benchmarks")
     group.addoption("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    group.addoption("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    group.addoption("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                    help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     group.addoption("--model", default="tiny", choices=("tiny", "sd15", "sd21"),
                     help="tiny, sd15: the SD 1.5 architecture with random weights (no download), or sd21: SD 2.1's "
                          "(768 px, v-prediction)")
