@@ -175,11 +175,11 @@ class OnnxRuntimeDenoiser(_GraphDenoiser):
 
     def _run(self, graph: str, feeds: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         spec = self.specs[graph]
-        dtypes = {t.name: t.dtype for t in spec.inputs}
         session = self.sessions[graph]
         device = feeds["latents"].device
         if device.type == "cuda" and "CUDAExecutionProvider" in session.get_providers():
             return run_bound(session, spec, feeds)
+        dtypes = {t.name: t.dtype for t in spec.inputs}
         arrays = {name: tensor.detach().cpu().numpy().astype(_NP[dtypes[name]]) for name, tensor in feeds.items()}
         results = session.run(None, arrays)
         return {out_spec.name: torch.from_numpy(array).to(device)

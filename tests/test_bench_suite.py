@@ -18,4 +18,3 @@ def test_benchmarks_run_untimed_under_benchmark_disable():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", run.stdout)
     assert passed and int(passed.group(1)) >= 4, run.stdout[-2000:]
-    assert "failed" not in run.stdout.splitlines()[-1]

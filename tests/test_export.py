@@ -703,9 +703,12 @@ def test_onnxruntime_runs_the_graphs_on_the_gpu_their_inputs_live_on(exported, m
 
 
 def _scaling_graph(path, shape):
-    """A small ONNX graph: `x` (fp16) -> `doubled` (fp16, x + x) and `tripled` (fp32, 3 x)."""
+    """A small ONNX graph written to `path`: `x` (fp16) -> `doubled` (fp16, x + x) and `tripled` (fp32, 3 x);
+    returns its GraphSpec."""
     import onnx
     from onnx import TensorProto, helper
+
+    from fastdrag.export.graphs import GraphSpec, TensorSpec
 
     three = helper.make_tensor("three", TensorProto.FLOAT, [], [3.0])
     graph = helper.make_graph(
@@ -715,6 +718,8 @@ def _scaling_graph(path, shape):
         [helper.make_tensor_value_info("doubled", TensorProto.FLOAT16, list(shape)),
          helper.make_tensor_value_info("tripled", TensorProto.FLOAT, list(shape))], [three])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return GraphSpec("scaling", [TensorSpec("x", shape, "float16")],
+                     [TensorSpec("doubled", shape, "float16"), TensorSpec("tripled", shape, "float32")])
 
 
 def test_bound_runs_wait_for_torch_before_the_session_runs_and_give_the_graphs_outputs(tmp_path, monkeypatch):
@@ -725,13 +730,10 @@ def test_bound_runs_wait_for_torch_before_the_session_runs_and_give_the_graphs_o
     import onnxruntime as ort
 
     from fastdrag.export import runtime
-    from fastdrag.export.graphs import GraphSpec, TensorSpec
 
     shape = (3, 7)
-    _scaling_graph(tmp_path / "scaling.onnx", shape)
+    spec = _scaling_graph(tmp_path / "scaling.onnx", shape)
     session = ort.InferenceSession(str(tmp_path / "scaling.onnx"), providers=["CPUExecutionProvider"])
-    spec = GraphSpec("scaling", [TensorSpec("x", shape, "float16")],
-                     [TensorSpec("doubled", shape, "float16"), TensorSpec("tripled", shape, "float32")])
     events = []
     monkeypatch.setattr(runtime, "wait_for_torch", lambda device: events.append(("wait", device)))
     real_run = session.run_with_iobinding

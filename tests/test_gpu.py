@@ -1166,15 +1166,12 @@ def test_a_bound_onnx_runtime_run_reads_what_torch_wrote_last(tmp_path):
                     + ", ".join(ort.get_available_providers()))
     from test_export import _scaling_graph
 
-    from fastdrag.export.graphs import GraphSpec, TensorSpec
     from fastdrag.export.runtime import run_bound
 
     shape = (64, 1024)
-    _scaling_graph(tmp_path / "scaling.onnx", shape)
+    spec = _scaling_graph(tmp_path / "scaling.onnx", shape)
     session = ort.InferenceSession(str(tmp_path / "scaling.onnx"),
                                    providers=[("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()})])
-    spec = GraphSpec("scaling", [TensorSpec("x", shape, "float16")],
-                     [TensorSpec("doubled", shape, "float16"), TensorSpec("tripled", shape, "float32")])
     x = torch.zeros(shape, device="cuda", dtype=torch.float16)
     run_bound(session, spec, {"x": x})  # the session's first run (its allocations) before the race
     torch.cuda.synchronize()
