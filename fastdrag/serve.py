@@ -8,6 +8,7 @@ between requests, and a program in any language drives it through a pipe (as `ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -201,23 +202,26 @@ def line_id(line: str) -> Tuple[bool, Optional[str]]:
     return cancel, json.dumps(data.get("id"), sort_keys=True) if cancel or "id" in data else None
 
 
-class Server:
-    """A warm editor answering request lines in order, on the calling thread, while a thread of its own reads
-    them: a cancel line, `{"op": "cancel", "id": X}`, reaches request X while it waits or runs. A cancel line
-    gets no answer of its own; the request it cancels is answered `cancelled: ...`. A cancel for no waiting
-    or running request is logged and does nothing (it cancels no later request of that id).
-    With `prune_to` (bytes), the editor's LoRA cache is pruned to it after each request served, least
-    recently used first (`fastdrag.cache_usage.prune`): a long-running server's disk does not fill."""
+class RequestReader:
+    """The reading half of a `Server`: a daemon thread takes the request lines in order and marks the
+    requests a cancel line names. It holds no editor: the thread can outlive the server (a client that
+    keeps stdin open) and end as the process exits, and had it dropped the editor's last reference then,
+    freeing a tensor (torch releases the GIL for it) would end the thread through torch's C++ frames and
+    abort the process (`terminate called without an active exception`)."""
 
-    def __init__(self, editor: DragEditor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
-                 progress_json: bool = False, prune_to: Optional[int] = None):
-        self.editor, self.requests, self.answers = editor, requests, answers
-        self.defaults, self.progress_json, self.prune_to = defaults or {}, progress_json, prune_to
-        self.input_ended = threading.Event()  # set once the reader has taken every line (cancels included)
-        self._lines: "queue.Queue[Optional[tuple]]" = queue.Queue()
+    def __init__(self, requests: IO[str]):
+        self.requests = requests
+        self.input_ended = threading.Event()  # set once every line is taken (cancels included)
+        self._lines: "queue.Queue[Optional[Tuple[int, Optional[str], str]]]" = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: Dict[str, Set[int]] = {}  # id (JSON text) -> numbers of its requests not yet answered
         self._cancelled: Set[int] = set()
+
+    def start(self) -> threading.Thread:
+        """Start reading on a thread of its own; return it."""
+        thread = threading.Thread(target=self._read, name="fastdrag-serve-reader", daemon=True)
+        thread.start()
+        return thread
 
     def _read(self) -> None:
         number = 0
@@ -243,29 +247,54 @@ class Server:
             self.input_ended.set()
             self._lines.put(None)
 
+    def next_line(self) -> Optional[Tuple[int, Optional[str], str]]:
+        """The next request's (number, id, line), waiting for it; None once the input has ended."""
+        return self._lines.get()
+
+    def is_cancelled(self, number: int) -> bool:
+        with self._lock:
+            return number in self._cancelled
+
+    def answered(self, number: int, key: Optional[str]) -> None:
+        """Request `number` is answered: a later cancel of its id no longer reaches it."""
+        with self._lock:
+            self._cancelled.discard(number)
+            if key is not None:
+                self._waiting[key].discard(number)
+                if not self._waiting[key]:
+                    del self._waiting[key]
+
+
+class Server:
+    """A warm editor answering request lines in order, on the calling thread, while a `RequestReader`'s
+    thread reads them: a cancel line, `{"op": "cancel", "id": X}`, reaches request X while it waits or runs.
+    A cancel line gets no answer of its own; the request it cancels is answered `cancelled: ...`. A cancel
+    for no waiting or running request is logged and does nothing (it cancels no later request of that id).
+    With `prune_to` (bytes), the editor's LoRA cache is pruned to it after each request served, least
+    recently used first (`fastdrag.cache_usage.prune`): a long-running server's disk does not fill."""
+
+    def __init__(self, editor: DragEditor, requests: IO[str], answers: IO[str], defaults: Optional[Dict[str, Any]] = None,
+                 progress_json: bool = False, prune_to: Optional[int] = None):
+        self.editor, self.answers = editor, answers
+        self.defaults, self.progress_json, self.prune_to = defaults or {}, progress_json, prune_to
+        self.reader = RequestReader(requests)
+        self.input_ended = self.reader.input_ended  # set once the reader has taken every line (cancels included)
+
     def run(self) -> int:
         """Answer every request line until the input ends; return how many were answered with an error."""
-        threading.Thread(target=self._read, name="fastdrag-serve-reader", daemon=True).start()
+        reading = self.reader.start()
         failed = 0
-        while (item := self._lines.get()) is not None:
+        while (item := self.reader.next_line()) is not None:
             number, key, line = item
-
-            def cancelled(number: int = number) -> bool:
-                with self._lock:
-                    return number in self._cancelled
-
-            reply = answer(self.editor, line, self.defaults, self.progress_json, cancelled)
-            with self._lock:
-                self._cancelled.discard(number)
-                if key is not None:
-                    self._waiting[key].discard(number)
-                    if not self._waiting[key]:
-                        del self._waiting[key]
+            reply = answer(self.editor, line, self.defaults, self.progress_json,
+                           functools.partial(self.reader.is_cancelled, number))
+            self.reader.answered(number, key)
             failed += "error" in reply
             self.answers.write(json.dumps(reply) + "\n")
             self.answers.flush()
             if self.prune_to is not None and "error" not in reply:
                 self._prune()
+        reading.join()  # it has put its last line: gone before the caller goes on (or the process exits)
         return failed
 
     def _prune(self) -> None:

@@ -1,9 +1,12 @@
 """`fastdrag serve`: a warm editor answering JSON request lines, each answer the edit `edit` would make."""
+import gc
 import io
 import json
 import queue
 import subprocess
 import sys
+import threading
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -229,6 +232,94 @@ def test_a_cancel_line_stops_its_request_while_it_runs_or_before_it_runs(files, 
     assert sorted(p.name for p in folder.glob("*.png")) == ["in.png", "kept.png", "later.png", "mask.png"]
     assert 'cancel of id "nobody": no request of that id is waiting or running' in caplog.text
     assert "cancel of id 4" in caplog.text
+
+
+class GoneReader(io.StringIO):
+    """Answers whose reader went away: every write is a broken pipe, as on a stdout the client closed."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+class Editor:
+    """Stands for the editor: only whether something still holds it matters."""
+
+
+def readers():
+    return [thread for thread in threading.enumerate() if thread.name == "fastdrag-serve-reader"]
+
+
+def test_the_reader_thread_never_holds_the_editor_and_is_gone_when_the_input_ends():
+    """The reader is a daemon thread that a client keeping stdin open leaves running after the server stops
+    (its answers undeliverable) and when the process exits. Had it held the editor, its end would free the
+    editor's tensors while the interpreter finalizes, which aborts the process (seen in CI, about 1 run in 100)."""
+    from fastdrag.serve import Server
+
+    before = set(readers())
+    feed, editor = Feed(), Editor()
+    feed.send("not json")  # answered with an error, which cannot be delivered; stdin stays open
+    held = weakref.ref(editor)
+    with pytest.raises(BrokenPipeError):
+        Server(editor, feed, GoneReader()).run()
+    del editor
+    gc.collect()
+    running = [thread for thread in readers() if thread not in before]
+    try:
+        assert len(running) == 1 and running[0].is_alive()  # still waiting on the open input
+        assert held() is None, gc.get_referrers(held())
+    finally:
+        feed.close()
+        for thread in running:
+            thread.join(60)
+    assert not any(thread.is_alive() for thread in running)
+
+    feed, answers = Feed(), io.StringIO()
+    feed.send("not json")
+    feed.close()
+    assert Server(Editor(), feed, answers).run() == 1
+    assert set(readers()) <= before  # the input ended: the reader is gone when run() returns
+    assert json.loads(answers.getvalue())["error"].startswith("request is not valid JSON")
+
+
+OUTLIVING_READER = """
+import atexit, queue, sys
+import torch
+from fastdrag.serve import Server
+
+class Feed:
+    def __init__(self):
+        self.lines = queue.Queue()
+    def readline(self):
+        return self.lines.get()
+
+class Gone:
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+class Editor:
+    def __init__(self):
+        self.tensors = [torch.rand(1) for _ in range(20000)]
+
+feed = Feed()
+feed.lines.put("not json\\n")
+try:
+    Server(Editor(), feed, Gone()).run()
+except BrokenPipeError:
+    pass
+atexit.register(feed.lines.put, "")  # the input ends as the interpreter finalizes: the reader ends then
+sys.exit(1)
+"""
+
+
+def test_a_process_exits_cleanly_when_its_reader_ends_as_the_interpreter_finalizes(tmp_path):
+    """What CI saw, made certain: `fastdrag serve` stopped for a broken pipe and the reader thread ended as
+    the process exited. A reader holding the editor freed its tensors then and the process aborted
+    (`terminate called without an active exception`, exit -6) instead of exiting 1."""
+    script = tmp_path / "outliving_reader.py"
+    script.write_text(OUTLIVING_READER)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "terminate" not in done.stderr
 
 
 def test_a_cancelled_edit_of_the_real_editor_keeps_nothing(editor, files, fast):
