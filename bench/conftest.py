@@ -1,8 +1,19 @@
 """Options of the benchmark suites: `pytest bench/ --benchmark-only [--device cuda] [--dtype fp16]
 [--model sd15|sd21] [--size 512] [--fused-unet-kernels]`."""
 
+import argparse
+
 import pytest
 import torch
+
+
+def image_side(text: str) -> int:
+    """--size: an image side in px, at least 64 (the editor works at a multiple of 64, at least 64: a smaller
+    image would be timed at 64 px)."""
+    side = int(text)
+    if side < 64:
+        raise argparse.ArgumentTypeError(f"the image side must be at least 64 px, got {side}")
+    return side
 
 
 def pytest_addoption(parser):
@@ -13,7 +24,7 @@ def pytest_addoption(parser):
     group.addoption("--model", default="tiny", choices=("tiny", "sd15", "sd21"),
                     help="tiny, sd15: the SD 1.5 architecture with random weights (no download), or sd21: SD 2.1's "
                          "(768 px, v-prediction)")
-    group.addoption("--size", type=int, default=None,
+    group.addoption("--size", type=image_side, default=None,
                     help="image side in pixels (default: 64 for tiny, 512 for sd15, 768 for sd21)")
     group.addoption("--fused-unet-kernels", action="store_true",
                     help="the stage benchmarks' UNet with its GroupNorm + SiLU and GEGLU as Triton kernels (fastdrag.fused_blocks)")

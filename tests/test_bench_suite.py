@@ -18,3 +18,14 @@ def test_benchmarks_run_untimed_under_benchmark_disable():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", run.stdout)
     assert passed and int(passed.group(1)) >= 4, run.stdout[-2000:]
+
+
+def test_an_image_side_the_editor_cannot_work_at_is_a_usage_error():
+    """`--size 0` ran at the model's own size, a negative one failed in the stage benchmarks' setup, and one
+    under 64 px was worked at 64 px (the least working size): each is now refused before anything runs."""
+    for side in ("0", "63"):
+        run = subprocess.run([sys.executable, "-m", "pytest", "bench/test_stages.py", "--benchmark-disable",
+                              "-p", "no:cacheprovider", "--size", side], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 4, run.stdout[-2000:]  # pytest's usage error
+        assert f"argument --size: the image side must be at least 64 px, got {side}" in run.stderr
