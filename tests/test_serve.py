@@ -252,7 +252,7 @@ def readers():
 def test_the_reader_thread_never_holds_the_editor_and_is_gone_when_the_input_ends():
     """The reader is a daemon thread that a client keeping stdin open leaves running after the server stops
     (its answers undeliverable) and when the process exits. Had it held the editor, its end would free the
-    editor's tensors while the interpreter finalizes, which aborts the process (seen in CI, about 1 run in 100)."""
+    editor's tensors while the interpreter finalizes, which aborts the process (seen in CI)."""
     from fastdrag.serve import Server
 
     before = set(readers())
