@@ -278,7 +278,6 @@ class Server:
         self.editor, self.answers = editor, answers
         self.defaults, self.progress_json, self.prune_to = defaults or {}, progress_json, prune_to
         self.reader = RequestReader(requests)
-        self.input_ended = self.reader.input_ended  # set once the reader has taken every line (cancels included)
 
     def run(self) -> int:
         """Answer every request line until the input ends; return how many were answered with an error."""

@@ -201,7 +201,7 @@ class Blocking:
         if len(self.ran) == 1:
             self.feed.send(*self.rest)
             self.feed.close()
-        assert self.server.input_ended.wait(60)
+        assert self.server.reader.input_ended.wait(60)
         for done in range(3):
             on_step("lora", done, 3)
         return SimpleNamespace(image=Image.new("RGB", (8, 8)), handles=[(1.0, 2.0)], targets=[(3.0, 4.0)],
