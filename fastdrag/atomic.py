@@ -76,7 +76,10 @@ def replace_path(staged: Union[str, Path], path: Union[str, Path]) -> None:
     aside = None
     if path.exists() or path.is_symlink():
         aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-        os.replace(path, aside)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # removed meanwhile (another process pruning a shared cache)
+            aside = None
     try:
         os.replace(staged, path)
     except BaseException:

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from .errors import InputError
 
@@ -38,54 +38,84 @@ def touch(path: Path) -> None:
 
 
 def _folder_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    size = 0
+    for path in folder.rglob("*"):
+        try:
+            size += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:  # gone since it was listed
+            pass
+    return size
 
 
-def entries(directory: Path) -> List[CacheEntry]:
-    """Every removable item of the cache at `directory`, least recently used first."""
-    directory = Path(directory)
-    found: List[CacheEntry] = []
-    now = time.time()
+def _listed(directory: Path) -> List[Path]:
+    """What the cache folder holds now: adapters, hidden (partial) files, and exports."""
     candidates = list(directory.glob("*.safetensors")) + list(directory.glob(".*"))
     exports = directory / "exports"
     if exports.is_dir():
         candidates += list(exports.iterdir())
-    for path in candidates:
-        stat = path.stat()
-        if path.name.startswith("."):
-            if now - stat.st_mtime < PARTIAL_AGE_S:
-                continue  # possibly being written by another process
-            kind = "partial"
-        else:
-            kind = "lora" if path.suffix == ".safetensors" else "export"
-        if kind == "export" and (path / "manifest.json").is_file():
-            stat = (path / "manifest.json").stat()  # renewed each time an edit uses the export
-        size = _folder_size(path) if path.is_dir() else stat.st_size
-        found.append(CacheEntry(path, kind, size, stat.st_mtime))
+    return candidates
+
+
+def _entry(path: Path, now: float) -> Optional[CacheEntry]:
+    """`path` as a removable entry; None for a partial write young enough to be still going on."""
+    stat = path.stat()
+    if path.name.startswith("."):
+        if now - stat.st_mtime < PARTIAL_AGE_S:
+            return None  # possibly being written by another process
+        kind = "partial"
+    else:
+        kind = "lora" if path.suffix == ".safetensors" else "export"
+    if kind == "export" and (path / "manifest.json").is_file():
+        stat = (path / "manifest.json").stat()  # renewed each time an edit uses the export
+    size = _folder_size(path) if path.is_dir() else stat.st_size
+    return CacheEntry(path, kind, size, stat.st_mtime)
+
+
+def entries(directory: Path) -> List[CacheEntry]:
+    """Every removable item of the cache at `directory`, least recently used first.
+
+    Other processes may share the cache (a server per GPU): an item they move into place or remove
+    between the listing and its reading is left out, not an error.
+    """
+    found: List[CacheEntry] = []
+    now = time.time()
+    for path in _listed(Path(directory)):
+        try:
+            entry = _entry(path, now)
+        except FileNotFoundError:
+            continue
+        if entry is not None:
+            found.append(entry)
     return sorted(found, key=lambda entry: entry.last_used)
 
 
-def remove(entry: CacheEntry) -> None:
-    """Delete one entry; a folder is first renamed away, so no reader sees it half deleted."""
-    if entry.path.is_dir():
-        doomed = entry.path.with_name(f".{entry.path.name}.deleting-{os.getpid()}")
-        os.replace(entry.path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    else:
-        entry.path.unlink(missing_ok=True)
+def remove(entry: CacheEntry) -> bool:
+    """Delete one entry; a folder is first renamed away, so no reader sees it half deleted. False when
+    it was already gone (another process sharing the cache removed it first)."""
+    try:
+        if entry.path.is_dir():
+            doomed = entry.path.with_name(f".{entry.path.name}.deleting-{os.getpid()}")
+            os.replace(entry.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            entry.path.unlink()
+    except (FileNotFoundError, IsADirectoryError):  # gone, or gone and another process's new export put there
+        return False
+    return True
 
 
 def prune(directory: Path, max_bytes: int) -> List[CacheEntry]:
-    """Remove the least recently used entries until the cache holds at most `max_bytes`; returns them."""
+    """Remove the least recently used entries until the cache holds at most `max_bytes`; returns the
+    ones this call removed (an entry another process removed meanwhile counts as freed, not as removed)."""
     remaining = entries(directory)
     total = sum(entry.size for entry in remaining)
     removed: List[CacheEntry] = []
     for entry in remaining:
         if total <= max_bytes:
             break
-        remove(entry)
+        if remove(entry):
+            removed.append(entry)
         total -= entry.size
-        removed.append(entry)
     return removed
 
 

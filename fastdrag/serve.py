@@ -297,9 +297,14 @@ class Server:
         return failed
 
     def _prune(self) -> None:
+        """Prune the LoRA cache; a prune that fails (a file it may not remove) is logged, and serving goes on."""
         from .cache_usage import human, prune
 
-        removed = prune(self.editor.cache.directory, self.prune_to)
+        try:
+            removed = prune(self.editor.cache.directory, self.prune_to)
+        except OSError as exc:
+            logger.warning("pruning the LoRA cache at %s failed: %s", self.editor.cache.directory, exc)
+            return
         if removed:
             logger.info("LoRA cache pruned to %s: removed %d (%s), least recently used first", human(self.prune_to),
                         len(removed), human(sum(entry.size for entry in removed)))

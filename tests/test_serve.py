@@ -163,6 +163,32 @@ def test_a_pruning_server_keeps_its_lora_cache_to_its_size_least_recently_used_f
     assert list((folder / "lora").iterdir()) == [editor.cache.path(key)]  # and then pushed the second one's out
 
 
+class Answering:
+    """An editor whose edits all succeed at once, with a LoRA cache folder."""
+
+    def __init__(self, cache_dir):
+        self.cache = SimpleNamespace(directory=cache_dir)
+
+    def edit(self, image, prompt, points, mask=None, on_step=None, **settings):
+        return SimpleNamespace(image=Image.new("RGB", (8, 8)), handles=[(1.0, 2.0)], targets=[(3.0, 4.0)],
+                               drag_steps=1, lora_cached=True, timings={"total": 0.1})
+
+
+def test_a_prune_that_fails_is_logged_and_serving_goes_on(files, monkeypatch, caplog):
+    import fastdrag.cache_usage
+
+    def refused(directory, max_bytes):
+        raise PermissionError(13, "Permission denied", str(directory / "old.safetensors"))
+
+    monkeypatch.setattr(fastdrag.cache_usage, "prune", refused)
+    folder, request = files
+    requests = [{**request, "id": n, "output": str(folder / f"{n}.png")} for n in range(2)]
+    with caplog.at_level("WARNING", logger="fastdrag.serve"):
+        answers, failed = run(Answering(folder / "lora"), requests, prune_to=1000)
+    assert failed == 0 and [a["id"] for a in answers] == [0, 1]
+    assert caplog.text.count(f"pruning the LoRA cache at {folder / 'lora'} failed: [Errno 13] Permission denied") == 2
+
+
 def test_the_command_refuses_a_cache_size_it_cannot_read_before_loading_the_model(capsys):
     from fastdrag.cli import main
 
