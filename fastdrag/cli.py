@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .config import EditConfig, field_names
 from . import __version__
@@ -527,15 +530,41 @@ COMMANDS = {"edit": cmd_edit, "serve": cmd_serve, "demo": cmd_demo, "lora": cmd_
             "cache": cmd_cache, "toy": cmd_toy, "info": cmd_info}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a service manager (systemd, Docker, Kubernetes) stops a process: it unwinds as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a command runs, SIGTERM raises `Terminated` in it instead of killing the process outright, so
+    the stopped edit keeps nothing, and outputs and staged exports are removed, not left half-written."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return COMMANDS[args.command](args)
+        with _sigterm_unwinds():
+            return COMMANDS[args.command](args)
     except FastDragError as exc:
         print(f"fastdrag: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:  # one line, the shell's status for SIGTERM; every output written whole or not at all
+        print("fastdrag: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every output file is written whole or not at all
         print("fastdrag: interrupted", file=sys.stderr)
         return 130

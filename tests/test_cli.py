@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -53,21 +55,54 @@ def test_edit_end_to_end(tmp_path, image_file, picture, capsys):
     assert not list(tmp_path.glob(".out.png*"))  # no temporary files left behind
 
 
-def test_ctrl_c_during_an_edit_exits_130_with_one_line_and_writes_nothing(tmp_path, image_file, picture, capsys,
-                                                                          monkeypatch):
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # as a service manager (systemd, Docker, Kubernetes) stops a process
+
+
+@pytest.mark.parametrize("stop, code, line", [(_ctrl_c, 130, "fastdrag: interrupted"), (_sigterm, 143, "fastdrag: terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stop_during_an_edit_exits_with_one_line_and_writes_nothing(tmp_path, image_file, picture, capsys, monkeypatch,
+                                                                      request, stop, code, line):
     from fastdrag import drag
 
-    def interrupted(self, index):
-        raise KeyboardInterrupt
+    monkeypatch.setattr(drag.DragLoop, "step", lambda self, index: stop())  # a stop during the drag
 
-    monkeypatch.setattr(drag.DragLoop, "step", interrupted)  # as if Ctrl-C came during the drag
-    output = tmp_path / "out.png"
+    def ignored(signum, frame):  # the test process's own, meanwhile: a command that sets none must not kill pytest
+        pass
+
+    handler = signal.signal(signal.SIGTERM, ignored)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, handler))
     (h, t), = picture.points
-    code = main(["edit", str(image_file), "--prompt", picture.prompt, "--drag", f"{h[0]},{h[1]}:{t[0]},{t[1]}",
-                 "--output", str(output), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS)
-    assert code == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["fastdrag: interrupted"]
+    assert main(["edit", str(image_file), "--prompt", picture.prompt, "--drag", f"{h[0]},{h[1]}:{t[0]},{t[1]}",
+                 "--output", str(tmp_path / "out.png"), "--cache-dir", str(tmp_path / "c")] + FAST_ARGS) == code
+    assert capsys.readouterr().err.strip().splitlines() == [line]
     assert not list(tmp_path.glob("*out.png*"))
+    assert signal.getsignal(signal.SIGTERM) is ignored  # the command's handler is gone with it
+
+
+def test_sigterm_during_an_export_leaves_no_staged_graphs(tmp_path, image_file):
+    """A stopped export removes its staging folder (gigabytes at SD 1.5) instead of leaving it beside the output."""
+    command = [sys.executable, "-m", "fastdrag", "export", str(image_file), "--prompt", "x", "--model", "tiny",
+               "--output", str(tmp_path / "exported"), "--cache-dir", str(tmp_path / "c"), "--lora-steps", "1",
+               "--progress-json"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stderr:  # the first graph is written: the staging folder holds it
+            if line.startswith("{") and json.loads(line) == {"stage": "export", "done": 1, "total": 4}:
+                break
+        staged = [p.name for p in tmp_path.glob(".exported.*")]
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=60) == 143
+    finally:
+        process.kill()
+    assert len(staged) == 1
+    assert rest.strip().splitlines()[-1] == "fastdrag: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "in.png"]  # no output, nothing staged
 
 
 def test_points_file_and_its_errors(tmp_path, image_file, capsys):
