@@ -204,9 +204,10 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
         if drag_points:
             data["drag"] = drag_protocol(config.drag, drag_points, sup_res, schedule.drag_timestep)
         if fmt == "tensorrt":
-            from .tensorrt import BuildSettings, build_engine
+            from .tensorrt import BuildSettings, build_engine, plan_target
 
             data["engines"] = {}
+            built_for = plan_target()  # an engine loads only on this TensorRT version and kind of GPU
             names = [name for name in artifacts if name != "text_embedding"]
             for index in as_progress(progress).steps("engines", len(names)):
                 name = names[index]
@@ -215,7 +216,7 @@ def export_loaded(components, lora_key: str, lora_config, image_size, text_embed
                 build_started = time.perf_counter()
                 build_engine(staging / f"{name}.onnx", staging / f"{name}.plan", settings)
                 data["engines"][name] = {"file": f"{name}.plan", "flags": settings.flags(),
-                                         "build_seconds": round(time.perf_counter() - build_started, 2)}
+                                         "build_seconds": round(time.perf_counter() - build_started, 2), **built_for}
         data["export_seconds"] = round(time.perf_counter() - started, 2)
         save_manifest(staging, data)
         replace_path(staging, output)

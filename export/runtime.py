@@ -194,13 +194,16 @@ class TensorRTDenoiser(_GraphDenoiser):
         `fastdrag.export.refit`), refitted into the loaded engine; the engine files keep their own weights.
         Raises `TensorRTRefitError` where an engine will not take them."""
         from .refit import initializer_arrays
-        from .tensorrt import Engine
+        from .tensorrt import Engine, check_plan_target
 
         super().__init__(manifest)
         engines = manifest.data.get("engines", {})
         missing = [name for name in self.graph_names if name not in engines]
         if missing:
             raise ConfigError(f"{manifest.folder} has no TensorRT engines for {', '.join(missing)}: export with --format tensorrt")
+        for name in self.graph_names:
+            if "tensorrt_version" in engines[name]:  # (older exports do not record what their engines were built for)
+                check_plan_target(engines[name], str(manifest.folder))
         self.engines: Dict[str, Engine] = {name: Engine(manifest.folder / engines[name]["file"]) for name in self.graph_names}
         for name, arrays in (refit or {}).items():
             graph = manifest.path(name)

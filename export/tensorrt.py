@@ -26,6 +26,41 @@ class TensorRTRefitError(FastDragError):
     """An engine would not take the weights it was given (not refittable, or built in a way that needs others)."""
 
 
+class TensorRTEngineMismatch(FastDragError):
+    """An engine built by another TensorRT version or for another kind of GPU: TensorRT cannot load it here."""
+
+
+PLAN_TARGET_FIELDS = ("tensorrt_version", "compute_capability", "device")
+
+
+def plan_target() -> Dict[str, str]:
+    """What an engine built here is tied to: the TensorRT version and the GPU's compute capability (an
+    engine loads only where both are the same; `device`, the GPU's name, is for the reader)."""
+    trt = require_tensorrt()
+    major, minor = torch.cuda.get_device_capability()
+    return {"tensorrt_version": str(trt.__version__), "compute_capability": f"{major}.{minor}",
+            "device": torch.cuda.get_device_name()}
+
+
+def plan_key(target: Dict[str, str]) -> str:
+    """A name part that tells engines of one TensorRT version and compute capability from others'."""
+    return f"trt{target['tensorrt_version']}-sm{target['compute_capability'].replace('.', '')}"
+
+
+def _described(target: Dict[str, str]) -> str:
+    return f"TensorRT {target['tensorrt_version']} for compute capability {target['compute_capability']} ({target['device']})"
+
+
+def check_plan_target(built_for: Dict[str, str], where: str) -> None:
+    """Refuse engines recorded as built for another TensorRT version or compute capability than this one's,
+    naming both, before TensorRT is asked to load them."""
+    here = plan_target()
+    if any(built_for.get(field) != here[field] for field in ("tensorrt_version", "compute_capability")):
+        raise TensorRTEngineMismatch(f"the TensorRT engines in {where} were built by {_described(built_for)}; this is "
+                                     f"{_described(here)}, and an engine loads only on the TensorRT version and the "
+                                     f"kind of GPU that built it: export them again here (--format tensorrt)")
+
+
 def require_tensorrt() -> Any:
     """The `tensorrt` module; TensorRTUnavailable, saying what is missing, without it or a CUDA GPU."""
     try:
@@ -87,6 +122,10 @@ class Engine:
         self.trt: Any = trt
         self.logger: Any = trt.Logger(trt.Logger.WARNING)
         self.engine: Any = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:  # TensorRT logs why; its usual reason is a plan from another version or GPU
+            raise TensorRTEngineMismatch(f"TensorRT {trt.__version__} could not load the engine {engine_path} on "
+                                         f"{torch.cuda.get_device_name()}: an engine loads only on the TensorRT version "
+                                         f"and the kind of GPU that built it (TensorRT's log above says more)")
         self.context: Any = self.engine.create_execution_context()
         self.inputs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}  # name -> (shape, dtype)
         self.outputs: Dict[str, torch.Tensor] = {}  # name -> the buffer each run writes

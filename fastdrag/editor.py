@@ -679,6 +679,10 @@ class DragEditor:
         settings = f"{width}x{height}-L{config.denoise.start_layer}-{fmt}-{'fp16' if fp16 else 'fp32'}"
         if config.keep_source_kv:  # the reference graph with the keys and values as outputs, and the kept graph
             settings += "-kv"
+        if fmt == "tensorrt":  # engines load only on the TensorRT version and kind of GPU that built them
+            from .export.tensorrt import plan_key, plan_target
+
+            settings += f"-{plan_key(plan_target())}"
         own = self.cache.directory / "exports" / f"{prepared.lora_key}-{settings}"
         shared = hashlib.sha256(json.dumps([self.components.identity, sorted(config.lora.lora_targets)]).encode())
         folder = self.cache.directory / "exports" / f"shared-{shared.hexdigest()[:16]}-{settings}"

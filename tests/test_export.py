@@ -483,17 +483,12 @@ class _FakeEngine:
         self.refitted = arrays
 
 
-def test_the_tensorrt_backend_refits_one_export_for_a_new_image_or_gives_it_its_own(tiny, tmp_path, monkeypatch,
-                                                                                     caplog):
-    """With TensorRT, as with ONNX Runtime, a new image's LoRA runs on the first image's export: its merged
-    weights are refitted into the loaded engines (no export, no engine build), and its edit is PyTorch's.
-    Where the engines refuse the refit, the image gets an export and engines of its own, with a warning,
-    and a later editor finds that export first. No TensorRT here: `_FakeEngine` stands in for the engines
-    (`test_tensorrt_build_run_and_refit` refits a real one where TensorRT and a GPU are)."""
-    from fastdrag import DragEditor, backends
+@pytest.fixture()
+def stand_in_tensorrt(monkeypatch):
+    """TensorRT as the backend sees it, with `_FakeEngine`s for engines, built on an H100 by TensorRT 10.7.0
+    (`plan_target`); returns the list of the graphs engines were built from, in order."""
+    from fastdrag import backends
     from fastdrag.backends import BackendStatus
-    from fastdrag.demo import demo_case
-    from fastdrag.denoiser import TorchDenoiser
     from fastdrag.export import tensorrt
 
     builds = []
@@ -505,9 +500,32 @@ def test_the_tensorrt_backend_refits_one_export_for_a_new_image_or_gives_it_its_
 
     monkeypatch.setattr(backends, "tensorrt_status", lambda: BackendStatus("tensorrt", "fake", True, "fake engines"))
     monkeypatch.setattr(tensorrt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt, "plan_target", lambda: dict(H100))
     monkeypatch.setattr(tensorrt, "build_engine", build_engine)
     monkeypatch.setattr(tensorrt, "Engine", _FakeEngine)
     monkeypatch.setattr(_FakeEngine, "loaded", [])
+    return builds
+
+
+H100 = {"tensorrt_version": "10.7.0", "compute_capability": "9.0", "device": "NVIDIA H100 80GB HBM3"}
+
+
+def test_the_tensorrt_backend_refits_one_export_for_a_new_image_or_gives_it_its_own(tiny, tmp_path, stand_in_tensorrt,
+                                                                                     monkeypatch, caplog):
+    """With TensorRT, as with ONNX Runtime, a new image's LoRA runs on the first image's export: its merged
+    weights are refitted into the loaded engines (no export, no engine build), and its edit is PyTorch's.
+    Where the engines refuse the refit, the image gets an export and engines of its own, with a warning,
+    and a later editor finds that export first. An editor on another kind of GPU (or TensorRT) builds its own.
+    No TensorRT here: `_FakeEngine` stands in for the engines (`test_tensorrt_build_run_and_refit` refits a
+    real one where TensorRT and a GPU are)."""
+    from fastdrag import DragEditor
+    from fastdrag.demo import demo_case
+    from fastdrag.denoiser import TorchDenoiser
+    from fastdrag.export import load_manifest, tensorrt
+    from fastdrag.export.manifest import schema_problems
+    from fastdrag.export.runtime import load_denoiser
+
+    builds = stand_in_tensorrt
     editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "cache", progress=False)
     case = demo_case()
     settings = dict(mask=case.mask, backend="tensorrt", **FAST)
@@ -548,6 +566,59 @@ def test_the_tensorrt_backend_refits_one_export_for_a_new_image_or_gives_it_its_
     assert len(builds) == 4 and len(_FakeEngine.loaded) == loaded + 2  # its own engines: no refit tried
     assert "refitted" not in caplog.text
     np.testing.assert_array_equal(np.asarray(again.image), np.asarray(third.image))
+
+    # an engine loads only on the TensorRT version and the kind of GPU that built it: the manifest records
+    # them, an editor on another kind of GPU sharing the cache builds engines of its own, and loading the
+    # first's there is refused, naming both
+    manifest = load_manifest(export)
+    assert export.name.endswith("-tensorrt-fp32-trt10.7.0-sm90")
+    for name in ("unet_inversion", "unet_reference"):
+        assert manifest.data["engines"][name] == {"file": f"{name}.plan", "flags": ["FP16", "REFIT"], **H100,
+                                                  "build_seconds": manifest.data["engines"][name]["build_seconds"]}
+    assert schema_problems(manifest.data) == []
+    a100 = {"tensorrt_version": "10.7.0", "compute_capability": "8.0", "device": "NVIDIA A100-SXM4-80GB"}
+    monkeypatch.setattr(tensorrt, "plan_target", lambda: dict(a100))
+    DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "cache", progress=False).preload(
+        case.image, case.prompt, seed=1, backend="tensorrt", **FAST)  # its inversion runs on the engines
+    assert len(builds) == 6
+    assert (export.parent / export.name.replace("-sm90", "-sm80")).is_dir()
+    with pytest.raises(tensorrt.TensorRTEngineMismatch,
+                       match=r"engines in .* were built by TensorRT 10.7.0 for compute capability 9.0 \(NVIDIA H100 80GB "
+                             r"HBM3\); this is TensorRT 10.7.0 for compute capability 8.0 \(NVIDIA A100-SXM4-80GB\), and an "
+                             r"engine loads only on the TensorRT version and the kind of GPU that built it"):
+        load_denoiser("tensorrt", manifest)
+    monkeypatch.setattr(tensorrt, "plan_target", lambda: {**H100, "tensorrt_version": "10.8.1"})  # an upgrade
+    with pytest.raises(tensorrt.TensorRTEngineMismatch, match=r"this is TensorRT 10.8.1 for compute capability 9.0"):
+        load_denoiser("tensorrt", manifest)
+
+
+def test_an_engine_tensorrt_cannot_load_is_refused_naming_the_file_and_the_usual_reason(tmp_path, monkeypatch):
+    """TensorRT answers a plan of another version or GPU kind with None (and a log line), not an exception."""
+    from fastdrag.export import tensorrt
+
+    class Refusing:
+        __version__ = "10.8.1"
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                pass
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, plan):
+                return None
+
+    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda: Refusing)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    (tmp_path / "unet_inversion.plan").write_bytes(b"a plan of TensorRT 10.7.0")
+    with pytest.raises(tensorrt.TensorRTEngineMismatch,
+                       match=r"TensorRT 10.8.1 could not load the engine .*unet_inversion.plan on NVIDIA H100 80GB HBM3: "
+                             r"an engine loads only on the TensorRT version and the kind of GPU that built it"):
+        tensorrt.Engine(tmp_path / "unet_inversion.plan")
 
 
 def initializer_value(path, name):
