@@ -28,6 +28,7 @@ from .denoise import denoise_edited, denoise_pair
 from .denoiser import TorchDenoiser
 from .drag import DragLoop
 from .errors import ConfigError, InputError
+from .file_lock import held
 from .frozen_conv import install_frozen_conv
 from .lean_blocks import install_lean_blocks
 from .inputs import (EditInputs, ImageLike, Points, load_image, prepare_inputs, size_advice, sup_to_image,
@@ -720,14 +721,16 @@ class DragEditor:
         from .export.pipeline import export_loaded
 
         width, height = prepared.inputs.working_size
-        if (folder / "manifest.json").is_file():
-            manifest = load_manifest(folder)
-        else:
-            logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
-            # the UNet graphs alone: the backend replaces the denoiser, the VAE stays PyTorch's
-            manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
-                                     prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True,
-                                     progress=self._progress(), vae_graphs=False)
+        if not (folder / "manifest.json").is_file():
+            # one process exports it; others sharing the cache (a server per GPU) wait, then load that export
+            with held(folder.with_name(f".{folder.name}.lock"), f"export to {folder}"):
+                if not (folder / "manifest.json").is_file():
+                    logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
+                    # the UNet graphs alone: the backend replaces the denoiser, the VAE stays PyTorch's
+                    export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
+                                  prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True,
+                                  progress=self._progress(), vae_graphs=False)
+        manifest = load_manifest(folder)
         manifest.check_size(width, height)
         return manifest
 

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -619,6 +621,27 @@ def test_an_engine_tensorrt_cannot_load_is_refused_naming_the_file_and_the_usual
                        match=r"TensorRT 10.8.1 could not load the engine .*unet_inversion.plan on NVIDIA H100 80GB HBM3: "
                              r"an engine loads only on the TensorRT version and the kind of GPU that built it"):
         tensorrt.Engine(tmp_path / "unet_inversion.plan")
+
+
+def test_processes_sharing_a_cache_export_the_graphs_once(tmp_path, picture):
+    """Servers on two GPUs that share one cache start together: one exports the graphs (with TensorRT, minutes
+    of engine builds), and the other waits for that export and loads it instead of making its own."""
+    picture.image.save(tmp_path / "in.png")
+    (handle, target), = picture.points
+
+    def edit(output):
+        return subprocess.Popen(
+            [sys.executable, "-m", "fastdrag", "edit", str(tmp_path / "in.png"), "--prompt", picture.prompt, "--drag",
+             f"{handle[0]},{handle[1]}:{target[0]},{target[1]}", "--output", str(tmp_path / output), "--backend",
+             "onnxruntime", "--cache-dir", str(tmp_path / "cache"), "--lora-steps", "2", "--num-inference-steps", "10",
+             "--drag-steps", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    processes = [edit("one.png"), edit("two.png")]
+    logs = [process.communicate(timeout=600)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], logs
+    assert sum(log.count("exporting the denoiser for backend onnxruntime") for log in logs) == 1, logs
+    assert len(list((tmp_path / "cache" / "exports").glob("shared-*"))) == 1
+    assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
 
 
 def initializer_value(path, name):
