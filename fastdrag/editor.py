@@ -169,6 +169,7 @@ class DragEditor:
     synchronising calls in the others).
     """
 
+    EXPORT_WAIT_S = 1800  # how long an edit waits for another process's export to the same folder (engine builds)
     EXPORTED_DENOISERS_KEPT = 2  # ONNX Runtime sessions or TensorRT engines, one per LoRA: each holds a UNet
     PROMPTS_KEPT = 8  # text embeddings of the most recent prompts (118 KB each at SD 1.5 in fp16)
     # inverted latents z_t of the most recent images (64 KB each at 512 px): a server whose users take
@@ -723,7 +724,7 @@ class DragEditor:
         width, height = prepared.inputs.working_size
         if not (folder / "manifest.json").is_file():
             # one process exports it; others sharing the cache (a server per GPU) wait, then load that export
-            with held(folder.with_name(f".{folder.name}.lock"), f"export to {folder}"):
+            with held(folder.with_name(f".{folder.name}.lock"), f"export to {folder}", self.EXPORT_WAIT_S):
                 if not (folder / "manifest.json").is_file():
                     logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
                     # the UNet graphs alone: the backend replaces the denoiser, the VAE stays PyTorch's
