@@ -420,3 +420,22 @@ def test_the_command_stops_with_one_line_when_its_answers_cannot_be_delivered(fi
     _, err = server.communicate("not json\n", timeout=300)
     assert server.returncode == 1, err
     assert err.strip().splitlines() == ["fastdrag: error: the reader of the answers (stdout) went away; stopped serving"]
+
+
+def test_a_waiting_server_stops_on_sigterm_with_one_line(files):
+    """A service manager stops an idle server (waiting for its next request) with SIGTERM: exit 143, one line."""
+    import signal
+
+    folder, _ = files
+    server = subprocess.Popen([sys.executable, "-m", "fastdrag", "serve", "--model", "tiny", "--quiet",
+                               "--cache-dir", str(folder / "c")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        server.stdin.write('{"op": "release"}\n')
+        server.stdin.flush()
+        assert json.loads(server.stdout.readline()) == {"released": True}  # serving, and now waiting
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 143
+    finally:
+        server.kill()
+    assert server.stderr.read().strip().splitlines() == ["fastdrag: terminated"]
