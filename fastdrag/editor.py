@@ -170,6 +170,7 @@ class DragEditor:
     """
 
     EXPORT_WAIT_S = 1800  # how long an edit waits for another process's export to the same folder (engine builds)
+    LORA_WAIT_S = 600  # how long it waits for another process's training of the same LoRA
     EXPORTED_DENOISERS_KEPT = 2  # ONNX Runtime sessions or TensorRT engines, one per LoRA: each holds a UNet
     PROMPTS_KEPT = 8  # text embeddings of the most recent prompts (118 KB each at SD 1.5 in fp16)
     # inverted latents z_t of the most recent images (64 KB each at 512 px): a server whose users take
@@ -502,13 +503,30 @@ class DragEditor:
             return key, True
         self._forget_adapter()
         install_adapter(c.unet, config.lora, config.seed)  # in place unless its rank or targets change
-        state = self.cache.load(key)
-        if state is not None:
-            load_adapter_state(c.unet, state)
-            self._check_weight_storage()
-            logger.info("LoRA loaded from the cache (%s)", self.cache.path(key))
-            self._loaded_key = key
+        if self._load_cached_adapter(key):
             return key, True
+        # one process trains it; another sharing the cache (a server per GPU) waits, then loads that adapter
+        with held(self.cache.directory / f".{key}.lock", f"training of the LoRA {key}", self.LORA_WAIT_S):
+            if self._load_cached_adapter(key):
+                return key, True
+            self._train_adapter(key, image, prompt, text, posterior, config)
+        return key, False
+
+    def _load_cached_adapter(self, key: str) -> bool:
+        """Load the adapter cached under `key` into the UNet; whether there was one."""
+        state = self.cache.load(key)
+        if state is None:
+            return False
+        load_adapter_state(self.components.unet, state)
+        self._check_weight_storage()
+        logger.info("LoRA loaded from the cache (%s)", self.cache.path(key))
+        self._loaded_key = key
+        return True
+
+    def _train_adapter(self, key: str, image: Image.Image, prompt: str, text: torch.Tensor,
+                    posterior: Callable[[], object], config: EditConfig) -> None:
+        """Train the image's adapter into the UNet (installed and initialised) and cache it under `key`."""
+        c = self.components
         self._check_weight_storage()  # before training: stale graphs' memory is not held through it
         self._forget_inversions(lambda kept: kept[0] == key)  # inverted with this key's adapter of before
         graphed = config.cuda_graphs and config.cuda_graph_lora and self.device.type == "cuda"
@@ -540,7 +558,6 @@ class DragEditor:
             logger.warning("the LoRA could not be cached in %s (%s); this edit goes on, and the next edit "
                            "of this image trains it again", self.cache.directory, exc)
         self._loaded_key = key
-        return key, False
 
     def _out_of_memory(self, error: torch.OutOfMemoryError, stage: str, size: Optional[Tuple[int, int]],
                        config: Optional[EditConfig] = None) -> torch.OutOfMemoryError:

@@ -40,20 +40,30 @@ def _wait_for(lock_file, what: str, wait_s: float) -> bool:
 def held(path: Path, what: str, wait_s: float) -> Iterator[None]:
     """Hold an exclusive lock on `path` (made if missing) for the block. A process that asks for it while
     another holds it logs that it waits for `what`, and waits, at most `wait_s` seconds: then it warns and
-    runs the block without the lock (the holder may hang; one that dies lets go of it). Where POSIX `flock`
-    is missing (Windows), the block runs without it."""
+    runs the block without the lock (the holder may hang; one that dies lets go of it). The holder removes
+    the file as it lets go, so none is left behind; a process that comes after that, while one that waited
+    on the old file holds it, may overlap that one's block: the lock saves repeated work, and correctness
+    never depends on it. Where
+    the file cannot be made (a read-only folder) or POSIX `flock` is missing (Windows), the block runs
+    without it."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock_file:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(path, "a")
+    except OSError as exc:  # a read-only cache: nothing to share, and nothing to lock
+        logger.debug("no lock for the %s (%s)", what, exc)
+        yield
+        return
+    with lock_file:
         locked = _wait_for(lock_file, what, wait_s)
-        if locked:
-            os.utime(path)  # in use: pruning the cache passes over a young hidden file
         try:
             yield
         finally:
-            if locked:
+            if locked:  # the file goes with the lock: a process that waited on it takes the lock on it all the same
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
                 fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -28,6 +28,15 @@ def test_a_second_holder_waits_until_the_first_lets_go(tmp_path, caplog):
     assert order == ["first let go", "second holds"]
     assert "waiting for another process's export to cache/exports/x" in caplog.text
     assert "not waiting" not in caplog.text
+    assert not path.exists()  # removed as the lock is let go: none is left behind
+
+
+def test_a_folder_where_no_lock_can_be_made_runs_the_block_unlocked(tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    ran = []
+    with held(tmp_path / "cache" / ".key.lock", "training", 60):
+        ran.append(True)
+    assert ran == [True]
 
 
 def test_a_holder_that_does_not_let_go_is_waited_for_no_longer_than_asked(tmp_path, caplog):

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -295,3 +298,18 @@ def test_merged_adapter_leaves_a_unet_without_adapter_alone():
     with merged_adapter(unet):
         assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
     assert not getattr(unet, "_fastdrag_merged", False)
+
+
+def test_processes_sharing_a_cache_train_an_images_lora_once(tmp_path, picture):
+    """An image preloaded on one server and edited on another that shares its cache: the second waits for
+    the first's training of the LoRA and loads it, instead of training it too."""
+    picture.image.save(tmp_path / "in.png")
+    command = [sys.executable, "-m", "fastdrag", "lora", str(tmp_path / "in.png"), "--prompt", picture.prompt,
+               "--cache-dir", str(tmp_path / "cache"), "--lora-steps", "40"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], results
+    states = sorted(out.split(":")[0].split(" ", 2)[2] for out, _ in results)
+    assert states == ["found in the cache", "trained and cached"], results
+    assert sum("waiting for another process's training of the LoRA" in err for _, err in results) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{results[0][0].split()[1]}.safetensors"]  # no lock left
