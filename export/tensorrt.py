@@ -30,9 +30,6 @@ class TensorRTEngineMismatch(FastDragError):
     """An engine built by another TensorRT version or for another kind of GPU: TensorRT cannot load it here."""
 
 
-PLAN_TARGET_FIELDS = ("tensorrt_version", "compute_capability", "device")
-
-
 def plan_target() -> Dict[str, str]:
     """What an engine built here is tied to: the TensorRT version and the GPU's compute capability (an
     engine loads only where both are the same; `device`, the GPU's name, is for the reader)."""

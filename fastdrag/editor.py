@@ -506,11 +506,18 @@ class DragEditor:
         if self._load_cached_adapter(key):
             return key, True
         # one process trains it; another sharing the cache (a server per GPU) waits, then loads that adapter
-        with held(self.cache.directory / f".{key}.lock", f"training of the LoRA {key}", self.LORA_WAIT_S):
+        with held(self.cache.directory / f".{key}.lock", f"training of the LoRA {key}", self.LORA_WAIT_S,
+                  self._waiting("lora", config.lora.lora_steps)):
             if self._load_cached_adapter(key):
                 return key, True
             self._train_adapter(key, image, prompt, text, posterior, config)
         return key, False
+
+    def _waiting(self, stage: str, total: int) -> Callable[[], None]:
+        """What runs while an edit waits for another process's work: the stage's `on_step(stage, 0, total)`,
+        so that a cancel or a deadline still stops the edit."""
+        progress = self._progress()
+        return lambda: progress.on_step(stage, 0, total) if progress.on_step is not None else None
 
     def _load_cached_adapter(self, key: str) -> bool:
         """Load the adapter cached under `key` into the UNet; whether there was one."""
@@ -524,7 +531,7 @@ class DragEditor:
         return True
 
     def _train_adapter(self, key: str, image: Image.Image, prompt: str, text: torch.Tensor,
-                    posterior: Callable[[], object], config: EditConfig) -> None:
+                       posterior: Callable[[], object], config: EditConfig) -> None:
         """Train the image's adapter into the UNet (installed and initialised) and cache it under `key`."""
         c = self.components
         self._check_weight_storage()  # before training: stale graphs' memory is not held through it
@@ -741,7 +748,10 @@ class DragEditor:
         width, height = prepared.inputs.working_size
         if not (folder / "manifest.json").is_file():
             # one process exports it; others sharing the cache (a server per GPU) wait, then load that export
-            with held(folder.with_name(f".{folder.name}.lock"), f"export to {folder}", self.EXPORT_WAIT_S):
+            from .export.graphs import graph_count
+
+            with held(folder.with_name(f".{folder.name}.lock"), f"export to {folder}", self.EXPORT_WAIT_S,
+                      self._waiting("export", graph_count(config.keep_source_kv, vae_graphs=False))):
                 if not (folder / "manifest.json").is_file():
                     logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
                     # the UNet graphs alone: the backend replaces the denoiser, the VAE stays PyTorch's

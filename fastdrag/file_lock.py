@@ -7,14 +7,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.2
+POLL_S = 0.5
 
 
-def _wait_for(lock_file, what: str, wait_s: float) -> bool:
+def _wait_for(lock_file, what: str, wait_s: float, while_waiting: Optional[Callable[[], None]]) -> bool:
     """Take the lock, waiting at most `wait_s` seconds while another process holds it; whether it was taken."""
     import fcntl
 
@@ -33,14 +33,17 @@ def _wait_for(lock_file, what: str, wait_s: float) -> bool:
             if not waited:
                 logger.info("waiting for another process's %s", what)
                 waited = True
+            if while_waiting is not None:
+                while_waiting()
             time.sleep(min(POLL_S, left))
 
 
 @contextlib.contextmanager
-def held(path: Path, what: str, wait_s: float) -> Iterator[None]:
+def held(path: Path, what: str, wait_s: float, while_waiting: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """Hold an exclusive lock on `path` (made if missing) for the block. A process that asks for it while
     another holds it logs that it waits for `what`, and waits, at most `wait_s` seconds: then it warns and
-    runs the block without the lock (the holder may hang; one that dies lets go of it). The holder removes
+    runs the block without the lock (the holder may hang; one that dies lets go of it). `while_waiting` is
+    called every `POLL_S` seconds of the wait: an exception it raises (a cancelled edit) ends it. The holder removes
     the file as it lets go, so none is left behind; a process that comes after that, while one that waited
     on the old file holds it, may overlap that one's block: the lock saves repeated work, and correctness
     never depends on it. Where
@@ -59,7 +62,7 @@ def held(path: Path, what: str, wait_s: float) -> Iterator[None]:
         yield
         return
     with lock_file:
-        locked = _wait_for(lock_file, what, wait_s)
+        locked = _wait_for(lock_file, what, wait_s, while_waiting)
         try:
             yield
         finally:

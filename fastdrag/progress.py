@@ -3,7 +3,8 @@
 A server shows its users how far an edit is and drops an edit whose client went away. It passes
 `on_step(stage, done, total)` to `DragEditor.edit`; the stages with a loop ("lora", "inversion",
 "drag", "denoise"; an export's "export" and "engines") call it with 0 before their first step and with
-the steps done after each one.
+the steps done after each one ("lora" and "export" also with 0 while they wait for another process's
+training or export of the same thing).
 An exception the callback raises (`EditCancelled`, or the server's own) stops the edit there and
 leaves the editor as a fresh one would be for the next edit.
 """

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from fastdrag.file_lock import held
 
@@ -72,3 +73,40 @@ with held(Path({str(path)!r}), "export", 60):
         assert caplog.text == ""  # taken at once
     finally:
         holder.kill()
+
+
+def test_the_wait_calls_while_waiting_and_ends_with_its_exception(tmp_path):
+    from fastdrag import EditCancelled
+
+    path, calls = tmp_path / ".export.lock", []
+
+    def cancel_at_the_third():
+        calls.append(True)
+        if len(calls) == 3:
+            raise EditCancelled("the client went away")
+
+    with held(path, "export", 60), pytest.raises(EditCancelled), held(path, "export", 60, cancel_at_the_third):
+        pass
+    assert len(calls) == 3
+
+
+@pytest.mark.timeout(300)  # without the reports, the wait would last the editor's LORA_WAIT_S
+def test_an_edit_waiting_for_another_process_s_lora_training_can_be_cancelled(tiny, picture, fast, tmp_path):
+    """The wait reports the stage's step 0 about twice a second, so a deadline or a cancel still stops it."""
+    from fastdrag import DragEditor, EditCancelled
+
+    probe = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "probe", progress=False)
+    key, _ = probe.train_lora(picture.image, picture.prompt, **fast)
+    editor = DragEditor(tiny, torch.device("cpu"), torch.float32, cache_dir=tmp_path / "cache", progress=False)
+    steps = []
+
+    def on_step(stage, done, total):
+        steps.append((stage, done, total))
+        if len(steps) == 4:
+            raise EditCancelled("past its deadline")
+
+    with held(tmp_path / "cache" / f".{key}.lock", "training", 60):  # another process trains this LoRA
+        with pytest.raises(EditCancelled, match="past its deadline"):
+            editor.edit(picture.image, picture.prompt, picture.points, on_step=on_step, **fast)
+    assert steps == [("lora", 0, fast["lora_steps"])] * 4
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
