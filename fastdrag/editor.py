@@ -746,6 +746,7 @@ class DragEditor:
         from .export.pipeline import export_loaded
 
         width, height = prepared.inputs.working_size
+        manifest = None
         if not (folder / "manifest.json").is_file():
             # one process exports it; others sharing the cache (a server per GPU) wait, then load that export
             from .export.graphs import graph_count
@@ -755,10 +756,11 @@ class DragEditor:
                 if not (folder / "manifest.json").is_file():
                     logger.info("exporting the denoiser for backend %s to %s", config.backend, folder)
                     # the UNet graphs alone: the backend replaces the denoiser, the VAE stays PyTorch's
-                    export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
-                                  prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True,
-                                  progress=self._progress(), vae_graphs=False)
-        manifest = load_manifest(folder)
+                    manifest = export_loaded(self.components, prepared.lora_key, config.lora, (width, height),
+                                             prepared.text_embeddings, config, folder, fmt, fp16, overwrite=True,
+                                             progress=self._progress(), vae_graphs=False)
+        if manifest is None:
+            manifest = load_manifest(folder)
         manifest.check_size(width, height)
         return manifest
 
