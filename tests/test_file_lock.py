@@ -32,6 +32,28 @@ def test_a_second_holder_waits_until_the_first_lets_go(tmp_path, caplog):
     assert not path.exists()  # removed as the lock is let go: none is left behind
 
 
+def test_a_holder_that_waited_on_a_removed_file_waits_for_the_one_that_locked_its_successor(tmp_path):
+    """A lets go (removing the file) while B waits on it, and C at once makes and locks a new file: B's lock
+    on the removed file is no lock, so B waits for C. No two blocks overlap."""
+    path, spans = tmp_path / ".export.lock", {}
+    first = held(path, "export", 60)
+    first.__enter__()
+
+    def hold(name, seconds):
+        with held(path, "export", 60):
+            start = time.monotonic()
+            time.sleep(seconds)
+            spans[name] = (start, time.monotonic())
+
+    second = threading.Thread(target=hold, args=("B", 0.1))
+    second.start()
+    time.sleep(0.3)  # B is waiting, between its polls
+    first.__exit__(None, None, None)
+    hold("C", 1.0)  # before B's next poll: C makes the file anew and holds it
+    second.join(60)
+    assert spans["C"][1] <= spans["B"][0]
+
+
 def test_a_folder_where_no_lock_can_be_made_runs_the_block_unlocked(tmp_path):
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     ran = []
