@@ -311,5 +311,6 @@ def test_processes_sharing_a_cache_train_an_images_lora_once(tmp_path, picture):
     assert [process.returncode for process in processes] == [0, 0], results
     states = sorted(out.split(":")[0].split(" ", 2)[2] for out, _ in results)
     assert states == ["found in the cache", "trained and cached"], results
-    assert sum("waiting for another process's training of the LoRA" in err for _, err in results) == 1
+    # (the second waits unless it reached the lock after the first had let go: either way it loads)
+    assert sum("waiting for another process's training of the LoRA" in err for _, err in results) <= 1
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{results[0][0].split()[1]}.safetensors"]  # no lock left
