@@ -9,6 +9,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, the blocks run unlocked
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
@@ -16,8 +21,6 @@ POLL_S = 0.5
 
 def _wait_for(lock_file, what: str, deadline: float, while_waiting: Optional[Callable[[], None]]) -> bool:
     """Take the lock, waiting until `deadline` (monotonic) while another process holds it; whether it was taken."""
-    import fcntl
-
     waited = False
     while True:
         try:
@@ -67,9 +70,7 @@ def held(path: Path, what: str, wait_s: float, while_waiting: Optional[Callable[
     called every `POLL_S` seconds of the wait: an exception it raises (a cancelled edit) ends it. The holder
     removes the file as it lets go, so none is left behind. Where the file cannot be made (a read-only
     folder) or POSIX `flock` is missing (Windows), the block runs without it."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         yield
         return
     try:

@@ -163,6 +163,12 @@ def test_a_pruning_server_keeps_its_lora_cache_to_its_size_least_recently_used_f
     assert list((folder / "lora").iterdir()) == [editor.cache.path(key)]  # and then pushed the second one's out
 
 
+def finished_edit(lora_cached=False):
+    """What a stand-in editor's edit returns: an `EditResult`'s fields that an answer reads."""
+    return SimpleNamespace(image=Image.new("RGB", (8, 8)), handles=[(1.0, 2.0)], targets=[(3.0, 4.0)], drag_steps=1,
+                           lora_cached=lora_cached, timings={"total": 0.1})
+
+
 class Answering:
     """An editor whose edits all succeed at once, with a LoRA cache folder."""
 
@@ -170,8 +176,7 @@ class Answering:
         self.cache = SimpleNamespace(directory=cache_dir)
 
     def edit(self, image, prompt, points, mask=None, on_step=None, **settings):
-        return SimpleNamespace(image=Image.new("RGB", (8, 8)), handles=[(1.0, 2.0)], targets=[(3.0, 4.0)],
-                               drag_steps=1, lora_cached=True, timings={"total": 0.1})
+        return finished_edit(lora_cached=True)
 
 
 def test_a_prune_that_fails_is_logged_and_serving_goes_on(files, monkeypatch, caplog):
@@ -230,8 +235,7 @@ class Blocking:
         assert self.server.reader.input_ended.wait(60)
         for done in range(3):
             on_step("lora", done, 3)
-        return SimpleNamespace(image=Image.new("RGB", (8, 8)), handles=[(1.0, 2.0)], targets=[(3.0, 4.0)],
-                               drag_steps=1, lora_cached=False, timings={"total": 0.1})
+        return finished_edit()
 
 
 def test_a_cancel_line_stops_its_request_while_it_runs_or_before_it_runs(files, caplog):
