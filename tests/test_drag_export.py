@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -1115,6 +1116,69 @@ def test_the_cpp_program_warms_up_before_serving_and_releases_what_it_keeps(cpp_
         np.testing.assert_array_equal(np.load(tmp_path / name), expected)
     refused = run_cpp(cpp_program, "invert", manifest.folder, tmp_path / "grey.npy", tmp_path / "z_t.npy", "--warm-up")
     assert refused.returncode == 2 and refused.stderr == "fastdrag_edit: error: --warm-up is serve's: an edit or inversion runs once\n"
+
+
+def stopped(process: subprocess.Popen, signal_number: int, after) -> tuple:
+    """Send `signal_number` to `process` once `after(line)` is true of one of its stderr lines (a JSON progress line,
+    parsed; the others are passed over); returns (its exit status, the stderr lines after the signal, its stdout)."""
+    for line in process.stderr:
+        if line.startswith("{") and after(json.loads(line)):
+            break
+    process.send_signal(signal_number)
+    output, errors = process.communicate(timeout=120)
+    return process.returncode, errors.splitlines(), output
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_the_cpp_program_stops_at_sigterm_or_ctrl_c_with_one_line_and_writes_nothing(cpp_program, exported, tmp_path,
+                                                                                     signal_number):
+    """SIGTERM (systemd, Docker, Kubernetes) or Ctrl-C's SIGINT stops `fastdrag_edit` at its next step: an edit
+    exits 143 or 130 with one line, `fastdrag_edit: terminated` or `interrupted`, and writes nothing (no output,
+    no temporary file beside it); `serve` stops the request it runs, unanswered, after answering the ones before
+    it, and an idle `serve` (stdin open, no request) stops as soon. (Before, the signal killed the program.)"""
+    _, manifest, _ = exported
+    case, _, _ = save_serve_images(tmp_path)
+    code, last_line = 128 + signal_number, "fastdrag_edit: " + ("terminated" if signal_number == signal.SIGTERM else "interrupted")
+    (tmp_path / "points.json").write_text(json.dumps(pairs_json(case.points)))
+    out = tmp_path / "out" / "edited.npy"
+    out.parent.mkdir()
+    edit = subprocess.Popen([str(cpp_program), "edit", str(manifest.folder), str(tmp_path / "image.npy"), str(tmp_path / "points.json"),
+                             str(out), "--progress-json"], stderr=subprocess.PIPE, text=True)
+    try:  # stopped in its drag, with its drag and denoising steps ahead of it
+        status, after, _ = stopped(edit, signal_number, lambda step: step["stage"] == "drag" and step["done"] == 1)
+    finally:
+        edit.kill()
+    assert status == code and after[-1] == last_line and all(line.startswith("{") for line in after[:-1]), after
+    assert list(out.parent.iterdir()) == []
+
+    request = lambda name, steps: json.dumps({"id": name, "image": str(tmp_path / "image.npy"), "points": pairs_json(case.points),
+                                              "out": str(out.parent / f"{name}.npy"), "drag_steps": steps})
+    server = subprocess.Popen([str(cpp_program), "serve", str(manifest.folder), "--progress-json"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # the second request stopped in its drag; the third never starts
+        server.stdin.write("\n".join([request("first", 1), request("second", 80), request("third", 1)]) + "\n")
+        server.stdin.flush()
+        status, after, answers = stopped(server, signal_number, lambda step: step.get("id") == "second" and step["stage"] == "drag"
+                                         and step["done"] == 1)
+    finally:
+        server.kill()
+    assert status == code and after[-1] == last_line, after
+    assert [json.loads(line)["id"] for line in answers.splitlines()] == ["first"]
+    assert sorted(path.name for path in out.parent.iterdir()) == ["first.npy"]
+
+    idle = subprocess.Popen([str(cpp_program), "serve", str(manifest.folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:  # answered a release, then waiting for a line on the open stdin
+        idle.stdin.write(json.dumps({"op": "release"}) + "\n")
+        idle.stdin.flush()
+        assert json.loads(idle.stdout.readline()) == {"released": True}
+        idle.send_signal(signal_number)
+        idle.wait(timeout=60)  # (stdin still open)
+        output, errors = idle.stdout.read(), idle.stderr.read()
+    finally:
+        idle.kill()
+        idle.stdin.close()
+    assert (idle.returncode, output, errors) == (code, "", last_line + "\n")
 
 
 SERVICE_CMAKE = """cmake_minimum_required(VERSION 3.18)

@@ -26,12 +26,15 @@
 //                --quiet                       no stage times on stderr
 //                --warm-up                     (serve) Editor::warm_up() before the first request
 //
-// Exit status: 0 done, 2 bad input or export (one line on stderr), 1 anything else.
+// Exit status: 0 done, 2 bad input or export (one line on stderr), 1 anything else, 130 on SIGINT (Ctrl-C) and 143 on
+// SIGTERM (as systemd, Docker or Kubernetes stop a process): the running edit stops at its next step, nothing of it
+// is written, and one line says so (a second such signal ends the program at once).
 #include "fastdrag_export.hpp"
 
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -43,6 +46,8 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 #include <vector>
 
@@ -56,6 +61,49 @@ using fastdrag::StepCallback;
 using fastdrag::Tensor;
 using fastdrag::element_count;
 using fastdrag::shape_text;
+
+// ---- SIGINT and SIGTERM: stop at the next step ----
+
+// The stop signal received (SIGINT or SIGTERM), or 0. Its handler only notes it; the program stops where it looks:
+// at each step of a looped stage, before writing an output, and while serve waits for a request line.
+static volatile std::sig_atomic_t stop_signal = 0;
+
+extern "C" void note_stop_signal(int signal) { stop_signal = signal; }
+
+// Thrown where the program looks once a stop signal was noted. Not a std::exception, so that serve's catch-alls,
+// which answer a request and go on, pass it on to main.
+struct Stopped {
+  int signal;
+};
+
+static void stop_if_signalled() {
+  if (stop_signal != 0) throw Stopped{stop_signal};
+}
+
+// Note SIGINT and SIGTERM from now on. SA_RESETHAND: a second one takes the default action and ends the program at
+// once (a stop that hangs can still be forced); SA_RESTART: reads the signal interrupts go on.
+static void handle_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = note_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESETHAND | SA_RESTART;
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
+}
+
+// Run `body` on a new thread that leaves SIGINT and SIGTERM to the others (the main thread, ONNX Runtime's), so
+// that no signal interrupts its reads.
+template <typename Body>
+static std::thread thread_without_stop_signals(Body body) {
+  sigset_t stops, before;
+  sigemptyset(&stops);
+  sigaddset(&stops, SIGINT);
+  sigaddset(&stops, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stops, &before);  // (a new thread starts with its creator's mask)
+  std::thread thread(std::move(body));
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
+  return thread;
+}
 
 // Write `bytes` to `path` through a temporary file beside it: a reader never sees half a file.
 static void write_atomically(const fs::path& path, const std::string& bytes) {
@@ -125,6 +173,7 @@ static Tensor read_npy(const fs::path& path) {
 }
 
 static void write_npy(const fs::path& path, const Tensor& tensor) {
+  stop_if_signalled();  // a stopped command writes nothing; once begun, a write is finished (a stop then ends after it)
   std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape_text(tensor.shape) + ", }";
   header.append(64 - (10 + header.size() + 1) % 64, ' ');
   header += '\n';
@@ -211,12 +260,16 @@ static Points read_points(Editor& editor, const fs::path& path) {
   return editor.points(pairs, path.string());
 }
 
-// The on_step of --progress-json: a JSON line on stderr per step, with `id` (a served request's) unless null.
-static StepCallback progress_lines(const json& id) {
-  return [id](const std::string& stage, int done, int total) {
-    json line = {{"stage", stage}, {"done", done}, {"total", total}};
-    if (!id.is_null()) line["id"] = id;
-    std::fprintf(stderr, "%s\n", line.dump().c_str());
+// A command's on_step: with --progress-json, a JSON line on stderr per step, with `id` (a served request's) unless
+// null; then the stop signals' check.
+static StepCallback command_steps(const json& id, bool progress_json) {
+  return [id, progress_json](const std::string& stage, int done, int total) {
+    if (progress_json) {
+      json line = {{"stage", stage}, {"done", done}, {"total", total}};
+      if (!id.is_null()) line["id"] = id;
+      std::fprintf(stderr, "%s\n", line.dump().c_str());
+    }
+    stop_if_signalled();
   };
 }
 
@@ -315,10 +368,13 @@ class Requests {
     ready_.notify_one();
   }
 
-  // The next request line, waiting for one; nothing once the input ended and every line was taken.
+  // The next request line, waiting for one; nothing once the input ended and every line was taken. Throws Stopped
+  // once a stop signal was noted, before a line or while it waits (it looks every 50 ms).
   std::optional<Line> next() {
     std::unique_lock<std::mutex> lock(mutex_);
-    ready_.wait(lock, [&] { return ended_ || !lines_.empty(); });
+    stop_if_signalled();
+    while (!ready_.wait_for(lock, std::chrono::milliseconds(50), [&] { return ended_ || !lines_.empty(); })) stop_if_signalled();
+    stop_if_signalled();  // (a stop that came with the line or the input's end)
     if (lines_.empty()) return std::nullopt;
     Line line = std::move(lines_.front());
     lines_.pop_front();
@@ -357,13 +413,14 @@ static std::optional<double> deadline_of(const json& request) {
   return value.get<double>();
 }
 
-// A served request's on_step: its --progress-json line, then the checks of a cancel line for it and of its deadline.
+// A served request's on_step: its --progress-json line and the stop signals' check, then the checks of a cancel line
+// for it and of its deadline.
 static StepCallback request_steps(Requests& requests, const Requests::Line& line, const json& id, std::optional<double> deadline_s,
                                   bool progress_json) {
-  const StepCallback progress = progress_json ? progress_lines(id) : StepCallback{};
+  const StepCallback steps = command_steps(id, progress_json);
   const auto ends = std::chrono::steady_clock::now() + std::chrono::duration<double>(deadline_s.value_or(0.0));
   return [=, &requests](const std::string& stage, int done, int total) {
-    if (progress) progress(stage, done, total);
+    steps(stage, done, total);
     const auto where = [&] { return "in the " + stage + " stage at step " + std::to_string(done) + " of " + std::to_string(total); };
     if (requests.cancelled(line.number)) throw Cancelled("by a cancel request, " + where());
     if (deadline_s && std::chrono::steady_clock::now() > ends) {
@@ -430,7 +487,7 @@ class Editors {
 static int serve(Editors& editors, std::optional<int> default_drag_steps, bool progress_json) {
   auto requests = std::make_shared<Requests>();  // shared with the reader, which may outlive a serve that threw
   std::cin.tie(nullptr);  // the reader's getline must not flush std::cout beside the answers (they are flushed each)
-  std::thread([requests] { requests->read(std::cin); }).detach();
+  thread_without_stop_signals([requests] { requests->read(std::cin); }).detach();
   while (const std::optional<Requests::Line> line = requests->next()) {
     json answer;
     json id;  // the request's "id", given back with its answer
@@ -491,7 +548,7 @@ static int run(int argc, char** argv) {
     }
     return serve(editors, options.drag_steps, options.progress_json);
   }
-  const StepCallback on_step = options.progress_json ? progress_lines(json()) : StepCallback{};
+  const StepCallback on_step = command_steps(json(), options.progress_json);
   const Tensor image = read_image(editor, args[2]);
   if (args[0] == "invert") {
     const auto start = std::chrono::steady_clock::now();
@@ -507,8 +564,12 @@ static int run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
+  handle_stop_signals();
   try {
     return run(argc, argv);
+  } catch (const Stopped& stopped) {
+    std::fprintf(stderr, "fastdrag_edit: %s\n", stopped.signal == SIGTERM ? "terminated" : "interrupted");
+    return 128 + stopped.signal;
   } catch (const InputError& error) {
     std::fprintf(stderr, "fastdrag_edit: error: %s\n", error.what());
     return 2;
