@@ -1207,8 +1207,8 @@ def build_cmake_project(folder: Path, *definitions: str) -> None:
     built = subprocess.run(["cmake", "--build", str(folder / "build"), "-j", "2"], capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
 
-# A service of its own that embeds the library: an edit stopped by its on_step in the denoising, then the edit; a
-# call from a running call's callback; two threads sharing the Editor.
+# A service of its own that embeds the library: a warm-up stopped by its on_step in the drag; an edit stopped by its
+# on_step in the denoising, then the edit; a call from a running call's callback; two threads sharing the Editor.
 SERVICE_CPP = """#include "fastdrag_export.hpp"
 
 #include <cstdio>
@@ -1235,6 +1235,16 @@ int main(int argc, char** argv) {
   const fastdrag::Points points = editor.points(nlohmann::json::parse(argv[4]), "the points");
   const std::string out = argv[5];
   struct Stop {};
+  std::string warm_up_steps;
+  try {
+    editor.warm_up([&](const std::string& stage, int done, int) {
+      warm_up_steps += stage + " " + std::to_string(done) + ",";
+      if (stage == "drag" && done == 1) throw Stop{};
+    });
+    return 1;
+  } catch (const Stop&) {
+  }
+  std::printf("%s\\n", warm_up_steps.c_str());
   try {
     editor.edit(image, points, {}, 3, true, {}, [](const std::string& stage, int done, int) {
       if (stage == "denoise" && done == 2) throw Stop{};
@@ -1272,8 +1282,10 @@ def test_a_cpp_service_of_its_own_builds_on_the_installed_library_stops_an_edit_
     the library, the headers, ONNX Runtime's library, providers and headers, and a CMake package naming none of
     the folders it came from or went to. The moved program runs (its run path is its own folder's) and inverts
     as standalone.py does. A CMake project of a service's own takes the library with
-    `find_package(fastdrag_export)` from the moved folder alone (README, "A C++ service"). Its `on_step` throws in the denoising of the image's first edit:
-    the edit stops there, and the next edit keeps the finished inversion but not the half-recorded keys and
+    `find_package(fastdrag_export)` from the moved folder alone (README, "A C++ service"). Its `warm_up`'s
+    `on_step` is told the grey edit's steps, and throws in its drag: the warm-up stops there. Its `on_step`
+    throws in the denoising of the image's first edit: the edit stops there, and the next edit keeps the
+    finished inversion but not the half-recorded keys and
     values (`kept_source_kv` false) and is the standalone edit bit for bit. A call from a running call's
     callback is refused with `std::logic_error`. Two threads' edits of two images on one Editor take turns:
     each is the edit the Editor makes of it in either order (the first image's, after its last edit, through
@@ -1312,7 +1324,9 @@ def test_a_cpp_service_of_its_own_builds_on_the_installed_library_stops_an_edit_
     done = run_cpp(service / "build" / "service", folder, tmp_path / "image.f32", tmp_path / "other.f32",
                    json.dumps(pairs_json(points)), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    stopped, refused, turns = done.stdout.splitlines()
+    warm_up_steps, stopped, refused, turns = done.stdout.splitlines()
+    inversion_steps = len(manifest.data["schedule"]["inversion"])
+    assert warm_up_steps == "".join(f"invert {n}," for n in range(inversion_steps + 1)) + "drag 0,drag 1,"
     assert stopped == "1 0"  # the inversion kept, the stopped denoising's keys and values not
     load = lambda name: np.fromfile(tmp_path / f"{name}.f32", np.float32).reshape(image.shape)
     np.testing.assert_array_equal(load("edited"), standalone.edit(folder, image, points, None, drag_steps=3))

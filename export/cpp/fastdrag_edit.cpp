@@ -543,7 +543,7 @@ static int run(int argc, char** argv) {
   if (args[0] != "invert") editor.require_drag_graph();
   if (args[0] == "serve") {
     if (options.warm_up) {
-      const double seconds = editor.warm_up();
+      const double seconds = editor.warm_up(command_steps(json(), false));  // (stopped by a stop signal)
       if (!options.quiet) std::fprintf(stderr, "warm-up %.3f s\n", seconds);
     }
     return serve(editors, options.drag_steps, options.progress_json);

@@ -627,7 +627,7 @@ void Editor::release() {
   state_->folder.release();
 }
 
-double Editor::warm_up() {
+double Editor::warm_up(const StepCallback& on_step) {
   require_drag_graph();
   const json& manifest = state_->folder.manifest;
   const int64_t height = manifest.at("image").at("height"), width = manifest.at("image").at("width");
@@ -638,8 +638,8 @@ double Editor::warm_up() {
   Memory kept = std::move(state_->memory);  // what the grey edits replace, put back after them
   state_->memory = Memory{};
   try {
-    edit_image(state_->folder, state_->memory, true, grey, points, {}, 1, {}, {});
-    if (manifest.contains("source_kv")) edit_image(state_->folder, state_->memory, true, grey, points, {}, 1, {}, {});  // unet_kept
+    edit_image(state_->folder, state_->memory, true, grey, points, {}, 1, {}, on_step);
+    if (manifest.contains("source_kv")) edit_image(state_->folder, state_->memory, true, grey, points, {}, 1, {}, on_step);  // unet_kept
   } catch (...) {
     state_->memory = std::move(kept);
     throw;

@@ -103,8 +103,9 @@ class Editor {
   // Make every session an edit uses and run each once: an edit of a mid-grey image with one drag step (and, with
   // `unet_kept`, a repeated one). A service calls it at start-up so that its first request does not pay ONNX
   // Runtime's session creation and first runs. Keeps nothing of the grey edits: what the Editor kept before
-  // (the last image's inversion) is kept after. Returns its seconds.
-  double warm_up();
+  // (the last image's inversion) is kept after. Returns its seconds. `on_step` is told the grey edits' steps, as
+  // edit()'s is; an exception it throws (a service stopping during its start-up) ends the warm-up there.
+  double warm_up(const StepCallback& on_step = {});
   // Free the sessions and what the Editor keeps (the last image's inversion, keys and values), as a service does
   // before a long idle spell; the next call makes each session again at its first use.
   void release();
