@@ -1118,6 +1118,17 @@ def test_the_cpp_program_warms_up_before_serving_and_releases_what_it_keeps(cpp_
     assert refused.returncode == 2 and refused.stderr == "fastdrag_edit: error: --warm-up is serve's: an edit or inversion runs once\n"
 
 
+def test_the_cpp_program_stops_serving_with_one_line_when_its_answers_cannot_be_delivered(cpp_program, exported):
+    """A client that closed its end of stdout gets no answers: `fastdrag_edit serve` says so in one line and exits 1,
+    as `fastdrag serve` does (before, SIGPIPE killed it without a word)."""
+    _, manifest, _ = exported
+    server = subprocess.Popen([str(cpp_program), "serve", str(manifest.folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    server.stdout.close()  # the reader goes away before the first answer
+    _, errors = server.communicate("not json\n", timeout=300)
+    assert (server.returncode, errors) == (1, "fastdrag_edit: error: the reader of the answers (stdout) went away; stopped serving\n")
+
+
 def stopped(process: subprocess.Popen, signal_number: int, after) -> tuple:
     """Send `signal_number` to `process` once `after(line)` is true of one of its stderr lines (a JSON progress line,
     parsed; the others are passed over); returns (its exit status, the stderr lines after the signal, its stdout)."""

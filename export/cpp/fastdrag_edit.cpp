@@ -331,6 +331,11 @@ struct Cancelled : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// serve's answers cannot reach the client: it closed its end of stdout. Ends serve (status 1, one line).
+struct ReaderGone : std::runtime_error {
+  ReaderGone() : std::runtime_error("the reader of the answers (stdout) went away; stopped serving") {}
+};
+
 // serve's request lines, read on a thread of their own (read) while the main thread answers them in order
 // (next), so that a cancel line, {"op": "cancel", "id": X}, reaches request X while it waits or runs.
 class Requests {
@@ -483,7 +488,9 @@ class Editors {
 // answered {"error": "cancelled: ..."}, and, as with Editor's on_step, nothing of the stopped stage is kept.
 // A cancel line gets no answer of its own; one that finds no waiting or running request of its id is logged
 // on stderr and cancels no later one. A request that fails otherwise (ONNX Runtime's error, say) is answered
-// with its error, logged on stderr, and serving goes on.
+// with its error, logged on stderr, and serving goes on. An answer that cannot be written (the client closed
+// stdout) ends serve (ReaderGone). SIGINT or SIGTERM stops the running request at its next step, unanswered
+// (nothing of it is kept or written), or the wait for the next line, and ends serve (Stopped).
 static int serve(Editors& editors, std::optional<int> default_drag_steps, bool progress_json) {
   auto requests = std::make_shared<Requests>();  // shared with the reader, which may outlive a serve that threw
   std::cin.tie(nullptr);  // the reader's getline must not flush std::cout beside the answers (they are flushed each)
@@ -520,7 +527,7 @@ static int serve(Editors& editors, std::optional<int> default_drag_steps, bool p
     }
     requests->answered(*line);
     if (!id.is_null()) answer["id"] = id;
-    std::cout << answer.dump() << std::endl;  // flushed: the client reads each answer as it comes
+    if (!(std::cout << answer.dump() << std::endl)) throw ReaderGone();  // flushed: the client reads each as it comes
   }
   return 0;
 }
@@ -565,6 +572,7 @@ static int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   handle_stop_signals();
+  std::signal(SIGPIPE, SIG_IGN);  // a closed stdout is a failed write (serve's ReaderGone), not a silent death
   try {
     return run(argc, argv);
   } catch (const Stopped& stopped) {
@@ -573,6 +581,9 @@ int main(int argc, char** argv) {
   } catch (const InputError& error) {
     std::fprintf(stderr, "fastdrag_edit: error: %s\n", error.what());
     return 2;
+  } catch (const ReaderGone& error) {
+    std::fprintf(stderr, "fastdrag_edit: error: %s\n", error.what());
+    return 1;
   } catch (const json::exception& error) {
     std::fprintf(stderr, "fastdrag_edit: error: a JSON file is not what an export holds: %s\n", error.what());
     return 2;
