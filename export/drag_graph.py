@@ -24,7 +24,7 @@ from ..ddim import DdimSchedule, ddim_move, predicted_noise
 from ..errors import ConfigError
 from ..features import unet_with_features
 from ..kernels import reference
-from .graphs import GraphJob, GraphSpec, TensorSpec
+from .graphs import GraphJob, GraphSpec, TensorSpec, quiet_exporter
 
 aten = torch.ops.aten
 
@@ -100,7 +100,8 @@ def onnx_exporter_decompositions() -> Optional[Dict[object, object]]:
     try:
         from torch.onnx._internal.exporter import _decomp, _registration
 
-        registry = _registration.ONNXRegistry.from_torchlib()
+        with quiet_exporter():  # (it logs each op set it skips: torchvision's, where that is not installed)
+            registry = _registration.ONNXRegistry.from_torchlib()
         return _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
     except (ImportError, AttributeError):
         return None

@@ -235,7 +235,7 @@ def _source_kv_jobs(reference: GraphJob, inversion: GraphJob, unet, start_layer:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter() -> Iterator[None]:
     """The exporter logs every optional op set it skips (torchvision, ...); keep that out of the user's terminal."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
@@ -316,7 +316,7 @@ def export_onnx(job: GraphJob, path: Path) -> int:
     import onnx
 
     weight_bytes = sum(p.numel() * p.element_size() for p in job.module.parameters())
-    with _EXPORTING, job.context(), warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
+    with _EXPORTING, job.context(), warnings.catch_warnings(), torch.no_grad(), quiet_exporter():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
         try:
             program = _export_program(job, job.decomposed)

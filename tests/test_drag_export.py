@@ -260,6 +260,27 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_building_the_exporters_decomposition_table_writes_nothing_to_the_terminal():
+    """The drag graph's decompositions come from the ONNX exporter's registry, whose building logs a warning for
+    each op set it skips (torchvision's three, where torchvision is not installed) through torch's own handler on
+    stderr, past `--quiet`: it is built with the exporter's loggers quieted, as the graphs are exported."""
+    import logging
+
+    from fastdrag.export.drag_graph import onnx_exporter_decompositions
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the exporter skips none of its op sets, and logs nothing to quiet")
+    logged, handler = [], logging.Handler()
+    handler.emit = logged.append
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addHandler(handler)
+    try:
+        assert onnx_exporter_decompositions.__wrapped__()  # (the cached table is built again)
+    finally:
+        registration.removeHandler(handler)
+    assert [record.getMessage() for record in logged] == []
+
+
 def test_a_drag_graph_on_a_torch_that_cannot_trace_it_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
     """torch 2.10 and 2.11 stop inside the drag iteration's backward under make_fx with a message about
     data-dependent control flow: the export says which torch it needs instead, before writing anything."""
