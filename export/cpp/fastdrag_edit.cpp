@@ -31,6 +31,7 @@
 // is written, and one line says so (a second such signal ends the program at once).
 #include "fastdrag_export.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -65,8 +66,10 @@ using fastdrag::shape_text;
 // ---- SIGINT and SIGTERM: stop at the next step ----
 
 // The stop signal received (SIGINT or SIGTERM), or 0. Its handler only notes it; the program stops where it looks:
-// at each step of a looped stage, before writing an output, and while serve waits for a request line.
-static volatile std::sig_atomic_t stop_signal = 0;
+// at each step of a looped stage, before writing an output, and while serve waits for a request line. (A lock-free
+// atomic: the handler may run on any thread that takes the signal, and a lock-free atomic is safe in a handler.)
+static std::atomic<int> stop_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free);
 
 extern "C" void note_stop_signal(int signal) { stop_signal = signal; }
 
