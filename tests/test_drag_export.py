@@ -262,7 +262,7 @@ def test_drag_graph_manifest_and_bad_input(exported, tmp_path):
 
 def test_building_the_exporters_decomposition_table_writes_nothing_to_the_terminal():
     """The drag graph's decompositions come from the ONNX exporter's registry, whose building logs a warning for
-    each op set it skips (torchvision's three, where torchvision is not installed) through torch's own handler on
+    each op set it skips (torchvision's four, where torchvision is not installed) through torch's own handler on
     stderr, past `--quiet`: it is built with the exporter's loggers quieted, as the graphs are exported."""
     import logging
 
