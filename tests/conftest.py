@@ -17,8 +17,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # `pytest -n N` (the README's test command): the cores shared among the workers, so that their
-    # torch threads do not outnumber them
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    # torch threads do not outnumber them; the processes a test starts (fastdrag commands, standalone.py)
+    # take the same share through OMP_NUM_THREADS. Outnumbered, torch's threads wait on each other: beside
+    # another process busy on two threads, test_lora's two-process test took 145 s, and 16 s with one thread
+    # a process (9 s on an idle machine).
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 
