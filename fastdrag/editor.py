@@ -735,11 +735,12 @@ class DragEditor:
                                "exporting and building engines of its own instead", manifest.folder, exc)
                 manifest = self._load_or_export(own, prepared, config, fmt, fp16)
                 denoiser = load_denoiser(config.backend, manifest, device=self.device)
-            self._graph_denoisers[key] = (manifest, denoiser)
+            self._graph_denoisers[key] = (manifest, denoiser)  # (`_load_or_export` marked it used)
+        else:
+            manifest, _ = self._graph_denoisers[key]
+            touch(manifest.folder / "manifest.json")  # used again, for `fastdrag cache --prune-to`
         self._graph_denoisers.move_to_end(key)
-        manifest, denoiser = self._graph_denoisers[key]
-        touch(manifest.folder / "manifest.json")  # recently used, for `fastdrag cache --prune-to`
-        return denoiser
+        return self._graph_denoisers[key][1]
 
     def _load_or_export(self, folder: Path, prepared: PreparedImage, config: EditConfig, fmt: str, fp16: bool):
         from .export import load_manifest

@@ -380,9 +380,8 @@ class Requests {
   // once a stop signal was noted, before a line or while it waits (it looks every 50 ms).
   std::optional<Line> next() {
     std::unique_lock<std::mutex> lock(mutex_);
-    stop_if_signalled();
     while (!ready_.wait_for(lock, std::chrono::milliseconds(50), [&] { return ended_ || !lines_.empty(); })) stop_if_signalled();
-    stop_if_signalled();  // (a stop that came with the line or the input's end)
+    stop_if_signalled();  // (a stop before the line, or with it or the input's end)
     if (lines_.empty()) return std::nullopt;
     Line line = std::move(lines_.front());
     lines_.pop_front();
